@@ -1,0 +1,30 @@
+"""Layers shared by G and D: spectrally normalized / Glorot-initialised constructors and (conditional) BN."""
+from source.links.conditional_batchnorm import (
+    BN_EPS,
+    BN_MOMENTUM,
+    CategoricalConditionalBatchNorm2d,
+    batch_norm_2d,
+)
+from source.links.spectral_norm import (
+    SN_EPS,
+    SN_POWER_ITERATIONS,
+    conv2d,
+    embedding,
+    glorot_init_,
+    linear,
+    spectral_normed,
+)
+
+__all__ = [
+    "BN_EPS",
+    "BN_MOMENTUM",
+    "CategoricalConditionalBatchNorm2d",
+    "batch_norm_2d",
+    "SN_EPS",
+    "SN_POWER_ITERATIONS",
+    "conv2d",
+    "embedding",
+    "glorot_init_",
+    "linear",
+    "spectral_normed",
+]

@@ -1,0 +1,220 @@
+"""Normalized singular-value spectra over training (the SRGANs README's fig3/fig4) and a collapse heatmap.
+
+    python -m figures.spectra RUN [RUN2] [--layer 16] [--iterations 10000 20000 ...] [--net dis|gen] [--out DIR] [--pdf]
+
+One run: s_i / s_1 against the index i for one layer, one curve per iteration. Two runs (e.g. SN and
+SR): side-by-side panels on the same y-axis. Also writes a layers x iterations heatmap of the
+collapse score (mean s_i / s_1 over i >= 2; convs by index, then the other layers). The start of SR,
+read from the "sr_start" events in RUN/log.jsonl, is drawn dashed (later curves; the curve at the
+start itself is bold) and as a vertical line on the heatmap. Reads only RUN/spectra/ and RUN/log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from source.spectral.collapse import collapse_score  # noqa: E402
+from source.spectral.spectra import SpectraRecord, list_spectra, load_spectra  # noqa: E402
+
+DEFAULT_MAX_CURVES = 10  # without --iterations, a spectrum plot with more curves is unreadable
+
+
+@dataclass(frozen=True)
+class RunSpectra:
+    name: str
+    records: dict[int, SpectraRecord]  # iteration -> spectra, ascending
+    sr_start: int | None  # first iteration SR was switched on, if ever
+
+
+def read_run(run_dir: Path) -> RunSpectra:
+    files = list_spectra(run_dir)
+    if not files:
+        raise FileNotFoundError(f"{run_dir / 'spectra'} holds no spectra_iter_*.npz files; is {run_dir} a run folder "
+                                "of a run with spectra logging on?")
+    starts = sr_start_iterations(run_dir / "log.jsonl")
+    return RunSpectra(
+        name=run_dir.resolve().name,
+        records={iteration: load_spectra(path) for iteration, path in files},
+        sr_start=min(starts) if starts else None,
+    )
+
+
+def sr_start_iterations(log_path: Path) -> list[int]:
+    """Iterations of all {"event": "sr_start"} lines; a half-written last line (training still running) is skipped."""
+    if not log_path.is_file():
+        return []
+    lines = log_path.read_text().splitlines()
+    starts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{log_path}:{number} is not valid JSON ({error})") from error
+        if entry.get("event") == "sr_start":
+            starts.append(int(entry["iteration"]))
+    return starts
+
+
+def resolve_layer(record: SpectraRecord, net: str, layer: str | None) -> tuple[str, int | None]:
+    """(layer name, conv index or None) from an index, a name, or None for the last conv."""
+    convs = record.conv_index[net]
+    if layer is None:
+        if not convs:
+            raise ValueError(f"no SN conv layers in the {net!r} spectra; pass --layer NAME (one of {sorted(record.nets[net])})")
+        return convs[-1], len(convs) - 1
+    if layer.isdigit():
+        index = int(layer)
+        if index >= len(convs):
+            raise ValueError(f"--layer {index} is out of range: the {net!r} spectra have conv indices 0..{len(convs) - 1}")
+        return convs[index], index
+    if layer not in record.nets[net]:
+        raise ValueError(f"--layer {layer!r} is not in the {net!r} spectra; layers: {sorted(record.nets[net])}")
+    return layer, convs.index(layer) if layer in convs else None
+
+
+def choose_iterations(runs: list[RunSpectra], requested: list[int] | None) -> list[int]:
+    """The iterations to plot: the requested ones (each must exist in some run) or up to 10 spread over all."""
+    available = sorted(set().union(*(run.records for run in runs)))
+    if requested is None:
+        picks = np.linspace(0, len(available) - 1, min(DEFAULT_MAX_CURVES, len(available))).round().astype(int)
+        return [available[i] for i in sorted(set(picks))]
+    missing = sorted(set(requested) - set(available))
+    if missing:
+        raise ValueError(f"no spectra for iterations {missing}; available: {available}")
+    for run in runs:
+        if not set(requested) & set(run.records):
+            raise ValueError(f"run {run.name} has none of the requested iterations; it has {sorted(run.records)}")
+    return sorted(set(requested))
+
+
+def spectra_figure(runs: list[RunSpectra], net: str, layer: str, index: int | None, iterations: list[int]) -> Figure:
+    """One panel per run, one curve per iteration present in that run, colours shared across panels."""
+    figure, axes = plt.subplots(1, len(runs), figsize=(6.5 * len(runs), 4.8), sharey=True, squeeze=False)
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(iterations)))
+    for ax, run in zip(axes[0], runs):
+        for iteration, color in zip(iterations, colors):
+            if iteration in run.records:
+                normalized = run.records[iteration].nets[net][layer].normalized
+                ax.plot(np.arange(normalized.size), normalized, color=color, **_curve_style(iteration, run.sr_start))
+        label = f"layer {index} ({layer})" if index is not None else layer
+        ax.set_title(f"{run.name}: {net} {label}")
+        ax.set_xlabel("singular value index i")
+        ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend(title="iteration", fontsize="small", loc="upper right")
+    axes[0][0].set_ylabel(r"$\sigma_i / \sigma_1$ of the raw weight")
+    figure.tight_layout()
+    return figure
+
+
+def _curve_style(iteration: int, sr_start: int | None) -> dict:
+    if sr_start is None or iteration < sr_start:
+        return {"label": str(iteration), "linewidth": 1.2}
+    if iteration == sr_start:
+        return {"label": f"{iteration} (SR start)", "linewidth": 2.8}
+    return {"label": f"{iteration} (SR)", "linewidth": 1.2, "linestyle": "--"}
+
+
+def collapse_heatmap_figure(runs: list[RunSpectra], net: str) -> Figure:
+    """Collapse score of every layer (rows) at every stored iteration (columns), one panel per run."""
+    figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5.5), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        rows = heatmap_rows(run, net)
+        iterations = np.array(sorted(run.records))
+        scores = np.array([[_score(run.records[it], net, name) for it in iterations] for _, name in rows])
+        mesh = ax.pcolormesh(_edges(iterations), np.arange(len(rows) + 1) - 0.5, np.ma.masked_invalid(scores),
+                             cmap="magma", vmin=0, vmax=1)
+        if run.sr_start is not None:
+            ax.axvline(run.sr_start, color="cyan", linestyle="--", linewidth=2, label=f"SR start ({run.sr_start})")
+            ax.legend(loc="lower left", fontsize="small")
+        ax.set_yticks(np.arange(len(rows)), [label for label, _ in rows], fontsize="small")
+        ax.set_xlabel("iteration")
+        ax.set_title(f"{run.name}: {net} collapse score")
+        figure.colorbar(mesh, ax=ax, label=r"mean $\sigma_i / \sigma_1$, $i \geq 2$")
+    figure.tight_layout()
+    return figure
+
+
+def heatmap_rows(run: RunSpectra, net: str) -> list[tuple[str, str]]:
+    """(label, layer): convs by index, then the other layers that have a score (at least 2 singular values)."""
+    record = next(iter(run.records.values()))
+    convs = record.conv_index[net]
+    others = sorted(name for name, spectrum in record.nets[net].items()
+                    if name not in convs and spectrum.singular_values.size >= 2)
+    if not convs and not others:
+        raise ValueError(f"run {run.name} has no {net!r} layer with a collapse score (>= 2 singular values)")
+    return [(f"{index} {name}", name) for index, name in enumerate(convs)] + [(name, name) for name in others]
+
+
+def _score(record: SpectraRecord, net: str, name: str) -> float:
+    spectrum = record.nets[net].get(name)
+    if spectrum is None or spectrum.singular_values.size < 2:
+        return np.nan
+    return collapse_score(spectrum.normalized)
+
+
+def _edges(centers: np.ndarray) -> np.ndarray:
+    """Cell edges halfway between iterations, so uneven logging intervals (resumes) keep a true time axis."""
+    if centers.size == 1:
+        return np.array([centers[0] - 0.5, centers[0] + 0.5])
+    middles = (centers[1:] + centers[:-1]) / 2
+    return np.concatenate([[2 * centers[0] - middles[0]], middles, [2 * centers[-1] - middles[-1]]])
+
+
+def _save(figure: Figure, path: Path, pdf: bool) -> list[Path]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [path, path.with_suffix(".pdf")] if pdf else [path]
+    for target in paths:
+        figure.savefig(target, dpi=150)
+    plt.close(figure)
+    return paths
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m figures.spectra", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="one run folder, or two to compare side by side")
+    parser.add_argument("--layer", help="conv index (srgan.md §6.4 map) or layer name; default: the last conv")
+    parser.add_argument("--iterations", nargs="+", type=int, help=f"default: up to {DEFAULT_MAX_CURVES} spread over all")
+    parser.add_argument("--net", choices=("dis", "gen"), default="dis")
+    parser.add_argument("--out", type=Path, help="output folder; default: FIRST_RUN/figures")
+    parser.add_argument("--pdf", action="store_true", help="also write a PDF next to each PNG")
+    args = parser.parse_args(argv)
+    if len(args.runs) > 2:
+        parser.error(f"at most two runs can be compared, got {len(args.runs)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    args = parse_args(argv)
+    runs = [read_run(run_dir) for run_dir in args.runs]
+    first_record = next(iter(runs[0].records.values()))
+    layer, index = resolve_layer(first_record, args.net, args.layer)
+    iterations = choose_iterations(runs, args.iterations)
+    out_dir = args.out or args.runs[0] / "figures"
+    prefix = "" if args.net == "dis" else "gen_"
+    layer_tag = f"layer{index}" if index is not None else layer
+    written = _save(spectra_figure(runs, args.net, layer, index, iterations),
+                    out_dir / f"spectra_{prefix}{layer_tag}.png", args.pdf)
+    heatmap_name = "collapse_heatmap.png" if args.net == "dis" else "collapse_heatmap_gen.png"
+    written += _save(collapse_heatmap_figure(runs, args.net), out_dir / heatmap_name, args.pdf)
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Experiment configuration: YAML -> ``--set`` overrides -> typed, validated objects.
+
+The YAML mirrors the original ``config.yml`` (see DESIGN.md).  Every problem is reported as a
+single ``ConfigError`` line naming the file and the dotted key, before any work starts.
+Model and dataset ``args`` are checked against the constructor signature / args dataclass of
+the component they configure, so a typo there is caught as early as one in the top level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A user error in a config file or override; the message is one line."""
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    args: dict = field(default_factory=dict)
+
+
+@dataclass
+class ModelsConfig:
+    generator: ModelSpec
+    discriminator: ModelSpec
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    args: Any = None  # replaced by the dataset's typed args dataclass during validation
+
+
+@dataclass
+class AdamConfig:
+    alpha: float = 2e-4
+    beta1: float = 0.0
+    beta2: float = 0.9
+    eps: float = 1e-8
+
+
+@dataclass
+class SRConfig:
+    mode: Literal["dynamic", "static"] = "dynamic"
+    interval: int = 5
+    include_linear: bool = False
+    rebase_on_resume: bool = False
+
+
+@dataclass
+class CollapseConfig:
+    threshold: float = 0.5   # a layer collapses when its score falls below threshold x its running max
+    min_layers: int = 1
+
+
+@dataclass
+class UpdaterConfig:
+    n_dis: int = 1
+    loss_type: Literal["hinge", "dcgan"] = "hinge"
+    apply_SR: Union[bool, Literal["auto"]] = False
+    order: Literal["d_first", "g_first"] = "d_first"   # d_first: SRGANs; g_first: sngan_projection
+    sr: SRConfig = field(default_factory=SRConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+
+
+@dataclass
+class EvaluationConfig:
+    n_samples: int = 5000
+    splits: int = 1
+    batch_size: int = 100
+    metrics: list = field(default_factory=lambda: ["is", "fid"])
+    inception_weights: Union[str, None] = None
+    reference_stats: Union[str, None] = None
+
+
+@dataclass
+class Config:
+    models: ModelsConfig
+    dataset: DatasetSpec
+    seed: int = 0
+    iteration: int = 500000
+    iteration_decay_start: int = 500000
+    batchsize: int = 64
+    micro_batchsize: int = 32
+    display_interval: int = 100
+    snapshot_interval: int = 10000
+    evaluation_interval: int = 5000
+    spectra_interval: int = 5000
+    preview_interval: int = 1000
+    num_workers: int = 4
+    device: str = "auto"
+    deterministic: bool = False
+    adam_G: AdamConfig = field(default_factory=AdamConfig)
+    adam_D: AdamConfig = field(default_factory=AdamConfig)
+    updater: UpdaterConfig = field(default_factory=UpdaterConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def accumulation_steps(self, world_size: int) -> int:
+        return self.batchsize // (self.micro_batchsize * world_size)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and overrides
+
+def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Read ``path``, apply ``key=value`` overrides and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({_first_line(error)})") from None
+    return config_from_dict(raw, overrides, source=str(path), world_size=world_size)
+
+
+def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>",
+                     world_size: int = 1) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    file_dataset = raw.get("dataset", {}).get("name") if isinstance(raw.get("dataset"), dict) else None
+    for override in overrides:
+        apply_override(raw, override, source)
+    _adapt_dataset_args(raw, file_dataset)
+    config = _validate(raw, Config, "", source)
+    _check_consistency(config, source, world_size)
+    return config
+
+
+def apply_override(raw: dict, override: str, source: str = "--set") -> None:
+    """Apply ``a.b.c=value`` to the nested dict; the value is parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. updater.apply_SR=true")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:depth + 1])}' is not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def _adapt_dataset_args(raw: dict, file_dataset: str | None) -> None:
+    """Let ``--set dataset.name=synthetic`` work on any config.
+
+    Args that belong to the file's dataset (e.g. ImageNet's ``root``) are dropped when the name
+    changes, and the synthetic data take resolution, channels and classes from the generator.
+    """
+    from source.datasets import DATASETS
+
+    dataset = raw.get("dataset")
+    if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
+        return
+    args = dataset.setdefault("args", {}) or {}
+    dataset["args"] = args
+    if file_dataset is not None and dataset["name"] != file_dataset:
+        valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
+        for key in [k for k in args if k not in valid]:
+            del args[key]
+    if dataset["name"] == "synthetic":
+        gen_args = raw.get("models", {}).get("generator", {}).get("args", {}) or {}
+        args.setdefault("size", gen_args.get("resolution", 32))
+        args.setdefault("channels", gen_args.get("channels", 3))
+        args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation into typed objects
+
+def _validate(value: Any, annotation: Any, key: str, source: str) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return _validate_dataclass(value, annotation, key, source)
+    return _validate_value(value, annotation, key, source)
+
+
+def _validate_dataclass(value: Any, cls: type, key: str, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key or 'top level'}: expected a mapping, got {_describe(value)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(value, list(fields), key, source)
+    kwargs = {}
+    for name, f in fields.items():
+        sub_key = f"{key}.{name}" if key else name
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {sub_key}: missing required key")
+            continue
+        kwargs[name] = _validate(value[name], hints[name], sub_key, source)
+    instance = cls(**kwargs)
+    if cls is ModelSpec:
+        instance.args = _validate_model_args(instance, key, source)
+    elif cls is DatasetSpec:
+        instance.args = _validate_dataset_args(instance, value.get("args"), key, source)
+    return instance
+
+
+def _validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
+    from source.models import MODELS
+
+    if spec.name not in MODELS:
+        raise ConfigError(f"{source}: {key}.name: unknown model '{spec.name}'{_suggest(spec.name, MODELS)}")
+    signature = inspect.signature(MODELS[spec.name])
+    hints = typing.get_type_hints(MODELS[spec.name].__init__)
+    params = [p for p in signature.parameters if p != "self"]
+    _reject_unknown(spec.args, params, f"{key}.args", source)
+    return {name: _validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
+            for name, v in spec.args.items()}
+
+
+def _validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) -> Any:
+    from source.datasets import DATASETS
+
+    if spec.name not in DATASETS:
+        raise ConfigError(f"{source}: {key}.name: unknown dataset '{spec.name}'{_suggest(spec.name, DATASETS)}")
+    return _validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
+
+
+def _validate_value(value: Any, annotation: Any, key: str, source: str) -> Any:
+    if annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _validate_value(value, option, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(value, annotation, key, source)
+    if origin is Literal:
+        if value in typing.get_args(annotation) and type(value) in {type(a) for a in typing.get_args(annotation)}:
+            return value
+        raise _type_error(value, annotation, key, source)
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _type_error(value, annotation, key, source)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _is_number(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if annotation in (int, str, bool, list, dict):
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+        raise _type_error(value, annotation, key, source)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        return list(value)
+    raise _type_error(value, annotation, key, source)
+
+
+def _reject_unknown(value: dict, valid: list[str], key: str, source: str) -> None:
+    for name in value:
+        if name not in valid:
+            where = f"{key}.{name}" if key else name
+            raise ConfigError(f"{source}: {where}: unknown key{_suggest(name, valid)}")
+
+
+def _check_consistency(config: Config, source: str, world_size: int) -> None:
+    per_step = config.micro_batchsize * world_size
+    if config.batchsize % per_step:
+        raise ConfigError(
+            f"{source}: batchsize: {config.batchsize} is not divisible by micro_batchsize x world size "
+            f"= {config.micro_batchsize} x {world_size} = {per_step}")
+    positive = ["iteration", "batchsize", "micro_batchsize", "display_interval", "snapshot_interval",
+                "evaluation_interval", "spectra_interval", "preview_interval"]
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{source}: {name}: must be positive, got {getattr(config, name)}")
+    if config.updater.n_dis < 1 or config.updater.sr.interval < 1:
+        raise ConfigError(f"{source}: updater.n_dis and updater.sr.interval must be >= 1")
+    gen_classes = config.models.generator.args.get("n_classes", 0)
+    dis_classes = config.models.discriminator.args.get("n_classes", 0)
+    if gen_classes != dis_classes:
+        raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+def to_plain(value: Any) -> Any:
+    """Typed config -> plain YAML-able structure (for config.yaml and snapshots)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}."""
+    if isinstance(value, dict):
+        flat = {}
+        for k, v in value.items():
+            flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return flat
+    return {prefix: value}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Lines like ``updater.apply_SR: false -> true`` for every leaf that differs."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        before, after = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        if before != after:
+            lines.append(f"{key}: {_yaml_scalar(before)} -> {_yaml_scalar(after)}")
+    return lines
+
+
+def save_config(config: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _type_error(value: Any, annotation: Any, key: str, source: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: expected {_type_name(annotation)}, got {_describe(value)}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0]

@@ -1,0 +1,117 @@
+"""CIFAR-10 in torchvision's on-disk format (``root/cifar-10-batches-py``).
+
+torchvision downloads and verifies the archive; reading is done here. torchvision's own reader
+checks the md5 of all six batch files and of ``batches.meta`` on every construction, even without
+``download``, so it would refuse any stand-in and re-hash 180 MB per start. The format it checks
+is simple: each batch is a pickled dict with ``data`` (N x 3072 uint8, channel-major, i.e.
+already C x H x W) and ``labels``; ``batches.meta`` holds ``label_names``.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from source.datasets.transforms import DatasetError
+
+BATCH_FOLDER = "cifar-10-batches-py"
+SPLIT_FILES = {"train": [f"data_batch_{number}" for number in range(1, 6)], "test": ["test_batch"]}
+META_FILE = "batches.meta"
+SIZE = 32
+
+
+@dataclass
+class CIFAR10Args:
+    root: str = "data/cifar10"
+    split: str = "train"
+    download: bool = True
+    dequantize: bool = True
+
+
+def missing_files(root: str, split: str) -> list[str]:
+    folder = os.path.join(root, BATCH_FOLDER)
+    return [name for name in SPLIT_FILES[split] + [META_FILE] if not os.path.isfile(os.path.join(folder, name))]
+
+
+def check_cifar10_args(args: CIFAR10Args) -> list[str]:
+    """Problems that would stop ``CIFAR10(args)`` without a download attempt; reads no file."""
+    if args.split not in SPLIT_FILES:
+        return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
+    missing = missing_files(args.root, args.split)
+    if missing and not args.download:
+        return [f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BATCH_FOLDER)}; "
+                f"set dataset.args.download: true, or extract cifar-10-python.tar.gz "
+                f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {args.root}"]
+    return []
+
+
+def download_cifar10(root: str) -> None:
+    from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(TorchvisionCIFAR10.url, root, filename=TorchvisionCIFAR10.filename,
+                                     md5=TorchvisionCIFAR10.tgz_md5)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetError(
+            f"dataset.args.download: could not download CIFAR-10 into {root} ({reason}); without network, copy "
+            f"torchvision's extracted '{BATCH_FOLDER}' folder (data_batch_1..5, test_batch, batches.meta) into {root}"
+        ) from None
+
+
+def read_pickle(path: str) -> dict:
+    try:
+        with open(path, "rb") as file:
+            return pickle.load(file, encoding="latin1")  # latin1: the files were pickled by Python 2
+    except (OSError, EOFError, pickle.UnpicklingError) as error:
+        raise DatasetError(f"{path}: not a readable CIFAR-10 pickle ({error})") from None
+
+
+def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images N x 3 x 32 x 32, int64 labels N) of one batch file."""
+    batch = read_pickle(path)
+    try:
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as error:
+        raise DatasetError(f"{path}: not a CIFAR-10 batch, expected 'data' (N x 3072) and 'labels' ({error!r})") from None
+    if len(images) != len(labels):
+        raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels")
+    return images, labels
+
+
+def read_class_names(meta_path: str) -> list[str]:
+    meta = read_pickle(meta_path)
+    if not isinstance(meta, dict) or "label_names" not in meta:
+        raise DatasetError(f"{meta_path}: expected a pickled dict with 'label_names'")
+    return list(meta["label_names"])
+
+
+class CIFAR10(Dataset):
+    """Items are (uint8 tensor 3 x 32 x 32, label in 0..9); ``classes`` names the labels."""
+
+    n_classes = 10
+    channels = 3
+    size = SIZE
+
+    def __init__(self, args: CIFAR10Args):
+        problems = check_cifar10_args(args)
+        if problems:
+            raise DatasetError(problems[0])
+        if missing_files(args.root, args.split):
+            download_cifar10(args.root)
+        folder = os.path.join(args.root, BATCH_FOLDER)
+        images, labels = zip(*(read_batch(os.path.join(folder, name)) for name in SPLIT_FILES[args.split]))
+        self._images = torch.from_numpy(np.concatenate(images))
+        self._labels = np.concatenate(labels)
+        self.classes = read_class_names(os.path.join(folder, META_FILE))
+        self.dequantize = args.dequantize
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._images[index].clone(), int(self._labels[index])

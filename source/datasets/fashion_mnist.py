@@ -1,0 +1,124 @@
+"""Fashion-MNIST from its idx files: the CPU demo's real, labelled data set.
+
+The Debian package ``dataset-fashion-mnist`` installs the four ``*-idx?-ubyte.gz`` files in
+/usr/share/datasets/fashion-mnist, which works offline; ``download: true`` falls back to
+torchvision, whose files land in ``root/FashionMNIST/raw`` and are read from there.
+
+The 28x28 images are zero-padded to 32x32 (zero is the background, and 32 suits the
+SNGAN 32x32 models); a different ``size`` resizes the padded image bilinearly.
+"""
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from source.datasets.transforms import DatasetError, resize_square, size_problems, to_chw_uint8
+
+SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
+SOURCE_SIZE = 28
+PADDED_SIZE = 32
+IDX_UNSIGNED_BYTE = 0x08
+
+
+@dataclass
+class FashionMNISTArgs:
+    root: str = "/usr/share/datasets/fashion-mnist"
+    split: str = "train"
+    size: int = 32
+    download: bool = False
+    dequantize: bool = True
+
+
+def idx_file_names(split: str) -> tuple[str, str]:
+    prefix = SPLIT_PREFIXES[split]
+    return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
+
+
+def find_idx_file(root: str, name: str) -> Optional[str]:
+    """The gzipped or plain file in root or in torchvision's download folder, if any."""
+    for folder in (root, os.path.join(root, "FashionMNIST", "raw")):
+        for candidate in (os.path.join(folder, name + ".gz"), os.path.join(folder, name)):
+            if os.path.isfile(candidate):
+                return candidate
+    return None
+
+
+def check_fashion_mnist_args(args: FashionMNISTArgs) -> list[str]:
+    """Problems that would stop ``FashionMNIST(args)``; looks for the files, reads none."""
+    if args.split not in SPLIT_PREFIXES:
+        return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
+    problems = size_problems(args.size)
+    missing = [name + ".gz" for name in idx_file_names(args.split) if find_idx_file(args.root, name) is None]
+    if missing and not args.download:
+        problems.append(
+            f"dataset.args.root: Fashion-MNIST files {', '.join(missing)} not found in {args.root}; install them "
+            f"with `apt-get install dataset-fashion-mnist` (root /usr/share/datasets/fashion-mnist) "
+            f"or set dataset.args.download: true")
+    return problems
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An idx file of unsigned bytes (the MNIST container format) as an array of its stated shape."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as file:
+            data = file.read()
+    except (OSError, EOFError) as error:
+        raise DatasetError(f"{path}: cannot read ({error})") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != IDX_UNSIGNED_BYTE:
+        raise DatasetError(f"{path}: not an idx file of unsigned bytes")
+    n_dims = data[3]
+    header_size = 4 + 4 * n_dims
+    shape = struct.unpack(f">{n_dims}I", data[4:header_size])
+    values = np.frombuffer(data, dtype=np.uint8, offset=header_size)
+    if values.size != int(np.prod(shape)):
+        raise DatasetError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, found {values.size}")
+    return values.reshape(shape)
+
+
+def download_fashion_mnist(root: str, split: str) -> None:
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(root, train=split == "train", download=True)
+    except (OSError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetError(
+            f"dataset.args.download: could not download Fashion-MNIST into {root} ({reason}); offline, "
+            f"`apt-get install dataset-fashion-mnist` and set root: /usr/share/datasets/fashion-mnist") from None
+
+
+class FashionMNIST(Dataset):
+    """Items are (uint8 tensor 1 x size x size, label in 0..9)."""
+
+    n_classes = 10
+    channels = 1
+
+    def __init__(self, args: FashionMNISTArgs):
+        problems = check_fashion_mnist_args(args)
+        if problems:
+            raise DatasetError(problems[0])
+        image_name, label_name = idx_file_names(args.split)
+        if find_idx_file(args.root, image_name) is None or find_idx_file(args.root, label_name) is None:
+            download_fashion_mnist(args.root, args.split)
+        self._images = read_idx(find_idx_file(args.root, image_name))
+        self._labels = read_idx(find_idx_file(args.root, label_name))
+        if self._images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE) or len(self._images) != len(self._labels):
+            raise DatasetError(
+                f"dataset.args.root: {args.root} holds {self._images.shape} images and {len(self._labels)} labels; "
+                f"expected N x {SOURCE_SIZE} x {SOURCE_SIZE} images and N labels")
+        self.size = args.size
+        self.dequantize = args.dequantize
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        padded = np.pad(self._images[index], (PADDED_SIZE - SOURCE_SIZE) // 2)
+        return to_chw_uint8(resize_square(Image.fromarray(padded), self.size)), int(self._labels[index])

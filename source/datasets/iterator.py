@@ -1,0 +1,134 @@
+"""The training data stream: infinite, shuffled, rank-sharded and exactly resumable.
+
+Epoch e visits the data in the order of a permutation drawn from (seed, e), identical on all ranks.
+Global batch b of an epoch is permuted positions [b*G, (b+1)*G) with G = batch_size * world_size,
+and rank r takes the slice [b*G + r*batch_size, b*G + (r+1)*batch_size): the union over ranks is
+the single-process batch of G, whatever the world size. The last len(dataset) mod G samples of
+each epoch are dropped (so the epoch length depends on G).
+
+Images become float32 ``u8 / 127.5 - 1``; when ``dataset.dequantize`` is set, U[0, 1/127.5) noise
+is added. The noise of a sample is drawn from (seed, epoch, its position in the epoch), so it is
+the same whichever rank, world size, or resumed run draws that sample.
+
+One ``next()`` returns one micro-batch of ``batch_size`` samples for this rank; an updater that
+accumulates k micro-batches per iteration calls ``next()`` k times.
+"""
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from source.datasets.transforms import DatasetError
+
+logger = logging.getLogger(__name__)
+
+# Stream tags: the permutation and the noise never share a seed, even for equal (seed, epoch, index).
+PERMUTATION_STREAM, NOISE_STREAM = 0, 1
+
+
+def derived_seed(*parts: int) -> int:
+    """A well-mixed 64-bit seed from non-negative integers ((1, 0) and (0, 1) do not collide)."""
+    return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
+
+
+def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(derived_seed(PERMUTATION_STREAM, seed, epoch, 0))
+    return torch.randperm(length, generator=generator)
+
+
+def dequantization_noise(sample_shape: torch.Size, seed: int, epoch: int, positions: range) -> torch.Tensor:
+    """U[0, 1/127.5) per pixel, one independent stream per (seed, epoch, position in epoch)."""
+    noise = torch.empty(len(positions), *sample_shape)
+    for sample, position in zip(noise, positions):
+        generator = torch.Generator().manual_seed(derived_seed(NOISE_STREAM, seed, epoch, position))
+        sample.uniform_(0.0, 1.0 / 127.5, generator=generator)
+    return noise
+
+
+def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1]."""
+    return images.float().div_(127.5).sub_(1.0)
+
+
+class InfiniteBatchIterator:
+    """Endless (x: float32 N x C x H x W, y: int64 N) micro-batches for one rank; see the module doc."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+        if batch_size < 1 or seed < 0 or num_workers < 0 or not 0 <= rank < world_size:
+            raise ValueError(f"InfiniteBatchIterator: need batch_size >= 1, seed >= 0, num_workers >= 0 and "
+                             f"0 <= rank < world_size; got {batch_size}, {seed}, {num_workers}, {rank}, {world_size}")
+        if len(dataset) < batch_size * world_size:
+            raise DatasetError(f"dataset: {len(dataset)} images are fewer than one global micro-batch of "
+                               f"{batch_size} x {world_size} ranks; use a larger data set or a smaller micro_batchsize")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_workers = num_workers
+        self._epoch = 0
+        self._batch_in_epoch = 0
+        self._batches = None  # the current epoch's DataLoader iterator, made on demand
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch_size
+
+    def __iter__(self) -> "InfiniteBatchIterator":
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batch_in_epoch == self.batches_per_epoch:
+            self._epoch += 1
+            self._batch_in_epoch = 0
+            self._batches = None
+        if self._batches is None:
+            self._batches = iter(self._remaining_epoch_loader())
+        images, labels = next(self._batches)
+        x = to_signed_unit(images)
+        if self.dataset.dequantize:
+            x += dequantization_noise(x.shape[1:], self.seed, self._epoch, self._positions())
+        self._batch_in_epoch += 1
+        return x, labels.long()
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch,
+                "global_batch_size": self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue right after the saved position; the next batch equals the uninterrupted run's.
+
+        A different global micro-batch (e.g. another GPU count) resumes at the first batch that
+        starts at or after the saved position in the epoch; that is close, but not bit-exact.
+        """
+        saved_global = state.get("global_batch_size", self.global_batch_size)
+        if saved_global != self.global_batch_size:
+            logger.warning("resuming data position saved with global micro-batch %d with %d: same epoch and "
+                           "position, but batches are cut differently", saved_global, self.global_batch_size)
+        consumed = state["batch_in_epoch"] * saved_global
+        self._epoch = int(state["epoch"])
+        self._batch_in_epoch = min(-(-consumed // self.global_batch_size), self.batches_per_epoch)
+        self._batches = None
+
+    def _remaining_epoch_loader(self) -> DataLoader:
+        order = epoch_permutation(len(self.dataset), self.seed, self._epoch)
+        used = order[:self.batches_per_epoch * self.global_batch_size]
+        rank_batches = used.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank]
+        # A private generator: otherwise DataLoader draws its worker base seed from the global RNG,
+        # and the model's random stream would depend on when loaders happen to be created.
+        return DataLoader(self.dataset, batch_sampler=rank_batches[self._batch_in_epoch:].tolist(),
+                          num_workers=self.num_workers, generator=torch.Generator())
+
+    def _positions(self) -> range:
+        start = self._batch_in_epoch * self.global_batch_size + self.rank * self.batch_size
+        return range(start, start + self.batch_size)

@@ -1,0 +1,81 @@
+"""Fréchet Inception Distance (Heusel et al., 2017) and its per-class average, intra-FID.
+
+FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2)).
+Tr(sqrt(S1 S2)) is the sum of square roots of the eigenvalues of S1 S2, which equal those of the
+symmetric PSD matrix sqrt(S1) S2 sqrt(S1). Two symmetric eigendecompositions therefore give it
+exactly, in float64, without the complex arithmetic, eps offsets and slow Schur iterations of
+scipy.linalg.sqrtm, and they stay exact for the rank-deficient covariances of fewer than 2048 samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+Statistics = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D])
+
+
+def feature_statistics(features: np.ndarray) -> Statistics:
+    """Mean and unbiased covariance (np.cov, as TTUR and the original) of [N, D] features."""
+    features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or features.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs [N >= 2, D] features, got shape {features.shape}")
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def _drop_round_off(eigenvalues: np.ndarray) -> np.ndarray:
+    """Zero the eigenvalues that are round-off of a zero (numpy.linalg.matrix_rank's threshold).
+
+    sqrt turns a round-off eigenvalue of 1e-16 * max into 1e-8 * sqrt(max); summed over the null
+    space of a few-sample covariance that would bias FID, so such eigenvalues count as exactly 0.
+    """
+    tolerance = max(eigenvalues.max(), 0.0) * len(eigenvalues) * np.finfo(np.float64).eps
+    return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
+
+
+def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
+    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
+    return (eigenvectors * np.sqrt(_drop_round_off(eigenvalues))) @ eigenvectors.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr(sqrt(sigma1 @ sigma2)) for symmetric PSD matrices."""
+    root1 = _psd_sqrt(sigma1)
+    eigenvalues = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    return float(np.sqrt(_drop_round_off(eigenvalues)).sum())
+
+
+def _symmetric(sigma: np.ndarray) -> np.ndarray:
+    # Covariances summed in different orders are symmetric only up to round-off; eigh reads one triangle.
+    sigma = np.asarray(sigma, dtype=np.float64)
+    return (sigma + sigma.T) / 2.0
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """Fréchet distance between the Gaussians N(mu1, sigma1) and N(mu2, sigma2)."""
+    mu1, mu2 = np.asarray(mu1, dtype=np.float64), np.asarray(mu2, dtype=np.float64)
+    sigma1, sigma2 = _symmetric(sigma1), _symmetric(sigma2)
+    dim = mu1.shape[0]
+    if mu1.shape != (dim,) or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
+        raise ValueError(
+            f"frechet_distance got mismatched statistics: mu {mu1.shape} vs {mu2.shape}, "
+            f"sigma {sigma1.shape} vs {sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+
+
+def intra_fid(
+    fake_stats_by_class: Mapping[int, Statistics], real_stats_by_class: Mapping[int, Statistics]
+) -> tuple[float, dict[int, float]]:
+    """Mean over classes of the FID between each class's generated and real statistics (sngan's intra-FID)."""
+    missing = sorted(set(fake_stats_by_class) - set(real_stats_by_class))
+    if missing:
+        raise KeyError(f"intra_fid: no real statistics for classes {missing[:10]}")
+    if not fake_stats_by_class:
+        raise ValueError("intra_fid: no classes given")
+    per_class = {
+        label: frechet_distance(*fake, *real_stats_by_class[label]) for label, fake in fake_stats_by_class.items()
+    }
+    return float(np.mean(list(per_class.values()))), per_class

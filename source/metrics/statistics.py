@@ -1,0 +1,215 @@
+"""Feature statistics files and the reference-statistics cache.
+
+Files are TTUR-compatible `.npz`: arrays `mu` and `sigma` (so TTUR's and our reference files are
+interchangeable), plus a JSON `meta` string recording what the statistics were computed from and,
+for intra-FID, `class_labels`, `class_mu` [K, D], `class_sigma` [K, D, D].
+
+A cached reference is only reused when its recorded key equals the key of the current setup;
+any difference (resolution, split, preprocessing, backbone, sample count, ...) is refused with
+the differing fields named, because a stale reference silently shifts every FID computed against it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .fid import Statistics
+from .inception import InceptionBackbone
+
+Batch = torch.Tensor | tuple[torch.Tensor, torch.Tensor | np.ndarray]
+
+
+class StatsMismatch(ValueError):
+    """Cached statistics were computed for a different setup than the one asking for them."""
+
+
+class FeatureMoments:
+    """Running mean and covariance of features, merged batch by batch (Chan et al.'s pairwise update).
+
+    Keeps one D x D float64 scatter matrix (32 MB for D = 2048) instead of all features, so
+    statistics of a full training set fit in memory; the pairwise merge stays exact where the
+    naive sum-of-outer-products formula would cancel catastrophically.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: np.ndarray | None = None
+        self.scatter: np.ndarray | None = None
+
+    def add(self, features: np.ndarray) -> None:
+        features = np.asarray(features, dtype=np.float64)
+        batch_mean = features.mean(axis=0)
+        centered = features - batch_mean
+        batch_scatter = centered.T @ centered
+        if self.n == 0:
+            self.n, self.mean, self.scatter = len(features), batch_mean, batch_scatter
+            return
+        total = self.n + len(features)
+        delta = batch_mean - self.mean
+        self.scatter += batch_scatter + np.outer(delta, delta) * (self.n * len(features) / total)
+        self.mean = self.mean + delta * (len(features) / total)
+        self.n = total
+
+    def statistics(self) -> Statistics:
+        """(mu, unbiased sigma), equal to `feature_statistics` of all features added."""
+        if self.n < 2:
+            raise ValueError(f"statistics need at least 2 samples, got {self.n}")
+        return self.mean.copy(), self.scatter / (self.n - 1)
+
+
+@dataclass
+class ReferenceStats:
+    mu: np.ndarray
+    sigma: np.ndarray
+    n_images: int
+    per_class: dict[int, Statistics] = field(default_factory=dict)
+
+
+def _split_batch(batch: Batch) -> tuple[torch.Tensor, np.ndarray | None]:
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    images, labels = batch
+    labels = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return images, labels
+
+
+def compute_reference_stats(
+    batches: Iterable[Batch], backbone: InceptionBackbone, per_class: bool = False, total: int | None = None
+) -> ReferenceStats:
+    """Pool3 statistics of uint8 NCHW batches (or (images, labels) pairs when per_class).
+
+    Per-class statistics hold one 32 MB scatter matrix per class; for ImageNet's 1000 classes
+    compute them a few classes at a time.
+    """
+    overall = FeatureMoments()
+    by_class: dict[int, FeatureMoments] = {}
+    with tqdm(total=total, unit="img", desc="reference statistics") as progress:
+        for batch in batches:
+            images, labels = _split_batch(batch)
+            pool3 = backbone.features(images).pool3
+            overall.add(pool3)
+            if per_class:
+                if labels is None:
+                    raise ValueError("per-class reference statistics need (images, labels) batches")
+                for label in np.unique(labels):
+                    by_class.setdefault(int(label), FeatureMoments()).add(pool3[labels == label])
+            progress.update(len(pool3))
+    mu, sigma = overall.statistics()
+    return ReferenceStats(mu, sigma, overall.n, {label: m.statistics() for label, m in sorted(by_class.items())})
+
+
+def save_stats(
+    path: str, mu: np.ndarray, sigma: np.ndarray, meta: Mapping[str, Any], per_class: Mapping[int, Statistics] | None = None
+) -> None:
+    """Write a TTUR-compatible statistics file atomically (temp file, then rename)."""
+    arrays = {"mu": mu, "sigma": sigma, "meta": np.array(json.dumps(meta, sort_keys=True))}
+    if per_class:
+        labels = sorted(per_class)
+        arrays["class_labels"] = np.array(labels)
+        arrays["class_mu"] = np.stack([per_class[label][0] for label in labels])
+        arrays["class_sigma"] = np.stack([per_class[label][1] for label in labels])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as file:
+        np.savez(file, **arrays)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """(mu, sigma, meta) of our files, TTUR files (mu/sigma, meta = {}) or sngan files (mean/cov)."""
+    with np.load(path) as data:
+        for mean_key, cov_key in (("mu", "sigma"), ("mean", "cov")):
+            if mean_key in data and cov_key in data:
+                meta = json.loads(str(data["meta"])) if "meta" in data else {}
+                return data[mean_key].astype(np.float64), data[cov_key].astype(np.float64), meta
+    raise KeyError(f"{path} has neither mu/sigma (TTUR) nor mean/cov (sngan) arrays")
+
+
+def _class_stats(data: np.lib.npyio.NpzFile) -> dict[int, Statistics]:
+    if "class_labels" not in data:
+        return {}
+    arrays = zip(data["class_labels"], data["class_mu"], data["class_sigma"])
+    return {int(label): (mu, sigma) for label, mu, sigma in arrays}
+
+
+def load_class_stats(path: str) -> dict[int, Statistics]:
+    """Per-class statistics of a file written with `per_class`, for intra-FID."""
+    with np.load(path) as data:
+        if "class_labels" not in data:
+            raise KeyError(f"{path} has no per-class statistics; recompute the reference with per_class=True")
+        return _class_stats(data)
+
+
+def reference_key(
+    dataset: str,
+    split: str,
+    resolution: int,
+    preprocessing: str,
+    backbone: str,
+    n_images: int,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Everything a reference depends on; `extra` holds setup-specific fields (e.g. a long-tail imbalance)."""
+    key = {
+        "dataset": dataset,
+        "split": split,
+        "resolution": resolution,
+        "preprocessing": preprocessing,
+        "backbone": backbone,
+        "n_images": n_images,
+        "extra": dict(extra or {}),
+    }
+    return json.loads(json.dumps(key, sort_keys=True))  # the form it takes after a save/load round trip
+
+
+def _flatten(key: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in key.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def key_differences(cached: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """'field: cached X, expected Y' for every field where two keys differ."""
+    cached, expected = _flatten(cached), _flatten(json.loads(json.dumps(expected)))
+    missing = "<missing>"
+    return [
+        f"{name}: cached {cached.get(name, missing)!r}, expected {expected.get(name, missing)!r}"
+        for name in sorted(set(cached) | set(expected))
+        if cached.get(name, missing) != expected.get(name, missing)
+    ]
+
+
+def save_reference(path: str, reference: ReferenceStats, key: Mapping[str, Any]) -> None:
+    if key["n_images"] != reference.n_images:
+        raise ValueError(f"reference key says n_images={key['n_images']} but {reference.n_images} images were seen")
+    save_stats(path, reference.mu, reference.sigma, key, reference.per_class)
+
+
+def load_cached_reference(path: str, expected_key: Mapping[str, Any]) -> ReferenceStats | None:
+    """The cached reference at `path`, None when there is none, StatsMismatch when it is for another setup."""
+    if not os.path.exists(path):
+        return None
+    mu, sigma, meta = load_stats(path)
+    differences = key_differences(meta, expected_key)
+    if differences:
+        raise StatsMismatch(
+            f"cached reference statistics {path} were computed for another setup ({'; '.join(differences)}); "
+            "delete the file to recompute it or point to the matching one"
+        )
+    with np.load(path) as data:
+        per_class = _class_stats(data)
+    return ReferenceStats(mu, sigma, meta["n_images"], per_class)

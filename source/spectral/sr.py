@@ -1,0 +1,170 @@
+"""Spectral Regularization (Liu et al., ICCV 2019): compensation of D's singular values (srgan.md §2).
+
+SR is not a loss. After the D optimizer step, every `interval` iterations, it rewrites the raw weight
+of each spectrally normalized conv of D through its thin SVD, W <- U diag(s') V^T:
+    dynamic (ImageNet): s' = s_1 * R with R = max(R, s / s_1), R being the running envelope of the
+                        normalized spectrum; the first call only records R. s_1 and the singular
+                        vectors are kept, lower singular values can only be raised.
+    static (CIFAR):     s' = s / s_1 with its top floor(r/2) entries set to 1; this also rescales W
+                        to spectral norm 1, as the original does.
+The edit is written into the same Parameter in place, outside autograd; Adam's moments and SN's
+u/v are left alone, so SN keeps dividing by its own estimate of s_1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from source.spectral.spectra import (
+    raw_weight,
+    spectral_norm_layers,
+    stack_by_shape,
+    weight_matrix,
+    write_weight_matrix,
+)
+
+MODES = ("dynamic", "static")
+
+# float32 SVDs rebuild W with a relative error of ~1e-6 (tests/test_spectral.py measures both against
+# numpy float64), the size of a genuine per-step change of W; float64 makes the edit exact up to
+# the float32 storage of W, for a cost the benchmark shows is small next to the float32 SVD's.
+SVD_DTYPE = torch.float64
+
+
+def normalized_spectrum(matrices: torch.Tensor) -> torch.Tensor:
+    """s / s_1 for a batch of matrices (..., m, n)."""
+    s = torch.linalg.svdvals(matrices)
+    return s / s[..., :1]
+
+
+def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One dynamic SR step on a batch: returns the rebuilt matrices and the raised envelope.
+
+    Works in the dtype it is given, so the precision choice stays with the caller.
+    """
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    envelope = torch.maximum(envelope, s / s[..., :1])
+    return _rebuild(u, s[..., :1] * envelope, vh), envelope
+
+
+def static_compensation(matrices: torch.Tensor) -> torch.Tensor:
+    """One static SR step on a batch: normalized spectrum with its top half set to 1 (index 0 included)."""
+    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
+    compensated = s / s[..., :1]
+    compensated[..., : s.shape[-1] // 2] = 1
+    return _rebuild(u, compensated, vh)
+
+
+def _rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    return (u * s.unsqueeze(-2)) @ vh
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class SpectralRegularizer:
+    """Callable SR hook: `sr(dis, iteration)` right after each D optimizer step.
+
+    `iteration` counts completed iterations, as Chainer's updater did: a run resumed from
+    snapshot_iter_40000 calls at 40000, 40005, ... Static mode acts on every call whose iteration
+    qualifies, so with n_dis > 1 it fires after each D sub-step of that iteration, as the CIFAR code.
+
+    Under torch.distributed every rank computes the same edit and rank 0's result (weights and
+    envelope) is then broadcast, so ranks stay bit-identical even where SVDs are not deterministic.
+    Pass the D itself or its DDP wrapper; layer names are those of the unwrapped module.
+    """
+
+    def __init__(
+        self,
+        mode: str = "dynamic",
+        interval: int = 5,
+        include_linear: bool = False,
+        rebase_on_resume: bool = False,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"SR mode must be one of {MODES}, got {mode!r}")
+        if interval < 1:
+            raise ValueError(f"SR interval must be a positive number of iterations, got {interval}")
+        self.mode = mode
+        self.interval = interval
+        self.kinds = ("conv", "linear", "embedding") if include_linear else ("conv",)
+        self.rebase_on_resume = rebase_on_resume
+        self.ratios: dict[str, torch.Tensor] = {}  # dynamic envelope R per layer, float64
+
+    @property
+    def recorded(self) -> bool:
+        """Whether a dynamic envelope exists, i.e. whether the next acting call edits weights."""
+        return bool(self.ratios)
+
+    @torch.no_grad()
+    def __call__(self, dis: nn.Module, iteration: int) -> bool:
+        """Apply SR if `iteration` is due; True when it ran (the dynamic recording-only call included)."""
+        if iteration % self.interval != 0:
+            return False
+        layers = spectral_norm_layers(dis, self.kinds)
+        matrices = {name: weight_matrix(layer) for name, layer in layers.items()}
+        edited = self._dynamic(matrices) if self.mode == "dynamic" else self._static(matrices)
+        for name, matrix in edited.items():
+            write_weight_matrix(layers[name], matrix)
+        if _distributed():
+            self._broadcast_from_rank0(layers, edited)
+        return True
+
+    def _dynamic(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Layers without an envelope (fresh start, rebase, or newly included) only record this time.
+        fresh = {name: matrix for name, matrix in matrices.items() if name not in self.ratios}
+        for names, stack in stack_by_shape(fresh, SVD_DTYPE):
+            self.ratios.update(zip(names, normalized_spectrum(stack)))
+        known = {name: matrix for name, matrix in matrices.items() if name not in fresh}
+        edited = {}
+        for names, stack in stack_by_shape(known, SVD_DTYPE):
+            envelope = torch.stack([self._envelope(name, stack) for name in names])
+            rebuilt, envelope = dynamic_compensation(stack, envelope)
+            self.ratios.update(zip(names, envelope))
+            edited.update(zip(names, rebuilt))
+        return edited
+
+    def _envelope(self, name: str, stack: torch.Tensor) -> torch.Tensor:
+        envelope = self.ratios[name]
+        rank = min(stack.shape[-2:])
+        if envelope.shape != (rank,):
+            raise ValueError(
+                f"SR envelope of layer {name!r} has {envelope.numel()} values but the layer has {rank} singular "
+                "values; the SR state belongs to another model (set rebase_on_resume to start a new envelope)"
+            )
+        return envelope.to(device=stack.device, dtype=stack.dtype)
+
+    def _static(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        edited = {}
+        for names, stack in stack_by_shape(matrices, SVD_DTYPE):
+            edited.update(zip(names, static_compensation(stack)))
+        return edited
+
+    def _broadcast_from_rank0(self, layers: dict[str, nn.Module], edited: dict[str, torch.Tensor]) -> None:
+        tensors = [raw_weight(layers[name]).detach() for name in edited]
+        tensors += [self.ratios[name] for name in layers if name in self.ratios]
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "interval": self.interval,
+            "ratios": {name: ratios.detach().cpu().clone() for name, ratios in self.ratios.items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the envelope; mode and interval come from the constructor (the config wins).
+
+        With rebase_on_resume the envelope is dropped, as the original (which never saved it) did:
+        the first call after a resume records again.
+        """
+        if "ratios" not in state:
+            raise ValueError(f"SR state has no 'ratios' entry (keys: {sorted(state)}); it is not a SpectralRegularizer state")
+        if self.rebase_on_resume:
+            self.ratios = {}
+        else:
+            self.ratios = {name: torch.as_tensor(r, dtype=SVD_DTYPE).clone() for name, r in state["ratios"].items()}

@@ -1,0 +1,96 @@
+"""torchrun-compatible process-group setup; a single process is simply world size 1."""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    local_rank: int
+    size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun announces, known before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_world(device: str = "auto") -> World:
+    """Join the process group torchrun prepared (NCCL on GPU, gloo on CPU) and pick this rank's device."""
+    size = world_size_from_env()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = _resolve_device(device, local_rank)
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend=backend, rank=rank, world_size=size)
+    return World(rank=rank, local_rank=local_rank, size=size, device=resolved)
+
+
+def shutdown_world() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _resolve_device(device: str, local_rank: int) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        resolved = torch.device("cuda", local_rank)
+    return resolved
+
+
+def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
+    if world.distributed:
+        dist.all_reduce(values)
+        values /= world.size
+    return values
+
+
+def any_rank(flag: bool, world: World) -> bool:
+    """True on every rank when ``flag`` is True on some rank (keeps ranks in lock step on stop requests)."""
+    if not world.distributed:
+        return flag
+    tensor = torch.tensor([int(flag)], device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def gather_objects(obj, world: World) -> list:
+    """Every rank's ``obj`` (e.g. RNG states), in rank order."""
+    if not world.distributed:
+        return [obj]
+    gathered = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def assert_replicas_identical(modules: list[torch.nn.Module], world: World) -> None:
+    """Raise if the ranks' parameters differ by a single bit (checked whenever a snapshot is written)."""
+    if not world.distributed:
+        return
+    digest = hashlib.sha256()
+    for module in modules:
+        for parameter in module.parameters():
+            digest.update(parameter.detach().cpu().numpy().tobytes())
+    digests = gather_objects(digest.hexdigest(), world)
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"ranks hold different parameters at this snapshot: {digests}")

@@ -1,0 +1,85 @@
+"""Config errors through the public entry point: one line naming file and key, exit code 2."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+import train
+from source.config import ConfigError, config_differences, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def run_train(argv, capsys):
+    code = train.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_config(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    (lambda c: c["updater"].update(n_dsi=5), "updater.n_dsi: unknown key (did you mean 'n_dis'?)"),
+    (lambda c: c.update(batchsize="many"), "batchsize: expected int, got str 'many'"),
+    (lambda c: c["updater"].update(apply_SR="yes"), "updater.apply_SR: expected bool or 'auto', got str 'yes'"),
+    (lambda c: c["models"]["generator"]["args"].update(chanels=1),
+     "models.generator.args.chanels: unknown key (did you mean 'channels'?)"),
+    (lambda c: c["dataset"]["args"].update(rooot="x"), "dataset.args.rooot: unknown key (did you mean 'root'?)"),
+    (lambda c: c["models"]["discriminator"].update(name="SNResNetProjectionDiscrimnator"),
+     "did you mean 'SNResNetProjectionDiscriminator'?"),
+    (lambda c: c.update(micro_batchsize=24),
+     "batchsize: 32 is not divisible by micro_batchsize x world size = 24 x 1 = 24"),
+    (lambda c: c["updater"]["sr"].update(mode="dynamc"), "updater.sr.mode: expected 'dynamic' or 'static'"),
+    (lambda c: c.pop("models"), "models: missing required key"),
+])
+def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, mutate, expected):
+    path = write_config(tmp_path, mutate)
+    code, out, err = run_train(["--config", str(path), "--dry-run"], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert str(path) in err and expected in err
+
+
+def test_override_errors_and_yaml_typing(capsys):
+    code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis", "--dry-run"], capsys)
+    assert code == 2 and "expected KEY=VALUE" in err
+    config = load_config(CONFIGS / "demo.yaml", ["adam_D.alpha=1e-3", "updater.apply_SR=auto", "seed=7"])
+    assert config.adam_D.alpha == 1e-3 and config.updater.apply_SR == "auto" and config.seed == 7
+
+
+def test_missing_imagenet_root_gives_hint(capsys):
+    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--set", "dataset.args.root=/nonexistent/imagenet"]
+    code, _, err = run_train(argv, capsys)
+    assert code == 2 and "/nonexistent/imagenet" in err and "ImageNet" in err and "Traceback" not in err
+
+
+def test_dry_run_reports_missing_root_without_failing(capsys):
+    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--set", "dataset.args.root=/nonexistent/imagenet",
+            "--dry-run"]
+    code, out, _ = run_train(argv, capsys)
+    assert code == 0
+    assert "NOT AVAILABLE" in out and "2048 = 32 (micro) x 1 (world size) x 64 (accumulation steps)" in out
+    assert "generator" in out and "parameters" in out
+
+
+def test_world_size_enters_divisibility_check():
+    with pytest.raises(ConfigError, match="2048 is not divisible by micro_batchsize x world size = 32 x 3 = 96"):
+        load_config(CONFIGS / "sr_imagenet.yaml", world_size=3)
+
+
+def test_synthetic_override_adapts_to_the_models():
+    config = load_config(CONFIGS / "sr_imagenet.yaml", ["dataset.name=synthetic"])
+    args = config.dataset.args
+    assert (args.size, args.channels, args.n_classes) == (128, 3, 1000)
+
+
+def test_config_differences_lists_changed_leaves():
+    old = {"updater": {"apply_SR": False, "n_dis": 1}, "seed": 0}
+    new = {"updater": {"apply_SR": True, "n_dis": 1}, "seed": 0}
+    assert config_differences(old, new) == ["updater.apply_SR: false -> true"]

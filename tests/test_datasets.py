@@ -1,0 +1,409 @@
+import gzip
+import logging
+import os
+import pickle
+import struct
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from source.datasets import (
+    DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
+    build_dataset, check_dataset_args)
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+RNG = np.random.default_rng(0)
+
+
+def random_rgb(width: int, height: int) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def expected_square(path: str, size: int) -> np.ndarray:
+    """Independent reference: numpy centre crop of the RGB pixels, then PIL bilinear; HWC uint8."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    height, width = pixels.shape[:2]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    square = Image.fromarray(pixels[top:top + side, left:left + side])
+    return np.asarray(square.resize((size, size), Image.Resampling.BILINEAR))
+
+
+def chw_to_hwc(image: torch.Tensor) -> np.ndarray:
+    return image.permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# ImageNet
+
+@pytest.fixture
+def imagenet_root(tmp_path):
+    """Three synsets created out of order; one corrupt file ends the first class."""
+    root = tmp_path / "train"
+    for synset in ("n00000003", "n00000001", "n00000002", ".cache"):
+        (root / synset).mkdir(parents=True)
+    random_rgb(40, 30).save(root / "n00000001" / "a.JPEG")
+    random_rgb(20, 50).save(root / "n00000001" / "b.jpg")
+    Image.fromarray(RNG.integers(0, 256, (24, 24, 4), dtype=np.uint8), "RGBA").save(root / "n00000001" / "c.png")
+    (root / "n00000001" / "z_corrupt.JPEG").write_bytes(RNG.integers(0, 256, 500, dtype=np.uint8).tobytes())
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(root / "n00000002" / "cmyk.JPEG", quality=95)
+    Image.fromarray(RNG.integers(0, 256, (33, 17), dtype=np.uint8), "L").save(root / "n00000002" / "gray.jpeg")
+    (root / "n00000002" / "notes.txt").write_text("not an image")
+    random_rgb(64, 64).save(root / "n00000003" / "d.JPG")
+    random_rgb(64, 64).save(root / ".cache" / "hidden.JPEG")
+    return root
+
+
+def test_imagenet_folder_layout_labels_shapes_and_pixels(imagenet_root):
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(imagenet_root), size=16))
+    assert (dataset.n_classes, dataset.channels, dataset.size, dataset.dequantize) == (3, 3, 16, True)
+    assert dataset.classes == ["n00000001", "n00000002", "n00000003"]
+    names = [os.path.relpath(dataset.path(i), imagenet_root) for i in range(len(dataset))]
+    assert names == ["n00000001/a.JPEG", "n00000001/b.jpg", "n00000001/c.png", "n00000001/z_corrupt.JPEG",
+                     "n00000002/cmyk.JPEG", "n00000002/gray.jpeg", "n00000003/d.JPG"]
+    for index in (0, 1, 2, 4, 5, 6):
+        image, label = dataset[index]
+        assert image.dtype == torch.uint8 and image.shape == (3, 16, 16)
+        assert label == int(names[index][8]) - 1
+        np.testing.assert_array_equal(chw_to_hwc(image), expected_square(dataset.path(index), 16))
+
+
+def test_imagenet_cmyk_and_grayscale_become_proper_rgb(imagenet_root):
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(imagenet_root), size=8))
+    cmyk, _ = dataset[4]
+    pil_rgb = np.asarray(Image.open(dataset.path(4)).convert("RGB"), dtype=float).mean((0, 1))
+    np.testing.assert_allclose(cmyk.float().mean((1, 2)).numpy(), pil_rgb, atol=1.0)
+    assert cmyk[0].float().mean() > 240 and cmyk[1:].float().mean() < 15  # red, not the raw C, M, Y planes
+    gray, _ = dataset[5]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_imagenet_corrupt_file_is_counted_warned_once_and_replaced_by_next(imagenet_root, caplog):
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(imagenet_root), size=8))
+    with caplog.at_level(logging.WARNING, logger="source.datasets.imagenet"):
+        first = [dataset[i] for i in range(len(dataset))]
+        second = [dataset[i] for i in range(len(dataset))]
+    assert dataset.n_unreadable == 1
+    assert [r.getMessage() for r in caplog.records if "z_corrupt.JPEG" in r.getMessage()] != []
+    assert len(caplog.records) == 1
+    substitute, label = first[3]
+    assert torch.equal(substitute, first[4][0]) and label == 1  # the next readable file, with its own label
+    assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(first, second))
+
+
+def test_imagenet_unreadable_count_includes_dataloader_workers(imagenet_root):
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(imagenet_root), size=8))
+    batches = list(DataLoader(dataset, batch_size=2, num_workers=2))
+    assert sum(len(labels) for _, labels in batches) == 7
+    assert dataset.n_unreadable == 1
+
+
+def test_imagenet_center_crop_drops_side_bands(tmp_path):
+    (tmp_path / "n0").mkdir()
+    wide = np.zeros((20, 61, 3), dtype=np.uint8)
+    wide[:, :20] = wide[:, 40:] = (255, 0, 0)
+    wide[:, 20:40] = (0, 0, 255)
+    Image.fromarray(wide).save(tmp_path / "n0" / "wide.png")
+    Image.fromarray(np.ascontiguousarray(wide.transpose(1, 0, 2))).save(tmp_path / "n0" / "tall.png")
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(tmp_path), size=8))
+    for index in range(2):
+        image, _ = dataset[index]
+        assert image.shape == (3, 8, 8)
+        assert torch.all(image[0] == 0) and torch.all(image[1] == 0) and torch.all(image[2] == 255)
+
+
+def test_imagenet_list_file_layout(imagenet_root, tmp_path):
+    (imagenet_root / "n00000003" / "with space.png").write_bytes((imagenet_root / "n00000001" / "c.png").read_bytes())
+    list_file = tmp_path / "image_list.txt"
+    list_file.write_text("n00000003/d.JPG 7\n\nn00000001/a.JPEG 2\nn00000003/with space.png 0\n")
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(imagenet_root), list_file=str(list_file), size=12))
+    assert len(dataset) == 3 and dataset.n_classes == 8
+    assert [dataset[i][1] for i in range(3)] == [7, 2, 0]
+    np.testing.assert_array_equal(chw_to_hwc(dataset[1][0]), expected_square(str(imagenet_root / "n00000001" / "a.JPEG"), 12))
+    assert dataset[2][0].shape == (3, 12, 12)
+
+
+def test_imagenet_user_errors_are_one_line_and_actionable(tmp_path):
+    missing = tmp_path / "x" / "y"
+    message = (f"dataset.args.root: {missing} does not exist; download ImageNet ILSVRC2012 train and point root "
+               f"at the folder of nXXXXXXXX class folders (or set list_file)")
+    assert check_dataset_args("imagenet", ImageNetArgs(root=str(missing))) == [message]
+    with pytest.raises(DatasetError) as error:
+        build_dataset("imagenet", ImageNetArgs(root=str(missing)))
+    assert str(error.value) == message
+    problems = check_dataset_args("imagenet", ImageNetArgs(root=str(tmp_path), list_file=str(tmp_path / "l.txt")))
+    assert len(problems) == 1 and problems[0].startswith("dataset.args.list_file:")
+    assert check_dataset_args("imagenet", ImageNetArgs(root=str(tmp_path))) == []
+    with pytest.raises(DatasetError, match="no .JPEG/.jpeg/.jpg/.png images"):
+        build_dataset("imagenet", ImageNetArgs(root=str(tmp_path)))
+    bad_list = tmp_path / "bad.txt"
+    bad_list.write_text("a.JPEG 1\nb.JPEG cat\n")
+    with pytest.raises(DatasetError, match=r"bad.txt:2: expected 'relative/path.JPEG label'"):
+        build_dataset("imagenet", ImageNetArgs(root=str(tmp_path), list_file=str(bad_list)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST
+
+def write_idx_gz(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_standin(folder, prefix="train", count=5):
+    os.makedirs(folder, exist_ok=True)
+    images = RNG.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+    labels = np.arange(count) % 10
+    write_idx_gz(os.path.join(folder, f"{prefix}-images-idx3-ubyte.gz"), images)
+    write_idx_gz(os.path.join(folder, f"{prefix}-labels-idx1-ubyte.gz"), labels)
+    return images, labels
+
+
+@pytest.mark.skipif(not os.path.isfile(f"{DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz"),
+                    reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_debian_files():
+    dataset = build_dataset("fashion_mnist", FashionMNISTArgs(split="test"))
+    assert len(dataset) == 10000 and (dataset.n_classes, dataset.channels, dataset.size) == (10, 1, 32)
+    with gzip.open(f"{DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz") as file:
+        raw = np.frombuffer(file.read(), dtype=np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(f"{DEBIAN_FASHION_MNIST}/t10k-labels-idx1-ubyte.gz") as file:
+        labels = np.frombuffer(file.read(), dtype=np.uint8, offset=8)
+    assert sorted(set(labels.tolist())) == list(range(10))
+    for index in (0, 1234, 9999):
+        image, label = dataset[index]
+        assert image.shape == (1, 32, 32) and image.dtype == torch.uint8 and label == labels[index]
+        np.testing.assert_array_equal(image[0, 2:30, 2:30].numpy(), raw[index])
+    assert len(build_dataset("fashion_mnist", FashionMNISTArgs())) == 60000
+
+
+def test_fashion_mnist_standin_padding_and_resize(tmp_path):
+    images, labels = write_fashion_standin(tmp_path)
+    dataset = build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path)))
+    assert len(dataset) == 5
+    image, label = dataset[3]
+    assert image.shape == (1, 32, 32) and label == labels[3]
+    padded = np.zeros((32, 32), dtype=np.uint8)
+    padded[2:30, 2:30] = images[3]
+    np.testing.assert_array_equal(image[0].numpy(), padded)
+    resized = build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), size=16))
+    assert resized.size == 16
+    expected = np.asarray(Image.fromarray(padded).resize((16, 16), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(resized[3][0][0].numpy(), expected)
+
+
+def test_fashion_mnist_reads_torchvision_download_folder(tmp_path):
+    images, labels = write_fashion_standin(tmp_path / "FashionMNIST" / "raw", prefix="t10k", count=3)
+    dataset = build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), split="test"))
+    assert len(dataset) == 3 and dataset[2][1] == labels[2]
+
+
+def test_fashion_mnist_errors(tmp_path, monkeypatch):
+    problems = check_dataset_args("fashion_mnist", FashionMNISTArgs(root=str(tmp_path)))
+    assert len(problems) == 1 and "apt-get install dataset-fashion-mnist" in problems[0]
+    assert "download: true" in problems[0]
+    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
+        build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path)))
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DatasetError, match="could not download Fashion-MNIST .*Error downloading"):
+        build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), download=True))
+    with pytest.raises(DatasetError, match="dataset.args.split: must be 'train' or 'test'"):
+        build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), split="val"))
+    write_fashion_standin(tmp_path)
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as file:
+        file.write(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 5) + bytes(3))
+    with pytest.raises(DatasetError, match="expected 5 values"):
+        build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10
+
+def write_cifar_standin(root, per_batch=4):
+    """torchvision's on-disk layout with tiny batches: data N x 3072 (channel-major) and labels."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = RNG.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = RNG.integers(0, 10, per_batch).tolist()
+        with open(folder / name, "wb") as file:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels, "filenames": []}, file)
+        written[name] = (data, labels)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as file:
+        pickle.dump({"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072}, file)
+    return written
+
+
+def test_cifar10_standin(tmp_path):
+    written = write_cifar_standin(tmp_path)
+    train = build_dataset("cifar10", CIFAR10Args(root=str(tmp_path), download=False))
+    assert len(train) == 20 and (train.n_classes, train.channels, train.size) == (10, 3, 32)
+    assert train.classes[0] == "airplane" and train.dequantize
+    data, labels = written["data_batch_3"]
+    image, label = train[2 * 4 + 1]
+    assert image.dtype == torch.uint8 and image.shape == (3, 32, 32) and label == labels[1]
+    np.testing.assert_array_equal(image[1].numpy(), data[1, 1024:2048].reshape(32, 32))  # green plane
+    test = build_dataset("cifar10", CIFAR10Args(root=str(tmp_path), split="test"))
+    assert len(test) == 4 and test[3][1] == written["test_batch"][1][3]
+
+
+def test_cifar10_errors(tmp_path, monkeypatch):
+    problems = check_dataset_args("cifar10", CIFAR10Args(root=str(tmp_path), download=False))
+    assert len(problems) == 1 and "cifar-10-batches-py" in problems[0] and "download: true" in problems[0]
+    assert check_dataset_args("cifar10", CIFAR10Args(root=str(tmp_path))) == []
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_and_extract_archive", offline)
+    with pytest.raises(DatasetError) as error:
+        build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
+    assert "could not download CIFAR-10" in str(error.value) and "'cifar-10-batches-py'" in str(error.value)
+    assert "\n" not in str(error.value)
+    write_cifar_standin(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
+    with pytest.raises(DatasetError, match="data_batch_2: not a readable CIFAR-10 pickle"):
+        build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic
+
+def test_synthetic_is_deterministic_varied_and_class_dependent():
+    args = SyntheticArgs(n_classes=4, size=16, channels=3, count=400, seed=3)
+    dataset, again = build_dataset("synthetic", args), build_dataset("synthetic", args)
+    other_seed = build_dataset("synthetic", SyntheticArgs(n_classes=4, size=16, count=400, seed=4))
+    assert dataset[17][0].shape == (3, 16, 16) and dataset[17][0].dtype == torch.uint8
+    assert all(torch.equal(dataset[i][0], again[i][0]) for i in range(10))
+    assert not torch.equal(dataset[5][0], other_seed[5][0])
+    assert [dataset[i][1] for i in range(6)] == [0, 1, 2, 3, 0, 1]
+    assert not torch.equal(dataset[0][0], dataset[4][0])  # same class, different sample
+    means = torch.stack([torch.stack([dataset[i][0].float().mean((1, 2)) for i in range(c, 400, 4)]).mean(0)
+                         for c in range(4)])
+    distances = torch.cdist(means, means) + torch.eye(4) * 1e9
+    assert distances.min() > 10  # class colours differ by more than 10 grey levels
+    huge = build_dataset("synthetic", SyntheticArgs(count=10**9, channels=1, size=8))
+    assert len(huge) == 10**9 and huge[10**9 - 1][0].shape == (1, 8, 8)
+
+
+def test_synthetic_rejects_bad_args():
+    assert check_dataset_args("synthetic", SyntheticArgs(count=0, seed=-1)) == [
+        "dataset.args.count: must be positive, got 0", "dataset.args.seed: must be >= 0, got -1"]
+    with pytest.raises(DatasetError, match="dataset.args.size"):
+        build_dataset("synthetic", SyntheticArgs(size=0))
+
+
+def test_registry_names_and_unknown_dataset():
+    assert set(DATASETS) == {"imagenet", "fashion_mnist", "cifar10", "synthetic"}
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenett'; did you mean imagenet"):
+        build_dataset("imagenett", SyntheticArgs())
+    with pytest.raises(TypeError, match="needs a SyntheticArgs"):
+        build_dataset("synthetic", ImageNetArgs(root="/"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterator
+
+class IndexImages(Dataset):
+    """Image pixels and label both encode the index, so batches can be traced back to indices."""
+
+    n_classes, channels, size = 1000, 1, 2
+
+    def __init__(self, count: int, dequantize: bool):
+        self.count, self.dequantize = count, dequantize
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        return torch.full((1, 2, 2), index % 256, dtype=torch.uint8), index
+
+
+def draw(iterator, count):
+    return [next(iterator) for _ in range(count)]
+
+
+def assert_same_batches(first, second):
+    assert len(first) == len(second)
+    for (x1, y1), (x2, y2) in zip(first, second):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_iterator_values_epochs_and_determinism():
+    dataset = IndexImages(50, dequantize=False)
+    iterator = InfiniteBatchIterator(dataset, batch_size=8, seed=1)
+    assert iterator.batches_per_epoch == 6 and iterator.epoch == 0
+    batches = draw(iterator, 12)
+    assert iterator.epoch == 1
+    x, y = batches[0]
+    assert x.dtype == torch.float32 and x.shape == (8, 1, 2, 2) and y.dtype == torch.int64
+    torch.testing.assert_close(x, (y % 256).float().view(8, 1, 1, 1).expand(8, 1, 2, 2) / 127.5 - 1, rtol=0, atol=0)
+    epoch0, epoch1 = torch.cat([y for _, y in batches[:6]]), torch.cat([y for _, y in batches[6:]])
+    assert len(set(epoch0.tolist())) == 48 and len(set(epoch1.tolist())) == 48  # no repeats, 2 dropped
+    assert not torch.equal(epoch0, epoch1)
+    assert_same_batches(batches, draw(InfiniteBatchIterator(dataset, batch_size=8, seed=1), 12))
+    assert not torch.equal(next(InfiniteBatchIterator(dataset, batch_size=8, seed=2))[1], batches[0][1])
+
+
+def test_iterator_dequantization_noise_range():
+    dataset = IndexImages(40, dequantize=True)
+    x, y = next(InfiniteBatchIterator(dataset, batch_size=16, seed=0))
+    noise = x - ((y % 256).float().view(16, 1, 1, 1) / 127.5 - 1)
+    assert noise.min() >= 0 and noise.max() < 1 / 127.5 + 1e-6
+    assert noise.std() > 0.2 / 127.5 and len(torch.unique(noise)) > 50  # uniform-ish, independent per pixel
+
+
+@pytest.mark.parametrize("stop_after", [2, 5, 6, 7])  # mid-epoch, before, at and after the epoch boundary
+def test_iterator_resume_is_exact(stop_after):
+    dataset = IndexImages(50, dequantize=True)
+    uninterrupted = draw(InfiniteBatchIterator(dataset, batch_size=8, seed=5), stop_after + 6)
+    interrupted = InfiniteBatchIterator(dataset, batch_size=8, seed=5)
+    draw(interrupted, stop_after)
+    state = interrupted.state_dict()
+    resumed = InfiniteBatchIterator(dataset, batch_size=8, seed=5)
+    resumed.load_state_dict(state)
+    assert_same_batches(draw(resumed, 6), uninterrupted[stop_after:])
+    assert resumed.epoch == (stop_after + 6 - 1) // 6  # the epoch of the last batch drawn
+
+
+def test_iterator_rank_union_equals_single_process():
+    dataset = IndexImages(70, dequantize=True)
+    single = draw(InfiniteBatchIterator(dataset, batch_size=16, seed=3), 6)
+    ranks = [draw(InfiniteBatchIterator(dataset, batch_size=8, seed=3, rank=r, world_size=2), 6) for r in range(2)]
+    for step, (x, y) in enumerate(single):
+        assert torch.equal(torch.cat([ranks[0][step][0], ranks[1][step][0]]), x)
+        assert torch.equal(torch.cat([ranks[0][step][1], ranks[1][step][1]]), y)
+
+
+def test_iterator_workers_match_main_process_and_leave_global_rng_alone():
+    dataset = build_dataset("synthetic", SyntheticArgs(n_classes=3, size=8, count=40, dequantize=True))
+    rng_state = torch.get_rng_state()
+    in_process = draw(InfiniteBatchIterator(dataset, batch_size=8, seed=0), 7)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert_same_batches(draw(InfiniteBatchIterator(dataset, batch_size=8, seed=0, num_workers=2), 7), in_process)
+
+
+def test_iterator_resume_with_other_global_batch_keeps_position():
+    dataset = IndexImages(96, dequantize=False)
+    old = InfiniteBatchIterator(dataset, batch_size=8, seed=0)
+    draw(old, 3)  # 24 samples consumed
+    new = InfiniteBatchIterator(dataset, batch_size=6, seed=0, world_size=2)
+    new.load_state_dict(old.state_dict())
+    reference = draw(InfiniteBatchIterator(dataset, batch_size=12, seed=0), 3)
+    assert torch.equal(next(new)[1], reference[2][1][:6])
+
+
+def test_iterator_rejects_data_smaller_than_a_global_batch():
+    with pytest.raises(DatasetError, match="fewer than one global micro-batch of 8 x 2 ranks"):
+        InfiniteBatchIterator(IndexImages(10, dequantize=False), batch_size=8, seed=0, world_size=2)

@@ -1,0 +1,441 @@
+"""SR, spectra and collapse detection against independent numpy re-implementations and known values."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from source.spectral import (
+    CollapseDetector,
+    SpectralRegularizer,
+    collapse_score,
+    compute_spectra,
+    effective_rank,
+    layer_index_map,
+    layer_scores,
+    list_spectra,
+    load_spectra,
+    save_spectra,
+)
+from source.spectral.spectra import LayerSpectrum
+from source.spectral.sr import dynamic_compensation
+
+CONVS = ["block1.c1", "block1.c2", "block1.c_sc", "block2.c1", "block2.c2", "block2.c_sc"]
+LINEARS = ["l7", "l_y"]
+
+
+def tiny_dis(seed: int = 0) -> nn.Module:
+    """A D-like module: SN convs (two shapes shared by two layers each, one with C_out > C_in*k*k),
+    an SN linear, an SN embedding and a plain conv that SR must ignore. Built in unsorted order."""
+    torch.manual_seed(seed)
+    dis = nn.Module()
+    dis.l_y = spectral_norm(nn.Embedding(5, 8))
+    dis.block2 = nn.Module()
+    dis.block2.c_sc = spectral_norm(nn.Conv2d(8, 16, 1))
+    dis.block2.c2 = spectral_norm(nn.Conv2d(8, 8, 3))
+    dis.block2.c1 = spectral_norm(nn.Conv2d(8, 8, 3))
+    dis.block1 = nn.Module()
+    dis.block1.c_sc = spectral_norm(nn.Conv2d(3, 8, 1))
+    dis.block1.c1 = spectral_norm(nn.Conv2d(3, 8, 3))
+    dis.block1.c2 = spectral_norm(nn.Conv2d(8, 8, 3))
+    dis.l7 = spectral_norm(nn.Linear(8, 4))
+    dis.plain = nn.Conv2d(3, 4, 3)
+    return dis
+
+
+def sn_layer(dis: nn.Module, name: str) -> nn.Module:
+    return dis.get_submodule(name)
+
+
+def raw_matrices(dis: nn.Module, names: list[str]) -> dict[str, np.ndarray]:
+    return {
+        name: sn_layer(dis, name).parametrizations.weight.original.detach().double().numpy().reshape(
+            sn_layer(dis, name).parametrizations.weight.original.shape[0], -1
+        )
+        for name in names
+    }
+
+
+def perturb(dis: nn.Module, seed: int, scale: float = 0.05) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in dis.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+
+
+class NumpyDynamicSR:
+    """Plain numpy statement of srgan.md §2.1, used as the reference."""
+
+    def __init__(self) -> None:
+        self.envelope: dict[str, np.ndarray] | None = None
+
+    def step(self, matrices: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.envelope is None:
+            self.envelope = {}
+            for name, w in matrices.items():
+                s = np.linalg.svd(w, compute_uv=False)
+                self.envelope[name] = s / s[0]
+            return matrices
+        out = {}
+        for name, w in matrices.items():
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            self.envelope[name] = np.maximum(self.envelope[name], s / s[0])
+            out[name] = u @ np.diag(s[0] * self.envelope[name]) @ vt
+        return out
+
+
+def numpy_static_sr(w: np.ndarray) -> np.ndarray:
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    s = s / s[0]
+    s[: len(s) // 2] = 1
+    return u @ np.diag(s) @ vt
+
+
+def assert_matrices_close(dis: nn.Module, expected: dict[str, np.ndarray]) -> None:
+    actual = raw_matrices(dis, list(expected))
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=0, atol=2e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# SR
+
+
+@pytest.mark.parametrize("include_linear", [False, True])
+def test_dynamic_sr_matches_numpy_over_several_calls(include_linear):
+    dis = tiny_dis()
+    names = CONVS + (LINEARS if include_linear else [])
+    untouched = [] if include_linear else LINEARS
+    sr = SpectralRegularizer("dynamic", interval=5, include_linear=include_linear)
+    reference = NumpyDynamicSR()
+    for call in range(4):
+        before = raw_matrices(dis, names + untouched)
+        plain = dis.plain.weight.detach().clone()
+        expected = reference.step({name: before[name] for name in names})
+        assert sr(dis, iteration=5 * call) is True
+        assert_matrices_close(dis, expected)
+        assert_matrices_close(dis, {name: before[name] for name in untouched})
+        assert torch.equal(dis.plain.weight, plain)
+        assert sorted(sr.ratios) == sorted(names)
+        for name in names:
+            np.testing.assert_allclose(sr.ratios[name].numpy(), reference.envelope[name], atol=1e-10)
+        perturb(dis, seed=call)
+
+
+def test_first_dynamic_call_records_without_modifying():
+    dis = tiny_dis()
+    before = {name: p.detach().clone() for name, p in dis.named_parameters()}
+    sr = SpectralRegularizer("dynamic")
+    assert not sr.recorded
+    assert sr(dis, 0) is True
+    assert sr.recorded
+    for name, p in dis.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_dynamic_sr_keeps_s1_and_lifts_spectrum_to_envelope():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("dynamic", interval=1)
+    sr(dis, 0)
+    for call in range(1, 4):
+        perturb(dis, seed=10 + call, scale=0.1)
+        before = raw_matrices(dis, CONVS)
+        sr(dis, call)
+        after = raw_matrices(dis, CONVS)
+        for name in CONVS:
+            s_before = np.linalg.svd(before[name], compute_uv=False)
+            s_after = np.linalg.svd(after[name], compute_uv=False)
+            np.testing.assert_allclose(s_after[0], s_before[0], rtol=1e-6)
+            envelope = sr.ratios[name].numpy()
+            np.testing.assert_allclose(s_after / s_after[0], envelope, atol=1e-6)  # exactly on the envelope
+            assert np.all(s_after / s_after[0] >= s_before / s_before[0] - 1e-6)  # only raised
+
+
+def test_static_sr_matches_numpy_and_normalizes():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("static", interval=5)
+    for call in range(3):
+        before = raw_matrices(dis, CONVS + LINEARS)
+        assert sr(dis, 5 * call) is True
+        assert_matrices_close(dis, {name: numpy_static_sr(before[name]) for name in CONVS})
+        assert_matrices_close(dis, {name: before[name] for name in LINEARS})
+        for name, w in raw_matrices(dis, CONVS).items():
+            s = np.linalg.svd(w, compute_uv=False)
+            np.testing.assert_allclose(s[: len(s) // 2], 1, atol=1e-6)
+            assert np.all(s <= 1 + 1e-6)
+        perturb(dis, seed=call)
+    assert sr.ratios == {}
+
+
+def test_interval_is_respected():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("static", interval=5)
+    before = {name: p.detach().clone() for name, p in dis.named_parameters()}
+    assert [sr(dis, it) for it in range(1, 5)] == [False] * 4
+    for name, p in dis.named_parameters():
+        assert torch.equal(p, before[name])
+    assert sr(dis, 10) is True
+    assert not torch.equal(dis.block1.c1.parametrizations.weight.original, before["block1.c1.parametrizations.weight.original"])
+
+
+def test_sr_leaves_optimizer_state_and_sn_vectors_alone():
+    dis = tiny_dis()
+    optimizer = torch.optim.Adam(dis.parameters(), lr=1e-3, betas=(0.0, 0.999))
+    for p in dis.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    parameters = list(dis.parameters())
+    pointers = [p.data_ptr() for p in parameters]
+    state = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in parameters}
+    buffers = {name: b.clone() for name, b in dis.named_buffers()}
+    sr = SpectralRegularizer("dynamic", interval=1, include_linear=True)
+    sr(dis, 0)
+    perturb(dis, seed=3)
+    sr(dis, 1)
+    assert list(dis.parameters()) == parameters and [p.data_ptr() for p in parameters] == pointers
+    for p in parameters:
+        assert optimizer.state[p].keys() == state[id(p)].keys()
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(value, state[id(p)][key])
+    assert {name for name, _ in dis.named_buffers()} == set(buffers)
+    for name, b in dis.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    optimizer.step()  # the optimizer still steps the edited parameters
+
+
+def test_state_dict_round_trip_continues_identically():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("dynamic", interval=1)
+    sr(dis, 0)
+    perturb(dis, seed=1)
+    sr(dis, 1)
+    buffer = io.BytesIO()
+    torch.save(sr.state_dict(), buffer)
+    buffer.seek(0)
+    restored = SpectralRegularizer("dynamic", interval=1)
+    restored.load_state_dict(torch.load(buffer))
+    assert restored.state_dict()["mode"] == "dynamic" and sorted(restored.ratios) == sorted(sr.ratios)
+    twin = tiny_dis()
+    twin.load_state_dict(dis.state_dict())
+    perturb(dis, seed=2)
+    perturb(twin, seed=2)
+    sr(dis, 2)
+    restored(twin, 2)
+    for (name, a), (_, b) in zip(dis.named_parameters(), twin.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_rebase_on_resume_forgets_envelope():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("dynamic", interval=1)
+    sr(dis, 0)
+    rebased = SpectralRegularizer("dynamic", interval=1, rebase_on_resume=True)
+    rebased.load_state_dict(sr.state_dict())
+    assert not rebased.recorded
+    perturb(dis, seed=5)
+    before = {name: p.detach().clone() for name, p in dis.named_parameters()}
+    assert rebased(dis, 1) is True
+    for name, p in dis.named_parameters():
+        assert torch.equal(p, before[name])
+    expected = {name: np.linalg.svd(w, compute_uv=False) for name, w in raw_matrices(dis, CONVS).items()}
+    for name, s in expected.items():
+        np.testing.assert_allclose(rebased.ratios[name].numpy(), s / s[0], atol=1e-10)
+
+
+def test_envelope_from_another_model_is_rejected():
+    sr = SpectralRegularizer("dynamic")
+    sr.load_state_dict({"mode": "dynamic", "interval": 5, "ratios": {"block1.c1": torch.ones(3)}})
+    with pytest.raises(ValueError, match="block1.c1"):
+        sr(tiny_dis(), 0)
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError, match="mode"):
+        SpectralRegularizer("gsr")
+    with pytest.raises(ValueError, match="interval"):
+        SpectralRegularizer(interval=0)
+
+
+def test_float64_svd_is_needed_for_exact_edits():
+    """Why SR computes in float64: the same edit in float32 is ~1e4x further from numpy float64."""
+    generator = torch.Generator().manual_seed(0)
+    matrices = torch.randn(2, 64, 576, generator=generator)
+    envelope = torch.rand(2, 64, generator=generator).sort(descending=True).values
+    reference = NumpyDynamicSR()
+    reference.envelope = {str(i): envelope[i].double().numpy() for i in range(2)}
+    expected = np.stack(list(reference.step({str(i): matrices[i].double().numpy() for i in range(2)}).values()))
+    errors = {}
+    for dtype in (torch.float32, torch.float64):
+        edited, _ = dynamic_compensation(matrices.to(dtype), envelope.to(dtype))
+        errors[dtype] = np.abs(edited.double().numpy() - expected).max() / np.abs(expected).max()
+    assert errors[torch.float64] < 1e-12
+    assert 1e-8 < errors[torch.float32] < 1e-4
+
+
+def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    dis = tiny_dis()
+    sr = SpectralRegularizer("dynamic", interval=5)
+    perturb(dis, seed=100 + rank)  # ranks disagree before SR: the broadcast must make them agree
+    sr(dis, 0)
+    perturb(dis, seed=200 + rank)
+    sr(dis, 5)
+    torch.save({"params": dict(dis.named_parameters()), "sr": sr.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_ranks_end_with_rank0_weights(tmp_path):
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    # rank 0's trajectory computed in one process
+    dis = tiny_dis()
+    sr = SpectralRegularizer("dynamic", interval=5)
+    perturb(dis, seed=100)
+    sr(dis, 0)
+    perturb(dis, seed=200)
+    sr(dis, 5)
+    for name, parameter in dis.named_parameters():
+        if name.endswith("original") and name.rsplit(".parametrizations", 1)[0] in CONVS:
+            assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+            torch.testing.assert_close(ranks[0]["params"][name], parameter.detach())
+    for name in CONVS:
+        assert torch.equal(ranks[0]["sr"]["ratios"][name], ranks[1]["sr"]["ratios"][name])
+        torch.testing.assert_close(ranks[0]["sr"]["ratios"][name], sr.ratios[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Spectra
+
+
+def test_compute_spectra_matches_svdvals_and_sn_sigma():
+    dis = tiny_dis()
+    dis.train()
+    dis.block1.c1(torch.randn(2, 3, 8, 8))  # a training forward moves u, v away from their init
+    buffers = {name: b.clone() for name, b in dis.named_buffers()}
+    spectra = compute_spectra(dis)
+    assert list(spectra) == sorted(CONVS + LINEARS)
+    assert {name: s.kind for name, s in spectra.items()} == {
+        **{name: "conv" for name in CONVS}, "l7": "linear", "l_y": "embedding"
+    }
+    dis.eval()
+    for name, spectrum in spectra.items():
+        layer = sn_layer(dis, name)
+        raw = layer.parametrizations.weight.original.detach()
+        expected = torch.linalg.svdvals(raw.double().reshape(raw.shape[0], -1)).numpy()
+        np.testing.assert_allclose(spectrum.singular_values, expected, rtol=0, atol=1e-7 * expected[0])
+        np.testing.assert_allclose(spectrum.normalized[0], 1.0)
+        sn_sigma = (raw.norm() / layer.weight.detach().norm()).item()  # eval forward: W / (u^T W v)
+        np.testing.assert_allclose(spectrum.sigma_hat, sn_sigma, rtol=1e-5)
+    for name, b in dis.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+
+
+def test_index_map_is_sorted_conv_order():
+    assert layer_index_map(tiny_dis()) == {name: i for i, name in enumerate(CONVS)}
+
+
+IMAGENET_D_CONVS = [f"block{b}.{c}" for b in range(1, 7) for c in ("c1", "c2", "c_sc")][:17]
+
+
+def test_index_map_of_project_discriminator_is_srgan_6_4():
+    models = pytest.importorskip("source.models")
+    if not hasattr(models, "SNResNetProjectionDiscriminator"):
+        pytest.skip("source.models has no SNResNetProjectionDiscriminator yet")
+    dis = models.SNResNetProjectionDiscriminator(ch=4, n_classes=10, resolution=128)
+    # block6 has no shortcut conv: 6 blocks x 3 convs - 1 = 17 (srgan.md §6.4)
+    assert list(layer_index_map(dis)) == IMAGENET_D_CONVS
+
+
+def test_save_load_list_round_trip(tmp_path):
+    dis, gen = tiny_dis(0), tiny_dis(1)
+    for iteration in (10, 5):
+        perturb(dis, seed=iteration)
+        spectra_dis, spectra_gen = compute_spectra(dis), compute_spectra(gen)
+        path = save_spectra(tmp_path, iteration, spectra_gen, spectra_dis)
+        assert path == tmp_path / "spectra" / f"spectra_iter_{iteration:08d}.npz"
+    assert [(it, p.name) for it, p in list_spectra(tmp_path)] == [
+        (5, "spectra_iter_00000005.npz"), (10, "spectra_iter_00000010.npz")
+    ]
+    record = load_spectra(path)
+    assert record.iteration == 5
+    assert record.conv_index == {"gen": CONVS, "dis": CONVS}
+    for net, expected in (("gen", spectra_gen), ("dis", spectra_dis)):
+        assert list(record.nets[net]) == list(expected)
+        for name, spectrum in expected.items():
+            loaded = record.nets[net][name]
+            assert loaded.kind == spectrum.kind and loaded.sigma_hat == spectrum.sigma_hat
+            np.testing.assert_array_equal(loaded.singular_values, spectrum.singular_values)
+    assert list_spectra(tmp_path / "elsewhere") == []
+    assert not list(Path(tmp_path, "spectra").glob("*.partial"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Collapse
+
+
+def test_collapse_score_and_effective_rank_known_values():
+    assert collapse_score(np.array([1.0, 0.5, 0.25, 0.25])) == pytest.approx(1 / 3)
+    assert collapse_score(np.ones(10)) == 1.0
+    with pytest.raises(ValueError):
+        collapse_score(np.array([1.0]))
+    assert effective_rank(np.ones(8)) == pytest.approx(8)
+    assert effective_rank(np.array([3.0, 0, 0])) == pytest.approx(1)
+    p = np.array([2.0, 1.0, 1.0]) / 4
+    assert effective_rank(np.array([2.0, 1.0, 1.0])) == pytest.approx(np.exp(-(p * np.log(p)).sum()))
+
+
+def test_layer_scores_skip_single_value_layers():
+    spectra = {
+        "c": LayerSpectrum("conv", np.array([2.0, 1.0, 0.5]), 2.0),
+        "l7": LayerSpectrum("linear", np.array([3.0]), 3.0),
+    }
+    assert layer_scores(spectra) == {"c": pytest.approx(0.375)}
+
+
+def fig3_like(iteration: int, rng: np.random.Generator) -> float:
+    """Score path read off the README's fig3: rises to ~0.55 at 40k, then 0.45, 0.36, 0.15."""
+    path = {10: 0.40, 20: 0.47, 30: 0.52, 40: 0.55, 50: 0.45, 60: 0.36, 70: 0.15}
+    return path[iteration // 1000] + rng.normal(0, 0.005)
+
+
+def test_detector_flags_fig3_collapse_at_70k_only():
+    rng = np.random.default_rng(0)
+    detector = CollapseDetector()
+    flagged = {
+        it: detector.update(it, {"block6.c2": fig3_like(it, rng), "block1.c1": 0.8 + rng.normal(0, 0.01)})
+        for it in range(10_000, 80_000, 10_000)
+    }
+    assert {it: names for it, names in flagged.items() if names} == {70_000: ["block6.c2"]}
+    assert detector.peaks["block6.c2"][1] == 40_000
+
+
+def test_detector_ignores_noisy_stable_scores_and_respects_filters():
+    rng = np.random.default_rng(1)
+    detector = CollapseDetector(threshold=0.5, min_layers=2, layers=r"^block[56]")
+    for it in range(0, 100_000, 1000):
+        scores = {"block5.c1": 0.8 + rng.normal(0, 0.08), "block6.c2": 0.8 + rng.normal(0, 0.08), "block1.c1": 0.8}
+        assert detector.update(it, scores) == []
+    assert detector.update(100_000, {"block5.c1": 0.1, "block6.c2": 0.8, "block1.c1": 0.01}) == []  # 1 < min_layers
+    assert sorted(detector.update(101_000, {"block5.c1": 0.1, "block6.c2": 0.1})) == ["block5.c1", "block6.c2"]
+    assert "block1.c1" not in detector.peaks
+
+
+def test_detector_state_round_trip():
+    detector = CollapseDetector()
+    detector.update(1, {"a": 0.8})
+    restored = CollapseDetector()
+    restored.load_state_dict(torch.load(io.BytesIO(_saved(detector.state_dict()))))
+    assert restored.update(2, {"a": 0.3}) == ["a"]
+
+
+def _saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()

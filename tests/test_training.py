@@ -1,0 +1,214 @@
+"""The training pipeline through train.py: run folder, exact resume, accumulation, DDP, stops."""
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+import train
+import updater as updater_module
+from source.config import load_config
+from source.models import build_model
+from source.training import build
+from source.training.checkpoint import load_snapshot
+from source.training.distributed import World
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+# A tiny class-conditional model on synthetic data: 2 accumulation steps, SN in G, dynamic SR every 2.
+TINY = ["dataset.name=synthetic", "dataset.args.count=64", "dataset.args.n_classes=3",
+        "models.generator.args.ch=8", "models.discriminator.args.ch=8",
+        "models.generator.args.n_classes=3", "models.discriminator.args.n_classes=3",
+        "batchsize=8", "micro_batchsize=4", "num_workers=0", "deterministic=true",
+        "display_interval=1", "preview_interval=1000", "updater.apply_SR=true", "updater.sr.interval=2"]
+
+
+def tiny_argv(out: Path, iterations: int, *extra: str) -> list[str]:
+    overrides = TINY + [f"iteration={iterations}", f"snapshot_interval={max(1, iterations // 2)}", *extra]
+    return ["--config", str(CONFIGS / "demo.yaml"), "--out", str(out)] + [a for o in overrides for a in ("--set", o)]
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_run_folder_contents(tmp_path):
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 4)) == 0
+    assert (out / "config.yaml").is_file() and (out / "samples" / "latest.png").is_file()
+    assert sorted(p.name for p in (out / "snapshots").glob("*.pt")) == [
+        "generator_iter_2.pt", "generator_iter_4.pt", "snapshot_iter_2.pt", "snapshot_iter_4.pt"]
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss_dis" in r]
+    assert [r["iteration"] for r in losses] == [1, 2, 3, 4]
+    assert any(r.get("event") == "sr_start" for r in records)
+    snapshot = load_snapshot(out / "snapshots" / "snapshot_iter_4.pt")
+    assert snapshot["iteration"] == 4 and snapshot["updater"]["sr"]["ratios"], "SR state must be saved"
+    assert any(k.endswith("_u") for k in snapshot["dis"]), "SN u vectors must be saved"
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(tiny_argv(straight, 6)) == 0
+    argv = tiny_argv(resumed, 6) + ["--resume", str(straight / "snapshots" / "snapshot_iter_3.pt")]
+    assert train.main(argv) == 0
+    a = load_snapshot(straight / "snapshots" / "snapshot_iter_6.pt")
+    b = load_snapshot(resumed / "snapshots" / "snapshot_iter_6.pt")
+    assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"])
+    for key in ("opt_gen", "opt_dis"):
+        for p in a[key]["state"]:
+            assert tensors_equal(a[key]["state"][p], b[key]["state"][p])
+    assert a["data"] == b["data"]
+    assert all(torch.equal(a["updater"]["sr"]["ratios"][k], b["updater"]["sr"]["ratios"][k])
+               for k in a["updater"]["sr"]["ratios"])
+
+
+def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, capsys):
+    run = tmp_path / "sn"
+    assert train.main(tiny_argv(run, 2, "updater.apply_SR=false")) == 0
+    capsys.readouterr()
+    argv = tiny_argv(run, 4)  # apply_SR back to true
+    argv = [a for a in argv if a not in ("--out", str(run))] + ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt")]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "updater.apply_SR: false -> true" in out
+    branch = tmp_path / "sn-resume2"
+    assert (branch / "snapshots" / "snapshot_iter_4.pt").is_file()
+    assert not (run / "snapshots" / "snapshot_iter_4.pt").exists(), "the parent run must not be overwritten"
+    events = [json.loads(line) for line in (branch / "log.jsonl").read_text().splitlines()]
+    assert {"iteration": 2, "event": "sr_start", "mode": "dynamic"} in events
+
+
+def test_accumulation_matches_one_big_batch_for_D(tmp_path):
+    """One D step on a batch of 64 equals two accumulated micro-batches of 32 (G in eval mode: no BN coupling)."""
+    params = []
+    for micro in (64, 32):
+        config = load_config(CONFIGS / "demo.yaml", TINY + ["batchsize=64", f"micro_batchsize={micro}"])
+        world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+        torch.manual_seed(0)
+        models = build.build_models(config, world.device)
+        models.gen.eval()
+        upd = build.build_updater(config, world, models, build.build_batches(config, world))
+        assert upd.accumulation == 64 // micro
+        upd._dis_step(0)
+        params.append({k: v.clone() for k, v in models.dis.state_dict().items()})
+        params.append({n: p.grad.clone() for n, p in models.dis.named_parameters()})
+    (big, big_grad), (small, small_grad) = (params[0], params[1]), (params[2], params[3])
+    for name in big_grad:
+        torch.testing.assert_close(small_grad[name], big_grad[name], rtol=1e-4, atol=1e-6)
+    for name in big:
+        torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert train.main(argv) == 0
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    """2 gloo ranks x 1 micro-batch = 1 process x 2 accumulated micro-batches, for full D+G iterations.
+
+    Every snapshot also checks that all ranks hold bit-identical parameters (it raises otherwise)."""
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    assert train.main(tiny_argv(single, 3)) == 0
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_argv(ddp, 3)), nprocs=2, join=True)
+    a = load_snapshot(single / "snapshots" / "snapshot_iter_3.pt")
+    b = load_snapshot(ddp / "snapshots" / "snapshot_iter_3.pt")
+    assert len(b["rng"]) == 2, "every rank's RNG state is saved"
+    for net, spec in (("gen", "generator"), ("dis", "discriminator")):
+        model = build_model(a["config"]["models"][spec]["name"], a["config"]["models"][spec]["args"])
+        names = [name for name, _ in model.named_parameters()]
+        second_moments = a[f"opt_{net}"]["state"]
+        # A bias feeding a BatchNorm has an analytically zero gradient; Adam turns its rounding noise
+        # (|g| < 1e-7, against > 1e-3 for the others) into +-lr steps, so such parameters cannot agree and are left out.
+        noise_driven = {names[i] for i, st in second_moments.items() if st["exp_avg_sq"].max() < 1e-10}
+        # BN running statistics are per process (rank 0's are saved), as the original's per-replica BN.
+        keys = [k for k in a[net] if "running_" not in k and "num_batches" not in k and k not in noise_driven]
+        assert all(name.endswith(".bias") for name in noise_driven)
+        for key in keys:
+            torch.testing.assert_close(b[net][key], a[net][key], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 2)) == 0
+    good = (out / "snapshots" / "snapshot_iter_2.pt").read_bytes()
+    original = updater_module.Updater.update
+
+    def poisoned(self):
+        observation = original(self)
+        return {**observation, "loss_dis": float("nan")} if self.iteration == 4 else observation
+
+    monkeypatch.setattr(updater_module.Updater, "update", poisoned)
+    code = train.main(tiny_argv(out, 8) + ["--resume", str(out / "snapshots" / "snapshot_iter_2.pt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "loss_dis=nan at iteration 4" in err and "snapshot_iter_2.pt" in err
+    assert (out / "snapshots" / "snapshot_iter_2.pt").read_bytes() == good
+    assert not (out / "snapshots" / "snapshot_iter_4.pt").exists()
+
+
+def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = updater_module.Updater.update
+
+    def interrupted(self):
+        observation = original(self)
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return observation
+
+    monkeypatch.setattr(updater_module.Updater, "update", interrupted)
+    assert train.main(tiny_argv(out, 100)) == 0
+    assert (out / "snapshots" / "snapshot_iter_3.pt").is_file()
+    assert "--resume" in capsys.readouterr().out
+
+
+def make_jpeg_folder(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    for synset in ("n01440764", "n01443537"):
+        (root / synset).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 255, (40 + 10 * i, 60, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / synset / f"{synset}_{i}.JPEG")
+    Image.fromarray(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8)).convert("CMYK").save(
+        root / "n01440764" / "cmyk.JPEG")
+    Image.fromarray(rng.integers(0, 255, (50, 50), dtype=np.uint8)).save(root / "n01443537" / "gray.JPEG")
+    (root / "n01443537" / "corrupt.JPEG").write_bytes(b"not a jpeg")
+
+
+def test_sr_imagenet_config_trains_two_iterations_on_a_jpeg_folder(tmp_path):
+    root, out = tmp_path / "imagenet", tmp_path / "run"
+    make_jpeg_folder(root)
+    overrides = [f"dataset.args.root={root}", "models.generator.args.ch=2", "models.discriminator.args.ch=2",
+                 "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0", "snapshot_interval=2"]
+    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--out", str(out)] + [
+        a for o in overrides for a in ("--set", o)]
+    assert train.main(argv) == 0
+    snapshot = load_snapshot(out / "snapshots" / "snapshot_iter_2.pt")
+    assert snapshot["config"]["dataset"]["args"]["root"] == str(root)
+    assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 1000
+
+
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist (make data)")
+def test_demo_config_runs_a_few_iterations(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["--config", str(CONFIGS / "demo.yaml"), "--out", str(out), "--set", "iteration=3",
+            "--set", "display_interval=1"]
+    assert train.main(argv) == 0
+    assert (out / "snapshots" / "snapshot_iter_3.pt").is_file()
+    assert len((out / "log.jsonl").read_text().splitlines()) >= 3

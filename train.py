@@ -1,0 +1,141 @@
+"""Train a (spectrally regularized) SNGAN projection model.
+
+    python train.py --config configs/demo.yaml
+    python train.py --config configs/sr_imagenet.yaml --set dataset.args.root=/data/imagenet/train
+    torchrun --nproc_per_node 4 train.py --config configs/sr_imagenet.yaml --set ...
+    python train.py --config configs/sr_imagenet.yaml --resume RUN/snapshots/snapshot_iter_40000.pt --set updater.apply_SR=true
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from source.config import Config, ConfigError, config_differences, load_config, save_config
+from source.datasets import DatasetError, check_dataset_args
+from source.training import build, checkpoint
+from source.training.distributed import World, init_world, shutdown_world, world_size_from_env
+from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot
+from source.training.runlog import truncate_after
+from source.training.trainer import Trainer, TrainingDiverged
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML experiment file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. updater.apply_SR=true (repeatable)")
+    parser.add_argument("--resume", metavar="SNAPSHOT", help="snapshot_iter_N.pt to continue from")
+    parser.add_argument("--out", help="run folder (default: results/<config name>, or the snapshot's run "
+                                      "when resuming with an unchanged config)")
+    parser.add_argument("--dry-run", action="store_true", help="build everything, print a summary, train nothing")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides, world_size=world_size_from_env())
+        snapshot = checkpoint.load_snapshot(args.resume) if args.resume else None
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    world = init_world(config.device)
+    try:
+        return run(args, config, snapshot, world)
+    except (ConfigError, DatasetError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as error:
+        print(f"error: training diverged: {error}", file=sys.stderr)
+        return 1
+    finally:
+        shutdown_world()
+
+
+def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
+    changes = config_differences(snapshot["config"], config.to_dict()) if snapshot else []
+    out = run_folder(args, config, snapshot, changes)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    checkpoint.seed_everything(config.seed)  # identical initial models (incl. SN u/v) on every rank
+    models = build.build_models(config, world.device)
+    checkpoint.seed_everything(config.seed + world.rank)
+    if args.dry_run:
+        return dry_run(config, models, world, out, args.config)
+    batches = build.build_batches(config, world, source=args.config)
+    trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
+                      world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world))
+    if snapshot:
+        resume(trainer, snapshot, args.resume, changes, world)
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(config, out / "config.yaml")
+        print(f"run folder: {out}  (world size {world.size}, {trainer.updater.accumulation} accumulation steps "
+              f"of {config.micro_batchsize} per rank = global batch {config.batchsize})", flush=True)
+    if trainer.updater.apply_SR:
+        trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
+    trainer.run()
+    return 0
+
+
+def run_folder(args: argparse.Namespace, config: Config, snapshot: dict | None, changes: list[str]) -> Path:
+    """An unchanged config continues the snapshot's run in place; a changed one branches into a new folder,
+    so the parent run (e.g. the SN run whose 40k snapshot is resumed with SR) is never overwritten."""
+    if args.out:
+        return Path(args.out)
+    if snapshot is None:
+        return Path("results") / Path(args.config).stem
+    parent = Path(args.resume).resolve().parent.parent
+    if not changes:
+        return parent
+    return parent.with_name(f"{parent.name}-resume{snapshot['iteration']}")
+
+
+def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
+    trainer.load_state_dict(snapshot)
+    if world.is_main:
+        print(f"resumed from {path} at iteration {trainer.iteration}")
+        for line in changes:
+            print(f"  config change: {line}")
+        for name in ("log.jsonl", "metrics.jsonl"):
+            truncate_after(trainer.out / name, trainer.iteration)
+    trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
+
+
+def make_extensions(config: Config, world: World) -> list:
+    report = LogReport(config.display_interval)
+    return [Observe(report), ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
+            Preview(config.preview_interval, seed=config.seed), Snapshot(config.snapshot_interval)]
+
+
+def dry_run(config: Config, models: build.Models, world: World, out: Path, source: str) -> int:
+    rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
+            ("discriminator", f"{config.models.discriminator.name}: {build.count_parameters(models.dis):,} parameters"),
+            ("optimizers", f"Adam G lr {config.adam_G.alpha} betas ({config.adam_G.beta1}, {config.adam_G.beta2}); "
+                           f"Adam D lr {config.adam_D.alpha} betas ({config.adam_D.beta1}, {config.adam_D.beta2})"),
+            ("global batch", f"{config.batchsize} = {config.micro_batchsize} (micro) x {world.size} (world size) x "
+                             f"{config.accumulation_steps(world.size)} (accumulation steps)"),
+            ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
+                        f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
+            ("device", f"{world.device} (world size {world.size})"),
+            ("run folder", str(out))]
+    for model, adam in ((models.gen, config.adam_G), (models.dis, config.adam_D)):
+        build.build_optimizer(model, adam)  # constructing them rejects impossible hyperparameters
+    problems = check_dataset_args(config.dataset.name, config.dataset.args)
+    if problems:
+        rows.append(("data", "NOT AVAILABLE: " + "; ".join(problems)))
+    else:
+        batches = build.build_batches(config, world, source=source)
+        rows.append(("data", f"{config.dataset.name}: {len(batches.dataset):,} images, "
+                             f"{batches.dataset.n_classes} classes, {batches.dataset.size}px"))
+    if world.is_main:
+        width = max(len(name) for name, _ in rows)
+        print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""One training iteration, as SRGANs' ``update_core``: D step(s), SR, then the G step.
+
+The global batch (``batchsize`` real and as many fake images) is built from micro-batches of
+``micro_batchsize`` by gradient accumulation, split over DDP ranks, so one optimizer step sees
+the same batch on 1 or N processes.  G's BatchNorm statistics are those of one micro-batch, as in
+the original.  The latents of a global batch are drawn from a generator seeded by (seed,
+iteration, phase) and sliced like the data: reproducible after a resume, and the same samples
+whatever the world size and accumulation.
+
+Where SR happens: ``Updater._regularize`` right after every D optimizer step, before the G step.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.nn.utils.parametrizations import _SpectralNorm
+
+from source.config import Config
+from source.training.distributed import World, all_reduce_mean
+
+G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
+
+
+def hinge_dis(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+
+
+def hinge_gen(fake: torch.Tensor) -> torch.Tensor:
+    return -fake.mean()
+
+
+def dcgan_dis(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-real).mean() + F.softplus(fake).mean()
+
+
+def dcgan_gen(fake: torch.Tensor) -> torch.Tensor:
+    return F.softplus(-fake).mean()
+
+
+LOSSES: dict[str, tuple[Callable, Callable]] = {"hinge": (hinge_dis, hinge_gen), "dcgan": (dcgan_dis, dcgan_gen)}
+
+
+def linear_shift(alpha: float, iteration: int, decay_start: int, stop: int) -> float:
+    """Chainer's LinearShift(alpha -> 0 over [decay_start, stop]) at ``iteration`` completed updates."""
+    if iteration <= decay_start or stop <= decay_start:
+        return alpha
+    return alpha * max(0.0, 1.0 - (iteration - decay_start) / (stop - decay_start))
+
+
+def _mix(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**61 - 1)
+    return seed
+
+
+@contextmanager
+def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
+    """Let spectral norm advance its power iteration only when ``enabled``.
+
+    The updater enables it on the first micro-batch of each phase only, so one optimizer step does
+    one power step whatever the accumulation and world size: the same global batch then gives the
+    same update on 1 or N processes (sngan_projection, 1 forward per step, did one per step too).
+    """
+    layers = [] if enabled else [m for model in models for m in model.modules() if isinstance(m, _SpectralNorm)]
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = False
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class Updater:
+    def __init__(self, gen: nn.Module, dis: nn.Module, opt_gen: torch.optim.Optimizer,
+                 opt_dis: torch.optim.Optimizer, batches: Iterator, config: Config, world: World,
+                 regularizer: Callable[[nn.Module, int], bool] | None = None):
+        self.gen, self.dis = gen, dis
+        self.opt_gen, self.opt_dis = opt_gen, opt_dis
+        self.batches = batches
+        self.config = config
+        self.world = world
+        self.regularizer = regularizer
+        self.loss_dis, self.loss_gen = LOSSES[config.updater.loss_type]
+        self.accumulation = config.accumulation_steps(world.size)
+        self.iteration = 0
+        self.apply_SR = config.updater.apply_SR is True  # "auto" starts off; the collapse detector turns it on
+        self.sr_acted = False
+
+    @property
+    def gen_module(self) -> nn.Module:
+        return unwrap(self.gen)
+
+    @property
+    def dis_module(self) -> nn.Module:
+        return unwrap(self.dis)
+
+    def update(self) -> dict[str, float]:
+        """Run one iteration and return its losses (means over the global batch)."""
+        self._set_learning_rates()
+        self.sr_acted = False
+        losses = torch.zeros(2, device=self.world.device)
+        if self.config.updater.order == "g_first":
+            losses[1] = self._gen_step()
+        for step in range(self.config.updater.n_dis):
+            losses[0] += self._dis_step(step) / self.config.updater.n_dis
+            self._regularize()
+        if self.config.updater.order == "d_first":
+            losses[1] = self._gen_step()
+        self.iteration += 1
+        loss_dis, loss_gen = all_reduce_mean(losses, self.world).tolist()
+        return {"loss_dis": loss_dis, "loss_gen": loss_gen}
+
+    def _dis_step(self, step: int) -> torch.Tensor:
+        self.opt_dis.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.world.device)
+        z_all, labels_all = self._latents(step)
+        for micro in range(self.accumulation):
+            real, real_labels = (t.to(self.world.device, non_blocking=True) for t in next(self.batches))
+            part = self._micro_slice(micro)
+            fake_labels = None if labels_all is None else labels_all[part]
+            with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0):
+                fake = self.gen_module(z_all[part], fake_labels)
+            labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
+            with self._sync(self.dis, micro), power_iteration((self.dis_module,), enabled=micro == 0):
+                # One D call on real+fake: one SN power step, and the graph torch.compile handles well.
+                logits_real, logits_fake = self.dis(torch.cat([real, fake]), labels).chunk(2)
+                loss = self.loss_dis(logits_real, logits_fake)
+                (loss / self.accumulation).backward()
+            total += loss.detach()
+        self.opt_dis.step()
+        return total / self.accumulation
+
+    def _gen_step(self) -> torch.Tensor:
+        self.opt_gen.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.world.device)
+        dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
+        z_all, labels_all = self._latents(G_PHASE)
+        try:
+            for micro in range(self.accumulation):
+                part = self._micro_slice(micro)
+                labels = None if labels_all is None else labels_all[part]
+                with self._sync(self.gen, micro), power_iteration((self.gen_module, dis), enabled=micro == 0):
+                    loss = self.loss_gen(dis(self.gen(z_all[part], labels), labels))
+                    (loss / self.accumulation).backward()
+                total += loss.detach()
+        finally:
+            dis.requires_grad_(True)
+        self.opt_gen.step()
+        return total / self.accumulation
+
+    def _regularize(self) -> None:
+        """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""
+        if self.apply_SR and self.regularizer is not None:
+            self.sr_acted |= self.regularizer(self.dis_module, self.iteration)
+
+    def _latents(self, phase: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents and labels for the whole global batch of this phase; each micro-batch takes its slice."""
+        gen = self.gen_module
+        generator = torch.Generator(device=self.world.device)
+        generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
+        n = self.config.batchsize
+        z = torch.randn(n, gen.dim_z, generator=generator, device=self.world.device)
+        if gen.n_classes == 0:
+            return z, None
+        return z, torch.randint(gen.n_classes, (n,), generator=generator, device=self.world.device)
+
+    def _micro_slice(self, micro: int) -> slice:
+        """Rank r's micro-batch k holds global samples (k*W + r)*m ... +m, like the data iterator's shards."""
+        start = (micro * self.world.size + self.world.rank) * self.config.micro_batchsize
+        return slice(start, start + self.config.micro_batchsize)
+
+    def _sync(self, model: nn.Module, micro: int):
+        """DDP all-reduces gradients only on the last micro-batch of the accumulation."""
+        last = micro == self.accumulation - 1
+        if isinstance(model, DistributedDataParallel) and not last:
+            return model.no_sync()
+        return nullcontext()
+
+    def _set_learning_rates(self) -> None:
+        for optimizer, adam in ((self.opt_gen, self.config.adam_G), (self.opt_dis, self.config.adam_D)):
+            lr = linear_shift(adam.alpha, self.iteration, self.config.iteration_decay_start, self.config.iteration)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+    def learning_rates(self) -> dict[str, float]:
+        return {"lr_G": self.opt_gen.param_groups[0]["lr"], "lr_D": self.opt_dis.param_groups[0]["lr"]}
+
+    def state_dict(self) -> dict:
+        state = {"iteration": self.iteration, "apply_SR": self.apply_SR}
+        if self.regularizer is not None:
+            state["sr"] = self.regularizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = state["iteration"]
+        if self.config.updater.apply_SR == "auto":
+            self.apply_SR = state["apply_SR"]  # an explicit true/false on the command line wins
+        if self.regularizer is not None and "sr" in state:
+            self.regularizer.load_state_dict(state["sr"])
