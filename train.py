@@ -17,7 +17,8 @@ from source.config import Config, ConfigError, config_differences, load_config, 
 from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
 from source.training.distributed import World, init_world, shutdown_world, world_size_from_env
-from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot
+from source.spectral.collapse import CollapseDetector
+from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
 from source.training.runlog import truncate_after
 from source.training.trainer import Trainer, TrainingDiverged
 
@@ -107,8 +108,12 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
 
 def make_extensions(config: Config, world: World) -> list:
     report = LogReport(config.display_interval)
+    collapse = config.updater.collapse
+    detector = CollapseDetector(threshold=collapse.threshold, min_layers=collapse.min_layers)
     return [Observe(report), ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
-            Preview(config.preview_interval, seed=config.seed), Snapshot(config.snapshot_interval)]
+            Preview(config.preview_interval, seed=config.seed),
+            Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
+            Snapshot(config.snapshot_interval)]
 
 
 def dry_run(config: Config, models: build.Models, world: World, out: Path, source: str) -> int:

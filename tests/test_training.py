@@ -212,3 +212,34 @@ def test_demo_config_runs_a_few_iterations(tmp_path):
     assert train.main(argv) == 0
     assert (out / "snapshots" / "snapshot_iter_3.pt").is_file()
     assert len((out / "log.jsonl").read_text().splitlines()) >= 3
+
+
+def test_apply_SR_auto_switches_on_at_a_detected_collapse(tmp_path, monkeypatch, capsys):
+    from source.spectral.spectra import LayerSpectrum
+    from source.training import extensions
+
+    calls = []
+
+    def collapsing_spectra(module):
+        """The real spectra, with D's lower singular values crushed from the third snapshot on."""
+        spectra = extensions.compute_spectra.__wrapped__(module)
+        calls.append(module)
+        if len(calls) >= 6 and module is calls[1]:  # third snapshot, discriminator
+            spectra = {n: LayerSpectrum(s.kind, np.r_[s.singular_values[:1], s.singular_values[1:] * 0.1], s.sigma_hat)
+                       for n, s in spectra.items()}
+        return spectra
+
+    collapsing_spectra.__wrapped__ = extensions.compute_spectra
+    monkeypatch.setattr(extensions, "compute_spectra", collapsing_spectra)
+    out = tmp_path / "auto"
+    assert train.main(tiny_argv(out, 8, "updater.apply_SR=auto", "spectra_interval=2", "snapshot_interval=100")) == 0
+    assert "SPECTRAL COLLAPSE at iteration 6" in capsys.readouterr().out
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in events if "event" in e] == ["collapse", "sr_start", "collapse"]
+    assert next(e for e in events if e.get("event") == "sr_start")["iteration"] == 6
+    before = load_snapshot(out / "snapshots" / "snapshot_iter_6.pt")
+    final = load_snapshot(out / "snapshots" / "snapshot_iter_8.pt")
+    assert before["updater"]["apply_SR"] is False and not before["updater"]["sr"]["ratios"]
+    assert final["updater"]["apply_SR"] is True and final["updater"]["sr"]["ratios"], "SR acted at iteration 8"
+    assert sorted(p.name for p in (out / "spectra").iterdir()) == [
+        f"spectra_iter_{i:08d}.npz" for i in (2, 4, 6, 8)]

@@ -77,7 +77,8 @@ def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE)
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except (KeyError, TypeError, ValueError) as error:
-        raise DatasetError(f"{path}: not a CIFAR-10 batch, expected 'data' (N x 3072) and 'labels' ({error!r})") from None
+        raise DatasetError(
+            f"{path}: not a CIFAR-10 batch, expected 'data' (N x 3072) and 'labels' ({error!r})") from None
     if len(images) != len(labels):
         raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels")
     return images, labels

@@ -82,8 +82,8 @@ def read_list_file(list_file: str) -> tuple[list[str], list[int]]:
                 continue
             fields = line.rsplit(maxsplit=1)
             if len(fields) != 2 or not fields[1].isdigit():
-                raise DatasetError(
-                    f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label >= 0, got {line.strip()!r}")
+                raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label >= 0, "
+                                   f"got {line.strip()!r}")
             paths.append(fields[0])
             labels.append(int(fields[1]))
     return paths, labels

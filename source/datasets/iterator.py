@@ -38,17 +38,20 @@ def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def dequantization_noise(sample_shape: torch.Size, seed: int, epoch: int, positions: range) -> torch.Tensor:
-    """U[0, 1/127.5) per pixel, one independent stream per (seed, epoch, position in epoch)."""
+    """U[0, 1) per pixel (in grey levels), one independent stream per (seed, epoch, position in epoch)."""
     noise = torch.empty(len(positions), *sample_shape)
     for sample, position in zip(noise, positions):
         generator = torch.Generator().manual_seed(derived_seed(NOISE_STREAM, seed, epoch, position))
-        sample.uniform_(0.0, 1.0 / 127.5, generator=generator)
+        sample.uniform_(0.0, 1.0, generator=generator)
     return noise
 
 
-def to_signed_unit(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] -> float32 [-1, 1]."""
-    return images.float().div_(127.5).sub_(1.0)
+def to_signed_unit(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [-1, 1] as x/127.5 - 1; with dequantization noise U[0, 1) the original's
+    (x + noise)/128 - 1 (SRGANs datasets/imagenet.py), which stays inside tanh's range [-1, 1)."""
+    if noise is None:
+        return images.float().div_(127.5).sub_(1.0)
+    return images.float().add_(noise).div_(128.0).sub_(1.0)
 
 
 class InfiniteBatchIterator:
@@ -57,8 +60,9 @@ class InfiniteBatchIterator:
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
         if batch_size < 1 or seed < 0 or num_workers < 0 or not 0 <= rank < world_size:
-            raise ValueError(f"InfiniteBatchIterator: need batch_size >= 1, seed >= 0, num_workers >= 0 and "
-                             f"0 <= rank < world_size; got {batch_size}, {seed}, {num_workers}, {rank}, {world_size}")
+            raise ValueError(f"InfiniteBatchIterator: need batch_size >= 1, seed >= 0, num_workers >= 0 and 0 <= rank "
+                             f"< world_size; got batch_size={batch_size}, seed={seed}, num_workers={num_workers}, "
+                             f"rank={rank}, world_size={world_size}")
         if len(dataset) < batch_size * world_size:
             raise DatasetError(f"dataset: {len(dataset)} images are fewer than one global micro-batch of "
                                f"{batch_size} x {world_size} ranks; use a larger data set or a smaller micro_batchsize")
@@ -95,9 +99,10 @@ class InfiniteBatchIterator:
         if self._batches is None:
             self._batches = iter(self._remaining_epoch_loader())
         images, labels = next(self._batches)
-        x = to_signed_unit(images)
+        noise = None
         if self.dataset.dequantize:
-            x += dequantization_noise(x.shape[1:], self.seed, self._epoch, self._positions())
+            noise = dequantization_noise(images.shape[1:], self.seed, self._epoch, self._positions())
+        x = to_signed_unit(images, noise)
         self._batch_in_epoch += 1
         return x, labels.long()
 

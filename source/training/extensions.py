@@ -11,6 +11,8 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
+from source.spectral.spectra import compute_spectra, save_spectra
 from source.training.trainer import Extension, Trainer
 
 
@@ -122,6 +124,60 @@ class Snapshot(Extension):
         path = trainer.save_snapshot()
         if trainer.world.is_main:
             tqdm.write(f"snapshot -> {path}")
+
+
+class Spectra(Extension):
+    """SVD snapshot of every SN weight of D and G -> ``spectra/``; collapse scores -> log; collapse detection.
+
+    Every rank computes the (identical) spectra so that all ranks agree on a detection; with
+    ``apply_SR: auto`` a detection writes a snapshot and switches SR on from the next iteration.
+    """
+
+    at_end = True
+
+    def __init__(self, interval: int, detector: CollapseDetector, auto_sr: bool):
+        self.interval = interval
+        self.detector = detector
+        self.auto_sr = auto_sr
+
+    def __call__(self, trainer: Trainer) -> None:
+        gen, dis = compute_spectra(trainer.updater.gen_module), compute_spectra(trainer.updater.dis_module)
+        if trainer.world.is_main:
+            save_spectra(trainer.out, trainer.iteration, gen, dis)
+        conv_scores = {name: score for name, score in layer_scores(dis).items() if dis[name].kind == "conv"}
+        record = {"iteration": trainer.iteration,
+                  "collapse_score/dis/min": min(conv_scores.values()),
+                  "collapse_score/dis/mean": sum(conv_scores.values()) / len(conv_scores)}
+        for name, score in conv_scores.items():
+            record[f"collapse_score/dis/{name}"] = score
+            record[f"effective_rank/dis/{name}"] = effective_rank(dis[name].singular_values)
+        trainer.log.write(record)
+        collapsed = self.detector.update(trainer.iteration, conv_scores)
+        if collapsed:
+            self._report_collapse(trainer, collapsed, conv_scores)
+
+    def _report_collapse(self, trainer: Trainer, layers: list[str], scores: dict[str, float]) -> None:
+        details = ", ".join(f"{name} {scores[name]:.3f} (peak {self.detector.peaks[name][0]:.3f} at "
+                            f"{self.detector.peaks[name][1]})" for name in layers)
+        trainer.log.event(trainer.iteration, "collapse", layers=layers, scores={n: scores[n] for n in layers})
+        if trainer.world.is_main:
+            tqdm.write(f"\n{'!' * 80}\nSPECTRAL COLLAPSE at iteration {trainer.iteration}: {len(layers)} D layer(s) "
+                       f"below {self.detector.threshold} x their running max: {details}\n{'!' * 80}")
+        if self.auto_sr and not trainer.updater.apply_SR:
+            path = trainer.save_snapshot()
+            trainer.updater.apply_SR = True
+            trainer.log.event(trainer.iteration, "sr_start", mode=trainer.updater.config.updater.sr.mode,
+                              reason="auto", snapshot=str(path))
+            if trainer.world.is_main:
+                tqdm.write(f"apply_SR: auto -> SR switched on from iteration {trainer.iteration} "
+                           f"(snapshot before SR: {path})")
+
+    def state_dict(self) -> dict:
+        return {"detector": self.detector.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.detector.load_state_dict(state["detector"])
 
 
 def _format(key: str, value) -> str:
