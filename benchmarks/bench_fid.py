@@ -3,8 +3,8 @@
 Both run the same network (torch-fidelity's inception-v3-compat) with the same weights (the
 offline fid-helper copy, converted; written to a temporary torch-fidelity `.pth` for
 torch-fidelity), so the FIDs must agree and only the pipelines' overheads and the matrix
-square root differ. Also times Tr(sqrt(S1 S2)) at 2048-d: ours (two symmetric
-eigendecompositions), torch-fidelity's (eigvals of S1 S2) and the original's (scipy sqrtm).
+square root differ. Also times Tr(sqrt(S1 S2)) at 2048-d: ours (pivoted Cholesky + symmetric
+eigenvalues), torch-fidelity's (eigvals of S1 S2) and the original's (scipy sqrtm).
 
     python benchmarks/bench_fid.py [--images 64] [--out benchmarks/results/fid_cpu.json]
 """
@@ -67,7 +67,8 @@ def our_fid(first: torch.Tensor, second: torch.Tensor, batch_size: int) -> dict:
     backbone, load_s = timed(InceptionBackbone, FID_HELPER)
 
     def pool3(images):
-        return np.concatenate([backbone.features(images[i : i + batch_size]).pool3 for i in range(0, len(images), batch_size)])
+        batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+        return np.concatenate([backbone.features(batch).pool3 for batch in batches])
 
     (features1, features2), extract_s = timed(lambda: (pool3(first), pool3(second)))
     fid, distance_s = timed(lambda: frechet_distance(*feature_statistics(features1), *feature_statistics(features2)))
@@ -108,7 +109,7 @@ def square_root_timings(dim: int, n_samples: int) -> dict:
     sqrtm, sqrtm_s = timed(lambda: np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2)).real)
     return {
         "dim": dim,
-        "ours_eigh_s": ours_s,
+        "ours_pivoted_cholesky_eigvalsh_s": ours_s,
         "torch_fidelity_eigvals_s": eigvals_s,
         "original_scipy_sqrtm_s": sqrtm_s,
         "ours_value": ours,
@@ -142,7 +143,9 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min": os.getloadavg()[0],
+            "load_average_1min_at_end": os.getloadavg()[0],
+            # OpenBLAS threads spinning on an oversubscribed machine slow 2048-d eigensolvers 10x or more
+            "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "default"),
             "torch": torch.__version__,
             "torch_fidelity": torch_fidelity.__version__,
         },

@@ -1,6 +1,6 @@
 """Cost of SR and of a spectra snapshot on the ImageNet-128 D's 17 conv shapes (srgan.md §6.4).
 
-    python -m benchmarks.bench_spectral [--repeats 3] [--device cpu] [--out benchmarks/results/spectral_cpu.json]
+    python -m benchmarks.bench_spectral [--repeats 3] [--threads 1] [--device cpu] [--out benchmarks/results/spectral_cpu.json]
 
 Random SN convs of the real shapes stand in for the model: the cost of an SVD depends on the shape,
 not on the values. The "math_" entries time the bare computations, including the alternatives the
@@ -28,7 +28,7 @@ from source.spectral.spectra import (
     stack_by_shape,
     weight_matrix,
 )
-from source.spectral.sr import SpectralRegularizer, dynamic_compensation, normalized_spectrum
+from source.spectral.sr import SpectralRegularizer, dynamic_compensation, normalized_spectrum, thin_svd
 
 # (block, conv, C_in, C_out, kernel) of SNResNetProjectionDiscriminator(ch=64): reshaped W is C_out x C_in*k*k
 IMAGENET_D_CONVS = [
@@ -65,7 +65,8 @@ def seconds(action, device: torch.device, repeats: int) -> list[float]:
 
 def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
     dis = imagenet_d_convs(device)
-    matrices = {name: weight_matrix(layer).detach() for name, layer in spectral_norm_layers(dis).items()}
+    # copies: the SR calls below edit the weights in place, the bare computations time the initial ones
+    matrices = {name: weight_matrix(layer).detach().clone() for name, layer in spectral_norm_layers(dis).items()}
 
     def dynamic_edit_math(dtype: torch.dtype) -> None:
         for _, stack in stack_by_shape(matrices, dtype):
@@ -85,18 +86,32 @@ def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
         # the same computations without module handling, to compare the alternatives like for like
         "math_dynamic_edit_float64": lambda: dynamic_edit_math(torch.float64),
         "math_dynamic_edit_float32": lambda: dynamic_edit_math(torch.float32),
+        "math_thin_svd_float64": lambda: spectra_math(lambda stack: thin_svd(stack)[1]),
+        "math_svd_float64_without_transposing_wide": lambda: spectra_math(
+            lambda stack: torch.linalg.svd(stack, full_matrices=False)[1]
+        ),
         "math_spectra_gram_eigvalsh_float64": lambda: spectra_math(singular_values),
-        "math_spectra_svdvals_float64": lambda: spectra_math(torch.linalg.svdvals),
+        "math_spectra_svdvals_float64": lambda: spectra_math(normalized_spectrum),
     }
     return {name: seconds(action, device, repeats) for name, action in actions.items()}
+
+
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0]} x{len(names)}" if names else platform.machine()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads; 1 gives stable numbers on a shared machine (MKL's threads spin)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/spectral_cpu.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     results = measure(device, args.repeats)
     for name, times in results.items():
@@ -104,7 +119,7 @@ def main() -> None:
     report = {
         "what": "seconds per call on the 17 ImageNet-128 D conv shapes (srgan.md §6.4), best of repeats",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,

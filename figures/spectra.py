@@ -108,7 +108,11 @@ def spectra_figure(runs: list[RunSpectra], net: str, layer: str, index: int | No
     for ax, run in zip(axes[0], runs):
         for iteration, color in zip(iterations, colors):
             if iteration in run.records:
-                normalized = run.records[iteration].nets[net][layer].normalized
+                layers = run.records[iteration].nets[net]
+                if layer not in layers:
+                    raise ValueError(f"run {run.name} has no {net!r} layer {layer!r} at iteration {iteration}; "
+                                     f"layers: {sorted(layers)}")
+                normalized = layers[layer].normalized
                 ax.plot(np.arange(normalized.size), normalized, color=color, **_curve_style(iteration, run.sr_start))
         label = f"layer {index} ({layer})" if index is not None else layer
         ax.set_title(f"{run.name}: {net} {label}")

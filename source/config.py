@@ -75,12 +75,15 @@ class UpdaterConfig:
 
 @dataclass
 class EvaluationConfig:
-    n_samples: int = 5000
-    splits: int = 1
-    batch_size: int = 100
-    metrics: list = field(default_factory=lambda: ["is", "fid"])
-    inception_weights: Union[str, None] = None
-    reference_stats: Union[str, None] = None
+    """IS/FID/KID during training (every ``evaluation_interval``) and the defaults of ``evaluation.py metrics``."""
+    n_samples: int = 5000          # generated images per evaluation (original: 5000; published numbers: 50000)
+    splits: int = 1                # Inception Score splits (original during training: 1; published: 10)
+    batch_size: int = 100          # generated and scored per forward
+    metrics: list = field(default_factory=lambda: ["is", "fid"])  # any of is, fid, kid; [] turns evaluation off
+    inception_weights: Union[str, None] = None  # torch-fidelity .pth, "fid-helper", or null: download cache, then fid-helper
+    reference_stats: Union[str, None] = None    # a statistics .npz (e.g. TTUR's); null: computed from the dataset, cached
+    reference_images: Union[int, None] = None   # real images in the dataset reference; null: all of them
+    cache_dir: str = "data/reference_stats"     # where dataset references are cached
 
 
 @dataclass

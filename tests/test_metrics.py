@@ -17,6 +17,7 @@ from source.metrics import (
     FeatureMoments,
     InceptionBackbone,
     InceptionFeatures,
+    ReferenceStats,
     StatsMismatch,
     WeightsUnavailable,
     compute_reference_stats,
@@ -27,6 +28,7 @@ from source.metrics import (
     kernel_inception_distance,
     load_cached_reference,
     load_class_stats,
+    load_fid_helper_torchscript,
     load_stats,
     reference_key,
     save_reference,
@@ -35,7 +37,7 @@ from source.metrics import (
     trace_sqrt_product,
 )
 from source.metrics import inception
-from source.metrics.inception import WEIGHTS_FILE, load_fid_helper_torchscript
+from source.metrics.inception import WEIGHTS_FILE
 
 
 def random_psd(rng, dim, rank):
@@ -76,6 +78,20 @@ def test_trace_sqrt_product_is_exact_for_rank_deficient_commuting_covariances():
     a[:40], b[30:35] = 0.0, 0.0  # ranks 24 and 59, like covariances of fewer samples than dimensions
     sigma1, sigma2 = basis @ np.diag(a) @ basis.T, basis @ np.diag(b) @ basis.T
     assert trace_sqrt_product(sigma1, sigma2) == pytest.approx(np.sqrt(a * b).sum(), rel=1e-12)
+
+
+def test_few_sample_fid_matches_the_exact_low_rank_computation():
+    # With sigma1 = A^T A / (n - 1) for centered features A [n, D], the nonzero eigenvalues of
+    # sigma1 sigma2 are those of the small A sigma2 A^T / (n - 1): an independent exact route.
+    rng = np.random.default_rng(12)
+    features1, features2 = rng.standard_normal((20, 256)), rng.standard_normal((30, 256)) * 1.5 + 0.1
+    (mu1, sigma1), (mu2, sigma2) = feature_statistics(features1), feature_statistics(features2)
+    centered = features1 - mu1
+    small = centered @ sigma2 @ centered.T / 19
+    exact_trace = np.sqrt(np.linalg.eigvalsh(small)[1:]).sum()  # centering makes the smallest exactly 0
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2 * exact_trace
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(expected, rel=1e-12)
+    assert trace_sqrt_product(np.zeros((4, 4)), np.eye(4)) == 0.0
 
 
 def test_fid_matches_torch_fidelity_and_is_rotation_invariant():
@@ -140,6 +156,8 @@ def test_compute_reference_stats_overall_and_per_class():
     np.testing.assert_allclose(reference.per_class[2][1], np.cov(pixels[2::3], rowvar=False), rtol=1e-10)
     with pytest.raises(ValueError, match="labels"):
         compute_reference_stats([images], FlattenBackbone(), per_class=True)
+    with pytest.raises(ValueError, match=r"classes \[5\] have fewer than 2"):
+        compute_reference_stats([(images[:3], torch.tensor([0, 0, 5]))], FlattenBackbone(), per_class=True)
 
 
 def test_stats_round_trip_and_ttur_and_sngan_files(tmp_path):
@@ -170,8 +188,7 @@ def test_cached_reference_is_reused_only_for_the_same_key(tmp_path):
     key = reference_key("cifar10", "train", 32, "uint8", inception.PROTOCOL, 10, {"imbalance": 100})
     assert load_cached_reference(path, key) is None
     features = np.random.default_rng(5).standard_normal((10, 4))
-    reference = compute_reference_stats([torch.zeros(10, 1, 2, 2, dtype=torch.uint8)], FlattenBackbone())
-    reference.mu, reference.sigma = feature_statistics(features)
+    reference = ReferenceStats(*feature_statistics(features), n_images=10)
     save_reference(path, reference, key)
     np.testing.assert_array_equal(load_cached_reference(path, key).sigma, reference.sigma)
 
@@ -232,7 +249,7 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shift():
     a, b = rng.standard_normal((300, 16)), rng.standard_normal((300, 16))
     same, _ = kernel_inception_distance(a, b, subsets=20, subset_size=100)
     shifted, _ = kernel_inception_distance(a, b + 0.5, subsets=20, subset_size=100)
-    assert abs(same) < 0.02 and shifted > 0.3
+    assert abs(same) < 0.05 and shifted > 0.5
 
 
 def test_kid_matches_torch_fidelity_with_the_same_seed():

@@ -23,7 +23,7 @@ from source.spectral import (
     load_spectra,
     save_spectra,
 )
-from source.spectral.spectra import LayerSpectrum
+from source.spectral.spectra import LayerSpectrum, spectral_norm_layers, weight_matrix
 from source.spectral.sr import dynamic_compensation
 
 CONVS = ["block1.c1", "block1.c2", "block1.c_sc", "block2.c1", "block2.c2", "block2.c_sc"]
@@ -341,16 +341,24 @@ def test_index_map_is_sorted_conv_order():
     assert layer_index_map(tiny_dis()) == {name: i for i, name in enumerate(CONVS)}
 
 
-IMAGENET_D_CONVS = [f"block{b}.{c}" for b in range(1, 7) for c in ("c1", "c2", "c_sc")][:17]
+SRGAN_6_4 = {  # srgan.md §6.4: index order, reshaped W of the ImageNet-128 D (ch 64)
+    "block1.c1": (64, 27), "block1.c2": (64, 576), "block1.c_sc": (64, 3),
+    "block2.c1": (64, 576), "block2.c2": (128, 576), "block2.c_sc": (128, 64),
+    "block3.c1": (128, 1152), "block3.c2": (256, 1152), "block3.c_sc": (256, 128),
+    "block4.c1": (256, 2304), "block4.c2": (512, 2304), "block4.c_sc": (512, 256),
+    "block5.c1": (512, 4608), "block5.c2": (1024, 4608), "block5.c_sc": (1024, 512),
+    "block6.c1": (1024, 9216), "block6.c2": (1024, 9216),
+}
 
 
 def test_index_map_of_project_discriminator_is_srgan_6_4():
     models = pytest.importorskip("source.models")
     if not hasattr(models, "SNResNetProjectionDiscriminator"):
         pytest.skip("source.models has no SNResNetProjectionDiscriminator yet")
-    dis = models.SNResNetProjectionDiscriminator(ch=4, n_classes=10, resolution=128)
-    # block6 has no shortcut conv: 6 blocks x 3 convs - 1 = 17 (srgan.md §6.4)
-    assert list(layer_index_map(dis)) == IMAGENET_D_CONVS
+    dis = models.SNResNetProjectionDiscriminator(ch=64, n_classes=1000, resolution=128)
+    assert layer_index_map(dis) == {name: i for i, name in enumerate(SRGAN_6_4)}
+    shapes = {name: tuple(weight_matrix(layer).shape) for name, layer in spectral_norm_layers(dis).items()}
+    assert shapes == {**SRGAN_6_4, "l7": (1, 1024), "l_y": (1000, 1024)}
 
 
 def test_save_load_list_round_trip(tmp_path):

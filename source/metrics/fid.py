@@ -2,9 +2,10 @@
 
 FID = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr(sqrt(S1 S2)).
 Tr(sqrt(S1 S2)) is the sum of square roots of the eigenvalues of S1 S2, which equal those of the
-symmetric PSD matrix sqrt(S1) S2 sqrt(S1). Two symmetric eigendecompositions therefore give it
-exactly, in float64, without the complex arithmetic, eps offsets and slow Schur iterations of
-scipy.linalg.sqrtm, and they stay exact for the rank-deficient covariances of fewer than 2048 samples.
+symmetric PSD matrix F^T S2 F for any factor S1 = F F^T. A pivoted Cholesky factor and one
+symmetric eigenvalue solve give it in float64 without the complex arithmetic, eps offsets and
+slow Schur iterations of scipy.linalg.sqrtm, exactly also for the rank-deficient covariances of
+fewer samples than dimensions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import scipy.linalg
 
 Statistics = tuple[np.ndarray, np.ndarray]  # (mu [D], sigma [D, D])
 
@@ -27,22 +29,36 @@ def feature_statistics(features: np.ndarray) -> Statistics:
 def _drop_round_off(eigenvalues: np.ndarray) -> np.ndarray:
     """Zero the eigenvalues that are round-off of a zero (numpy.linalg.matrix_rank's threshold).
 
-    sqrt turns a round-off eigenvalue of 1e-16 * max into 1e-8 * sqrt(max); summed over the null
-    space of a few-sample covariance that would bias FID, so such eigenvalues count as exactly 0.
+    sqrt turns a round-off eigenvalue of 1e-16 * max into 1e-8 * sqrt(max); summed over a null
+    space that would bias FID, so such eigenvalues count as exactly 0.
     """
     tolerance = max(eigenvalues.max(), 0.0) * len(eigenvalues) * np.finfo(np.float64).eps
     return np.where(eigenvalues > tolerance, eigenvalues, 0.0)
 
 
-def _psd_sqrt(matrix: np.ndarray) -> np.ndarray:
-    eigenvalues, eigenvectors = np.linalg.eigh(matrix)
-    return (eigenvectors * np.sqrt(_drop_round_off(eigenvalues))) @ eigenvectors.T
+def _psd_factor(sigma: np.ndarray) -> np.ndarray:
+    """F [D, rank] with F F^T = sigma: LAPACK's rank-revealing pivoted Cholesky (dpstrf).
+
+    It stops at the numerical rank (pivot <= D * eps * max diag), so singular covariances of fewer
+    samples than dimensions need no eps offset and cost less than full-rank ones.
+    """
+    factor, pivots, rank, info = scipy.linalg.lapack.dpstrf(sigma, lower=1)
+    if info < 0:
+        raise ValueError(f"dpstrf rejected its argument {-info}")
+    result = np.empty((len(sigma), rank))
+    result[pivots - 1] = np.tril(factor)[:, :rank]  # undo the symmetric pivoting P^T sigma P = L L^T
+    return result
 
 
 def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
-    """Tr(sqrt(sigma1 @ sigma2)) for symmetric PSD matrices."""
-    root1 = _psd_sqrt(sigma1)
-    eigenvalues = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    """Tr(sqrt(sigma1 @ sigma2)) for symmetric PSD matrices.
+
+    With sigma1 = F F^T, sigma1 sigma2 has the nonzero eigenvalues of the symmetric PSD F^T sigma2 F.
+    """
+    factor = _psd_factor(sigma1)
+    if factor.shape[1] == 0:
+        return 0.0
+    eigenvalues = np.linalg.eigvalsh(factor.T @ sigma2 @ factor)
     return float(np.sqrt(_drop_round_off(eigenvalues)).sum())
 
 

@@ -102,12 +102,19 @@ def compute_reference_stats(
                 for label in np.unique(labels):
                     by_class.setdefault(int(label), FeatureMoments()).add(pool3[labels == label])
             progress.update(len(pool3))
+    too_small = [label for label, moments in by_class.items() if moments.n < 2]
+    if too_small:
+        raise ValueError(f"classes {sorted(too_small)[:10]} have fewer than 2 images; per-class statistics need 2")
     mu, sigma = overall.statistics()
     return ReferenceStats(mu, sigma, overall.n, {label: m.statistics() for label, m in sorted(by_class.items())})
 
 
 def save_stats(
-    path: str, mu: np.ndarray, sigma: np.ndarray, meta: Mapping[str, Any], per_class: Mapping[int, Statistics] | None = None
+    path: str,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    meta: Mapping[str, Any],
+    per_class: Mapping[int, Statistics] | None = None,
 ) -> None:
     """Write a TTUR-compatible statistics file atomically (temp file, then rename)."""
     arrays = {"mu": mu, "sigma": sigma, "meta": np.array(json.dumps(meta, sort_keys=True))}
