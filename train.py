@@ -18,6 +18,7 @@ from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
 from source.training.distributed import World, init_world, shutdown_world, world_size_from_env
 from source.spectral.collapse import CollapseDetector
+from source.training.evaluate import Evaluate
 from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
 from source.training.runlog import truncate_after
 from source.training.trainer import Trainer, TrainingDiverged
@@ -113,6 +114,7 @@ def make_extensions(config: Config, world: World) -> list:
     return [Observe(report), ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
+            *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
             Snapshot(config.snapshot_interval)]
 
 

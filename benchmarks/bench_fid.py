@@ -6,7 +6,9 @@ torch-fidelity), so the FIDs must agree and only the pipelines' overheads and th
 square root differ. Also times Tr(sqrt(S1 S2)) at 2048-d: ours (pivoted Cholesky + symmetric
 eigenvalues), torch-fidelity's (eigvals of S1 S2) and the original's (scipy sqrtm).
 
-    python benchmarks/bench_fid.py [--images 64] [--out benchmarks/results/fid_cpu.json]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_fid.py [--images 64] [--out benchmarks/results/fid_cpu.json]
+
+(On a small shared machine, multithreaded OpenBLAS makes 2048-d eigensolvers 10x slower and erratic.)
 """
 
 from __future__ import annotations
@@ -57,33 +59,38 @@ def two_image_sets(n: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return first, second
 
 
-def timed(function, *args, **kwargs):
-    start = time.perf_counter()
+def timed(function, *args, **kwargs) -> tuple[object, dict[str, float]]:
+    """Result and seconds: wall clock, and CPU time of this process (less sensitive to other jobs)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     result = function(*args, **kwargs)
-    return result, time.perf_counter() - start
+    return result, {"wall_s": time.perf_counter() - wall, "cpu_s": time.process_time() - cpu}
+
+
+def total(*timings: dict[str, float]) -> dict[str, float]:
+    return {name: sum(timing[name] for timing in timings) for name in ("wall_s", "cpu_s")}
 
 
 def our_fid(first: torch.Tensor, second: torch.Tensor, batch_size: int) -> dict:
-    backbone, load_s = timed(InceptionBackbone, FID_HELPER)
+    backbone, load = timed(InceptionBackbone, FID_HELPER)
 
     def pool3(images):
         batches = (images[i : i + batch_size] for i in range(0, len(images), batch_size))
         return np.concatenate([backbone.features(batch).pool3 for batch in batches])
 
-    (features1, features2), extract_s = timed(lambda: (pool3(first), pool3(second)))
-    fid, distance_s = timed(lambda: frechet_distance(*feature_statistics(features1), *feature_statistics(features2)))
+    (features1, features2), extract = timed(lambda: (pool3(first), pool3(second)))
+    fid, distance = timed(lambda: frechet_distance(*feature_statistics(features1), *feature_statistics(features2)))
     return {
         "fid": fid,
-        "load_s": load_s,
-        "extract_s": extract_s,
-        "images_per_s": (len(first) + len(second)) / extract_s,
-        "distance_s": distance_s,
-        "total_s": load_s + extract_s + distance_s,
+        "load": load,
+        "extract": extract,
+        "images_per_wall_s": (len(first) + len(second)) / extract["wall_s"],
+        "distance": distance,
+        "total": total(load, extract, distance),
     }
 
 
 def torch_fidelity_fid(first: torch.Tensor, second: torch.Tensor, batch_size: int, weights_path: str) -> dict:
-    metrics, total_s = timed(
+    metrics, timing = timed(
         torch_fidelity.calculate_metrics,
         input1=ImageSet(first),
         input2=ImageSet(second),
@@ -95,7 +102,7 @@ def torch_fidelity_fid(first: torch.Tensor, second: torch.Tensor, batch_size: in
         save_cpu_ram=True,  # no DataLoader worker processes: the images are already in memory
         verbose=False,
     )
-    return {"fid": metrics["frechet_inception_distance"], "total_s": total_s}
+    return {"fid": metrics["frechet_inception_distance"], "total": timing}
 
 
 def square_root_timings(dim: int, n_samples: int) -> dict:
@@ -104,14 +111,14 @@ def square_root_timings(dim: int, n_samples: int) -> dict:
     scales = np.linspace(0.1, 2.0, dim)
     sigma1 = np.cov(rng.standard_normal((n_samples, dim)) * scales, rowvar=False)
     sigma2 = np.cov(rng.standard_normal((n_samples, dim)) * scales[::-1] + 0.1, rowvar=False)
-    ours, ours_s = timed(trace_sqrt_product, sigma1, sigma2)
-    eigvals, eigvals_s = timed(lambda: np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(complex)).real.sum())
-    sqrtm, sqrtm_s = timed(lambda: np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2)).real)
+    ours, ours_time = timed(trace_sqrt_product, sigma1, sigma2)
+    eigvals, eigvals_time = timed(lambda: np.sqrt(np.linalg.eigvals(sigma1 @ sigma2).astype(complex)).real.sum())
+    sqrtm, sqrtm_time = timed(lambda: np.trace(scipy.linalg.sqrtm(sigma1 @ sigma2)).real)
     return {
         "dim": dim,
-        "ours_pivoted_cholesky_eigvalsh_s": ours_s,
-        "torch_fidelity_eigvals_s": eigvals_s,
-        "original_scipy_sqrtm_s": sqrtm_s,
+        "ours_pivoted_cholesky_eigvalsh": ours_time,
+        "torch_fidelity_eigvals": eigvals_time,
+        "original_scipy_sqrtm": sqrtm_time,
         "ours_value": ours,
         "max_rel_diff_to_ours": max(abs(eigvals - ours), abs(sqrtm - ours)) / ours,
     }
@@ -122,7 +129,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="images per set")
     parser.add_argument("--size", type=int, default=32, help="image side before the resize to 299")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating runs of both; the fastest counts")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs of both; the least CPU time counts")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "fid_cpu.json"))
     args = parser.parse_args()
 
@@ -134,8 +141,8 @@ def main() -> None:
             (our_fid(first, second, args.batch_size), torch_fidelity_fid(first, second, args.batch_size, weights_path))
             for _ in range(args.repeats)
         ]
-    ours = min((run[0] for run in runs), key=lambda run: run["total_s"])
-    theirs = min((run[1] for run in runs), key=lambda run: run["total_s"])
+    ours = min((run[0] for run in runs), key=lambda run: run["total"]["cpu_s"])
+    theirs = min((run[1] for run in runs), key=lambda run: run["total"]["cpu_s"])
     square_root = square_root_timings(2048, 4096)
 
     result = {
@@ -154,8 +161,14 @@ def main() -> None:
         "batch_size": args.batch_size,
         "ours": ours,
         "torch_fidelity": theirs,
+        "all_runs_total": {
+            "ours": [run[0]["total"] for run in runs],
+            "torch_fidelity": [run[1]["total"] for run in runs],
+        },
         "fid_abs_diff": abs(ours["fid"] - theirs["fid"]),
-        "total_time_ratio_torch_fidelity_over_ours": theirs["total_s"] / ours["total_s"],
+        "total_ratio_torch_fidelity_over_ours": {
+            name: theirs["total"][name] / ours["total"][name] for name in ("wall_s", "cpu_s")
+        },
         "trace_sqrt_2048": square_root,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -80,8 +80,9 @@ class EvaluationConfig:
     splits: int = 1                # Inception Score splits (original during training: 1; published: 10)
     batch_size: int = 100          # generated and scored per forward
     metrics: list = field(default_factory=lambda: ["is", "fid"])  # any of is, fid, kid; [] turns evaluation off
-    inception_weights: Union[str, None] = None  # torch-fidelity .pth, "fid-helper", or null: download cache, then fid-helper
-    reference_stats: Union[str, None] = None    # a statistics .npz (e.g. TTUR's); null: computed from the dataset, cached
+    # torch-fidelity weights .pth, "fid-helper" (offline, FID/KID only), or null: download cache, else fid-helper
+    inception_weights: Union[str, None] = None
+    reference_stats: Union[str, None] = None    # a statistics .npz (e.g. TTUR's); null: the dataset's, cached
     reference_images: Union[int, None] = None   # real images in the dataset reference; null: all of them
     cache_dir: str = "data/reference_stats"     # where dataset references are cached
 

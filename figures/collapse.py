@@ -1,0 +1,122 @@
+"""Spectral collapse next to mode collapse, per iteration, for one or more runs.
+
+    python -m figures.collapse RUN_SN RUN_SR --labels SN SR
+
+Panel 1: D's collapse score (mean s_i/s_1 over i >= 2, averaged over the convs; log.jsonl).
+Panels 2-3: sample diversity and nearest-class mode coverage (source.metrics.modes) of every
+``generator_iter_N.pt``, 100 samples per class with fixed latents against the data set's test split.
+The mode measures are cached in RUN/modes.jsonl; SR's start is marked.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from source.datasets import build_dataset  # noqa: E402
+from source.metrics.modes import mode_report  # noqa: E402
+from source.training.evaluate import load_generator  # noqa: E402
+from source.training.runlog import read_jsonl  # noqa: E402
+
+CACHE = "modes.jsonl"
+
+
+def generator_snapshots(run: Path) -> list[tuple[int, Path]]:
+    paths = (run / "snapshots").glob("generator_iter_*.pt")
+    return sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in paths)
+
+
+def real_images(config) -> tuple[np.ndarray, np.ndarray]:
+    """The test split of the run's data set when it has one (Fashion-MNIST, CIFAR-10), as float [-1, 1]."""
+    args = config.dataset.args
+    if hasattr(args, "split"):
+        args = dataclasses.replace(args, split="test")
+    dataset = build_dataset(config.dataset.name, args)
+    images = np.stack([dataset[i][0].numpy() for i in range(min(len(dataset), 10000))])
+    labels = np.array([dataset[i][1] for i in range(len(images))])
+    return images.astype(np.float32) / 127.5 - 1, labels
+
+
+@torch.no_grad()
+def class_samples(gen: torch.nn.Module, per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    labels = torch.arange(gen.n_classes).repeat_interleave(per_class)
+    z = torch.randn(len(labels), gen.dim_z, generator=torch.Generator().manual_seed(seed))
+    images = torch.cat([gen(z[i:i + 250], labels[i:i + 250]) for i in range(0, len(labels), 250)])
+    return images.clamp(-1, 1).numpy(), labels.numpy()
+
+
+def mode_history(run: Path, per_class: int) -> list[dict]:
+    cached = {r["iteration"]: r for r in read_jsonl(run / CACHE)}
+    real = None
+    for iteration, path in generator_snapshots(run):
+        if iteration in cached:
+            continue
+        loaded = load_generator(str(path), torch.device("cpu"))
+        if real is None:
+            real = real_images(loaded.config)
+        samples, labels = class_samples(loaded.gen, per_class)
+        cached[iteration] = {"iteration": iteration, **mode_report(samples, labels, *real).to_dict()}
+        with open(run / CACHE, "a") as handle:
+            handle.write(json.dumps(cached[iteration]) + "\n")
+    return [cached[i] for i in sorted(cached)]
+
+
+def sr_start(run: Path) -> int | None:
+    starts = [r["iteration"] for r in read_jsonl(run / "log.jsonl") if r.get("event") == "sr_start"]
+    return min(starts) if starts else None
+
+
+def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.Figure:
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run, label in zip(runs, labels):
+        scores = [r for r in read_jsonl(run / "log.jsonl") if "collapse_score/dis/mean" in r]
+        line, = axes[0].plot([r["iteration"] for r in scores], [r["collapse_score/dis/mean"] for r in scores],
+                             label=label)
+        modes = mode_history(run, per_class)
+        x = [r["iteration"] for r in modes]
+        axes[1].plot(x, [r["diversity"] for r in modes], marker="o", color=line.get_color(), label=label)
+        axes[2].plot(x, [r["modes"] for r in modes], marker="o", color=line.get_color(), label=f"{label}: modes")
+        axes[2].plot(x, [10 * r["label_agreement"] for r in modes], marker="x", linestyle=":",
+                     color=line.get_color(), label=f"{label}: 10 x label agreement")
+        start = sr_start(run)
+        if start is not None:
+            for axis in axes:
+                axis.axvline(start, color=line.get_color(), linestyle="--", linewidth=1)
+    titles = ["D collapse score (mean $s_i/s_1$, $i \\geq 2$)", "intra-class diversity (generated / real)",
+              "nearest-class modes (of 10)"]
+    for axis, title in zip(axes, titles):
+        axis.set_title(title)
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--labels", nargs="+")
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    labels = args.labels or [run.name for run in args.runs]
+    if len(labels) != len(args.runs):
+        parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
+    out = args.out or args.runs[0] / "figures" / "collapse.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    collapse_figure(args.runs, labels, args.per_class).savefig(out, dpi=120)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

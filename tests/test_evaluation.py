@@ -1,0 +1,374 @@
+"""Evaluation: generation, sharding, reference cache, protocol records, the Evaluate extension and evaluation.py.
+
+Most tests use a pixel-pooling stand-in for Inception (cheap, and it shows exactly which images
+arrived); the end-to-end tests run the real TF-Inception on a handful of images with the offline
+fid-helper weights.
+"""
+import json
+import math
+import socket
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+import evaluation
+import train
+from source.config import ConfigError, EvaluationConfig, load_config
+from source.datasets import build_dataset
+from source.metrics import (
+    FID_HELPER,
+    InceptionFeatures,
+    ReferenceStats,
+    StatsMismatch,
+    feature_statistics,
+    inception,
+)
+from source.metrics.generate import generated_features, sample_inputs, shard_bounds
+from source.models import build_model
+from source.training.distributed import World
+from source.training.evaluate import (
+    SUBSET_SEED,
+    Reference,
+    check_settings,
+    dataset_reference,
+    describe,
+    gather_features,
+    intra_fid_score,
+    load_backbone,
+    protocol_record,
+)
+from test_training import CONFIGS, tiny_argv
+
+CPU = torch.device("cpu")
+
+
+class PixelBackbone:
+    """Stand-in for Inception: 4x4 average-pooled pixels as the 'pool3' features."""
+
+    has_logits = False
+    weights = "pixels"
+
+    def features(self, images: torch.Tensor) -> InceptionFeatures:
+        assert images.dtype == torch.uint8, "the backbone must receive quantized images"
+        return InceptionFeatures(F.adaptive_avg_pool2d(images.float(), 4).flatten(1).double().numpy(), None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine run many times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_generator(n_classes: int = 3) -> torch.nn.Module:
+    """A small G whose classes differ (initial conditional-BN embeddings are the same for every class)."""
+    torch.manual_seed(0)
+    gen = build_model("ResNetGenerator", dict(dim_z=8, ch=8, n_classes=n_classes, resolution=32, channels=1,
+                                              spectral_norm=True))
+    with torch.no_grad():
+        for name, parameter in gen.named_parameters():
+            if name.endswith(("gamma.weight", "beta.weight")):
+                parameter.add_(torch.randn_like(parameter))
+        gen(torch.randn(16, 8), torch.randint(n_classes, (16,)))  # moves BN statistics and SN vectors from init
+    return gen
+
+
+def tiny_config(tmp_path: Path, *extra: str):
+    overrides = ["dataset.name=synthetic", "dataset.args.count=40", "dataset.args.n_classes=3",
+                 "dataset.args.dequantize=true", "models.generator.args.n_classes=3",
+                 "models.discriminator.args.n_classes=3", f"evaluation.cache_dir={tmp_path / 'cache'}",
+                 "evaluation.batch_size=7", *extra]
+    return load_config(CONFIGS / "demo.yaml", overrides)
+
+
+# --- generation and sharding -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 10, 5000])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_shards_partition_the_evaluation_set_in_rank_order(n, world_size):
+    bounds = [shard_bounds(n, rank, world_size) for rank in range(world_size)]
+    assert [i for start, end in bounds for i in range(start, end)] == list(range(n))
+    sizes = [end - start for start, end in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_generation_runs_G_in_eval_mode_and_leaves_it_unchanged():
+    gen = tiny_generator().train()
+    before = {k: v.clone() for k, v in gen.state_dict().items()}
+    z, labels = sample_inputs(10, 8, 3, seed=5)
+    features = generated_features(gen, PixelBackbone(), z, labels, batch_size=4, device=CPU)
+    assert gen.training, "the training mode must be restored"
+    assert all(torch.equal(before[k], v) for k, v in gen.state_dict().items()), "BN statistics / SN u changed"
+    with torch.no_grad():
+        eval_images = (gen.eval()(z, labels) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
+        train_images = (gen.train()(z, labels) * 127.5 + 127.5).clamp(0, 255).to(torch.uint8)
+    np.testing.assert_allclose(features.pool3, PixelBackbone().features(eval_images).pool3, rtol=1e-12)
+    assert not np.allclose(features.pool3, PixelBackbone().features(train_images).pool3)
+
+
+def test_sample_inputs_are_seeded_uniform_labels_or_the_given_ones():
+    z, labels = sample_inputs(3000, 4, 10, seed=1)
+    z2, labels2 = sample_inputs(3000, 4, 10, seed=1)
+    assert torch.equal(z, z2) and torch.equal(labels, labels2)
+    assert abs(z.std().item() - 1) < 0.05 and np.bincount(labels.numpy(), minlength=10).min() > 240
+    assert sample_inputs(3, 4, 0, seed=1)[1] is None
+    assert sample_inputs(3, 4, 10, seed=1, labels=torch.tensor([7, 7, 7]))[1].tolist() == [7, 7, 7]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_worker(rank: int, world_size: int, port: int, n: int, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    world = World(rank=rank, local_rank=rank, size=world_size, device=CPU)
+    gen = tiny_generator()
+    z, labels = sample_inputs(n, 8, 3, seed=3)
+    start, end = shard_bounds(n, rank, world_size)
+    local = generated_features(gen, PixelBackbone(), z[start:end], labels[start:end], 2, CPU)
+    gathered = gather_features(local, world)
+    if world.is_main:
+        np.save(out, gathered.pool3)
+    else:
+        assert gathered is None
+    dist.destroy_process_group()
+
+
+def test_features_gathered_over_two_gloo_ranks_equal_the_single_process_set(tmp_path):
+    n, out = 7, tmp_path / "gathered.npy"
+    mp.spawn(_gather_worker, args=(2, _free_port(), n, str(out)), nprocs=2, join=True)
+    z, labels = sample_inputs(n, 8, 3, seed=3)
+    single = generated_features(tiny_generator(), PixelBackbone(), z, labels, 5, CPU)
+    np.testing.assert_allclose(np.load(out), single.pool3, rtol=1e-5)
+
+
+# --- reference statistics ----------------------------------------------------------------------
+
+
+def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    dataset = build_dataset(config.dataset.name, config.dataset.args)
+    assert dataset.dequantize, "the training data are dequantized; the reference must not be"
+    reference = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:12]
+    images = torch.stack([dataset[int(i)][0] for i in chosen])
+    expected = PixelBackbone().features(images).pool3
+    np.testing.assert_allclose(reference.stats.mu, expected.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(reference.stats.sigma, np.cov(expected, rowvar=False), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(reference.features, expected, rtol=1e-6)
+    assert Path(reference.path) == tmp_path / "cache" / "synthetic_all_32px_12_tfinception.npz"
+    assert reference.key["extra"]["n_classes"] == 3 and reference.key["n_images"] == 12
+
+    monkeypatch.setattr("source.training.evaluate.compute_dataset_reference", pytest.fail)
+    cached = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
+    np.testing.assert_array_equal(cached.stats.sigma, reference.stats.sigma)
+    np.testing.assert_array_equal(cached.features, reference.features)
+
+
+def test_a_cached_reference_of_another_setup_is_refused_with_the_differing_fields(tmp_path):
+    config = tiny_config(tmp_path)
+    dataset_reference(config, build_dataset(config.dataset.name, config.dataset.args), PixelBackbone(), 8)
+    other = tiny_config(tmp_path, "dataset.args.n_classes=4", "models.generator.args.n_classes=4",
+                        "models.discriminator.args.n_classes=4")
+    with pytest.raises(StatsMismatch) as error:
+        dataset_reference(other, build_dataset(other.dataset.name, other.dataset.args), PixelBackbone(), 8)
+    message = str(error.value)
+    assert "extra.n_classes: cached 3, expected 4" in message and "\n" not in message
+
+
+def test_intra_fid_is_zero_against_the_generators_own_class_statistics():
+    gen, backbone = tiny_generator(), PixelBackbone()
+
+    def class_statistics(label: int):
+        z, labels = sample_inputs(6, 8, 3, seed=2, labels=torch.full((6,), label))
+        return feature_statistics(generated_features(gen, backbone, z, labels, 4, CPU).pool3)
+
+    own = {label: class_statistics(label) for label in range(3)}
+    reference = Reference("own", {}, _stats_with_classes(own), None)
+    value, per_class = intra_fid_score(gen, backbone, reference, [0, 1, 2], 6, 4, CPU, seed=2)
+    assert set(per_class) == {0, 1, 2} and abs(value) < 1e-6
+    swapped = Reference("swapped", {}, _stats_with_classes({0: own[1], 1: own[2], 2: own[0]}), None)
+    assert intra_fid_score(gen, backbone, swapped, [0, 1, 2], 6, 4, CPU, seed=2)[0] > 1.0
+
+
+def _stats_with_classes(per_class: dict) -> ReferenceStats:
+    mu, sigma = per_class[0]
+    return ReferenceStats(mu, sigma, 0, per_class)
+
+
+# --- weights, settings, protocol ---------------------------------------------------------------
+
+
+def test_offline_backbone_falls_back_to_the_fid_helper_copy_and_says_so(tmp_path, monkeypatch):
+    def offline(url, destination):
+        raise urllib.error.URLError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(inception, "_download_weights", offline)
+    backbone, note = load_backbone(None, CPU)
+    assert backbone.weights == FID_HELPER and not backbone.has_logits
+    assert "download failed" in note and "no IS" in note and "\n" not in note
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"metrics": ["fid", "inception"]}, "evaluation.metrics"),
+    ({"n_samples": 1}, "evaluation.n_samples"),
+    ({"splits": 11, "n_samples": 10}, "evaluation.splits"),
+    ({"inception_weights": "/nonexistent/weights.pth"}, "evaluation.inception_weights"),
+    ({"reference_stats": "/nonexistent/stats.npz"}, "evaluation.reference_stats"),
+])
+def test_impossible_settings_are_rejected_before_training(change, key):
+    with pytest.raises(ConfigError, match=key):
+        check_settings(EvaluationConfig(**change), world_size=1)
+
+
+def test_n_samples_must_give_every_rank_a_sample():
+    check_settings(EvaluationConfig(n_samples=4), world_size=4)
+    with pytest.raises(ConfigError, match="one per rank"):
+        check_settings(EvaluationConfig(n_samples=3), world_size=4)
+
+
+def test_printed_scores_state_their_protocol_and_comparability():
+    key = {"dataset": "imagenet", "split": "all", "resolution": 128, "n_images": 1281167}
+    reference = Reference("ref.npz", key, None, np.zeros((20000, 2048)))
+    small = protocol_record(PixelBackbone(), ["is", "fid", "kid"], 5000, 1, reference)
+    line = describe({"IS": 20.0, "IS_std": 0.0, "FID": 71.0, "KID": 0.05, "KID_std": 0.01, "protocol": small})
+    assert "IS 20.000 ± 0.000 over 1 split(s)" in line and "FID 71.000" in line and "(100 subsets of 1000)" in line
+    assert "N=5000 generated vs imagenet all 128px, 1281167 images (ref.npz)" in line and "weights pixels" in line
+    assert "not comparable" in line and "N=5000 < 50000" in line and "IS over 1 split(s)" in line
+    published = protocol_record(PixelBackbone(), ["is", "fid"], 50000, 10, Reference("ttur.npz", {}, None, None))
+    line = describe({"IS": 20.0, "IS_std": 0.3, "FID": 71.0, "protocol": published})
+    assert "published protocol" in line and "ttur.npz (external statistics)" in line
+
+
+# --- end to end with the real TF-Inception (offline fid-helper weights) ------------------------
+
+EVALUATION = ["evaluation_interval=2", "evaluation.n_samples=6", "evaluation.reference_images=8",
+              "evaluation.metrics=[is, fid, kid]", f"evaluation.inception_weights={FID_HELPER}",
+              "evaluation.batch_size=6"]
+
+
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """A 2-iteration tiny run, evaluated at iteration 2 with IS asked of pool3-only weights."""
+    root = tmp_path_factory.mktemp("evaluation")
+    out = root / "run"
+    argv = tiny_argv(out, 2, *EVALUATION, f"evaluation.cache_dir={root / 'cache'}")
+    assert train.main(argv) == 0
+    return out
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_training_evaluates_fid_and_kid_and_skips_is_without_logits(evaluated_run):
+    (record,) = read_metrics(evaluated_run)
+    assert record["iteration"] == 2 and "IS" not in record
+    assert math.isfinite(record["FID"]) and record["FID"] > 0 and math.isfinite(record["KID"])
+    protocol = record["protocol"]
+    assert protocol["weights"] == FID_HELPER and protocol["n_samples"] == 6 and protocol["kid_subset_size"] == 6
+    assert protocol["backbone"] == inception.PROTOCOL and protocol["reference_key"]["n_images"] == 8
+    assert Path(protocol["reference"]).is_file()
+    assert list((evaluated_run / "tb").iterdir()), "tensorboardX scalars"
+
+
+def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_run, capsys):
+    snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
+    assert evaluation.main(["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "IS skipped" in out and "needs the full TF-Inception weights" in out
+    assert "N=6 generated vs synthetic all 32px, 8 images" in out and "weights fid-helper" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    (trained,) = read_metrics(evaluated_run)
+    assert record["iteration"] == 2
+    assert record["FID"] == pytest.approx(trained["FID"], rel=1e-9)
+    assert record["KID"] == pytest.approx(trained["KID"], rel=1e-9)
+
+
+def test_ref_stats_cli_reuses_its_cache_and_refuses_another_setups(evaluated_run, capsys):
+    cache = evaluated_run.parent / "cache"
+    base = tiny_argv(evaluated_run, 2, *EVALUATION, f"evaluation.cache_dir={cache}")[4:]  # the --set pairs
+    assert evaluation.main(["ref-stats", "--config", str(CONFIGS / "demo.yaml"), *base, "--n-images", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "computing" not in out and "synthetic_all_32px_8_tfinception.npz (8 images" in out
+    changed = base + ["--set", "dataset.args.count=32"]
+    assert evaluation.main(["ref-stats", "--config", str(CONFIGS / "demo.yaml"), *changed, "--n-images", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "extra.count: cached 64, expected 32" in err and "delete the file" in err and err.count("\n") == 1
+
+
+def test_training_turns_evaluation_off_instead_of_crashing_on_a_mismatching_cache(evaluated_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = tiny_argv(out, 2, *EVALUATION, f"evaluation.cache_dir={evaluated_run.parent / 'cache'}",
+                     "dataset.args.count=32")
+    assert train.main(argv) == 0
+    assert "EVALUATION OFF from iteration 2" in capsys.readouterr().out
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if e.get("event") == "evaluation_disabled"]
+    assert "extra.count" in event["reason"]
+    assert not (out / "metrics.jsonl").exists()
+    assert (out / "snapshots" / "snapshot_iter_2.pt").is_file()
+
+
+def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run):
+    snapshot = evaluated_run / "snapshots" / "snapshot_iter_2.pt"
+    argv = ["grids", "--snapshot", str(snapshot), "--classes", "0", "2", "--rows", "2", "--columns", "3"]
+    assert evaluation.main(argv) == 0
+    folder = evaluated_run / "figures" / "grids_iter_2"
+    assert sorted(p.name for p in folder.iterdir()) == ["class_0.png", "class_2.png"]
+    with Image.open(folder / "class_0.png") as first, Image.open(folder / "class_2.png") as second:
+        assert first.size == (3 * 32, 2 * 32) and first.mode == "L"
+        assert not np.array_equal(np.asarray(first), np.asarray(second)), "classes must differ"
+    assert evaluation.main(argv[:3] + ["--classes", "3"]) == 2
+
+
+def test_tile_places_sample_r_times_columns_plus_c_at_row_r_column_c():
+    images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 3).contiguous()
+    grid = evaluation.tile(images, rows=2, columns=3)
+    assert grid.shape == (1, 4, 9)
+    assert grid[0, ::2, ::3].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_samples_export_png_folder_and_npz(evaluated_run, tmp_path):
+    snapshot = str(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--out", str(tmp_path / "png")]) == 0
+    files = sorted((tmp_path / "png").iterdir())
+    assert len(files) == 5 and files[0].name.startswith("000000_class")
+    with Image.open(files[0]) as image:
+        assert image.size == (32, 32)
+    npz = tmp_path / "samples.npz"
+    assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--format", "npz", "--out", str(npz)]) == 0
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (5, 32, 32, 1) and data["arr_0"].dtype == np.uint8
+        assert data["labels"].shape == (5,) and set(data["labels"]) <= {0, 1, 2}
+        np.testing.assert_array_equal(np.asarray(Image.open(files[0])), data["arr_0"][0, :, :, 0])
+
+
+def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a snapshot")
+    snapshot = str(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    cases = [
+        (["metrics", "--snapshot", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+        (["grids", "--snapshot", str(bad)], "is not a readable snapshot"),
+        (["metrics", "--snapshot", snapshot, "--inception-weights", "/nonexistent.pth"], "no file at /nonexistent"),
+        (["metrics", "--snapshot", snapshot, "--reference", str(tmp_path / "none.npz")], "none.npz"),
+    ]
+    for argv, expected in cases:
+        assert evaluation.main(argv) == 2
+        err = capsys.readouterr().err
+        assert expected in err and err.startswith("error: ") and err.count("\n") == 1, err
