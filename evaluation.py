@@ -128,6 +128,8 @@ def metrics(args: argparse.Namespace) -> None:
                                                          args.samples_per_class, settings.batch_size, device, seed)
         record["intra_FID_per_class"] = {str(label): value for label, value in per_class.items()}
         protocol["samples_per_class"] = args.samples_per_class
+        if not names:
+            protocol["n_samples"] = len(classes) * args.samples_per_class
     record["protocol"] = {**protocol, "seed": seed}
     print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
     print(describe(record))

@@ -95,8 +95,9 @@ def _protocol_key(protocol: dict, metric: str) -> str:
     if metric == "IS":
         parts.append(f"{protocol['splits']} split(s)")
     else:
-        key = protocol.get("reference_key")
-        reference = f"{key['dataset']} {key['split']} {key['n_images']} imgs" if key else protocol["reference"]
+        key = protocol.get("reference_key") or {}
+        described = {"dataset", "split", "n_images"} <= key.keys()
+        reference = f"{key['dataset']} {key['split']} {key['n_images']} imgs" if described else protocol["reference"]
         parts.append(f"ref {reference}")
     return ", ".join(parts)
 

@@ -105,8 +105,10 @@ def test_shards_partition_the_evaluation_set_in_rank_order(n, world_size):
 def test_generation_runs_G_in_eval_mode_and_leaves_it_unchanged():
     gen = tiny_generator().train()
     before = {k: v.clone() for k, v in gen.state_dict().items()}
+    rng = torch.get_rng_state()
     z, labels = sample_inputs(10, 8, 3, seed=5)
     features = generated_features(gen, PixelBackbone(), z, labels, batch_size=4, device=CPU)
+    assert torch.equal(torch.get_rng_state(), rng), "evaluation must not move the training's global RNG"
     assert gen.training, "the training mode must be restored"
     assert all(torch.equal(before[k], v) for k, v in gen.state_dict().items()), "BN statistics / SN u changed"
     with torch.no_grad():
@@ -162,7 +164,9 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     config = tiny_config(tmp_path)
     dataset = build_dataset(config.dataset.name, config.dataset.args)
     assert dataset.dequantize, "the training data are dequantized; the reference must not be"
+    rng = torch.get_rng_state()
     reference = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
+    assert torch.equal(torch.get_rng_state(), rng), "computing a reference must not move the global RNG"
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:12]
     images = torch.stack([dataset[int(i)][0] for i in chosen])
     expected = PixelBackbone().features(images).pool3
@@ -218,7 +222,9 @@ def test_offline_backbone_falls_back_to_the_fid_helper_copy_and_says_so(tmp_path
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     monkeypatch.setattr(inception, "_download_weights", offline)
+    rng = torch.get_rng_state()
     backbone, note = load_backbone(None, CPU)
+    assert torch.equal(torch.get_rng_state(), rng), "loading must not move the training's global RNG"
     assert backbone.weights == FID_HELPER and not backbone.has_logits
     assert "download failed" in note and "no IS" in note and "\n" not in note
 
@@ -297,6 +303,21 @@ def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_
     assert record["iteration"] == 2
     assert record["FID"] == pytest.approx(trained["FID"], rel=1e-9)
     assert record["KID"] == pytest.approx(trained["KID"], rel=1e-9)
+
+
+def test_intra_fid_cli_scores_every_class_against_per_class_reference_statistics(evaluated_run, capsys):
+    snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
+    argv = ["metrics", "--snapshot", str(snapshot), "--metrics", "--intra-fid", "--samples-per-class", "2",
+            "--set", "evaluation.reference_images=12", "--json"]
+    assert evaluation.main(argv) == 0
+    out = capsys.readouterr().out
+    record = json.loads(out.strip().splitlines()[-1])
+    per_class = record["intra_FID_per_class"]
+    assert sorted(per_class) == ["0", "1", "2"] and all(value > 0 for value in per_class.values())
+    assert record["intra_FID"] == pytest.approx(np.mean(list(per_class.values())))
+    assert "FID" not in record and record["protocol"]["samples_per_class"] == 2
+    assert Path(record["protocol"]["reference"]).name == "synthetic_all_32px_12_tfinception_perclass.npz"
+    assert "intra-FID" in out and "over 3 classes of 2 samples" in out
 
 
 def test_ref_stats_cli_reuses_its_cache_and_refuses_another_setups(evaluated_run, capsys):

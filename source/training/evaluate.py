@@ -48,8 +48,8 @@ from source.metrics import (
     reference_key,
     save_reference,
 )
-from source.metrics.inception import LOGITS_UNAVAILABLE, WEIGHTS_FILE
 from source.metrics.generate import concatenate_features, generated_features, sample_inputs, shard_bounds
+from source.metrics.inception import LOGITS_UNAVAILABLE, WEIGHTS_FILE
 from source.metrics.statistics import key_differences
 from source.models import build_model
 from source.training import checkpoint
@@ -114,7 +114,14 @@ def load_backbone(weights: str | None, device: torch.device) -> tuple[InceptionB
 
     weights None means the standard torch-fidelity file (cache, else download) and, when that fails
     (offline), fid-helper's copy: FID and KID stay exact, only the Inception Score needs the full file.
+    Building the network initialises layers from the global RNG before the weights replace them; the
+    fork keeps that from shifting the training's random streams.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _load_backbone(weights, device)
+
+
+def _load_backbone(weights: str | None, device: torch.device) -> tuple[InceptionBackbone, str | None]:
     if weights is not None:
         return InceptionBackbone(weights, device), None
     try:
@@ -182,7 +189,10 @@ def compute_dataset_reference(
 ) -> tuple[ReferenceStats, np.ndarray]:
     """Statistics of the first n_images of the fixed permutation (all images when n_images = len), and features."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n_images]
-    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers)
+    # A private generator: DataLoader would otherwise draw its base seed from the global RNG, and the
+    # training streams would depend on whether this run or an earlier one computed the reference.
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=num_workers,
+                        generator=torch.Generator())
     keeper = _KeepFeatures(backbone, KID_REFERENCE_FEATURES)
     stats = compute_reference_stats(loader, keeper, per_class=per_class, total=n_images)
     return stats, np.concatenate(keeper.rows)
@@ -241,13 +251,11 @@ def file_reference(path: str, per_class: bool = False) -> Reference:
 
 
 def resolve_reference(
-    config: Config, backbone: InceptionBackbone, dataset: Dataset | None = None, per_class: bool = False,
-    path: str | None = None,
+    config: Config, backbone: InceptionBackbone, dataset: Dataset | None = None, per_class: bool = False
 ) -> Reference:
-    """`path`, else `evaluation.reference_stats`, else the cached dataset reference (built when no dataset is given)."""
-    path = path or config.evaluation.reference_stats
-    if path is not None:
-        return file_reference(path, per_class)
+    """`evaluation.reference_stats`, else the cached reference of `dataset` (of the config's when None)."""
+    if config.evaluation.reference_stats is not None:
+        return file_reference(config.evaluation.reference_stats, per_class)
     if dataset is None:
         dataset = build_dataset(config.dataset.name, config.dataset.args)
     return dataset_reference(config, dataset, backbone, config.evaluation.reference_images, per_class)
@@ -320,7 +328,7 @@ def describe(record: dict) -> str:
 
 def describe_reference(protocol: dict) -> str:
     key = protocol["reference_key"]
-    if not key:
+    if not {"dataset", "split", "resolution", "n_images"} <= key.keys():
         return f"{protocol['reference']} (external statistics)"
     return (f"{key['dataset']} {key['split']} {key['resolution']}px, {key['n_images']} images "
             f"({protocol['reference']})")
@@ -447,7 +455,7 @@ class Evaluate(Extension):
                 self._metrics, skipped = available_metrics(self.settings.metrics, self._backbone, self._reference)
                 notes += skipped
                 if not self._metrics:
-                    failure = "none of the requested metrics can be computed"
+                    failure = f"none of the requested metrics can be computed ({'; '.join(skipped)})"
         except EVALUATION_ERRORS as error:
             failure = str(error)
         failures = [f for f in gather_objects(failure, world) if f]
