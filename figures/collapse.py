@@ -14,17 +14,14 @@ import dataclasses
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from source.datasets import build_dataset  # noqa: E402
-from source.metrics.modes import mode_report  # noqa: E402
-from source.training.evaluate import load_generator  # noqa: E402
-from source.training.runlog import read_jsonl  # noqa: E402
+from figures.common import plt, save_figure
+from source.datasets import build_dataset
+from source.metrics.modes import mode_report
+from source.training.evaluate import load_generator
+from source.training.runlog import read_jsonl, sr_start
 
 CACHE = "modes.jsonl"
 
@@ -69,11 +66,6 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
     return [cached[i] for i in sorted(cached)]
 
 
-def sr_start(run: Path) -> int | None:
-    starts = [r["iteration"] for r in read_jsonl(run / "log.jsonl") if r.get("event") == "sr_start"]
-    return min(starts) if starts else None
-
-
 def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.Figure:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run, label in zip(runs, labels):
@@ -112,8 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
     out = args.out or args.runs[0] / "figures" / "collapse.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    collapse_figure(args.runs, labels, args.per_class).savefig(out, dpi=120)
+    save_figure(collapse_figure(args.runs, labels, args.per_class), out)
     print(f"wrote {out}")
     return out
 

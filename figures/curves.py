@@ -14,17 +14,14 @@ Reads only RUN/metrics.jsonl and RUN/log.jsonl.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-from matplotlib.axes import Axes  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from figures.common import plt, save_figure
+from source.training.runlog import events, read_jsonl, sr_start
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 
 METRICS = {"IS": "IS_std", "FID": None, "KID": "KID_std"}  # metric -> its standard deviation's key
 
@@ -37,36 +34,16 @@ class RunCurves:
     sr_start: int | None  # first iteration SR was on, if ever
 
 
-def read_records(path: Path) -> list[dict]:
-    """The JSON lines of `path` ([] when missing); a half-written last line (training still running) is skipped."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
-    return records
-
-
 def read_run(run_dir: Path, label: str) -> RunCurves:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
     metrics_path = run_dir / "metrics.jsonl"
-    records = {int(r["iteration"]): r for r in read_records(metrics_path) if any(m in r for m in METRICS)}
+    records = {int(r["iteration"]): r for r in read_jsonl(metrics_path) if any(m in r for m in METRICS)}
     if not records:
         raise ValueError(f"{metrics_path} holds no IS/FID/KID records; training writes them every "
                          "evaluation_interval iterations (evaluation.metrics must not be empty)")
-    events = [r for r in read_records(run_dir / "log.jsonl") if "event" in r]
-    starts = [int(e["iteration"]) for e in events if e["event"] == "sr_start"]
-    resumes = {int(e["iteration"]): parent_record(run_dir, e) for e in events if e["event"] == "resumed"}
-    return RunCurves(label, dict(sorted(records.items())), resumes, min(starts) if starts else None)
+    resumes = {int(e["iteration"]): parent_record(run_dir, e) for e in events(run_dir, "resumed")}
+    return RunCurves(label, dict(sorted(records.items())), resumes, sr_start(run_dir))
 
 
 def parent_record(run_dir: Path, event: dict) -> dict | None:
@@ -77,7 +54,7 @@ def parent_record(run_dir: Path, event: dict) -> dict | None:
     parent = Path(snapshot).resolve().parent.parent
     if parent == run_dir.resolve():
         return None
-    matches = [r for r in read_records(parent / "metrics.jsonl") if r.get("iteration") == event["iteration"]]
+    matches = [r for r in read_jsonl(parent / "metrics.jsonl") if r.get("iteration") == event["iteration"]]
     return matches[-1] if matches else None
 
 
@@ -151,15 +128,6 @@ def _event_lines(run: RunCurves) -> list[tuple[int, str, str]]:
             for iteration, parts in sorted(texts.items())]
 
 
-def save(figure: Figure, path: Path, pdf: bool) -> list[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [path, path.with_suffix(".pdf")] if pdf else [path]
-    for target in paths:
-        figure.savefig(target, dpi=150)
-    plt.close(figure)
-    return paths
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m figures.curves", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders, e.g. the SN run and the SR run")
@@ -176,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     labels = args.labels or [run.resolve().name for run in args.runs]
     runs = [read_run(run, label) for run, label in zip(args.runs, labels)]
-    written = save(curves_figure(runs), (args.out or args.runs[0] / "figures") / "curves.png", args.pdf)
+    written = save_figure(curves_figure(runs), (args.out or args.runs[0] / "figures") / "curves.png", args.pdf)
     for path in written:
         print(path)
     return written

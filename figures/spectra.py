@@ -12,19 +12,16 @@ start itself is bold) and as a vertical line on the heatmap. Reads only RUN/spec
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from figures.common import plt, save_figure
+from source.training.runlog import sr_start
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from source.spectral.collapse import collapse_score  # noqa: E402
-from source.spectral.spectra import SpectraRecord, list_spectra, load_spectra  # noqa: E402
+from source.spectral.collapse import collapse_score
+from source.spectral.spectra import SpectraRecord, list_spectra, load_spectra
 
 DEFAULT_MAX_CURVES = 10  # without --iterations, a spectrum plot with more curves is unreadable
 
@@ -41,32 +38,11 @@ def read_run(run_dir: Path) -> RunSpectra:
     if not files:
         raise FileNotFoundError(f"{run_dir / 'spectra'} holds no spectra_iter_*.npz files; is {run_dir} a run folder "
                                 "of a run with spectra logging on?")
-    starts = sr_start_iterations(run_dir / "log.jsonl")
     return RunSpectra(
         name=run_dir.resolve().name,
         records={iteration: load_spectra(path) for iteration, path in files},
-        sr_start=min(starts) if starts else None,
+        sr_start=sr_start(run_dir),
     )
-
-
-def sr_start_iterations(log_path: Path) -> list[int]:
-    """Iterations of all {"event": "sr_start"} lines; a half-written last line (training still running) is skipped."""
-    if not log_path.is_file():
-        return []
-    lines = log_path.read_text().splitlines()
-    starts = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                break
-            raise ValueError(f"{log_path}:{number} is not valid JSON ({error})") from error
-        if entry.get("event") == "sr_start":
-            starts.append(int(entry["iteration"]))
-    return starts
 
 
 def resolve_layer(record: SpectraRecord, net: str, layer: str | None) -> tuple[str, int | None]:
@@ -179,15 +155,6 @@ def _edges(centers: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centers[0] - middles[0]], middles, [2 * centers[-1] - middles[-1]]])
 
 
-def _save(figure: Figure, path: Path, pdf: bool) -> list[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [path, path.with_suffix(".pdf")] if pdf else [path]
-    for target in paths:
-        figure.savefig(target, dpi=150)
-    plt.close(figure)
-    return paths
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m figures.spectra", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="one run folder, or two to compare side by side")
@@ -211,10 +178,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     out_dir = args.out or args.runs[0] / "figures"
     prefix = "" if args.net == "dis" else "gen_"
     layer_tag = f"layer{index}" if index is not None else layer
-    written = _save(spectra_figure(runs, args.net, layer, index, iterations),
+    written = save_figure(spectra_figure(runs, args.net, layer, index, iterations),
                     out_dir / f"spectra_{prefix}{layer_tag}.png", args.pdf)
     heatmap_name = "collapse_heatmap.png" if args.net == "dis" else "collapse_heatmap_gen.png"
-    written += _save(collapse_heatmap_figure(runs, args.net), out_dir / heatmap_name, args.pdf)
+    written += save_figure(collapse_heatmap_figure(runs, args.net), out_dir / heatmap_name, args.pdf)
     for path in written:
         print(path)
     return written

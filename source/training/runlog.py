@@ -44,10 +44,33 @@ class RunLog:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The records of ``path`` ([] when missing); a half-written last line (training still running) is skipped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text().splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
+    return records
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    """The run's ``{"event": name}`` records, e.g. "sr_start" or "resumed"."""
+    return [r for r in read_jsonl(Path(run_dir) / "log.jsonl") if r.get("event") == name]
+
+
+def sr_start(run_dir: Path) -> int | None:
+    """The first iteration at which SR was on in this run, if ever."""
+    starts = [int(e["iteration"]) for e in events(run_dir, "sr_start")]
+    return min(starts) if starts else None
 
 
 def truncate_after(path: Path, iteration: int) -> None:
