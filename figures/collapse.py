@@ -43,11 +43,12 @@ def real_images(config) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def class_samples(gen: torch.nn.Module, per_class: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    labels = torch.arange(gen.n_classes).repeat_interleave(per_class)
-    z = torch.randn(len(labels), gen.dim_z, generator=torch.Generator().manual_seed(seed))
-    images = torch.cat([gen(z[i:i + 250], labels[i:i + 250]) for i in range(0, len(labels), 250)])
-    return images.clamp(-1, 1).numpy(), labels.numpy()
+def class_samples(gen: torch.nn.Module, per_class: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """``per_class`` samples of every class (fixed latents); as many in all, unlabelled, for an unconditional G."""
+    labels = torch.arange(n_classes).repeat_interleave(per_class) if gen.n_classes else None
+    z = torch.randn(per_class * n_classes, gen.dim_z, generator=torch.Generator().manual_seed(seed))
+    chunks = [gen(z[i:i + 250], None if labels is None else labels[i:i + 250]) for i in range(0, len(z), 250)]
+    return torch.cat(chunks).clamp(-1, 1).numpy(), None if labels is None else labels.numpy()
 
 
 def mode_history(run: Path, per_class: int) -> list[dict]:
@@ -59,7 +60,7 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
         loaded = load_generator(str(path), torch.device("cpu"))
         if real is None:
             real = real_images(loaded.config)
-        samples, labels = class_samples(loaded.gen, per_class)
+        samples, labels = class_samples(loaded.gen, per_class, n_classes=int(real[1].max()) + 1)
         cached[iteration] = {"iteration": iteration, **mode_report(samples, labels, *real).to_dict()}
         with open(run / CACHE, "a") as handle:
             handle.write(json.dumps(cached[iteration]) + "\n")

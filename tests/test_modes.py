@@ -44,3 +44,11 @@ def test_collapsed_generator_is_caught():
     report = mode_report(one_image, np.repeat(np.arange(4), 10), real, labels)
     assert report.modes == 1 and report.entropy == 0 and report.diversity < 1e-5
     assert np.isclose(report.label_agreement, 0.25)
+
+
+def test_unconditional_samples_compare_with_the_whole_data_set():
+    rng = np.random.default_rng(3)
+    real, labels = real_set(rng)
+    held_out, _ = real_set(rng)
+    report = mode_report(held_out[rng.permutation(len(held_out))], None, real, labels)
+    assert report.modes == 4 and np.isnan(report.label_agreement) and 0.9 < report.diversity < 1.1

@@ -46,14 +46,23 @@ def mean_pairwise_distance(images: np.ndarray) -> float:
     return float(distances.sum() / (n * (n - 1)))
 
 
-def mode_report(samples: np.ndarray, sample_labels: np.ndarray, real: np.ndarray, real_labels: np.ndarray,
+def mode_report(samples: np.ndarray, sample_labels: np.ndarray | None, real: np.ndarray, real_labels: np.ndarray,
                 min_share: float = 0.02) -> ModeReport:
-    """All four measures for class-conditional samples (images in the same value range as ``real``)."""
+    """All four measures (images in the same value range as ``real``).
+
+    ``sample_labels`` are the classes the samples were generated for; None for an unconditional G,
+    whose diversity is then compared with the whole real set and whose label agreement is NaN.
+    """
     n_classes = int(real_labels.max()) + 1
     nearest = nearest_labels(samples, real, real_labels)
     histogram = np.bincount(nearest, minlength=n_classes) / len(nearest)
     nonzero = histogram[histogram > 0]
-    ratios = [mean_pairwise_distance(samples[sample_labels == c]) / mean_pairwise_distance(real[real_labels == c])
-              for c in np.unique(sample_labels)]
+    if sample_labels is None:
+        diversity = mean_pairwise_distance(samples) / mean_pairwise_distance(real[:len(samples)])
+        agreement = float("nan")
+    else:
+        diversity = np.mean([mean_pairwise_distance(samples[sample_labels == c]) /
+                             mean_pairwise_distance(real[real_labels == c]) for c in np.unique(sample_labels)])
+        agreement = float((nearest == sample_labels).mean())
     return ModeReport(modes=int((histogram >= min_share).sum()), entropy=float(-(nonzero * np.log(nonzero)).sum()),
-                      label_agreement=float((nearest == sample_labels).mean()), diversity=float(np.mean(ratios)))
+                      label_agreement=agreement, diversity=float(diversity))
