@@ -19,6 +19,7 @@ import torch
 
 from figures.common import plt, save_figure
 from source.datasets import build_dataset
+from source.metrics.generate import generate_uint8, sample_inputs
 from source.metrics.modes import mode_report
 from source.training.evaluate import load_generator
 from source.training.runlog import read_jsonl, sr_start
@@ -42,13 +43,13 @@ def real_images(config) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.float32) / 127.5 - 1, labels
 
 
-@torch.no_grad()
 def class_samples(gen: torch.nn.Module, per_class: int, n_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
-    """``per_class`` samples of every class (fixed latents); as many in all, unlabelled, for an unconditional G."""
+    """``per_class`` samples of every class (fixed latents), quantized like the data; as many in all,
+    unlabelled, for an unconditional G."""
     labels = torch.arange(n_classes).repeat_interleave(per_class) if gen.n_classes else None
-    z = torch.randn(per_class * n_classes, gen.dim_z, generator=torch.Generator().manual_seed(seed))
-    chunks = [gen(z[i:i + 250], None if labels is None else labels[i:i + 250]) for i in range(0, len(z), 250)]
-    return torch.cat(chunks).clamp(-1, 1).numpy(), None if labels is None else labels.numpy()
+    z, labels = sample_inputs(per_class * n_classes, gen.dim_z, gen.n_classes, seed, labels)
+    images = torch.cat(list(generate_uint8(gen, z, labels, 250, torch.device("cpu"))))
+    return images.numpy().astype(np.float32) / 127.5 - 1, None if labels is None else labels.numpy()
 
 
 def mode_history(run: Path, per_class: int) -> list[dict]:

@@ -11,6 +11,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from source.metrics.generate import eval_mode
 from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
 from source.spectral.spectra import compute_spectra, save_spectra
 from source.training.trainer import Extension, Trainer
@@ -106,12 +107,8 @@ class Preview(Extension):
         if gen.n_classes > 0:
             classes = torch.linspace(0, gen.n_classes - 1, self.rows).round().long()
             labels = classes.repeat_interleave(self.columns).to(device)
-        was_training = gen.training
-        gen.eval()  # running BN statistics, as the original's sampling
-        try:
+        with eval_mode(gen):  # running BN statistics, as the original's sampling
             return gen(z, labels).clamp(-1, 1).cpu()
-        finally:
-            gen.train(was_training)
 
 
 class Snapshot(Extension):
