@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: setup data demo test test-slow clean
+.PHONY: setup data demo test clean
 
 setup: $(VENV)/.installed
 
@@ -35,9 +35,6 @@ demo: setup data
 
 test: setup data
 	$(PY) -m pytest -q
-
-test-slow: setup data
-	$(PY) -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) results
