@@ -96,7 +96,6 @@ class Updater:
         self.accumulation = config.accumulation_steps(world.size)
         self.iteration = 0
         self.apply_SR = config.updater.apply_SR is True  # "auto" starts off; the collapse detector turns it on
-        self.sr_acted = False
 
     @property
     def gen_module(self) -> nn.Module:
@@ -109,7 +108,6 @@ class Updater:
     def update(self) -> dict[str, float]:
         """Run one iteration and return its losses (means over the global batch)."""
         self._set_learning_rates()
-        self.sr_acted = False
         losses = torch.zeros(2, device=self.world.device)
         if self.config.updater.order == "g_first":
             losses[1] = self._gen_step()
@@ -163,7 +161,7 @@ class Updater:
     def _regularize(self) -> None:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""
         if self.apply_SR and self.regularizer is not None:
-            self.sr_acted |= self.regularizer(self.dis_module, self.iteration)
+            self.regularizer(self.dis_module, self.iteration)
 
     def _latents(self, phase: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents and labels for the whole global batch of this phase; each micro-batch takes its slice."""
