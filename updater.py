@@ -168,11 +168,9 @@ class Updater:
         gen = self.gen_module
         generator = torch.Generator(device=self.world.device)
         generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
-        n = self.config.batchsize
-        z = torch.randn(n, gen.dim_z, generator=generator, device=self.world.device)
-        if gen.n_classes == 0:
-            return z, None
-        return z, torch.randint(gen.n_classes, (n,), generator=generator, device=self.world.device)
+        n, device = self.config.batchsize, self.world.device
+        z = gen.sample_z(n, device, generator)
+        return z, (gen.sample_y(n, device, generator) if gen.n_classes else None)
 
     def _micro_slice(self, micro: int) -> slice:
         """Rank r's micro-batch k holds global samples (k*W + r)*m ... +m, like the data iterator's shards."""

@@ -102,7 +102,7 @@ def test_accumulation_matches_one_big_batch_for_D(tmp_path):
         params.append({n: p.grad.clone() for n, p in models.dis.named_parameters()})
     (big, big_grad), (small, small_grad) = (params[0], params[1]), (params[2], params[3])
     for name in big_grad:
-        torch.testing.assert_close(small_grad[name], big_grad[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(small_grad[name], big_grad[name], rtol=1e-3, atol=1e-5)  # float32 sums in another order
     for name in big:
         torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-6)
 
