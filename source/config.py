@@ -127,7 +127,7 @@ def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({_first_line(error)})") from None
+        raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
     return config_from_dict(raw, overrides, source=str(path), world_size=world_size)
 
 
@@ -372,5 +372,6 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _first_line(error: Exception) -> str:
-    return str(error).strip().splitlines()[0]
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

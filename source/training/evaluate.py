@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from source.config import Config, ConfigError, EvaluationConfig, config_from_dict
+from source.config import Config, ConfigError, EvaluationConfig, config_from_dict, first_line
 from source.datasets import DatasetError, build_dataset
 from source.metrics import (
     FID_HELPER,
@@ -88,7 +88,7 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = ()) -
     try:
         snapshot = checkpoint.load_snapshot(path)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a readable snapshot ({_first_line(error)}); is the file complete?") from None
+        raise ValueError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
     if "config" not in snapshot:
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
     config = config_from_dict(copy.deepcopy(snapshot["config"]), list(overrides), source=f"{path} (config)")
@@ -98,12 +98,8 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = ()) -
         gen.load_state_dict(snapshot["gen"])
     except RuntimeError as error:
         raise ValueError(f"{path}: the generator weights do not fit {spec.name}({spec.args}): "
-                         f"{_first_line(error)}") from None
+                         f"{first_line(error)}") from None
     return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path))
-
-
-def _first_line(error: Exception) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 # --- Inception weights -------------------------------------------------------------------------
@@ -245,7 +241,7 @@ def file_reference(path: str, per_class: bool = False) -> Reference:
     except KeyError as error:
         raise ReferenceUnavailable(str(error).strip("'\"")) from None
     except (ValueError, OSError) as error:
-        raise ReferenceUnavailable(f"cannot read reference statistics {path} ({_first_line(error)})") from None
+        raise ReferenceUnavailable(f"cannot read reference statistics {path} ({first_line(error)})") from None
     features = _load_features(features_path(path), meta) if meta else None
     return Reference(path, meta, ReferenceStats(mu, sigma, int(meta.get("n_images", 0)), classes), features)
 
