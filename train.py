@@ -16,7 +16,7 @@ import torch
 from source.config import Config, ConfigError, config_differences, load_config, save_config
 from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
-from source.training.distributed import World, init_world, shutdown_world, world_size_from_env
+from source.training.distributed import World, init_world, rank_from_env, shutdown_world, world_size_from_env
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate
 from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides, world_size=world_size_from_env())
         snapshot = checkpoint.load_snapshot(args.resume) if args.resume else None
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if rank_from_env() == 0:  # under torchrun every rank reads the same config: one report is enough
+            print(f"error: {error}", file=sys.stderr)
         return 2
     world = init_world(config.device)
     try:

@@ -4,3 +4,25 @@ import os
 # numpy's OpenBLAS with 2 threads on a shared 2-core machine makes the 2048-d eigensolvers of FID
 # erratic (seconds instead of a fraction); one thread is faster and stable.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def full_inception_weights(tmp_path_factory):
+    """A complete torch-fidelity weights file, as users download it, built offline.
+
+    The real pool3 weights (fid-helper's copy, converted) plus a seeded random logits layer: it
+    exercises every code path of the full file (IS included) with features identical to fid-helper's.
+    """
+    from source.metrics import inception
+
+    state = inception.convert_fid_helper_weights()
+    generator = torch.Generator().manual_seed(0)
+    state["fc.weight"] = torch.randn(1008, 2048, generator=generator) * 0.05
+    state["fc.bias"] = torch.randn(1008, generator=generator)
+    path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_FILE
+    torch.save(state, path)
+    return path

@@ -46,6 +46,15 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, mutate
     assert str(path) in err and expected in err
 
 
+@pytest.mark.parametrize("rank, reported", [(0, True), (1, False)])
+def test_under_torchrun_only_rank_0_reports_a_config_error(tmp_path, capsys, monkeypatch, rank, reported):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    path = write_config(tmp_path, lambda c: c["updater"].update(n_dsi=5))
+    code, _, err = run_train(["--config", str(path)], capsys)
+    assert code == 2 and ("updater.n_dsi: unknown key" in err) == reported
+
+
 def test_override_errors_and_yaml_typing(capsys):
     code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis", "--dry-run"], capsys)
     assert code == 2 and "expected KEY=VALUE" in err

@@ -305,6 +305,20 @@ def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_
     assert record["KID"] == pytest.approx(trained["KID"], rel=1e-9)
 
 
+def test_metrics_cli_computes_the_inception_score_with_full_weights(evaluated_run, full_inception_weights, capsys):
+    snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
+    argv = ["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--inception-weights",
+            str(full_inception_weights), "--metrics", "is", "fid", "--splits", "2", "--json"]
+    assert evaluation.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "IS skipped" not in out and "over 2 split(s)" in out
+    record = json.loads(out.strip().splitlines()[-1])
+    assert 1.0 < record["IS"] < 1000.0 and record["IS_std"] > 0.0  # 2 splits of 3 images give two values
+    assert record["protocol"]["weights"] == str(full_inception_weights) and record["protocol"]["splits"] == 2
+    (trained,) = read_metrics(evaluated_run)  # scored with the pool3-only copy: the same features
+    assert record["FID"] == pytest.approx(trained["FID"], rel=1e-6)
+
+
 def test_intra_fid_cli_scores_every_class_against_per_class_reference_statistics(evaluated_run, capsys):
     snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
     argv = ["metrics", "--snapshot", str(snapshot), "--metrics", "--intra-fid", "--samples-per-class", "2",

@@ -332,3 +332,16 @@ def test_fid_helper_backbone_has_no_logits_and_replicates_gray_images(fid_helper
         fid_helper_backbone.require_logits()
     with pytest.raises(ValueError, match="to_uint8"):
         fid_helper_backbone.features(gray.float())
+
+
+def test_full_weights_give_fid_helper_pool3_and_logits_with_or_without_bias(full_inception_weights,
+                                                                           fid_helper_backbone):
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    state = torch.load(full_inception_weights)
+    weight, bias = state["fc.weight"].double().numpy(), state["fc.bias"].double().numpy()
+    with_bias = InceptionBackbone(str(full_inception_weights)).features(images)
+    without_bias = InceptionBackbone(str(full_inception_weights), logits_with_bias=False).features(images)
+    np.testing.assert_allclose(with_bias.pool3, fid_helper_backbone.features(images).pool3, atol=1e-5)
+    assert with_bias.logits.shape == (2, 1008)
+    np.testing.assert_allclose(with_bias.logits, with_bias.pool3 @ weight.T + bias, atol=1e-3)
+    np.testing.assert_allclose(without_bias.logits, with_bias.pool3 @ weight.T, atol=1e-3)

@@ -30,10 +30,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun announces it (0 without torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_world(device: str = "auto") -> World:
     """Join the process group torchrun prepared (NCCL on GPU, gloo on CPU) and pick this rank's device."""
-    size = world_size_from_env()
-    rank = int(os.environ.get("RANK", "0"))
+    size, rank = world_size_from_env(), rank_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     resolved = _resolve_device(device, local_rank)
     if size > 1 and not dist.is_initialized():
