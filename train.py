@@ -76,8 +76,7 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-        print(f"run folder: {out}  (world size {world.size}, {trainer.updater.accumulation} accumulation steps "
-              f"of {config.micro_batchsize} per rank = global batch {config.batchsize})", flush=True)
+        print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
     trainer.run()
@@ -119,26 +118,41 @@ def make_extensions(config: Config, world: World) -> list:
             Snapshot(config.snapshot_interval)]
 
 
+def batch_summary(config: Config, world: World) -> str:
+    def split(batchsize: int) -> str:
+        return (f"{batchsize} = {config.micro_batchsize} (micro) x {world.size} (world size) x "
+                f"{config.accumulation_steps(world.size, batchsize)} (accumulation steps)")
+
+    same = config.gen_batch == config.batchsize
+    return split(config.batchsize) if same else f"D {split(config.batchsize)}; G {split(config.gen_batch)}"
+
+
+def describe_data(config: Config, world: World, source: str) -> str:
+    """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data)."""
+    problems = check_dataset_args(config.dataset.name, config.dataset.args)
+    try:
+        if not problems:
+            batches = build.build_batches(config, world, source=source)
+            return (f"{config.dataset.name}: {len(batches.dataset):,} images, {batches.dataset.n_classes} classes, "
+                    f"{batches.dataset.size}px")
+    except DatasetError as error:  # e.g. a download that cannot happen offline
+        problems = [str(error)]
+    return "NOT AVAILABLE: " + "; ".join(problems)
+
+
 def dry_run(config: Config, models: build.Models, world: World, out: Path, source: str) -> int:
     rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
             ("discriminator", f"{config.models.discriminator.name}: {build.count_parameters(models.dis):,} parameters"),
             ("optimizers", f"Adam G lr {config.adam_G.alpha} betas ({config.adam_G.beta1}, {config.adam_G.beta2}); "
                            f"Adam D lr {config.adam_D.alpha} betas ({config.adam_D.beta1}, {config.adam_D.beta2})"),
-            ("global batch", f"{config.batchsize} = {config.micro_batchsize} (micro) x {world.size} (world size) x "
-                             f"{config.accumulation_steps(world.size)} (accumulation steps)"),
+            ("global batch", batch_summary(config, world)),
             ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
                         f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", str(out))]
     for model, adam in ((models.gen, config.adam_G), (models.dis, config.adam_D)):
         build.build_optimizer(model, adam)  # constructing them rejects impossible hyperparameters
-    problems = check_dataset_args(config.dataset.name, config.dataset.args)
-    if problems:
-        rows.append(("data", "NOT AVAILABLE: " + "; ".join(problems)))
-    else:
-        batches = build.build_batches(config, world, source=source)
-        rows.append(("data", f"{config.dataset.name}: {len(batches.dataset):,} images, "
-                             f"{batches.dataset.n_classes} classes, {batches.dataset.size}px"))
+    rows.append(("data", describe_data(config, world, source)))
     if world.is_main:
         width = max(len(name) for name, _ in rows)
         print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))

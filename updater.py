@@ -1,7 +1,7 @@
 """One training iteration, as SRGANs' ``update_core``: D step(s), SR, then the G step.
 
-The global batch (``batchsize`` real and as many fake images) is built from micro-batches of
-``micro_batchsize`` by gradient accumulation, split over DDP ranks, so one optimizer step sees
+The global batch (``batchsize`` real and as many fake images for D, ``gen_batch`` fakes for G)
+is built from micro-batches of ``micro_batchsize`` by gradient accumulation, split over DDP ranks, so one optimizer step sees
 the same batch on 1 or N processes.  G's BatchNorm statistics are those of one micro-batch, as in
 the original.  The latents of a global batch are drawn from a generator seeded by (seed,
 iteration, phase) and sliced like the data: reproducible after a resume, and the same samples
@@ -94,6 +94,7 @@ class Updater:
         self.regularizer = regularizer
         self.loss_dis, self.loss_gen = LOSSES[config.updater.loss_type]
         self.accumulation = config.accumulation_steps(world.size)
+        self.gen_accumulation = config.accumulation_steps(world.size, config.gen_batch)
         self.iteration = 0
         self.apply_SR = config.updater.apply_SR is True  # "auto" starts off; the collapse detector turns it on
 
@@ -123,7 +124,7 @@ class Updater:
     def _dis_step(self, step: int) -> torch.Tensor:
         self.opt_dis.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.world.device)
-        z_all, labels_all = self._latents(step)
+        z_all, labels_all = self._latents(step, self.config.batchsize)
         for micro in range(self.accumulation):
             real, real_labels = (t.to(self.world.device, non_blocking=True) for t in next(self.batches))
             part = self._micro_slice(micro)
@@ -131,7 +132,7 @@ class Updater:
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0):
                 fake = self.gen_module(z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-            with self._sync(self.dis, micro), power_iteration((self.dis_module,), enabled=micro == 0):
+            with self._sync(self.dis, micro, self.accumulation), power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step, and the graph torch.compile handles well.
                 logits_real, logits_fake = self.dis(torch.cat([real, fake]), labels).chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)
@@ -144,31 +145,31 @@ class Updater:
         self.opt_gen.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.world.device)
         dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
-        z_all, labels_all = self._latents(G_PHASE)
+        z_all, labels_all = self._latents(G_PHASE, self.config.gen_batch)
         try:
-            for micro in range(self.accumulation):
+            for micro in range(self.gen_accumulation):
                 part = self._micro_slice(micro)
                 labels = None if labels_all is None else labels_all[part]
-                with self._sync(self.gen, micro), power_iteration((self.gen_module, dis), enabled=micro == 0):
+                with self._sync(self.gen, micro, self.gen_accumulation), \
+                        power_iteration((self.gen_module, dis), enabled=micro == 0):
                     loss = self.loss_gen(dis(self.gen(z_all[part], labels), labels))
-                    (loss / self.accumulation).backward()
+                    (loss / self.gen_accumulation).backward()
                 total += loss.detach()
         finally:
             dis.requires_grad_(True)
         self.opt_gen.step()
-        return total / self.accumulation
+        return total / self.gen_accumulation
 
     def _regularize(self) -> None:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""
         if self.apply_SR and self.regularizer is not None:
             self.regularizer(self.dis_module, self.iteration)
 
-    def _latents(self, phase: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents and labels for the whole global batch of this phase; each micro-batch takes its slice."""
-        gen = self.gen_module
-        generator = torch.Generator(device=self.world.device)
+    def _latents(self, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents and labels for the ``n`` samples of this phase; each micro-batch takes its slice."""
+        gen, device = self.gen_module, self.world.device
+        generator = torch.Generator(device=device)
         generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
-        n, device = self.config.batchsize, self.world.device
         z = gen.sample_z(n, device, generator)
         return z, (gen.sample_y(n, device, generator) if gen.n_classes else None)
 
@@ -177,9 +178,9 @@ class Updater:
         start = (micro * self.world.size + self.world.rank) * self.config.micro_batchsize
         return slice(start, start + self.config.micro_batchsize)
 
-    def _sync(self, model: nn.Module, micro: int):
+    def _sync(self, model: nn.Module, micro: int, accumulation: int):
         """DDP all-reduces gradients only on the last micro-batch of the accumulation."""
-        last = micro == self.accumulation - 1
+        last = micro == accumulation - 1
         if isinstance(model, DistributedDataParallel) and not last:
             return model.no_sync()
         return nullcontext()

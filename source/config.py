@@ -95,6 +95,7 @@ class Config:
     iteration: int = 500000
     iteration_decay_start: int = 500000
     batchsize: int = 64
+    gen_batchsize: Union[int, None] = None  # the G step's global batch; null: batchsize (SRGANs CIFAR: 2x)
     micro_batchsize: int = 32
     display_interval: int = 100
     snapshot_interval: int = 10000
@@ -109,8 +110,13 @@ class Config:
     updater: UpdaterConfig = field(default_factory=UpdaterConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
 
-    def accumulation_steps(self, world_size: int) -> int:
-        return self.batchsize // (self.micro_batchsize * world_size)
+    @property
+    def gen_batch(self) -> int:
+        return self.batchsize if self.gen_batchsize is None else self.gen_batchsize
+
+    def accumulation_steps(self, world_size: int, batchsize: int | None = None) -> int:
+        """Micro-batches per rank for one optimizer step on ``batchsize`` (default: D's) samples."""
+        return (batchsize or self.batchsize) // (self.micro_batchsize * world_size)
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -279,16 +285,17 @@ def _reject_unknown(value: dict, valid: list[str], key: str, source: str) -> Non
 
 
 def _check_consistency(config: Config, source: str, world_size: int) -> None:
-    per_step = config.micro_batchsize * world_size
-    if config.batchsize % per_step:
-        raise ConfigError(
-            f"{source}: batchsize: {config.batchsize} is not divisible by micro_batchsize x world size "
-            f"= {config.micro_batchsize} x {world_size} = {per_step}")
-    positive = ["iteration", "batchsize", "micro_batchsize", "display_interval", "snapshot_interval",
+    positive = ["iteration", "batchsize", "gen_batchsize", "micro_batchsize", "display_interval", "snapshot_interval",
                 "evaluation_interval", "spectra_interval", "preview_interval"]
     for name in positive:
-        if getattr(config, name) <= 0:
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
             raise ConfigError(f"{source}: {name}: must be positive, got {getattr(config, name)}")
+    per_step = config.micro_batchsize * world_size
+    for name, value in (("batchsize", config.batchsize), ("gen_batchsize", config.gen_batch)):
+        if value % per_step:
+            raise ConfigError(
+                f"{source}: {name}: {value} is not divisible by micro_batchsize x world size "
+                f"= {config.micro_batchsize} x {world_size} = {per_step}")
     if config.updater.n_dis < 1 or config.updater.sr.interval < 1:
         raise ConfigError(f"{source}: updater.n_dis and updater.sr.interval must be >= 1")
     gen_classes = config.models.generator.args.get("n_classes", 0)

@@ -35,6 +35,9 @@ def write_config(tmp_path, mutate) -> Path:
      "did you mean 'SNResNetProjectionDiscriminator'?"),
     (lambda c: c.update(micro_batchsize=24),
      "batchsize: 32 is not divisible by micro_batchsize x world size = 24 x 1 = 24"),
+    (lambda c: c.update(gen_batchsize=48),
+     "gen_batchsize: 48 is not divisible by micro_batchsize x world size = 32 x 1 = 32"),
+    (lambda c: c.update(micro_batchsize=0), "micro_batchsize: must be positive, got 0"),
     (lambda c: c["updater"]["sr"].update(mode="dynamc"), "updater.sr.mode: expected 'dynamic' or 'static'"),
     (lambda c: c.pop("models"), "models: missing required key"),
 ])

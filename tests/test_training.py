@@ -204,6 +204,47 @@ def test_sr_imagenet_config_trains_two_iterations_on_a_jpeg_folder(tmp_path):
     assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 1000
 
 
+def test_cifar_config_trains_with_static_SR_on_a_cifar_folder(tmp_path):
+    from test_datasets import write_cifar_standin
+
+    root, out = tmp_path / "cifar", tmp_path / "run"
+    write_cifar_standin(root)
+    overrides = [f"dataset.args.root={root}", "dataset.args.download=false", "models.generator.args.ch=8",
+                 "models.discriminator.args.ch=8", "batchsize=8", "gen_batchsize=16", "micro_batchsize=4",
+                 "iteration=1", "num_workers=0", "snapshot_interval=1", "evaluation.metrics=[]"]
+    argv = ["--config", str(CONFIGS / "cifar" / "sr_cifar10.yaml"), "--out", str(out)] + [
+        a for o in overrides for a in ("--set", o)]
+    assert train.main(argv) == 0
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert {"iteration": 0, "event": "sr_start", "mode": "static"} in events
+    dis = load_snapshot(out / "snapshots" / "snapshot_iter_1.pt")["dis"]
+    assert "l5.bias" not in dis, "SRDiscriminator's head has no bias"
+    convs = [k for k in dis if k.endswith("weight.original") and dis[k].dim() == 4]
+    assert len(convs) == 10
+    for name in convs:  # static SR ran after the last D step: norm 1, top half of the spectrum at 1
+        s = torch.linalg.svdvals(dis[name].double().flatten(1))
+        torch.testing.assert_close(s[: len(s) // 2], torch.ones(len(s) // 2, dtype=torch.float64))
+
+
+def test_gen_batchsize_sets_the_G_step_batch(tmp_path):
+    """G first, so D is still at init: batch 32 with gen_batchsize 64 gives the G update of batch 64."""
+    def gen_after_one_step(*overrides):
+        config = load_config(CONFIGS / "demo.yaml", TINY + ["updater.order=g_first", "micro_batchsize=32",
+                                                            "updater.apply_SR=false", *overrides])
+        world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+        torch.manual_seed(0)
+        models = build.build_models(config, world.device)
+        upd = build.build_updater(config, world, models, build.build_batches(config, world))
+        upd._gen_step()
+        return upd.gen_accumulation, models.gen.state_dict()
+
+    accumulation, wide = gen_after_one_step("batchsize=32", "gen_batchsize=64")
+    _, reference = gen_after_one_step("batchsize=64")
+    _, narrow = gen_after_one_step("batchsize=32")
+    assert accumulation == 2
+    assert tensors_equal(wide, reference) and not tensors_equal(wide, narrow)
+
+
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist (make data)")
 def test_demo_config_runs_a_few_iterations(tmp_path):
     out = tmp_path / "demo"

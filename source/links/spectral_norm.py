@@ -41,8 +41,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, gain: float, s
     return _finish(conv, gain, spectral_norm)
 
 
-def linear(in_features: int, out_features: int, gain: float, spectral_norm: bool) -> nn.Linear:
-    return _finish(nn.Linear(in_features, out_features), gain, spectral_norm)
+def linear(in_features: int, out_features: int, gain: float, spectral_norm: bool, bias: bool = True) -> nn.Linear:
+    return _finish(nn.Linear(in_features, out_features, bias=bias), gain, spectral_norm)
 
 
 def embedding(num_embeddings: int, embedding_dim: int, gain: float, spectral_norm: bool) -> nn.Embedding:

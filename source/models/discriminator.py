@@ -19,11 +19,13 @@ class SNResNetProjectionDiscriminator(nn.Module):
 
     Head: ReLU -> global *sum* pooling -> h; score = linear(h) + <l_y(y), h> (projection) when
     ``n_classes > 0``. Every conv, the head linear and ``l_y`` are spectrally normalized.
+    ``head_bias=False`` drops the head linear's bias, as SRGANs' CIFAR ``SRDiscriminator`` does.
     Modules are named as in the original: ``block1``..``blockK``, head linear ``l{K+1}``
     (``l7`` at 128 px), class embedding ``l_y``.
     """
 
-    def __init__(self, ch: int = 64, n_classes: int = 0, resolution: int = 128, channels: int = 3):
+    def __init__(self, ch: int = 64, n_classes: int = 0, resolution: int = 128, channels: int = 3,
+                 head_bias: bool = True):
         super().__init__()
         _validate(ch=ch, n_classes=n_classes, resolution=resolution, channels=channels)
         self.n_classes = n_classes
@@ -36,7 +38,7 @@ class SNResNetProjectionDiscriminator(nn.Module):
             self.block_names.append(name)
             in_channels = multiplier * ch
         self.linear_name = f"l{len(self.block_names) + 1}"
-        self.add_module(self.linear_name, linear(in_channels, 1, gain=1.0, spectral_norm=True))
+        self.add_module(self.linear_name, linear(in_channels, 1, gain=1.0, spectral_norm=True, bias=head_bias))
         if n_classes > 0:
             self.l_y = embedding(n_classes, in_channels, gain=1.0, spectral_norm=True)
 
