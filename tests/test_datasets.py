@@ -307,7 +307,7 @@ def test_synthetic_rejects_bad_args():
 
 def test_registry_names_and_unknown_dataset():
     assert set(DATASETS) == {"imagenet", "fashion_mnist", "cifar10", "synthetic"}
-    with pytest.raises(DatasetError, match="unknown dataset 'imagenett'; did you mean imagenet"):
+    with pytest.raises(DatasetError, match="unknown dataset 'imagenett'; known: cifar10, fashion_mnist, imagenet, synthetic"):
         build_dataset("imagenett", SyntheticArgs())
     with pytest.raises(TypeError, match="needs a SyntheticArgs"):
         build_dataset("synthetic", ImageNetArgs(root="/"))

@@ -350,5 +350,5 @@ def test_build_model():
     gen = build_model("ResNetGenerator", {"ch": 2, "resolution": 32, "n_classes": 5})
     assert isinstance(gen, ResNetGenerator) and gen.n_classes == 5
     assert set(MODELS) == {"ResNetGenerator", "SNResNetProjectionDiscriminator"}
-    with pytest.raises(ValueError, match="unknown model 'ResNetGenrator'; did you mean ResNetGenerator"):
+    with pytest.raises(ValueError, match="unknown model 'ResNetGenrator'; known models: ResNetGenerator, SNResNetProjectionDiscriminator"):
         build_model("ResNetGenrator", {})

@@ -5,7 +5,6 @@ args against the data set's args dataclass, ``build_dataset`` makes it. Every da
 (uint8 tensor C x size x size, int label) and has ``n_classes``, ``channels``, ``size`` and
 ``dequantize``; ``InfiniteBatchIterator`` turns it into float batches in [-1, 1].
 """
-import difflib
 from typing import Any, Callable
 
 from torch.utils.data import Dataset
@@ -35,9 +34,8 @@ _CHECKS: dict[str, Callable[[Any], list[str]]] = {
 
 def _require_known(name: str, args: Any) -> None:
     if name not in DATASETS:
-        close = difflib.get_close_matches(name, DATASETS, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(DATASETS))}"
-        raise DatasetError(f"dataset.name: unknown dataset '{name}'; {hint}")
+        # config validation suggests the closest name; this guards direct calls
+        raise DatasetError(f"dataset.name: unknown dataset '{name}'; known: {', '.join(sorted(DATASETS))}")
     args_class = DATASETS[name][0]
     if not isinstance(args, args_class):
         raise TypeError(f"dataset '{name}' needs a {args_class.__name__}, got {type(args).__name__}")

@@ -1,6 +1,4 @@
 """Model registry: config files name a model class and its keyword arguments."""
-import difflib
-
 import torch.nn as nn
 
 from source.models.discriminator import SNResNetProjectionDiscriminator
@@ -13,11 +11,10 @@ MODELS: dict[str, type[nn.Module]] = {
 
 
 def build_model(name: str, args: dict) -> nn.Module:
-    """Instantiates ``MODELS[name](**args)``; argument keys are checked by the config validator."""
+    """Instantiates ``MODELS[name](**args)``; names and argument keys are checked (with suggestions) by the
+    config validator, so this only guards direct calls."""
     if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"known models: {', '.join(sorted(MODELS))}"
-        raise ValueError(f"unknown model '{name}'; {hint}")
+        raise ValueError(f"unknown model '{name}'; known models: {', '.join(sorted(MODELS))}")
     return MODELS[name](**args)
 
 
