@@ -3,6 +3,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +144,24 @@ def test_ddp_two_processes_match_single_process(tmp_path):
         assert all(name.endswith(".bias") for name in noise_driven)
         for key in keys:
             torch.testing.assert_close(b[net][key], a[net][key], rtol=1e-5, atol=1e-6)
+
+
+def _torchrun(*argv: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(_free_port()), "train.py", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=CONFIGS.parent, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_torchrun_command_line_trains_and_reports_config_errors_once(tmp_path):
+    out = tmp_path / "run"
+    done = _torchrun(*tiny_argv(out, 2, "evaluation.metrics=[]"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "global batch 8 = 4 (micro) x 2 (world size) x 1 (accumulation steps)" in done.stdout
+    assert len(load_snapshot(out / "snapshots" / "snapshot_iter_2.pt")["rng"]) == 2
+    failed = _torchrun("--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dsi=3")
+    assert failed.returncode != 0
+    assert failed.stderr.count("updater.n_dsi: unknown key") == 1
 
 
 def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, capsys):
