@@ -32,6 +32,7 @@ from source.metrics import (
 )
 from source.metrics.generate import generated_features, sample_inputs, shard_bounds
 from source.models import build_model
+from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.evaluate import (
     SUBSET_SEED,
@@ -290,6 +291,20 @@ def test_training_evaluates_fid_and_kid_and_skips_is_without_logits(evaluated_ru
     assert protocol["backbone"] == inception.PROTOCOL and protocol["reference_key"]["n_images"] == 8
     assert Path(protocol["reference"]).is_file()
     assert list((evaluated_run / "tb").iterdir()), "tensorboardX scalars"
+
+
+def test_resume_across_an_evaluation_is_bit_exact(tmp_path):
+    """Evaluating (Inception load, reference, sampling) must not shift the training's random streams."""
+    cache = f"evaluation.cache_dir={tmp_path / 'cache'}"
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(tiny_argv(straight, 4, *EVALUATION, cache)) == 0
+    argv = tiny_argv(resumed, 4, *EVALUATION, cache) + ["--resume", str(straight / "snapshots" / "snapshot_iter_2.pt")]
+    assert train.main(argv) == 0
+    a = load_snapshot(straight / "snapshots" / "snapshot_iter_4.pt")
+    b = load_snapshot(resumed / "snapshots" / "snapshot_iter_4.pt")
+    for net in ("gen", "dis"):
+        assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net])
+    assert read_metrics(straight)[-1]["FID"] == read_metrics(resumed)[-1]["FID"]
 
 
 def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_run, capsys):
