@@ -1,4 +1,4 @@
-"""One training iteration, as SRGANs' ``update_core``: D step(s), SR, then the G step.
+"""One training iteration, as SRGANs' ``update_core``: D step, SR, G step, then the other n_dis - 1 D steps (+ SR).
 
 The global batch (``batchsize`` real and as many fake images for D, ``gen_batch`` fakes for G)
 is built from micro-batches of ``micro_batchsize`` by gradient accumulation, split over DDP ranks, so one optimizer step sees
@@ -110,13 +110,14 @@ class Updater:
         """Run one iteration and return its losses (means over the global batch)."""
         self._set_learning_rates()
         losses = torch.zeros(2, device=self.world.device)
-        if self.config.updater.order == "g_first":
+        d_first = self.config.updater.order == "d_first"
+        if not d_first:
             losses[1] = self._gen_step()
         for step in range(self.config.updater.n_dis):
             losses[0] += self._dis_step(step) / self.config.updater.n_dis
             self._regularize()
-        if self.config.updater.order == "d_first":
-            losses[1] = self._gen_step()
+            if d_first and step == 0:  # SRGANs: G's step sits inside the D loop, after the first D step
+                losses[1] = self._gen_step()
         self.iteration += 1
         loss_dis, loss_gen = all_reduce_mean(losses, self.world).tolist()
         return {"loss_dis": loss_dis, "loss_gen": loss_gen}

@@ -68,7 +68,8 @@ class UpdaterConfig:
     n_dis: int = 1
     loss_type: Literal["hinge", "dcgan"] = "hinge"
     apply_SR: Union[bool, Literal["auto"]] = False
-    order: Literal["d_first", "g_first"] = "d_first"   # d_first: SRGANs; g_first: sngan_projection
+    # d_first (SRGANs): D step, SR, G step, remaining D steps; g_first (sngan_projection): G step, then the D steps
+    order: Literal["d_first", "g_first"] = "d_first"
     sr: SRConfig = field(default_factory=SRConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
 

@@ -88,16 +88,34 @@ def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, ca
     assert {"iteration": 2, "event": "sr_start", "mode": "dynamic"} in events
 
 
+def build_tiny_updater(*overrides: str):
+    config = load_config(CONFIGS / "demo.yaml", TINY + list(overrides))
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    models = build.build_models(config, world.device)
+    return build.build_updater(config, world, models, build.build_batches(config, world)), models
+
+
+@pytest.mark.parametrize("order, expected", [
+    ("d_first", ["D0", "SR", "G", "D1", "SR", "D2", "SR"]),  # SRGANs: G inside the D loop after D step 0
+    ("g_first", ["G", "D0", "SR", "D1", "SR", "D2", "SR"]),  # sngan_projection
+])
+def test_step_order_within_an_iteration(monkeypatch, order, expected):
+    upd, _ = build_tiny_updater("updater.n_dis=3", f"updater.order={order}")
+    calls = []
+    monkeypatch.setattr(upd, "_dis_step", lambda step: calls.append(f"D{step}") or torch.tensor(0.0))
+    monkeypatch.setattr(upd, "_regularize", lambda: calls.append("SR"))
+    monkeypatch.setattr(upd, "_gen_step", lambda: calls.append("G") or torch.tensor(0.0))
+    upd.update()
+    assert calls == expected
+
+
 def test_accumulation_matches_one_big_batch_for_D(tmp_path):
     """One D step on a batch of 64 equals two accumulated micro-batches of 32 (G in eval mode: no BN coupling)."""
     params = []
     for micro in (64, 32):
-        config = load_config(CONFIGS / "demo.yaml", TINY + ["batchsize=64", f"micro_batchsize={micro}"])
-        world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
-        torch.manual_seed(0)
-        models = build.build_models(config, world.device)
+        upd, models = build_tiny_updater("batchsize=64", f"micro_batchsize={micro}")
         models.gen.eval()
-        upd = build.build_updater(config, world, models, build.build_batches(config, world))
         assert upd.accumulation == 64 // micro
         upd._dis_step(0)
         params.append({k: v.clone() for k, v in models.dis.state_dict().items()})
@@ -249,12 +267,8 @@ def test_cifar_config_trains_with_static_SR_on_a_cifar_folder(tmp_path):
 def test_gen_batchsize_sets_the_G_step_batch(tmp_path):
     """G first, so D is still at init: batch 32 with gen_batchsize 64 gives the G update of batch 64."""
     def gen_after_one_step(*overrides):
-        config = load_config(CONFIGS / "demo.yaml", TINY + ["updater.order=g_first", "micro_batchsize=32",
-                                                            "updater.apply_SR=false", *overrides])
-        world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
-        torch.manual_seed(0)
-        models = build.build_models(config, world.device)
-        upd = build.build_updater(config, world, models, build.build_batches(config, world))
+        upd, models = build_tiny_updater("updater.order=g_first", "micro_batchsize=32", "updater.apply_SR=false",
+                                         *overrides)
         upd._gen_step()
         return upd.gen_accumulation, models.gen.state_dict()
 
