@@ -21,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from source.config import Config
-from source.training.distributed import World, all_reduce_mean
+from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 
 G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
 
@@ -119,6 +119,7 @@ class Updater:
             if d_first and step == 0:  # SRGANs: G's step sits inside the D loop, after the first D step
                 losses[1] = self._gen_step()
         self.iteration += 1
+        broadcast_buffers((self.gen_module, self.dis_module), self.world)
         loss_dis, loss_gen = all_reduce_mean(losses, self.world).tolist()
         return {"loss_dis": loss_dis, "loss_gen": loss_gen}
 

@@ -56,8 +56,8 @@ def wrap_distributed(model: nn.Module, world: World) -> nn.Module:
     if not world.distributed:
         return model
     device_ids = [world.device.index] if world.device.type == "cuda" else None
-    # DDP broadcasts rank 0's buffers (SN u/v, BN statistics) at every forward, as the original copied
-    # the main replica's persistents to the others every iteration.
+    # DDP re-broadcasts rank 0's buffers only at the first forward after a synchronized backward; the
+    # Updater makes every rank hold rank 0's buffers at the end of each iteration (broadcast_buffers).
     return DistributedDataParallel(model, device_ids=device_ids)
 
 

@@ -87,14 +87,32 @@ def gather_objects(obj, world: World) -> list:
     return gathered
 
 
+def broadcast_buffers(modules: tuple[torch.nn.Module, ...], world: World) -> None:
+    """Rank 0's buffers (BN running statistics, SN u/v) on every rank, one broadcast per dtype.
+
+    Each rank's G updates its BN statistics with its own micro-batches, and DDP re-broadcasts them
+    only at the first forward after a synchronized backward; the original copied the main replica's
+    persistents to the others after every update, which this reproduces.
+    """
+    if not world.distributed:
+        return
+    buffers = [buffer for module in modules for buffer in module.buffers()]
+    for dtype in {buffer.dtype for buffer in buffers}:
+        group = [buffer for buffer in buffers if buffer.dtype == dtype]
+        flat = torch.cat([buffer.reshape(-1) for buffer in group])
+        dist.broadcast(flat, src=0)
+        for buffer, value in zip(group, flat.split([buffer.numel() for buffer in group])):
+            buffer.copy_(value.view_as(buffer))
+
+
 def assert_replicas_identical(modules: list[torch.nn.Module], world: World) -> None:
-    """Raise if the ranks' parameters differ by a single bit (checked whenever a snapshot is written)."""
+    """Raise if the ranks' parameters or buffers differ by a single bit (checked whenever a snapshot is written)."""
     if not world.distributed:
         return
     digest = hashlib.sha256()
     for module in modules:
-        for parameter in module.parameters():
-            digest.update(parameter.detach().cpu().numpy().tobytes())
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().cpu().numpy().tobytes())
     digests = gather_objects(digest.hexdigest(), world)
     if len(set(digests)) > 1:
-        raise RuntimeError(f"ranks hold different parameters at this snapshot: {digests}")
+        raise RuntimeError(f"ranks hold different parameters or buffers at this snapshot: {digests}")
