@@ -27,6 +27,7 @@ from source.config import ConfigError, load_config
 from source.datasets import DatasetError, build_dataset
 from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.generate import generate_uint8, generated_features, sample_inputs
+from source.training import checkpoint
 from source.training.evaluate import (
     LoadedGenerator,
     ReferenceUnavailable,
@@ -64,8 +65,7 @@ def resolve_device(name: str) -> torch.device:
 
 def run_folder(snapshot: str) -> Path:
     """RUN for RUN/snapshots/snapshot_iter_N.pt, else the snapshot's own folder."""
-    path = Path(snapshot).resolve()
-    return path.parent.parent if path.parent.name == "snapshots" else path.parent
+    return checkpoint.run_folder_of(snapshot) or Path(snapshot).resolve().parent
 
 
 def print_notes(notes: list[str]) -> None:

@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from source.config import Config, ConfigError, config_differences, load_config, save_config
+from source.config import Config, ConfigError, config_differences, first_line, load_config, save_config
 from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
 from source.training.distributed import World, init_world, rank_from_env, shutdown_world, world_size_from_env
@@ -40,28 +41,35 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = load_config(args.config, args.overrides, world_size=world_size_from_env())
-        snapshot = checkpoint.load_snapshot(args.resume) if args.resume else None
+        snapshot = checkpoint.load_snapshot(args.resume, training_state=True) if args.resume else None
     except (ConfigError, FileNotFoundError, ValueError) as error:
-        if rank_from_env() == 0:  # under torchrun every rank reads the same config: one report is enough
-            print(f"error: {error}", file=sys.stderr)
+        report(f"error: {error}")
         return 2
     world = init_world(config.device)
     try:
         return run(args, config, snapshot, world)
     except (ConfigError, DatasetError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(f"error: {error}")
         return 2
     except TrainingDiverged as error:
-        print(f"error: training diverged: {error}", file=sys.stderr)
+        report(f"error: training diverged: {error}")
         return 1
     finally:
         shutdown_world()
+
+
+def report(message: str) -> None:
+    """One line on stderr, from rank 0 only: under torchrun every rank meets the same config and losses."""
+    if rank_from_env() == 0:
+        print(message, file=sys.stderr)
 
 
 def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
     changes = config_differences(snapshot["config"], config.to_dict()) if snapshot else []
     out = run_folder(args, config, snapshot, changes)
     if config.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     checkpoint.seed_everything(config.seed)  # identical initial models (incl. SN u/v) on every rank
     models = build.build_models(config, world.device)
@@ -88,16 +96,23 @@ def run_folder(args: argparse.Namespace, config: Config, snapshot: dict | None, 
     so the parent run (e.g. the SN run whose 40k snapshot is resumed with SR) is never overwritten."""
     if args.out:
         return Path(args.out)
+    fresh = Path("results") / Path(args.config).stem
     if snapshot is None:
-        return Path("results") / Path(args.config).stem
-    parent = Path(args.resume).resolve().parent.parent
-    if not changes:
+        return fresh
+    parent = checkpoint.run_folder_of(args.resume)
+    if parent is not None and not changes:
         return parent
+    # A snapshot kept outside a run folder never continues in place: its run may be elsewhere or gone.
+    parent = parent or fresh
     return parent.with_name(f"{parent.name}-resume{snapshot['iteration']}")
 
 
 def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
-    trainer.load_state_dict(snapshot)
+    try:
+        trainer.load_state_dict(snapshot)
+    except (RuntimeError, ValueError) as error:  # tensors or parameter groups of another model
+        raise ConfigError(f"{path} does not fit the configured models ({first_line(error)}); a resume may change "
+                          "training settings, not the networks") from None
     if world.is_main:
         print(f"resumed from {path} at iteration {trainer.iteration}")
         for line in changes:

@@ -299,6 +299,13 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
                 f"= {config.micro_batchsize} x {world_size} = {per_step}")
     if config.updater.n_dis < 1 or config.updater.sr.interval < 1:
         raise ConfigError(f"{source}: updater.n_dis and updater.sr.interval must be >= 1")
+    collapse = config.updater.collapse
+    if not 0 < collapse.threshold < 1 or collapse.min_layers < 1:
+        raise ConfigError(f"{source}: updater.collapse: threshold must be in (0, 1) and min_layers >= 1, got "
+                          f"{collapse.threshold} and {collapse.min_layers}")
+    for name in ("seed", "num_workers"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
     gen_classes = config.models.generator.args.get("n_classes", 0)
     dis_classes = config.models.discriminator.args.get("n_classes", 0)
     if gen_classes != dis_classes:

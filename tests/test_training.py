@@ -88,6 +88,35 @@ def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, ca
     assert {"iteration": 2, "event": "sr_start", "mode": "dynamic"} in events
 
 
+def test_resume_from_a_snapshot_outside_its_run_folder_branches_into_results(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 2)) == 0
+    copy = tmp_path / "elsewhere" / "copied.pt"
+    copy.parent.mkdir()
+    copy.write_bytes((run / "snapshots" / "snapshot_iter_2.pt").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in tiny_argv(run, 4) if a not in ("--out", str(run))] + ["--resume", str(copy)]
+    assert train.main(argv) == 0
+    assert (tmp_path / "results" / "demo-resume2" / "snapshots" / "snapshot_iter_4.pt").is_file()
+    assert not (tmp_path / "snapshots").exists() and not (run / "snapshots" / "snapshot_iter_4.pt").exists()
+
+
+def test_unusable_resume_files_are_one_line_errors(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 2)) == 0
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes((run / "snapshots" / "snapshot_iter_2.pt").read_bytes()[:5000])
+    cases = [(run / "snapshots" / "generator_iter_2.pt", [], "holds the generator only"),
+             (torn, [], "is not a readable snapshot"),
+             (run / "snapshots" / "snapshot_iter_2.pt", ["models.discriminator.args.ch=16"],
+              "does not fit the configured models")]
+    for path, extra, message in cases:
+        capsys.readouterr()
+        assert train.main(tiny_argv(tmp_path / "resumed", 4, *extra) + ["--resume", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
 def build_tiny_updater(*overrides: str):
     config = load_config(CONFIGS / "demo.yaml", TINY + list(overrides))
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
@@ -314,7 +343,7 @@ def test_apply_SR_auto_switches_on_at_a_detected_collapse(tmp_path, monkeypatch,
     assert next(e for e in events if e.get("event") == "sr_start")["iteration"] == 6
     before = load_snapshot(out / "snapshots" / "snapshot_iter_6.pt")
     final = load_snapshot(out / "snapshots" / "snapshot_iter_8.pt")
-    assert before["updater"]["apply_SR"] is False and not before["updater"]["sr"]["ratios"]
+    assert before["updater"]["apply_SR"] is True and not before["updater"]["sr"]["ratios"], "switched on, not acted"
     assert final["updater"]["apply_SR"] is True and final["updater"]["sr"]["ratios"], "SR acted at iteration 8"
     assert sorted(p.name for p in (out / "spectra").iterdir()) == [
         f"spectra_iter_{i:08d}.npz" for i in (2, 4, 6, 8)]

@@ -7,6 +7,7 @@ states of every rank, the data-iterator position, extension states, the iteratio
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -15,13 +16,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from source.config import first_line
+
+
+SNAPSHOT_FOLDER = "snapshots"
+# What a full snapshot holds beyond a generator export (gen, iteration, config).
+TRAINING_STATE = ("dis", "opt_gen", "opt_dis", "updater", "rng", "data")
+
 
 def snapshot_path(out: Path, iteration: int) -> Path:
-    return Path(out) / "snapshots" / f"snapshot_iter_{iteration}.pt"
+    return Path(out) / SNAPSHOT_FOLDER / f"snapshot_iter_{iteration}.pt"
 
 
 def generator_path(out: Path, iteration: int) -> Path:
-    return Path(out) / "snapshots" / f"generator_iter_{iteration}.pt"
+    return Path(out) / SNAPSHOT_FOLDER / f"generator_iter_{iteration}.pt"
+
+
+def run_folder_of(path: str | Path) -> Path | None:
+    """RUN for RUN/snapshots/<file>; None for a snapshot kept anywhere else."""
+    path = Path(path).resolve()
+    return path.parent.parent if path.parent.name == SNAPSHOT_FOLDER else None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -45,13 +59,19 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.close(directory)
 
 
-def load_snapshot(path: str | Path) -> dict:
+def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
+    """A snapshot or generator export; ``training_state`` requires a full snapshot (to resume from)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"snapshot {path} does not exist")
-    snapshot = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        snapshot = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
     if not isinstance(snapshot, dict) or "gen" not in snapshot or "iteration" not in snapshot:
         raise ValueError(f"{path} is not a snapshot written by this toolkit")
+    if training_state and not all(key in snapshot for key in TRAINING_STATE):
+        raise ValueError(f"{path} holds the generator only; resume from the snapshot_iter_N.pt beside it")
     return snapshot
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-import pickle
 import time
 from dataclasses import dataclass
 
@@ -85,10 +84,7 @@ class LoadedGenerator:
 
 def load_generator(path: str, device: torch.device, overrides: list[str] = ()) -> LoadedGenerator:
     """G of a `snapshot_iter_N.pt` or `generator_iter_N.pt`, rebuilt from its config, in eval mode on `device`."""
-    try:
-        snapshot = checkpoint.load_snapshot(path)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
+    snapshot = checkpoint.load_snapshot(path)
     if "config" not in snapshot:
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
     config = config_from_dict(copy.deepcopy(snapshot["config"]), list(overrides), source=f"{path} (config)")

@@ -161,13 +161,15 @@ class Spectra(Extension):
             tqdm.write(f"\n{'!' * 80}\nSPECTRAL COLLAPSE at iteration {trainer.iteration}: {len(layers)} D layer(s) "
                        f"below {self.detector.threshold} x their running max: {details}\n{'!' * 80}")
         if self.auto_sr and not trainer.updater.apply_SR:
-            path = trainer.save_snapshot()
+            # Switched on before the snapshot, so that resuming it continues exactly this run; SR has not
+            # acted yet, so `--set updater.apply_SR=false` on it gives the run without SR.
             trainer.updater.apply_SR = True
+            path = trainer.save_snapshot()
             trainer.log.event(trainer.iteration, "sr_start", mode=trainer.updater.config.updater.sr.mode,
                               reason="auto", snapshot=str(path))
             if trainer.world.is_main:
-                tqdm.write(f"apply_SR: auto -> SR switched on from iteration {trainer.iteration} "
-                           f"(snapshot before SR: {path})")
+                tqdm.write(f"apply_SR: auto -> SR switched on after iteration {trainer.iteration} "
+                           f"(snapshot at the detection, before SR acted: {path})")
 
     def state_dict(self) -> dict:
         return {"detector": self.detector.state_dict()}
