@@ -19,7 +19,7 @@ from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
 from source.training.distributed import World, init_world, rank_from_env, shutdown_world, world_size_from_env
 from source.spectral.collapse import CollapseDetector
-from source.training.evaluate import Evaluate
+from source.training.evaluate import Evaluate, require_reference_before_distributed_training
 from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
 from source.training.runlog import truncate_after
 from source.training.trainer import Trainer, TrainingDiverged
@@ -77,6 +77,7 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
     if args.dry_run:
         return dry_run(config, models, world, out, args.config)
     batches = build.build_batches(config, world, source=args.config)
+    require_reference_before_distributed_training(config, batches.dataset, world.size)
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
                       world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world))
     if snapshot:

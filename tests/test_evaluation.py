@@ -44,6 +44,7 @@ from source.training.evaluate import (
     intra_fid_score,
     load_backbone,
     protocol_record,
+    require_reference_before_distributed_training,
 )
 from test_training import CONFIGS, tiny_argv
 
@@ -181,6 +182,16 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     cached = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
     np.testing.assert_array_equal(cached.stats.sigma, reference.stats.sigma)
     np.testing.assert_array_equal(cached.features, reference.features)
+
+
+def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path):
+    config = tiny_config(tmp_path)
+    dataset = build_dataset(config.dataset.name, config.dataset.args)
+    require_reference_before_distributed_training(config, dataset, world_size=1)  # computed at the first evaluation
+    with pytest.raises(ConfigError, match="python evaluation.py ref-stats --config CONFIG"):
+        require_reference_before_distributed_training(config, dataset, world_size=2)
+    dataset_reference(config, dataset, PixelBackbone(), config.evaluation.reference_images)
+    require_reference_before_distributed_training(config, dataset, world_size=2)
 
 
 def test_a_cached_reference_of_another_setup_is_refused_with_the_differing_fields(tmp_path):

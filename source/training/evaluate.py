@@ -190,6 +190,25 @@ def compute_dataset_reference(
     return stats, np.concatenate(keeper.rows)
 
 
+def reference_size(dataset: Dataset, n_images: int | None) -> int:
+    return len(dataset) if n_images is None else min(n_images, len(dataset))
+
+
+def require_reference_before_distributed_training(config: Config, dataset: Dataset, world_size: int) -> None:
+    """Under torchrun the training-time reference must exist before training starts: computed on rank 0
+    at the first evaluation, it would keep the other ranks waiting past their collective timeout."""
+    settings = config.evaluation
+    evaluates = settings.metrics and config.evaluation_interval <= config.iteration
+    if world_size == 1 or not evaluates or settings.reference_stats is not None:
+        return
+    key = dataset_reference_key(config, dataset, reference_size(dataset, settings.reference_images), per_class=False)
+    path = reference_cache_path(settings.cache_dir, key)
+    if not os.path.isfile(path):
+        raise ConfigError(f"evaluation: the reference statistics {path} do not exist yet; with torchrun compute them "
+                          "first: `python evaluation.py ref-stats --config CONFIG` with the same --set options "
+                          "(or train without evaluation: evaluation.metrics=[])")
+
+
 def dataset_reference(
     config: Config,
     dataset: Dataset,
@@ -199,7 +218,7 @@ def dataset_reference(
     path: str | None = None,
 ) -> Reference:
     """The cached reference of `dataset` (refused if cached for another setup), computed and cached on first use."""
-    n_images = len(dataset) if n_images is None else min(n_images, len(dataset))
+    n_images = reference_size(dataset, n_images)
     if n_images < 2:
         raise ReferenceUnavailable(f"a reference needs at least 2 images, the dataset offers {n_images}")
     key = dataset_reference_key(config, dataset, n_images, per_class)
