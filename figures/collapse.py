@@ -25,6 +25,7 @@ from source.training.evaluate import load_generator
 from source.training.runlog import read_jsonl, sr_start
 
 CACHE = "modes.jsonl"
+MAX_REAL_IMAGES = 10000  # real images the nearest-class classifier compares with (Fashion-MNIST's test split)
 
 
 def generator_snapshots(run: Path) -> list[tuple[int, Path]]:
@@ -38,8 +39,11 @@ def real_images(config) -> tuple[np.ndarray, np.ndarray]:
     if hasattr(args, "split"):
         args = dataclasses.replace(args, split="test")
     dataset = build_dataset(config.dataset.name, args)
-    images = np.stack([dataset[i][0].numpy() for i in range(min(len(dataset), 10000))])
-    labels = np.array([dataset[i][1] for i in range(len(images))])
+    order = list(range(len(dataset)))
+    if len(dataset) > MAX_REAL_IMAGES:  # a fixed random subset: the first images of class-sorted data are few classes
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:MAX_REAL_IMAGES].tolist()
+    images = np.stack([dataset[i][0].numpy() for i in order])
+    labels = np.array([dataset[i][1] for i in order])
     return images.astype(np.float32) / 127.5 - 1, labels
 
 

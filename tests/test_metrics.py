@@ -328,8 +328,6 @@ def test_fid_helper_backbone_has_no_logits_and_replicates_gray_images(fid_helper
     features = fid_helper_backbone.features(gray)
     assert features.logits is None
     np.testing.assert_array_equal(features.pool3, fid_helper_backbone.features(gray.repeat(1, 3, 1, 1)).pool3)
-    with pytest.raises(WeightsUnavailable, match="logits layer"):
-        fid_helper_backbone.require_logits()
     with pytest.raises(ValueError, match="to_uint8"):
         fid_helper_backbone.features(gray.float())
 

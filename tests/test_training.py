@@ -72,6 +72,20 @@ def test_resume_is_bit_exact(tmp_path):
                for k in a["updater"]["sr"]["ratios"])
 
 
+def test_resumed_log_line_averages_the_same_iterations(tmp_path):
+    """A snapshot between two log lines keeps the losses observed since the last one."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(tiny_argv(straight, 6, "display_interval=4")) == 0
+    argv = tiny_argv(resumed, 6, "display_interval=4") + ["--resume", str(straight / "snapshots" / "snapshot_iter_3.pt")]
+    assert train.main(argv) == 0
+
+    def losses_at_4(run):
+        records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        return next((r["loss_dis"], r["loss_gen"]) for r in records if r["iteration"] == 4 and "loss_dis" in r)
+
+    assert losses_at_4(resumed) == losses_at_4(straight)
+
+
 def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, capsys):
     run = tmp_path / "sn"
     assert train.main(tiny_argv(run, 2, "updater.apply_SR=false")) == 0

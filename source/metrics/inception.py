@@ -225,11 +225,6 @@ class InceptionBackbone:
             "inception-v3-compat", feature_names, feature_extractor_weights_path=source
         ).to(self.device)
 
-    def require_logits(self) -> None:
-        """Fail before any work when the Inception Score is asked of pool3-only weights."""
-        if not self.has_logits:
-            raise WeightsUnavailable(LOGITS_UNAVAILABLE)
-
     def features(self, images: torch.Tensor) -> InceptionFeatures:
         """Features of a uint8 NCHW batch (any size; 1-channel images are replicated to RGB)."""
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] not in (1, 3):

@@ -1,7 +1,7 @@
 """Mode-coverage measures that need no Inception network: cheap enough for CPU-scale collapse studies.
 
 Each generated image takes the class of its nearest real image in pixel space (a 1-NN classifier,
-81 % accurate on Fashion-MNIST test images, collapse_probe.md). From that:
+81 % accurate on Fashion-MNIST test images in the CPU pilot behind docs/collapse.md). From that:
 - ``modes``: classes holding at least ``min_share`` of the samples;
 - ``entropy``: of the nearest-class histogram (ln 10 = 2.30 for a uniform 10-class histogram);
 - ``label_agreement``: share of samples whose nearest class is the class they were generated for;

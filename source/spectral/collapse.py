@@ -3,7 +3,7 @@
 The authors judged collapse by eye from spectrum plots (srgan.md §10.2): "a large number of
 singular values drop dramatically". The score here turns that into a number per layer, the mean of
 s_i / s_1 over i >= 2: a random init gives ~0.75, a healthy D flattens towards 0.9
-(collapse_probe.md), and the README's fig3 goes from ~0.55 at 40k to ~0.15 at 70k while the SN
+(the CPU pilot behind docs/collapse.md), and the README's fig3 goes from ~0.55 at 40k to ~0.15 at 70k while the SN
 run mode-collapses.
 
 Default threshold 0.5 (flag when a layer's score falls below half of its running maximum), as

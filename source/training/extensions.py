@@ -50,6 +50,14 @@ class LogReport(Extension):
         self._sums, self._count = {}, 0
         self._last_time, self._last_iteration = now, trainer.iteration
 
+    def state_dict(self) -> dict:
+        """The losses observed since the last report, so a resumed run's next line averages the same iterations."""
+        return {"sums": dict(self._sums), "count": self._count}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self._sums, self._count = dict(state["sums"]), state["count"]
+
 
 class Observe(Extension):
     """Feeds every iteration's losses to the LogReport (kept separate so the report can be sparse)."""
