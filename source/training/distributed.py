@@ -97,7 +97,7 @@ def broadcast_buffers(modules: tuple[torch.nn.Module, ...], world: World) -> Non
     if not world.distributed:
         return
     buffers = [buffer for module in modules for buffer in module.buffers()]
-    for dtype in {buffer.dtype for buffer in buffers}:
+    for dtype in dict.fromkeys(buffer.dtype for buffer in buffers):  # the same order on every rank (a set's is not)
         group = [buffer for buffer in buffers if buffer.dtype == dtype]
         flat = torch.cat([buffer.reshape(-1) for buffer in group])
         dist.broadcast(flat, src=0)
