@@ -67,6 +67,7 @@ def report(message: str) -> None:
 def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
     changes = config_differences(snapshot["config"], config.to_dict()) if snapshot else []
     out = run_folder(args, config, snapshot, changes)
+    torch.backends.cudnn.benchmark = not config.deterministic  # fixed shapes: let cuDNN pick the fastest kernels
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
