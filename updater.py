@@ -2,12 +2,12 @@
 
 The global batch (``batchsize`` real and as many fake images for D, ``gen_batch`` fakes for G) is
 built from micro-batches of ``micro_batchsize`` by gradient accumulation, split over DDP ranks, so
-one optimizer step sees the same batch on 1 or N processes.  G's BatchNorm statistics are those of one micro-batch, as in
-the original.  The latents of a global batch are drawn from a generator seeded by (seed,
-iteration, phase) and sliced like the data: reproducible after a resume, and the same samples
-whatever the world size and accumulation.
+one optimizer step sees the same batch on 1 or N processes. G's BatchNorm statistics are those of
+one micro-batch, as in the original. The latents of a global batch are drawn from a generator
+seeded by (seed, iteration, phase) and sliced like the data: reproducible after a resume, and the
+same samples whatever the world size and accumulation.
 
-Where SR happens: ``Updater._regularize`` right after every D optimizer step, before the G step.
+Where SR happens: ``Updater._regularize`` right after every D optimizer step (so before the G step).
 """
 from __future__ import annotations
 
