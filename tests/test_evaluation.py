@@ -305,14 +305,17 @@ def test_training_evaluates_fid_and_kid_and_skips_is_without_logits(evaluated_ru
 
 
 def test_resume_across_an_evaluation_is_bit_exact(tmp_path):
-    """Evaluating (Inception load, reference, sampling) must not shift the training's random streams."""
+    """Evaluating (Inception load, reference, sampling) must not shift the training's random streams.
+
+    Evaluations at 2, 4 and 6, a snapshot at 3: the resumed run's first evaluation (weights and
+    reference loaded anew) falls between the resume point and the compared iteration 6."""
     cache = f"evaluation.cache_dir={tmp_path / 'cache'}"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert train.main(tiny_argv(straight, 4, *EVALUATION, cache)) == 0
-    argv = tiny_argv(resumed, 4, *EVALUATION, cache) + ["--resume", str(straight / "snapshots" / "snapshot_iter_2.pt")]
+    assert train.main(tiny_argv(straight, 6, *EVALUATION, cache)) == 0
+    argv = tiny_argv(resumed, 6, *EVALUATION, cache) + ["--resume", str(straight / "snapshots" / "snapshot_iter_3.pt")]
     assert train.main(argv) == 0
-    a = load_snapshot(straight / "snapshots" / "snapshot_iter_4.pt")
-    b = load_snapshot(resumed / "snapshots" / "snapshot_iter_4.pt")
+    a = load_snapshot(straight / "snapshots" / "snapshot_iter_6.pt")
+    b = load_snapshot(resumed / "snapshots" / "snapshot_iter_6.pt")
     for net in ("gen", "dis"):
         assert a[net].keys() == b[net].keys() and all(torch.equal(a[net][k], b[net][k]) for k in a[net])
     assert read_metrics(straight)[-1]["FID"] == read_metrics(resumed)[-1]["FID"]

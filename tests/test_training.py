@@ -103,11 +103,13 @@ def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, ca
 
 
 def test_resume_from_a_snapshot_outside_its_run_folder_branches_into_results(tmp_path, monkeypatch):
+    """Even with the config unchanged (which would continue RUN in place): the copy's run is unknown."""
     run = tmp_path / "run"
-    assert train.main(tiny_argv(run, 2)) == 0
+    assert train.main(tiny_argv(run, 4)) == 0
     copy = tmp_path / "elsewhere" / "copied.pt"
     copy.parent.mkdir()
     copy.write_bytes((run / "snapshots" / "snapshot_iter_2.pt").read_bytes())
+    (run / "snapshots" / "snapshot_iter_4.pt").unlink()
     monkeypatch.chdir(tmp_path)
     argv = [a for a in tiny_argv(run, 4) if a not in ("--out", str(run))] + ["--resume", str(copy)]
     assert train.main(argv) == 0

@@ -25,30 +25,29 @@ class LogReport(Extension):
     def __init__(self, interval: int):
         self.interval = interval
         self._sums: dict[str, float] = {}
-        self._count = 0
+        self._count = 0  # iterations in the sums (restored on resume)
+        self._timed = 0  # iterations run by this process since _last_time (the speed's numerator)
         self._last_time = time.perf_counter()
-        self._last_iteration: int | None = None
 
     def observe(self, observation: dict[str, float]) -> None:
         for key, value in observation.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
+        self._timed += 1
 
     def __call__(self, trainer: Trainer) -> None:
         if self._count == 0:
             return
         now = time.perf_counter()
-        since = self._last_iteration if self._last_iteration is not None else trainer.iteration - self._count
         record = {"iteration": trainer.iteration, "epoch": trainer.updater.batches.epoch,
                   "elapsed": round(trainer.elapsed, 2),
                   **{k: v / self._count for k, v in self._sums.items()},
                   **trainer.updater.learning_rates(),
-                  "it_per_s": (trainer.iteration - since) / max(now - self._last_time, 1e-9)}
+                  "it_per_s": self._timed / max(now - self._last_time, 1e-9)}
         trainer.log.write(record)
         if trainer.world.is_main:
             tqdm.write(" ".join(_format(k, v) for k, v in record.items()))
-        self._sums, self._count = {}, 0
-        self._last_time, self._last_iteration = now, trainer.iteration
+        self._sums, self._count, self._timed, self._last_time = {}, 0, 0, now
 
     def state_dict(self) -> dict:
         """The losses observed since the last report, so a resumed run's next line averages the same iterations."""
