@@ -8,13 +8,15 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-from source.config import Config, ConfigError, config_differences, first_line, load_config, save_config
+from source.config import (Config, ConfigError, config_differences, config_from_dict, first_line, load_config,
+                           save_config)
 from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
 from source.training.distributed import World, init_world, rank_from_env, shutdown_world, world_size_from_env
@@ -64,8 +66,16 @@ def report(message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def snapshot_config(snapshot: dict) -> dict:
+    """The snapshot's config with today's defaults filled in: keys added to the format since are no change."""
+    try:
+        return config_from_dict(copy.deepcopy(snapshot["config"]), source="snapshot").to_dict()
+    except ConfigError:  # a config this version no longer accepts: compare it as written
+        return snapshot["config"]
+
+
 def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
-    changes = config_differences(snapshot["config"], config.to_dict()) if snapshot else []
+    changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
     out = run_folder(args, config, snapshot, changes)
     torch.backends.cudnn.benchmark = not config.deterministic  # fixed shapes: let cuDNN pick the fastest kernels
     if config.deterministic:

@@ -72,6 +72,18 @@ def test_resume_is_bit_exact(tmp_path):
                for k in a["updater"]["sr"]["ratios"])
 
 
+def test_a_snapshot_from_before_a_new_config_key_shows_no_change(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 4)) == 0
+    path = run / "snapshots" / "snapshot_iter_2.pt"
+    snapshot = torch.load(path, weights_only=False)
+    del snapshot["config"]["gen_batchsize"]  # as written by a version without the key
+    torch.save(snapshot, path)
+    capsys.readouterr()
+    assert train.main(tiny_argv(run, 4) + ["--resume", str(path)]) == 0
+    assert "config change" not in capsys.readouterr().out
+
+
 def test_resumed_log_line_averages_the_same_iterations(tmp_path):
     """A snapshot between two log lines keeps the losses observed since the last one."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
