@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from source.config import (Config, ConfigError, config_differences, config_from_dict, first_line, load_config,
-                           save_config)
+from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
 from source.datasets import DatasetError, check_dataset_args
 from source.training import build, checkpoint
-from source.training.distributed import World, init_world, rank_from_env, shutdown_world, world_size_from_env
+from source.training.distributed import (World, init_world, main_first, rank_from_env, shutdown_world,
+                                         world_size_from_env)
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, require_reference_before_distributed_training
 from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
@@ -51,19 +51,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, config, snapshot, world)
     except (ConfigError, DatasetError) as error:
-        report(f"error: {error}")
+        report(f"error: {error}", world)
         return 2
     except TrainingDiverged as error:
-        report(f"error: training diverged: {error}")
+        report(f"error: training diverged: {error}", world)
         return 1
     finally:
         shutdown_world()
 
 
-def report(message: str) -> None:
-    """One line on stderr, from rank 0 only: under torchrun every rank meets the same config and losses."""
-    if rank_from_env() == 0:
-        print(message, file=sys.stderr)
+def report(message: str, world: World | None = None) -> None:
+    """One line on stderr. Before the process group exists every rank reads the same files, so rank 0
+    speaks for all; afterwards an error may be one rank's own (its data, its disk), so each rank speaks."""
+    if world is None:
+        if rank_from_env() == 0:
+            print(message, file=sys.stderr)
+    else:
+        print(f"[rank {world.rank}] {message}" if world.distributed else message, file=sys.stderr)
 
 
 def snapshot_config(snapshot: dict) -> dict:
@@ -87,7 +91,8 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
         return dry_run(config, models, world, out, args.config)
-    batches = build.build_batches(config, world, source=args.config)
+    with main_first(world):  # a data set download happens once, on rank 0
+        batches = build.build_batches(config, world, source=args.config)
     require_reference_before_distributed_training(config, batches.dataset, world.size)
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
                       world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world))
@@ -122,8 +127,8 @@ def run_folder(args: argparse.Namespace, config: Config, snapshot: dict | None, 
 def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
     try:
         trainer.load_state_dict(snapshot)
-    except (RuntimeError, ValueError) as error:  # tensors or parameter groups of another model
-        raise ConfigError(f"{path} does not fit the configured models ({first_line(error)}); a resume may change "
+    except checkpoint.SnapshotMismatch as error:
+        raise ConfigError(f"{path} does not fit the configured models ({error}); a resume may change "
                           "training settings, not the networks") from None
     if world.is_main:
         print(f"resumed from {path} at iteration {trainer.iteration}")

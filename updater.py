@@ -134,7 +134,8 @@ class Updater:
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0):
                 fake = self.gen_module(z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-            with self._sync(self.dis, micro, self.accumulation), power_iteration((self.dis_module,), enabled=micro == 0):
+            with self._sync(self.dis, micro, self.accumulation), \
+                    power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.
                 logits_real, logits_fake = self.dis(torch.cat([real, fake]), labels).chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)

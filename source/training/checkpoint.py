@@ -19,6 +19,10 @@ import torch
 from source.config import first_line
 
 
+class SnapshotMismatch(ValueError):
+    """A snapshot's weights or optimizer states do not fit the models being built."""
+
+
 SNAPSHOT_FOLDER = "snapshots"
 # What a full snapshot holds beyond a generator export (gen, iteration, config).
 TRAINING_STATE = ("dis", "opt_gen", "opt_dis", "updater", "rng", "data")

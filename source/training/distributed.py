@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,6 +62,18 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank)
     return resolved
+
+
+@contextmanager
+def main_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the block before the others (a download, a cache write), which then find its result."""
+    if world.distributed and not world.is_main:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if world.distributed and world.is_main:
+            dist.barrier()
 
 
 def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:

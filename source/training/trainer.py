@@ -10,6 +10,7 @@ import signal
 import time
 from pathlib import Path
 
+from source.config import first_line
 from source.training import checkpoint
 from source.training.distributed import World, any_rank, assert_replicas_identical, gather_objects
 from source.training.runlog import RunLog
@@ -141,10 +142,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         updater = self.updater
-        updater.gen_module.load_state_dict(state["gen"])
-        updater.dis_module.load_state_dict(state["dis"])
-        updater.opt_gen.load_state_dict(state["opt_gen"])
-        updater.opt_dis.load_state_dict(state["opt_dis"])
+        try:
+            updater.gen_module.load_state_dict(state["gen"])
+            updater.dis_module.load_state_dict(state["dis"])
+            updater.opt_gen.load_state_dict(state["opt_gen"])
+            updater.opt_dis.load_state_dict(state["opt_dis"])
+        except (RuntimeError, ValueError) as error:  # tensors or parameter groups of other networks
+            raise checkpoint.SnapshotMismatch(first_line(error)) from None
         updater.load_state_dict(state["updater"])
         updater.batches.load_state_dict(state["data"])
         for extension in self.extensions:
