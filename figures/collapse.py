@@ -60,7 +60,7 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
     cached = {r["iteration"]: r for r in read_jsonl(run / CACHE)}
     real = None
     for iteration, path in generator_snapshots(run):
-        if iteration in cached:
+        if "class_counts" in cached.get(iteration, {}):  # records of older versions lack the counts: redo
             continue
         loaded = load_generator(str(path), torch.device("cpu"))
         if real is None:

@@ -43,6 +43,7 @@ def test_collapsed_generator_is_caught():
     one_image = np.repeat(real[:1], 40, axis=0)  # every class produces the same class-0 image
     report = mode_report(one_image, np.repeat(np.arange(4), 10), real, labels)
     assert report.modes == 1 and report.entropy == 0 and report.diversity < 1e-5
+    assert report.class_counts == (40, 0, 0, 0)
     assert np.isclose(report.label_agreement, 0.25)
 
 
@@ -52,3 +53,20 @@ def test_unconditional_samples_compare_with_the_whole_data_set():
     held_out, _ = real_set(rng)
     report = mode_report(held_out[rng.permutation(len(held_out))], None, real, labels)
     assert report.modes == 4 and np.isnan(report.label_agreement) and 0.9 < report.diversity < 1.1
+
+
+def test_collapse_figure_cli_scores_every_generator_snapshot_once(tmp_path):
+    import train
+    from figures import collapse
+    from source.training.runlog import read_jsonl
+    from test_training import tiny_argv
+
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 4, "spectra_interval=2", "evaluation.metrics=[]")) == 0
+    out = collapse.main([str(run), "--per-class", "3", "--out", str(tmp_path / "collapse.png")])
+    assert out.stat().st_size > 10_000
+    records = read_jsonl(run / collapse.CACHE)
+    assert [r["iteration"] for r in records] == [2, 4]
+    assert all(sum(r["class_counts"]) == 3 * 3 and len(r["class_counts"]) == 3 for r in records)
+    collapse.main([str(run), "--per-class", "3", "--out", str(tmp_path / "again.png")])
+    assert len(read_jsonl(run / collapse.CACHE)) == 2, "cached measures are reused"

@@ -2,6 +2,7 @@
 
 Each generated image takes the class of its nearest real image in pixel space (a 1-NN classifier,
 81 % accurate on Fashion-MNIST test images in the CPU pilot behind docs/collapse.md). From that:
+- ``class_counts``: how many samples each class got (a dropped class shows here first);
 - ``modes``: classes holding at least ``min_share`` of the samples;
 - ``entropy``: of the nearest-class histogram (ln 10 = 2.30 for a uniform 10-class histogram);
 - ``label_agreement``: share of samples whose nearest class is the class they were generated for;
@@ -21,6 +22,7 @@ class ModeReport:
     entropy: float
     label_agreement: float
     diversity: float
+    class_counts: tuple[int, ...]  # samples per nearest class
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +57,8 @@ def mode_report(samples: np.ndarray, sample_labels: np.ndarray | None, real: np.
     """
     n_classes = int(real_labels.max()) + 1
     nearest = nearest_labels(samples, real, real_labels)
-    histogram = np.bincount(nearest, minlength=n_classes) / len(nearest)
+    counts = np.bincount(nearest, minlength=n_classes)
+    histogram = counts / len(nearest)
     nonzero = histogram[histogram > 0]
     if sample_labels is None:
         diversity = mean_pairwise_distance(samples) / mean_pairwise_distance(real[:len(samples)])
@@ -65,4 +68,5 @@ def mode_report(samples: np.ndarray, sample_labels: np.ndarray | None, real: np.
                              mean_pairwise_distance(real[real_labels == c]) for c in np.unique(sample_labels)])
         agreement = float((nearest == sample_labels).mean())
     return ModeReport(modes=int((histogram >= min_share).sum()), entropy=float(-(nonzero * np.log(nonzero)).sum()),
-                      label_agreement=agreement, diversity=float(diversity))
+                      label_agreement=agreement, diversity=float(diversity),
+                      class_counts=tuple(int(count) for count in counts))
