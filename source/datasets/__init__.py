@@ -2,8 +2,9 @@
 
 A config names a data set (``dataset: {name: imagenet, args: {...}}``); ``source.config`` checks the
 args against the data set's args dataclass, ``build_dataset`` makes it. Every data set yields
-(uint8 tensor C x size x size, int label) and has ``n_classes``, ``channels``, ``size`` and
-``dequantize``; ``InfiniteBatchIterator`` turns it into float batches in [-1, 1].
+(uint8 tensor C x size x size, int label) and has ``n_classes``, ``channels``, ``size``,
+``dequantize`` and ``n_unreadable`` (files skipped so far as unreadable, 0 where nothing is read
+lazily); ``InfiniteBatchIterator`` turns it into float batches in [-1, 1].
 """
 from typing import Any, Callable
 

@@ -97,6 +97,7 @@ class CIFAR10(Dataset):
     n_classes = 10
     channels = 3
     size = SIZE
+    n_unreadable = 0  # all images are decoded at construction; the trainer logs it for every data set
 
     def __init__(self, args: CIFAR10Args):
         problems = check_cifar10_args(args)

@@ -99,6 +99,7 @@ class FashionMNIST(Dataset):
 
     n_classes = 10
     channels = 1
+    n_unreadable = 0  # all images are decoded at construction; the trainer logs it for every data set
 
     def __init__(self, args: FashionMNISTArgs):
         problems = check_fashion_mnist_args(args)

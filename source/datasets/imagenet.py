@@ -12,13 +12,18 @@ contrast stretch hidden in ``scipy.misc.imresize`` is deliberately not reproduce
 
 Unreadable files never stop a run: each is warned about once, marked in a bitmap shared with the
 DataLoader workers (so ``n_unreadable`` counts every distinct bad file, whichever process met it),
-and replaced by the next readable index, so a given index always yields the same image.
+and replaced by the next readable index, so a given index always yields the same image. Images over
+``MAX_IMAGE_PIXELS`` count as unreadable without being decoded. The folder scan skips broken and
+looping symlinks with one warning and counts them in ``n_skipped``; a class folder without images
+is an error, since the model would sample its label with no real images behind it.
 """
 import ctypes
 import logging
 import multiprocessing
 import os
+import re
 from dataclasses import dataclass
+from itertools import islice
 from typing import Optional
 
 import numpy as np
@@ -27,13 +32,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from source.datasets.transforms import (
-    DatasetError, center_crop_square, resize_square, size_problems, to_chw_uint8)
+    DatasetError, center_crop_square, resize_square, size_problems, to_chw_uint8, to_rgb)
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpeg", ".jpg", ".png"})
 # What PIL raises for truncated, corrupt, unknown-format or absurdly large files.
 UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# Checked on the header before decoding: 64 Mpixel (about 200 MB as RGB) is well above any ImageNet
+# photo, and below Pillow's global limit, which other code may have raised or disabled.
+MAX_IMAGE_PIXELS = 64 * 2**20
+LABEL = re.compile(r"[0-9]+")  # not str.isdigit(): it accepts "²", which int() rejects
 
 
 @dataclass
@@ -60,39 +69,126 @@ def check_imagenet_args(args: ImageNetArgs) -> list[str]:
     return problems + size_problems(args.size)
 
 
-def scan_class_folders(root: str) -> tuple[list[str], list[str], list[int]]:
-    """(sorted class names, relative image paths, labels); lists directory entries, decodes nothing."""
-    classes = sorted(entry.name for entry in os.scandir(root)
-                     if entry.is_dir() and not entry.name.startswith("."))
-    paths, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(entry.name for entry in os.scandir(os.path.join(root, name))
-                       if entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
-        paths.extend(f"{name}/{file}" for file in files)
-        labels.extend([label] * len(files))
-    return classes, paths, labels
+def some(items: list, limit: int = 5, total: Optional[int] = None) -> str:
+    """'a, b, c and 7 more': a one-line sample of a possibly huge list."""
+    total = len(items) if total is None else total
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown if total <= limit else f"{shown} and {total - limit} more"
+
+
+def entry_kind(entry: os.DirEntry) -> str:
+    """'dir', 'file', 'other', or 'dangling' for a symlink that is broken or loops."""
+    try:
+        if entry.is_dir():
+            return "dir"
+        if entry.is_file():
+            return "file"
+    except OSError:  # ELOOP: is_dir()/is_file() return False for a broken link but raise for a loop
+        return "dangling"
+    return "dangling" if entry.is_symlink() else "other"
+
+
+def list_folder(folder: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as error:
+        raise DatasetError(f"dataset.args.root: cannot list {folder} ({error.strerror or error})") from None
+
+
+@dataclass
+class FolderScan:
+    classes: list[str]  # sorted; the index is the label
+    paths: list[str]  # relative to root
+    labels: list[int]
+    skipped: list[str]  # broken or looping symlinks that would have been a class folder or an image
+
+
+def scan_class_folders(root: str) -> FolderScan:
+    """Lists directory entries (not recursively, so a symlink to a parent cannot loop); decodes nothing."""
+    top = [(entry.name, entry_kind(entry)) for entry in list_folder(root) if not entry.name.startswith(".")]
+    scan = FolderScan(sorted(name for name, kind in top if kind == "dir"), [], [],
+                      sorted(name for name, kind in top if kind == "dangling"))
+    for label, name in enumerate(scan.classes):
+        images = sorted((entry.name, entry_kind(entry)) for entry in list_folder(os.path.join(root, name))
+                        if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+        files = [f"{name}/{file}" for file, kind in images if kind == "file"]
+        scan.paths.extend(files)
+        scan.labels.extend([label] * len(files))
+        scan.skipped.extend(f"{name}/{file}" for file, kind in images if kind == "dangling")
+    return scan
+
+
+def require_images(paths: list[str], source: str) -> None:
+    if not paths:
+        raise DatasetError(f"dataset.args.root: no .JPEG/.jpeg/.jpg/.png images listed in {source}")
+
+
+def index_class_folders(root: str) -> FolderScan:
+    """The scan of root's class folders; no images, or a class folder without any, is a DatasetError."""
+    scan = scan_class_folders(root)
+    require_images(scan.paths, f"{root}/<class folder>/")
+    empty = sorted(set(scan.classes) - {scan.classes[label] for label in set(scan.labels)})
+    if empty:
+        raise DatasetError(f"dataset.args.root: class folders with no images: {some(empty)} (under {root}); "
+                           f"remove them or add .JPEG/.jpeg/.jpg/.png images")
+    if scan.skipped:
+        logger.warning("dataset.args.root: skipped %d broken or looping symlinks under %s: %s",
+                       len(scan.skipped), root, some(scan.skipped))
+    return scan
+
+
+def decode_list_file(list_file: str) -> str:
+    try:
+        with open(list_file, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise DatasetError(f"dataset.args.list_file: cannot read {list_file} ({error.strerror or error})") from None
+    try:
+        # without removing a byte-order mark (some editors save one), it would become part of the first path
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DatasetError(f"{list_file}:{line}: not UTF-8 (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                           f"save the list file as UTF-8") from None
 
 
 def read_list_file(list_file: str) -> tuple[list[str], list[int]]:
     """(relative image paths, labels) from ``path label`` lines; the path may contain spaces."""
     paths, labels = [], []
-    with open(list_file, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            fields = line.rsplit(maxsplit=1)
-            if len(fields) != 2 or not fields[1].isdigit():
-                raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label >= 0, "
-                                   f"got {line.strip()!r}")
-            paths.append(fields[0])
-            labels.append(int(fields[1]))
+    # splitlines(), unlike a text file's lines, would also split at form feeds and other separators
+    lines = decode_list_file(list_file).replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.rsplit(maxsplit=1)
+        if len(fields) != 2 or not LABEL.fullmatch(fields[1]):
+            raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label >= 0, "
+                               f"got {line.strip()!r}")
+        paths.append(fields[0])
+        labels.append(int(fields[1]))
     return paths, labels
+
+
+def warn_label_gaps(list_file: str, labels: list[int]) -> None:
+    """A warning, not an error: a subset of the 1000 synsets may keep the original labels on purpose."""
+    present = set(labels)
+    n_classes = max(present) + 1
+    if len(present) < n_classes:
+        missing = list(islice((label for label in range(n_classes) if label not in present), 5))
+        logger.warning("dataset.args.list_file: %s: labels %s have no images, yet n_classes is %d "
+                       "(the largest label + 1) and a conditional model samples them all", list_file,
+                       some(missing, total=n_classes - len(present)), n_classes)
 
 
 def load_square_rgb(path: str, size: int) -> torch.Tensor:
     """Decode any PIL-readable image to uint8 RGB 3 x size x size (short-side centre crop, bilinear)."""
-    with Image.open(path) as image:
-        rgb = image.convert("RGB")
+    with Image.open(path) as image:  # reads the header only
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise Image.DecompressionBombError(
+                f"{width}x{height} = {width * height} pixels, over the MAX_IMAGE_PIXELS limit of {MAX_IMAGE_PIXELS}")
+        rgb = to_rgb(image)
     return to_chw_uint8(resize_square(center_crop_square(rgb), size))
 
 
@@ -106,15 +202,17 @@ class ImageNet(Dataset):
         if problems:
             raise DatasetError(problems[0])
         if args.list_file is None:
-            self.classes, paths, labels = scan_class_folders(args.root)
+            scan = index_class_folders(args.root)
+            self.classes, paths, labels = scan.classes, scan.paths, scan.labels
             self.n_classes = len(self.classes)
+            self.n_skipped = len(scan.skipped)
         else:
             paths, labels = read_list_file(args.list_file)
+            require_images(paths, args.list_file)
+            warn_label_gaps(args.list_file, labels)
             self.classes = []
-            self.n_classes = max(labels, default=-1) + 1
-        if not paths:
-            source = args.list_file or f"{args.root}/<class folder>/"
-            raise DatasetError(f"dataset.args.root: no .JPEG/.jpeg/.jpg/.png images listed in {source}")
+            self.n_classes = max(labels) + 1
+            self.n_skipped = 0  # a missing or looping path is found when read, and counted in n_unreadable
         self.root = args.root
         self.size = args.size
         self.dequantize = args.dequantize

@@ -56,6 +56,8 @@ def blob(centre_x: float, centre_y: float, radius: float, x: np.ndarray, y: np.n
 class SyntheticImages(Dataset):
     """Items are (uint8 tensor channels x size x size, label = index mod n_classes)."""
 
+    n_unreadable = 0  # generated, never read; the trainer logs it for every data set
+
     def __init__(self, args: SyntheticArgs):
         problems = check_synthetic_args(args)
         if problems:

@@ -8,8 +8,22 @@ import torch
 from PIL import Image
 
 
+# Pillow opens 16-bit greyscale PNGs as "I;16" (or, in older versions and for 16-bit PGM, "I":
+# int32 holding 0..65535). convert("RGB") clips these at 255, so mid-grey would come out white.
+# JPEG and PNG hold at most 16 bits per sample, so "I" is read as 16-bit data too.
+SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
 class DatasetError(Exception):
     """A user-facing problem with a data set (missing files, bad arguments); one-line message."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL image as 8-bit RGB; 16-bit samples keep their high byte (the inverse of v * 257)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        samples = np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8
+        image = Image.fromarray(samples.astype(np.uint8), "L")
+    return image.convert("RGB")
 
 
 def center_crop_square(image: Image.Image) -> Image.Image:
