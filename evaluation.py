@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
+from figures.grids import PADDING, check_overwrite, tile, titled, to_image
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError, build_dataset
 from source.metrics import StatsMismatch, WeightsUnavailable
@@ -154,17 +154,9 @@ def check_classes(classes: list[int], n_classes: int) -> None:
         raise ValueError(f"--classes {outside}: the generator has classes 0..{n_classes - 1}")
 
 
-def tile(images: torch.Tensor, rows: int, columns: int) -> torch.Tensor:
-    """[rows * columns, C, H, W] -> [C, rows * H, columns * W], row-major, no padding (as the README grids)."""
-    _, channels, height, width = images.shape
-    grid = images.view(rows, columns, channels, height, width).permute(2, 0, 3, 1, 4)
-    return grid.reshape(channels, rows * height, columns * width)
-
-
 def save_png(image: torch.Tensor, path: Path) -> None:
     """A uint8 CHW image (1 or 3 channels) as PNG."""
-    pixels = image.permute(1, 2, 0).cpu().numpy()
-    Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels).save(path)
+    to_image(image).save(path)
 
 
 def generate_all(loaded: LoadedGenerator, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
@@ -178,18 +170,26 @@ def grids(args: argparse.Namespace) -> None:
     gen, count = loaded.gen, args.rows * args.columns
     batch_size = args.batch_size or loaded.config.evaluation.batch_size
     out = Path(args.out) if args.out else run_folder(args.snapshot) / "figures" / f"grids_iter_{loaded.iteration}"
+    targets = grid_targets(args.classes, gen.n_classes, out)
+    check_overwrite([path for _, path in targets], args.force)
     out.mkdir(parents=True, exist_ok=True)
     # The same latents for every class and every snapshot (per --seed): grids are comparable side by side.
     z, _ = sample_inputs(count, gen.dim_z, 0, args.seed)
-    if gen.n_classes == 0 and not args.classes:
-        targets = [(None, out / "samples.png")]
-    else:
-        classes = args.classes or default_grid_classes(gen.n_classes)
-        check_classes(classes, gen.n_classes)
-        targets = [(torch.full((count,), label), out / f"class_{label}.png") for label in classes]
-    for labels, path in targets:
-        save_png(tile(generate_all(loaded, z, labels, batch_size, device), args.rows, args.columns), path)
+    for label, path in targets:
+        labels = None if label is None else torch.full((count,), label)
+        grid = tile(generate_all(loaded, z, labels, batch_size, device), args.rows, args.columns, PADDING)
+        name = "unconditional" if label is None else f"class {label}"
+        titled(grid, f"{name}, iteration {loaded.iteration}").save(path)
         print(path)
+
+
+def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[tuple[int | None, Path]]:
+    """(class or None for an unconditional G, PNG path) of every grid to draw."""
+    if n_classes == 0 and not classes:
+        return [(None, out / "samples.png")]
+    classes = classes or default_grid_classes(n_classes)
+    check_classes(classes, n_classes)
+    return [(label, out / f"class_{label}.png") for label in classes]
 
 
 def samples(args: argparse.Namespace) -> None:
@@ -262,7 +262,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--seed", type=int, help="latents and labels (default: the run's seed, as during training)")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
 
-    sub = command("grids", grids, "one rows x columns grid per class, from the same latents")
+    sub = command("grids", grids, "one rows x columns grid per class, from the same latents, titled with "
+                  "the class; existing grids are kept unless --force")
     sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
     sub.add_argument("--classes", type=int, nargs="+",
                      help=f"default: {' '.join(map(str, IMAGENET_GRID_CLASSES))} for ImageNet, else the first "
@@ -272,6 +273,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--out", help="folder (default: RUN/figures/grids_iter_N)")
     sub.add_argument("--seed", type=int, default=0)
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
+    sub.add_argument("--force", action="store_true", help="overwrite grids that already exist")
 
     sub = command("samples", samples, "export generated images for external tools")
     sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")

@@ -3,7 +3,10 @@
     python train.py --config configs/demo.yaml
     python train.py --config configs/sr_imagenet.yaml --set dataset.args.root=/data/imagenet/train
     torchrun --nproc_per_node 4 train.py --config configs/sr_imagenet.yaml --set ...
-    python train.py --config configs/sr_imagenet.yaml --resume RUN/snapshots/snapshot_iter_40000.pt --set updater.apply_SR=true
+    python train.py --resume RUN/snapshots/snapshot_iter_40000.pt --set updater.apply_SR=true
+
+A resume starts from the run's own settings (the snapshot's config); ``--set`` changes them, and every
+change is printed. ``--config`` is not needed then.
 """
 from __future__ import annotations
 
@@ -17,44 +20,60 @@ import torch
 
 from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
 from source.datasets import DatasetError, check_dataset_args
-from source.training import build, checkpoint
-from source.training.distributed import (World, init_world, main_first, rank_from_env, shutdown_world,
-                                         world_size_from_env)
+from source.training import build, checkpoint, runfolder
+from source.training.checkpoint import SnapshotError
+from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
+                                         shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, require_reference_before_distributed_training
-from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra
+from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra, WatchWeights
 from source.training.runlog import truncate_after
-from source.training.trainer import Trainer, TrainingDiverged
+from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
+
+
+class FailedOnRankZero(Exception):
+    """Rank 0 met an error it reports itself; the other ranks stop without repeating it."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML experiment file")
+    parser.add_argument("--config", help="YAML experiment file (not needed with --resume: the run's own settings "
+                                         "are used, changed by --set)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. updater.apply_SR=true (repeatable)")
     parser.add_argument("--resume", metavar="SNAPSHOT", help="snapshot_iter_N.pt to continue from")
-    parser.add_argument("--out", help="run folder (default: results/<config name>, or the snapshot's run "
-                                      "when resuming with an unchanged config)")
+    parser.add_argument("--out", help="run folder, new or empty (default: results/<config name>, or the next free "
+                                      "results/<config name>-N; a resume from a run's latest snapshot with unchanged "
+                                      "settings continues that run, any other resume branches into RUN-resumeN)")
     parser.add_argument("--dry-run", action="store_true", help="build everything, print a summary, train nothing")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.config and not args.resume:
+        parser.error("give --config FILE (a new run) or --resume SNAPSHOT")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        config = load_config(args.config, args.overrides, world_size=world_size_from_env())
         snapshot = checkpoint.load_snapshot(args.resume, training_state=True) if args.resume else None
-    except (ConfigError, FileNotFoundError, ValueError) as error:
+        config = resume_config(args, snapshot) if snapshot else \
+            load_config(args.config, args.overrides, world_size=world_size_from_env())
+        world = init_world(config.device)
+    except (ConfigError, SnapshotError) as error:
         report(f"error: {error}")
         return 2
-    world = init_world(config.device)
     try:
         return run(args, config, snapshot, world)
-    except (ConfigError, DatasetError) as error:
+    except FailedOnRankZero:
+        return 2
+    except (ConfigError, DatasetError, SnapshotError, runfolder.RunFolderError) as error:
         report(f"error: {error}", world)
         return 2
     except TrainingDiverged as error:
         report(f"error: training diverged: {error}", world)
+        return 1
+    except SnapshotWriteError as error:
+        report(f"error: {error}", world)
         return 1
     finally:
         shutdown_world()
@@ -70,6 +89,18 @@ def report(message: str, world: World | None = None) -> None:
         print(f"[rank {world.rank}] {message}" if world.distributed else message, file=sys.stderr)
 
 
+def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
+    """The run's own settings with ``--set`` on top; a ``--config`` file given too is only compared, not used."""
+    config = config_from_dict(copy.deepcopy(snapshot["config"]), args.overrides, source=f"{args.resume} (its config)",
+                              world_size=world_size_from_env())
+    if args.config:
+        file_differs = config_differences(snapshot_config(snapshot), load_config(args.config).to_dict())
+        if file_differs and rank_from_env() == 0:
+            print(f"note: resuming with the run's own settings, not those of {args.config} ({len(file_differs)} "
+                  f"differ, e.g. {file_differs[0]}); change settings with --set KEY=VALUE")
+    return config
+
+
 def snapshot_config(snapshot: dict) -> dict:
     """The snapshot's config with today's defaults filled in: keys added to the format since are no change."""
     try:
@@ -80,7 +111,7 @@ def snapshot_config(snapshot: dict) -> dict:
 
 def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
     changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
-    out = run_folder(args, config, snapshot, changes)
+    plan = plan_run_folder(args, snapshot, changes)
     torch.backends.cudnn.benchmark = not config.deterministic  # fixed shapes: let cuDNN pick the fastest kernels
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
@@ -90,38 +121,56 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
     models = build.build_models(config, world.device)
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
-        return dry_run(config, models, world, out, args.config)
+        return dry_run(config, models, world, plan, args.config or args.resume)
+    out, folder = claim_run_folder(plan, world)
+    try:
+        train(args, config, snapshot, changes, world, models, out)
+    finally:
+        if folder is not None:
+            folder.release()
+    return 0
+
+
+def train(args: argparse.Namespace, config: Config, snapshot: dict | None, changes: list[str], world: World,
+          models: build.Models, out: Path) -> None:
     with main_first(world):  # a data set download happens once, on rank 0
-        batches = build.build_batches(config, world, source=args.config)
+        batches = build.build_batches(config, world, source=args.config or args.resume)
     require_reference_before_distributed_training(config, batches.dataset, world.size)
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
                       world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world))
     if snapshot:
         resume(trainer, snapshot, args.resume, changes, world)
     if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
     trainer.run()
-    return 0
 
 
-def run_folder(args: argparse.Namespace, config: Config, snapshot: dict | None, changes: list[str]) -> Path:
-    """An unchanged config continues the snapshot's run in place; a changed one branches into a new folder,
-    so the parent run (e.g. the SN run whose 40k snapshot is resumed with SR) is never overwritten."""
-    if args.out:
-        return Path(args.out)
-    fresh = Path("results") / Path(args.config).stem
+def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changes: list[str]) -> runfolder.Plan:
+    """A new run gets a new (or empty) folder; a resume continues its run in place only from the run's latest
+    snapshot with unchanged settings, otherwise it branches (the SN run whose 40k snapshot is resumed with SR is kept)."""
+    default = Path("results") / Path(args.config or "resumed").stem
     if snapshot is None:
-        return fresh
-    parent = checkpoint.run_folder_of(args.resume)
-    if parent is not None and not changes:
-        return parent
-    # A snapshot kept outside a run folder never continues in place: its run may be elsewhere or gone.
-    parent = parent or fresh
-    return parent.with_name(f"{parent.name}-resume{snapshot['iteration']}")
+        return runfolder.plan_fresh(args.out, default)
+    return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], bool(changes), default)
+
+
+def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:
+    """Rank 0 locks the folder (the only rank that writes there) and tells the others where it is."""
+    folder, error = None, None
+    if world.is_main:
+        try:
+            folder = runfolder.claim(plan)
+        except runfolder.RunFolderError as failure:
+            error = str(failure)
+    path, error = broadcast_object((folder.path if folder else None, error), world)
+    if error:
+        raise runfolder.RunFolderError(error) if world.is_main else FailedOnRankZero()
+    if world.is_main and path != plan.first:
+        print(f"{plan.first} is taken (another run's folder, or in use); this run writes to {path}")
+    return path, folder
 
 
 def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
@@ -130,6 +179,8 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
     except checkpoint.SnapshotMismatch as error:
         raise ConfigError(f"{path} does not fit the configured models ({error}); a resume may change "
                           "training settings, not the networks") from None
+    except SnapshotError as error:
+        raise SnapshotError(f"{path}: {error}") from None
     if world.is_main:
         print(f"resumed from {path} at iteration {trainer.iteration}")
         for line in changes:
@@ -144,6 +195,7 @@ def make_extensions(config: Config, world: World) -> list:
     collapse = config.updater.collapse
     detector = CollapseDetector(threshold=collapse.threshold, min_layers=collapse.min_layers)
     return [Observe(report), ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
+            WatchWeights(config.display_interval),
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
             *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
@@ -172,7 +224,9 @@ def describe_data(config: Config, world: World, source: str) -> str:
     return "NOT AVAILABLE: " + "; ".join(problems)
 
 
-def dry_run(config: Config, models: build.Models, world: World, out: Path, source: str) -> int:
+def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str) -> int:
+    out = f"{plan.first} (continues the run in place)" if plan.in_place else \
+        f"{plan.first}{'' if plan.only else ' (or the next free name, if taken)'}"
     rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
             ("discriminator", f"{config.models.discriminator.name}: {build.count_parameters(models.dis):,} parameters"),
             ("optimizers", f"Adam G lr {config.adam_G.alpha} betas ({config.adam_G.beta1}, {config.adam_G.beta2}); "
@@ -181,9 +235,7 @@ def dry_run(config: Config, models: build.Models, world: World, out: Path, sourc
             ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
                         f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
             ("device", f"{world.device} (world size {world.size})"),
-            ("run folder", str(out))]
-    for model, adam in ((models.gen, config.adam_G), (models.dis, config.adam_D)):
-        build.build_optimizer(model, adam)  # constructing them rejects impossible hyperparameters
+            ("run folder", out)]
     rows.append(("data", describe_data(config, world, source)))
     if world.is_main:
         width = max(len(name) for name, _ in rows)

@@ -12,25 +12,40 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from figures.common import plt, save_figure
-from source.datasets import build_dataset
+from figures.common import USER_ERRORS, command_line, plt, require_run_folder, save_figure
+from source.config import ConfigError
+from source.datasets import DatasetError, build_dataset
 from source.metrics.generate import generate_uint8, sample_inputs
 from source.metrics.modes import mode_report
 from source.training.evaluate import load_generator
 from source.training.runlog import read_jsonl, sr_start
 
 CACHE = "modes.jsonl"
+SCORE = "collapse_score/dis/mean"
 MAX_REAL_IMAGES = 10000  # real images the nearest-class classifier compares with (Fashion-MNIST's test split)
 
 
 def generator_snapshots(run: Path) -> list[tuple[int, Path]]:
     paths = (run / "snapshots").glob("generator_iter_*.pt")
     return sorted((int(p.stem.rsplit("_", 1)[1]), p) for p in paths)
+
+
+def collapse_scores(run: Path) -> list[dict]:
+    return [r for r in read_jsonl(run / "log.jsonl") if SCORE in r]
+
+
+def check_run(run: Path) -> None:
+    """Before any (slow) mode measure: every run exists and has something to plot."""
+    require_run_folder(run)
+    if not (collapse_scores(run) or generator_snapshots(run) or read_jsonl(run / CACHE)):
+        raise ValueError(f"{run} has no collapse scores in log.jsonl (spectra_interval 0?), no "
+                         f"snapshots/generator_iter_*.pt and no {CACHE}: nothing to plot")
 
 
 def real_images(config) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +90,8 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
 def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.Figure:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run, label in zip(runs, labels):
-        scores = [r for r in read_jsonl(run / "log.jsonl") if "collapse_score/dis/mean" in r]
-        line, = axes[0].plot([r["iteration"] for r in scores], [r["collapse_score/dis/mean"] for r in scores],
-                             label=label)
+        scores = collapse_scores(run)
+        line, = axes[0].plot([r["iteration"] for r in scores], [r[SCORE] for r in scores], label=label)
         modes = mode_history(run, per_class)
         x = [r["iteration"] for r in modes]
         axes[1].plot(x, [r["diversity"] for r in modes], marker="o", color=line.get_color(), label=label)
@@ -109,6 +123,10 @@ def main(argv: list[str] | None = None) -> Path:
     labels = args.labels or [run.name for run in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
+    if args.per_class < 1:
+        parser.error(f"--per-class must be at least 1, got {args.per_class}")
+    for run in args.runs:
+        check_run(run)
     out = args.out or args.runs[0] / "figures" / "collapse.png"
     save_figure(collapse_figure(args.runs, labels, args.per_class), out)
     print(f"wrote {out}")
@@ -116,4 +134,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line(main, errors=USER_ERRORS + (ConfigError, DatasetError)))

@@ -1,6 +1,8 @@
-"""What every figure module shares: the Agg backend and how figures are written."""
+"""What every figure module shares: the Agg backend, how figures are written and how user errors are reported."""
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -8,6 +10,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+# OSError: a missing run folder or file, an --out that is a file, a read-only disk.
+USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
 
 
 def save_figure(figure: Figure, path: Path, pdf: bool = False) -> list[Path]:
@@ -18,3 +23,21 @@ def save_figure(figure: Figure, path: Path, pdf: bool = False) -> list[Path]:
         figure.savefig(target, dpi=150)
     plt.close(figure)
     return paths
+
+
+def require_run_folder(run: Path) -> None:
+    """Checked first, so a typo in RUN is named as such and no RUN/figures folder is created for it."""
+    if not run.is_dir():
+        raise FileNotFoundError(f"run folder {run} does not exist")
+
+
+def command_line(main: Callable[[list[str] | None], object], argv: list[str] | None = None,
+                 errors: tuple[type[Exception], ...] = USER_ERRORS) -> int:
+    """Exit status of ``main(argv)``: a user error is one ``error: ...`` line on stderr and status 2, as in
+    train.py and evaluation.py; tracebacks are left for bugs."""
+    try:
+        main(argv)
+    except errors as error:
+        print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)  # one line even if the message is not
+        return 2
+    return 0

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.common import plt, save_figure
+from figures.common import command_line, plt, require_run_folder, save_figure
 from source.training.runlog import events, read_jsonl, sr_start
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -35,8 +35,7 @@ class RunCurves:
 
 
 def read_run(run_dir: Path, label: str) -> RunCurves:
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    require_run_folder(run_dir)
     metrics_path = run_dir / "metrics.jsonl"
     records = {int(r["iteration"]): r for r in read_jsonl(metrics_path) if any(m in r for m in METRICS)}
     if not records:
@@ -151,7 +150,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        sys.exit(f"error: {error}")
+    sys.exit(command_line(main))

@@ -4,7 +4,10 @@
 
 One run: s_i / s_1 against the index i for one layer, one curve per iteration. Two runs (e.g. SN and
 SR): side-by-side panels on the same y-axis. Also writes a layers x iterations heatmap of the
-collapse score (mean s_i / s_1 over i >= 2; convs by index, then the other layers). The start of SR,
+collapse score (mean s_i / s_1 over i >= 2; convs by index, then the other layers; layers with one
+singular value have no score and are left out, which a footnote says). Files: spectra_layerK.png and
+collapse_heatmap.png for one run; two runs add _RUN1_vs_RUN2, so a comparison never overwrites the
+one-run figures in the same folder (gen_/_gen for --net gen). The start of SR,
 read from the "sr_start" events in RUN/log.jsonl, is drawn dashed (later curves; the curve at the
 start itself is bold) and as a vertical line on the heatmap. Reads only RUN/spectra/ and RUN/log.jsonl.
 """
@@ -12,10 +15,12 @@ start itself is bold) and as a vertical line on the heatmap. Reads only RUN/spec
 from __future__ import annotations
 
 import argparse
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.common import plt, save_figure
+from figures.common import command_line, plt, require_run_folder, save_figure
 from source.training.runlog import sr_start
 import numpy as np
 from matplotlib.figure import Figure
@@ -34,15 +39,24 @@ class RunSpectra:
 
 
 def read_run(run_dir: Path) -> RunSpectra:
+    require_run_folder(run_dir)
     files = list_spectra(run_dir)
     if not files:
         raise FileNotFoundError(f"{run_dir / 'spectra'} holds no spectra_iter_*.npz files; is {run_dir} a run folder "
                                 "of a run with spectra logging on?")
     return RunSpectra(
         name=run_dir.resolve().name,
-        records={iteration: load_spectra(path) for iteration, path in files},
+        records={iteration: read_spectra(path) for iteration, path in files},
         sr_start=sr_start(run_dir),
     )
+
+
+def read_spectra(path: Path) -> SpectraRecord:
+    # Training writes these files atomically, so a bad one was damaged or put there by hand: say which.
+    try:
+        return load_spectra(path)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable spectra file ({type(error).__name__}: {error})") from None
 
 
 def resolve_layer(record: SpectraRecord, net: str, layer: str | None) -> tuple[str, int | None]:
@@ -110,10 +124,12 @@ def _curve_style(iteration: int, sr_start: int | None) -> dict:
 
 
 def collapse_heatmap_figure(runs: list[RunSpectra], net: str) -> Figure:
-    """Collapse score of every layer (rows) at every stored iteration (columns), one panel per run."""
+    """Collapse score of every layer that has one (rows) at every stored iteration (columns), one panel per run."""
     figure, axes = plt.subplots(1, len(runs), figsize=(7 * len(runs), 5.5), squeeze=False)
+    left_out: dict[str, None] = {}  # ordered union over the runs
     for ax, run in zip(axes[0], runs):
-        rows = heatmap_rows(run, net)
+        rows, unscored = heatmap_rows(run, net)
+        left_out.update(dict.fromkeys(unscored))
         iterations = np.array(sorted(run.records))
         scores = np.array([[_score(run.records[it], net, name) for it in iterations] for _, name in rows])
         mesh = ax.pcolormesh(_edges(iterations), np.arange(len(rows) + 1) - 0.5, np.ma.masked_invalid(scores),
@@ -125,19 +141,25 @@ def collapse_heatmap_figure(runs: list[RunSpectra], net: str) -> Figure:
         ax.set_xlabel("iteration")
         ax.set_title(f"{run.name}: {net} collapse score")
         figure.colorbar(mesh, ax=ax, label=r"mean $\sigma_i / \sigma_1$, $i \geq 2$")
-    figure.tight_layout()
+    if left_out:  # say why these layers are missing rather than show blank rows
+        figure.text(0.01, 0.01, f"not shown: {', '.join(left_out)} (one singular value, so no collapse score: "
+                    "the mean over i >= 2 is undefined)", fontsize="small", wrap=True)
+    figure.tight_layout(rect=(0, 0.05 if left_out else 0, 1, 1))
     return figure
 
 
-def heatmap_rows(run: RunSpectra, net: str) -> list[tuple[str, str]]:
-    """(label, layer): convs by index, then the other layers that have a score (at least 2 singular values)."""
+def heatmap_rows(run: RunSpectra, net: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(label, layer) rows, convs by index then the other layers, of the layers with a collapse score
+    (at least 2 singular values); and the labels of the layers without one (a 1x1 conv on one channel, D's l7)."""
     record = next(iter(run.records.values()))
     convs = record.conv_index[net]
-    others = sorted(name for name, spectrum in record.nets[net].items()
-                    if name not in convs and spectrum.singular_values.size >= 2)
-    if not convs and not others:
+    labelled = [(f"{index} {name}", name) for index, name in enumerate(convs)]
+    labelled += [(name, name) for name in sorted(set(record.nets[net]) - set(convs))]
+    scored = {name for name, spectrum in record.nets[net].items() if spectrum.singular_values.size >= 2}
+    rows = [(label, name) for label, name in labelled if name in scored]
+    if not rows:
         raise ValueError(f"run {run.name} has no {net!r} layer with a collapse score (>= 2 singular values)")
-    return [(f"{index} {name}", name) for index, name in enumerate(convs)] + [(name, name) for name in others]
+    return rows, [label for label, name in labelled if name not in scored]
 
 
 def _score(record: SpectraRecord, net: str, name: str) -> float:
@@ -155,10 +177,20 @@ def _edges(centers: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * centers[0] - middles[0]], middles, [2 * centers[-1] - middles[-1]]])
 
 
+def output_names(runs: list[RunSpectra], net: str, layer_tag: str) -> tuple[str, str]:
+    """Spectra and heatmap file names; a comparison names both runs, so it keeps the one-run fig3 beside it."""
+    pair = f"_{runs[0].name}_vs_{runs[1].name}" if len(runs) == 2 else ""
+    if net == "dis":
+        return f"spectra_{layer_tag}{pair}.png", f"collapse_heatmap{pair}.png"
+    return f"spectra_gen_{layer_tag}{pair}.png", f"collapse_heatmap_gen{pair}.png"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m figures.spectra", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="one run folder, or two to compare side by side")
-    parser.add_argument("--layer", help="conv index (srgan.md §6.4 map) or layer name; default: the last conv")
+    parser.add_argument("--layer", help="conv index (the SN convs sorted by module name, from 0, as the heatmap's "
+                        "row labels list them; the ImageNet-128 D has 0 block1.c1 ... 16 block6.c2) or a layer "
+                        "name such as l7; default: the last conv")
     parser.add_argument("--iterations", nargs="+", type=int, help=f"default: up to {DEFAULT_MAX_CURVES} spread over all")
     parser.add_argument("--net", choices=("dis", "gen"), default="dis")
     parser.add_argument("--out", type=Path, help="output folder; default: FIRST_RUN/figures")
@@ -176,11 +208,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     layer, index = resolve_layer(first_record, args.net, args.layer)
     iterations = choose_iterations(runs, args.iterations)
     out_dir = args.out or args.runs[0] / "figures"
-    prefix = "" if args.net == "dis" else "gen_"
-    layer_tag = f"layer{index}" if index is not None else layer
-    written = save_figure(spectra_figure(runs, args.net, layer, index, iterations),
-                    out_dir / f"spectra_{prefix}{layer_tag}.png", args.pdf)
-    heatmap_name = "collapse_heatmap.png" if args.net == "dis" else "collapse_heatmap_gen.png"
+    spectra_name, heatmap_name = output_names(runs, args.net, f"layer{index}" if index is not None else layer)
+    written = save_figure(spectra_figure(runs, args.net, layer, index, iterations), out_dir / spectra_name, args.pdf)
     written += save_figure(collapse_heatmap_figure(runs, args.net), out_dir / heatmap_name, args.pdf)
     for path in written:
         print(path)
@@ -188,4 +217,4 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line(main))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+from source.files import atomic_write_text
 
 
 class ConfigError(Exception):
@@ -80,7 +83,7 @@ class EvaluationConfig:
     n_samples: int = 5000          # generated images per evaluation (original: 5000; published numbers: 50000)
     splits: int = 1                # Inception Score splits (original during training: 1; published: 10)
     batch_size: int = 100          # generated and scored per forward
-    metrics: list = field(default_factory=lambda: ["is", "fid"])  # any of is, fid, kid; [] turns evaluation off
+    metrics: list[Literal["is", "fid", "kid"]] = field(default_factory=lambda: ["is", "fid"])  # [] turns evaluation off
     # torch-fidelity weights .pth, "fid-helper" (offline, FID/KID only), or null: download cache, else fid-helper
     inception_weights: Union[str, None] = None
     reference_stats: Union[str, None] = None    # a statistics .npz (e.g. TTUR's); null: the dataset's, cached
@@ -129,12 +132,16 @@ class Config:
 def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1) -> Config:
     """Read ``path``, apply ``key=value`` overrides and validate."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: cannot be read ({first_line(error)})") from None
     return config_from_dict(raw, overrides, source=str(path), world_size=world_size)
 
 
@@ -142,7 +149,8 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
                      world_size: int = 1) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    file_dataset = raw.get("dataset", {}).get("name") if isinstance(raw.get("dataset"), dict) else None
+    _check_expansion(raw, source)
+    file_dataset = dict(_mapping(raw, "dataset"), args=dict(_mapping(_mapping(raw, "dataset"), "args")))
     for override in overrides:
         apply_override(raw, override, source)
     _adapt_dataset_args(raw, file_dataset)
@@ -170,11 +178,39 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
     node[parts[-1]] = value
 
 
-def _adapt_dataset_args(raw: dict, file_dataset: str | None) -> None:
-    """Let ``--set dataset.name=synthetic`` work on any config.
+# A config has about a hundred values; YAML aliases (and pickle's shared references in snapshots) can make
+# a kilobyte expand to billions when walked, so anything this large is refused before it is walked.
+MAX_CONFIG_VALUES = 10_000
 
-    Args that belong to the file's dataset (e.g. ImageNet's ``root``) are dropped when the name
-    changes, and the synthetic data take resolution, channels and classes from the generator.
+
+def _check_expansion(raw: Any, source: str) -> None:
+    """Count the values ``raw`` expands to, stopping at the limit (so cycles and alias bombs end quickly)."""
+    pending, count = [raw], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
+                              "refused")
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+
+
+def _mapping(parent: Any, key: str) -> dict:
+    """``parent[key]`` when both are mappings, else {} (wrong types are reported by validation, later)."""
+    child = parent.get(key) if isinstance(parent, dict) else None
+    return child if isinstance(child, dict) else {}
+
+
+def _adapt_dataset_args(raw: dict, file_dataset: dict) -> None:
+    """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
+
+    When the name changes, the file's args belong to another data set (ImageNet's ``root`` and
+    ``size``) and are dropped unless ``--set`` gave them; the synthetic data take resolution,
+    channels and classes from the generator.
     """
     from source.datasets import DATASETS
 
@@ -182,13 +218,16 @@ def _adapt_dataset_args(raw: dict, file_dataset: str | None) -> None:
     if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
         return
     args = dataset.setdefault("args", {}) or {}
+    if not isinstance(args, dict):
+        return
     dataset["args"] = args
-    if file_dataset is not None and dataset["name"] != file_dataset:
+    if file_dataset.get("name") is not None and dataset["name"] != file_dataset["name"]:
         valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
-        for key in [k for k in args if k not in valid]:
+        from_file = file_dataset["args"]
+        for key in [k for k in args if k not in valid or (k in from_file and args[k] == from_file[k])]:
             del args[key]
     if dataset["name"] == "synthetic":
-        gen_args = raw.get("models", {}).get("generator", {}).get("args", {}) or {}
+        gen_args = _mapping(_mapping(_mapping(raw, "models"), "generator"), "args")
         args.setdefault("size", gen_args.get("resolution", 32))
         args.setdefault("channels", gen_args.get("channels", 3))
         args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
@@ -226,7 +265,7 @@ def _validate_dataclass(value: Any, cls: type, key: str, source: str) -> Any:
 
 
 def _validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
-    from source.models import MODELS
+    from source.models import MODELS, check_model_args
 
     if spec.name not in MODELS:
         raise ConfigError(f"{source}: {key}.name: unknown model '{spec.name}'{_suggest(spec.name, MODELS)}")
@@ -234,8 +273,13 @@ def _validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
     hints = typing.get_type_hints(MODELS[spec.name].__init__)
     params = [p for p in signature.parameters if p != "self"]
     _reject_unknown(spec.args, params, f"{key}.args", source)
-    return {name: _validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
+    args = {name: _validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
             for name, v in spec.args.items()}
+    try:
+        check_model_args(spec.name, args)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {key}.args: {first_line(error)}") from None
+    return args
 
 
 def _validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) -> Any:
@@ -274,7 +318,8 @@ def _validate_value(value: Any, annotation: Any, key: str, source: str) -> Any:
             return value
         raise _type_error(value, annotation, key, source)
     if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        return list(value)
+        item = (typing.get_args(annotation) or (Any,))[0]
+        return [_validate_value(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
     raise _type_error(value, annotation, key, source)
 
 
@@ -303,6 +348,12 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
     if not 0 < collapse.threshold < 1 or collapse.min_layers < 1:
         raise ConfigError(f"{source}: updater.collapse: threshold must be in (0, 1) and min_layers >= 1, got "
                           f"{collapse.threshold} and {collapse.min_layers}")
+    for name, adam in (("adam_G", config.adam_G), ("adam_D", config.adam_D)):
+        if not (adam.alpha >= 0 and 0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1 and adam.eps >= 0):
+            raise ConfigError(f"{source}: {name}: need alpha >= 0, 0 <= beta1 < 1, 0 <= beta2 < 1 and eps >= 0, got "
+                              f"alpha={adam.alpha}, beta1={adam.beta1}, beta2={adam.beta2}, eps={adam.eps}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+        raise ConfigError(f"{source}: device: expected auto, cpu, cuda or cuda:N, got {config.device!r}")
     for name in ("seed", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
@@ -348,7 +399,7 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def _yaml_scalar(value: Any) -> str:

@@ -76,7 +76,7 @@ def test_two_runs_side_by_side_share_y(tmp_path):
     sr = make_run(tmp_path, "sr", [2000, 3000, 4000, 5000], sr_start=2000)
     out = tmp_path / "out"
     written = fig.main([str(sn), str(sr), "--iterations", "1000", "2000", "5000", "--out", str(out)])
-    assert sorted(p.name for p in written) == ["collapse_heatmap.png", "spectra_layer2.png"]
+    assert sorted(p.name for p in written) == ["collapse_heatmap_sn_vs_sr.png", "spectra_layer2_sn_vs_sr.png"]
     assert all(p.parent == out and p.stat().st_size > 0 for p in written)
 
     runs = [fig.read_run(sn), fig.read_run(sr)]
@@ -105,7 +105,7 @@ def test_clear_errors(tmp_path):
         fig.main([str(run), "--layer", "7"])
     with pytest.raises(ValueError, match="'block9.c1' is not in"):
         fig.main([str(run), "--layer", "block9.c1"])
-    with pytest.raises(FileNotFoundError, match="no spectra_iter"):
+    with pytest.raises(FileNotFoundError, match="run folder .*empty does not exist"):
         fig.main([str(tmp_path / "empty")])
     (run / "log.jsonl").write_text('{"broken\n{"iteration": 1, "event": "sr_start"}\n')
     with pytest.raises(ValueError, match="log.jsonl:1 is not valid JSON"):

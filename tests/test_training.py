@@ -76,11 +76,11 @@ def test_a_snapshot_from_before_a_new_config_key_shows_no_change(tmp_path, capsy
     run = tmp_path / "run"
     assert train.main(tiny_argv(run, 4)) == 0
     path = run / "snapshots" / "snapshot_iter_2.pt"
-    snapshot = torch.load(path, weights_only=False)
+    snapshot = torch.load(path, weights_only=True)
     del snapshot["config"]["gen_batchsize"]  # as written by a version without the key
     torch.save(snapshot, path)
     capsys.readouterr()
-    assert train.main(tiny_argv(run, 4) + ["--resume", str(path)]) == 0
+    assert train.main(tiny_argv(tmp_path / "resumed", 4) + ["--resume", str(path)]) == 0
     assert "config change" not in capsys.readouterr().out
 
 
@@ -241,7 +241,7 @@ def test_torchrun_command_line_trains_and_reports_config_errors_once(tmp_path):
 
 def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    assert train.main(tiny_argv(out, 2)) == 0
+    assert train.main(tiny_argv(out, 8, "snapshot_interval=2")) == 0
     good = (out / "snapshots" / "snapshot_iter_2.pt").read_bytes()
     original = updater_module.Updater.update
 
@@ -250,7 +250,9 @@ def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, caps
         return {**observation, "loss_dis": float("nan")} if self.iteration == 4 else observation
 
     monkeypatch.setattr(updater_module.Updater, "update", poisoned)
-    code = train.main(tiny_argv(out, 8) + ["--resume", str(out / "snapshots" / "snapshot_iter_2.pt")])
+    for path in (out / "snapshots").glob("*_iter_[468].pt"):
+        path.unlink()  # the run as a crash after iteration 2 left it; resumed in place below
+    code = train.main(tiny_argv(out, 8, "snapshot_interval=2") + ["--resume", str(out / "snapshots" / "snapshot_iter_2.pt")])
     err = capsys.readouterr().err
     assert code == 1 and "loss_dis=nan at iteration 4" in err and "snapshot_iter_2.pt" in err
     assert (out / "snapshots" / "snapshot_iter_2.pt").read_bytes() == good

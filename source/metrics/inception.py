@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import os
+import pickle
 import warnings
 from typing import NamedTuple
 
@@ -191,18 +192,29 @@ def standard_weights_path() -> str:
     return path
 
 
-def _weights_source(weights: str | None) -> tuple[str | io.BytesIO, bool]:
-    """What torch-fidelity's constructor should `torch.load`, and whether it holds the logits layer."""
+def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
+    """What torch-fidelity's constructor should `torch.load`, and whether it holds the logits layer.
+
+    torch-fidelity loads with weights_only=False, so a weights file is first read here the safe way
+    (tensors only) and handed over re-serialized: a crafted file cannot run code."""
     if weights == FID_HELPER:
-        buffer = io.BytesIO()
-        torch.save(convert_fid_helper_weights(), buffer)
-        buffer.seek(0)
-        return buffer, False
-    if weights is None:
-        return standard_weights_path(), True
-    if not os.path.isfile(weights):
-        raise WeightsUnavailable(_unavailable_message(f"no file at {weights}"))
-    return weights, True
+        return _serialized(convert_fid_helper_weights()), False
+    path = standard_weights_path() if weights is None else weights
+    if not os.path.isfile(path):
+        raise WeightsUnavailable(_unavailable_message(f"no file at {path}"))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
+        raise WeightsUnavailable(f"{path} is not a usable weights file (it must hold tensors only; "
+                                 f"{str(error).strip().splitlines()[0][:160]})") from None
+    return _serialized(state), True
+
+
+def _serialized(state: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 class InceptionBackbone:
@@ -216,7 +228,7 @@ class InceptionBackbone:
 
     def __init__(self, weights: str | None = None, device: str | torch.device = "cpu", logits_with_bias: bool = True):
         source, self.has_logits = _weights_source(weights)
-        self.weights = FID_HELPER if weights == FID_HELPER else str(source)
+        self.weights = FID_HELPER if weights == FID_HELPER else (weights or standard_weights_path())
         self.device = torch.device(device)
         self.protocol = PROTOCOL
         logits_name = "logits" if logits_with_bias else "logits_unbiased"

@@ -1,12 +1,21 @@
 """Model registry: config files name a model class and its keyword arguments."""
+import inspect
+from typing import Callable
+
 import torch.nn as nn
 
-from source.models.discriminator import SNResNetProjectionDiscriminator
-from source.models.generator import ResNetGenerator
+from source.models.discriminator import SNResNetProjectionDiscriminator, check_discriminator_args
+from source.models.generator import ResNetGenerator, check_generator_args
 
 MODELS: dict[str, type[nn.Module]] = {
     "ResNetGenerator": ResNetGenerator,
     "SNResNetProjectionDiscriminator": SNResNetProjectionDiscriminator,
+}
+
+# name -> the check its constructor runs first, callable without building (and allocating) the network
+_ARG_CHECKS: dict[str, Callable[..., None]] = {
+    "ResNetGenerator": check_generator_args,
+    "SNResNetProjectionDiscriminator": check_discriminator_args,
 }
 
 
@@ -18,4 +27,11 @@ def build_model(name: str, args: dict) -> nn.Module:
     return MODELS[name](**args)
 
 
-__all__ = ["MODELS", "build_model", "ResNetGenerator", "SNResNetProjectionDiscriminator"]
+def check_model_args(name: str, args: dict) -> None:
+    """Raise ValueError when ``MODELS[name](**args)`` would reject a value (e.g. ``ch: 0``), without building it."""
+    bound = inspect.signature(MODELS[name]).bind(**args)
+    bound.apply_defaults()
+    _ARG_CHECKS[name](**bound.arguments)
+
+
+__all__ = ["MODELS", "build_model", "check_model_args", "ResNetGenerator", "SNResNetProjectionDiscriminator"]

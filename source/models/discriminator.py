@@ -27,7 +27,7 @@ class SNResNetProjectionDiscriminator(nn.Module):
     def __init__(self, ch: int = 64, n_classes: int = 0, resolution: int = 128, channels: int = 3,
                  head_bias: bool = True):
         super().__init__()
-        _validate(ch=ch, n_classes=n_classes, resolution=resolution, channels=channels)
+        check_discriminator_args(ch=ch, n_classes=n_classes, resolution=resolution, channels=channels)
         self.n_classes = n_classes
         self.block1 = OptimizedBlock(channels, ch)
         self.block_names = ["block1"]
@@ -63,7 +63,8 @@ class SNResNetProjectionDiscriminator(nn.Module):
                              "or build it with n_classes > 0")
 
 
-def _validate(*, ch: int, n_classes: int, resolution: int, channels: int) -> None:
+def check_discriminator_args(*, ch: int, n_classes: int, resolution: int, channels: int, head_bias: bool = True) -> None:
+    """Raise ValueError for arguments SNResNetProjectionDiscriminator cannot be built with (checked without building it)."""
     if ch < 1 or channels < 1:
         raise ValueError(f"SNResNetProjectionDiscriminator: ch and channels must be positive, got ch={ch}, "
                          f"channels={channels}")

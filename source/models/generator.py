@@ -35,8 +35,8 @@ class ResNetGenerator(nn.Module):
         spectral_norm: bool = False,
     ):
         super().__init__()
-        _validate(dim_z=dim_z, bottom_width=bottom_width, ch=ch, n_classes=n_classes, resolution=resolution,
-                  channels=channels)
+        check_generator_args(dim_z=dim_z, bottom_width=bottom_width, ch=ch, n_classes=n_classes, resolution=resolution,
+                             channels=channels)
         self.dim_z = dim_z
         self.bottom_width = bottom_width
         self.n_classes = n_classes
@@ -80,7 +80,9 @@ class ResNetGenerator(nn.Module):
                              "or build it with n_classes > 0")
 
 
-def _validate(*, dim_z: int, bottom_width: int, ch: int, n_classes: int, resolution: int, channels: int) -> None:
+def check_generator_args(*, dim_z: int, bottom_width: int, ch: int, n_classes: int, resolution: int, channels: int,
+                         spectral_norm: bool = False) -> None:
+    """Raise ValueError for arguments ResNetGenerator cannot be built with (checked without building it)."""
     for key, value in (("dim_z", dim_z), ("bottom_width", bottom_width), ("ch", ch), ("channels", channels)):
         if value < 1:
             raise ValueError(f"ResNetGenerator: {key} must be a positive integer, got {value}")

@@ -1,15 +1,17 @@
-"""Snapshot files: atomic writes, RNG capture, and reading snapshots back.
+"""Snapshot files: atomic writes, RNG capture, and reading snapshots back safely.
 
 A snapshot holds everything needed to continue bit for bit: models (with SN u/v and BN
 statistics, which live in the state_dicts), optimizers, updater state (incl. SR state), the RNG
 states of every rank, the data-iterator position, extension states, the iteration and the config.
+
+Everything in it is a tensor or plain data (dict, list, tuple, str, number, bool, None), so it is read
+with ``torch.load(weights_only=True)``: a file from someone else cannot run code when loaded.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +19,22 @@ import numpy as np
 import torch
 
 from source.config import first_line
+from source.files import atomic_write
 
 
-class SnapshotMismatch(ValueError):
+class SnapshotError(ValueError):
+    """A file that cannot be used as a snapshot (unreadable, unsafe, damaged, of other networks); one-line message."""
+
+
+class SnapshotMismatch(SnapshotError):
     """A snapshot's weights or optimizer states do not fit the models being built."""
 
 
 SNAPSHOT_FOLDER = "snapshots"
-# What a full snapshot holds beyond a generator export (gen, iteration, config).
-TRAINING_STATE = ("dis", "opt_gen", "opt_dis", "updater", "rng", "data")
+# What every snapshot and generator export holds, and what a full snapshot holds beyond that, with their types.
+EXPORT_LAYOUT = {"iteration": int, "config": dict, "gen": dict}
+TRAINING_LAYOUT = {"dis": dict, "opt_gen": dict, "opt_dis": dict, "updater": dict, "rng": list, "data": dict}
+CONVERT_COMMAND = "python -m source.training.convert_snapshot"
 
 
 def snapshot_path(out: Path, iteration: int) -> Path:
@@ -36,6 +45,19 @@ def generator_path(out: Path, iteration: int) -> Path:
     return Path(out) / SNAPSHOT_FOLDER / f"generator_iter_{iteration}.pt"
 
 
+def snapshot_iteration(path: Path) -> int | None:
+    """N for ``snapshot_iter_N.pt``, None for any other name."""
+    stem = Path(path).stem
+    prefix = "snapshot_iter_"
+    return int(stem[len(prefix):]) if stem.startswith(prefix) and stem[len(prefix):].isdecimal() else None
+
+
+def snapshots_of(run: Path) -> list[Path]:
+    """RUN/snapshots/snapshot_iter_N.pt, oldest first."""
+    paths = [p for p in (Path(run) / SNAPSHOT_FOLDER).glob("snapshot_iter_*.pt") if snapshot_iteration(p) is not None]
+    return sorted(paths, key=snapshot_iteration)
+
+
 def run_folder_of(path: str | Path) -> Path | None:
     """RUN for RUN/snapshots/<file>; None for a snapshot kept anywhere else."""
     path = Path(path).resolve()
@@ -43,52 +65,95 @@ def run_folder_of(path: str | Path) -> Path | None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: a crash never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    """torch.save through a temp file, fsync and rename: a crash never leaves a torn file."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
-    """A snapshot or generator export; ``training_state`` requires a full snapshot (to resume from)."""
+    """A snapshot or generator export; ``training_state`` requires a full snapshot (to resume from).
+
+    Read with weights_only=True: tensors and plain data only, whatever the file holds."""
     path = Path(path)
+    if path.is_dir():
+        raise SnapshotError(f"{path} is a directory; give a snapshot file such as {path}/snapshot_iter_N.pt")
     if not path.is_file():
-        raise FileNotFoundError(f"snapshot {path} does not exist")
+        raise SnapshotError(f"snapshot {path} does not exist")
     try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
-        raise ValueError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
-    if not isinstance(snapshot, dict) or "gen" not in snapshot or "iteration" not in snapshot:
-        raise ValueError(f"{path} is not a snapshot written by this toolkit")
-    if training_state and not all(key in snapshot for key in TRAINING_STATE):
-        raise ValueError(f"{path} holds the generator only; resume from the snapshot_iter_N.pt beside it")
+        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights_only names the first object it refused
+        if found is None:  # not a pickle at all
+            raise SnapshotError(f"{path} is not a readable snapshot (not a file written by torch.save, or damaged)") from None
+        raise SnapshotError(
+            f"{path} was not loaded: it holds pickled Python objects ({found.group(1)}), and loading them could run "
+            f"code. Snapshots written by this toolkit before safe loading hold numpy RNG states; convert such a "
+            f"file, only if you trust where it came from, with: {CONVERT_COMMAND} {path}") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise SnapshotError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
+    check_layout(snapshot, path, training_state)
     return snapshot
 
 
+def check_layout(snapshot: Any, path: Path, training_state: bool) -> None:
+    """The top-level entries a snapshot needs, with their types (deeper damage is reported where it is read)."""
+    if not isinstance(snapshot, dict) or "gen" not in snapshot or "iteration" not in snapshot:
+        raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
+    if training_state and not all(key in snapshot for key in TRAINING_LAYOUT):
+        raise SnapshotError(f"{path} holds the generator only; resume from the snapshot_iter_N.pt beside it")
+    layout = {**EXPORT_LAYOUT, **(TRAINING_LAYOUT if training_state else {})}
+    for key, kind in layout.items():
+        if key not in snapshot:
+            raise SnapshotError(f"{path} has no '{key}' entry; it is damaged or was not written by this toolkit")
+        if not isinstance(snapshot[key], kind) or (kind is int and isinstance(snapshot[key], bool)):
+            raise SnapshotError(f"{path}: its '{key}' entry is a {type(snapshot[key]).__name__}, not a "
+                                f"{kind.__name__}; the file is damaged")
+    if snapshot["iteration"] < 0:
+        raise SnapshotError(f"{path}: iteration {snapshot['iteration']} is negative; the file is damaged")
+
+
+def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
+    """The first differences between a model's state_dict and a saved one (names and shapes), or None."""
+    missing = [key for key in expected if key not in saved]
+    unexpected = [key for key in saved if key not in expected]
+    reshaped = [f"{key} is {tuple(saved[key].shape)} in the snapshot, {tuple(value.shape)} here"
+                for key, value in expected.items()
+                if key in saved and (not torch.is_tensor(saved[key]) or saved[key].shape != value.shape)]
+    problems = ([f"{len(missing)} tensors missing (first: {missing[0]})"] if missing else []) + \
+               ([f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else []) + \
+               ([f"{len(reshaped)} of another shape (first: {reshaped[0]})"] if reshaped else [])
+    return f"{name}: {'; '.join(problems)}" if problems else None
+
+
+def non_finite(state: dict, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf."""
+    names = []
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            names += non_finite(value, f"{name}.")
+        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            names.append(name)
+    return names
+
+
 def capture_rng(device: torch.device) -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every global RNG's state as tensors and plain data (loadable with weights_only)."""
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {**numpy_state, "state": {"key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                                                "pos": int(numpy_state["state"]["pos"])}},
+             "torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
 def restore_rng(state: dict, device: torch.device) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy_state = state["numpy"]
+    key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state({**numpy_state, "state": {"key": key, "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)

@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from source.config import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -61,6 +63,9 @@ def _resolve_device(device: str, local_rank: int) -> torch.device:
     resolved = torch.device(device)
     if resolved.type == "cuda" and resolved.index is None:
         resolved = torch.device("cuda", local_rank)
+    if resolved.type == "cuda" and resolved.index >= torch.cuda.device_count():
+        found = f"only {torch.cuda.device_count()} CUDA GPU(s) are" if torch.cuda.is_available() else "no CUDA GPU is"
+        raise ConfigError(f"device: {device} (local rank {local_rank}) but {found} visible here; use device: auto or cpu")
     return resolved
 
 
@@ -99,6 +104,15 @@ def gather_objects(obj, world: World) -> list:
     gathered = [None] * world.size
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj, world: World):
+    """Rank 0's ``obj`` on every rank."""
+    if not world.distributed:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def broadcast_buffers(modules: tuple[torch.nn.Module, ...], world: World) -> None:

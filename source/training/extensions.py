@@ -5,6 +5,7 @@ it gathers every rank's RNG state.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -39,11 +40,15 @@ class LogReport(Extension):
         if self._count == 0:
             return
         now = time.perf_counter()
+        speed = self._timed / max(now - self._last_time, 1e-9)
         record = {"iteration": trainer.iteration, "epoch": trainer.updater.batches.epoch,
                   "elapsed": round(trainer.elapsed, 2),
                   **{k: v / self._count for k, v in self._sums.items()},
                   **trainer.updater.learning_rates(),
-                  "it_per_s": self._timed / max(now - self._last_time, 1e-9)}
+                  "it_per_s": speed, "eta_s": round((trainer.stop - trainer.iteration) / max(speed, 1e-9), 1)}
+        unreadable = getattr(trainer.updater.batches.dataset, "n_unreadable", 0)
+        if unreadable:  # images skipped so far (by this rank's loader), also warned about one by one
+            record["unreadable_images"] = unreadable
         trainer.log.write(record)
         if trainer.world.is_main:
             tqdm.write(" ".join(_format(k, v) for k, v in record.items()))
@@ -186,7 +191,41 @@ class Spectra(Extension):
             self.detector.load_state_dict(state["detector"])
 
 
+class WatchWeights(Extension):
+    """Stops at NaN/Inf weights and warns once when weights explode.
+
+    The losses are checked every iteration, but before the optimizer step that can break the weights;
+    this catches the weights themselves (and every snapshot checks them again before it is written).
+    """
+
+    EXPLODING = 1e6  # SN makes the raw scale irrelevant to D's function, but Adam at an absurd lr drives it here
+
+    def __init__(self, interval: int):
+        self.interval = interval
+        self.warned = False
+
+    def __call__(self, trainer: Trainer) -> None:
+        params = [p.detach() for m in (trainer.updater.gen_module, trainer.updater.dis_module) for p in m.parameters()]
+        largest = float(torch.stack([p.abs().max() for p in params]).max())
+        if not math.isfinite(largest):
+            trainer.diverged(f"weights hold NaN/Inf (largest |w| = {largest})")
+        if largest > self.EXPLODING and not self.warned:
+            self.warned = True
+            trainer.log.event(trainer.iteration, "weights_exploding", max_abs_weight=largest)
+            if trainer.world.is_main:
+                tqdm.write(f"WARNING: weights are exploding at iteration {trainer.iteration}: largest |w| = {largest:.3g} "
+                           f"(> {self.EXPLODING:g}); check the learning rates (adam_G.alpha, adam_D.alpha)")
+
+
 def _format(key: str, value) -> str:
+    if key == "eta_s":
+        return f"eta={_duration(value)}"
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

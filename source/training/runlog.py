@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from source.files import atomic_write_text
+
 
 class RunLog:
     def __init__(self, out: Path, enabled: bool = True):
@@ -77,5 +79,5 @@ def truncate_after(path: Path, iteration: int) -> None:
     """Drop records beyond ``iteration``: a run resumed in place rewrites its history from there."""
     records = read_jsonl(path)
     kept = [r for r in records if r.get("iteration", 0) <= iteration]
-    if len(kept) != len(records):
-        Path(path).write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if len(kept) != len(records):  # atomic: a kill during the rewrite leaves the old log, never an empty one
+        atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in kept))

@@ -17,7 +17,11 @@ from source.training.runlog import RunLog
 
 
 class TrainingDiverged(RuntimeError):
-    """A loss became NaN/Inf; no snapshot is written so the last good one stays the latest."""
+    """A loss, weight or optimizer state became NaN/Inf; no snapshot is written so the last good one stays the latest."""
+
+
+class SnapshotWriteError(RuntimeError):
+    """A snapshot could not be written (disk full, folder gone); the earlier snapshots are intact."""
 
 
 class Extension:
@@ -87,10 +91,11 @@ class Trainer:
     def _check_finite(self) -> None:
         bad = {k: v for k, v in self.observation.items() if not math.isfinite(v)}
         if bad:
-            latest = self.latest_snapshot()
-            raise TrainingDiverged(
-                f"{', '.join(f'{k}={v}' for k, v in bad.items())} at iteration {self.iteration}; stopped without "
-                f"writing a snapshot (last good one: {latest or 'none'})")
+            self.diverged(", ".join(f"{k}={v}" for k, v in bad.items()))
+
+    def diverged(self, what: str) -> None:
+        raise TrainingDiverged(f"{what} at iteration {self.iteration}; stopped without writing a snapshot "
+                               f"(last good one: {self.latest_good_snapshot() or 'none'})")
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:  # a second Ctrl-C means "now"
@@ -112,17 +117,31 @@ class Trainer:
         """Write ``snapshot_iter_N.pt`` and the generator-only export (collective: call on every rank)."""
         assert_replicas_identical([self.updater.gen_module, self.updater.dis_module], self.world)
         state = self.state_dict()
+        bad = checkpoint.non_finite({key: state[key] for key in ("gen", "dis", "opt_gen", "opt_dis")})
+        if bad:  # identical on every rank (the replicas were just checked), so all ranks stop here
+            self.diverged(f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]})")
         path = checkpoint.snapshot_path(self.out, self.iteration)
         if self.world.is_main:
-            checkpoint.atomic_save(state, path)
             export = {"iteration": self.iteration, "config": self.config_dict, "gen": state["gen"]}
-            checkpoint.atomic_save(export, checkpoint.generator_path(self.out, self.iteration))
+            try:
+                checkpoint.atomic_save(state, path)
+                checkpoint.atomic_save(export, checkpoint.generator_path(self.out, self.iteration))
+            except OSError as error:
+                raise SnapshotWriteError(
+                    f"could not write {path} ({error.strerror or first_line(error)}); nothing was lost: the earlier "
+                    f"snapshots are intact (latest: {self.latest_good_snapshot() or 'none'})") from None
         return path
 
-    def latest_snapshot(self) -> Path | None:
-        paths = sorted((self.out / "snapshots").glob("snapshot_iter_*.pt"),
-                       key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-        return paths[-1] if paths else None
+    def latest_good_snapshot(self) -> Path | None:
+        """The newest snapshot of this run that loads and holds finite weights and optimizer states."""
+        for path in reversed(checkpoint.snapshots_of(self.out)):
+            try:
+                state = checkpoint.load_snapshot(path, training_state=True)
+            except checkpoint.SnapshotError:
+                continue
+            if not checkpoint.non_finite({key: state[key] for key in ("gen", "dis", "opt_gen", "opt_dis")}):
+                return path
+        return None
 
     def state_dict(self) -> dict:
         updater = self.updater
@@ -142,19 +161,32 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         updater = self.updater
+        for name, module in (("gen", updater.gen_module), ("dis", updater.dis_module)):
+            mismatch = checkpoint.state_mismatch(name, module.state_dict(), state[name])
+            if mismatch:
+                raise checkpoint.SnapshotMismatch(mismatch)
         try:
             updater.gen_module.load_state_dict(state["gen"])
             updater.dis_module.load_state_dict(state["dis"])
             updater.opt_gen.load_state_dict(state["opt_gen"])
             updater.opt_dis.load_state_dict(state["opt_dis"])
-        except (RuntimeError, ValueError) as error:  # tensors or parameter groups of other networks
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:  # optimizer states of other networks
             raise checkpoint.SnapshotMismatch(first_line(error)) from None
-        updater.load_state_dict(state["updater"])
-        updater.batches.load_state_dict(state["data"])
+        parts = [("updater", lambda: updater.load_state_dict(state["updater"])),
+                 ("data", lambda: updater.batches.load_state_dict(state["data"])),
+                 ("extensions", lambda: self._load_extensions(state.get("extensions", {}))),
+                 ("rng", lambda: self._restore_rng(state["rng"]))]
+        for name, load in parts:
+            try:
+                load()
+            except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as error:
+                raise checkpoint.SnapshotError(f"the snapshot's '{name}' entry is damaged ({type(error).__name__}: "
+                                               f"{first_line(error)})") from None
+        self.elapsed_before = float(state.get("elapsed", 0.0))
+
+    def _load_extensions(self, states: dict) -> None:
         for extension in self.extensions:
-            extension.load_state_dict(state["extensions"].get(type(extension).__name__, {}))
-        self.elapsed_before = state.get("elapsed", 0.0)
-        self._restore_rng(state["rng"])
+            extension.load_state_dict(states.get(type(extension).__name__, {}))
 
     def _restore_rng(self, states: list) -> None:
         if len(states) == self.world.size:

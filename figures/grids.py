@@ -1,0 +1,56 @@
+"""Sample grids (``evaluation.py grids``): tiles with padding between them under a title strip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+PADDING = 2  # pixels between tiles
+PADDING_VALUE = 255  # white: black padding would vanish between dark-background samples (Fashion-MNIST)
+MIN_FONT_SIZE = 10
+
+
+def tile(images: torch.Tensor, rows: int, columns: int, padding: int = 0, fill: int = PADDING_VALUE) -> torch.Tensor:
+    """[rows * columns, C, H, W] -> [C, rows * (H + padding) - padding, columns * (W + padding) - padding],
+    row-major, with ``padding`` pixels of ``fill`` between tiles and none around them."""
+    if padding:
+        images = F.pad(images, (0, padding, 0, padding), value=fill)
+    _, channels, height, width = images.shape
+    grid = images.reshape(rows, columns, channels, height, width).permute(2, 0, 3, 1, 4)
+    grid = grid.reshape(channels, rows * height, columns * width)
+    return grid[:, :grid.shape[1] - padding, :grid.shape[2] - padding]
+
+
+def to_image(image: torch.Tensor) -> Image.Image:
+    """A uint8 CHW image (1 or 3 channels) as a PIL image (mode L or RGB)."""
+    pixels = image.permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels)
+
+
+def titled(grid: torch.Tensor, title: str) -> Image.Image:
+    """A uint8 CHW grid (1 or 3 channels) under a white strip with ``title`` centred in black.
+
+    The font grows with the grid so the title stays legible on a 10 x 10 grid of 128 px images; a title
+    wider than the grid widens the image (white margins) instead of being cut off.
+    """
+    image = to_image(grid)
+    size = max(MIN_FONT_SIZE, image.width // 40)
+    font = ImageFont.load_default(size=size)
+    ascent, descent = font.getmetrics()
+    strip = ascent + descent + size // 2  # from the font, not the text: every class's grid has the same size
+    width = max(image.width, round(font.getlength(title)) + size)
+    canvas = Image.new(image.mode, (width, strip + image.height), "white")
+    canvas.paste(image, ((width - image.width) // 2, strip))
+    ImageDraw.Draw(canvas).text((width // 2, strip // 2), title, fill="black", font=font, anchor="mm")
+    return canvas
+
+
+def check_overwrite(paths: list[Path], force: bool) -> None:
+    """Refuse before drawing anything: the names carry no seed or size, so another --seed or --rows would
+    silently replace grids someone may have kept (and fresh names would pile up unnoticed instead)."""
+    existing = [path for path in paths if path.exists()]
+    if existing and not force:
+        more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
+        raise ValueError(f"{existing[0]}{more} already exists; pass --force to overwrite or --out for another folder")

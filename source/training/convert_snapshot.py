@@ -1,0 +1,79 @@
+"""Convert a snapshot written before safe loading into one that loads with weights_only=True.
+
+    python -m source.training.convert_snapshot RUN/snapshots/snapshot_iter_N.pt [...]
+
+Run this ONLY on files you trust: reading the old format unpickles arbitrary Python objects, which
+can run code. The numpy RNG states (the only objects older snapshots of this toolkit pickled) become
+tensors; numpy arrays and scalars anywhere else become tensors and Python numbers. The original is
+kept beside the result as FILE.orig, and the result is checked by loading it the safe way.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from source.config import first_line
+from source.training.checkpoint import SnapshotError, atomic_save, load_snapshot
+
+
+def plain(value: Any) -> Any:
+    """numpy arrays -> tensors, numpy scalars -> Python numbers, containers converted recursively."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain(item) for item in value)
+    return value
+
+
+def legacy_numpy_rng(state: Any) -> Any:
+    """np.random.get_state()'s legacy tuple -> the dict form capture_rng writes."""
+    if not (isinstance(state, tuple) and len(state) == 5 and state[0] == "MT19937"):
+        return state
+    name, key, pos, has_gauss, gauss = state
+    return {"bit_generator": name, "state": {"key": key, "pos": int(pos)},
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def convert(path: Path) -> Path:
+    """Rewrite ``path`` in the safe format; returns where the original was kept."""
+    snapshot = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user, see the docstring
+    if not isinstance(snapshot, dict):
+        raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
+    for rank_state in snapshot.get("rng", []):
+        rank_state["numpy"] = legacy_numpy_rng(rank_state.get("numpy"))
+    backup = path.with_name(path.name + ".orig")
+    shutil.copy2(path, backup)
+    atomic_save(plain(snapshot), path)
+    load_snapshot(path)  # proves the result loads safely
+    return backup
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("snapshots", nargs="+", type=Path, help="snapshot or generator files you trust")
+    args = parser.parse_args(argv)
+    for path in args.snapshots:
+        if not path.is_file():
+            print(f"error: {path} is not a file", file=sys.stderr)
+            return 2
+        try:
+            backup = convert(path)
+        except (SnapshotError, RuntimeError, OSError, EOFError) as error:
+            print(f"error: {path}: {first_line(error)}", file=sys.stderr)
+            return 2
+        print(f"converted {path} (original kept as {backup})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

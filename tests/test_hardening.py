@@ -1,0 +1,313 @@
+"""Hostile and careless use through the public entry points: unsafe snapshots, shared run folders, NaN weights,
+torn logs, YAML bombs and the one-line errors promised for bad input (issue 8)."""
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import evaluation
+import train
+import updater as updater_module
+from source.config import ConfigError, load_config
+from source.training import checkpoint, convert_snapshot, runfolder
+from source.training.checkpoint import SnapshotError, load_snapshot
+from test_training import CONFIGS, tiny_argv
+
+
+class Payload:
+    """Pickles into a call of os.system: what a crafted snapshot from a stranger would hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def one_line_error(capsys, message: str) -> str:
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny run (iterations 1..4, snapshots at 2 and 4), copied by the tests that change it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert train.main(tiny_argv(run, 4)) == 0
+    return run
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    import shutil
+    shutil.copytree(run, to, ignore=shutil.ignore_patterns(runfolder.LOCK_FILE))
+    return to
+
+
+# --- 1. snapshots cannot run code ---------------------------------------------------------------
+
+def test_a_crafted_snapshot_is_refused_without_running_its_payload(tmp_path, trained, capsys):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "snapshot_iter_4.pt"
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    torch.save({**snapshot, "updater": Payload(marker)}, evil)
+    assert train.main(["--resume", str(evil), "--out", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "loading them could run code")
+    assert evaluation.main(["grids", "--snapshot", str(evil)]) == 2
+    assert "loading them could run code" in capsys.readouterr().err
+    assert not marker.exists(), "the payload ran"
+
+
+def test_crafted_inception_weights_are_refused_without_running_their_payload(tmp_path):
+    from source.metrics.inception import InceptionBackbone, WeightsUnavailable
+
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "weights.pth"
+    torch.save({"fc.weight": torch.zeros(2), "evil": Payload(marker)}, evil)
+    with pytest.raises(WeightsUnavailable, match="tensors only"):
+        InceptionBackbone(weights=str(evil))
+    assert not marker.exists()
+
+
+def legacy_copy(path: Path, to: Path) -> Path:
+    """``path`` as this toolkit wrote it before safe loading: numpy RNG states pickled as numpy objects."""
+    snapshot = load_snapshot(path)
+    for state in snapshot["rng"]:
+        state["numpy"] = np.random.get_state()  # ('MT19937', ndarray, int, int, float)
+    torch.save(snapshot, to)
+    return to
+
+
+def test_an_old_snapshot_says_how_to_convert_it_and_resumes_after_conversion(tmp_path, trained, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    old = legacy_copy(trained / "snapshots" / "snapshot_iter_4.pt", run / "snapshots" / "snapshot_iter_4.pt")
+    capsys.readouterr()
+    assert train.main(["--resume", str(old), "--set", "iteration=5"]) == 2
+    one_line_error(capsys, f"python -m source.training.convert_snapshot {old}")
+    assert convert_snapshot.main([str(old)]) == 0
+    assert (run / "snapshots" / "snapshot_iter_4.pt.orig").is_file()
+    converted = load_snapshot(old, training_state=True)
+    assert converted["rng"][0]["numpy"]["state"]["key"].dtype == torch.int64
+    assert train.main(["--resume", str(old), "--set", "iteration=5", "--out", str(tmp_path / "continued")]) == 0
+    assert (tmp_path / "continued" / "snapshots" / "snapshot_iter_5.pt").is_file()
+
+
+# --- 2. one run per folder ----------------------------------------------------------------------
+
+def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, trained, capsys):
+    before = sorted(p.name for p in (trained / "snapshots").iterdir())
+    assert train.main(tiny_argv(trained, 2)) == 2
+    one_line_error(capsys, "already holds a run")
+    assert sorted(p.name for p in (trained / "snapshots").iterdir()) == before
+
+
+def test_a_folder_in_use_is_refused(tmp_path, capsys):
+    out = tmp_path / "busy"
+    holder = runfolder.claim(runfolder.plan_fresh(str(out), out))  # as a run that is still training
+    try:
+        assert train.main(tiny_argv(out, 2)) == 2
+        one_line_error(capsys, f"pid {os.getpid()}")
+    finally:
+        holder.release()
+    assert not out.exists(), "a folder claimed and never written is removed again"
+
+
+def test_default_folders_are_numbered_and_resume_branches_never_overwrite(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in tiny_argv(Path("unused"), 2) if a not in ("--out", "unused")]
+    assert train.main(argv) == 0 and train.main(argv) == 0
+    assert "results/demo is taken" in capsys.readouterr().out
+    first, second = Path("results/demo"), Path("results/demo-2")
+    assert (first / "snapshots" / "snapshot_iter_2.pt").is_file() and (second / "snapshots" / "snapshot_iter_2.pt").is_file()
+    snapshot = str(first / "snapshots" / "snapshot_iter_1.pt")  # not the run's latest: a branch, even unchanged
+    for _ in range(2):
+        assert train.main(["--resume", snapshot, "--set", "iteration=3"]) == 0
+    branches = [Path("results/demo-resume1"), Path("results/demo-resume1-2")]
+    assert all((b / "snapshots" / "snapshot_iter_3.pt").is_file() for b in branches)
+    assert [json.loads(line)["event"] for line in (branches[0] / "log.jsonl").read_text().splitlines()
+            if "event" in json.loads(line)][:2] == ["resumed", "sr_start"]
+    assert not (first / "snapshots" / "snapshot_iter_3.pt").exists()
+
+
+def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, trained):
+    run = copy_run(trained, tmp_path / "run")
+    stale = run / "snapshots" / ".snapshot_iter_6.pt.x1y2.tmp"  # left by a write that was killed
+    stale.write_bytes(b"partial")
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # unchanged: nothing to do
+    assert not stale.exists()
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]
+
+
+# --- 3./4. NaN weights, exploding weights, torn logs ----------------------------------------------
+
+def test_nan_weights_with_finite_losses_never_become_a_snapshot(tmp_path, monkeypatch, capsys):
+    original = updater_module.Updater.update
+
+    def breaks_a_weight(self):
+        observation = original(self)
+        if self.iteration == 4:  # after the step: the losses of this iteration were finite
+            with torch.no_grad():
+                next(self.dis_module.parameters()).view(-1)[0] = float("nan")
+        return observation
+
+    monkeypatch.setattr(updater_module.Updater, "update", breaks_a_weight)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 4, "snapshot_interval=2", "display_interval=10")) == 1
+    err = one_line_error(capsys, "hold NaN/Inf")
+    assert "at iteration 4" in err and "snapshot_iter_2.pt" in err
+    assert not (out / "snapshots" / "snapshot_iter_4.pt").exists()
+
+
+def test_exploding_weights_are_warned_about_once(tmp_path, monkeypatch, capsys):
+    original = updater_module.Updater.update
+
+    def explodes(self):
+        observation = original(self)
+        with torch.no_grad():
+            next(self.gen_module.parameters()).view(-1)[0] = 1e9
+        return observation
+
+    monkeypatch.setattr(updater_module.Updater, "update", explodes)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 3)) == 0
+    assert capsys.readouterr().out.count("WARNING: weights are exploding") == 1
+    events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "weights_exploding" and e["max_abs_weight"] == 1e9 for e in events)
+
+
+def test_a_log_rewrite_killed_midway_leaves_the_old_log(tmp_path, monkeypatch):
+    from source.training import runlog
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)))
+    before = log.read_text()
+    monkeypatch.setattr("source.files.os.replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        runlog.truncate_after(log, 2)
+    assert log.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["log.jsonl"]
+
+
+def test_disk_full_while_writing_a_snapshot_is_one_line_and_keeps_the_earlier_ones(tmp_path, monkeypatch, capsys):
+    import errno
+
+    real_save = torch.save
+
+    def full_disk(obj, handle, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("iteration") == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 4)) == 1
+    one_line_error(capsys, "No space left on device); nothing was lost")
+    assert load_snapshot(out / "snapshots" / "snapshot_iter_2.pt", training_state=True)["iteration"] == 2
+    assert not list((out / "snapshots").glob("*.tmp")) and not (out / "snapshots" / "snapshot_iter_4.pt").exists()
+
+
+# --- 5. YAML bombs and list items ---------------------------------------------------------------
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for previous, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")  # 10^9 strings when walked
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="expands to more than"):
+        load_config(bomb)
+    assert time.perf_counter() - start < 5
+
+
+# --- 7./9./12. one-line errors and the README's commands ----------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("models=5", "models: expected a mapping, got int 5"),
+    ("models.generator.args=[1,2]", "models.generator.args: expected dict"),
+    ("models.generator.args.ch=0", "ch must be a positive integer, got 0"),
+    ("models.discriminator.args.resolution=48", "resolution must be one of [32, 64, 128], got 48"),
+    ("models.generator.args.n_classes=-3", "n_classes must be >= 0"),
+    ("adam_G.alpha=-1", "adam_G: need alpha >= 0"),
+    ("adam_D.beta1=2", "adam_D: need alpha >= 0, 0 <= beta1 < 1"),
+    ("device=banana", "device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+    ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
+])
+def test_bad_settings_are_one_line_errors(override, message, capsys):
+    assert train.main(tiny_argv(Path("never-created"), 2, override)) == 2
+    one_line_error(capsys, message)
+    assert not Path("never-created").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
+    assert train.main(tiny_argv(tmp_path / "run", 2, "device=cuda")) == 2
+    one_line_error(capsys, "no CUDA GPU is visible here")
+
+
+def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    cases = [(["--config", str(CONFIGS)], "is a directory"),
+             (["--resume", str(tmp_path)], "is a directory"),
+             (tiny_argv(a_file, 2), "is a file, not a run folder"),
+             (tiny_argv(Path("/proc/no/such/run"), 2), "cannot create the run folder /proc/no/such/run")]
+    for argv, message in cases:
+        assert train.main(argv) == 2
+        one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda s: s.pop("config"), "has no 'config' entry"),
+    (lambda s: s.update(data={"epoch": "x"}), "'data' entry is damaged"),
+    (lambda s: s.update(rng=[{"torch": 1}]), "'rng' entry is damaged"),
+    (lambda s: s.update(iteration=-1), "iteration -1 is negative"),
+])
+def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage, message):
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")
+    damage(snapshot)
+    path = tmp_path / "damaged.pt"
+    torch.save(snapshot, path)
+    argv = tiny_argv(tmp_path / "out", 4) + ["--resume", str(path)]
+    assert train.main(argv) == 2
+    one_line_error(capsys, message)
+
+
+def test_a_model_mismatch_names_the_first_tensor_and_its_shapes(tmp_path, trained, capsys):
+    argv = tiny_argv(tmp_path / "out", 4, "models.discriminator.args.ch=16")
+    assert train.main(argv + ["--resume", str(trained / "snapshots" / "snapshot_iter_2.pt")]) == 2
+    one_line_error(capsys, "(dis: 42 of another shape (first: block1.c1.bias is (8,) in the snapshot, (16,) here))")
+
+
+def test_readme_resume_command_keeps_the_runs_own_settings(tmp_path, trained, monkeypatch, capsys):
+    """README step 4, as printed: --config of the file, --resume, one --set; the run's overrides are kept."""
+    monkeypatch.chdir(CONFIGS.parent)
+    snapshot = str(trained / "snapshots" / "snapshot_iter_4.pt")
+    argv = ["--config", "configs/demo.yaml", "--resume", snapshot, "--set", "updater.apply_SR=false",
+            "--set", "iteration=5"]
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "config change: updater.apply_SR: true -> false" in out and "config change: iteration: 4 -> 5" in out
+    assert "note: resuming with the run's own settings, not those of configs/demo.yaml" in out
+    branch = trained.with_name("run-resume4")
+    config = load_config(branch / "config.yaml")
+    assert config.dataset.name == "synthetic" and config.batchsize == 8 and config.updater.apply_SR is False
+
+
+def test_switching_to_synthetic_data_derives_its_size_from_the_generator():
+    overrides = ["dataset.name=synthetic", "models.generator.args.resolution=32", "models.discriminator.args.resolution=32"]
+    config = load_config(CONFIGS / "sr_imagenet.yaml", overrides)
+    assert config.dataset.args.size == 32 and config.dataset.args.n_classes == 1000
+
+
+def test_log_lines_have_an_eta(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 2)) == 0
+    assert " eta=0:00:00" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["eta_s"] for r in records if "loss_dis" in r][-1] == 0
