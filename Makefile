@@ -28,8 +28,10 @@ $(FASHION_MNIST):
 		     "or train with --set dataset.args.download=true --set dataset.args.root=data/fashion_mnist"; exit 1; \
 	fi
 
+# A run folder is never reused (see the README's reliability section), so an earlier demo run is removed first.
 demo: setup data
-	$(PY) train.py --config configs/demo.yaml
+	@if [ -e results/demo ]; then echo "make demo: removing the earlier demo run in results/demo"; rm -rf results/demo; fi
+	$(PY) train.py --config configs/demo.yaml --out results/demo
 	$(PY) -m figures.spectra results/demo
 	$(PY) -m figures.curves results/demo
 

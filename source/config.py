@@ -8,10 +8,8 @@ the component they configure, so a typo there is caught as early as one in the t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +18,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from source.files import atomic_write_text
-
-
-class ConfigError(Exception):
-    """A user error in a config file or override; the message is one line."""
+from source.typed import (ConfigError, check_expansion, reject_unknown, suggest, validate, validate_dataclass,
+                          validate_value)
 
 
 @dataclass
@@ -149,12 +145,12 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
                      world_size: int = 1) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
-    _check_expansion(raw, source)
+    check_expansion(raw, source)
     file_dataset = dict(_mapping(raw, "dataset"), args=dict(_mapping(_mapping(raw, "dataset"), "args")))
     for override in overrides:
         apply_override(raw, override, source)
     _adapt_dataset_args(raw, file_dataset)
-    config = _validate(raw, Config, "", source)
+    config = validate(raw, Config, "", source, _refine)
     _check_consistency(config, source, world_size)
     return config
 
@@ -176,27 +172,6 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
             raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:depth + 1])}' is not a mapping")
         node = child
     node[parts[-1]] = value
-
-
-# A config has about a hundred values; YAML aliases (and pickle's shared references in snapshots) can make
-# a kilobyte expand to billions when walked, so anything this large is refused before it is walked.
-MAX_CONFIG_VALUES = 10_000
-
-
-def _check_expansion(raw: Any, source: str) -> None:
-    """Count the values ``raw`` expands to, stopping at the limit (so cycles and alias bombs end quickly)."""
-    pending, count = [raw], 0
-    while pending:
-        value = pending.pop()
-        count += 1
-        if count > MAX_CONFIG_VALUES:
-            raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
-                              "refused")
-        if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, (list, tuple)):
-            pending.extend(value)
 
 
 def _mapping(parent: Any, key: str) -> dict:
@@ -236,30 +211,11 @@ def _adapt_dataset_args(raw: dict, file_dataset: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Validation into typed objects
 
-def _validate(value: Any, annotation: Any, key: str, source: str) -> Any:
-    if dataclasses.is_dataclass(annotation):
-        return _validate_dataclass(value, annotation, key, source)
-    return _validate_value(value, annotation, key, source)
-
-
-def _validate_dataclass(value: Any, cls: type, key: str, source: str) -> Any:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: {key or 'top level'}: expected a mapping, got {_describe(value)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    _reject_unknown(value, list(fields), key, source)
-    kwargs = {}
-    for name, f in fields.items():
-        sub_key = f"{key}.{name}" if key else name
-        if name not in value:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: {sub_key}: missing required key")
-            continue
-        kwargs[name] = _validate(value[name], hints[name], sub_key, source)
-    instance = cls(**kwargs)
-    if cls is ModelSpec:
+def _refine(instance: Any, value: dict, key: str, source: str) -> Any:
+    """Model and dataset args are checked against the component their name selects."""
+    if isinstance(instance, ModelSpec):
         instance.args = _validate_model_args(instance, key, source)
-    elif cls is DatasetSpec:
+    elif isinstance(instance, DatasetSpec):
         instance.args = _validate_dataset_args(instance, value.get("args"), key, source)
     return instance
 
@@ -268,12 +224,12 @@ def _validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
     from source.models import MODELS, check_model_args
 
     if spec.name not in MODELS:
-        raise ConfigError(f"{source}: {key}.name: unknown model '{spec.name}'{_suggest(spec.name, MODELS)}")
+        raise ConfigError(f"{source}: {key}.name: unknown model '{spec.name}'{suggest(spec.name, MODELS)}")
     signature = inspect.signature(MODELS[spec.name])
     hints = typing.get_type_hints(MODELS[spec.name].__init__)
     params = [p for p in signature.parameters if p != "self"]
-    _reject_unknown(spec.args, params, f"{key}.args", source)
-    args = {name: _validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
+    reject_unknown(spec.args, params, f"{key}.args", source)
+    args = {name: validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
             for name, v in spec.args.items()}
     try:
         check_model_args(spec.name, args)
@@ -286,48 +242,8 @@ def _validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) 
     from source.datasets import DATASETS
 
     if spec.name not in DATASETS:
-        raise ConfigError(f"{source}: {key}.name: unknown dataset '{spec.name}'{_suggest(spec.name, DATASETS)}")
-    return _validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
-
-
-def _validate_value(value: Any, annotation: Any, key: str, source: str) -> Any:
-    if annotation is Any:
-        return value
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        for option in typing.get_args(annotation):
-            try:
-                return _validate_value(value, option, key, source)
-            except ConfigError:
-                continue
-        raise _type_error(value, annotation, key, source)
-    if origin is Literal:
-        if value in typing.get_args(annotation) and type(value) in {type(a) for a in typing.get_args(annotation)}:
-            return value
-        raise _type_error(value, annotation, key, source)
-    if annotation is type(None):
-        if value is None:
-            return None
-        raise _type_error(value, annotation, key, source)
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if annotation is float and isinstance(value, str) and _is_number(value):
-        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    if annotation in (int, str, bool, list, dict):
-        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
-            return value
-        raise _type_error(value, annotation, key, source)
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
-        item = (typing.get_args(annotation) or (Any,))[0]
-        return [_validate_value(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
-    raise _type_error(value, annotation, key, source)
-
-
-def _reject_unknown(value: dict, valid: list[str], key: str, source: str) -> None:
-    for name in value:
-        if name not in valid:
-            where = f"{key}.{name}" if key else name
-            raise ConfigError(f"{source}: {where}: unknown key{_suggest(name, valid)}")
+        raise ConfigError(f"{source}: {key}.name: unknown dataset '{spec.name}'{suggest(spec.name, DATASETS)}")
+    return validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
 
 
 def _check_consistency(config: Config, source: str, world_size: int) -> None:
@@ -404,38 +320,6 @@ def save_config(config: Config, path: Path) -> None:
 
 def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-
-def _suggest(name: str, valid) -> str:
-    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
-
-
-def _type_error(value: Any, annotation: Any, key: str, source: str) -> ConfigError:
-    return ConfigError(f"{source}: {key}: expected {_type_name(annotation)}, got {_describe(value)}")
-
-
-def _type_name(annotation: Any) -> str:
-    origin = typing.get_origin(annotation)
-    if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(annotation))
-    if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    if annotation is type(None):
-        return "null"
-    return getattr(annotation, "__name__", str(annotation))
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "null"
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def first_line(error: Exception) -> str:

@@ -2,7 +2,6 @@
 torn logs, YAML bombs and the one-line errors promised for bad input (issue 8)."""
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import train
 import updater as updater_module
 from source.config import ConfigError, load_config
 from source.training import checkpoint, convert_snapshot, runfolder
-from source.training.checkpoint import SnapshotError, load_snapshot
+from source.training.checkpoint import load_snapshot
 from test_training import CONFIGS, tiny_argv
 
 

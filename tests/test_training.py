@@ -298,6 +298,9 @@ def test_sr_imagenet_config_trains_two_iterations_on_a_jpeg_folder(tmp_path):
     assert train.main(argv) == 0
     snapshot = load_snapshot(out / "snapshots" / "snapshot_iter_2.pt")
     assert snapshot["config"]["dataset"]["args"]["root"] == str(root)
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss_dis" in r]
+    assert losses[-1]["unreadable_images"] == 1, "the corrupt JPEG (all 8 images were read) is counted in the log"
     assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 1000
 
 

@@ -82,8 +82,9 @@ class ProgressBar(Extension):
         if not self.enabled:
             return
         if self._bar is None:
+            # leave=False: the log lines stay, the bar goes (a finished bar was drawn once more on close)
             self._bar = tqdm(total=trainer.stop, initial=trainer.iteration - 1, unit="it", dynamic_ncols=True,
-                             desc="train", mininterval=1.0)
+                             desc="train", mininterval=1.0, leave=False)
         self._bar.update(1)
 
     def finalize(self, trainer: Trainer) -> None:

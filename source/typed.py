@@ -1,0 +1,136 @@
+"""Plain data (parsed YAML, a snapshot's config) -> typed dataclasses, with one-line errors naming the key.
+
+Generic over the dataclasses it is given: ``refine`` lets the caller check what depends on a value
+(e.g. a model's arguments depend on its name) right after each dataclass is built.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Callable, Literal, Union
+
+
+class ConfigError(Exception):
+    """A user error in a config file or override; the message is one line."""
+
+
+# A config has about a hundred values; YAML aliases (and pickle's shared references in snapshots) can make
+# a kilobyte expand to billions when walked, so anything this large is refused before it is walked.
+MAX_CONFIG_VALUES = 10_000
+
+
+def check_expansion(raw: Any, source: str) -> None:
+    """Count the values ``raw`` expands to, stopping at the limit (so cycles and alias bombs end quickly)."""
+    pending, count = [raw], 0
+    while pending:
+        value = pending.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
+                              "refused")
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
+
+
+Refine = Callable[[Any, dict, str, str], Any]  # (instance, raw mapping, key, source) -> instance
+
+
+def validate(value: Any, annotation: Any, key: str, source: str, refine: Refine | None = None) -> Any:
+    if dataclasses.is_dataclass(annotation):
+        return validate_dataclass(value, annotation, key, source, refine)
+    return validate_value(value, annotation, key, source)
+
+
+def validate_dataclass(value: Any, cls: type, key: str, source: str, refine: Refine | None = None) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {key or 'top level'}: expected a mapping, got {describe(value)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    reject_unknown(value, list(fields), key, source)
+    kwargs = {}
+    for name, f in fields.items():
+        sub_key = f"{key}.{name}" if key else name
+        if name not in value:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {sub_key}: missing required key")
+            continue
+        kwargs[name] = validate(value[name], hints[name], sub_key, source, refine)
+    instance = cls(**kwargs)
+    return refine(instance, value, key, source) if refine else instance
+
+
+def validate_value(value: Any, annotation: Any, key: str, source: str) -> Any:
+    if annotation is Any:
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return validate_value(value, option, key, source)
+            except ConfigError:
+                continue
+        raise _type_error(value, annotation, key, source)
+    if origin is Literal:
+        if value in typing.get_args(annotation) and type(value) in {type(a) for a in typing.get_args(annotation)}:
+            return value
+        raise _type_error(value, annotation, key, source)
+    if annotation is type(None):
+        if value is None:
+            return None
+        raise _type_error(value, annotation, key, source)
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _is_number(value):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if annotation in (int, str, bool, list, dict):
+        if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+            return value
+        raise _type_error(value, annotation, key, source)
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        item = (typing.get_args(annotation) or (Any,))[0]
+        return [validate_value(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    raise _type_error(value, annotation, key, source)
+
+
+def reject_unknown(value: dict, valid: list[str], key: str, source: str) -> None:
+    for name in value:
+        if name not in valid:
+            where = f"{key}.{name}" if key else name
+            raise ConfigError(f"{source}: {where}: unknown key{suggest(name, valid)}")
+
+
+def suggest(name: str, valid) -> str:
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(valid))})"
+
+
+def _type_error(value: Any, annotation: Any, key: str, source: str) -> ConfigError:
+    return ConfigError(f"{source}: {key}: expected {_type_name(annotation)}, got {describe(value)}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(annotation))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
