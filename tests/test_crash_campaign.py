@@ -100,11 +100,11 @@ def test_kill_9_campaign_resumes_in_place_to_the_uninterrupted_result(tmp_path):
         return start(name, ["--resume", str(newest_snapshot(out))], freeze)
 
     try:
-        # 1. A fresh run, killed as soon as it is seen writing a snapshot after iteration 3 (mid-write when the
-        #    poll catches a temp file, else after snapshot 6): any moment must leave a loadable newest snapshot.
+        # 1. A fresh run, killed as soon as it is seen writing a snapshot after snapshot 3 (mid-write when the poll
+        #    catches its temp file, else after snapshot 6): any moment must leave a loadable newest snapshot.
         run = start("fresh", tiny_argv(out, TOTAL, *settings))
         run.wait_for(lambda: (snaps / "snapshot_iter_3.pt").exists(), "snapshot 3")
-        run.wait_for(lambda: any(snaps.glob(".*.tmp")) or (snaps / "snapshot_iter_6.pt").exists(),
+        run.wait_for(lambda: any(snaps.glob(".snapshot_iter_*.tmp")) or (snaps / "snapshot_iter_6.pt").exists(),
                      "a snapshot being written", poll_s=0)
         run.kill()
         n1 = snapshot_iteration(newest_snapshot(out))
@@ -129,11 +129,13 @@ def test_kill_9_campaign_resumes_in_place_to_the_uninterrupted_result(tmp_path):
         n2 = snapshot_iteration(newest_snapshot(out))
         assert n2 == n1 + 2
 
-        # 4. Killed while the generator export of snapshot n2 + 2 is written: the snapshot itself is complete.
+        # 4. Killed while the generator export of iteration n2 + 2 is written (before its snapshot, so that a
+        #    snapshot on disk always has its export): the newest snapshot is n2 + 1, with its export.
         run = resume("resume3", freeze=f".generator_iter_{n2 + 2}.pt.")
         run.wait_for(lambda: any(snaps.glob(f".generator_iter_{n2 + 2}.pt.*.tmp")), f"export {n2 + 2} being written")
         run.kill()
-        assert snapshot_iteration(newest_snapshot(out)) == n2 + 2
+        assert snapshot_iteration(newest_snapshot(out)) == n2 + 1
+        assert (snaps / f"generator_iter_{n2 + 1}.pt").exists()
         assert not (snaps / f"generator_iter_{n2 + 2}.pt").exists()
         assert n2 + 2 < TOTAL
 
@@ -150,7 +152,7 @@ def test_kill_9_campaign_resumes_in_place_to_the_uninterrupted_result(tmp_path):
     assert [r[0] for r in records] == list(range(1, TOTAL + 1)), "one loss record per iteration, in order"
     assert records == loss_records(straight), "the same losses as the uninterrupted run"
     resumed = [e["iteration"] for e in read_jsonl(out / "log.jsonl") if e.get("event") == "resumed"]
-    assert resumed == [n1, n2, n2 + 2], "resume 2, killed before it trained, logged no event"
+    assert resumed == [n1, n2, n2 + 1], "resume 2, killed before it trained, logged no event"
     a = load_snapshot(snaps / f"snapshot_iter_{TOTAL}.pt", training_state=True)
     b = load_snapshot(straight / "snapshots" / f"snapshot_iter_{TOTAL}.pt", training_state=True)
     for key in ("gen", "dis"):

@@ -2,6 +2,7 @@
 torn logs, YAML bombs and the one-line errors promised for bad input (issue 8)."""
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -137,10 +138,13 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
     run = copy_run(trained, tmp_path / "run")
     stale = run / "snapshots" / ".snapshot_iter_6.pt.x1y2.tmp"  # left by a write that was killed
     stale.write_bytes(b"partial")
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"iteration": 5, "epoch": 0, "ela')  # a line cut by a crash (disk full, power loss)
     assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # unchanged: nothing to do
     assert not stale.exists()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]
+    assert [r.get("event") for r in records[-2:]] == ["resumed", "sr_start"], "appended after the torn line was dropped"
 
 
 # --- 3./4. NaN weights, exploding weights, torn logs ----------------------------------------------
@@ -310,3 +314,35 @@ def test_log_lines_have_an_eta(tmp_path, capsys):
     assert " eta=0:00:00" in capsys.readouterr().out
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["eta_s"] for r in records if "loss_dis" in r][-1] == 0
+
+
+# --- 8. Ctrl-C under torchrun -----------------------------------------------------------------------
+
+def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path):
+    """The terminal's Ctrl-C reaches torchrun's process group; torchrun forwards it to the workers."""
+    import signal
+    import subprocess
+
+    from test_training import _free_port
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "source.training.launch", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "train.py", *tiny_argv(out, 1000, "evaluation.metrics=[]", "snapshot_interval=1000")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"}
+    process = subprocess.Popen(command, cwd=CONFIGS.parent, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "log.jsonl").is_file() or '"loss_dis"' not in (out / "log.jsonl").read_text():
+            assert process.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.1)
+        os.killpg(process.pid, signal.SIGINT)
+        console, _ = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGINT, console[-3000:]
+    assert "Traceback" not in console and console.strip().splitlines()[-1].startswith("launch: SIGINT received")
+    resume_line = next(line for line in console.splitlines() if "resume with --resume" in line)
+    snapshot = load_snapshot(resume_line.split("--resume ")[1].strip(), training_state=True)
+    assert len(snapshot["rng"]) == 2

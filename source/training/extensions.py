@@ -12,6 +12,7 @@ import torch
 from torchvision.utils import save_image
 from tqdm import tqdm
 
+from source.files import atomic_write
 from source.metrics.generate import eval_mode
 from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
 from source.spectral.spectra import compute_spectra, save_spectra
@@ -109,8 +110,8 @@ class Preview(Extension):
         folder = trainer.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid = (images + 1) / 2
-        save_image(grid, folder / f"preview_iter_{trainer.iteration:08d}.png", nrow=self.columns, padding=1)
-        save_image(grid, folder / "latest.png", nrow=self.columns, padding=1)
+        for name in (f"preview_iter_{trainer.iteration:08d}.png", "latest.png"):
+            atomic_write(folder / name, lambda handle: save_image(grid, handle, format="png", nrow=self.columns, padding=1))
 
     @torch.no_grad()
     def samples(self, gen: torch.nn.Module, device: torch.device) -> torch.Tensor:

@@ -79,5 +79,6 @@ def truncate_after(path: Path, iteration: int) -> None:
     """Drop records beyond ``iteration``: a run resumed in place rewrites its history from there."""
     records = read_jsonl(path)
     kept = [r for r in records if r.get("iteration", 0) <= iteration]
-    if len(kept) != len(records):  # atomic: a kill during the rewrite leaves the old log, never an empty one
+    torn = Path(path).is_file() and not Path(path).read_bytes().endswith(b"\n")  # a crash cut the last line
+    if len(kept) != len(records) or torn:  # atomic: a kill during the rewrite leaves the old log, never an empty one
         atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in kept))

@@ -123,9 +123,9 @@ class Trainer:
         path = checkpoint.snapshot_path(self.out, self.iteration)
         if self.world.is_main:
             export = {"iteration": self.iteration, "config": self.config_dict, "gen": state["gen"]}
-            try:
-                checkpoint.atomic_save(state, path)
+            try:  # the export first: a snapshot on disk always has its export beside it
                 checkpoint.atomic_save(export, checkpoint.generator_path(self.out, self.iteration))
+                checkpoint.atomic_save(state, path)
             except OSError as error:
                 raise SnapshotWriteError(
                     f"could not write {path} ({error.strerror or first_line(error)}); nothing was lost: the earlier "
