@@ -259,6 +259,7 @@ def test_generator_block_matches_manual_computation():
         bn.running_var.uniform_(0.5, 2.0)
         nn.init.normal_(bn.weight)
         nn.init.normal_(bn.bias)
+    nn.init.normal_(block.c_sc.bias)  # the shortcut conv runs before the up-sampling: exact with a bias too
     block.eval()
     x = torch.randn(2, 4, 5, 5)
 
@@ -276,6 +277,7 @@ def test_discriminator_blocks_match_manual_computation():
     x = torch.randn(2, 4, 8, 8)
 
     down = DiscriminatorBlock(4, 6, downsample=True).eval()
+    nn.init.normal_(down.c_sc.bias)  # the shortcut pools before its conv: exact with a bias too
     assert down.c1.weight.shape == (4, 4, 3, 3)  # hidden width = input width
     residual = avg_pool2(conv(down.c2, F.relu(conv(down.c1, F.relu(x)))))
     torch.testing.assert_close(down(x), residual + avg_pool2(conv(down.c_sc, x)))

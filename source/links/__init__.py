@@ -2,8 +2,10 @@
 from source.links.conditional_batchnorm import (
     BN_EPS,
     BN_MOMENTUM,
+    BatchNorm2d,
     CategoricalConditionalBatchNorm2d,
     batch_norm_2d,
+    set_ghost_batch,
 )
 from source.links.spectral_norm import (
     SN_EPS,
@@ -18,8 +20,10 @@ from source.links.spectral_norm import (
 __all__ = [
     "BN_EPS",
     "BN_MOMENTUM",
+    "BatchNorm2d",
     "CategoricalConditionalBatchNorm2d",
     "batch_norm_2d",
+    "set_ghost_batch",
     "SN_EPS",
     "SN_POWER_ITERATIONS",
     "conv2d",

@@ -1,4 +1,6 @@
-"""Batch normalization with the original's constants, and its class-conditional variant for G."""
+"""Batch normalization with the original's constants and ghost batches, and its class-conditional variant for G."""
+from __future__ import annotations
+
 import torch
 import torch.nn as nn
 
@@ -7,6 +9,45 @@ import torch.nn as nn
 # samples in the first few dozen updates.
 BN_EPS = 2e-5
 BN_MOMENTUM = 0.1
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """torch's BatchNorm2d, with statistics over groups of ``ghost_batch`` samples in training mode.
+
+    The original normalizes G over micro-batches of 32 on each GPU. With ``ghost_batch`` 32, a forward
+    of 256 samples normalizes each group of 32 by its own statistics and updates the running statistics
+    once per group, in order: the same function, gradients and running statistics (to float rounding)
+    as eight forwards of 32, at the speed of one large batch. None (or the whole batch) is plain BN.
+    """
+
+    ghost_batch: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        groups = x.shape[0] // self.ghost_batch if self.training and self.ghost_batch else 1
+        if groups <= 1:
+            return super().forward(x)
+        if x.shape[0] % self.ghost_batch:
+            raise ValueError(f"a batch of {x.shape[0]} cannot be split into BatchNorm groups of {self.ghost_batch}")
+        return self._ghost_forward(x, groups)
+
+    def _ghost_forward(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        grouped = x.float().view(groups, -1, *x.shape[1:])  # statistics in fp32 also under autocast
+        mean = grouped.mean(dim=(1, 3, 4), keepdim=True)
+        var = grouped.var(dim=(1, 3, 4), unbiased=False, keepdim=True)
+        out = ((grouped - mean) * torch.rsqrt(var + self.eps)).view_as(x)
+        if self.affine:
+            out = out * self.weight[:, None, None] + self.bias[:, None, None]
+        if self.track_running_stats:
+            count = grouped[0, :, 0].numel()  # samples x pixels per channel in one group
+            self._update_running_statistics(mean.view(groups, -1), var.view(groups, -1) * count / max(count - 1, 1))
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def _update_running_statistics(self, means: torch.Tensor, unbiased_vars: torch.Tensor) -> None:
+        for mean, var in zip(means, unbiased_vars):  # as the group-sized forwards would, one after another
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var, self.momentum)
+        self.num_batches_tracked += len(means)
 
 
 class CategoricalConditionalBatchNorm2d(nn.Module):
@@ -18,7 +59,7 @@ class CategoricalConditionalBatchNorm2d(nn.Module):
 
     def __init__(self, num_features: int, n_classes: int, eps: float = BN_EPS, momentum: float = BN_MOMENTUM):
         super().__init__()
-        self.bn = nn.BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.bn = BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
         self.gamma = nn.Embedding(n_classes, num_features)
         self.beta = nn.Embedding(n_classes, num_features)
         nn.init.ones_(self.gamma.weight)
@@ -34,4 +75,11 @@ def batch_norm_2d(num_features: int, n_classes: int) -> nn.Module:
     """G's normalization: class-conditional when there are classes, plain affine BatchNorm otherwise."""
     if n_classes > 0:
         return CategoricalConditionalBatchNorm2d(num_features, n_classes)
-    return nn.BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return BatchNorm2d(num_features, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def set_ghost_batch(model: nn.Module, size: int | None) -> None:
+    """BatchNorm statistics of ``model`` over groups of ``size`` samples (None: over each whole batch)."""
+    for module in model.modules():
+        if isinstance(module, BatchNorm2d):
+            module.ghost_batch = size

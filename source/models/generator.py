@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from source.links import BN_EPS, BN_MOMENTUM, conv2d, linear
+from source.links import batch_norm_2d, conv2d, linear
 from source.models.resblocks import GeneratorBlock
 
 # Feature widths in units of ch: the first entry is l1's output, each next one a block's output.
@@ -48,7 +48,7 @@ class ResNetGenerator(nn.Module):
             self.add_module(name, GeneratorBlock(in_channels, out_channels, n_classes, spectral_norm))
         head_index = len(widths) + 1
         self.bn_name, self.conv_name = f"b{head_index}", f"l{head_index}"
-        self.add_module(self.bn_name, nn.BatchNorm2d(widths[-1], eps=BN_EPS, momentum=BN_MOMENTUM))
+        self.add_module(self.bn_name, batch_norm_2d(widths[-1], n_classes=0))  # plain affine BN, as the original
         self.add_module(self.conv_name, conv2d(widths[-1], channels, 3, gain=1.0, spectral_norm=spectral_norm))
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,7 @@ from torch.nn.parallel import DistributedDataParallel
 from source.config import Config, ConfigError
 from source.datasets import build_dataset
 from source.datasets.iterator import InfiniteBatchIterator
+from source.links import set_ghost_batch
 from source.models import build_model
 from source.spectral.sr import SpectralRegularizer
 from source.training.distributed import World
@@ -24,8 +25,9 @@ class Models:
 
 def build_models(config: Config, device: torch.device) -> Models:
     spec_g, spec_d = config.models.generator, config.models.discriminator
-    return Models(gen=build_model(spec_g.name, spec_g.args).to(device),
-                  dis=build_model(spec_d.name, spec_d.args).to(device))
+    gen = build_model(spec_g.name, spec_g.args).to(device)
+    set_ghost_batch(gen, config.bn_batch)
+    return Models(gen=gen, dis=build_model(spec_d.name, spec_d.args).to(device))
 
 
 def build_optimizer(model: nn.Module, adam) -> torch.optim.Adam:
