@@ -20,7 +20,7 @@ import torch
 
 from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
 from source.datasets import DatasetError, check_dataset_args
-from source.training import build, checkpoint, runfolder
+from source.training import build, checkpoint, performance, runfolder
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
@@ -112,7 +112,7 @@ def snapshot_config(snapshot: dict) -> dict:
 def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
     changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
     plan = plan_run_folder(args, snapshot, changes)
-    torch.backends.cudnn.benchmark = not config.deterministic  # fixed shapes: let cuDNN pick the fastest kernels
+    performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -8,6 +8,8 @@ seeded by (seed, iteration, phase) and sliced like the data: reproducible after 
 same samples whatever the world size and accumulation.
 
 Where SR happens: ``Updater._regularize`` right after every D optimizer step (so before the G step).
+Mixed precision, channels_last and compilation (``config.performance``) change how the forwards run
+(``source/training/performance.py``), not this order; the losses are computed in fp32.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from source.config import Config
+from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 
 G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
@@ -97,6 +100,12 @@ class Updater:
         self.gen_accumulation = config.accumulation_steps(world.size, config.gen_batch)
         self.iteration = 0
         self.apply_SR = config.updater.apply_SR is True  # "auto" starts off; the collapse detector turns it on
+        self.scaler_dis = performance.grad_scaler(config.performance, world.device)
+        self.scaler_gen = performance.grad_scaler(config.performance, world.device)
+        self.memory_format = performance.memory_format(config.performance)
+
+    def _autocast(self):
+        return performance.autocast(self.config.performance, self.world.device)
 
     @property
     def gen_module(self) -> nn.Module:
@@ -131,17 +140,20 @@ class Updater:
             real, real_labels = (t.to(self.world.device, non_blocking=True) for t in next(self.batches))
             part = self._micro_slice(micro)
             fake_labels = None if labels_all is None else labels_all[part]
-            with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0):
+            with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0), self._autocast():
                 fake = self.gen_module(z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
+            images = torch.cat([real.to(fake.dtype), fake]).contiguous(memory_format=self.memory_format)
             with self._sync(self.dis, micro, self.accumulation), \
                     power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.
-                logits_real, logits_fake = self.dis(torch.cat([real, fake]), labels).chunk(2)
+                with self._autocast():
+                    logits = self.dis(images, labels)
+                logits_real, logits_fake = logits.float().chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)
-                (loss / self.accumulation).backward()
+                self.scaler_dis.scale(loss / self.accumulation).backward()
             total += loss.detach()
-        self.opt_dis.step()
+        self._step(self.opt_dis, self.scaler_dis)
         return total / self.accumulation
 
     def _gen_step(self) -> torch.Tensor:
@@ -155,13 +167,21 @@ class Updater:
                 labels = None if labels_all is None else labels_all[part]
                 with self._sync(self.gen, micro, self.gen_accumulation), \
                         power_iteration((self.gen_module, dis), enabled=micro == 0):
-                    loss = self.loss_gen(dis(self.gen(z_all[part], labels), labels))
-                    (loss / self.gen_accumulation).backward()
+                    with self._autocast():
+                        logits = dis(self.gen(z_all[part], labels), labels)
+                    loss = self.loss_gen(logits.float())
+                    self.scaler_gen.scale(loss / self.gen_accumulation).backward()
                 total += loss.detach()
         finally:
             dis.requires_grad_(True)
-        self.opt_gen.step()
+        self._step(self.opt_gen, self.scaler_gen)
         return total / self.gen_accumulation
+
+    @staticmethod
+    def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """The optimizer step; with fp16 loss scaling, unscaled first and skipped when gradients overflowed."""
+        scaler.step(optimizer)
+        scaler.update()
 
     def _regularize(self) -> None:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""
@@ -201,6 +221,8 @@ class Updater:
         state = {"iteration": self.iteration, "apply_SR": self.apply_SR}
         if self.regularizer is not None:
             state["sr"] = self.regularizer.state_dict()
+        if self.scaler_dis.is_enabled():
+            state["grad_scalers"] = {"dis": self.scaler_dis.state_dict(), "gen": self.scaler_gen.state_dict()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -209,3 +231,6 @@ class Updater:
             self.apply_SR = state["apply_SR"]  # an explicit true/false on the command line wins
         if self.regularizer is not None and "sr" in state:
             self.regularizer.load_state_dict(state["sr"])
+        if self.scaler_dis.is_enabled() and "grad_scalers" in state:  # else: fp16 starts here, at the initial scale
+            self.scaler_dis.load_state_dict(state["grad_scalers"]["dis"])
+            self.scaler_gen.load_state_dict(state["grad_scalers"]["gen"])

@@ -88,6 +88,17 @@ class EvaluationConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """How the arithmetic runs, never what the recipe is (source/training/performance.py); the default is the
+    originals' plain fp32."""
+    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast of G's and D's forwards (fp16 with loss scaling)
+    channels_last: bool = False                  # NHWC activations and weights: faster convs on tensor cores
+    compile: bool = False                        # torch.compile G and D (in place; snapshots unchanged)
+    tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
+    cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
+
+
+@dataclass
 class Config:
     models: ModelsConfig
     dataset: DatasetSpec
@@ -112,6 +123,7 @@ class Config:
     adam_D: AdamConfig = field(default_factory=AdamConfig)
     updater: UpdaterConfig = field(default_factory=UpdaterConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
 
     @property
     def bn_batch(self) -> int:

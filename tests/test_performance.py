@@ -1,4 +1,8 @@
-"""Settings that change how the arithmetic runs, never the recipe: ghost BatchNorm, exact reorderings."""
+"""Settings that change how the arithmetic runs, never the recipe: ghost BatchNorm, mixed precision, layout, compile."""
+import json
+
+import numpy as np
+import pytest
 import torch
 
 import train
@@ -8,7 +12,7 @@ from test_training import tiny_argv
 
 
 def final_state(out, *overrides):
-    assert train.main(tiny_argv(out, 3, "snapshot_interval=3", *overrides)) == 0
+    assert train.main(tiny_argv(out, 3, *overrides)) == 0  # snapshots at 1, 2, 3
     return load_snapshot(out / "snapshots" / "snapshot_iter_3.pt", training_state=True)
 
 
@@ -39,3 +43,44 @@ def test_ghost_batchnorm_in_one_micro_batch_equals_two_micro_batches(tmp_path):
     running = "block2.b1.bn.running_var"
     assert not torch.allclose(plain["gen"][running], accumulated["gen"][running], rtol=1e-4, atol=1e-5), \
         "statistics over 8 samples differ from those over groups of 4 (else this test could not fail)"
+
+
+def losses(out) -> list[tuple[float, float]]:
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [(r["loss_dis"], r["loss_gen"]) for r in records if "loss_dis" in r]
+
+
+@pytest.mark.parametrize("settings, tolerance", [
+    (["performance.channels_last=true"], 1e-4),        # the same arithmetic in another memory order
+    (["performance.amp=bf16"], 0.05),                  # 8-bit mantissas in G's and D's forwards
+    # slow: inductor compiles G and D for minutes on a cold cache on 2 cores (27 s warm)
+    pytest.param(["performance.compile=true", "performance.channels_last=true"], 1e-4, marks=pytest.mark.slow),
+])
+def test_performance_settings_keep_the_losses_of_fp32(tmp_path, settings, tolerance):
+    """Three iterations (D step, dynamic SR, G step, 2 accumulation steps) against plain fp32."""
+    reference = final_state(tmp_path / "fp32")
+    fast = final_state(tmp_path / "fast", *settings)
+    np.testing.assert_allclose(losses(tmp_path / "fast"), losses(tmp_path / "fp32"), rtol=tolerance, atol=tolerance)
+    assert fast["gen"].keys() == reference["gen"].keys(), "snapshots of a compiled model keep the plain keys"
+
+
+def test_fp16_scales_its_loss_and_skips_overflowing_steps(tmp_path):
+    """fp16 (a GPU setting, exercised on CPU): D's first loss, before any step, is fp32's to fp16 precision; the
+    scaler starts at 2^16 and halves at each overflowing step, which it skips, so the trajectories part there."""
+    final_state(tmp_path / "fp32")
+    fp16 = final_state(tmp_path / "fp16", "performance.amp=fp16")
+    assert losses(tmp_path / "fp16")[0][0] == pytest.approx(losses(tmp_path / "fp32")[0][0], abs=0.01)
+    scales = {net: state["scale"] for net, state in fp16["updater"]["grad_scalers"].items()}
+    assert all(0 < scale <= 2.0 ** 16 for scale in scales.values()), scales
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_resumes_exactly(tmp_path, amp):
+    """The GradScaler's state (fp16) is in the snapshot: 3 straight iterations equal 2 + a resume."""
+    straight = final_state(tmp_path / "straight", f"performance.amp={amp}")
+    argv = tiny_argv(tmp_path / "resumed", 3, "snapshot_interval=3", f"performance.amp={amp}")
+    assert train.main(argv + ["--resume", str(tmp_path / "straight" / "snapshots" / "snapshot_iter_2.pt")]) == 0
+    resumed = load_snapshot(tmp_path / "resumed" / "snapshots" / "snapshot_iter_3.pt", training_state=True)
+    for net in ("gen", "dis"):
+        assert all(torch.equal(resumed[net][key], value) for key, value in straight[net].items())
+    assert resumed["updater"].get("grad_scalers") == straight["updater"].get("grad_scalers")

@@ -14,12 +14,14 @@ from source.datasets.cifar10 import CIFAR10, CIFAR10Args, check_cifar10_args
 from source.datasets.fashion_mnist import FashionMNIST, FashionMNISTArgs, check_fashion_mnist_args
 from source.datasets.imagenet import ImageNet, ImageNetArgs, check_imagenet_args
 from source.datasets.iterator import InfiniteBatchIterator
+from source.datasets.prepared import PreparedImageNet, PreparedImageNetArgs, check_prepared_args
 from source.datasets.synthetic import SyntheticArgs, SyntheticImages, check_synthetic_args
 from source.datasets.transforms import DatasetError
 
 # name -> (args dataclass, builder taking an instance of it)
 DATASETS: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
     "imagenet": (ImageNetArgs, ImageNet),
+    "imagenet_prepared": (PreparedImageNetArgs, PreparedImageNet),  # made by python -m source.datasets.prepare
     "fashion_mnist": (FashionMNISTArgs, FashionMNIST),
     "cifar10": (CIFAR10Args, CIFAR10),
     "synthetic": (SyntheticArgs, SyntheticImages),
@@ -27,6 +29,7 @@ DATASETS: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
 
 _CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "imagenet": check_imagenet_args,
+    "imagenet_prepared": check_prepared_args,
     "fashion_mnist": check_fashion_mnist_args,
     "cifar10": check_cifar10_args,
     "synthetic": check_synthetic_args,
@@ -58,4 +61,4 @@ def check_dataset_args(name: str, args: Any) -> list[str]:
 
 __all__ = ["DATASETS", "DatasetError", "InfiniteBatchIterator", "build_dataset", "check_dataset_args",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
-           "SyntheticArgs", "SyntheticImages"]
+           "PreparedImageNet", "PreparedImageNetArgs", "SyntheticArgs", "SyntheticImages"]

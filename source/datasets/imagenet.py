@@ -103,6 +103,11 @@ class FolderScan:
     labels: list[int]
     skipped: list[str]  # broken or looping symlinks that would have been a class folder or an image
 
+    @property
+    def n_classes(self) -> int:
+        """A list file names no classes; its labels may skip some (see ``warn_label_gaps``)."""
+        return len(self.classes) if self.classes else max(self.labels) + 1
+
 
 def scan_class_folders(root: str) -> FolderScan:
     """Lists directory entries (not recursively, so a symlink to a parent cannot loop); decodes nothing."""
@@ -181,6 +186,17 @@ def warn_label_gaps(list_file: str, labels: list[int]) -> None:
                        some(missing, total=n_classes - len(present)), n_classes)
 
 
+def index_images(root: str, list_file: Optional[str]) -> FolderScan:
+    """The images to read, from root's class folders or from list_file (whose scan names no classes)."""
+    if list_file is None:
+        return index_class_folders(root)
+    paths, labels = read_list_file(list_file)
+    require_images(paths, list_file)
+    warn_label_gaps(list_file, labels)
+    # nothing is skipped here: a missing or looping path is found when read, and counted as unreadable
+    return FolderScan([], paths, labels, [])
+
+
 def load_square_rgb(path: str, size: int) -> torch.Tensor:
     """Decode any PIL-readable image to uint8 RGB 3 x size x size (short-side centre crop, bilinear)."""
     with Image.open(path) as image:  # reads the header only
@@ -201,26 +217,16 @@ class ImageNet(Dataset):
         problems = check_imagenet_args(args)
         if problems:
             raise DatasetError(problems[0])
-        if args.list_file is None:
-            scan = index_class_folders(args.root)
-            self.classes, paths, labels = scan.classes, scan.paths, scan.labels
-            self.n_classes = len(self.classes)
-            self.n_skipped = len(scan.skipped)
-        else:
-            paths, labels = read_list_file(args.list_file)
-            require_images(paths, args.list_file)
-            warn_label_gaps(args.list_file, labels)
-            self.classes = []
-            self.n_classes = max(labels) + 1
-            self.n_skipped = 0  # a missing or looping path is found when read, and counted in n_unreadable
+        scan = index_images(args.root, args.list_file)
+        self.classes, self.n_classes, self.n_skipped = scan.classes, scan.n_classes, len(scan.skipped)
         self.root = args.root
         self.size = args.size
         self.dequantize = args.dequantize
         # Fixed-width bytes instead of a list of str: 1.28M Python strings in a forked worker get
         # copied page by page as reference counts change; one numpy buffer does not.
-        self._paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
-        self._labels = np.asarray(labels, dtype=np.int64)
-        self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(paths))
+        self._paths = np.array([os.fsencode(path) for path in scan.paths], dtype=np.bytes_)
+        self._labels = np.asarray(scan.labels, dtype=np.int64)
+        self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(scan.paths))
 
     def __len__(self) -> int:
         return len(self._labels)

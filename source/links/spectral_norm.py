@@ -10,16 +10,30 @@ Known deviations from Chainer (reference §11.8): torch draws ``u`` normalized a
 power iterations at registration, and never updates ``u`` in eval mode, whereas Chainer's
 SNLinear/SNEmbedID also update it in eval mode.
 """
+import torch
 import torch.nn as nn
-from torch.nn.utils import parametrizations
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 SN_POWER_ITERATIONS = 1
 SN_EPS = 1e-12
 
 
+class FP32SpectralNorm(_SpectralNorm):
+    """torch's spectral norm, kept in fp32 under mixed-precision autocast: a bf16 power iteration would
+    estimate sigma to 2-3 digits, and every forward divides the weight by it."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(weight.device.type, enabled=False):
+            return super().forward(weight)
+
+
 def spectral_normed(module: nn.Module) -> nn.Module:
-    """Registers spectral normalization on ``module.weight`` with the Chainer SN settings."""
-    return parametrizations.spectral_norm(module, n_power_iterations=SN_POWER_ITERATIONS, eps=SN_EPS, dim=0)
+    """Registers spectral normalization on ``module.weight`` with the Chainer SN settings (what
+    ``torch.nn.utils.parametrizations.spectral_norm`` registers, as its fp32 variant)."""
+    sn = FP32SpectralNorm(module.weight, n_power_iterations=SN_POWER_ITERATIONS, dim=0, eps=SN_EPS)
+    parametrize.register_parametrization(module, "weight", sn)
+    return module
 
 
 def glorot_init_(module: nn.Module, gain: float) -> nn.Module:

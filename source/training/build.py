@@ -13,6 +13,7 @@ from source.datasets.iterator import InfiniteBatchIterator
 from source.links import set_ghost_batch
 from source.models import build_model
 from source.spectral.sr import SpectralRegularizer
+from source.training import performance
 from source.training.distributed import World
 from updater import Updater
 
@@ -70,6 +71,8 @@ def build_regularizer(config: Config) -> SpectralRegularizer:
 
 
 def build_updater(config: Config, world: World, models: Models, batches) -> Updater:
+    for model in (models.gen, models.dis):
+        performance.prepare_model(model, config.performance)
     return Updater(gen=wrap_distributed(models.gen, world), dis=wrap_distributed(models.dis, world),
                    opt_gen=build_optimizer(models.gen, config.adam_G), opt_dis=build_optimizer(models.dis, config.adam_D),
                    batches=batches, config=config, world=world, regularizer=build_regularizer(config))

@@ -1,0 +1,162 @@
+"""ImageNet prepared once by ``python -m source.datasets.prepare``: a folder read through a memory map.
+
+The folder holds
+  * ``images.npy``: uint8 N x 3 x size x size, the JPEG path's ``load_square_rgb`` output, in
+    scan order (sorted class folders and file names, or list-file order) less the unreadable files;
+  * ``labels.npy``: int64 N;
+  * ``manifest.json``: the source, size, counts, class names, the skipped files with their reason,
+    sha256 checksums, the preprocessing and the format version.
+
+Opening maps the array without reading it and checks its shape against the manifest (a truncated
+copy fails here, in one line); the checksums are only compared by ``prepare verify``, since hashing
+63 GB at every start would cost minutes. Nothing is unpickled: plain .npy files and JSON.
+"""
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from source.datasets.transforms import DatasetError
+
+FORMAT = "srgans-prepared-imagenet"
+FORMAT_VERSION = 1
+IMAGES_FILE, LABELS_FILE, MANIFEST_FILE = "images.npy", "labels.npy", "manifest.json"
+HASH_ROWS = 256  # images hashed per step: 12 MB at 128 px, so verify streams in constant memory
+PREPARE_HINT = "python -m source.datasets.prepare imagenet --root ROOT --size SIZE --out PATH"
+
+
+@dataclass
+class PreparedImageNetArgs:
+    path: str
+    size: Optional[int] = None  # None: the manifest's; a number is checked against it
+    dequantize: bool = True
+
+
+def read_manifest(folder: str) -> dict:
+    """The folder's manifest, checked for the format and the keys the reader needs; else a DatasetError."""
+    path = os.path.join(folder, MANIFEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as file:
+            manifest = json.load(file)
+    except FileNotFoundError:
+        raise DatasetError(f"dataset.args.path: {folder} has no {MANIFEST_FILE}, so it is not a prepared data set "
+                           f"(or its preparation did not finish); make one with {PREPARE_HINT}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError(f"dataset.args.path: cannot read {path} ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DatasetError(f"dataset.args.path: {path} is not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"dataset.args.path: {path} has format version {manifest.get('format_version')}, this "
+                           f"code reads version {FORMAT_VERSION}; prepare the data again with {PREPARE_HINT}")
+    required = {"size": int, "images": int, "n_classes": int, "classes": list, "sha256": dict}
+    wrong = [key for key, kind in required.items() if not isinstance(manifest.get(key), kind)]
+    if wrong:
+        raise DatasetError(f"dataset.args.path: {path} lacks valid {', '.join(wrong)}; prepare it again")
+    return manifest
+
+
+def size_mismatch(size: Optional[int], manifest: dict, folder: str) -> list[str]:
+    if size is None or size == manifest["size"]:
+        return []
+    return [f"dataset.args.size: {size}, but {folder} holds {manifest['size']} px images; remove size, "
+            f"or prepare a {size} px copy with {PREPARE_HINT}"]
+
+
+def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
+    """Problems that would stop ``PreparedImageNet(args)``, found from the manifest alone."""
+    if not os.path.isdir(args.path):
+        state = "is a file" if os.path.exists(args.path) else "does not exist"
+        return [f"dataset.args.path: {args.path} {state}; it must be a folder made by {PREPARE_HINT}"]
+    try:
+        manifest = read_manifest(args.path)
+    except DatasetError as error:
+        return [str(error)]
+    missing = [name for name in (IMAGES_FILE, LABELS_FILE) if not os.path.isfile(os.path.join(args.path, name))]
+    if missing:
+        return [f"dataset.args.path: {args.path} lacks {', '.join(missing)}; prepare it again with {PREPARE_HINT}"]
+    return size_mismatch(args.size, manifest, args.path)
+
+
+def open_array(path: str, shape: tuple, dtype: type, mmap: bool) -> np.ndarray:
+    """The .npy at path (memory-mapped or read), which must have this shape and dtype; else a DatasetError."""
+    try:
+        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as error:  # a truncated file is too short to map: a ValueError
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DatasetError(f"dataset.args.path: cannot read {path} ({reason}); the copy may be truncated: "
+                           f"run python -m source.datasets.prepare verify on it, or prepare it again") from None
+    if array.shape != shape or array.dtype != dtype:
+        raise DatasetError(f"dataset.args.path: {path} holds {array.dtype} {array.shape} but the manifest says "
+                           f"{np.dtype(dtype)} {shape}; the copy is incomplete or mixed up, prepare it again")
+    return array
+
+
+def sha256_of(array: np.ndarray, description: str = "") -> str:
+    """sha256 of a C-contiguous array's bytes (not the .npy header), read HASH_ROWS rows at a time."""
+    digest = hashlib.sha256()
+    with tqdm(total=len(array), desc=description, unit="img", disable=not description, leave=False) as progress:
+        for start in range(0, len(array), HASH_ROWS):
+            rows = np.ascontiguousarray(array[start:start + HASH_ROWS])
+            digest.update(rows.data)
+            progress.update(len(rows))
+    return digest.hexdigest()
+
+
+class PreparedImageNet(Dataset):
+    """Items are (uint8 tensor 3 x size x size, label), read from the memory-mapped ``images.npy``."""
+
+    channels = 3
+    n_unreadable = 0  # unreadable files were skipped when preparing; the manifest lists them
+
+    def __init__(self, args: PreparedImageNetArgs):
+        problems = check_prepared_args(args)
+        if problems:
+            raise DatasetError(problems[0])
+        self.path = args.path
+        self.manifest = read_manifest(args.path)
+        self.size = self.manifest["size"]
+        self.n_classes = self.manifest["n_classes"]
+        self.classes = self.manifest["classes"]
+        self.dequantize = args.dequantize
+        self._images = self._open_images()
+        self._labels = open_array(os.path.join(args.path, LABELS_FILE), (len(self._images),), np.int64, mmap=False)
+        if len(self._labels) and not 0 <= self._labels.min() <= self._labels.max() < self.n_classes:
+            raise DatasetError(f"dataset.args.path: {args.path}: labels outside 0..{self.n_classes - 1}; "
+                               f"prepare it again")
+
+    def _open_images(self) -> np.ndarray:
+        shape = (self.manifest["images"], self.channels, self.size, self.size)
+        return open_array(os.path.join(self.path, IMAGES_FILE), shape, np.uint8, mmap=True)
+
+    @property
+    def images(self) -> np.ndarray:
+        """The memory-mapped uint8 N x 3 x size x size array, mapped again where unpickled (see __getstate__)."""
+        if self._images is None:
+            self._images = self._open_images()
+        return self._images
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        # a copy: torch should not hold a read-only view of the map
+        return torch.from_numpy(np.array(self.images[index])), int(self._labels[index])
+
+    def checksums(self, progress: bool = False) -> dict[str, str]:
+        """sha256 of the image and label arrays as the manifest records them; reads every byte."""
+        return {"images": sha256_of(self.images, "hashing images" if progress else ""),
+                "labels": sha256_of(self._labels)}
+
+    def __getstate__(self) -> dict:
+        # Pickling an np.memmap copies all of its data (63 GB for ImageNet at 128 px) into the
+        # pickle; a DataLoader worker started by spawn or forkserver maps the file itself instead.
+        # Forked workers never pickle the data set and share the parent's read-only map.
+        return {**self.__dict__, "_images": None}

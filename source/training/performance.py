@@ -1,0 +1,49 @@
+"""How the arithmetic runs: mixed precision, memory layout, compilation, TF32 and cuDNN autotuning.
+
+These settings never change the recipe (``DESIGN.md``): the batch, the steps and their order stay. What
+they change is stated with each option in ``PerformanceConfig``; SN's power iteration
+(``FP32SpectralNorm``), SR, the losses and the optimizer states stay in fp32 (fp64 for SR's SVDs)
+whatever ``amp`` is.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+from source.config import PerformanceConfig
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def configure_backends(settings: PerformanceConfig, deterministic: bool) -> None:
+    """TF32 for fp32 matmuls and convs (the originals had none) and cuDNN autotuning (fixed shapes)."""
+    precision = "tf32" if settings.tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
+    torch.backends.cudnn.benchmark = settings.cudnn_benchmark and not deterministic
+
+
+def autocast(settings: PerformanceConfig, device: torch.device) -> AbstractContextManager:
+    """The forward passes of G and D run under this; losses are computed outside it, in fp32."""
+    if settings.amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[settings.amp])
+
+
+def grad_scaler(settings: PerformanceConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; a disabled scaler is a no-op (bf16 and fp32 need none)."""
+    return torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
+
+
+def memory_format(settings: PerformanceConfig) -> torch.memory_format:
+    return torch.channels_last if settings.channels_last else torch.contiguous_format
+
+
+def prepare_model(model: nn.Module, settings: PerformanceConfig) -> nn.Module:
+    """Layout and compilation, in place: state_dict keys (and so snapshots) stay those of the plain model."""
+    model.to(memory_format=memory_format(settings))
+    if settings.compile:
+        model.compile()
+    return model
