@@ -91,7 +91,7 @@ class EvaluationConfig:
 class PerformanceConfig:
     """How the arithmetic runs, never what the recipe is (source/training/performance.py); the default is the
     originals' plain fp32."""
-    amp: Literal["off", "bf16", "fp16"] = "off"  # autocast of G's and D's forwards (fp16 with loss scaling)
+    amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of G's and D's forwards to bf16 or fp16 (with loss scaling)
     channels_last: bool = False                  # NHWC activations and weights: faster convs on tensor cores
     compile: bool = False                        # torch.compile G and D (in place; snapshots unchanged)
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)

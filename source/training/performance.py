@@ -27,7 +27,7 @@ def configure_backends(settings: PerformanceConfig, deterministic: bool) -> None
 
 def autocast(settings: PerformanceConfig, device: torch.device) -> AbstractContextManager:
     """The forward passes of G and D run under this; losses are computed outside it, in fp32."""
-    if settings.amp == "off":
+    if settings.amp == "fp32":
         return nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPES[settings.amp])
 
