@@ -91,9 +91,11 @@ class EvaluationConfig:
 class PerformanceConfig:
     """How the arithmetic runs, never what the recipe is (source/training/performance.py); the default is the
     originals' plain fp32."""
-    amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of G's and D's forwards to bf16 or fp16 (with loss scaling)
+    amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast G's and D's forwards (fp16: with loss scaling)
     channels_last: bool = False                  # NHWC activations and weights: faster convs on tensor cores
     compile: bool = False                        # torch.compile G and D (in place; snapshots unchanged)
+    # reduce-overhead: CUDA graphs, for small launch-bound models (the 32 px ones); max-autotune: searches kernels
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
     cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
 

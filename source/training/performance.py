@@ -45,5 +45,5 @@ def prepare_model(model: nn.Module, settings: PerformanceConfig) -> nn.Module:
     """Layout and compilation, in place: state_dict keys (and so snapshots) stay those of the plain model."""
     model.to(memory_format=memory_format(settings))
     if settings.compile:
-        model.compile()
+        model.compile(mode=settings.compile_mode)
     return model
