@@ -161,6 +161,8 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
                                       capsys)
     (tmp_path / "file").write_text("x")
     assert "is a file" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "file")], capsys)
+    assert "cannot write" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "file" / "x")],
+                                       capsys)
     assert "not empty" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(jpeg_root)], capsys)
     assert "not a prepared folder" in cli_error(
         ["imagenet", "--root", str(jpeg_root), "--out", str(jpeg_root), "--force"], capsys)

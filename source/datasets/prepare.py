@@ -29,6 +29,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 import PIL
+import torch
 from tqdm import tqdm
 
 from source.datasets.imagenet import (
@@ -54,7 +55,11 @@ def load_or_reason(path: str, size: int) -> tuple[Optional[np.ndarray], str]:
         return None, f"{type(error).__name__}: {error}"
 
 
-def ignore_interrupts() -> None:
+def init_worker() -> None:
+    # One thread per worker, as in DataLoader workers: the pool already uses every core, and a torch
+    # thread pool inherited through fork from a parent that ran parallel torch ops (a test session,
+    # a notebook) deadlocks the child's first parallel op; with one thread torch never enters it.
+    torch.set_num_threads(1)
     # Ctrl-C reaches the whole process group: the parent stops the pool, workers need not print tracebacks
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -62,7 +67,7 @@ def ignore_interrupts() -> None:
 def decode_all(paths: list[str], size: int, workers: int) -> Iterator[tuple[Optional[np.ndarray], str]]:
     """``load_or_reason`` of every path, in order, computed by a pool of ``workers`` processes."""
     chunk = max(1, min(CHUNK, len(paths) // (4 * workers)))
-    with multiprocessing.Pool(workers, initializer=ignore_interrupts) as pool:
+    with multiprocessing.Pool(workers, initializer=init_worker) as pool:
         results = pool.imap(functools.partial(load_or_reason, size=size), paths, chunksize=chunk)
         yield from tqdm(results, total=len(paths), desc="preparing", unit="img", file=sys.stderr)
 
@@ -172,16 +177,18 @@ def prepare_imagenet(root: str, list_file: Optional[str], size: int, out: str, w
     scan = index_images(root, list_file)
     source = {"root": os.path.abspath(root), "list_file": list_file and os.path.abspath(list_file)}
     parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
     # beside OUT: same file system, so the final rename is atomic; the pid keeps concurrent runs apart
     staging = os.path.join(parent, f".{os.path.basename(os.path.abspath(out))}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this pid
-    os.mkdir(staging)
     try:
+        os.makedirs(parent, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this pid
+        os.mkdir(staging)
         manifest = write_prepared(scan, source, size, workers, staging)
         move_into_place(staging, out)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # a full disk, no permission: the images themselves were read already
+            raise DatasetError(f"--out: cannot write {out} ({error.strerror or error})") from None
         raise
     return manifest
 
