@@ -1,0 +1,219 @@
+"""The toolkit's GPU benchmark: every GPU number of the README in one run of under 8 minutes, on synthetic data.
+
+    python -m benchmarks.gpu.bench [--quick] [--out DIR] [--sections a_fast,c_fid] [--budget c_fid=120]
+    bash benchmarks/gpu/run.sh [same options]      # on the device machine (benchmarks/gpu/README.md)
+
+Sections, each a child process with its own time budget (a section that fails or runs out records why and
+the next one starts): (a) the ImageNet-128 recipe at the faithful fp32 and the fast setting, (b) one SR call
+and one spectra snapshot against it, (c) FID end to end, ours and torch-fidelity's, (d) the 32 px models'
+G-iterations/s, alone and concurrent. Writes gpu_<device>.json and .md into --out. ``--quick`` shrinks every
+size so that the whole run takes about a minute on a 2-core CPU, through the same code paths.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.gpu.common import (MINIMUM_S, ROOT, Partial, environment, pick_device, progress,  # noqa: E402
+                                   run_child, slug)
+from benchmarks.gpu.imagenet import FAITHFUL, FAST  # noqa: E402
+from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
+
+# Seconds per section on an H100 (sum 470 s: under 8 minutes with the parent's start-up), guessed before any
+# GPU run: the fast setting's share pays for compiling the 128 px G and D, (c) for two passes over 50k images.
+# With --quick they are only a safety net for a loaded CPU.
+BUDGETS_S = {"a_faithful": 45, "a_fast": 200, "b_sr_spectra": 20, "c_fid": 95, "d_small_models": 110}
+QUICK_BUDGETS_S = {"a_faithful": 90, "a_fast": 90, "b_sr_spectra": 60, "c_fid": 90, "d_small_models": 120}
+TOTAL_BUDGET_S = {False: 470, True: 450}
+# the child function of each section; (d) only starts and collects worker processes, so it runs in this one
+CHILD_OF = {"a_faithful": "a", "a_fast": "a", "b_sr_spectra": "b", "c_fid": "c"}
+LOADERS_WHY = ("not measured by this script: the prepared-shard and JPEG loaders' images/s have a benchmark of "
+               "their own (issue 9, part 3)")
+
+
+def child_functions() -> dict:
+    from benchmarks.gpu import fid, imagenet, small
+
+    return {"a": imagenet.run_setting, "b": imagenet.run_spectral, "c": fid.run, "d_worker": small.worker}
+
+
+# Sizes on a GPU, and with --quick: tiny, every code path in about a minute on a 2-core CPU.
+SIZES = {
+    False: {"width": None, "warmup": 2, "timed": 3, "faithful_micro": [32], "fast_micro": [256, 128, 64], "bn": 32,
+            "repeats": 3, "fid_images": 50000, "fid_reference": 2500, "fid_batch": 500, "splits": 10,
+            "small_width": None, "small_batch": 64, "small_warmup": 5, "window_s": 4.0, "concurrency": [1, 2, 4, 8],
+            "worker_cap_s": 75},
+    True: {"width": 4, "warmup": 1, "timed": 2, "faithful_micro": [2], "fast_micro": [4], "bn": 2,
+           "repeats": 2, "fid_images": 2, "fid_reference": 2, "fid_batch": 2, "splits": 1,
+           "small_width": 8, "small_batch": 8, "small_warmup": 1, "window_s": 0.5, "concurrency": [1, 2],
+           "worker_cap_s": 40},
+}
+
+
+def imagenet_plans(size: dict, cpu_quick: bool) -> dict:
+    common = {"width": size["width"], "warmup": size["warmup"], "timed": size["timed"], "bn_batchsize": size["bn"],
+              "flops_micro": size["faithful_micro"][0]}
+    fast, notes = dict(FAST), []
+    if cpu_quick:  # compiling takes minutes on a cold CPU cache; bf16 crawls without bf16 units
+        fast.update({"performance.compile": False, "performance.amp": FAITHFUL["performance.amp"]})
+        notes.append("compile and bf16 skipped on CPU quick")
+    return {
+        "a_faithful": dict(common, setting="faithful", precision="fp32", performance=FAITHFUL,
+                           micro_batches=size["faithful_micro"]),
+        "a_fast": dict(common, setting="fast", precision="bf16", performance=fast, notes=notes,
+                       micro_batches=size["fast_micro"]),
+        "b_sr_spectra": {"width": size["width"], "repeats": size["repeats"]},
+    }
+
+
+def small_variants(cpu_quick: bool) -> tuple[list[str], dict]:
+    variants, skipped = ["eager", "fast", "fast-reduce-overhead"], {}
+    if cpu_quick:
+        skipped.update({name: "skipped on CPU quick (compile takes minutes on a cold cache)" for name in variants[1:]})
+        variants = variants[:1]
+    return variants, skipped
+
+
+def plans(args, on_gpu: bool) -> dict:
+    size, cpu_quick = SIZES[args.quick], args.quick and not on_gpu
+    variants, skipped = small_variants(cpu_quick)
+    return dict(imagenet_plans(size, cpu_quick), **{
+        "c_fid": {"width": size["width"], "n_images": args.fid_images or size["fid_images"],
+                  "n_reference": size["fid_reference"], "batch_size": size["fid_batch"], "splits": size["splits"],
+                  "inception_weights": args.inception_weights},
+        "d_small_models": {"width": size["small_width"], "batch": size["small_batch"], "n_dis": 5,
+                           "warmup": size["small_warmup"], "window_s": size["window_s"], "variants": variants,
+                           "skipped": skipped, "concurrency": size["concurrency"],
+                           "worker_cap_s": size["worker_cap_s"]},
+    })
+
+
+def budgets(args) -> dict:
+    chosen = dict(QUICK_BUDGETS_S if args.quick else BUDGETS_S)
+    for item in args.budget:
+        name, _, seconds = item.partition("=")
+        if name not in chosen:
+            raise SystemExit(f"--budget {item}: unknown section (one of {', '.join(chosen)})")
+        chosen[name] = float(seconds)
+    return chosen
+
+
+def run_sections(names: list[str], section_plans: dict, section_budgets: dict, total_s: float,
+                 directory: Path) -> dict:
+    deadline = time.time() + total_s
+    results = {}
+    for name in names:
+        budget = min(section_budgets[name], deadline - time.time())
+        if budget < MINIMUM_S:
+            results[name] = {"status": "skipped", "error": f"only {budget:.0f} s of the total budget left"}
+            continue
+        progress(name, f"start (budget {budget:.0f} s)")
+        if name in CHILD_OF:
+            results[name] = run_child(CHILD_OF[name], section_plans[name], directory / f"{name}.json", budget)
+        else:
+            results[name] = run_here(section_plans[name], directory / f"{name}.json", budget)
+        progress(name, f"{results[name]['status']} after {results[name]['wall_s']:.1f} s "
+                       f"{results[name].get('error') or ''}")
+    return results
+
+
+def report(args, device, names, section_plans, section_budgets, results, wall) -> dict:
+    return {
+        "what": "GPU benchmark of the SRGANs toolkit (benchmarks/gpu/bench.py); README.md beside it explains it",
+        "quick": args.quick,
+        "protocol": dict(environment(device), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                         sections_run=names, budgets_s=section_budgets, total_budget_s=args.total_budget,
+                         total_wall_s=round(wall, 1), plans=section_plans,
+                         timing="the device is synchronised before and after every timed region; medians of the "
+                                "timed iterations after the warm-up ones; keys ending in _extrapolated are computed "
+                                "from measured ones as their section states, never measured"),
+        "sections": results,
+        "ratios": derived_ratios(results),
+        "loaders": None,
+        "loaders_why": LOADERS_WHY,
+    }
+
+
+def write(result: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_markdown(result, out / f"{name}.md")
+    progress("bench", f"wrote {out / name}.json and .md")
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes, every code path: about a minute on a 2-core CPU")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    parser.add_argument("--sections", default=",".join(BUDGETS_S), help="comma-separated subset, in this order")
+    parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS")
+    parser.add_argument("--total-budget", type=float, help="seconds for all sections (470; 450 with --quick)")
+    parser.add_argument("--fid-images", type=int, help="N for (c); default 50000, 2 with --quick")
+    parser.add_argument("--inception-weights", default="auto",
+                        help="auto (fid-helper if installed, else random weights: times only), fid-helper, random, "
+                             "or a path to a torch-fidelity .pth or fid-helper's TorchScript default_1.pt")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--params", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def guarded(function, params: dict, partial: Partial) -> bool:
+    """Run a section; an exception is recorded with its results (the benchmark carries on) and gives False."""
+    try:
+        function(params, partial)
+    except Exception as error:
+        traceback.print_exc()
+        partial.record(error=f"{type(error).__name__}: {str(error).strip()[:500]}")
+        return False
+    return True
+
+
+def run_here(params: dict, result: Path, budget: float) -> dict:
+    """Section (d) in this process: its workers' deadlines keep it inside its budget."""
+    from benchmarks.gpu import small
+
+    started, partial = time.time(), Partial(result)
+    ok = guarded(small.run, dict(params, deadline=started + budget), partial)
+    return dict(partial.data, status="ok" if ok else "error", wall_s=round(time.time() - started, 2), budget_s=budget)
+
+
+def child_main(args) -> int:
+    """Run one section (or one small-model worker) and record its results, or its error, in --result."""
+    return 0 if guarded(child_functions()[args.child], json.loads(args.params), Partial(Path(args.result))) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if args.child:
+        return child_main(args)
+    started = time.time()
+    args.total_budget = args.total_budget or TOTAL_BUDGET_S[args.quick]
+    device = pick_device()
+    names = [name for name in args.sections.split(",") if name]
+    unknown = set(names) - set(BUDGETS_S)
+    if unknown:
+        raise SystemExit(f"--sections: unknown {sorted(unknown)} (choose from {', '.join(BUDGETS_S)})")
+    section_plans, section_budgets = plans(args, device.type == "cuda"), budgets(args)
+    if device.type == "cpu":  # several threads per process spin and crawl on a small shared CPU (SVDs: 100x)
+        os.environ.update({name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    progress("bench", f"{environment(device)['device']}, torch {environment(device)['torch']}, sections {names}")
+    with tempfile.TemporaryDirectory() as directory:
+        results = run_sections(names, section_plans, section_budgets, args.total_budget, Path(directory))
+    result = report(args, device, names, section_plans, section_budgets, results, time.time() - started)
+    write(result, args.out, f"gpu_{slug(result['protocol']['device'])}{'-quick' if args.quick else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""Ratios derived from the measured numbers, and the markdown report of a benchmark JSON."""
+from __future__ import annotations
+
+from math import prod
+from pathlib import Path
+
+# name -> (numerator path, denominator paths (multiplied), what it says); paths are dotted keys of "sections".
+A_FAITHFUL = "a_faithful.seconds_per_2048_iteration_extrapolated"
+A_FAST = "a_fast.seconds_per_2048_iteration_extrapolated"
+SR = "b_sr_spectra.sr_dynamic_edit_s"
+SPECTRA = "b_sr_spectra.spectra_snapshot_s"
+EAGER = "d_small_models.single.eager.g_iterations_per_s"
+RATIOS = {
+    "imagenet128_fast_speedup_extrapolated": (A_FAITHFUL, [A_FAST], "faithful / fast seconds per batch-2048 iteration"),
+    "sr_call_fraction_of_faithful_iteration_extrapolated": (SR, [A_FAITHFUL], "one SR call / faithful iteration"),
+    "sr_call_fraction_of_fast_iteration_extrapolated": (SR, [A_FAST], "one SR call / fast iteration"),
+    "sr_amortised_fraction_of_fast_iteration_extrapolated": (
+        SR, [A_FAST, "b_sr_spectra.sr_interval"], "SR every sr_interval iterations / fast iteration"),
+    "spectra_fraction_of_faithful_iteration_extrapolated": (SPECTRA, [A_FAITHFUL], "one snapshot / faithful iteration"),
+    "spectra_fraction_of_fast_iteration_extrapolated": (SPECTRA, [A_FAST], "one snapshot / fast iteration"),
+    "fid_torch_fidelity_over_ours": ("c_fid.torch_fidelity.total_s", ["c_fid.ours.total_s"],
+                                     "torch-fidelity's total seconds / ours, same images"),
+    "small_fast_over_eager": ("d_small_models.single.fast.g_iterations_per_s", [EAGER], "G-iterations/s, one run"),
+    "small_reduce_overhead_over_eager": ("d_small_models.single.fast-reduce-overhead.g_iterations_per_s", [EAGER],
+                                         "G-iterations/s, one run"),
+}
+
+
+def lookup(sections: dict, path: str):
+    value = sections
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def derived_ratios(sections: dict) -> dict:
+    ratios = {}
+    for name, (numerator, denominators, what) in RATIOS.items():
+        values = [lookup(sections, path) for path in (numerator, *denominators)]
+        entry = {"numerator": numerator, "denominators": denominators, "what": what, "value": None}
+        if all(isinstance(value, (int, float)) and value for value in values):
+            entry["value"] = values[0] / prod(values[1:])
+        else:
+            entry["value_why"] = "not all of its numbers were measured (see the sections' errors)"
+        ratios[name] = entry
+    return ratios
+
+
+def number(value, digits: int = 3) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(number(cell) for cell in row) + " |" for row in rows]
+
+
+def settings(performance: dict | None) -> str:
+    return ", ".join(f"{key.split('.')[-1]}={value}" for key, value in (performance or {}).items())
+
+
+def seconds_list(values: list | None) -> str:
+    return str([round(value, 2) for value in values or []])
+
+
+# (row label, dotted key of a section (a) result, formatter)
+IMAGENET_ROWS = (
+    ("status", "status", None),
+    ("performance settings", "performance", settings),
+    ("notes", "notes", lambda notes: "; ".join(notes or [])),
+    ("micro-batch", "micro_batchsize", None),
+    ("BN group (ghost BN)", "bn_batchsize", None),
+    ("warm-up s, accumulation 1", "accumulation_1.warmup_s", seconds_list),
+    ("warm-up s, accumulation 2", "accumulation_2.warmup_s", seconds_list),
+    ("median s per iteration, accumulation 1 (measured)", "accumulation_1.median_s", None),
+    ("median s per iteration, accumulation 2 (measured)", "accumulation_2.median_s", None),
+    ("graphs compiled while timing, accumulation 1", "accumulation_1.graphs_compiled_while_timing", None),
+    ("graphs compiled while timing, accumulation 2", "accumulation_2.graphs_compiled_while_timing", None),
+    ("images/s at accumulation 2 (measured)", "images_per_s_measured_at_accumulation_2", None),
+    ("s per batch-2048 iteration (extrapolated)", "seconds_per_2048_iteration_extrapolated", None),
+    ("images/s at batch 2048 (extrapolated)", "images_per_s_extrapolated", None),
+    ("upper bound from accumulation 1 alone, s (extrapolated)", "seconds_per_2048_iteration_upper_bound_extrapolated",
+     None),
+    ("peak memory GiB (measured)", "peak_memory_bytes", lambda value: value and value / 2**30),
+    ("model TFLOP per batch-2048 iteration (counted, scaled)", "flops_per_2048_iteration",
+     lambda value: value and value / 1e12),
+    ("MFU: counted FLOPs / extrapolated time / peak", "mfu.value", None),
+    ("datasheet peak TFLOP/s (precision)", "mfu", lambda mfu: f"{number((mfu or {}).get('peak_tflops'))} "
+                                                              f"({(mfu or {}).get('precision')})"),
+)
+
+
+def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
+    rows = []
+    for label, key, formatter in IMAGENET_ROWS:
+        values = [lookup(section, key) for section in (faithful, fast)]
+        rows.append([label, *(formatter(value) if formatter else value for value in values)])
+    return rows
+
+
+def small_rows(small: dict) -> list[list]:
+    rows = [[f"one run, {name}", run.get("g_iterations_per_s"), run.get("status")]
+            for name, run in (small.get("single") or {}).items()]
+    rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
+    for parties, level in (small.get("concurrent") or {}).items():
+        each = [round(rate, 1) if rate else rate for rate in level.get("g_iterations_per_s_each", [])]
+        rows.append([f"{parties} concurrent {small.get('concurrent_variant')}", level.get("g_iterations_per_s_total"),
+                     f"each: {each}"])
+    return rows
+
+
+def fid_rows(fid: dict) -> list[list]:
+    ours, theirs = fid.get("ours") or {}, fid.get("torch_fidelity") or {}
+    keys = ("load_s", "generate_and_features_s", "statistics_and_distance_s", "inception_score_s",
+            "generation_to_host_s", "calculate_metrics_s", "total_s", "fid", "fid_why", "inception_score",
+            "inception_score_why")
+    return [[key, ours.get(key, ""), theirs.get(key, "")] for key in keys if key in ours or key in theirs]
+
+
+def errors(sections: dict) -> list[str]:
+    return [f"- **{name}** ({section.get('status')}): {section.get('error')}"
+            for name, section in sections.items() if section.get("status") != "ok" or section.get("error")]
+
+
+def imagenet_lines(sections: dict) -> list[str]:
+    lines = ["## (a) ImageNet-128 SRGANs recipe (configs/sr_imagenet.yaml's G and D, synthetic data on the device)", ""]
+    lines += table(["", "faithful fp32", "fast"], imagenet_rows(sections.get("a_faithful", {}),
+                                                               sections.get("a_fast", {})))
+    return lines + ["", "Extrapolated: t(2048) = t(1) + (2048 / micro - 1) * (t(2) - t(1)), from the measured medians "
+                    "at accumulation 1 and 2 (benchmarks/gpu/imagenet.py).", ""]
+
+
+def spectral_lines(spectral: dict) -> list[str]:
+    lines = ["## (b) SR and spectra", ""]
+    lines += table(["what", "seconds (measured, median)", "layers"], [
+        ["dynamic SR call editing D's convs", spectral.get("sr_dynamic_edit_s"), spectral.get("convs")],
+        ["spectra snapshot of G and D", spectral.get("spectra_snapshot_s"), str(spectral.get("spectra_layers"))]])
+    return lines + [""]
+
+
+def fid_lines(fid: dict) -> list[str]:
+    lines = [f"## (c) FID of {fid.get('n_images')} generated images, end to end", "",
+             f"Weights: {fid.get('weights')}. FID: {fid.get('fid_meaning')}; |ours - theirs| = "
+             f"{number(fid.get('fid_abs_difference'))}.", ""]
+    return lines + table(["", "ours", "torch-fidelity"], fid_rows(fid)) + [""]
+
+
+def small_lines(small: dict) -> list[str]:
+    lines = [f"## (d) 32 px models, batch {small.get('batch')}, n_dis {small.get('n_dis')}, "
+             f"ch {small.get('width')}", ""]
+    return lines + table(["run", "G-iterations/s (measured)", "note"], small_rows(small)) + [""]
+
+
+SECTION_LINES = {"b_sr_spectra": spectral_lines, "c_fid": fid_lines, "d_small_models": small_lines}
+
+
+def write_markdown(result: dict, path: Path) -> None:
+    protocol, sections = result["protocol"], result["sections"]
+    lines = [f"# GPU benchmark: {protocol['device']}", "",
+             f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
+             f"quick={result['quick']}, total wall {protocol['total_wall_s']} s. Timing: {protocol['timing']}.", ""]
+    if {"a_faithful", "a_fast"} & set(sections):
+        lines += imagenet_lines(sections)
+    for name, render in SECTION_LINES.items():
+        lines += render(sections[name]) if name in sections else []
+    lines += ["## Ratios (computed from the numbers above)", ""]
+    lines += table(["ratio", "value", "what"], [[name, entry["value"], entry["what"]]
+                                                 for name, entry in result["ratios"].items()])
+    lines += ["", f"## (e) Loaders: null ({result['loaders_why']})", ""]
+    problems = errors(sections)
+    lines += ["## Sections that did not finish cleanly", "", *problems, ""] if problems else []
+    path.write_text("\n".join(lines) + "\n")

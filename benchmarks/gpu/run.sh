@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one command (README.md beside this file). On the device machine: installs the carried
+# wheels, reassembles the carried Inception weights when both halves arrived, runs bench.py into $OUT and
+# keeps its log there. Elsewhere: the same into benchmarks/results.
+#   bash benchmarks/gpu/run.sh [bench.py options, e.g. --quick or --sections a_fast]
+#   bash benchmarks/gpu/run.sh --stash    first call of the two-call route: keeps the weights' first half
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+CARRY=benchmarks/gpu/carry
+STASH=/tmp/srgan-gpu-bench-stash
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] && PYTHON=.venv/bin/python
+
+if [ "${1:-}" = "--stash" ]; then
+    mkdir -p "$STASH" && cp "$CARRY"/inception-1/* "$STASH"/ && ls -l "$STASH"
+    exit
+fi
+
+# torch-fidelity is not on the GPU image; pip installs the carried wheel without any registry.
+if ! "$PYTHON" -c "import torch_fidelity" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/srgan-gpu-bench-site \
+        "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+fi
+
+WEIGHTS=()
+if [ -f "$STASH/default_1.pt.part-aa" ] && [ -f "$CARRY/inception-2/default_1.pt.part-ab" ]; then
+    cat "$STASH/default_1.pt.part-aa" "$CARRY/inception-2/default_1.pt.part-ab" > /tmp/default_1.pt
+    if [ "$(sha256sum /tmp/default_1.pt | cut -d' ' -f1)" = "$(cat "$CARRY/inception-2/default_1.pt.sha256")" ]; then
+        WEIGHTS=(--inception-weights /tmp/default_1.pt)
+    else
+        echo "run.sh: the reassembled Inception weights fail their SHA-256; section (c) goes without them"
+    fi
+fi
+
+RESULTS=${OUT:-benchmarks/results}
+LOG=/dev/null
+[ -n "${OUT:-}" ] && LOG=$OUT/gpu_bench.log
+mkdir -p "$RESULTS"
+PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu/bench.py --out "$RESULTS" ${WEIGHTS[@]+"${WEIGHTS[@]}"} "$@" 2>&1 | tee "$LOG"

@@ -1,0 +1,139 @@
+"""Section (d): G-iterations/s of the 32 px models, alone and as N runs sharing one GPU.
+
+The models are configs/demo.yaml's (ResNet G and SN projection D at 32 px, 1 channel, 10 classes; ch 32) with
+batch 64 and n_dis 5 on synthetic data held on the device; one G-iteration is one ``Updater.update()``
+(5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``fast`` (the config's bf16 +
+channels_last + compile + tf32) and ``fast-reduce-overhead``: the same with ``performance.compile_mode``
+reduce-overhead (CUDA graphs). Each run is a worker process: warm-up iterations (compilation happens there), then a file
+barrier so that concurrent workers time the same window, then as many iterations as fit in the window.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, peak_memory, pick_device, progress, read_result,
+                                   remaining, run_child, start_child, synchronize, timed)
+from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
+from source.config import load_config
+from source.training import build, performance
+from source.training.distributed import World
+
+CONFIG = ROOT / "configs/demo.yaml"
+VARIANTS = {
+    "eager": FAITHFUL,
+    "fast": FAST,
+    "fast-reduce-overhead": dict(FAST, **{"performance.compile_mode": "reduce-overhead"}),
+}
+RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
+
+
+def small_overrides(params: dict) -> list[str]:
+    items = {"batchsize": params["batch"], "micro_batchsize": params["batch"], "updater.n_dis": params["n_dis"],
+             **VARIANTS[params["variant"]]}
+    return overrides(params["width"], items)
+
+
+def wait_for_all(directory: Path, index: int, parties: int, deadline: float) -> float:
+    """A file barrier: announce readiness, wait until every worker is ready (or the deadline); seconds waited."""
+    (directory / f"ready-{index}").touch()
+    start = time.time()
+    while len(list(directory.glob("ready-*"))) < parties and time.time() < deadline:
+        time.sleep(0.02)
+    return time.time() - start
+
+
+def window(updater, seconds: float, device) -> tuple[int, float]:
+    """Iterations completed in a window of about ``seconds``, and its exact length."""
+    synchronize(device)
+    start, count = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds:
+        updater.update()
+        count += 1
+    synchronize(device)
+    return count, time.perf_counter() - start
+
+
+def worker(params: dict, partial) -> None:
+    """Child: one training run of the small models."""
+    device = pick_device()
+    world = World(rank=0, local_rank=0, size=1, device=device)
+    config = load_config(CONFIG, small_overrides(params))
+    performance.configure_backends(config.performance, config.deterministic)
+    models = build.build_models(config, device)
+    updater = build.build_updater(config, world, models, resident_batches(config, world))
+    warmup = [timed(updater.update, device) for _ in range(params["warmup"])]
+    partial.record(variant=params["variant"], config_overrides=small_overrides(params), warmup_s=warmup)
+    waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
+                          params["deadline"] - params["window_s"] - 5)
+    count, seconds = window(updater, params["window_s"], device)
+    partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
+                   **peak_memory(device))
+
+
+def single(params: dict, variant: str, directory: Path) -> dict:
+    budget = min(params["worker_cap_s"], remaining(params) - RESERVE_S)
+    if budget < MINIMUM_S:
+        return {"status": "skipped", "error": "the section's budget is spent", "g_iterations_per_s": None,
+                "g_iterations_per_s_why": "not run"}
+    progress("d", f"{variant}: one run")
+    worker_params = dict(params, variant=variant, barrier=str(directory / f"barrier-{variant}"), index=0, parties=1)
+    (directory / f"barrier-{variant}").mkdir()
+    result = run_child("d_worker", worker_params, directory / f"{variant}.json", budget)
+    progress("d", f"{variant}: {result.get('g_iterations_per_s')} G-iterations/s ({result['status']})")
+    return result
+
+
+def concurrent(params: dict, variant: str, parties: int, directory: Path) -> dict:
+    """``parties`` workers started together; each reports its own rate over the common window."""
+    deadline = min(time.time() + params["worker_cap_s"], params["deadline"] - RESERVE_S)
+    if deadline - time.time() < MINIMUM_S:
+        return {"runs": [], "g_iterations_per_s_total": None, "g_iterations_per_s_total_why": "section budget spent"}
+    progress("d", f"{parties} concurrent {variant} runs")
+    barrier = directory / f"barrier-{parties}"
+    barrier.mkdir()
+    common = dict(params, variant=variant, barrier=str(barrier), parties=parties, deadline=deadline)
+    processes = [start_child("d_worker", dict(common, index=index), directory / f"{parties}-{index}.json")
+                 for index in range(parties)]
+    statuses = [finish_child(process, deadline) for process in processes]
+    runs = [dict(read_result(directory / f"{parties}-{index}.json"), status=status)
+            for index, status in enumerate(statuses)]
+    rates = [run.get("g_iterations_per_s") for run in runs]
+    complete = all(rate is not None for rate in rates)
+    result = {"runs": runs, "g_iterations_per_s_each": rates,
+              "g_iterations_per_s_total": sum(rates) if complete else None}
+    if not complete:
+        result["g_iterations_per_s_total_why"] = "a run did not finish its window (see runs)"
+    progress("d", f"{parties} x {variant}: {rates}")
+    return result
+
+
+def fastest(singles: dict) -> str:
+    measured = {name: run["g_iterations_per_s"] for name, run in singles.items() if run.get("g_iterations_per_s")}
+    if not measured:
+        raise RuntimeError("no single run measured a rate; nothing to run concurrently")
+    return max(measured, key=measured.get)
+
+
+def run(params: dict, partial) -> None:
+    """Section (d), in the parent process: eager and fast alone, the faster as 2, 4, ... concurrent runs, then
+    the remaining variants alone (so that a tight budget drops those first)."""
+    partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
+                   warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"])
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        singles = {}
+        for variant in params["variants"][:2]:
+            singles[variant] = single(params, variant, directory)
+            partial.record(single=singles)
+        variant = fastest(singles)
+        rate = singles[variant]["g_iterations_per_s"]
+        levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
+        partial.record(concurrent_variant=variant, concurrent=levels)
+        for parties in params["concurrency"][1:]:
+            levels[str(parties)] = concurrent(params, variant, parties, directory)
+            partial.record(concurrent=levels)
+        for variant in params["variants"][2:]:
+            singles[variant] = single(params, variant, directory)
+            partial.record(single=singles)

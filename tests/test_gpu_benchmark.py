@@ -1,0 +1,95 @@
+"""benchmarks/gpu/bench.py --quick on the CPU: every section measured or null with its reason, ratios from the numbers.
+
+One run (about 40 s on a quiet 2-core machine) feeds all the tests; the full Inception weights file of conftest.py
+makes section (c) take the path of a user's torch-fidelity weights, Inception Score included.
+"""
+import json
+import statistics
+import subprocess
+import sys
+from math import prod
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTIONS = {"a_faithful", "a_fast", "b_sr_spectra", "c_fid", "d_small_models"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory, full_inception_weights):
+    out = tmp_path_factory.mktemp("gpu-bench")
+    command = [sys.executable, str(ROOT / "benchmarks/gpu/bench.py"), "--quick", "--out", str(out),
+               "--inception-weights", str(full_inception_weights)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=500)
+    (path,) = out.glob("gpu_*-quick.json")
+    return json.loads(path.read_text()), path
+
+
+def nulls_without_reason(value, where: str = "") -> list[str]:
+    """Dotted keys whose value is null without a sibling '<key>_why'."""
+    if isinstance(value, list):
+        return [miss for index, item in enumerate(value) for miss in nulls_without_reason(item, f"{where}[{index}]")]
+    if not isinstance(value, dict):
+        return []
+    missing = [f"{where}.{key}" for key, item in value.items() if item is None and f"{key}_why" not in value]
+    return missing + [miss for key, item in value.items() for miss in nulls_without_reason(item, f"{where}.{key}")]
+
+
+def lookup(sections: dict, path: str):
+    for key in path.split("."):
+        sections = sections[key]
+    return sections
+
+
+def test_every_section_ran_and_every_null_says_why(bench):
+    result, _ = bench
+    assert set(result["sections"]) == SECTIONS
+    assert {name: section["status"] for name, section in result["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
+    assert nulls_without_reason(result["sections"]) == []
+    assert nulls_without_reason(result["ratios"]) == []
+    assert result["loaders"] is None and result["loaders_why"]
+
+
+def test_each_section_measured_its_numbers(bench):
+    sections = bench[0]["sections"]
+    for name in ("a_faithful", "a_fast"):
+        assert sections[name]["seconds_per_2048_iteration_extrapolated"] > 0
+        assert sections[name]["flops_per_2048_iteration"] > 0
+    assert sections["a_fast"]["bn_batchsize"] < sections["a_fast"]["micro_batchsize"]  # ghost BN
+    assert sections["b_sr_spectra"]["convs"] == 17 and sections["b_sr_spectra"]["sr_dynamic_edit_s"] > 0
+    ours, theirs = sections["c_fid"]["ours"], sections["c_fid"]["torch_fidelity"]
+    assert ours["total_s"] > 0 and theirs["total_s"] > 0
+    assert ours["fid"] == pytest.approx(theirs["fid"], rel=1e-4)  # same images, same network
+    assert ours["inception_score"] == pytest.approx(theirs["inception_score"], rel=1e-3)
+    small = sections["d_small_models"]
+    assert small["single"]["eager"]["g_iterations_per_s"] > 0
+    assert len(small["concurrent"]["2"]["g_iterations_per_s_each"]) == 2
+    two = small["concurrent"]["2"]
+    assert two["g_iterations_per_s_total"] == sum(two["g_iterations_per_s_each"])
+
+
+def test_extrapolation_and_ratios_are_computed_from_the_measured_numbers(bench):
+    result, _ = bench
+    sections = result["sections"]
+    for name in ("a_faithful", "a_fast"):
+        section = sections[name]
+        one, two = (section[f"accumulation_{k}"]["median_s"] for k in (1, 2))
+        assert one == statistics.median(section["accumulation_1"]["timed_s"])
+        steps = 2048 // section["micro_batchsize"]
+        assert section["seconds_per_2048_iteration_extrapolated"] == pytest.approx(one + (steps - 1) * (two - one))
+    speedup = result["ratios"]["imagenet128_fast_speedup_extrapolated"]["value"]
+    assert speedup == pytest.approx(sections["a_faithful"]["seconds_per_2048_iteration_extrapolated"]
+                                    / sections["a_fast"]["seconds_per_2048_iteration_extrapolated"])
+    for name, ratio in result["ratios"].items():
+        if ratio["value"] is not None:
+            denominator = prod(lookup(sections, path) for path in ratio["denominators"])
+            assert ratio["value"] == pytest.approx(lookup(sections, ratio["numerator"]) / denominator), name
+
+
+def test_markdown_report_shows_the_sections_and_ratios(bench):
+    result, path = bench
+    markdown = path.with_suffix(".md").read_text()
+    for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## Ratios", "## (e) Loaders: null"):
+        assert heading in markdown
+    assert f"{result['ratios']['imagenet128_fast_speedup_extrapolated']['value']:.3g}" in markdown
