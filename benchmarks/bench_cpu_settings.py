@@ -1,6 +1,6 @@
 """The performance settings on this CPU, side by side: seconds per training iteration of the demo model.
 
-    python -m benchmarks.bench_cpu_settings [--config configs/demo.yaml] [--iterations 20] [--rounds 3]
+    python -m benchmarks.bench_cpu_settings [--config configs/demo.yaml] [--iterations 20] [--rounds 3] [--settings fp32 bf16]
 
 Builds the config's models on synthetic data (the demo: 32 px, ch 32, batch 32, n_dis 1) once per
 setting, warms each up (compile's first iterations compile), then times ``--iterations`` full
@@ -54,9 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="which to compare (fp32 always); compile takes many minutes on 2 cores")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/cpu_settings.json")
     args = parser.parse_args(argv)
-    updaters = {name: build_updater(args.config, overrides) for name, overrides in SETTINGS.items()}
+    names = ["fp32"] + [name for name in args.settings if name != "fp32"]
+    updaters = {name: build_updater(args.config, SETTINGS[name]) for name in names}
     warmup = {name: timed(updater, args.warmup) * args.warmup for name, updater in updaters.items()}
     rounds = {name: [] for name in updaters}
     for round_index in range(args.rounds):
