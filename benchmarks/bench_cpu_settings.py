@@ -10,7 +10,6 @@ all of them alike, and reports each setting's best round relative to plain fp32.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import save_result
 from source.config import load_config
 from source.training import build, performance
 from source.training.distributed import World
@@ -76,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         "relative_to_fp32": {name: seconds / best["fp32"] for name, seconds in best.items()},
         "warmup_seconds": warmup,
     }
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(result, args.out)
     return result
 
 

@@ -10,13 +10,13 @@ iteration is 2048 / micro-batch accumulation steps, so its time is extrapolated 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results_io import save_result
 from source.config import load_config
 from source.spectral.spectra import compute_spectra
 from source.training import build
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         "sr_every_5_iterations_fraction": sr_edit / (5 * step * accumulation),
         "spectra_per_2048_iteration_fraction": spectra / (step * accumulation),
     }
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(result, args.out)
     return result
 
 

@@ -14,7 +14,6 @@ of them; the best repeat of each is reported.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,6 +25,7 @@ import PIL
 import torch
 from PIL import Image
 
+from benchmarks.results_io import save_result
 from source.datasets import ImageNet, ImageNetArgs, InfiniteBatchIterator, PreparedImageNet, PreparedImageNetArgs
 from source.datasets.iterator import dequantization_noise, to_signed_unit
 from source.datasets.prepare import prepare_imagenet
@@ -149,9 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "main_process_ms_per_batch": main_process_ms(),
         **speeds, "ratio": {name: speeds["prepared"][name] / speeds["jpeg"][name] for name in speeds["jpeg"]},
     }
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save_result(result, args.out)
     args.out.with_suffix(".md").write_text(markdown(result))
     return result
 

@@ -18,8 +18,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from source.files import atomic_write_text
-from source.typed import (ConfigError, check_expansion, reject_unknown, suggest, validate, validate_dataclass,
-                          validate_value)
+from source.typed import (ConfigError, check_expansion, first_line, reject_unknown, suggest, validate,
+                          validate_dataclass, validate_value)
 
 
 @dataclass
@@ -167,10 +167,11 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     check_expansion(raw, source)
-    file_dataset = dict(_mapping(raw, "dataset"), args=dict(_mapping(_mapping(raw, "dataset"), "args")))
+    file_dataset = _mapping(raw, "dataset")
+    file_name, file_args = file_dataset.get("name"), dict(_mapping(file_dataset, "args"))  # before overrides
     for override in overrides:
         apply_override(raw, override, source)
-    _adapt_dataset_args(raw, file_dataset)
+    _adapt_dataset_args(raw, file_name, file_args)
     config = validate(raw, Config, "", source, _refine)
     _check_consistency(config, source, world_size)
     return config
@@ -201,7 +202,7 @@ def _mapping(parent: Any, key: str) -> dict:
     return child if isinstance(child, dict) else {}
 
 
-def _adapt_dataset_args(raw: dict, file_dataset: dict) -> None:
+def _adapt_dataset_args(raw: dict, file_name: Any, file_args: dict) -> None:
     """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
 
     When the name changes, the file's args belong to another data set (ImageNet's ``root`` and
@@ -217,10 +218,9 @@ def _adapt_dataset_args(raw: dict, file_dataset: dict) -> None:
     if not isinstance(args, dict):
         return
     dataset["args"] = args
-    if file_dataset.get("name") is not None and dataset["name"] != file_dataset["name"]:
+    if file_name is not None and dataset["name"] != file_name:
         valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
-        from_file = file_dataset["args"]
-        for key in [k for k in args if k not in valid or (k in from_file and args[k] == from_file[k])]:
+        for key in [k for k in args if k not in valid or (k in file_args and args[k] == file_args[k])]:
             del args[key]
     if dataset["name"] == "synthetic":
         gen_args = _mapping(_mapping(_mapping(raw, "models"), "generator"), "args")
@@ -346,6 +346,3 @@ def _yaml_scalar(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def first_line(error: Exception) -> str:
-    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -134,3 +134,8 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def first_line(error: Exception) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

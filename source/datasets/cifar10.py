@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.transforms import DatasetError
+from source.typed import first_line
 
 BATCH_FOLDER = "cifar-10-batches-py"
 SPLIT_FILES = {"train": [f"data_batch_{number}" for number in range(1, 6)], "test": ["test_batch"]}
@@ -55,7 +56,7 @@ def download_cifar10(root: str) -> None:
         download_and_extract_archive(TorchvisionCIFAR10.url, root, filename=TorchvisionCIFAR10.filename,
                                      md5=TorchvisionCIFAR10.tgz_md5)
     except (OSError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise DatasetError(
             f"dataset.args.download: could not download CIFAR-10 into {root} ({reason}); without network, copy "
             f"torchvision's extracted '{BATCH_FOLDER}' folder (data_batch_1..5, test_batch, batches.meta) into {root}"

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from source.datasets.transforms import DatasetError, resize_square, size_problems, to_chw_uint8
+from source.typed import first_line
 
 SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
 SOURCE_SIZE = 28
@@ -88,7 +89,7 @@ def download_fashion_mnist(root: str, split: str) -> None:
     try:
         torchvision.datasets.FashionMNIST(root, train=split == "train", download=True)
     except (OSError, RuntimeError) as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise DatasetError(
             f"dataset.args.download: could not download Fashion-MNIST into {root} ({reason}); offline, "
             f"`apt-get install dataset-fashion-mnist` and set root: /usr/share/datasets/fashion-mnist") from None

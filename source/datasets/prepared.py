@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from source.datasets.transforms import DatasetError
+from source.typed import first_line
 
 FORMAT = "srgans-prepared-imagenet"
 FORMAT_VERSION = 1
@@ -88,7 +89,7 @@ def open_array(path: str, shape: tuple, dtype: type, mmap: bool) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:  # a truncated file is too short to map: a ValueError
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = first_line(error)
         raise DatasetError(f"dataset.args.path: cannot read {path} ({reason}); the copy may be truncated: "
                            f"run python -m source.datasets.prepare verify on it, or prepare it again") from None
     if array.shape != shape or array.dtype != dtype:

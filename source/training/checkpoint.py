@@ -136,6 +136,11 @@ def non_finite(state: dict, prefix: str = "") -> list[str]:
     return names
 
 
+def non_finite_weights(snapshot: dict) -> list[str]:
+    """The NaN/Inf tensors among a snapshot's weights and optimizer states (what a good snapshot never holds)."""
+    return non_finite({key: snapshot[key] for key in ("gen", "dis", "opt_gen", "opt_dis")})
+
+
 def capture_rng(device: torch.device) -> dict:
     """Every global RNG's state as tensors and plain data (loadable with weights_only)."""
     numpy_state = np.random.get_state(legacy=False)

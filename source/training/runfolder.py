@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
-from source.training import checkpoint
 from source.files import remove_stale_temp_files
+from source.training import checkpoint
 
 LOCK_FILE = ".lock"
 

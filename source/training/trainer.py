@@ -117,7 +117,7 @@ class Trainer:
         """Write ``snapshot_iter_N.pt`` and the generator-only export (collective: call on every rank)."""
         assert_replicas_identical([self.updater.gen_module, self.updater.dis_module], self.world)
         state = self.state_dict()
-        bad = checkpoint.non_finite({key: state[key] for key in ("gen", "dis", "opt_gen", "opt_dis")})
+        bad = checkpoint.non_finite_weights(state)
         if bad:  # identical on every rank (the replicas were just checked), so all ranks stop here
             self.diverged(f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]})")
         path = checkpoint.snapshot_path(self.out, self.iteration)
@@ -139,7 +139,7 @@ class Trainer:
                 state = checkpoint.load_snapshot(path, training_state=True)
             except checkpoint.SnapshotError:
                 continue
-            if not checkpoint.non_finite({key: state[key] for key in ("gen", "dis", "opt_gen", "opt_dis")}):
+            if not checkpoint.non_finite_weights(state):
                 return path
         return None
 
