@@ -63,6 +63,36 @@ class CollapseConfig:
 
 
 @dataclass
+class GSRConfig:
+    """Group spectral regularization of G's class-conditional BN (Rangwani et al., 2022; source/spectral/gsr.py)."""
+    enabled: bool = False
+    weight: float = 0.5                 # w: the mean of the per-class weights lambda_y (released: sn_reg_weight)
+    class_balanced: bool = True         # lambda_y from effective numbers (Cui et al.); false: lambda_y = 1, weight unused
+    effective_number_beta: float = 0.999
+    power_iterations: int = 4           # per G step; 10x on the first call
+    released_beta_estimate: bool = False  # the release's bias branch (uses the gain's v): a lower bound of sigma
+
+
+@dataclass
+class LeCamConfig:
+    """LeCam regularization of D (Tseng et al., 2021; source/regularizers/lecam.py); weight 0 is off."""
+    weight: float = 0.0
+    # gsr: as gSR released it (per-sample EMA anchors, relu(D_fake - a_real)^2); lecam: LeCam-GAN / StudioGAN
+    # (scalar EMA anchors of the batch means, relu(a_real - D_fake)^2, from start_iteration)
+    form: Literal["gsr", "lecam"] = "gsr"
+    decay: float = 0.99
+    start_iteration: int = 0
+
+
+@dataclass
+class EMAConfig:
+    """Exponential moving average of G's state (source/regularizers/ema.py); evaluation and exports use it."""
+    enabled: bool = False
+    decay: float = 0.9999
+    start_iteration: int = 1000         # before it, the average is a copy of G
+
+
+@dataclass
 class UpdaterConfig:
     n_dis: int = 1
     loss_type: Literal["hinge", "dcgan"] = "hinge"
@@ -71,6 +101,11 @@ class UpdaterConfig:
     order: Literal["d_first", "g_first"] = "d_first"
     sr: SRConfig = field(default_factory=SRConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    gsr: GSRConfig = field(default_factory=GSRConfig)
+    lecam: LeCamConfig = field(default_factory=LeCamConfig)
+    diffaugment: str = ""               # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" off
+    fake_labels: Literal["uniform", "data"] = "uniform"  # G's labels: uniform (released) or the training data's prior
+    ema: EMAConfig = field(default_factory=EMAConfig)
 
 
 @dataclass
@@ -85,6 +120,12 @@ class EvaluationConfig:
     reference_stats: Union[str, None] = None    # a statistics .npz (e.g. TTUR's); null: the dataset's, cached
     reference_images: Union[int, None] = None   # real images in the dataset reference; null: all of them
     cache_dir: str = "data/reference_stats"     # where dataset references are cached
+    # the reference data: null = the training data as configured; a split name (test, val, eval) = the same data
+    # set with that split and no long tail (the balanced evaluation set of long-tailed training data)
+    reference_split: Union[str, None] = None
+    # intra-FID groups by training images per class (gSR): many > many_above, few <= few_at_most, medium between
+    many_above: int = 100
+    few_at_most: int = 40
 
 
 @dataclass
