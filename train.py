@@ -26,7 +26,8 @@ from source.training.distributed import (World, broadcast_object, init_world, ma
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, require_reference_before_distributed_training
-from source.training.extensions import LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra, WatchWeights
+from source.training.extensions import (ClassSpectra, LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra,
+                                         WatchWeights)
 from source.training.runlog import truncate_after
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -136,8 +137,9 @@ def train(args: argparse.Namespace, config: Config, snapshot: dict | None, chang
     with main_first(world):  # a data set download happens once, on rank 0
         batches = build.build_batches(config, world, source=args.config or args.resume)
     require_reference_before_distributed_training(config, batches.dataset, world.size)
+    counts = build.generator_class_counts(config, batches.dataset) if models.gen.n_classes else []
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
-                      world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world))
+                      world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world, counts))
     if snapshot:
         resume(trainer, snapshot, args.resume, changes, world)
     if world.is_main:
@@ -185,12 +187,13 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
         print(f"resumed from {path} at iteration {trainer.iteration}")
         for line in changes:
             print(f"  config change: {line}")
-        for name in ("log.jsonl", "metrics.jsonl"):
+        for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE):
             truncate_after(trainer.out / name, trainer.iteration)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 
 
-def make_extensions(config: Config, world: World) -> list:
+def make_extensions(config: Config, world: World, class_counts: list[int]) -> list:
+    """``class_counts``: training images per class of G's classes ([] for an unconditional G)."""
     report = LogReport(config.display_interval)
     collapse = config.updater.collapse
     detector = CollapseDetector(threshold=collapse.threshold, min_layers=collapse.min_layers)
@@ -198,6 +201,7 @@ def make_extensions(config: Config, world: World) -> list:
             WatchWeights(config.display_interval),
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
+            *([ClassSpectra(config.spectra_interval, class_counts)] if class_counts else []),
             *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
             Snapshot(config.snapshot_interval)]
 
@@ -224,6 +228,23 @@ def describe_data(config: Config, world: World, source: str) -> str:
     return "NOT AVAILABLE: " + "; ".join(problems)
 
 
+def describe_terms(config: Config) -> str:
+    """The training terms besides the adversarial loss and SR that this run uses."""
+    settings, terms = config.updater, []
+    if settings.diffaugment:
+        terms.append(f"DiffAugment {settings.diffaugment}")
+    if settings.lecam.weight > 0:
+        terms.append(f"LeCam {settings.lecam.weight} ({settings.lecam.form} form, decay {settings.lecam.decay})")
+    if settings.gsr.enabled:
+        gsr = settings.gsr
+        weights = f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced else "lambda 1"
+        terms.append(f"gSR ({weights}, {gsr.power_iterations} power steps)")
+    if settings.ema.enabled:
+        terms.append(f"EMA of G {settings.ema.decay} from {settings.ema.start_iteration}")
+    terms.append(f"fake labels {settings.fake_labels}")
+    return "; ".join(terms)
+
+
 def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str) -> int:
     out = f"{plan.first} (continues the run in place)" if plan.in_place else \
         f"{plan.first}{'' if plan.only else ' (or the next free name, if taken)'}"
@@ -234,6 +255,7 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
             ("global batch", batch_summary(config, world)),
             ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
                         f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
+            ("terms", describe_terms(config)),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", out)]
     rows.append(("data", describe_data(config, world, source)))

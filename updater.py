@@ -7,13 +7,19 @@ one micro-batch, as in the original. The latents of a global batch are drawn fro
 seeded by (seed, iteration, phase) and sliced like the data: reproducible after a resume, and the
 same samples whatever the world size and accumulation.
 
-Where SR happens: ``Updater._regularize`` right after every D optimizer step (so before the G step).
+Where each training term happens (each optional, see ``Terms``):
+- DiffAugment: ``_augment``, on every image D sees (real and fake in D's step, fake in G's step);
+- LeCam: in ``_dis_step``, added to D's loss; its anchors follow each D step (``lecam.end_step``);
+- SR: ``_regularize``, right after every D optimizer step (so before the G step);
+- gSR: in ``_gen_step``, added to G's loss once per G step (with the last micro-batch);
+- EMA of G: at the end of ``update``, after the ranks' buffers have been made equal.
 Mixed precision, channels_last and compilation (``config.performance``) change how the forwards run
 (``source/training/performance.py``), not this order; the losses are computed in fp32.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -23,10 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from source.config import Config
+from source.regularizers import DiffAugment, GeneratorEMA, LeCam
+from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 
 G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
+AUGMENT_STREAM = 1 << 21  # added to a phase id: the random stream of that phase's DiffAugment draws
 
 
 def hinge_dis(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
@@ -85,16 +94,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+@dataclass
+class Terms:
+    """The optional training terms besides the adversarial loss and SR (None: off)."""
+    augment: DiffAugment | None = None
+    lecam: LeCam | None = None
+    gsr: GroupSpectralRegularizer | None = None
+    ema: GeneratorEMA | None = None
+    label_prior: torch.Tensor | None = None  # G's labels follow these class frequencies (None: uniform)
+
+
 class Updater:
     def __init__(self, gen: nn.Module, dis: nn.Module, opt_gen: torch.optim.Optimizer,
                  opt_dis: torch.optim.Optimizer, batches: Iterator, config: Config, world: World,
-                 regularizer: Callable[[nn.Module, int], bool] | None = None):
+                 regularizer: Callable[[nn.Module, int], bool] | None = None, terms: Terms | None = None):
         self.gen, self.dis = gen, dis
         self.opt_gen, self.opt_dis = opt_gen, opt_dis
         self.batches = batches
         self.config = config
         self.world = world
         self.regularizer = regularizer
+        self.terms = terms or Terms()
         self.loss_dis, self.loss_gen = LOSSES[config.updater.loss_type]
         self.accumulation = config.accumulation_steps(world.size)
         self.gen_accumulation = config.accumulation_steps(world.size, config.gen_batch)
@@ -115,27 +135,45 @@ class Updater:
     def dis_module(self) -> nn.Module:
         return unwrap(self.dis)
 
+    @property
+    def eval_generator(self) -> nn.Module:
+        """The generator that evaluation, previews and exports use: G's EMA when it is on, else G."""
+        return self.terms.ema.module if self.terms.ema is not None else self.gen_module
+
     def update(self) -> dict[str, float]:
         """Run one iteration and return its losses (means over the global batch)."""
         self._set_learning_rates()
-        losses = torch.zeros(2, device=self.world.device)
+        dis_losses = torch.zeros(2, device=self.world.device)  # adversarial, LeCam: means over the D steps
+        gen_losses = torch.zeros(2, device=self.world.device)  # adversarial, gSR
         d_first = self.config.updater.order == "d_first"
         if not d_first:
-            losses[1] = self._gen_step()
+            gen_losses = self._gen_step()
         for step in range(self.config.updater.n_dis):
-            losses[0] += self._dis_step(step) / self.config.updater.n_dis
+            dis_losses += self._dis_step(step) / self.config.updater.n_dis
             self._regularize()
             if d_first and step == 0:  # SRGANs: G's step sits inside the D loop, after the first D step
-                losses[1] = self._gen_step()
+                gen_losses = self._gen_step()
         self.iteration += 1
         broadcast_buffers((self.gen_module, self.dis_module), self.world)
-        loss_dis, loss_gen = all_reduce_mean(losses, self.world).tolist()
-        return {"loss_dis": loss_dis, "loss_gen": loss_gen}
+        if self.terms.ema is not None:
+            self.terms.ema.update(self.gen_module, self.iteration - 1)
+        losses = all_reduce_mean(torch.cat([dis_losses, gen_losses]), self.world)
+        loss_dis, loss_lecam, loss_gen, loss_gsr = losses.tolist()
+        record = {"loss_dis": loss_dis, "loss_gen": loss_gen}
+        if self.terms.lecam is not None:
+            record["loss_lecam"] = loss_lecam
+        if self.terms.gsr is not None:
+            record["loss_gsr"] = loss_gsr
+        return record
 
     def _dis_step(self, step: int) -> torch.Tensor:
+        """One D update; returns (its adversarial loss, its LeCam penalty), means over the global batch."""
         self.opt_dis.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.world.device)
-        z_all, labels_all = self._latents(step, self.config.batchsize)
+        total = torch.zeros(2, device=self.world.device)
+        batchsize = self.config.batchsize
+        z_all, labels_all = self._latents(step, batchsize)
+        augmentation = self._augmentation(step, 2 * batchsize)  # reals at 0..B-1, fakes at B..2B-1
+        lecam = self.terms.lecam
         for micro in range(self.accumulation):
             real, real_labels = (t.to(self.world.device, non_blocking=True) for t in next(self.batches))
             part = self._micro_slice(micro)
@@ -143,7 +181,8 @@ class Updater:
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0), self._autocast():
                 fake = self.gen_module(z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-            images = torch.cat([real.to(fake.dtype), fake]).contiguous(memory_format=self.memory_format)
+            images = torch.cat([real.to(fake.dtype), fake])
+            images = self._augment(images, augmentation, torch.cat([self._positions(part), self._positions(part) + batchsize]))
             with self._sync(self.dis, micro, self.accumulation), \
                     power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.
@@ -151,31 +190,40 @@ class Updater:
                     logits = self.dis(images, labels)
                 logits_real, logits_fake = logits.float().chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)
-                self.scaler_dis.scale(loss / self.accumulation).backward()
-            total += loss.detach()
+                penalty = lecam.penalty(logits_real, logits_fake, part, self.iteration) if lecam else loss.new_zeros(())
+                self.scaler_dis.scale((loss + penalty) / self.accumulation).backward()
+            total += torch.stack([loss.detach(), penalty.detach()])
         self._step(self.opt_dis, self.scaler_dis)
+        if lecam is not None:
+            lecam.end_step(self.iteration, self.world)
         return total / self.accumulation
 
     def _gen_step(self) -> torch.Tensor:
+        """One G update; returns (its adversarial loss, its gSR penalty), means over the global batch."""
         self.opt_gen.zero_grad(set_to_none=True)
-        total = torch.zeros((), device=self.world.device)
+        total = torch.zeros(2, device=self.world.device)
         dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
         z_all, labels_all = self._latents(G_PHASE, self.config.gen_batch)
+        augmentation = self._augmentation(G_PHASE, self.config.gen_batch)
         try:
             for micro in range(self.gen_accumulation):
                 part = self._micro_slice(micro)
                 labels = None if labels_all is None else labels_all[part]
+                last = micro == self.gen_accumulation - 1
                 with self._sync(self.gen, micro, self.gen_accumulation), \
                         power_iteration((self.gen_module, dis), enabled=micro == 0):
                     with self._autocast():
-                        logits = dis(self.gen(z_all[part], labels), labels)
+                        fake = self._augment(self.gen(z_all[part], labels), augmentation, self._positions(part))
+                        logits = dis(fake, labels)
                     loss = self.loss_gen(logits.float())
-                    self.scaler_gen.scale(loss / self.gen_accumulation).backward()
-                total += loss.detach()
+                    # gSR once per G step, with the micro-batch whose backward DDP synchronizes
+                    penalty = self.terms.gsr(self.gen_module) if self.terms.gsr and last else loss.new_zeros(())
+                    self.scaler_gen.scale(loss / self.gen_accumulation + penalty).backward()
+                total += torch.stack([loss.detach() / self.gen_accumulation, penalty.detach()])
         finally:
             dis.requires_grad_(True)
         self._step(self.opt_gen, self.scaler_gen)
-        return total / self.gen_accumulation
+        return total
 
     @staticmethod
     def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
@@ -188,13 +236,34 @@ class Updater:
         if self.apply_SR and self.regularizer is not None:
             self.regularizer(self.dis_module, self.iteration)
 
+    def _generator(self, phase: int) -> torch.Generator:
+        generator = torch.Generator(device=self.world.device)
+        return generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
+
     def _latents(self, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Latents and labels for the ``n`` samples of this phase; each micro-batch takes its slice."""
-        gen, device = self.gen_module, self.world.device
-        generator = torch.Generator(device=device)
-        generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
+        gen, device, generator = self.gen_module, self.world.device, self._generator(phase)
         z = gen.sample_z(n, device, generator)
-        return z, (gen.sample_y(n, device, generator) if gen.n_classes else None)
+        if not gen.n_classes:
+            return z, None
+        if self.terms.label_prior is not None:
+            return z, torch.multinomial(self.terms.label_prior, n, replacement=True, generator=generator)
+        return z, gen.sample_y(n, device, generator)
+
+    def _augmentation(self, phase: int, n: int) -> dict[str, torch.Tensor] | None:
+        """DiffAugment's random draws for the ``n`` images of this phase (None when it is off)."""
+        if self.terms.augment is None:
+            return None
+        return self.terms.augment.params(n, self._generator(phase + AUGMENT_STREAM), self.world.device)
+
+    def _augment(self, images: torch.Tensor, augmentation: dict | None, positions: torch.Tensor) -> torch.Tensor:
+        """Augment ``images``, which hold the phase's samples at ``positions``; then D's memory format."""
+        if augmentation is not None:
+            images = self.terms.augment.apply(images, augmentation, positions)
+        return images.contiguous(memory_format=self.memory_format)
+
+    def _positions(self, part: slice) -> torch.Tensor:
+        return torch.arange(part.start, part.stop, device=self.world.device)
 
     def _micro_slice(self, micro: int) -> slice:
         """Rank r's micro-batch k holds global samples (k*W + r)*m ... +m, like the data iterator's shards."""
@@ -223,6 +292,9 @@ class Updater:
             state["sr"] = self.regularizer.state_dict()
         if self.scaler_dis.is_enabled():
             state["grad_scalers"] = {"dis": self.scaler_dis.state_dict(), "gen": self.scaler_gen.state_dict()}
+        for name in ("lecam", "gsr"):
+            if getattr(self.terms, name) is not None:
+                state[name] = getattr(self.terms, name).state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -234,3 +306,7 @@ class Updater:
         if self.scaler_dis.is_enabled() and "grad_scalers" in state:  # else: fp16 starts here, at the initial scale
             self.scaler_dis.load_state_dict(state["grad_scalers"]["dis"])
             self.scaler_gen.load_state_dict(state["grad_scalers"]["gen"])
+        if self.terms.lecam is not None and "lecam" in state:  # else: LeCam starts here, from zero anchors
+            self.terms.lecam.load_state_dict(state["lecam"])
+        if self.terms.gsr is not None and "gsr" in state:  # else: gSR starts here, with fresh vectors
+            self.terms.gsr.load_state_dict(state["gsr"], self.world.device)

@@ -41,3 +41,17 @@ def command_line(main: Callable[[list[str] | None], object], argv: list[str] | N
         print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)  # one line even if the message is not
         return 2
     return 0
+
+
+def run_names(runs: list[Path]) -> list[str]:
+    """Names for runs shown together: each folder's name, with as many parent folders as it takes to tell them
+    apart ("a/run" and "b/run" rather than "run" twice); the same folder twice is an error."""
+    resolved = [Path(run).resolve() for run in runs]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError(f"the same run folder is given twice: {' '.join(str(run) for run in runs)}")
+    depth = 1
+    while True:
+        names = ["/".join(path.parts[-depth:]) for path in resolved]
+        if len(set(names)) == len(names) or depth >= max(len(path.parts) for path in resolved):
+            return names
+        depth += 1

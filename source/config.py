@@ -342,6 +342,35 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
     dis_classes = config.models.discriminator.args.get("n_classes", 0)
     if gen_classes != dis_classes:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
+    _check_terms(config.updater, gen_classes, source)
+
+
+def _check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:
+    """gSR, LeCam, DiffAugment and the EMA: values in range, and a conditional G where they need one."""
+    from source.regularizers import parse_policy
+
+    gsr, lecam, ema = updater.gsr, updater.lecam, updater.ema
+    checks = [
+        (gsr.weight >= 0, "gsr.weight", "must be >= 0", gsr.weight),
+        (0 < gsr.effective_number_beta < 1, "gsr.effective_number_beta", "must be in (0, 1)", gsr.effective_number_beta),
+        (gsr.power_iterations >= 1, "gsr.power_iterations", "must be >= 1", gsr.power_iterations),
+        (not gsr.enabled or n_classes > 0, "gsr.enabled", "gSR regularizes class-conditional BN: needs a generator "
+                                                          "with n_classes > 0", gsr.enabled),
+        (not (updater.fake_labels == "data" and n_classes == 0), "fake_labels", "'data' needs a class-conditional "
+                                                                              "generator", updater.fake_labels),
+        (lecam.weight >= 0, "lecam.weight", "must be >= 0 (0 is off)", lecam.weight),
+        (0 <= lecam.decay < 1, "lecam.decay", "must be in [0, 1)", lecam.decay),
+        (lecam.start_iteration >= 0, "lecam.start_iteration", "must be >= 0", lecam.start_iteration),
+        (0 <= ema.decay < 1, "ema.decay", "must be in [0, 1)", ema.decay),
+        (ema.start_iteration >= 0, "ema.start_iteration", "must be >= 0", ema.start_iteration),
+    ]
+    for ok, key, problem, value in checks:
+        if not ok:
+            raise ConfigError(f"{source}: updater.{key}: {problem}, got {value!r}")
+    try:
+        parse_policy(updater.diffaugment)
+    except ValueError as error:
+        raise ConfigError(f"{source}: updater.diffaugment: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------------

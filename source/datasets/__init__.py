@@ -3,17 +3,27 @@
 A config names a data set (``dataset: {name: imagenet, args: {...}}``); ``source.config`` checks the
 args against the data set's args dataclass, ``build_dataset`` makes it. Every data set yields
 (uint8 tensor C x size x size, int label) and has ``n_classes``, ``channels``, ``size``,
-``dequantize`` and ``n_unreadable`` (files skipped so far as unreadable, 0 where nothing is read
-lazily); ``InfiniteBatchIterator`` turns it into float batches in [-1, 1].
+``dequantize``, ``n_unreadable`` (files skipped so far as unreadable, 0 where nothing is read
+lazily) and ``labels`` (every item's label, in item order, known without decoding an image);
+``InfiniteBatchIterator`` turns it into float batches in [-1, 1].
+
+Every labelled data set takes ``long_tail: {ratio, n_max, seed}`` (source/datasets/longtail.py);
+``class_counts`` and ``describe_class_counts`` report the result, and ``reference_args`` names the
+balanced held-out split that long-tailed training data are evaluated against.
 """
+import dataclasses
 from typing import Any, Callable
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from source.datasets.cifar10 import CIFAR10, CIFAR10Args, check_cifar10_args
 from source.datasets.fashion_mnist import FashionMNIST, FashionMNISTArgs, check_fashion_mnist_args
 from source.datasets.imagenet import ImageNet, ImageNetArgs, check_imagenet_args
+from source.datasets.inaturalist import INaturalist, INaturalistArgs, check_inaturalist_args
 from source.datasets.iterator import InfiniteBatchIterator
+from source.datasets.longtail import LongTailArgs
+from source.datasets.lsun import LSUN, LSUNArgs, check_lsun_args
 from source.datasets.prepared import PreparedImageNet, PreparedImageNetArgs, check_prepared_args
 from source.datasets.synthetic import SyntheticArgs, SyntheticImages, check_synthetic_args
 from source.datasets.transforms import DatasetError
@@ -24,6 +34,8 @@ DATASETS: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
     "imagenet_prepared": (PreparedImageNetArgs, PreparedImageNet),  # made by python -m source.datasets.prepare
     "fashion_mnist": (FashionMNISTArgs, FashionMNIST),
     "cifar10": (CIFAR10Args, CIFAR10),
+    "lsun": (LSUNArgs, LSUN),
+    "inaturalist": (INaturalistArgs, INaturalist),
     "synthetic": (SyntheticArgs, SyntheticImages),
 }
 
@@ -32,8 +44,25 @@ _CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "imagenet_prepared": check_prepared_args,
     "fashion_mnist": check_fashion_mnist_args,
     "cifar10": check_cifar10_args,
+    "lsun": check_lsun_args,
+    "inaturalist": check_inaturalist_args,
     "synthetic": check_synthetic_args,
 }
+
+# the values of each data set's ``split`` arg; the first is the training split
+SPLITS: dict[str, tuple[str, ...]] = {
+    "imagenet": ("train", "val"),
+    "imagenet_prepared": ("train", "val"),
+    "fashion_mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "lsun": ("train", "eval"),
+    "inaturalist": ("train", "val"),
+    "synthetic": ("train", "test"),
+}
+
+# args that must be set before a split can be read: (data set, split) -> (arg, what it holds)
+_SPLIT_NEEDS = {("imagenet", "val"): ("val_root", "the validation images' folder"),
+                ("imagenet_prepared", "val"): ("val_path", "a prepared copy of the validation images")}
 
 
 def _require_known(name: str, args: Any) -> None:
@@ -59,6 +88,48 @@ def check_dataset_args(name: str, args: Any) -> list[str]:
     return _CHECKS[name](args)
 
 
-__all__ = ["DATASETS", "DatasetError", "InfiniteBatchIterator", "build_dataset", "check_dataset_args",
+def reference_args(name: str, args: Any, split: str) -> Any:
+    """The args of the held-out set that ``args``' (long-tailed) training data are evaluated against:
+    a copy with ``split`` replaced and the long tail off. A DatasetError when the data set has no such split."""
+    _require_known(name, args)
+    if split not in SPLITS[name]:
+        raise DatasetError(f"dataset '{name}' has no split '{split}'; its splits: {', '.join(SPLITS[name])}")
+    needed = _SPLIT_NEEDS.get((name, split))
+    if needed and getattr(args, needed[0]) is None:
+        raise DatasetError(f"dataset '{name}': split '{split}' needs dataset.args.{needed[0]} ({needed[1]})")
+    return dataclasses.replace(args, split=split, long_tail=LongTailArgs())
+
+
+def class_counts(dataset: Dataset) -> list[int]:
+    """Items per class (length ``n_classes``), from the data set's ``labels``; decodes no image."""
+    own = getattr(dataset, "class_counts", None)
+    if callable(own):  # a data set that knows its counts without listing labels (synthetic's huge counts)
+        return list(own())
+    labels = getattr(dataset, "labels", None)
+    if labels is None:
+        raise DatasetError(f"{type(dataset).__name__} has no labels array, so its class counts are unknown")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) and not 0 <= labels.min() <= labels.max() < dataset.n_classes:
+        raise DatasetError(f"{type(dataset).__name__}: labels {labels.min()}..{labels.max()} outside "
+                           f"0..{dataset.n_classes - 1}")
+    return np.bincount(labels, minlength=dataset.n_classes).tolist()
+
+
+def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
+    """One line: every count for up to ``shown`` classes, else the first and last few and the median;
+    rho = largest / smallest count, the imbalance ratio."""
+    counts = class_counts(dataset)
+    smallest, largest = min(counts), max(counts)
+    rho = f"rho {largest / smallest:.1f}" if smallest else f"rho inf: {counts.count(0)} classes have no images"
+    if len(counts) <= shown:
+        return f"per class: {' '.join(map(str, counts))} ({rho})"
+    head, tail = " ".join(map(str, counts[:3])), " ".join(map(str, counts[-3:]))
+    return (f"per class ({len(counts)} classes, {sum(counts)} images): {head} ... {tail}; "
+            f"max {largest}, median {np.median(counts):g}, min {smallest} ({rho})")
+
+
+__all__ = ["DATASETS", "SPLITS", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
+           "check_dataset_args", "class_counts", "describe_class_counts", "reference_args",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
-           "PreparedImageNet", "PreparedImageNetArgs", "SyntheticArgs", "SyntheticImages"]
+           "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",
+           "SyntheticArgs", "SyntheticImages"]

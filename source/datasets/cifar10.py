@@ -5,15 +5,20 @@ checks the md5 of all six batch files and of ``batches.meta`` on every construct
 ``download``, so it would refuse any stand-in and re-hash 180 MB per start. The format it checks
 is simple: each batch is a pickled dict with ``data`` (N x 3072 uint8, channel-major, i.e.
 already C x H x W) and ``labels``; ``batches.meta`` holds ``label_names``.
+
+CIFAR-10-LT (gSR) is the train split with ``long_tail: {ratio: 100}``: 5000, 2997, ..., 50 images
+(12,406), chosen as the release chose them (source/datasets/longtail.py); its balanced evaluation set
+is the test split (``reference_args``).
 """
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError
 from source.typed import first_line
 
@@ -21,6 +26,7 @@ BATCH_FOLDER = "cifar-10-batches-py"
 SPLIT_FILES = {"train": [f"data_batch_{number}" for number in range(1, 6)], "test": ["test_batch"]}
 META_FILE = "batches.meta"
 SIZE = 32
+N_CLASSES = 10
 
 
 @dataclass
@@ -29,6 +35,7 @@ class CIFAR10Args:
     split: str = "train"
     download: bool = True
     dequantize: bool = True
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
 
 
 def missing_files(root: str, split: str) -> list[str]:
@@ -40,12 +47,14 @@ def check_cifar10_args(args: CIFAR10Args) -> list[str]:
     """Problems that would stop ``CIFAR10(args)`` without a download attempt; reads no file."""
     if args.split not in SPLIT_FILES:
         return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
+    problems = long_tail_problems(args.long_tail, N_CLASSES)
     missing = missing_files(args.root, args.split)
     if missing and not args.download:
-        return [f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BATCH_FOLDER)}; "
-                f"set dataset.args.download: true, or extract cifar-10-python.tar.gz "
-                f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {args.root}"]
-    return []
+        problems.append(
+            f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BATCH_FOLDER)}; "
+            f"set dataset.args.download: true, or extract cifar-10-python.tar.gz "
+            f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {args.root}")
+    return problems
 
 
 def download_cifar10(root: str) -> None:
@@ -93,9 +102,10 @@ def read_class_names(meta_path: str) -> list[str]:
 
 
 class CIFAR10(Dataset):
-    """Items are (uint8 tensor 3 x 32 x 32, label in 0..9); ``classes`` names the labels."""
+    """Items are (uint8 tensor 3 x 32 x 32, label in 0..9); ``classes`` names the labels, ``labels``
+    holds every item's label."""
 
-    n_classes = 10
+    n_classes = N_CLASSES
     channels = 3
     size = SIZE
     n_unreadable = 0  # all images are decoded at construction; the trainer logs it for every data set
@@ -108,13 +118,19 @@ class CIFAR10(Dataset):
             download_cifar10(args.root)
         folder = os.path.join(args.root, BATCH_FOLDER)
         images, labels = zip(*(read_batch(os.path.join(folder, name)) for name in SPLIT_FILES[args.split]))
-        self._images = torch.from_numpy(np.concatenate(images))
-        self._labels = np.concatenate(labels)
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        if len(labels) and not 0 <= labels.min() <= labels.max() < N_CLASSES:
+            raise DatasetError(f"dataset.args.root: {folder} has labels outside 0..{N_CLASSES - 1}")
+        keep = long_tail_indices(labels, self.n_classes, args.long_tail)
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
+        self._images = torch.from_numpy(images)
+        self.labels = labels
         self.classes = read_class_names(os.path.join(folder, META_FILE))
         self.dequantize = args.dequantize
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self._images[index].clone(), int(self._labels[index])
+        return self._images[index].clone(), int(self.labels[index])

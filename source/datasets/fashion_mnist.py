@@ -6,11 +6,14 @@ torchvision, whose files land in ``root/FashionMNIST/raw`` and are read from the
 
 The 28x28 images are zero-padded to 32x32 (zero is the background, and 32 suits the
 SNGAN 32x32 models); a different ``size`` resizes the padded image bilinearly.
+
+``long_tail: {ratio: 100}`` on the train split keeps 6000, 3596, ..., 60 images per class
+(source/datasets/longtail.py); the test split is its balanced evaluation set.
 """
 import gzip
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -18,6 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError, resize_square, size_problems, to_chw_uint8
 from source.typed import first_line
 
@@ -25,6 +29,7 @@ SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
 SOURCE_SIZE = 28
 PADDED_SIZE = 32
 IDX_UNSIGNED_BYTE = 0x08
+N_CLASSES = 10
 
 
 @dataclass
@@ -34,6 +39,7 @@ class FashionMNISTArgs:
     size: int = 32
     download: bool = False
     dequantize: bool = True
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
 
 
 def idx_file_names(split: str) -> tuple[str, str]:
@@ -54,7 +60,7 @@ def check_fashion_mnist_args(args: FashionMNISTArgs) -> list[str]:
     """Problems that would stop ``FashionMNIST(args)``; looks for the files, reads none."""
     if args.split not in SPLIT_PREFIXES:
         return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
-    problems = size_problems(args.size)
+    problems = size_problems(args.size) + long_tail_problems(args.long_tail, N_CLASSES)
     missing = [name + ".gz" for name in idx_file_names(args.split) if find_idx_file(args.root, name) is None]
     if missing and not args.download:
         problems.append(
@@ -96,9 +102,9 @@ def download_fashion_mnist(root: str, split: str) -> None:
 
 
 class FashionMNIST(Dataset):
-    """Items are (uint8 tensor 1 x size x size, label in 0..9)."""
+    """Items are (uint8 tensor 1 x size x size, label in 0..9); ``labels`` holds every item's label."""
 
-    n_classes = 10
+    n_classes = N_CLASSES
     channels = 1
     n_unreadable = 0  # all images are decoded at construction; the trainer logs it for every data set
 
@@ -109,18 +115,23 @@ class FashionMNIST(Dataset):
         image_name, label_name = idx_file_names(args.split)
         if find_idx_file(args.root, image_name) is None or find_idx_file(args.root, label_name) is None:
             download_fashion_mnist(args.root, args.split)
-        self._images = read_idx(find_idx_file(args.root, image_name))
-        self._labels = read_idx(find_idx_file(args.root, label_name))
-        if self._images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE) or len(self._images) != len(self._labels):
+        images = read_idx(find_idx_file(args.root, image_name))
+        labels = read_idx(find_idx_file(args.root, label_name)).astype(np.int64)
+        if images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE) or len(images) != len(labels):
             raise DatasetError(
-                f"dataset.args.root: {args.root} holds {self._images.shape} images and {len(self._labels)} labels; "
+                f"dataset.args.root: {args.root} holds {images.shape} images and {len(labels)} labels; "
                 f"expected N x {SOURCE_SIZE} x {SOURCE_SIZE} images and N labels")
+        if len(labels) and labels.max() >= N_CLASSES:
+            raise DatasetError(f"dataset.args.root: {args.root} has label {labels.max()}; Fashion-MNIST has 0..9")
+        keep = long_tail_indices(labels, self.n_classes, args.long_tail)
+        self._images = images if keep is None else images[keep]
+        self.labels = labels if keep is None else labels[keep]
         self.size = args.size
         self.dequantize = args.dequantize
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         padded = np.pad(self._images[index], (PADDED_SIZE - SOURCE_SIZE) // 2)
-        return to_chw_uint8(resize_square(Image.fromarray(padded), self.size)), int(self._labels[index])
+        return to_chw_uint8(resize_square(Image.fromarray(padded), self.size)), int(self.labels[index])

@@ -16,21 +16,26 @@ and replaced by the next readable index, so a given index always yields the same
 ``MAX_IMAGE_PIXELS`` count as unreadable without being decoded. The folder scan skips broken and
 looping symlinks with one warning and counts them in ``n_skipped``; a class folder without images
 is an error, since the model would sample its label with no real images behind it.
+
+``split: val`` reads ``val_root`` (class folders, or ``val_list_file``) instead: the held-out
+reference set. ``long_tail`` keeps a long-tailed subset of the indexed files
+(source/datasets/longtail.py), chosen from the labels alone before anything is decoded.
 """
 import ctypes
 import logging
 import multiprocessing
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
-from typing import Optional
+from typing import BinaryIO, Optional
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import (
     DatasetError, center_crop_square, resize_square, size_problems, to_chw_uint8, to_rgb)
 
@@ -43,6 +48,7 @@ UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombEr
 # photo, and below Pillow's global limit, which other code may have raised or disabled.
 MAX_IMAGE_PIXELS = 64 * 2**20
 LABEL = re.compile(r"[0-9]+")  # not str.isdigit(): it accepts "²", which int() rejects
+SPLITS = ("train", "val")
 
 
 @dataclass
@@ -51,22 +57,40 @@ class ImageNetArgs:
     list_file: Optional[str] = None
     size: int = 128
     dequantize: bool = True
+    split: str = "train"  # val: val_root and val_list_file take the place of root and list_file
+    val_root: Optional[str] = None
+    val_list_file: Optional[str] = None
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
+
+
+def split_source(args: ImageNetArgs) -> tuple[str, Optional[str], str]:
+    """(root, list file, the args' key prefix for them: '' or 'val_') of the split the args select."""
+    if args.split == "val":
+        return args.val_root, args.val_list_file, "val_"
+    return args.root, args.list_file, ""
 
 
 def check_imagenet_args(args: ImageNetArgs) -> list[str]:
     """Problems that would stop ``ImageNet(args)``, found without listing or decoding any image."""
+    if args.split not in SPLITS:
+        return [f"dataset.args.split: must be 'train' or 'val', got {args.split!r}"]
+    if args.split == "val" and args.val_root is None:
+        return ["dataset.args.val_root: split 'val' needs the folder of validation images (class folders named "
+                "like root's, or paths relative to it in val_list_file)"]
+    root, list_file, prefix = split_source(args)
     problems = []
-    if not os.path.exists(args.root):
+    if not os.path.exists(root):
         problems.append(
-            f"dataset.args.root: {args.root} does not exist; download ImageNet ILSVRC2012 train and point "
-            f"root at the folder of nXXXXXXXX class folders (or set list_file)")
-    elif not os.path.isdir(args.root):
-        problems.append(f"dataset.args.root: {args.root} is a file, not the folder of nXXXXXXXX class folders")
-    if args.list_file is not None and not os.path.isfile(args.list_file):
+            f"dataset.args.{prefix}root: {root} does not exist; download ImageNet ILSVRC2012 {args.split} and point "
+            f"{prefix}root at the folder of nXXXXXXXX class folders (or set {prefix}list_file)")
+    elif not os.path.isdir(root):
+        problems.append(f"dataset.args.{prefix}root: {root} is a file, not the folder of nXXXXXXXX class folders")
+    if list_file is not None and not os.path.isfile(list_file):
         problems.append(
-            f"dataset.args.list_file: {args.list_file} does not exist; write one 'nXXXXXXXX/name.JPEG label' "
-            f"line per image (paths relative to root) or remove list_file to use root's class folders")
-    return problems + size_problems(args.size)
+            f"dataset.args.{prefix}list_file: {list_file} does not exist; write one 'nXXXXXXXX/name.JPEG label' "
+            f"line per image (paths relative to {prefix}root) or remove {prefix}list_file to use "
+            f"{prefix}root's class folders")
+    return problems + size_problems(args.size) + long_tail_problems(args.long_tail)
 
 
 def some(items: list, limit: int = 5, total: Optional[int] = None) -> str:
@@ -197,19 +221,23 @@ def index_images(root: str, list_file: Optional[str]) -> FolderScan:
     return FolderScan([], paths, labels, [])
 
 
-def load_square_rgb(path: str, size: int) -> torch.Tensor:
-    """Decode any PIL-readable image to uint8 RGB 3 x size x size (short-side centre crop, bilinear)."""
-    with Image.open(path) as image:  # reads the header only
+def open_rgb(source: str | BinaryIO) -> Image.Image:
+    """Decode a path or file object to 8-bit RGB; images over MAX_IMAGE_PIXELS are refused from the header."""
+    with Image.open(source) as image:  # reads the header only
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(
                 f"{width}x{height} = {width * height} pixels, over the MAX_IMAGE_PIXELS limit of {MAX_IMAGE_PIXELS}")
-        rgb = to_rgb(image)
-    return to_chw_uint8(resize_square(center_crop_square(rgb), size))
+        return to_rgb(image)
+
+
+def load_square_rgb(path: str, size: int) -> torch.Tensor:
+    """Decode any PIL-readable image to uint8 RGB 3 x size x size (short-side centre crop, bilinear)."""
+    return to_chw_uint8(resize_square(center_crop_square(open_rgb(path)), size))
 
 
 class ImageNet(Dataset):
-    """Items are (uint8 tensor 3 x size x size, label)."""
+    """Items are (uint8 tensor 3 x size x size, label); ``labels`` holds every item's label."""
 
     channels = 3
 
@@ -217,19 +245,28 @@ class ImageNet(Dataset):
         problems = check_imagenet_args(args)
         if problems:
             raise DatasetError(problems[0])
-        scan = index_images(args.root, args.list_file)
-        self.classes, self.n_classes, self.n_skipped = scan.classes, scan.n_classes, len(scan.skipped)
-        self.root = args.root
-        self.size = args.size
-        self.dequantize = args.dequantize
+        root, list_file, _ = split_source(args)
+        self._index(index_images(root, list_file), root, args.size, args.dequantize, args.long_tail)
+
+    def _index(self, scan: FolderScan, root: str, size: int, dequantize: bool, long_tail: LongTailArgs,
+               n_classes: Optional[int] = None) -> None:
+        """Keeps the scanned files (or their long-tailed subset) to read lazily; decodes nothing."""
+        self.classes, self.n_skipped = scan.classes, len(scan.skipped)
+        self.n_classes = scan.n_classes if n_classes is None else n_classes
+        self.root = root
+        self.size = size
+        self.dequantize = dequantize
+        labels = np.asarray(scan.labels, dtype=np.int64)
+        keep = long_tail_indices(labels, self.n_classes, long_tail)
+        paths = scan.paths if keep is None else [scan.paths[i] for i in keep]
         # Fixed-width bytes instead of a list of str: 1.28M Python strings in a forked worker get
         # copied page by page as reference counts change; one numpy buffer does not.
-        self._paths = np.array([os.fsencode(path) for path in scan.paths], dtype=np.bytes_)
-        self._labels = np.asarray(scan.labels, dtype=np.int64)
-        self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(scan.paths))
+        self._paths = np.array([os.fsencode(path) for path in paths], dtype=np.bytes_)
+        self.labels = labels if keep is None else labels[keep]
+        self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(paths))
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
@@ -238,7 +275,7 @@ class ImageNet(Dataset):
             candidate = (index + offset) % len(self)
             image = None if self._unreadable[candidate] else self._try_load(candidate)
             if image is not None:
-                return image, int(self._labels[candidate])
+                return image, int(self.labels[candidate])
         raise DatasetError(f"dataset.args.root: none of the {len(self)} images under {self.root} can be read")
 
     @property

@@ -10,11 +10,14 @@ The folder holds
 Opening maps the array without reading it and checks its shape against the manifest (a truncated
 copy fails here, in one line); the checksums are only compared by ``prepare verify``, since hashing
 63 GB at every start would cost minutes. Nothing is unpickled: plain .npy files and JSON.
+
+``split: val`` opens ``val_path`` (the validation images prepared into their own folder) instead of
+``path``. ``long_tail`` keeps a long-tailed subset of the rows, chosen from ``labels.npy`` alone.
 """
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -22,6 +25,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError
 from source.typed import first_line
 
@@ -30,6 +34,7 @@ FORMAT_VERSION = 1
 IMAGES_FILE, LABELS_FILE, MANIFEST_FILE = "images.npy", "labels.npy", "manifest.json"
 HASH_ROWS = 256  # images hashed per step: 12 MB at 128 px, so verify streams in constant memory
 PREPARE_HINT = "python -m source.datasets.prepare imagenet --root ROOT --size SIZE --out PATH"
+SPLITS = ("train", "val")
 
 
 @dataclass
@@ -37,6 +42,13 @@ class PreparedImageNetArgs:
     path: str
     size: Optional[int] = None  # None: the manifest's; a number is checked against it
     dequantize: bool = True
+    split: str = "train"  # val: open val_path instead of path
+    val_path: Optional[str] = None
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
+
+
+def split_folder(args: PreparedImageNetArgs) -> str:
+    return args.val_path if args.split == "val" else args.path
 
 
 def read_manifest(folder: str) -> dict:
@@ -71,17 +83,22 @@ def size_mismatch(size: Optional[int], manifest: dict, folder: str) -> list[str]
 
 def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
     """Problems that would stop ``PreparedImageNet(args)``, found from the manifest alone."""
-    if not os.path.isdir(args.path):
-        state = "is a file" if os.path.exists(args.path) else "does not exist"
-        return [f"dataset.args.path: {args.path} {state}; it must be a folder made by {PREPARE_HINT}"]
+    if args.split not in SPLITS:
+        return [f"dataset.args.split: must be 'train' or 'val', got {args.split!r}"]
+    if args.split == "val" and args.val_path is None:
+        return [f"dataset.args.val_path: split 'val' needs a folder of prepared validation images ({PREPARE_HINT})"]
+    folder, key = split_folder(args), "dataset.args.val_path" if args.split == "val" else "dataset.args.path"
+    if not os.path.isdir(folder):
+        state = "is a file" if os.path.exists(folder) else "does not exist"
+        return [f"{key}: {folder} {state}; it must be a folder made by {PREPARE_HINT}"]
     try:
-        manifest = read_manifest(args.path)
+        manifest = read_manifest(folder)
     except DatasetError as error:
         return [str(error)]
-    missing = [name for name in (IMAGES_FILE, LABELS_FILE) if not os.path.isfile(os.path.join(args.path, name))]
+    missing = [name for name in (IMAGES_FILE, LABELS_FILE) if not os.path.isfile(os.path.join(folder, name))]
     if missing:
-        return [f"dataset.args.path: {args.path} lacks {', '.join(missing)}; prepare it again with {PREPARE_HINT}"]
-    return size_mismatch(args.size, manifest, args.path)
+        return [f"{key}: {folder} lacks {', '.join(missing)}; prepare it again with {PREPARE_HINT}"]
+    return size_mismatch(args.size, manifest, folder) + long_tail_problems(args.long_tail, manifest["n_classes"])
 
 
 def open_array(path: str, shape: tuple, dtype: type, mmap: bool) -> np.ndarray:
@@ -110,7 +127,8 @@ def sha256_of(array: np.ndarray, description: str = "") -> str:
 
 
 class PreparedImageNet(Dataset):
-    """Items are (uint8 tensor 3 x size x size, label), read from the memory-mapped ``images.npy``."""
+    """Items are (uint8 tensor 3 x size x size, label), read from the memory-mapped ``images.npy``;
+    ``labels`` holds every item's label."""
 
     channels = 3
     n_unreadable = 0  # unreadable files were skipped when preparing; the manifest lists them
@@ -119,17 +137,20 @@ class PreparedImageNet(Dataset):
         problems = check_prepared_args(args)
         if problems:
             raise DatasetError(problems[0])
-        self.path = args.path
-        self.manifest = read_manifest(args.path)
+        self.path = split_folder(args)
+        self.manifest = read_manifest(self.path)
         self.size = self.manifest["size"]
         self.n_classes = self.manifest["n_classes"]
         self.classes = self.manifest["classes"]
         self.dequantize = args.dequantize
         self._images = self._open_images()
-        self._labels = open_array(os.path.join(args.path, LABELS_FILE), (len(self._images),), np.int64, mmap=False)
+        self._labels = open_array(os.path.join(self.path, LABELS_FILE), (len(self._images),), np.int64, mmap=False)
         if len(self._labels) and not 0 <= self._labels.min() <= self._labels.max() < self.n_classes:
-            raise DatasetError(f"dataset.args.path: {args.path}: labels outside 0..{self.n_classes - 1}; "
+            raise DatasetError(f"dataset.args.path: {self.path}: labels outside 0..{self.n_classes - 1}; "
                                f"prepare it again")
+        # the rows of images.npy that are items: all (None) or the long-tailed subset's
+        self._rows = long_tail_indices(self._labels, self.n_classes, args.long_tail)
+        self.labels = self._labels if self._rows is None else self._labels[self._rows]
 
     def _open_images(self) -> np.ndarray:
         shape = (self.manifest["images"], self.channels, self.size, self.size)
@@ -143,13 +164,14 @@ class PreparedImageNet(Dataset):
         return self._images
 
     def __len__(self) -> int:
-        return len(self._labels)
+        return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} images")
+        row = index if self._rows is None else int(self._rows[index])
         # a copy: torch should not hold a read-only view of the map
-        return torch.from_numpy(np.array(self.images[index])), int(self._labels[index])
+        return torch.from_numpy(np.array(self.images[row])), int(self.labels[index])
 
     def checksums(self, progress: bool = False) -> dict[str, str]:
         """sha256 of the image and label arrays as the manifest records them; reads every byte."""

@@ -4,17 +4,24 @@ Class c is a colour times a pattern of oriented stripes plus a soft blob. The st
 frequency and the colour depend only on the class, so a conditional GAN has something to learn;
 each sample draws its own stripe phase and blob position and radius from ``(seed, index)``, so
 items are generated lazily, identically in every process, at no cost for large ``count``.
+
+The ``test`` split draws from other streams ((seed, index, 1) instead of (seed, index)): the same
+classes, other images, for a held-out reference. ``long_tail`` keeps a long-tailed subset of the
+``count`` images (label = index mod n_classes) as for any labelled data set.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError
 
 GOLDEN_FRACTION = (math.sqrt(5) - 1) / 2  # multiples of it spread class hues evenly, never repeating
+SPLITS = ("train", "test")
+TEST_STREAM = 1  # appended to (seed, index): the test split's images never repeat the train split's
 
 
 @dataclass
@@ -25,6 +32,8 @@ class SyntheticArgs:
     count: int = 1024
     seed: int = 0
     dequantize: bool = False
+    split: str = "train"
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
 
 
 def check_synthetic_args(args: SyntheticArgs) -> list[str]:
@@ -32,7 +41,9 @@ def check_synthetic_args(args: SyntheticArgs) -> list[str]:
                 for name in ("n_classes", "size", "channels", "count") if getattr(args, name) < 1]
     if args.seed < 0:
         problems.append(f"dataset.args.seed: must be >= 0, got {args.seed}")
-    return problems
+    if args.split not in SPLITS:
+        problems.append(f"dataset.args.split: must be 'train' or 'test', got {args.split!r}")
+    return problems + long_tail_problems(args.long_tail, args.n_classes if args.n_classes >= 1 else None)
 
 
 def class_colour(label: int, channels: int) -> np.ndarray:
@@ -54,7 +65,8 @@ def blob(centre_x: float, centre_y: float, radius: float, x: np.ndarray, y: np.n
 
 
 class SyntheticImages(Dataset):
-    """Items are (uint8 tensor channels x size x size, label = index mod n_classes)."""
+    """Items are (uint8 tensor channels x size x size, label = index mod n_classes) or, with a long tail,
+    those of the kept indices; ``labels`` holds every item's label."""
 
     n_unreadable = 0  # generated, never read; the trainer logs it for every data set
 
@@ -66,19 +78,37 @@ class SyntheticImages(Dataset):
         self.channels = args.channels
         self.size = args.size
         self.dequantize = args.dequantize
-        self._count = args.count
         self._seed = args.seed
+        self._test = args.split == "test"
+        self._count, self._indices = args.count, None
+        if is_active(args.long_tail):  # else nothing is listed: a huge count stays free
+            self._indices = long_tail_indices(self.labels, self.n_classes, args.long_tail)
         centres = (np.arange(args.size) + 0.5) / args.size
         self._y, self._x = np.meshgrid(centres, centres, indexing="ij")
 
+    @property
+    def labels(self) -> np.ndarray:
+        """Every item's label, computed when asked: a large ``count`` costs nothing until then."""
+        indices = np.arange(self._count, dtype=np.int64) if self._indices is None else self._indices
+        return indices % self.n_classes
+
+    def class_counts(self) -> list[int]:
+        """Items per class; without a long tail from ``count`` alone (labels cycle), never listing them."""
+        if self._indices is not None:
+            return np.bincount(self.labels, minlength=self.n_classes).tolist()
+        whole, extra = divmod(self._count, self.n_classes)
+        return [whole + (label < extra) for label in range(self.n_classes)]
+
     def __len__(self) -> int:
-        return self._count
+        return self._count if self._indices is None else len(self._indices)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < self._count:
-            raise IndexError(f"index {index} out of range for {self._count} images")
-        label = index % self.n_classes
-        phase, centre_x, centre_y, radius = np.random.default_rng((self._seed, index)).random(4)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        source = index if self._indices is None else int(self._indices[index])
+        label = source % self.n_classes
+        stream = (self._seed, source, TEST_STREAM) if self._test else (self._seed, source)
+        phase, centre_x, centre_y, radius = np.random.default_rng(stream).random(4)
         intensity = (0.6 * class_pattern(label, self.n_classes, phase, self._x, self._y)
                      + 0.4 * blob(0.2 + 0.6 * centre_x, 0.2 + 0.6 * centre_y, 0.05 + 0.1 * radius, self._x, self._y))
         image = class_colour(label, self.channels)[:, None, None] * intensity

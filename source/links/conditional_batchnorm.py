@@ -70,6 +70,10 @@ class CategoricalConditionalBatchNorm2d(nn.Module):
         beta = self.beta(y)[:, :, None, None]
         return gamma * self.bn(x) + beta
 
+    def class_gains_and_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) per-class gain deviations gamma_y - 1 and biases beta_y: what gSR regularizes."""
+        return self.gamma.weight - 1.0, self.beta.weight
+
 
 def batch_norm_2d(num_features: int, n_classes: int) -> nn.Module:
     """G's normalization: class-conditional when there are classes, plain affine BatchNorm otherwise."""

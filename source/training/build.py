@@ -8,14 +8,16 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from source.config import Config, ConfigError
-from source.datasets import build_dataset
+from source.datasets import build_dataset, class_counts
 from source.datasets.iterator import InfiniteBatchIterator
 from source.links import set_ghost_batch
 from source.models import build_model
+from source.regularizers import DiffAugment, GeneratorEMA, LeCam
+from source.spectral.gsr import GroupSpectralRegularizer
 from source.spectral.sr import SpectralRegularizer
 from source.training import performance
 from source.training.distributed import World
-from updater import Updater
+from updater import Terms, Updater
 
 
 @dataclass
@@ -70,12 +72,45 @@ def build_regularizer(config: Config) -> SpectralRegularizer:
                                rebase_on_resume=sr.rebase_on_resume)
 
 
+def generator_class_counts(config: Config, dataset) -> list[int]:
+    """Training images per class of G's classes (G may have more classes than the data: those count 0)."""
+    n_classes = config.models.generator.args.get("n_classes", 0)
+    counts = list(class_counts(dataset))
+    return counts + [0] * (n_classes - len(counts))
+
+
+def gen_resolution(config: Config) -> int:
+    return config.models.generator.args.get("resolution", 128)
+
+
+def build_terms(config: Config, world: World, gen: nn.Module, dataset) -> Terms:
+    """DiffAugment, LeCam, gSR, G's EMA and the fake-label prior, as the config's updater section asks."""
+    settings = config.updater
+    needs_counts = gen.n_classes and (settings.gsr.enabled or settings.fake_labels == "data")
+    counts = generator_class_counts(config, dataset) if needs_counts else []
+    if settings.gsr.enabled and 0 in counts:
+        raise ConfigError(f"updater.gsr: class {counts.index(0)} has no training images; gSR weights classes by "
+                          f"their image counts and needs at least one per class")
+    gsr, lecam, ema = settings.gsr, settings.lecam, settings.ema
+    return Terms(
+        augment=DiffAugment(settings.diffaugment, gen_resolution(config)) if settings.diffaugment else None,
+        lecam=LeCam(lecam.weight, lecam.form, lecam.decay, lecam.start_iteration, config.batchsize, world.device)
+        if lecam.weight > 0 else None,
+        gsr=GroupSpectralRegularizer(counts, gsr.weight, gsr.effective_number_beta, gsr.class_balanced,
+                                     gsr.power_iterations, gsr.released_beta_estimate, config.seed)
+        if gsr.enabled else None,
+        ema=GeneratorEMA(gen, ema.decay, ema.start_iteration) if ema.enabled else None,
+        label_prior=torch.tensor(counts, dtype=torch.float, device=world.device)
+        if settings.fake_labels == "data" and counts else None)
+
+
 def build_updater(config: Config, world: World, models: Models, batches) -> Updater:
+    terms = build_terms(config, world, models.gen, getattr(batches, "dataset", None))  # before compilation: the EMA copies plain G
     for model in (models.gen, models.dis):
         performance.prepare_model(model, config.performance)
     return Updater(gen=wrap_distributed(models.gen, world), dis=wrap_distributed(models.dis, world),
                    opt_gen=build_optimizer(models.gen, config.adam_G), opt_dis=build_optimizer(models.dis, config.adam_D),
-                   batches=batches, config=config, world=world, regularizer=build_regularizer(config))
+                   batches=batches, config=config, world=world, regularizer=build_regularizer(config), terms=terms)
 
 
 def count_parameters(model: nn.Module) -> int:

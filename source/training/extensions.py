@@ -15,6 +15,7 @@ from tqdm import tqdm
 from source.files import atomic_write
 from source.metrics.generate import eval_mode
 from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
+from source.spectral.gsr import class_sigmas
 from source.spectral.spectra import compute_spectra, save_spectra
 from source.training.trainer import Extension, Trainer
 
@@ -106,7 +107,7 @@ class Preview(Extension):
     def __call__(self, trainer: Trainer) -> None:
         if not trainer.world.is_main:
             return
-        images = self.samples(trainer.updater.gen_module, trainer.world.device)
+        images = self.samples(trainer.updater.eval_generator, trainer.world.device)
         folder = trainer.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid = (images + 1) / 2
@@ -191,6 +192,40 @@ class Spectra(Extension):
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.detector.load_state_dict(state["detector"])
+
+
+class ClassSpectra(Extension):
+    """Per class, sigma_max of G's grouped class-conditional gains and biases -> ``class_spectra.jsonl``.
+
+    The gSR paper's "spectral explosion" measure, exact (SVD of each small grouped matrix), for baselines
+    too; ``python -m figures.class_spectra RUN`` draws it. The log (and tensorboard) gets each shown class's
+    maximum over layers: every class up to 20, else the 10 most and 10 least frequent.
+    """
+
+    at_end = True
+    FILE = "class_spectra.jsonl"
+    LOGGED_CLASSES = 20
+
+    def __init__(self, interval: int, class_counts: list[int]):
+        self.interval = interval
+        self.class_counts = list(class_counts)
+        order = sorted(range(len(self.class_counts)), key=lambda y: -self.class_counts[y])
+        half = self.LOGGED_CLASSES // 2
+        self.logged = order if len(order) <= self.LOGGED_CLASSES else order[:half] + order[-half:]
+
+    def __call__(self, trainer: Trainer) -> None:
+        sigmas = class_sigmas(trainer.updater.gen_module)
+        if not sigmas or not trainer.world.is_main:
+            return
+        gamma = [gain for gain, _ in sigmas.values()]
+        beta = [bias for _, bias in sigmas.values()]
+        trainer.log.write({"iteration": trainer.iteration, "class_counts": self.class_counts, "layers": list(sigmas),
+                           "gamma": gamma, "beta": beta}, file=self.FILE)
+        record = {"iteration": trainer.iteration}
+        for y in self.logged:
+            record[f"class_sigma/gain/{y}"] = max(layer[y] for layer in gamma)
+            record[f"class_sigma/bias/{y}"] = max(layer[y] for layer in beta)
+        trainer.log.write(record)
 
 
 class WatchWeights(Extension):

@@ -122,7 +122,7 @@ class Trainer:
             self.diverged(f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]})")
         path = checkpoint.snapshot_path(self.out, self.iteration)
         if self.world.is_main:
-            export = {"iteration": self.iteration, "config": self.config_dict, "gen": state["gen"]}
+            export = {"iteration": self.iteration, "config": self.config_dict, **self._generator_export(state)}
             try:  # the export first: a snapshot on disk always has its export beside it
                 checkpoint.atomic_save(export, checkpoint.generator_path(self.out, self.iteration))
                 checkpoint.atomic_save(state, path)
@@ -131,6 +131,13 @@ class Trainer:
                     f"could not write {path} ({error.strerror or first_line(error)}); nothing was lost: the earlier "
                     f"snapshots are intact (latest: {self.latest_good_snapshot() or 'none'})") from None
         return path
+
+    @staticmethod
+    def _generator_export(state: dict) -> dict:
+        """The export holds the generator evaluation uses: G's EMA when the run keeps one."""
+        if "gen_ema" in state:
+            return {"gen": state["gen_ema"], "gen_is_ema": True}
+        return {"gen": state["gen"]}
 
     def latest_good_snapshot(self) -> Path | None:
         """The newest snapshot of this run that loads and holds finite weights and optimizer states."""
@@ -157,6 +164,7 @@ class Trainer:
             "data": updater.batches.state_dict(),
             "extensions": {type(e).__name__: e.state_dict() for e in self.extensions},
             "elapsed": self.elapsed,
+            **({"gen_ema": updater.terms.ema.state_dict()} if updater.terms.ema is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -173,6 +181,7 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError, TypeError) as error:  # optimizer states of other networks
             raise checkpoint.SnapshotMismatch(first_line(error)) from None
         parts = [("updater", lambda: updater.load_state_dict(state["updater"])),
+                 ("gen_ema", lambda: self._load_ema(state)),
                  ("data", lambda: updater.batches.load_state_dict(state["data"])),
                  ("extensions", lambda: self._load_extensions(state.get("extensions", {}))),
                  ("rng", lambda: self._restore_rng(state["rng"]))]
@@ -183,6 +192,12 @@ class Trainer:
                 raise checkpoint.SnapshotError(f"the snapshot's '{name}' entry is damaged ({type(error).__name__}: "
                                                f"{first_line(error)})") from None
         self.elapsed_before = float(state.get("elapsed", 0.0))
+
+    def _load_ema(self, state: dict) -> None:
+        """G's EMA from the snapshot; a run that switches the EMA on at a resume starts it from G."""
+        ema = self.updater.terms.ema
+        if ema is not None:
+            ema.load_state_dict(state["gen_ema"] if "gen_ema" in state else state["gen"])
 
     def _load_extensions(self, states: dict) -> None:
         for extension in self.extensions:

@@ -1,0 +1,102 @@
+"""gSR, LeCam, DiffAugment, G's EMA and the label prior in training, through train.main and the updater."""
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import train
+from source.training.checkpoint import load_snapshot
+from test_training import _ddp_worker, _free_port, build_tiny_updater, tensors_equal, tiny_argv
+
+# every term on, long-tailed synthetic data (22 / 8 / 3 images), n_dis 2
+ALL_TERMS = ["updater.gsr.enabled=true", "updater.lecam.weight=0.3", "updater.diffaugment=color,translation,cutout",
+             "updater.ema.enabled=true", "updater.ema.start_iteration=2", "updater.ema.decay=0.9",
+             "updater.n_dis=2", "dataset.args.long_tail.ratio=7", "spectra_interval=2", "evaluation.metrics=[]"]
+
+
+def snapshot(run, iteration):
+    return load_snapshot(run / "snapshots" / f"snapshot_iter_{iteration}.pt")
+
+
+def test_resume_is_bit_exact_with_every_term_on(tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train.main(tiny_argv(straight, 6, *ALL_TERMS)) == 0
+    argv = tiny_argv(resumed, 6, *ALL_TERMS) + ["--resume", str(straight / "snapshots" / "snapshot_iter_3.pt")]
+    assert train.main(argv) == 0
+    a, b = snapshot(straight, 6), snapshot(resumed, 6)
+    for key in ("gen", "dis", "gen_ema"):
+        assert tensors_equal(a[key], b[key]), key
+    assert tensors_equal(a["updater"]["lecam"], b["updater"]["lecam"])
+    for layer, vectors in a["updater"]["gsr"]["vectors"].items():
+        assert tensors_equal(vectors, b["updater"]["gsr"]["vectors"][layer])
+    assert not tensors_equal(a["gen"], a["gen_ema"]), "the EMA must differ from G after its start"
+    export = load_snapshot(straight / "snapshots" / "generator_iter_6.pt")
+    assert export["gen_is_ema"] and tensors_equal(export["gen"], a["gen_ema"])
+    losses = [json.loads(line) for line in (straight / "log.jsonl").read_text().splitlines()]
+    gsr = [r["loss_gsr"] for r in losses if "loss_gsr" in r]
+    assert gsr[0] == 0.0 and gsr[-1] > 0, "gSR starts at zero (gamma = 1, beta = 0) and must come alive"
+    assert all(r["loss_lecam"] >= 0 for r in losses if "loss_lecam" in r)
+
+
+def test_class_spectra_are_written_for_long_tailed_data(tmp_path):
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 4, *ALL_TERMS, "updater.gsr.enabled=false")) == 0  # baselines are measured too
+    records = [json.loads(line) for line in (run / "class_spectra.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [2, 4]
+    assert records[0]["class_counts"] == [22, 8, 3]
+    assert len(records[0]["layers"]) == 6 and len(records[0]["gamma"][0]) == 3
+    assert max(max(layer) for layer in records[-1]["gamma"]) > 0
+
+
+def test_ddp_two_ranks_match_one_process_with_gsr_lecam_and_ema(tmp_path):
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    terms = [t for t in ALL_TERMS if "n_dis" not in t]
+    assert train.main(tiny_argv(single, 3, *terms)) == 0
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_argv(ddp, 3, *terms)), nprocs=2, join=True)
+    a, b = snapshot(single, 3), snapshot(ddp, 3)
+    torch.testing.assert_close(b["updater"]["lecam"]["anchor_real"], a["updater"]["lecam"]["anchor_real"],
+                               rtol=1e-5, atol=1e-6)
+    for layer, vectors in a["updater"]["gsr"]["vectors"].items():
+        for name, vector in vectors.items():
+            torch.testing.assert_close(b["updater"]["gsr"]["vectors"][layer][name], vector, rtol=1e-4, atol=1e-5)
+    cbn = [k for k in a["gen"] if k.endswith(("gamma.weight", "beta.weight"))]
+    for key in cbn:
+        torch.testing.assert_close(b["gen"][key], a["gen"][key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b["gen_ema"][key], a["gen_ema"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_gsr_changes_only_the_class_conditional_parameters_of_g():
+    """One iteration with and without gSR: D is untouched, and in G only the CBN gains and biases differ."""
+    states = []
+    for enabled in ("false", "true"):
+        upd, models = build_tiny_updater(f"updater.gsr.enabled={enabled}", "updater.gsr.weight=100",
+                                         "updater.n_dis=1")
+        with torch.no_grad():  # away from gamma = 1, beta = 0, where the penalty and its gradient vanish
+            for name, p in models.gen.named_parameters():
+                if name.endswith(("gamma.weight", "beta.weight")):
+                    p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        upd.update()
+        states.append((models.gen.state_dict(), models.dis.state_dict()))
+    (gen_off, dis_off), (gen_on, dis_on) = states
+    assert tensors_equal(dis_off, dis_on)
+    changed = {k for k in gen_off if not torch.equal(gen_off[k], gen_on[k])}
+    assert changed and all(k.endswith(("gamma.weight", "beta.weight")) for k in changed)
+
+
+def test_diffaugment_reaches_real_and_fake_images_alike(monkeypatch):
+    upd, models = build_tiny_updater("updater.diffaugment=cutout", "updater.n_dis=1")
+    seen = []
+    forward = type(models.dis).forward
+    monkeypatch.setattr(type(models.dis), "forward", lambda self, x, y=None: seen.append(x.detach()) or forward(self, x, y))
+    upd.update()
+    d_step = seen[0]  # 4 reals then 4 fakes; cutout zeroes a 16 x 16 square of each 32 x 32 image
+    zeros = (d_step == 0).flatten(1).sum(1)
+    assert torch.all(zeros >= 16 * 16 // 4), zeros  # at least a clipped quarter of the square in every image
+
+
+def test_fake_labels_follow_the_data_prior():
+    upd, _ = build_tiny_updater("updater.fake_labels=data", "dataset.args.long_tail.ratio=7")
+    _, labels = upd._latents(0, 4000)
+    frequencies = torch.bincount(labels, minlength=3).float() / 4000
+    assert frequencies.tolist() == pytest.approx([22 / 33, 8 / 33, 3 / 33], abs=0.03)
