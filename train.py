@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
-from source.datasets import DatasetError, check_dataset_args
+from source.datasets import DatasetError, check_dataset_args, describe_class_counts
 from source.training import build, checkpoint, performance, runfolder
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
@@ -220,9 +220,10 @@ def describe_data(config: Config, world: World, source: str) -> str:
     problems = check_dataset_args(config.dataset.name, config.dataset.args)
     try:
         if not problems:
-            batches = build.build_batches(config, world, source=source)
-            return (f"{config.dataset.name}: {len(batches.dataset):,} images, {batches.dataset.n_classes} classes, "
-                    f"{batches.dataset.size}px")
+            dataset = build.build_batches(config, world, source=source).dataset
+            counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
+            return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
+                    f"{dataset.size}px{counts}")
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
     return "NOT AVAILABLE: " + "; ".join(problems)

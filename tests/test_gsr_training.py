@@ -7,7 +7,7 @@ import torch.multiprocessing as mp
 
 import train
 from source.training.checkpoint import load_snapshot
-from test_training import _ddp_worker, _free_port, build_tiny_updater, tensors_equal, tiny_argv
+from test_training import CONFIGS, _ddp_worker, _free_port, build_tiny_updater, tensors_equal, tiny_argv
 
 # every term on, long-tailed synthetic data (22 / 8 / 3 images), n_dis 2
 ALL_TERMS = ["updater.gsr.enabled=true", "updater.lecam.weight=0.3", "updater.diffaugment=color,translation,cutout",
@@ -100,3 +100,17 @@ def test_fake_labels_follow_the_data_prior():
     _, labels = upd._latents(0, 4000)
     frequencies = torch.bincount(labels, minlength=3).float() / 4000
     assert frequencies.tolist() == pytest.approx([22 / 33, 8 / 33, 3 / 33], abs=0.03)
+
+
+@pytest.mark.parametrize("name", ["fmnist_lt", "cifar10_lt_sngan", "lsun_lt_sngan"])
+def test_gsr_configs_dry_run(name, capsys):
+    assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "gSR (class-balanced w 0.5, beta 0.999, 4 power steps)" in out
+    if name == "fmnist_lt":  # the data are installed by `make data`; the others report where they are missing
+        assert "14,886 images, 10 classes, 32px; per class: 6000 3596 2156 1292 774 464 278 166 100 60" in out
+    else:
+        assert "LeCam 0.3 (gsr form" in out and "DiffAugment color,translation,cutout" in out
+    baseline = train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run",
+                           "--set", "updater.gsr.enabled=false"])
+    assert baseline == 0 and "gSR" not in capsys.readouterr().out
