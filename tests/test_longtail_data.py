@@ -352,3 +352,26 @@ def test_inaturalist_lists_crop_resize_classes_and_val_reference(tmp_path):
     assert check_dataset_args("inaturalist", INaturalistArgs(root=str(tmp_path), val_list="none.txt", split="val")) == [
         f"dataset.args.val_list: {tmp_path}/none.txt does not exist; write one 'relative/path.jpg label' line per "
         f"image (the release's iNaturalist19_val.txt)"]
+
+
+def test_random_flip_mirrors_a_seeded_half_of_the_samples():
+    from source.datasets.iterator import InfiniteBatchIterator
+
+    class Striped(torch.utils.data.Dataset):
+        n_classes, channels, size, dequantize, random_flip = 1, 1, 4, False, True
+
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, index):
+            image = torch.zeros(1, 4, 4, dtype=torch.uint8)
+            image[0, :, 0] = 255  # a bright left column
+            return image, 0
+
+    def flipped(seed):
+        x, _ = next(InfiniteBatchIterator(Striped(), batch_size=64, seed=seed))
+        return x[:, 0, 0, -1] > 0  # the bright column moved to the right
+
+    first = flipped(0)
+    assert 16 < int(first.sum()) < 48
+    assert torch.equal(first, flipped(0)) and not torch.equal(first, flipped(1))

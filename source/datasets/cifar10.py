@@ -36,6 +36,7 @@ class CIFAR10Args:
     download: bool = True
     dequantize: bool = True
     long_tail: LongTailArgs = field(default_factory=LongTailArgs)
+    random_flip: bool = False  # a random horizontal flip per sample (gSR's CIFAR configs: on)
 
 
 def missing_files(root: str, split: str) -> list[str]:
@@ -128,6 +129,7 @@ class CIFAR10(Dataset):
         self.labels = labels
         self.classes = read_class_names(os.path.join(folder, META_FILE))
         self.dequantize = args.dequantize
+        self.random_flip = args.random_flip
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -8,7 +8,8 @@ each epoch are dropped (so the epoch length depends on G).
 
 Images become float32 ``u8 / 127.5 - 1``; when ``dataset.dequantize`` is set, U[0, 1/127.5) noise
 is added. The noise of a sample is drawn from (seed, epoch, its position in the epoch), so it is
-the same whichever rank, world size, or resumed run draws that sample.
+the same whichever rank, world size, or resumed run draws that sample; so is the horizontal flip of
+data sets with ``random_flip`` set.
 
 One ``next()`` returns one micro-batch of ``batch_size`` samples for this rank; an updater that
 accumulates k micro-batches per iteration calls ``next()`` k times.
@@ -23,8 +24,8 @@ from source.datasets.transforms import DatasetError
 
 logger = logging.getLogger(__name__)
 
-# Stream tags: the permutation and the noise never share a seed, even for equal (seed, epoch, index).
-PERMUTATION_STREAM, NOISE_STREAM = 0, 1
+# Stream tags: the permutation, noise and flips never share a seed, even for equal (seed, epoch, index).
+PERMUTATION_STREAM, NOISE_STREAM, FLIP_STREAM = 0, 1, 2
 
 
 def derived_seed(*parts: int) -> int:
@@ -44,6 +45,11 @@ def dequantization_noise(sample_shape: torch.Size, seed: int, epoch: int, positi
         generator = torch.Generator().manual_seed(derived_seed(NOISE_STREAM, seed, epoch, position))
         sample.uniform_(0.0, 1.0, generator=generator)
     return noise
+
+
+def flip_mask(seed: int, epoch: int, positions: range) -> torch.Tensor:
+    """A fair coin per (seed, epoch, position in epoch): which samples a random horizontal flip mirrors."""
+    return torch.tensor([derived_seed(FLIP_STREAM, seed, epoch, position) & 1 for position in positions], dtype=torch.bool)
 
 
 def to_signed_unit(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,6 +105,9 @@ class InfiniteBatchIterator:
         if self._batches is None:
             self._batches = iter(self._remaining_epoch_loader())
         images, labels = next(self._batches)
+        if getattr(self.dataset, "random_flip", False):
+            flips = flip_mask(self.seed, self._epoch, self._positions())
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
         noise = None
         if self.dataset.dequantize:
             noise = dequantization_noise(images.shape[1:], self.seed, self._epoch, self._positions())
