@@ -238,7 +238,8 @@ def describe_terms(config: Config) -> str:
         terms.append(f"LeCam {settings.lecam.weight} ({settings.lecam.form} form, decay {settings.lecam.decay})")
     if settings.gsr.enabled:
         gsr = settings.gsr
-        weights = f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced else "lambda 1"
+        weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
+                   else "lambda 1")
         terms.append(f"gSR ({weights}, {gsr.power_iterations} power steps)")
     if settings.ema.enabled:
         terms.append(f"EMA of G {settings.ema.decay} from {settings.ema.start_iteration}")

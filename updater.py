@@ -181,8 +181,9 @@ class Updater:
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0), self._autocast():
                 fake = self.gen_module(z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
-            images = torch.cat([real.to(fake.dtype), fake])
-            images = self._augment(images, augmentation, torch.cat([self._positions(part), self._positions(part) + batchsize]))
+            positions = self._positions(part)  # of the reals; the fakes' are B further
+            images = self._augment(torch.cat([real.to(fake.dtype), fake]), augmentation,
+                                   torch.cat([positions, positions + batchsize]))
             with self._sync(self.dis, micro, self.accumulation), \
                     power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.

@@ -149,7 +149,8 @@ class GroupSpectralRegularizer:
         return {"vectors": {name: {k: v.clone() for k, v in state.items()} for name, state in self.vectors.items()}}
 
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
-        self.vectors = {name: {k: v.to(device) for k, v in vectors.items()} for name, vectors in state["vectors"].items()}
+        self.vectors = {name: {key: vector.to(device) for key, vector in vectors.items()}
+                        for name, vectors in state["vectors"].items()}
 
 
 def class_sigmas(gen: nn.Module) -> dict[str, tuple[list[float], list[float]]]:

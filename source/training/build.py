@@ -105,7 +105,8 @@ def build_terms(config: Config, world: World, gen: nn.Module, dataset) -> Terms:
 
 
 def build_updater(config: Config, world: World, models: Models, batches) -> Updater:
-    terms = build_terms(config, world, models.gen, getattr(batches, "dataset", None))  # before compilation: the EMA copies plain G
+    # before compilation, so that the EMA copies the plain G; benchmarks pass bare batch streams
+    terms = build_terms(config, world, models.gen, getattr(batches, "dataset", None))
     for model in (models.gen, models.dis):
         performance.prepare_model(model, config.performance)
     return Updater(gen=wrap_distributed(models.gen, world), dis=wrap_distributed(models.dis, world),
