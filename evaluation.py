@@ -2,14 +2,17 @@
 
     python evaluation.py ref-stats --config configs/sr_imagenet.yaml [--n-images N] [--per-class] [--out PATH]
     python evaluation.py metrics --snapshot RUN/snapshots/snapshot_iter_70000.pt --n-samples 50000 --splits 10
-    python evaluation.py metrics --snapshot S --intra-fid --samples-per-class 5000 [--classes 204 265]
+    python evaluation.py metrics --snapshot S --intra-fid classes --samples-per-class 5000 [--classes 204 265]
+    python evaluation.py metrics --snapshot S --intra-fid groups --repeats 3 --n-samples 50000
+    python evaluation.py classes --snapshot S [--samples-per-class 500] [--repeats 3] [--json]
     python evaluation.py grids --snapshot S --classes 204 265 323 946 --rows 10 --columns 10
     python evaluation.py samples --snapshot S --n 50000 --format npz --out samples.npz
 
 Snapshots are `snapshot_iter_N.pt` or `generator_iter_N.pt`; defaults come from the snapshot's
-config (its `evaluation` block, changeable with --set). Every printed number states its protocol:
-backbone and weights, N, IS splits, reference statistics. Which numbers compare with published
-ones: docs/evaluation.md.
+config (its `evaluation` block, changeable with --set). G's EMA is scored when the snapshot has one
+(--raw-generator: the trained weights). Every printed number states its protocol: generator weights,
+backbone and weights, N, IS splits, reference statistics and split, repeats. Which numbers compare
+with published ones: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -24,24 +27,17 @@ import torch
 
 from figures.grids import PADDING, check_overwrite, tile, titled, to_image
 from source.config import ConfigError, load_config
-from source.datasets import DatasetError, build_dataset
+from source.datasets import DatasetError
 from source.metrics import StatsMismatch, WeightsUnavailable
-from source.metrics.generate import generate_uint8, generated_features, sample_inputs
+from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
+from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
+from source.metrics.describe import describe
+from source.metrics.generate import check_classes, generate_uint8, sample_inputs
+from source.metrics.longtail import INTRA_FID_MODES, group_notes, intra_fid_protocol, score_repeats, score_request
+from source.metrics.reference import ReferenceUnavailable, dataset_reference, reference_data, resolve_reference
+from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
-from source.training.evaluate import (
-    LoadedGenerator,
-    ReferenceUnavailable,
-    available_metrics,
-    check_settings,
-    dataset_reference,
-    describe,
-    intra_fid_score,
-    load_backbone,
-    load_generator,
-    protocol_record,
-    resolve_reference,
-    score,
-)
+from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
 
 IMAGENET_CLASSES = 1000
 IMAGENET_GRID_CLASSES = [204, 265, 323, 946]  # the SRGANs README's grids (Lhasa, toy poodle, monarch, cardoon)
@@ -79,11 +75,12 @@ def print_notes(notes: list[str]) -> None:
 def ref_stats(args: argparse.Namespace) -> None:
     config = load_config(args.config, args.overrides)
     device = resolve_device(args.device)
-    dataset = build_dataset(config.dataset.name, config.dataset.args)
+    check_reference_split(config)
+    data = reference_data(config)
     backbone, note = load_backbone(args.inception_weights or config.evaluation.inception_weights, device)
     print_notes([note] if note else [])
     n_images = args.n_images if args.n_images is not None else config.evaluation.reference_images
-    reference = dataset_reference(config, dataset, backbone, n_images, args.per_class, args.out)
+    reference = dataset_reference(config, data, backbone, n_images, args.per_class, args.out)
     classes = f", {len(reference.stats.per_class)} classes" if reference.stats.per_class else ""
     print(f"reference statistics: {reference.path} ({reference.stats.n_images} images{classes}, "
           f"pool3 features of {len(reference.features)} kept for KID)")
@@ -95,7 +92,7 @@ def ref_stats(args: argparse.Namespace) -> None:
 
 def metrics(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    loaded = load_generator(args.snapshot, device, args.overrides)
+    loaded = load_generator(args.snapshot, device, args.overrides, raw=args.raw_generator)
     config = loaded.config
     settings = dataclasses.replace(
         config.evaluation,
@@ -107,32 +104,51 @@ def metrics(args: argparse.Namespace) -> None:
     )
     check_settings(settings, world_size=1)
     config = dataclasses.replace(config, evaluation=settings)
+    check_reference_split(config)
+    request = score_request(config, loaded.gen.n_classes, args.intra_fid, args.classes, args.samples_per_class)
+    print_notes(group_notes(request.groups, settings) if request.groups else [])  # before the slow part
     seed = config.seed if args.seed is None else args.seed
+    seeds = [seed + repeat for repeat in range(args.repeats)]
     backbone, note = load_backbone(settings.inception_weights, device)
-    reference = resolve_reference(config, backbone, per_class=args.intra_fid)
-    names, skipped = available_metrics(settings.metrics, backbone, reference)
+    reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)
+    request.metrics, skipped = available_metrics(settings.metrics, backbone, reference)
     print_notes(([note] if note else []) + skipped)
-    if not names and not args.intra_fid:
+    if not request.metrics and not args.intra_fid:
         raise ValueError("none of the requested metrics can be computed (see the notes above)")
-    record = {"iteration": loaded.iteration, "snapshot": loaded.path}
-    protocol = protocol_record(backbone, names, settings.n_samples, settings.splits, reference)
-    if names:
-        gen = loaded.gen
-        z, labels = sample_inputs(settings.n_samples, gen.dim_z, gen.n_classes, seed)
-        features = generated_features(gen, backbone, z, labels, settings.batch_size, device)
-        record.update(score(features, names, reference, settings.splits))
-    if args.intra_fid:
-        classes = args.classes if args.classes else list(range(loaded.gen.n_classes))
-        check_classes(classes, loaded.gen.n_classes)
-        record["intra_FID"], per_class = intra_fid_score(loaded.gen, backbone, reference, classes,
-                                                         args.samples_per_class, settings.batch_size, device, seed)
-        record["intra_FID_per_class"] = {str(label): value for label, value in per_class.items()}
-        protocol["samples_per_class"] = args.samples_per_class
-        if not names:
-            protocol["n_samples"] = len(classes) * args.samples_per_class
-    record["protocol"] = {**protocol, "seed": seed}
+    scores = score_repeats(loaded.gen, backbone, reference, request, seeds, device)
+    protocol = protocol_record(backbone, request.metrics, settings.n_samples, settings.splits, reference,
+                               loaded.weights, settings.reference_split, seeds)
+    protocol.update(intra_fid_protocol(request, settings, loaded.gen.n_classes))
+    record = {"iteration": loaded.iteration, "snapshot": loaded.path, **scores, "protocol": {**protocol, "seed": seed}}
     print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
     print(describe(record))
+    if args.json:
+        print(json.dumps(record))
+
+
+# --- classes (the small-data classifier) -------------------------------------------------------
+
+
+def classes(args: argparse.Namespace) -> None:
+    device = resolve_device(args.device)
+    loaded = load_generator(args.snapshot, device, args.overrides, raw=args.raw_generator)
+    classifier, training = load_classifier(args.classifier, device)
+    check_generator(loaded.gen, classifier, device)  # before any data is read
+    config = loaded.config
+    real, real_name, notes = classifier_real_data(config)
+    counts, count_notes = known_training_counts(config)
+    print_notes(notes + count_notes)
+    seed = config.seed if args.seed is None else args.seed
+    settings = config.evaluation
+    report = class_report(loaded.gen, classifier, real, args.samples_per_class, seed, args.repeats,
+                          args.batch_size or settings.batch_size, device, counts, settings.many_above,
+                          settings.few_at_most)
+    report["protocol"].update(generator=loaded.weights, real=real_name, classifier=args.classifier,
+                              classifier_sha256=training.get("sha256"),
+                              classifier_test_accuracy=training.get("test_accuracy"))
+    record = {"iteration": loaded.iteration, "snapshot": loaded.path, **report}
+    print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
+    print(format_class_table(record))
     if args.json:
         print(json.dumps(record))
 
@@ -144,14 +160,6 @@ def default_grid_classes(n_classes: int) -> list[int]:
     if n_classes == IMAGENET_CLASSES:
         return IMAGENET_GRID_CLASSES
     return list(range(min(n_classes, MAX_DEFAULT_GRID_CLASSES)))
-
-
-def check_classes(classes: list[int], n_classes: int) -> None:
-    if n_classes == 0:
-        raise ValueError("this generator is unconditional (n_classes=0); leave out --classes")
-    outside = [label for label in classes if not 0 <= label < n_classes]
-    if outside:
-        raise ValueError(f"--classes {outside}: the generator has classes 0..{n_classes - 1}")
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -166,7 +174,7 @@ def generate_all(loaded: LoadedGenerator, z: torch.Tensor, labels: torch.Tensor 
 
 def grids(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    loaded = load_generator(args.snapshot, device)
+    loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
     batch_size = args.batch_size or loaded.config.evaluation.batch_size
     out = Path(args.out) if args.out else run_folder(args.snapshot) / "figures" / f"grids_iter_{loaded.iteration}"
@@ -194,7 +202,7 @@ def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[t
 
 def samples(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    loaded = load_generator(args.snapshot, device)
+    loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     batch_size = args.batch_size or loaded.config.evaluation.batch_size
     seed = loaded.config.seed if args.seed is None else args.seed
     z, labels = sample_inputs(args.n, loaded.gen.dim_z, loaded.gen.n_classes, seed)
@@ -233,11 +241,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="torch-fidelity weights file or 'fid-helper' (offline, FID/KID only); default: "
                               "evaluation.inception_weights, else the download cache, else fid-helper")
 
+    def generator_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
+        sub.add_argument("--raw-generator", action="store_true",
+                         help="score the trained weights, not G's EMA (which is used when the snapshot has one)")
+
     def overrides_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                          help="override a config value, e.g. dataset.args.root=/data/imagenet (repeatable)")
 
-    sub = command("ref-stats", ref_stats, "reference statistics of a config's training data (cached)")
+    sub = command("ref-stats", ref_stats, "reference statistics of a config's reference data (cached): the training "
+                  "data, or the balanced evaluation.reference_split")
     sub.add_argument("--config", required=True, help="YAML experiment file whose dataset is the reference")
     overrides_option(sub)
     weights_option(sub)
@@ -247,7 +261,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--out", help="statistics file (default: the cache path derived from the key)")
 
     sub = command("metrics", metrics, "IS / FID / KID (and intra-FID) of a snapshot's generator")
-    sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
+    generator_option(sub)
     overrides_option(sub)
     weights_option(sub)
     sub.add_argument("--n-samples", type=positive_int, help="generated images (default: evaluation.n_samples)")
@@ -255,16 +269,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--metrics", nargs="*", choices=("is", "fid", "kid"), help="default: evaluation.metrics")
     sub.add_argument("--reference", metavar="PATH",
                      help="reference statistics file (default: evaluation.reference_stats, else the dataset's cache)")
-    sub.add_argument("--intra-fid", action="store_true", help="also intra-FID against per-class reference statistics")
+    sub.add_argument("--intra-fid", nargs="?", const="classes", choices=INTRA_FID_MODES,
+                     help="also intra-FID: 'classes' (the default) per class against per-class reference statistics; "
+                          "'groups' per many/medium/few group of the training counts (gSR)")
     sub.add_argument("--samples-per-class", type=positive_int, default=5000,
                      help="intra-FID samples per class (sngan: 5000)")
     sub.add_argument("--classes", type=int, nargs="+", help="intra-FID classes (default: all)")
     sub.add_argument("--seed", type=int, help="latents and labels (default: the run's seed, as during training)")
+    sub.add_argument("--repeats", type=positive_int, default=1,
+                     help="evaluations with seeds seed, seed+1, ...: mean ± sample std of every number (gSR: 3)")
+    sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
+
+    sub = command("classes", classes, "per-class accuracy and diversity, classifier FID/KID of a 32x32x1, 10-class "
+                  "generator (Fashion-MNIST) with the small-data classifier")
+    generator_option(sub)
+    overrides_option(sub)
+    sub.add_argument("--classifier", default=DEFAULT_WEIGHTS, metavar="PATH",
+                     help=f"classifier weights (default {DEFAULT_WEIGHTS})")
+    sub.add_argument("--samples-per-class", type=positive_int, default=500)
+    sub.add_argument("--repeats", type=positive_int, default=1, help="seeds seed, seed+1, ...: mean ± sample std")
+    sub.add_argument("--seed", type=int, help="default: the run's seed")
+    sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
 
     sub = command("grids", grids, "one rows x columns grid per class, from the same latents, titled with "
                   "the class; existing grids are kept unless --force")
-    sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
+    generator_option(sub)
     sub.add_argument("--classes", type=int, nargs="+",
                      help=f"default: {' '.join(map(str, IMAGENET_GRID_CLASSES))} for ImageNet, else the first "
                           f"{MAX_DEFAULT_GRID_CLASSES} classes")
@@ -276,7 +306,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--force", action="store_true", help="overwrite grids that already exist")
 
     sub = command("samples", samples, "export generated images for external tools")
-    sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
+    generator_option(sub)
     sub.add_argument("--n", type=positive_int, required=True, help="number of images")
     sub.add_argument("--format", choices=("png", "npz"), default="png",
                      help="png: a folder of NNNNNN_classC.png; npz: arr_0 (N x H x W x C uint8) and labels")

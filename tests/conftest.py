@@ -26,3 +26,12 @@ def full_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / inception.WEIGHTS_FILE
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny convolutions on a shared 2-core machine run many times faster on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

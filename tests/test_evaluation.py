@@ -30,22 +30,20 @@ from source.metrics import (
     feature_statistics,
     inception,
 )
+from source.metrics.describe import describe
 from source.metrics.generate import generated_features, sample_inputs, shard_bounds
+from source.metrics.reference import (
+    SUBSET_SEED,
+    Reference,
+    dataset_reference,
+    reference_data,
+    require_reference_before_distributed_training,
+)
+from source.metrics.scoring import intra_fid_score, load_backbone, protocol_record
 from source.models import build_model
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
-from source.training.evaluate import (
-    SUBSET_SEED,
-    Reference,
-    check_settings,
-    dataset_reference,
-    describe,
-    gather_features,
-    intra_fid_score,
-    load_backbone,
-    protocol_record,
-    require_reference_before_distributed_training,
-)
+from source.training.evaluate import check_settings, gather_features
 from test_training import CONFIGS, tiny_argv
 
 CPU = torch.device("cpu")
@@ -62,13 +60,7 @@ class PixelBackbone:
         return InceptionFeatures(F.adaptive_avg_pool2d(images.float(), 4).flatten(1).double().numpy(), None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions on a shared 2-core machine run many times faster on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny_generator(n_classes: int = 3) -> torch.nn.Module:
@@ -167,7 +159,7 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     dataset = build_dataset(config.dataset.name, config.dataset.args)
     assert dataset.dequantize, "the training data are dequantized; the reference must not be"
     rng = torch.get_rng_state()
-    reference = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
+    reference = dataset_reference(config, reference_data(config, dataset), PixelBackbone(), n_images=12)
     assert torch.equal(torch.get_rng_state(), rng), "computing a reference must not move the global RNG"
     chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:12]
     images = torch.stack([dataset[int(i)][0] for i in chosen])
@@ -175,11 +167,11 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     np.testing.assert_allclose(reference.stats.mu, expected.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(reference.stats.sigma, np.cov(expected, rowvar=False), rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(reference.features, expected, rtol=1e-6)
-    assert Path(reference.path) == tmp_path / "cache" / "synthetic_all_32px_12_tfinception.npz"
+    assert Path(reference.path) == tmp_path / "cache" / "synthetic_train_32px_12_tfinception.npz"
     assert reference.key["extra"]["n_classes"] == 3 and reference.key["n_images"] == 12
 
-    monkeypatch.setattr("source.training.evaluate.compute_dataset_reference", pytest.fail)
-    cached = dataset_reference(config, dataset, PixelBackbone(), n_images=12)
+    monkeypatch.setattr("source.metrics.reference.compute_dataset_reference", pytest.fail)
+    cached = dataset_reference(config, reference_data(config, dataset), PixelBackbone(), n_images=12)
     np.testing.assert_array_equal(cached.stats.sigma, reference.stats.sigma)
     np.testing.assert_array_equal(cached.features, reference.features)
 
@@ -190,17 +182,17 @@ def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path)
     require_reference_before_distributed_training(config, dataset, world_size=1)  # computed at the first evaluation
     with pytest.raises(ConfigError, match="python evaluation.py ref-stats --config CONFIG"):
         require_reference_before_distributed_training(config, dataset, world_size=2)
-    dataset_reference(config, dataset, PixelBackbone(), config.evaluation.reference_images)
+    dataset_reference(config, reference_data(config, dataset), PixelBackbone(), config.evaluation.reference_images)
     require_reference_before_distributed_training(config, dataset, world_size=2)
 
 
 def test_a_cached_reference_of_another_setup_is_refused_with_the_differing_fields(tmp_path):
     config = tiny_config(tmp_path)
-    dataset_reference(config, build_dataset(config.dataset.name, config.dataset.args), PixelBackbone(), 8)
+    dataset_reference(config, reference_data(config), PixelBackbone(), 8)
     other = tiny_config(tmp_path, "dataset.args.n_classes=4", "models.generator.args.n_classes=4",
                         "models.discriminator.args.n_classes=4")
     with pytest.raises(StatsMismatch) as error:
-        dataset_reference(other, build_dataset(other.dataset.name, other.dataset.args), PixelBackbone(), 8)
+        dataset_reference(other, reference_data(other), PixelBackbone(), 8)
     message = str(error.value)
     assert "extra.n_classes: cached 3, expected 4" in message and "\n" not in message
 
@@ -326,7 +318,7 @@ def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_
     assert evaluation.main(["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--json"]) == 0
     out = capsys.readouterr().out
     assert "IS skipped" in out and "needs the full TF-Inception weights" in out
-    assert "N=6 generated vs synthetic all 32px, 8 images" in out and "weights fid-helper" in out
+    assert "N=6 generated vs synthetic train 32px, 8 images" in out and "weights fid-helper" in out
     record = json.loads(out.strip().splitlines()[-1])
     (trained,) = read_metrics(evaluated_run)
     assert record["iteration"] == 2
@@ -359,7 +351,7 @@ def test_intra_fid_cli_scores_every_class_against_per_class_reference_statistics
     assert sorted(per_class) == ["0", "1", "2"] and all(value > 0 for value in per_class.values())
     assert record["intra_FID"] == pytest.approx(np.mean(list(per_class.values())))
     assert "FID" not in record and record["protocol"]["samples_per_class"] == 2
-    assert Path(record["protocol"]["reference"]).name == "synthetic_all_32px_12_tfinception_perclass.npz"
+    assert Path(record["protocol"]["reference"]).name == "synthetic_train_32px_12_tfinception_perclass.npz"
     assert "intra-FID" in out and "over 3 classes of 2 samples" in out
 
 
@@ -368,7 +360,7 @@ def test_ref_stats_cli_reuses_its_cache_and_refuses_another_setups(evaluated_run
     base = tiny_argv(evaluated_run, 2, *EVALUATION, f"evaluation.cache_dir={cache}")[4:]  # the --set pairs
     assert evaluation.main(["ref-stats", "--config", str(CONFIGS / "demo.yaml"), *base, "--n-images", "8"]) == 0
     out = capsys.readouterr().out
-    assert "computing" not in out and "synthetic_all_32px_8_tfinception.npz (8 images" in out
+    assert "computing" not in out and "synthetic_train_32px_8_tfinception.npz (8 images" in out
     changed = base + ["--set", "dataset.args.count=32"]
     assert evaluation.main(["ref-stats", "--config", str(CONFIGS / "demo.yaml"), *changed, "--n-images", "8"]) == 2
     err = capsys.readouterr().err

@@ -160,9 +160,9 @@ def build_tiny_updater(*overrides: str):
 def test_step_order_within_an_iteration(monkeypatch, order, expected):
     upd, _ = build_tiny_updater("updater.n_dis=3", f"updater.order={order}")
     calls = []
-    monkeypatch.setattr(upd, "_dis_step", lambda step: calls.append(f"D{step}") or torch.tensor(0.0))
+    monkeypatch.setattr(upd, "_dis_step", lambda step: calls.append(f"D{step}") or torch.zeros(2))  # loss, LeCam
     monkeypatch.setattr(upd, "_regularize", lambda: calls.append("SR"))
-    monkeypatch.setattr(upd, "_gen_step", lambda: calls.append("G") or torch.tensor(0.0))
+    monkeypatch.setattr(upd, "_gen_step", lambda: calls.append("G") or torch.zeros(2))  # loss, gSR
     upd.update()
     assert calls == expected
 

@@ -1,4 +1,10 @@
-"""IS, FID, KID and intra-FID under the TF-Inception protocol, and the reference-statistics cache."""
+"""IS, FID, KID and intra-FID under the TF-Inception protocol, and the reference-statistics cache.
+
+The package exports the numerics; the modules above them are imported by name:
+`reference` (data set references and their cache), `scoring` (scores and protocol records),
+`describe` (the printed line), `longtail` (repeats, per-class and per-group intra-FID), `groups`,
+`repeats`, `classifier` (the small Fashion-MNIST classifier and `class_report`), `modes`.
+"""
 
 from .fid import Statistics, feature_statistics, frechet_distance, intra_fid, trace_sqrt_product
 from .inception import (

@@ -46,6 +46,15 @@ def sample_inputs(
     return z, torch.randint(n_classes, (n,), generator=generator)
 
 
+def check_classes(classes: list[int], n_classes: int) -> None:
+    """One-line refusal of classes a generator does not have (e.g. from --classes)."""
+    if n_classes == 0:
+        raise ValueError("this generator is unconditional (n_classes=0); leave out --classes")
+    outside = [label for label in classes if not 0 <= label < n_classes]
+    if outside:
+        raise ValueError(f"--classes {outside}: the generator has classes 0..{n_classes - 1}")
+
+
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     was_training = module.training

@@ -1,0 +1,73 @@
+"""One printed line per evaluation: the scores, the protocol they were computed under, and whether
+published numbers compare with them (docs/evaluation.md)."""
+from __future__ import annotations
+
+from .groups import GROUPS
+from .repeats import plus_minus
+
+PUBLISHED_N = 50000  # generated images behind published IS/FID (IS over 10 splits of 5000; gSR: 3 x 50k)
+
+
+def describe(record: dict) -> str:
+    """The scores (mean ± sample std with repeats), then the protocol and comparability."""
+    protocol = record["protocol"]
+    repeats = protocol.get("repeats", 1)
+    values = []
+    if "IS" in record:
+        if repeats == 1:
+            values.append(f"IS {record['IS']:.3f} ± {record['IS_std']:.3f} over {protocol['splits']} split(s)")
+        else:
+            values.append(f"IS {plus_minus(record, 'IS')} ({protocol['splits']} split(s) each)")
+    if "FID" in record:
+        values.append(f"FID {plus_minus(record, 'FID')}")
+    if "KID" in record:
+        kid = f"{record['KID']:.5f} ± {record['KID_std']:.5f}" if repeats == 1 else plus_minus(record, "KID", 5)
+        values.append(f"KID {kid} ({protocol['kid_subsets']} subsets of {protocol['kid_subset_size']})")
+    if "intra_FID" in record:
+        values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over {len(record['intra_FID_per_class'])} "
+                      f"classes of {protocol['samples_per_class']} samples")
+    if "group_FID" in record:
+        values.append(describe_groups(record))
+    spread = f"mean ± sample std over {repeats} repeats (seeds {protocol['seeds'][0]}..{protocol['seeds'][-1]}) | " \
+        if repeats > 1 else ""
+    return (f"{', '.join(values)} | {spread}N={protocol['n_samples']} generated vs {describe_reference(protocol)} | "
+            f"G: {describe_generator(protocol)} | TF-Inception, weights {protocol['weights']} | "
+            f"{comparability(protocol)}")
+
+
+def describe_groups(record: dict) -> str:
+    groups = record["protocol"]["groups"]
+    parts = [f"{name} {plus_minus(record, f'group_FID.{name}')} ({len(groups[name])} classes)"
+             for name in GROUPS if name in record["group_FID"]]
+    empty = [name for name in GROUPS if not groups[name]]
+    note = f"; no {'/'.join(empty)} classes" if empty else ""
+    return f"group FID {', '.join(parts)}, mean {plus_minus(record, 'group_FID_mean')}{note}"
+
+
+def describe_generator(protocol: dict) -> str:
+    return "EMA weights" if protocol.get("generator") == "ema" else "raw weights"
+
+
+def describe_reference(protocol: dict) -> str:
+    key = protocol["reference_key"]
+    if not {"dataset", "split", "resolution", "n_images"} <= key.keys():
+        return f"{protocol['reference']} (external statistics)"
+    split = protocol.get("reference_split")
+    role = "" if split is None else f", the balanced reference split '{split}'"
+    long_tail = key.get("extra", {}).get("long_tail")
+    tail = f", long-tailed training data (ratio {long_tail['ratio']:g})" if long_tail else ""
+    return (f"{key['dataset']} {key['split']} {key['resolution']}px, {key['n_images']} images{tail}{role} "
+            f"({protocol['reference']})")
+
+
+def comparability(protocol: dict) -> str:
+    reasons = []
+    if protocol["n_samples"] < PUBLISHED_N:
+        reasons.append(f"N={protocol['n_samples']} < {PUBLISHED_N}, FID biased upward")
+    if protocol.get("splits", 10) != 10:
+        reasons.append(f"IS over {protocol['splits']} split(s), published over 10")
+    if protocol["reference_key"].get("extra", {}).get("long_tail"):
+        reasons.append("the reference is long-tailed training data; gSR scores against the balanced test split")
+    if reasons:
+        return f"not comparable with published numbers ({'; '.join(reasons)})"
+    return "published protocol: comparable with published numbers computed against the same reference"
