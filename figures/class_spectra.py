@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from figures.common import command_line, plt, require_run_folder, run_names, save_figure
+from source.training.runlog import read_jsonl
 
 FILE = "class_spectra.jsonl"
 MAX_ALL_CLASSES = 10  # up to this many classes, every one is drawn by default
@@ -77,22 +78,8 @@ def read_run(run_dir: Path, name: str) -> ClassSpectra:
 
 def read_records(path: Path) -> list[dict]:
     """The checked records of ``path`` ([] when it is missing); a cut-off last line (a crash) is skipped with a note."""
-    if not path.is_file():
-        return []
-    lines = path.read_text().splitlines()
-    records = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            if number == len(lines):
-                print(f"note: {path}:{number} is cut off (a crash or a run still writing it); skipped", file=sys.stderr)
-                break
-            raise ValueError(f"{path}:{number} is not valid JSON ({error})") from None
-        records.append(check_record(record, f"{path}:{number}"))
-    return records
+    return [check_record(record, f"{path}:{number}")
+            for number, record in enumerate(read_jsonl(path, note_torn=True), start=1)]
 
 
 def check_record(record, where: str) -> dict:

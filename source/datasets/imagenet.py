@@ -236,7 +236,33 @@ def load_square_rgb(path: str, size: int) -> torch.Tensor:
     return to_chw_uint8(resize_square(center_crop_square(open_rgb(path)), size))
 
 
-class ImageNet(Dataset):
+class SkipsUnreadable(Dataset):
+    """Items whose image cannot be read are skipped: the next readable one (cyclically) is returned instead.
+
+    Subclasses set ``labels`` and ``_unreadable`` (a shared RawArray of bools, so DataLoader workers' findings
+    are counted once) and define ``_try_load(index) -> tensor or None`` and ``_nothing_readable()``.
+    """
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} images")
+        for offset in range(len(self)):
+            candidate = (index + offset) % len(self)
+            image = None if self._unreadable[candidate] else self._try_load(candidate)
+            if image is not None:
+                return image, int(self.labels[candidate])
+        raise DatasetError(self._nothing_readable())
+
+    @property
+    def n_unreadable(self) -> int:
+        """Distinct items found unreadable so far, by this process or its DataLoader workers."""
+        return int(np.frombuffer(self._unreadable, dtype=np.bool_).sum())
+
+
+class ImageNet(SkipsUnreadable):
     """Items are (uint8 tensor 3 x size x size, label); ``labels`` holds every item's label."""
 
     channels = 3
@@ -265,23 +291,8 @@ class ImageNet(Dataset):
         self.labels = labels if keep is None else labels[keep]
         self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(paths))
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
-            image = None if self._unreadable[candidate] else self._try_load(candidate)
-            if image is not None:
-                return image, int(self.labels[candidate])
-        raise DatasetError(f"dataset.args.root: none of the {len(self)} images under {self.root} can be read")
-
-    @property
-    def n_unreadable(self) -> int:
-        """Distinct files found unreadable so far, by this process or its DataLoader workers."""
-        return int(np.frombuffer(self._unreadable, dtype=np.bool_).sum())
+    def _nothing_readable(self) -> str:
+        return f"dataset.args.root: none of the {len(self)} images under {self.root} can be read"
 
     def path(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self._paths[index]))

@@ -35,9 +35,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
-from source.datasets.imagenet import UNREADABLE_ERRORS, open_rgb
+from source.datasets.imagenet import UNREADABLE_ERRORS, SkipsUnreadable, open_rgb
 from source.datasets.longtail import LongTailArgs, is_active, long_tail_problems, target_counts
 from source.datasets.transforms import DatasetError, resize_square, size_problems, to_chw_uint8
 
@@ -172,7 +171,7 @@ def pack_keys(keys: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(keys), dtype=np.uint8).copy(), offsets
 
 
-class LSUN(Dataset):
+class LSUN(SkipsUnreadable):
     """Items are (uint8 tensor 3 x size x size, label = category index); ``labels`` holds every item's label."""
 
     channels = 3
@@ -197,23 +196,8 @@ class LSUN(Dataset):
         self._keys, self._offsets = pack_keys([key for class_keys in keys for key in class_keys])
         self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(self.labels))
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        for offset in range(len(self)):
-            candidate = (index + offset) % len(self)
-            image = None if self._unreadable[candidate] else self._try_load(candidate)
-            if image is not None:
-                return image, int(self.labels[candidate])
-        raise DatasetError(f"dataset.args.root: none of the {len(self)} LSUN images can be read")
-
-    @property
-    def n_unreadable(self) -> int:
-        """Distinct values found unreadable so far, by this process or its DataLoader workers."""
-        return int(np.frombuffer(self._unreadable, dtype=np.bool_).sum())
+    def _nothing_readable(self) -> str:
+        return f"dataset.args.root: none of the {len(self)} LSUN images can be read"
 
     def key(self, index: int) -> bytes:
         return self._keys[self._offsets[index]:self._offsets[index + 1]].tobytes()

@@ -35,7 +35,7 @@ class LeCam:
         if self.form == "gsr":
             return self.weight * self._gsr_penalty(real, fake, part, iteration)
         with torch.no_grad():
-            self._sums += torch.stack([real.sum(), fake.sum(), torch.tensor(float(len(real)), device=real.device)])
+            self._sums += torch.stack([real.sum(), fake.sum(), real.new_full((), float(len(real)))])
         if iteration < self.start_iteration:
             return real.new_zeros(())
         return self.weight * (F.relu(real - self.anchor_fake).square().mean()

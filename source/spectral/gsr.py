@@ -124,18 +124,20 @@ class GroupSpectralRegularizer:
         iterations = self.iterations * (FIRST_CALL_FACTOR if fresh else 1)
         right = None
         if self.released_beta_estimate:  # the release's bias branch steps u with the gain's v of each step
-            right = torch.stack(self._gain_right_vectors(gain, state, iterations), dim=1)
-        state["u_gain"], state["v_gain"] = power_iterate(gain, state["u_gain"], state["v_gain"], iterations)
+            state["u_gain"], state["v_gain"], right = self._gain_steps(gain, state, iterations)
+        else:
+            state["u_gain"], state["v_gain"] = power_iterate(gain, state["u_gain"], state["v_gain"], iterations)
         state["u_bias"], state["v_bias"] = power_iterate(bias, state["u_bias"], state["v_bias"], iterations, right)
         return sigma(gain, state["u_gain"], state["v_gain"]), sigma(bias, state["u_bias"], state["v_bias"])
 
     @staticmethod
-    def _gain_right_vectors(gain: torch.Tensor, state: dict, iterations: int) -> list[torch.Tensor]:
+    def _gain_steps(gain: torch.Tensor, state: dict, iterations: int) -> tuple[torch.Tensor, ...]:
+        """The gain's power iteration, also returning its v after each step (K, iterations, b)."""
         u, v, rights = state["u_gain"], state["v_gain"], []
         for _ in range(iterations):
             u, v = power_iterate(gain, u, v, 1)
             rights.append(v)
-        return rights
+        return u, v, torch.stack(rights, dim=1)
 
     def _initial_vectors(self, name: str, like: torch.Tensor) -> dict[str, torch.Tensor]:
         """Unit random vectors from (seed, layer name): identical on every rank, on resume and across runs."""

@@ -6,6 +6,7 @@ on, collapse detected, resume, interruption) are records with an ``"event"`` fie
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from source.files import atomic_write_text
@@ -45,8 +46,9 @@ class RunLog:
         self._tb.flush()
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of ``path`` ([] when missing); a half-written last line (training still running) is skipped."""
+def read_jsonl(path: Path, note_torn: bool = False) -> list[dict]:
+    """The records of ``path`` ([] when missing); a half-written last line (training still running) is skipped,
+    with a note on stderr when ``note_torn``."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -59,6 +61,9 @@ def read_jsonl(path: Path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             if number == len(lines):
+                if note_torn:
+                    print(f"note: {path}:{number} is cut off (a crash or a run still writing it); skipped",
+                          file=sys.stderr)
                 break
             raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
     return records
