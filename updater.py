@@ -18,7 +18,7 @@ Mixed precision, channels_last and compilation (``config.performance``) change h
 """
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.nn.utils.parametrizations import _SpectralNorm
 
 from source.config import Config
+from source.links import no_power_iteration
 from source.regularizers import DiffAugment, GeneratorEMA, LeCam
 from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
@@ -71,7 +71,6 @@ def _mix(*parts: int) -> int:
     return seed
 
 
-@contextmanager
 def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
     """Let spectral norm advance its power iteration only when ``enabled``.
 
@@ -79,15 +78,7 @@ def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
     one power step whatever the accumulation and world size: the same global batch then gives the
     same update on 1 or N processes (sngan_projection, 1 forward per step, did one per step too).
     """
-    layers = [] if enabled else [m for model in models for m in model.modules() if isinstance(m, _SpectralNorm)]
-    modes = [layer.training for layer in layers]
-    for layer in layers:
-        layer.training = False
-    try:
-        yield
-    finally:
-        for layer, mode in zip(layers, modes):
-            layer.training = mode
+    return nullcontext() if enabled else no_power_iteration(*models)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

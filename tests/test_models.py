@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from source.links import CategoricalConditionalBatchNorm2d
 from source.models import MODELS, ResNetGenerator, SNResNetProjectionDiscriminator, build_model
-from source.models.resblocks import DiscriminatorBlock, GeneratorBlock, OptimizedBlock
+from source.models.resblocks import DiscriminatorBlock, GeneratorBlock, OptimizedBlock, class_norm, glorot_conv
 
 # §6.4: D conv layers in sorted-name order with their (C_out, C_in*k*k) reshaped weight shapes.
 IMAGENET_D_CONV_MAP = [
@@ -253,7 +253,7 @@ def test_cbn_applies_per_sample_class_affine():
 
 def test_generator_block_matches_manual_computation():
     torch.manual_seed(0)
-    block = GeneratorBlock(4, 6, n_classes=0, spectral_norm=True)
+    block = GeneratorBlock(4, 6, class_norm(0), glorot_conv(spectral_norm=True))
     for bn in (block.b1, block.b2):
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)

@@ -4,9 +4,11 @@ from source.links.conditional_batchnorm import (
     BN_MOMENTUM,
     BatchNorm2d,
     CategoricalConditionalBatchNorm2d,
+    SharedConditionalBatchNorm2d,
     batch_norm_2d,
     set_ghost_batch,
 )
+from source.links.attention import SelfAttention
 from source.links.spectral_norm import (
     SN_EPS,
     SN_POWER_ITERATIONS,
@@ -14,14 +16,18 @@ from source.links.spectral_norm import (
     embedding,
     glorot_init_,
     linear,
+    no_power_iteration,
+    orthogonal_init_,
     spectral_normed,
 )
 
 __all__ = [
     "BN_EPS",
     "BN_MOMENTUM",
+    "SelfAttention",
     "BatchNorm2d",
     "CategoricalConditionalBatchNorm2d",
+    "SharedConditionalBatchNorm2d",
     "batch_norm_2d",
     "set_ghost_batch",
     "SN_EPS",
@@ -30,5 +36,7 @@ __all__ = [
     "embedding",
     "glorot_init_",
     "linear",
+    "no_power_iteration",
+    "orthogonal_init_",
     "spectral_normed",
 ]

@@ -1,8 +1,12 @@
 """Batch normalization with the original's constants and ghost batches, and its class-conditional variant for G."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
+
+from source.links.spectral_norm import no_power_iteration
 
 # Chainer BatchNormalization defaults: eps 2e-5 (torch: 1e-5), decay 0.9 (= torch momentum 0.1).
 # Running variance starts at 1 here (Chainer's CBN starts it at 0); this only matters for eval-mode
@@ -73,6 +77,38 @@ class CategoricalConditionalBatchNorm2d(nn.Module):
     def class_gains_and_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(K, C) per-class gain deviations gamma_y - 1 and biases beta_y: what gSR regularizes."""
         return self.gamma.weight - 1.0, self.beta.weight
+
+
+class SharedConditionalBatchNorm2d(nn.Module):
+    """BigGAN's conditional BN: BatchNorm without affine part, then gain ``1 + W_g c`` and bias ``W_b c`` from the
+    condition c = [shared class embedding of y; this block's z chunk], through bias-free linear maps (spectrally
+    normalized in the released BigGAN).
+
+    The class-only part, which gSR regularizes, is the maps applied to each class's embedding with the z slot zero
+    (the release's ``F.pad(embed, (0, noise_len))``): gamma_y - 1 = W_g[:, :E] e_y, beta_y = W_b[:, :E] e_y.
+    The shared embedding belongs to G; this layer only refers to it (not a submodule: stored and counted once).
+    """
+
+    def __init__(self, num_features: int, shared: nn.Embedding, latent_dim: int,
+                 make_linear: Callable[[int, int], nn.Module], eps: float = BN_EPS, momentum: float = BN_MOMENTUM):
+        super().__init__()
+        self.bn = BatchNorm2d(num_features, eps=eps, momentum=momentum, affine=False)
+        self.gain = make_linear(shared.embedding_dim + latent_dim, num_features)
+        self.bias = make_linear(shared.embedding_dim + latent_dim, num_features)
+        object.__setattr__(self, "shared", shared)  # a reference, not registered (deepcopy of G keeps it G's own)
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        gain = 1.0 + self.gain(condition)[:, :, None, None]
+        return gain * self.bn(x) + self.bias(condition)[:, :, None, None]
+
+    def class_gains_and_biases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, C) class-only gain deviations and biases of every class. Spectral norm takes no power step here,
+        so reading them (gSR, per-class spectra) never changes G's state."""
+        classes = self.shared.weight
+        with no_power_iteration(self):
+            w_gain, w_bias = self.gain.weight, self.bias.weight
+        width = classes.shape[1]
+        return classes @ w_gain[:, :width].T, classes @ w_bias[:, :width].T
 
 
 def batch_norm_2d(num_features: int, n_classes: int) -> nn.Module:

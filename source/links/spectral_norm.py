@@ -10,6 +10,9 @@ Known deviations from Chainer (reference §11.8): torch draws ``u`` normalized a
 power iterations at registration, and never updates ``u`` in eval mode, whereas Chainer's
 SNLinear/SNEmbedID also update it in eval mode.
 """
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -28,17 +31,41 @@ class FP32SpectralNorm(_SpectralNorm):
             return super().forward(weight)
 
 
-def spectral_normed(module: nn.Module) -> nn.Module:
+def spectral_normed(module: nn.Module, eps: float = SN_EPS) -> nn.Module:
     """Registers spectral normalization on ``module.weight`` with the Chainer SN settings (what
-    ``torch.nn.utils.parametrizations.spectral_norm`` registers, as its fp32 variant)."""
-    sn = FP32SpectralNorm(module.weight, n_power_iterations=SN_POWER_ITERATIONS, dim=0, eps=SN_EPS)
+    ``torch.nn.utils.parametrizations.spectral_norm`` registers, as its fp32 variant); StudioGAN's models use
+    ``eps`` 1e-6."""
+    sn = FP32SpectralNorm(module.weight, n_power_iterations=SN_POWER_ITERATIONS, dim=0, eps=eps)
     parametrize.register_parametrization(module, "weight", sn)
     return module
+
+
+@contextmanager
+def no_power_iteration(*models: nn.Module) -> Iterator[None]:
+    """Spectral norm of ``models`` uses its stored (u, v) without a power step while inside (as in eval mode),
+    still differentiable through sigma = u^T W v."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, _SpectralNorm)]
+    modes = [layer.training for layer in layers]
+    for layer in layers:
+        layer.training = False
+    try:
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
 
 
 def glorot_init_(module: nn.Module, gain: float) -> nn.Module:
     """Chainer GlorotUniform(scale=gain) on the weight; biases start at 0 as in Chainer."""
     nn.init.xavier_uniform_(module.weight, gain=gain)
+    if getattr(module, "bias", None) is not None:
+        nn.init.zeros_(module.bias)
+    return module
+
+
+def orthogonal_init_(module: nn.Module) -> nn.Module:
+    """Orthogonal weight, zero bias: BigGAN/StudioGAN's ``ortho`` initialisation (convs, linears, embeddings)."""
+    nn.init.orthogonal_(module.weight)
     if getattr(module, "bias", None) is not None:
         nn.init.zeros_(module.bias)
     return module

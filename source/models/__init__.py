@@ -4,18 +4,24 @@ from typing import Callable
 
 import torch.nn as nn
 
+from source.models.biggan import (BigGANDiscriminator, BigGANGenerator, check_biggan_discriminator_args,
+                                  check_biggan_generator_args)
 from source.models.discriminator import SNResNetProjectionDiscriminator, check_discriminator_args
 from source.models.generator import ResNetGenerator, check_generator_args
 
 MODELS: dict[str, type[nn.Module]] = {
     "ResNetGenerator": ResNetGenerator,
     "SNResNetProjectionDiscriminator": SNResNetProjectionDiscriminator,
+    "BigGANGenerator": BigGANGenerator,
+    "BigGANDiscriminator": BigGANDiscriminator,
 }
 
 # name -> the check its constructor runs first, callable without building (and allocating) the network
 _ARG_CHECKS: dict[str, Callable[..., None]] = {
     "ResNetGenerator": check_generator_args,
     "SNResNetProjectionDiscriminator": check_discriminator_args,
+    "BigGANGenerator": check_biggan_generator_args,
+    "BigGANDiscriminator": check_biggan_discriminator_args,
 }
 
 
@@ -34,4 +40,5 @@ def check_model_args(name: str, args: dict) -> None:
     _ARG_CHECKS[name](**bound.arguments)
 
 
-__all__ = ["MODELS", "build_model", "check_model_args", "ResNetGenerator", "SNResNetProjectionDiscriminator"]
+__all__ = ["MODELS", "build_model", "check_model_args", "ResNetGenerator", "SNResNetProjectionDiscriminator",
+           "BigGANGenerator", "BigGANDiscriminator"]

@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from source.links import embedding, linear
+from source.models.generator import check_labels
 from source.models.resblocks import DiscriminatorBlock, OptimizedBlock
 
 # Blocks after block1 (an OptimizedBlock channels -> ch): (output width in units of ch, downsample).
@@ -43,7 +44,9 @@ class SNResNetProjectionDiscriminator(nn.Module):
             self.l_y = embedding(n_classes, in_channels, gain=1.0, spectral_norm=True)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_labels(y)
+        # The original silently drops the projection term when y is missing; here that is an error,
+        # because a conditional D scored without labels is always a wiring bug.
+        check_labels(self, y)
         h = x
         for name in self.block_names:
             h = getattr(self, name)(h)
@@ -52,15 +55,6 @@ class SNResNetProjectionDiscriminator(nn.Module):
         if self.n_classes > 0:
             score = score + (self.l_y(y) * h).sum(dim=1)
         return score
-
-    def _check_labels(self, y: torch.Tensor | None) -> None:
-        # The original silently drops the projection term when y is missing; here that is an error,
-        # because a conditional D scored without labels is always a wiring bug.
-        if self.n_classes > 0 and y is None:
-            raise ValueError(f"SNResNetProjectionDiscriminator has n_classes={self.n_classes} and needs labels y")
-        if self.n_classes == 0 and y is not None:
-            raise ValueError("SNResNetProjectionDiscriminator has n_classes=0 and takes no labels; pass y=None "
-                             "or build it with n_classes > 0")
 
 
 def check_discriminator_args(*, ch: int, n_classes: int, resolution: int, channels: int, head_bias: bool = True) -> None:
