@@ -10,9 +10,10 @@
 
 Snapshots are `snapshot_iter_N.pt` or `generator_iter_N.pt`; defaults come from the snapshot's
 config (its `evaluation` block, changeable with --set). G's EMA is scored when the snapshot has one
-(--raw-generator: the trained weights). Every printed number states its protocol: generator weights,
-backbone and weights, N, IS splits, reference statistics and split, repeats. Which numbers compare
-with published ones: docs/evaluation.md.
+(--raw-generator: the trained weights); --g-batchnorm running|batch|standing: how G's BatchNorm
+normalizes while generating (default: evaluation.g_batchnorm). Every printed number states its protocol:
+generator weights and BatchNorm mode, backbone and weights, N, IS splits, reference statistics and split,
+repeats. Which numbers compare with published ones: docs/evaluation.md.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from source.datasets import DatasetError
 from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
 from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
-from source.metrics.describe import describe
-from source.metrics.generate import check_classes, generate_uint8, sample_inputs
+from source.metrics.describe import describe, describe_batchnorm
+from source.metrics.generate import G_BATCHNORM_MODES, check_classes, g_batchnorm, generate_uint8, generation_mode
+from source.metrics.generate import sample_inputs
 from source.metrics.longtail import INTRA_FID_MODES, group_notes, intra_fid_protocol, score_repeats, score_request
 from source.metrics.reference import ReferenceUnavailable, dataset_reference, reference_data, resolve_reference
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
@@ -101,6 +103,7 @@ def metrics(args: argparse.Namespace) -> None:
         metrics=config.evaluation.metrics if args.metrics is None else args.metrics,
         inception_weights=args.inception_weights or config.evaluation.inception_weights,
         reference_stats=args.reference or config.evaluation.reference_stats,
+        g_batchnorm=args.g_batchnorm or config.evaluation.g_batchnorm,
     )
     check_settings(settings, world_size=1)
     config = dataclasses.replace(config, evaluation=settings)
@@ -117,7 +120,7 @@ def metrics(args: argparse.Namespace) -> None:
         raise ValueError("none of the requested metrics can be computed (see the notes above)")
     scores = score_repeats(loaded.gen, backbone, reference, request, seeds, device)
     protocol = protocol_record(backbone, request.metrics, settings.n_samples, settings.splits, reference,
-                               loaded.weights, settings.reference_split, seeds)
+                               loaded.weights, settings.reference_split, seeds, request.batchnorm)
     protocol.update(intra_fid_protocol(request, settings, loaded.gen.n_classes))
     record = {"iteration": loaded.iteration, "snapshot": loaded.path, **scores, "protocol": {**protocol, "seed": seed}}
     print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
@@ -140,11 +143,12 @@ def classes(args: argparse.Namespace) -> None:
     print_notes(notes + count_notes)
     seed = config.seed if args.seed is None else args.seed
     settings = config.evaluation
-    report = class_report(loaded.gen, classifier, real, args.samples_per_class, seed, args.repeats,
-                          args.batch_size or settings.batch_size, device, counts, settings.many_above,
-                          settings.few_at_most)
-    report["protocol"].update(generator=loaded.weights, real=real_name, classifier=args.classifier,
-                              classifier_sha256=training.get("sha256"),
+    batchnorm = g_batchnorm(settings, args.g_batchnorm, args.batch_size)
+    with generation_mode(loaded.gen, batchnorm, device):
+        report = class_report(loaded.gen, classifier, real, args.samples_per_class, seed, args.repeats,
+                              batchnorm.batch_size, device, counts, settings.many_above, settings.few_at_most)
+    report["protocol"].update(generator=loaded.weights, **batchnorm.record(), real=real_name,
+                              classifier=args.classifier, classifier_sha256=training.get("sha256"),
                               classifier_test_accuracy=training.get("test_accuracy"))
     record = {"iteration": loaded.iteration, "snapshot": loaded.path, **report}
     print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
@@ -176,19 +180,20 @@ def grids(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
-    batch_size = args.batch_size or loaded.config.evaluation.batch_size
+    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
     out = Path(args.out) if args.out else run_folder(args.snapshot) / "figures" / f"grids_iter_{loaded.iteration}"
     targets = grid_targets(args.classes, gen.n_classes, out)
     check_overwrite([path for _, path in targets], args.force)
     out.mkdir(parents=True, exist_ok=True)
     # The same latents for every class and every snapshot (per --seed): grids are comparable side by side.
     z, _ = sample_inputs(count, gen.dim_z, 0, args.seed)
-    for label, path in targets:
-        labels = None if label is None else torch.full((count,), label)
-        grid = tile(generate_all(loaded, z, labels, batch_size, device), args.rows, args.columns, PADDING)
-        name = "unconditional" if label is None else f"class {label}"
-        titled(grid, f"{name}, iteration {loaded.iteration}").save(path)
-        print(path)
+    with generation_mode(gen, batchnorm, device):
+        for label, path in targets:
+            labels = None if label is None else torch.full((count,), label)
+            grid = tile(generate_all(loaded, z, labels, batchnorm.batch_size, device), args.rows, args.columns, PADDING)
+            name = "unconditional" if label is None else f"class {label}"
+            titled(grid, f"{name}, iteration {loaded.iteration}").save(path)
+            print(path)
 
 
 def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[tuple[int | None, Path]]:
@@ -203,10 +208,11 @@ def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[t
 def samples(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
-    batch_size = args.batch_size or loaded.config.evaluation.batch_size
+    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
     seed = loaded.config.seed if args.seed is None else args.seed
     z, labels = sample_inputs(args.n, loaded.gen.dim_z, loaded.gen.n_classes, seed)
-    images = generate_all(loaded, z, labels, batch_size, device)
+    with generation_mode(loaded.gen, batchnorm, device):
+        images = generate_all(loaded, z, labels, batchnorm.batch_size, device)
     out = Path(args.out)
     if args.format == "npz":
         # arr_0 as N x H x W x C uint8: the layout TTUR's fid.py and OpenAI's ImageNet evaluator read.
@@ -220,7 +226,8 @@ def samples(args: argparse.Namespace) -> None:
         for index, image in enumerate(images):
             suffix = "" if labels is None else f"_class{int(labels[index])}"
             save_png(image, out / f"{index:06d}{suffix}.png")
-    print(f"wrote {args.n} images from {loaded.path} (iteration {loaded.iteration}, seed {seed}) to {out}")
+    print(f"wrote {args.n} images from {loaded.path} (iteration {loaded.iteration}, seed {seed}, "
+          f"{describe_batchnorm(batchnorm.record())}) to {out}")
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -245,6 +252,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         sub.add_argument("--snapshot", required=True, help="snapshot_iter_N.pt or generator_iter_N.pt")
         sub.add_argument("--raw-generator", action="store_true",
                          help="score the trained weights, not G's EMA (which is used when the snapshot has one)")
+        sub.add_argument("--g-batchnorm", choices=G_BATCHNORM_MODES,
+                         help="G's BatchNorm while generating: running statistics (eval mode), each batch's "
+                              "statistics (gSR's release) or standing statistics (BigGAN); default: "
+                              "evaluation.g_batchnorm")
 
     def overrides_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

@@ -75,6 +75,8 @@ def _protocol_key(protocol: dict, metric: str) -> str:
         described = {"dataset", "split", "n_images"} <= key.keys()
         reference = f"{key['dataset']} {key['split']} {key['n_images']} imgs" if described else protocol["reference"]
         parts.append(f"ref {reference}")
+    if protocol.get("g_batchnorm", "running") != "running":  # records without it: running statistics
+        parts.append(f"G BN {protocol['g_batchnorm']} statistics")
     return ", ".join(parts)
 
 

@@ -114,6 +114,11 @@ class EvaluationConfig:
     n_samples: int = 5000          # generated images per evaluation (original: 5000; published numbers: 50000)
     splits: int = 1                # Inception Score splits (original during training: 1; published: 10)
     batch_size: int = 100          # generated and scored per forward
+    # G's BatchNorm while generating: running = eval mode, the running statistics (sngan_projection); batch = each
+    # generation batch's statistics (gSR's StudioGAN release); standing = BigGAN's standing statistics, a cumulative
+    # average over standing_steps seeded forwards of batch_size random (z, y), then eval mode (docs/evaluation.md)
+    g_batchnorm: Literal["running", "batch", "standing"] = "running"
+    standing_steps: int = 16
     metrics: list[Literal["is", "fid", "kid"]] = field(default_factory=lambda: ["is", "fid"])  # [] turns evaluation off
     # torch-fidelity weights .pth, "fid-helper" (offline, FID/KID only), or null: download cache, else fid-helper
     inception_weights: Union[str, None] = None
@@ -338,6 +343,9 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
     for name in ("seed", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
+    if config.evaluation.standing_steps < 1:
+        raise ConfigError(f"{source}: evaluation.standing_steps: must be >= 1 (forwards accumulating G's standing "
+                          f"BatchNorm statistics), got {config.evaluation.standing_steps}")
     gen_classes = config.models.generator.args.get("n_classes", 0)
     dis_classes = config.models.discriminator.args.get("n_classes", 0)
     if gen_classes != dis_classes:

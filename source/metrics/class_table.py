@@ -6,6 +6,7 @@ from torch.utils.data import Dataset
 from source.config import Config, first_line
 from source.datasets import DatasetError, build_dataset, reference_args
 
+from .describe import describe_batchnorm
 from .groups import GROUPS
 from .longtail import training_class_counts
 from .repeats import plus_minus
@@ -60,6 +61,7 @@ def format_class_table(record: dict) -> str:
     repeats = len(protocol["seeds"])
     spread = f"mean ± sample std over {repeats} repeats" if repeats > 1 else "one repeat"
     weights = "the EMA of G" if protocol["generator"] == "ema" else "G (raw weights)"
+    weights = f"{weights} ({describe_batchnorm(protocol)})"
     lines.append(f"classifier FID {plus_minus(record, 'classifier_FID')}, "
                  f"KID {plus_minus(record, 'classifier_KID', 5)} vs {protocol['real_images']} real images "
                  f"({protocol['real']}) | {protocol['samples_per_class']} samples per class of {weights}, {spread} | "

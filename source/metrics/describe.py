@@ -45,7 +45,19 @@ def describe_groups(record: dict) -> str:
 
 
 def describe_generator(protocol: dict) -> str:
-    return "EMA weights" if protocol.get("generator") == "ema" else "raw weights"
+    weights = "EMA weights" if protocol.get("generator") == "ema" else "raw weights"
+    return f"{weights}, {describe_batchnorm(protocol)}"
+
+
+def describe_batchnorm(protocol: dict) -> str:
+    """How G's BatchNorm normalized (records from before g_batchnorm existed: running statistics)."""
+    mode = protocol.get("g_batchnorm", "running")
+    if mode == "batch":
+        return f"BN batch statistics (batches of {protocol['g_batchnorm_batch_size']})"
+    if mode == "standing":
+        return (f"BN standing statistics ({protocol['standing_steps']} x {protocol['standing_batch_size']} samples, "
+                f"seed {protocol['standing_seed']})")
+    return "BN running statistics"
 
 
 def describe_reference(protocol: dict) -> str:

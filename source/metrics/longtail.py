@@ -18,7 +18,7 @@ from torch import nn
 from source.config import Config, EvaluationConfig
 from source.datasets import build_dataset, class_counts
 
-from .generate import check_classes, generated_features, sample_inputs
+from .generate import GBatchNorm, check_classes, g_batchnorm, generated_features, generation_mode, sample_inputs
 from .groups import GROUPS, class_groups
 from .inception import InceptionBackbone
 from .reference import Reference
@@ -62,6 +62,7 @@ class ScoreRequest:
     classes: list[int] | None = None         # intra-FID classes
     groups: dict[str, list[int]] | None = None
     samples_per_class: int = 5000
+    batchnorm: GBatchNorm = GBatchNorm()        # how G's BatchNorm normalizes while generating
 
 
 def score_once(gen: nn.Module, backbone: InceptionBackbone, reference: Reference, request: ScoreRequest,
@@ -86,8 +87,10 @@ def score_once(gen: nn.Module, backbone: InceptionBackbone, reference: Reference
 
 def score_repeats(gen: nn.Module, backbone: InceptionBackbone, reference: Reference, request: ScoreRequest,
                   seeds: list[int], device: torch.device) -> dict:
-    """Means over the seeds, with `repeat_std` (sample std) and `repeats` when there are several."""
-    return summarize([score_once(gen, backbone, reference, request, seed, device) for seed in seeds], seeds)
+    """Means over the seeds, with `repeat_std` (sample std) and `repeats` when there are several; G generates
+    in `request.batchnorm`'s mode (standing statistics accumulated once, the same for every repeat)."""
+    with generation_mode(gen, request.batchnorm, device):
+        return summarize([score_once(gen, backbone, reference, request, seed, device) for seed in seeds], seeds)
 
 
 def score_request(config: Config, n_classes: int, intra_fid: str | None, classes: list[int] | None,
@@ -95,7 +98,7 @@ def score_request(config: Config, n_classes: int, intra_fid: str | None, classes
     """What each repeat computes under `config.evaluation`; intra-FID classes checked, groups from training counts."""
     settings = config.evaluation
     request = ScoreRequest(settings.metrics, settings.n_samples, settings.splits, settings.batch_size, intra_fid,
-                           samples_per_class=samples_per_class)
+                           samples_per_class=samples_per_class, batchnorm=g_batchnorm(settings))
     if classes and intra_fid != "classes":
         raise ValueError("--classes selects intra-FID classes; it needs --intra-fid classes")
     if intra_fid == "classes":

@@ -2,8 +2,9 @@
 
 `evaluation.py` (scoring snapshots) and the `Evaluate` extension (scoring during training) share
 these, so a number from either carries the same protocol: backbone and weights, which generator
-weights (EMA or raw), sample count, IS splits, KID subsets, the reference file with its cache key
-and the reference split, and with repeats their seeds.
+weights (EMA or raw), how G's BatchNorm normalized (`g_batchnorm`: running, batch or standing
+statistics, with the batch size and steps they depend on), sample count, IS splits, KID subsets, the
+reference file with its cache key and the reference split, and with repeats their seeds.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .fid import feature_statistics, frechet_distance, intra_fid
-from .generate import generated_features, sample_inputs
+from .generate import RUNNING, GBatchNorm, generated_features, sample_inputs
 from .groups import GROUPS
 from .inception import FID_HELPER, LOGITS_UNAVAILABLE, PROTOCOL, WEIGHTS_FILE, InceptionBackbone, InceptionFeatures
 from .inception import WeightsUnavailable
@@ -25,7 +26,8 @@ from .statistics import FeatureMoments
 
 METRICS = ("is", "fid", "kid")
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000  # torch-fidelity's defaults; the size is clipped to both sets
-SAMPLING = "G in eval mode, z ~ N(0, I), uniform random labels, uint8 by truncation (original), fixed seed"
+SAMPLING = ("G in eval mode, its BatchNorm as g_batchnorm says, z ~ N(0, I), uniform random labels, uint8 by "
+            "truncation (original), fixed seed")
 IS_CONVENTION = "softmax of the 1008 logits with bias, columns 1..1000 not renormalised, consecutive splits (SNGAN)"
 
 
@@ -139,11 +141,12 @@ def group_fid_score(
 def protocol_record(
     backbone: InceptionBackbone, metrics: list[str], n_samples: int, splits: int, reference: Reference,
     generator: str = "raw", reference_split: str | None = None, seeds: list[int] | None = None,
+    batchnorm: GBatchNorm = RUNNING,
 ) -> dict:
     """Everything a score depends on besides the model, stored with every number."""
     record = {"backbone": PROTOCOL, "weights": backbone.weights, "n_samples": n_samples, "sampling": SAMPLING,
-              "generator": generator, "reference": reference.path, "reference_key": reference.key,
-              "reference_split": reference_split}
+              "generator": generator, **batchnorm.record(), "reference": reference.path,
+              "reference_key": reference.key, "reference_split": reference_split}
     if "is" in metrics:
         record.update(splits=splits, inception_score=IS_CONVENTION)
     if "kid" in metrics:

@@ -3,7 +3,8 @@
 The scores, references and protocol records live in `source.metrics` (`scoring`, `reference`,
 `describe`), shared with `evaluation.py`, so a number from either carries the same protocol.
 Where a run keeps an EMA of G (`updater.ema`), evaluation scores the EMA, as BigGAN and gSR do;
-the protocol record says which weights were scored (`"generator": "ema"` or `"raw"`).
+the protocol record says which weights were scored (`"generator": "ema"` or `"raw"`) and how G's
+BatchNorm normalized while generating (`"g_batchnorm"`, `evaluation.g_batchnorm`).
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from source.config import Config, ConfigError, EvaluationConfig, config_from_dic
 from source.datasets import DatasetError, reference_args
 from source.metrics import FID_HELPER, InceptionBackbone, InceptionFeatures, StatsMismatch, WeightsUnavailable
 from source.metrics.describe import describe
-from source.metrics.generate import concatenate_features, generated_features, sample_inputs, shard_bounds
+from source.metrics.generate import (concatenate_features, g_batchnorm, generated_features, generation_mode,
+                                     sample_inputs, shard_bounds)
 from source.metrics.inception import WEIGHTS_FILE
 from source.metrics.reference import (Reference, ReferenceUnavailable, require_reference_before_distributed_training,
                                       resolve_reference)
@@ -158,6 +160,7 @@ class Evaluate(Extension):
         self._metrics: list[str] = []
         self._disabled = False
         self._weights = "ema" if config.updater.ema.enabled else "raw"
+        self._batchnorm = g_batchnorm(self.settings)
 
     def __call__(self, trainer: Trainer) -> None:
         if self._disabled or (self._backbone is None and not self._prepare(trainer)):
@@ -170,7 +173,8 @@ class Evaluate(Extension):
         n_samples, splits = self.settings.n_samples, self.settings.splits
         record = {"iteration": trainer.iteration, **score(features, self._metrics, self._reference, splits),
                   "protocol": protocol_record(self._backbone, self._metrics, n_samples, splits, self._reference,
-                                              self._weights, self.settings.reference_split)}
+                                              self._weights, self.settings.reference_split,
+                                              batchnorm=self._batchnorm)}
         trainer.log.write(record, file="metrics.jsonl")
         tqdm.write(f"evaluation at iteration {trainer.iteration} ({time.perf_counter() - started:.0f} s): "
                    f"{describe(record)}")
@@ -184,8 +188,9 @@ class Evaluate(Extension):
         z, labels = sample_inputs(self.settings.n_samples, gen.dim_z, gen.n_classes, self.config.seed)
         start, end = shard_bounds(self.settings.n_samples, world.rank, world.size)
         shard_labels = None if labels is None else labels[start:end]
-        return generated_features(gen, self._backbone, z[start:end], shard_labels, self.settings.batch_size,
-                                  world.device)
+        with generation_mode(gen, self._batchnorm, world.device):  # the model comes back unchanged
+            return generated_features(gen, self._backbone, z[start:end], shard_labels, self.settings.batch_size,
+                                      world.device)
 
     def _prepare(self, trainer: Trainer) -> bool:
         """Load weights and reference; all ranks agree on going ahead (no rank may wait on a gather alone)."""
