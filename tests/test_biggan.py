@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import train
+from test_training import CONFIGS
 from source.links import SelfAttention, no_power_iteration
 from source.models import BigGANDiscriminator, BigGANGenerator, biggan
 from source.models.resblocks import DiscriminatorBlock, glorot_conv
@@ -213,6 +214,8 @@ def test_biggan_resume_is_bit_exact_with_every_term_on(tmp_path):
     for key in ("gen", "dis", "gen_ema"):
         assert tensors_equal(a[key], b[key]), key
     assert any(key.startswith("attention.") for key in a["gen"]) and "shared.weight" in a["gen_ema"]
+    assert {"blocks.0.c1", "blocks.3.c2", "attention.query"} <= set(a["updater"]["sr"]["ratios"]), \
+        "SR (on in the tiny runs) acts on every SN conv of BigGAN's D"
     assert (straight / "class_spectra.jsonl").read_text().count("\n") == 2
 
 
@@ -229,3 +232,17 @@ def test_biggan_ddp_two_ranks_match_one_process(tmp_path):
             torch.testing.assert_close(b[net][key], a[net][key], rtol=1e-4, atol=1e-5, msg=f"{net} {key}")
     for key in gen_keys:
         torch.testing.assert_close(b["gen_ema"][key], a["gen_ema"][key], rtol=1e-4, atol=1e-5, msg=f"EMA {key}")
+
+
+@pytest.mark.parametrize("name, counts, terms", [
+    ("cifar10_lt_biggan", ("9,416,196", "2,415,170"), "LeCam 0.1 (gsr form, decay 0.99); gSR (class-balanced w 0.5, "
+                                                      "beta 0.99, 4 power steps); EMA of G 0.9999 from 1000"),
+    ("lsun_lt_biggan", ("17,420,964", "30,547,122"), "gSR (class-balanced w 0.5, beta 0.99"),
+    ("inat19_biggan", ("17,438,884", "31,833,522"), "LeCam 0.01 (gsr form, decay 0.99); gSR (class-balanced w 0.01, "
+                                                    "beta 0.999, 4 power steps); EMA of G 0.9999 from 20000"),
+])
+def test_biggan_configs_dry_run_with_the_release_counts(name, counts, terms, capsys):
+    assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"BigGANGenerator: {counts[0]} parameters" in out and f"BigGANDiscriminator: {counts[1]} parameters" in out
+    assert terms in out and "DiffAugment color,translation,cutout" in out
