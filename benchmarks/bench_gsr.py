@@ -1,10 +1,10 @@
-"""gSR's cost per G step as a fraction of a training iteration (CIFAR-10-LT SNGAN and the ImageNet-128 G).
+"""gSR's cost per G step as a fraction of a training iteration (CIFAR-10-LT SNGAN and BigGAN, the ImageNet-128 G).
 
-    python -m benchmarks.bench_gsr [--iterations 3] [--threads 2] [--out benchmarks/results/gsr_cpu.json]
+    python -m benchmarks.bench_gsr [--iterations 3] [--threads 2] [--models sngan,biggan] [--out ...gsr_cpu.json]
 
-CIFAR-10-LT: configs/gsr/cifar10_lt_sngan.yaml (n_dis 5, batch 64, LeCam, DiffAugment) on synthetic data;
-full iterations are timed with gSR on and off, side by side, and one gSR call (penalty + its backward)
-alone. ImageNet-128: configs/sr_imagenet.yaml with gSR on (1000 classes, 10 conditional BNs); an iteration
+CIFAR-10-LT: configs/gsr/cifar10_lt_{sngan,biggan}.yaml (n_dis 5, batch 64, LeCam, DiffAugment; BigGAN also EMA)
+on synthetic data; full iterations are timed with gSR on and off, side by side, and one gSR call (penalty + its
+backward) alone. ImageNet-128: configs/sr_imagenet.yaml with gSR on (1000 classes, 10 conditional BNs); an iteration
 at micro-batch 32 is timed and extrapolated to the recipe's batch 2048 (64 micro-batches), as
 bench_imagenet_step does. Best of ``--iterations`` after one warm-up.
 """
@@ -49,9 +49,10 @@ def gsr_call(updater) -> None:
     updater.opt_gen.zero_grad(set_to_none=True)
 
 
-def cifar(repeats: int) -> dict:
-    on = build_updater("configs/gsr/cifar10_lt_sngan.yaml", ["dataset.args.count=1280"])
-    off = build_updater("configs/gsr/cifar10_lt_sngan.yaml", ["dataset.args.count=1280", "updater.gsr.enabled=false"])
+def cifar(repeats: int, model: str) -> dict:
+    config = f"configs/gsr/cifar10_lt_{model}.yaml"
+    on = build_updater(config, ["dataset.args.count=1280"])
+    off = build_updater(config, ["dataset.args.count=1280", "updater.gsr.enabled=false"])
     iteration_on, iteration_off = best_seconds(on.update, repeats), best_seconds(off.update, repeats)
     call = best_seconds(lambda: gsr_call(on), repeats)
     return {"iteration_s_gsr_on": iteration_on, "iteration_s_gsr_off": iteration_off, "gsr_call_s": call,
@@ -76,12 +77,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=32)
+    parser.add_argument("--models", default="sngan,biggan", help="CIFAR-10-LT models to time (sngan, biggan)")
     parser.add_argument("--skip-imagenet", action="store_true", help="CIFAR only (the ImageNet G takes minutes)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/gsr_cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {"device": platform.processor() or "cpu", "torch_threads": torch.get_num_threads(),
-              "load_average_1min": os.getloadavg()[0], "cifar10_lt_sngan": cifar(args.iterations)}
+              "load_average_1min": os.getloadavg()[0]}
+    for model in args.models.split(","):
+        result[f"cifar10_lt_{model}"] = cifar(args.iterations, model)
     if not args.skip_imagenet:
         result["imagenet128_sr"] = imagenet(args.iterations, args.micro_batch)
     save_result(result, args.out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = {"a_faithful", "a_fast", "b_sr_spectra", "c_fid", "d_small_models"}
+SECTIONS = {"a_faithful", "a_fast", "b_sr_spectra", "c_fid", "d_small_models", "e_biggan"}
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,9 @@ def test_each_section_measured_its_numbers(bench):
     assert len(small["concurrent"]["2"]["g_iterations_per_s_each"]) == 2
     two = small["concurrent"]["2"]
     assert two["g_iterations_per_s_total"] == sum(two["g_iterations_per_s_each"])
+    biggan = sections["e_biggan"]
+    for setting in ("faithful", "bf16"):
+        assert biggan[setting]["iteration_s"] == statistics.median(biggan[setting]["iterations_s"]) > 0
 
 
 def test_extrapolation_and_ratios_are_computed_from_the_measured_numbers(bench):
@@ -90,6 +93,6 @@ def test_extrapolation_and_ratios_are_computed_from_the_measured_numbers(bench):
 def test_markdown_report_shows_the_sections_and_ratios(bench):
     result, path = bench
     markdown = path.with_suffix(".md").read_text()
-    for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## Ratios", "## (e) Loaders: null"):
+    for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e) CIFAR-10-LT BigGAN", "## Ratios", "## Loaders: null"):
         assert heading in markdown
     assert f"{result['ratios']['imagenet128_fast_speedup_extrapolated']['value']:.3g}" in markdown

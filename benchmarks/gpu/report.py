@@ -23,6 +23,8 @@ RATIOS = {
     "small_fast_over_eager": ("d_small_models.single.fast.g_iterations_per_s", [EAGER], "G-iterations/s, one run"),
     "small_reduce_overhead_over_eager": ("d_small_models.single.fast-reduce-overhead.g_iterations_per_s", [EAGER],
                                          "G-iterations/s, one run"),
+    "biggan_bf16_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.bf16.iteration_s"],
+                            "CIFAR-10-LT BigGAN: faithful / bf16 seconds per iteration"),
 }
 
 
@@ -155,7 +157,16 @@ def small_lines(small: dict) -> list[str]:
     return lines + table(["run", "G-iterations/s (measured)", "note"], small_rows(small)) + [""]
 
 
-SECTION_LINES = {"b_sr_spectra": spectral_lines, "c_fid": fid_lines, "d_small_models": small_lines}
+def biggan_lines(biggan: dict) -> list[str]:
+    lines = ["## (e) CIFAR-10-LT BigGAN iteration (configs/gsr/cifar10_lt_biggan.yaml: batch 64, n_dis 5, LeCam, "
+             "DiffAugment, gSR, EMA)", ""]
+    rows = [[name, biggan.get(name, {}).get("iteration_s"), seconds_list(biggan.get(name, {}).get("iterations_s"))]
+            for name in ("faithful", "bf16")]
+    return lines + table(["setting", "seconds per iteration (median)", "timed iterations"], rows) + [""]
+
+
+SECTION_LINES = {"b_sr_spectra": spectral_lines, "c_fid": fid_lines, "d_small_models": small_lines,
+                 "e_biggan": biggan_lines}
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -170,7 +181,7 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += ["## Ratios (computed from the numbers above)", ""]
     lines += table(["ratio", "value", "what"], [[name, entry["value"], entry["what"]]
                                                  for name, entry in result["ratios"].items()])
-    lines += ["", f"## (e) Loaders: null ({result['loaders_why']})", ""]
+    lines += ["", f"## Loaders: null ({result['loaders_why']})", ""]
     problems = errors(sections)
     lines += ["## Sections that did not finish cleanly", "", *problems, ""] if problems else []
     path.write_text("\n".join(lines) + "\n")
