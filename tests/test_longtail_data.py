@@ -212,6 +212,10 @@ def test_imagenet_folders_long_tail_and_val_split(tmp_path):
     assert check_dataset_args("imagenet", ImageNetArgs(root=str(tmp_path), split="val")) == [
         "dataset.args.val_root: split 'val' needs the folder of validation images (class folders named like root's, "
         "or paths relative to it in val_list_file)"]
+    (tmp_path / "empty_val" / "n00000000").mkdir(parents=True)  # a val folder whose class folder has no images
+    with pytest.raises(DatasetError, match=r"^dataset.args.val_root: no .JPEG"):
+        build_dataset("imagenet", ImageNetArgs(root=str(tmp_path / "train"), split="val",
+                                               val_root=str(tmp_path / "empty_val")))
 
 
 def test_prepared_shards_long_tail_reads_only_the_kept_rows(tmp_path):
@@ -226,6 +230,9 @@ def test_prepared_shards_long_tail_reads_only_the_kept_rows(tmp_path):
     assert [full[row][1] for row in rows] == data.labels.tolist() and len(set(rows)) == 5
     with pytest.raises(DatasetError, match="split 'val' needs dataset.args.val_path"):
         reference_args("imagenet_prepared", PreparedImageNetArgs(path=str(out)), "val")
+    (tmp_path / "not_prepared").mkdir()
+    assert check_dataset_args("imagenet_prepared", PreparedImageNetArgs(
+        path=str(out), split="val", val_path=str(tmp_path / "not_prepared")))[0].startswith("dataset.args.val_path: ")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import (
-    DatasetError, center_crop_square, resize_square, size_problems, to_chw_uint8, to_rgb)
+    DatasetError, center_crop_square, keys_renamed, resize_square, size_problems, to_chw_uint8, to_rgb)
 
 logger = logging.getLogger(__name__)
 
@@ -266,13 +266,16 @@ class ImageNet(SkipsUnreadable):
     """Items are (uint8 tensor 3 x size x size, label); ``labels`` holds every item's label."""
 
     channels = 3
+    root_key = "dataset.args.root"  # the key errors name: val_root for the val split
 
     def __init__(self, args: ImageNetArgs):
         problems = check_imagenet_args(args)
         if problems:
             raise DatasetError(problems[0])
-        root, list_file, _ = split_source(args)
-        self._index(index_images(root, list_file), root, args.size, args.dequantize, args.long_tail)
+        root, list_file, prefix = split_source(args)
+        self.root_key = f"dataset.args.{prefix}root"
+        with keys_renamed({"root": f"{prefix}root", "list_file": f"{prefix}list_file"}):
+            self._index(index_images(root, list_file), root, args.size, args.dequantize, args.long_tail)
 
     def _index(self, scan: FolderScan, root: str, size: int, dequantize: bool, long_tail: LongTailArgs,
                n_classes: Optional[int] = None) -> None:
@@ -292,7 +295,7 @@ class ImageNet(SkipsUnreadable):
         self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(paths))
 
     def _nothing_readable(self) -> str:
-        return f"dataset.args.root: none of the {len(self)} images under {self.root} can be read"
+        return f"{self.root_key}: none of the {len(self)} images under {self.root} can be read"
 
     def path(self, index: int) -> str:
         return os.path.join(self.root, os.fsdecode(self._paths[index]))

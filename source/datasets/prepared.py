@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
-from source.datasets.transforms import DatasetError
+from source.datasets.transforms import DatasetError, keys_renamed
 from source.typed import first_line
 
 FORMAT = "srgans-prepared-imagenet"
@@ -92,7 +92,8 @@ def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
         state = "is a file" if os.path.exists(folder) else "does not exist"
         return [f"{key}: {folder} {state}; it must be a folder made by {PREPARE_HINT}"]
     try:
-        manifest = read_manifest(folder)
+        with keys_renamed({"path": key.removeprefix("dataset.args.")}):
+            manifest = read_manifest(folder)
     except DatasetError as error:
         return [str(error)]
     missing = [name for name in (IMAGES_FILE, LABELS_FILE) if not os.path.isfile(os.path.join(folder, name))]
@@ -138,6 +139,10 @@ class PreparedImageNet(Dataset):
         if problems:
             raise DatasetError(problems[0])
         self.path = split_folder(args)
+        with keys_renamed({"path": "val_path" if args.split == "val" else "path"}):
+            self._open(args)
+
+    def _open(self, args: PreparedImageNetArgs) -> None:
         self.manifest = read_manifest(self.path)
         self.size = self.manifest["size"]
         self.n_classes = self.manifest["n_classes"]

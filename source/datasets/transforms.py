@@ -3,6 +3,9 @@
 Every dataset ends in a uint8 CHW tensor: DataLoader workers then move 4x fewer bytes than
 float32, and a resumed run sees exactly the same pixels; the float conversion lives in the iterator.
 """
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from PIL import Image
@@ -16,6 +19,19 @@ SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})
 
 class DatasetError(Exception):
     """A user-facing problem with a data set (missing files, bad arguments); one-line message."""
+
+
+@contextmanager
+def keys_renamed(renames: dict[str, str]) -> Iterator[None]:
+    """DatasetErrors raised inside name ``dataset.args.<new>`` where they said ``dataset.args.<old>``: the
+    readers name the train split's keys (root, path), a val split reads val_root / val_path instead."""
+    try:
+        yield
+    except DatasetError as error:
+        message = str(error)
+        for old, new in renames.items():
+            message = message.replace(f"dataset.args.{old}:", f"dataset.args.{new}:")
+        raise DatasetError(message) from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
