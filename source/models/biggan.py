@@ -13,7 +13,8 @@ StudioGAN and gSR comes from that function, so it is the default; ``relu_shortcu
 block. Differences from the release: BatchNorm keeps running statistics (the release's have none, so G always
 normalizes by the batch; ``evaluation.g_batchnorm: batch`` evaluates that way), and the release's D also holds a
 shared class embedding that no forward reads (K x 128 parameters), which is left out here. With the weights
-copied over, G, D and the class-only gains match the release's code to float rounding (checked once by hand).
+copied over, G, D and the class-only gains match the release's code to float rounding
+(docs/gsr/check_biggan_against_release.py, its output in docs/gsr/data/biggan_vs_release.txt).
 """
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from source.links import BN_MOMENTUM, BatchNorm2d, SelfAttention, SharedConditionalBatchNorm2d, orthogonal_init_
-from source.links import spectral_normed
+from source.links import (BN_MOMENTUM, BatchNorm2d, SelfAttention, SharedConditionalBatchNorm2d, orthogonal_init_,
+                          spectral_normed)
 from source.models.generator import LatentSampler, check_labels
 from source.models.resblocks import ConvFactory, DiscriminatorBlock, GeneratorBlock, OptimizedBlock
 
