@@ -351,6 +351,8 @@ def test_labels_must_match_conditioning():
 def test_build_model():
     gen = build_model("ResNetGenerator", {"ch": 2, "resolution": 32, "n_classes": 5})
     assert isinstance(gen, ResNetGenerator) and gen.n_classes == 5
-    assert set(MODELS) == {"ResNetGenerator", "SNResNetProjectionDiscriminator"}
-    with pytest.raises(ValueError, match="unknown model 'ResNetGenrator'; known models: ResNetGenerator, SNResNetProjectionDiscriminator"):
+    assert set(MODELS) == {"ResNetGenerator", "SNResNetProjectionDiscriminator", "BigGANGenerator",
+                           "BigGANDiscriminator"}
+    with pytest.raises(ValueError, match="unknown model 'ResNetGenrator'; known models: BigGANDiscriminator, "
+                                         "BigGANGenerator, ResNetGenerator, SNResNetProjectionDiscriminator"):
         build_model("ResNetGenrator", {})
