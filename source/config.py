@@ -50,7 +50,7 @@ class AdamConfig:
 
 @dataclass
 class SRConfig:
-    mode: Literal["dynamic", "static"] = "dynamic"
+    mode: Literal["dynamic", "static", "rescale"] = "dynamic"  # rescale: the W / s_1 control (no reshaping)
     interval: int = 5
     include_linear: bool = False
     rebase_on_resume: bool = False

@@ -173,6 +173,22 @@ def test_static_sr_matches_numpy_and_normalizes():
     assert sr.ratios == {}
 
 
+def test_rescale_control_divides_by_sigma_1_and_keeps_the_spectrum_shape():
+    dis = tiny_dis()
+    sr = SpectralRegularizer("rescale", interval=5)
+    for call in range(2):
+        before = raw_matrices(dis, CONVS + LINEARS)
+        assert sr(dis, 5 * call) is True
+        for name, w in raw_matrices(dis, CONVS).items():
+            s_before = np.linalg.svd(before[name], compute_uv=False)
+            np.testing.assert_allclose(w, before[name] / s_before[0], rtol=1e-5, atol=1e-7)
+            s = np.linalg.svd(w, compute_uv=False)
+            np.testing.assert_allclose(s, s_before / s_before[0], atol=1e-6)  # shape kept, s_1 = 1
+        assert_matrices_close(dis, {name: before[name] for name in LINEARS})
+        perturb(dis, seed=call)
+    assert sr.ratios == {}
+
+
 def test_interval_is_respected():
     dis = tiny_dis()
     sr = SpectralRegularizer("static", interval=5)

@@ -7,6 +7,9 @@ of each spectrally normalized conv of D through its thin SVD, W <- U diag(s') V^
                         vectors are kept, lower singular values can only be raised.
     static (CIFAR):     s' = s / s_1 with its top floor(r/2) entries set to 1; this also rescales W
                         to spectral norm 1, as the original does.
+    rescale (a control, not in the paper): s' = s / s_1, W <- W / s_1: static SR's rescale to spectral
+                        norm 1 without its reshaping of the spectrum. The CPU pilot (collapse_probe.md) found
+                        this alone reproduces part of static SR's benefit; the collapse study runs it as an arm.
 The edit is written into the same Parameter in place, outside autograd; Adam's moments and SN's
 u/v are left alone, so SN keeps dividing by its own estimate of s_1.
 """
@@ -25,7 +28,7 @@ from source.spectral.spectra import (
     write_weight_matrix,
 )
 
-MODES = ("dynamic", "static")
+MODES = ("dynamic", "static", "rescale")
 
 # float32 SVDs rebuild W with a relative error of ~1e-6 (tests/test_spectral.py measures both against
 # numpy float64), the size of a genuine per-step change of W, and float32 gesdd once failed to
@@ -70,6 +73,13 @@ def static_compensation(matrices: torch.Tensor) -> torch.Tensor:
     compensated = s / s[..., :1]
     compensated[..., : s.shape[-1] // 2] = 1
     return _rebuild(u, compensated, vh)
+
+
+def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
+    """The rescale-only control on a batch: W / s_1, the normalized spectrum and singular vectors unchanged."""
+    tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
+    s_1 = torch.linalg.matrix_norm(tall, ord=2, keepdim=True)
+    return matrices / s_1
 
 
 def _rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
@@ -121,7 +131,7 @@ class SpectralRegularizer:
             return False
         layers = spectral_norm_layers(dis, self.kinds)
         matrices = {name: weight_matrix(layer) for name, layer in layers.items()}
-        edited = self._dynamic(matrices) if self.mode == "dynamic" else self._static(matrices)
+        edited = self._dynamic(matrices) if self.mode == "dynamic" else self._stateless(matrices)
         for name, matrix in edited.items():
             write_weight_matrix(layers[name], matrix)
         if _distributed():
@@ -152,10 +162,12 @@ class SpectralRegularizer:
             )
         return envelope.to(device=stack.device, dtype=stack.dtype)
 
-    def _static(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _stateless(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Static SR or the rescale control: each call acts on its own, with no envelope."""
+        compensation = static_compensation if self.mode == "static" else rescale_compensation
         edited = {}
         for names, stack in stack_by_shape(matrices, SVD_DTYPE):
-            edited.update(zip(names, static_compensation(stack)))
+            edited.update(zip(names, compensation(stack)))
         return edited
 
     def _broadcast_from_rank0(self, layers: dict[str, nn.Module], edited: dict[str, torch.Tensor]) -> None:
