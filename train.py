@@ -28,6 +28,7 @@ from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, require_reference_before_distributed_training
 from source.training.extensions import (ClassSpectra, LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
+from source.training.modes import Modes
 from source.training.runlog import truncate_after
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -187,7 +188,7 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
         print(f"resumed from {path} at iteration {trainer.iteration}")
         for line in changes:
             print(f"  config change: {line}")
-        for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE):
+        for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
             truncate_after(trainer.out / name, trainer.iteration)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 
@@ -203,6 +204,7 @@ def make_extensions(config: Config, world: World, class_counts: list[int]) -> li
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
             *([ClassSpectra(config.spectra_interval, class_counts)] if class_counts else []),
             *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
+            *([Modes(config.evaluation.modes_interval, config)] if config.evaluation.modes_interval else []),
             Snapshot(config.snapshot_interval)]
 
 

@@ -131,6 +131,10 @@ class EvaluationConfig:
     # intra-FID groups by training images per class (gSR): many > many_above, few <= few_at_most, medium between
     many_above: int = 100
     few_at_most: int = 40
+    # the collapse study's classifier measures of G (modes, diversity, classifier FID; source/training/modes.py)
+    # -> modes.jsonl every modes_interval iterations (0: off); for 32x32 gray 10-class (Fashion-MNIST) generators
+    modes_interval: int = 0
+    modes_samples: int = 1000
 
 
 @dataclass
@@ -343,6 +347,9 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
     for name in ("seed", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
+    if config.evaluation.modes_interval < 0 or config.evaluation.modes_samples < 20:
+        raise ConfigError(f"{source}: evaluation.modes_interval must be >= 0 (0: off) and evaluation.modes_samples "
+                          f">= 20, got {config.evaluation.modes_interval} and {config.evaluation.modes_samples}")
     if config.evaluation.standing_steps < 1:
         raise ConfigError(f"{source}: evaluation.standing_steps: must be >= 1 (forwards accumulating G's standing "
                           f"BatchNorm statistics), got {config.evaluation.standing_steps}")
