@@ -1,0 +1,124 @@
+"""python -m source.study: run a study (many train.py runs) in resumable chunks, here or on a lent GPU machine.
+
+  run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done)
+  status STUDY                                             each run's progress
+  carry STUDY --setting NAME --to DIR                      what a device call needs, in DIR (git-ignored)
+  device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
+  take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
+
+Runs live in --root (default results/<study name>); see docs/collapse.md for the collapse study.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from source.config import ConfigError
+from source.study import runner, transfer
+from source.study.spec import Study, load_study
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m source.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "status", "carry", "device", "take-back"):
+        command = sub.add_parser(name)
+        command.add_argument("study", help="study YAML, e.g. configs/collapse/gpu_study.yaml")
+        command.add_argument("--root", help="the study's runs (default results/<study name>)")
+        if name in ("run", "device", "carry"):
+            command.add_argument("--setting", action="append", help="only this setting's runs (repeatable)")
+        if name in ("run", "device"):
+            command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
+            command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
+            command.add_argument("--grace", type=float, default=120.0,
+                                 help="seconds a stopped run has to write its snapshot (default 120)")
+    sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored)")
+    sub.choices["device"].add_argument("--carry", required=True, type=Path, help="the folder `carry` filled")
+    sub.choices["device"].add_argument("--out", required=True, type=Path, help="where the results go ($OUT)")
+    sub.choices["take-back"].add_argument("files", type=Path, help="the folder the device call's files came back in")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        study = load_study(args.study)
+        root = Path(args.root or Path("results") / study.path.stem)
+        settings = getattr(args, "setting", None)
+        unknown = sorted(set(settings or []) - {run.setting for run in study.runs})
+        if unknown:
+            raise ConfigError(f"--setting {unknown[0]}: the study has settings "
+                              f"{sorted({run.setting for run in study.runs})}")
+        if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
+            raise ConfigError("--parallel and --budget must be positive")
+        return COMMANDS[args.command](args, study, root, settings)
+    except (ConfigError, transfer.TransferError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def run(args, study: Study, root: Path, settings: list[str] | None) -> int:
+    runner.run_chunk(study, root, args.parallel, settings, runner.budget(args.budget), grace=args.grace)
+    runner.prune(study, root)
+    return show_status(args, study, root, settings)
+
+
+def show_status(args, study: Study, root: Path, settings: list[str] | None) -> int:
+    for row in runner.progress_table(study, root):
+        collapse = f"collapse at {row['collapse']}" if row["collapse"] is not None else ""
+        print(f"{row['run']:<32} {row['status']:<8} {row['iteration']:>7} / {row['target']:<7} {collapse}")
+    return 0
+
+
+def carry(args, study: Study, root: Path, settings: list[str] | None) -> int:
+    """Fill --to with the state of the chosen settings, the data files and the wheels; check the size."""
+    settings = settings or sorted({run.setting for run in study.runs})
+    runner.prune(study, root)
+    transfer.reset(args.to)
+    transfer.write_archive(transfer.state_files(root, settings), root, args.to / transfer.STATE)
+    if study.data_root() is not None:
+        transfer.pack_data(study.data_root(), args.to)
+    transfer.download_wheels(args.to)
+    tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
+                          capture_output=True, text=True).stdout.split()
+    total = transfer.carry_size(args.to, int(tree[0]) if tree else 0)
+    print(f"{args.to}: settings {', '.join(settings)}; the call carries {total / 2**20:.1f} MiB of "
+          f"{transfer.CARRY_LIMIT // 2**20}")
+    return 0
+
+
+def device(args, study: Study, root: Path, settings: list[str] | None) -> int:
+    """On the lent machine: install wheels, restore data and state, run one chunk, pack what changed into --out."""
+    started = time.time()
+    transfer.install_wheels(args.carry)
+    if study.data_root() is not None:
+        transfer.unpack_data(args.carry, study.data_root())
+    if (args.carry / transfer.STATE).is_file():
+        transfer.extract(args.carry / transfer.STATE, root)
+    chunk_start = time.time()
+    runner.run_chunk(study, root, args.parallel, settings, runner.budget(args.budget), grace=args.grace)
+    runner.prune(study, root)
+    parts = transfer.pack_changed(root, chunk_start, args.out)
+    table = runner.progress_table(study, root)
+    (args.out / "progress.json").write_text(json.dumps(table, indent=1))
+    show_status(args, study, root, settings)
+    print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
+    return 0
+
+
+def take_back(args, study: Study, root: Path, settings: list[str] | None) -> int:
+    names = transfer.take_back(args.files, root)
+    removed = runner.prune(study, root)
+    print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
+    return show_status(args, study, root, settings)
+
+
+COMMANDS = {"run": run, "status": show_status, "carry": carry, "device": device, "take-back": take_back}
+
+if __name__ == "__main__":
+    sys.exit(main())

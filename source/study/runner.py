@@ -1,0 +1,210 @@
+"""Running a study in chunks: its runs as concurrent ``train.py`` processes until a time budget, then stopped.
+
+Each chunk starts every run that can go (fresh, continued in place from its latest snapshot, or branched
+from its parent's snapshot once the branch point is known), at most ``parallel`` at a time, the least
+advanced first; a branch whose parent reaches its branch point during the chunk starts then. At the
+budget every process gets SIGTERM, finishes its iteration and writes a snapshot (``Trainer``), so the
+next chunk, here or on another machine, continues exactly there. ``prune`` then keeps only the
+snapshots a later chunk needs: each run's latest, and a parent's branch snapshot until its branch exists.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from source.study.spec import Run, Study
+from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
+from source.training.runlog import read_jsonl
+
+TRAIN = Path(__file__).resolve().parents[2] / "train.py"
+POLL_SECONDS = 2.0
+
+
+def run_folder(root: Path, run: Run) -> Path:
+    return Path(root) / run.setting / f"{run.arm}_s{run.seed}"
+
+
+def console_log(root: Path, run: Run) -> Path:
+    return Path(root) / run.setting / "console" / f"{run.arm}_s{run.seed}.log"
+
+
+def latest_iteration(folder: Path) -> int:
+    snapshots = snapshots_of(folder)
+    return snapshot_iteration(snapshots[-1]) if snapshots else 0
+
+
+def first_collapse(folder: Path) -> int | None:
+    """The iteration of the first collapse the run's detector logged (None: none yet)."""
+    return next((r["iteration"] for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "collapse"), None)
+
+
+def branch_point(study: Study, root: Path, run: Run) -> int | None:
+    """Where ``run`` leaves its parent, once known: the parent's first collapse, or the fixed ``at`` once passed."""
+    parent = run_folder(root, study.run(run.parent))
+    if run.at == "collapse":
+        return first_collapse(parent)
+    return run.at if latest_iteration(parent) >= run.at else None
+
+
+def branch_snapshot(study: Study, root: Path, run: Run) -> Path | None:
+    """The parent's latest snapshot before its collapse (at or before a fixed ``at``); None while unknown."""
+    point = branch_point(study, root, run)
+    if point is None:
+        return None
+    before = [s for s in snapshots_of(run_folder(root, study.run(run.parent)))
+              if snapshot_iteration(s) < point or (run.at != "collapse" and snapshot_iteration(s) == point)]
+    return before[-1] if before else None
+
+
+def status(study: Study, root: Path, run: Run) -> str:
+    """done | started | fresh | ready (a branch that can start) | waiting (its parent has not got there) | never."""
+    folder = run_folder(root, run)
+    iteration = latest_iteration(folder)
+    if iteration >= run.iteration:
+        return "done"
+    if iteration:
+        return "started"
+    if run.parent is None:
+        return "fresh"
+    if branch_snapshot(study, root, run) is not None:
+        return "ready"
+    parent = study.run(run.parent)
+    parent_done = latest_iteration(run_folder(root, parent)) >= parent.iteration
+    return "never" if parent_done or branch_point(study, root, run) is not None else "waiting"
+
+
+def command(study: Study, root: Path, run: Run, python: str) -> list[str]:
+    folder = run_folder(root, run)
+    sets = [arg for override in run.overrides for arg in ("--set", override)]
+    state = status(study, root, run)
+    if state == "started":
+        return [python, str(TRAIN), "--resume", str(snapshots_of(folder)[-1]), "--out", str(folder)]
+    if state == "fresh":
+        return [python, str(TRAIN), "--config", study.spec.base, "--out", str(folder), *sets]
+    return [python, str(TRAIN), "--resume", str(branch_snapshot(study, root, run)), "--out", str(folder), *sets]
+
+
+@dataclass
+class Chunk:
+    stop: str          # what ends the chunk: a budget, or every run done
+    parallel: int
+    started: float = field(default_factory=time.time)
+    runs: dict[str, dict] = field(default_factory=dict)   # name -> {from, to, seconds, returncode}
+
+
+def budget(seconds: float | None) -> Callable[[], bool] | None:
+    """The usual end of a chunk: ``seconds`` after now (None: none, the chunk ends when every run is done)."""
+    if seconds is None:
+        return None
+    deadline = time.time() + seconds
+    return lambda: time.time() >= deadline
+
+
+def run_chunk(study: Study, root: Path, parallel: int, settings: list[str] | None = None,
+              stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
+              echo=print) -> Chunk:
+    """One chunk (see the module docstring) until ``stop()`` or every run is done; ``settings`` limits it to
+    those settings' runs."""
+    root = Path(root)
+    runs = [run for run in study.runs if settings is None or run.setting in settings]
+    chunk, active = Chunk("budget" if stop else "until done", parallel), {}
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))  # the same in every chunk with this --parallel (CPU results depend on the thread count)
+    try:
+        while stop is None or not stop():
+            for name, (process, _) in list(active.items()):
+                if process.poll() is not None:
+                    _finish(chunk, root, study.run(name), active.pop(name), echo)
+            # at most one launch per run and chunk: a run that failed is not retried in a loop
+            ready = [r for r in runs if r.name not in chunk.runs and status(study, root, r) in ("started", "fresh", "ready")]
+            ready.sort(key=lambda r: latest_iteration(run_folder(root, r)))
+            for run in ready[:max(0, parallel - len(active))]:
+                chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
+                active[run.name] = (_launch(study, root, run, python, threads, echo), time.time())
+            if not active:
+                break
+            time.sleep(POLL_SECONDS)
+    finally:  # the budget, Ctrl-C or an error here: every run still writes its snapshot
+        _stop(active, grace, echo)
+        for name in list(active):
+            _finish(chunk, root, study.run(name), active.pop(name), echo)
+        _append_history(root, chunk)
+    return chunk
+
+
+def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo) -> subprocess.Popen:
+    folder = run_folder(root, run)
+    if folder.exists() and not snapshots_of(folder):
+        shutil.rmtree(folder)  # stopped before its first snapshot: nothing to keep, and train.py wants it empty
+    args = command(study, root, run, python)
+    log = console_log(root, run)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"start {run.name}: {' '.join(args[2:6])} ...")
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    with open(log, "a") as handle:
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _stop(active: dict, grace: float, echo) -> None:
+    """SIGTERM: each run finishes its iteration and writes a snapshot; SIGKILL after ``grace`` seconds."""
+    for process, _ in active.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    end = time.time() + grace
+    for name, (process, _) in active.items():
+        try:
+            process.wait(timeout=max(0.0, end - time.time()))
+        except subprocess.TimeoutExpired:
+            echo(f"{name}: no snapshot within {grace:.0f} s of SIGTERM; killed (it continues from its last one)")
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
+    process, started = entry
+    record = chunk.runs[run.name]
+    record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
+                  returncode=process.returncode)
+    if process.returncode not in (0, None):
+        echo(f"{run.name}: train.py exited with {process.returncode}; see {console_log(root, run)}")
+    echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
+
+
+def _append_history(root: Path, chunk: Chunk) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
+              "parallel": chunk.parallel, "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
+    with open(root / "chunks.jsonl", "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def prune(study: Study, root: Path) -> list[Path]:
+    """Delete the snapshots (and generator exports) no later chunk needs; returns what went."""
+    keep = set()
+    for run in study.runs:
+        snapshots = snapshots_of(run_folder(root, run))
+        keep.update(snapshots[-1:])
+        if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
+            keep.update(filter(None, [branch_snapshot(study, root, run)]))  # the parent's latest is kept anyway
+    removed = []
+    for run in study.runs:
+        folder = run_folder(root, run)
+        for snapshot in snapshots_of(folder):
+            if snapshot not in keep:
+                for path in (snapshot, generator_path(folder, snapshot_iteration(snapshot))):
+                    path.unlink(missing_ok=True)
+                    removed.append(path)
+    return removed
+
+
+def progress_table(study: Study, root: Path) -> list[dict]:
+    """Per run: status, latest snapshot's iteration, target, first detected collapse."""
+    return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
+             "target": run.iteration, "collapse": first_collapse(run_folder(root, run))} for run in study.runs]

@@ -1,0 +1,138 @@
+"""A study file: one base experiment, the settings and arms it compares, the seeds; each run checked up front.
+
+```yaml
+base: configs/collapse/fmnist_cifar_recipe_ch32.yaml   # the experiment every run starts from
+seeds: [0, 1, 2]
+set: [evaluation.modes_interval=1000]                  # --set overrides of every run
+settings: {b64: [], b16: [batchsize=16, gen_batchsize=32, micro_batchsize=16]}   # one folder each
+arms:
+  sn: {}                                               # the base as it is
+  static_sr: {set: [updater.apply_SR=true, updater.sr.mode=static]}
+  sr_resumed: {branch: sn, at: collapse, set: [updater.apply_SR=true, updater.sr.mode=dynamic]}
+```
+A run is (setting, arm, seed), in the folder ``ROOT/<setting>/<arm>_s<seed>``. A branching arm continues
+its parent arm's run of the same setting and seed from the parent's latest snapshot before ``at``: an
+iteration, or ``collapse``, the first collapse the parent's detector logs (``event: collapse``); the
+branch's ``set`` is applied on top of the parent's settings at the resume. Problems are one-line
+``ConfigError``s naming the file and key, found before any run starts.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+from source.config import Config, ConfigError, load_config
+from source.typed import reject_unknown, validate_dataclass, validate_value
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclass
+class ArmSpec:
+    set: list[str] = field(default_factory=list)
+    branch: Union[str, None] = None                      # the parent arm (same setting and seed)
+    at: Union[int, Literal["collapse"]] = "collapse"     # where the branch leaves its parent
+
+
+@dataclass
+class StudySpec:
+    base: str
+    arms: dict
+    seeds: list[int] = field(default_factory=lambda: [0])
+    set: list[str] = field(default_factory=list)
+    settings: dict = field(default_factory=lambda: {"default": []})
+
+
+@dataclass(frozen=True)
+class Run:
+    setting: str
+    arm: str
+    seed: int
+    overrides: tuple[str, ...]          # of a fresh run; a branch's own `set` for its resume
+    parent: Union[str, None] = None     # the parent run's name
+    at: Union[int, str] = "collapse"
+    iteration: int = 0                  # the run's target (the config's `iteration`)
+
+    @property
+    def name(self) -> str:
+        return f"{self.setting}/{self.arm}_s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Study:
+    path: Path
+    spec: StudySpec
+    runs: tuple[Run, ...]
+
+    def run(self, name: str) -> Run:
+        return next(run for run in self.runs if run.name == name)
+
+    def data_root(self) -> Path | None:
+        """The folder the runs read their data from (None for data without one, e.g. synthetic)."""
+        first = next(run for run in self.runs if run.parent is None)
+        root = getattr(load_config(self.spec.base, list(first.overrides)).dataset.args, "root", None)
+        return None if root is None else Path(root)
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    source = str(path)
+    if not path.is_file():
+        raise ConfigError(f"{source}: no such study file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
+    spec = validate_dataclass(raw, StudySpec, "", source)
+    arms = {name: validate_dataclass(value if value is not None else {}, ArmSpec, f"arms.{name}", source)
+            for name, value in spec.arms.items()}
+    settings = {name: validate_value(value or [], list[str], f"settings.{name}", source)
+                for name, value in spec.settings.items()}
+    _check_names(arms, settings, spec.seeds, source)
+    runs = [run for setting, extra in settings.items() for name, arm in arms.items() for seed in spec.seeds
+            for run in [_run(spec, setting, extra, name, arm, seed, arms, source)]]
+    return Study(path, spec, tuple(runs))
+
+
+def _check_names(arms: dict[str, ArmSpec], settings: dict, seeds: list[int], source: str) -> None:
+    if not arms or not settings or not seeds:
+        raise ConfigError(f"{source}: arms, settings and seeds must each name at least one")
+    for key, names in (("arms", arms), ("settings", settings)):
+        for name in names:
+            if not NAME.fullmatch(str(name)):
+                raise ConfigError(f"{source}: {key}.{name}: names are letters, digits, '_', '.', '-' (folder names)")
+    if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"{source}: seeds: need distinct seeds >= 0, got {seeds}")
+    for name, arm in arms.items():
+        if arm.branch is not None:
+            reject_unknown({arm.branch: None}, [a for a in arms if a != name], f"arms.{name}.branch", source)
+            if arms[arm.branch].branch is not None:
+                raise ConfigError(f"{source}: arms.{name}.branch: {arm.branch} is itself a branch; branch from an "
+                                  "arm that starts from scratch")
+        if isinstance(arm.at, int) and arm.at < 1:
+            raise ConfigError(f"{source}: arms.{name}.at: an iteration >= 1 or 'collapse', got {arm.at}")
+
+
+def _run(spec: StudySpec, setting: str, extra: list[str], name: str, arm: ArmSpec, seed: int,
+         arms: dict[str, ArmSpec], source: str) -> Run:
+    """The run, its config built now so that a bad override stops the study before anything starts."""
+    fresh = [*spec.set, *extra, f"seed={seed}"]
+    where = f"{source} (setting {setting}, arm {name}, seed {seed})"
+    config = _config(spec.base, [*fresh, *(arms[arm.branch].set if arm.branch else []), *arm.set], where)
+    if arm.branch is None:
+        return Run(setting, name, seed, (*fresh, *arm.set), iteration=config.iteration)
+    if isinstance(arm.at, int) and arm.at >= config.iteration:
+        raise ConfigError(f"{source}: arms.{name}.at: {arm.at} is not before the run's end ({config.iteration})")
+    return Run(setting, name, seed, tuple(arm.set), parent=f"{setting}/{arm.branch}_s{seed}", at=arm.at,
+               iteration=config.iteration)
+
+
+def _config(base: str, overrides: list[str], where: str) -> Config:
+    try:
+        return load_config(base, overrides)
+    except ConfigError as error:
+        raise ConfigError(f"{where}: {error}") from None

@@ -1,0 +1,149 @@
+"""Moving a study to a lent GPU machine and back: a call carries 64 MiB in (the working tree included) and
+at most 8 files of 16 MiB out (/work/.library/device/README.md).
+
+In: the state a chunk continues from (each run's config, logs and kept snapshots; no spectra, sample grids,
+tensorboard files or generator exports, which stay here), the data set's files, and the wheels of packages
+the GPU image lacks; all xz-compressed. Out: every file the chunk wrote or changed, as one xz-compressed
+tar split into parts. Archives are unpacked with tarfile's "data" filter: no absolute paths, no links out.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+CARRY_LIMIT = 64 * 2**20
+PART_BYTES = 15 * 2**20
+MAX_PARTS = 8
+LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
+STATE = "state.tar.xz"
+PARTS = "study.tar.xz.part"
+WHEELS = ["tensorboardX"]  # what train.py needs and the GPU image (torch 2.11, tensorboard) lacks
+
+
+class TransferError(RuntimeError):
+    """A study that cannot travel as asked (too large, parts missing)."""
+
+
+def state_files(root: Path, settings: list[str]) -> list[Path]:
+    """The files a chunk needs to continue ``settings``' runs (see the module docstring)."""
+    files = []
+    for setting in settings:
+        for path in sorted((Path(root) / setting).rglob("*")):
+            relative = path.relative_to(root).parts
+            if path.is_file() and not LOCAL_ONLY & set(relative) and not path.name.startswith(("generator_iter_", ".")):
+                files.append(path)
+    return files
+
+
+def write_archive(files: list[Path], base: Path, destination: Path) -> Path:
+    """An xz tar of ``files`` named relative to ``base`` (preset 1: weights barely compress further)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(destination, "w:xz", preset=1) as archive:
+        for path in files:
+            archive.add(path, arcname=str(path.relative_to(base)))
+    return destination
+
+
+def extract(data: bytes | Path, root: Path) -> list[str]:
+    """Unpack an xz tar into ``root``; returns the member names."""
+    source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
+    with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
+        archive.extractall(root, filter="data")
+        return archive.getnames()
+
+
+def pack_changed(root: Path, since: float, out: Path) -> list[Path]:
+    """Every file under ``root`` modified at or after ``since``, as parts of one xz tar in ``out``."""
+    files = [p for p in sorted(Path(root).rglob("*")) if p.is_file() and p.stat().st_mtime >= since]
+    archive = write_archive(files, Path(root), Path(out) / "study.tar.xz")
+    data = archive.read_bytes()
+    archive.unlink()
+    parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
+    if len(parts) > MAX_PARTS:
+        raise TransferError(f"the chunk's results take {len(data) / 2**20:.0f} MiB compressed, over the "
+                            f"{MAX_PARTS} x {PART_BYTES // 2**20} MiB a call returns; run fewer settings per chunk")
+    paths = []
+    for number, part in enumerate(parts):
+        paths.append(Path(out) / f"{PARTS}{number:02d}")
+        paths[-1].write_bytes(part)
+    return paths
+
+
+def take_back(parts_dir: Path, root: Path) -> list[str]:
+    """Unpack the parts a chunk returned (``pack_changed``) into the study's ``root``."""
+    parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
+    if not parts:
+        raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
+    numbers = [int(p.name[len(PARTS):]) for p in parts]
+    if numbers != list(range(len(parts))):
+        raise TransferError(f"{parts_dir}: parts {numbers} are not 0..{len(parts) - 1}; one did not come back")
+    return extract(b"".join(p.read_bytes() for p in parts), Path(root))
+
+
+def pack_data(dataset_root: Path, carry: Path) -> list[Path]:
+    """xz copies of the data set's files (a flat folder such as Fashion-MNIST's four .gz files). A gzipped file
+    is carried as its content, which xz packs 15 % smaller, and arrives unzipped (the loaders read both)."""
+    files = sorted(p for p in Path(dataset_root).iterdir() if p.is_file())
+    if not files:
+        raise TransferError(f"{dataset_root}: no data files to carry")
+    (carry / "data").mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in files:
+        written.append(carry / "data" / f"{path.name.removesuffix('.gz')}.xz")
+        if not written[-1].is_file() or written[-1].stat().st_mtime < path.stat().st_mtime:  # a minute per file
+            data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
+            written[-1].write_bytes(lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))
+    return written
+
+
+def unpack_data(carry: Path, dataset_root: Path) -> None:
+    """Restore the carried data files into ``dataset_root``, where the study's configs read them."""
+    Path(dataset_root).mkdir(parents=True, exist_ok=True)
+    for path in sorted((carry / "data").glob("*.xz")):
+        target = Path(dataset_root) / path.name.removesuffix(".xz")
+        if not target.is_file() and not target.with_name(target.name + ".gz").is_file():
+            target.write_bytes(lzma.decompress(path.read_bytes()))
+
+
+def download_wheels(carry: Path) -> None:
+    """Pure-Python wheels of WHEELS at this environment's versions, for the GPU image's Python 3.12."""
+    from importlib.metadata import version
+
+    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux2014_x86_64",
+                    "-d", str(carry / "wheels"), *pins], check=True)
+
+
+def install_wheels(carry: Path, target: Path = Path("/tmp/study-site")) -> None:
+    """Install the carried wheels where ``train.py`` processes started from here will import them."""
+    wheels = sorted((carry / "wheels").glob("*.whl"))
+    if not wheels:
+        return
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(target), *map(str, wheels)], check=True)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
+
+
+def carry_size(carry: Path, tree_bytes: int) -> int:
+    """Bytes a device call would carry; a TransferError when over the limit."""
+    total = tree_bytes + sum(p.stat().st_size for p in Path(carry).rglob("*") if p.is_file())
+    if total > CARRY_LIMIT:
+        raise TransferError(f"the call would carry {total / 2**20:.1f} MiB (working tree {tree_bytes / 2**20:.1f} MiB "
+                            f"included), over {CARRY_LIMIT // 2**20} MiB; carry fewer settings per call")
+    return total
+
+
+def reset(carry: Path) -> None:
+    """An empty carry folder, except for the compressed data files, which are kept for the next call."""
+    for path in Path(carry).glob("*"):
+        if path.name != "data":
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    Path(carry).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,155 @@
+"""Studies in chunks (python -m source.study): the file, stops and continuation, branches, pruning, transfer."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from source.config import ConfigError
+from source.study import __main__ as study_cli
+from source.study import runner, transfer
+from source.study.spec import load_study
+from source.training.checkpoint import load_snapshot, snapshots_of
+from source.training.runlog import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
+# the collapse study's base, shrunk to seconds on synthetic data; deterministic, so chunks can be compared bit for bit
+TOY = ["dataset.name=synthetic", "dataset.args={n_classes: 10, size: 32, channels: 1, count: 64}",
+       "models.generator.args.ch=4", "models.discriminator.args.ch=4", "batchsize=4", "gen_batchsize=8",
+       "micro_batchsize=4", "snapshot_interval=2", "spectra_interval=2", "display_interval=1",
+       "evaluation.modes_interval=0", "updater.n_dis=1", "preview_interval=1000", "deterministic=true"]
+
+
+def write_study(tmp_path: Path, iterations: int, **arms) -> Path:
+    arms = arms or {"sn": {}, "resumed": {"branch": "sn", "at": 2, "set": ["updater.apply_SR=true"]}}
+    study = {"base": str(ROOT / BASE), "seeds": [0], "set": TOY + [f"iteration={iterations}"],
+             "settings": {"tiny": []}, "arms": arms}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    return path
+
+
+def iterations_logged(folder: Path) -> int:
+    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
+
+
+@pytest.mark.parametrize("arms, message", [
+    ({"sn": {"sett": []}}, "arms.sn.sett: unknown key"),
+    ({"sn": {}, "b": {"branch": "sm"}}, "arms.b.branch.sm: unknown key"),
+    ({"sn": {}, "b": {"branch": "sn"}, "c": {"branch": "b"}}, "b is itself a branch"),
+    ({"sn": {"set": ["adam_G.alpah=1"]}}, "arm sn, seed 0.*adam_G.alpah"),
+    ({"sn": {}, "b": {"branch": "sn", "at": 9}}, "arms.b.at: 9 is not before the run's end"),
+])
+def test_study_file_problems_are_one_line_errors(tmp_path, arms, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        load_study(write_study(tmp_path, 9, **arms))
+    assert "\n" not in str(error.value)
+
+
+def test_a_branch_leaves_its_parent_at_the_last_snapshot_before_its_first_collapse(tmp_path):
+    study = load_study(write_study(tmp_path, 50, sn={}, resumed={"branch": "sn", "at": "collapse"}))
+    parent, branch = study.runs
+    folder = runner.run_folder(tmp_path, parent)
+    (folder / "snapshots").mkdir(parents=True)
+    for iteration in (10, 20, 30):
+        (folder / "snapshots" / f"snapshot_iter_{iteration}.pt").write_bytes(b"")
+    records = [{"iteration": 20, "loss_dis": 1.0}, {"iteration": 30, "event": "collapse", "layers": ["x"]},
+               {"iteration": 40, "event": "collapse", "layers": ["y"]}]
+    assert runner.status(study, tmp_path, branch) == "waiting"
+    (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert runner.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_20.pt"
+    assert runner.status(study, tmp_path, branch) == "ready"
+    assert [p.name for p in runner.prune(study, tmp_path)] == ["snapshot_iter_10.pt", "generator_iter_10.pt"]
+    (folder / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
+    (folder / "snapshots" / "snapshot_iter_50.pt").write_bytes(b"")  # the parent ended without a collapse
+    assert runner.status(study, tmp_path, branch) == "never"
+
+
+def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path):
+    study = load_study(write_study(tmp_path, 40))
+    root = tmp_path / "runs"
+    sn, resumed = study.runs
+    sn_folder, branch_folder = runner.run_folder(root, sn), runner.run_folder(root, resumed)
+    # chunk 1: stopped (SIGTERM) once the parent has a snapshot past the branch point; the branch may have started
+    runner.run_chunk(study, root, parallel=2, stop=lambda: runner.latest_iteration(sn_folder) >= 4, echo=lambda _: 0)
+    stopped = runner.latest_iteration(sn_folder)
+    assert 4 <= stopped < 40 and iterations_logged(sn_folder) == stopped
+    assert any(r.get("event") == "interrupted" for r in read_jsonl(sn_folder / "log.jsonl"))
+    runner.prune(study, root)
+    kept = [int(p.stem.rsplit("_", 1)[1]) for p in snapshots_of(sn_folder)]
+    assert kept == ([stopped] if snapshots_of(branch_folder) else [2, stopped])  # 2: the branch has yet to start
+    # chunk 2: until done; the parent continues in its own folder, the branch from the parent's snapshot at 2
+    chunk = runner.run_chunk(study, root, parallel=2, echo=lambda _: 0)
+    assert chunk.runs["tiny/sn_s0"]["from"] == stopped and chunk.runs["tiny/sn_s0"]["to"] == 40
+    assert [row["status"] for row in runner.progress_table(study, root)] == ["done", "done"]
+    events = [r for r in read_jsonl(sn_folder / "log.jsonl") if r.get("event") == "resumed"]
+    assert events[-1]["iteration"] == stopped and events[-1]["changes"] == []
+    assert [r["iteration"] for r in read_jsonl(sn_folder / "log.jsonl") if "loss_dis" in r] == list(range(1, 41))
+    branch_start = next(r for r in read_jsonl(branch_folder / "log.jsonl") if r.get("event") == "resumed")
+    assert branch_start["iteration"] == 2 and branch_start["snapshot"].endswith("sn_s0/snapshots/snapshot_iter_2.pt")
+    # the baseline stopped and continued is bit-identical to the same run in one go (same threads: also a chunk)
+    (tmp_path / "straight").mkdir()
+    straight = load_study(write_study(tmp_path / "straight", 40, sn={}))
+    runner.run_chunk(straight, tmp_path / "straight", parallel=2, echo=lambda _: 0)
+    a = load_snapshot(snapshots_of(sn_folder)[-1])
+    b = load_snapshot(snapshots_of(runner.run_folder(tmp_path / "straight", straight.runs[0]))[-1])
+    assert a["iteration"] == b["iteration"] == 40
+    assert all(torch.equal(a[net][k], b[net][k]) for net in ("gen", "dis") for k in a[net])
+
+
+def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
+    study_file = write_study(tmp_path, 6)
+    study = load_study(study_file)
+    here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
+    assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600"]) == 0
+    transfer.reset(carry)
+    transfer.write_archive(transfer.state_files(here, ["tiny"]), here, carry / transfer.STATE)
+    names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
+    assert "tiny/sn_s0/snapshots/snapshot_iter_6.pt" in names and "tiny/sn_s0/log.jsonl" in names
+    assert not [n for n in names if "/spectra/" in n or "/samples/" in n or "generator_iter" in n]
+    # the device side: restore, one chunk (nothing left to do), pack what changed
+    out.mkdir()
+    assert study_cli.main(["device", str(study_file), "--root", str(there), "--carry", str(carry), "--out", str(out),
+                           "--budget", "60"]) == 0
+    progress = json.loads((out / "progress.json").read_text())
+    assert [row["status"] for row in progress] == ["done", "done"]
+    parts = sorted(out.glob(transfer.PARTS + "*"))
+    assert parts and all(p.stat().st_size <= transfer.PART_BYTES for p in parts)
+    back = tmp_path / "back"
+    assert study_cli.main(["take-back", str(study_file), "--root", str(back), str(out)]) == 0
+    assert (back / "chunks.jsonl").is_file()  # the device's chunk record came back; the untouched state did not
+    assert not (back / "tiny" / "sn_s0" / "snapshots").exists()
+    parts[-1].rename(out / "elsewhere")
+    if len(parts) == 1:
+        with pytest.raises(transfer.TransferError, match="no study.tar.xz.partNN"):
+            transfer.take_back(out, back)
+    assert "done" in capsys.readouterr().out
+
+
+def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    old = root / "a" / "old.txt"
+    old.write_text("old")
+    os.utime(old, (1, 1))
+    (root / "a" / "new.bin").write_bytes(os.urandom(3000))
+    monkeypatch.setattr(transfer, "PART_BYTES", 1000)
+    parts = transfer.pack_changed(root, since=100, out=tmp_path)
+    assert len(parts) >= 3
+    assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/new.bin"]
+    assert (tmp_path / "back" / "a" / "new.bin").read_bytes() == (root / "a" / "new.bin").read_bytes()
+    parts[1].unlink()
+    with pytest.raises(transfer.TransferError, match="one did not come back"):
+        transfer.take_back(tmp_path, tmp_path / "again")
+
+
+def test_the_collapse_study_file_names_thirty_runs_and_their_branches():
+    study = load_study(ROOT / "configs" / "collapse" / "gpu_study.yaml")
+    assert len(study.runs) == 30 and {run.iteration for run in study.runs} == {50000}
+    branches = [run for run in study.runs if run.parent]
+    assert [run.parent for run in branches][:3] == ["b64/sn_s0", "b64/sn_s1", "b64/sn_s2"]
+    assert all(run.at == "collapse" for run in branches)
+    assert study.data_root() == Path("/usr/share/datasets/fashion-mnist")
