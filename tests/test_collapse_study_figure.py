@@ -1,0 +1,66 @@
+"""figures.collapse_study: the study's summary over seeds and its curves, from run folders written here."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from figures import collapse_study
+from figures.common import command_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(folder: Path, name: str, records: list[dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def measures(iteration: int, modes: int, diversity: float, fid: float) -> dict:
+    return {"iteration": iteration, "modes": modes, "diversity": diversity, "classifier_FID": fid, "entropy": 2.0}
+
+
+@pytest.fixture
+def study(tmp_path):
+    spec = {"base": str(ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"), "seeds": [0, 1], "set": [],
+            "settings": {"b64": []}, "arms": {"sn": {}, "sr_resumed": {"branch": "sn", "set": ["updater.apply_SR=true"]}}}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runs = tmp_path / "runs" / "b64"
+    scores = lambda values: [{"iteration": 10 * (i + 1), "collapse_score/dis/mean": v} for i, v in enumerate(values)]  # noqa: E731
+    losses = [{"iteration": it, "loss_dis": 1.0} for it in (10, 20, 30, 40)]
+    write(runs / "sn_s0", "log.jsonl", losses + scores([0.8, 0.8, 0.3, 0.2]) +
+          [{"iteration": 30, "event": "collapse", "layers": ["block4.c2"]}])
+    write(runs / "sn_s0", "modes.jsonl", [measures(10, 10, 0.9, 50), measures(20, 9, 0.8, 60),
+                                          measures(30, 3, 0.3, 200), measures(40, 2, 0.2, 300)])
+    write(runs / "sn_s1", "log.jsonl", losses + scores([0.8, 0.82, 0.84, 0.85]))
+    write(runs / "sn_s1", "modes.jsonl", [measures(40, 10, 1.0, 40)])
+    write(runs / "sr_resumed_s0", "log.jsonl", [{"iteration": 20, "event": "resumed"},
+                                                {"iteration": 20, "event": "sr_start", "mode": "dynamic"},
+                                                {"iteration": 30, "loss_dis": 1.0}, {"iteration": 40, "loss_dis": 1.0},
+                                                *scores([0.8, 0.8, 0.8, 0.8])[2:]])
+    write(runs / "sr_resumed_s0", "modes.jsonl", [measures(30, 9, 0.8, 70), measures(40, 9, 0.85, 65)])
+    return path
+
+
+def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study, tmp_path, capsys):
+    out = tmp_path / "report"
+    summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(out)])
+    sn = summary["arms"]["b64/sn"]
+    assert sn["collapses"] == [30, None] and sn["collapse_iteration"] == [30.0, 0.0]
+    assert sn["reached"] == [40, 40]
+    assert sn["end"]["modes"] == pytest.approx([6.0, (2 * 4 ** 2) ** 0.5])  # seeds end at 2 and 10 modes
+    assert sn["before_collapse"]["modes"] == [9.0, 0.0]  # seed 0's last record before its collapse at 30
+    resumed = summary["runs"]["b64/sr_resumed_s0"]
+    assert resumed["branched_at"] == 20 and resumed["sr_start"] == 20
+    assert [m["iteration"] for m in resumed["measures"]] == [10, 20, 30, 40]  # the parent's 10 and 20 in front
+    assert summary["runs"]["b64/sr_resumed_s1"]["reached"] == 0  # never started: its parent did not collapse
+    table = capsys.readouterr().out
+    assert "| b64/sn | 40, 40 | 1 of 2 (30) | 6.0 ± 5.7 |" in table
+    assert (out / "study_b64_curves.png").stat().st_size > 10_000
+    assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
+
+
+def test_a_missing_study_folder_is_a_one_line_error(study, tmp_path, capsys):
+    assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "nowhere")]) == 2
+    assert "does not exist; run the study first" in capsys.readouterr().err
