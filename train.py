@@ -29,6 +29,7 @@ from source.training.evaluate import Evaluate, require_reference_before_distribu
 from source.training.extensions import (ClassSpectra, LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
 from source.training.modes import Modes
+from source.training.resume_artefact import ResumeArtefact
 from source.training.runlog import truncate_after
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -142,13 +143,26 @@ def train(args: argparse.Namespace, config: Config, snapshot: dict | None, chang
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
                       world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world, counts))
     if snapshot:
+        # the original's replicas were copied before the snapshot was loaded: they hold the initial models
+        branch = Path(out).resolve() != checkpoint.run_folder_of(args.resume)
+        trainer.updater.artefact = resume_artefact(config, models, branch)
         resume(trainer, snapshot, args.resume, changes, world)
+        if trainer.updater.artefact is not None:
+            trainer.log.event(trainer.iteration, "resume_artefact", devices=config.updater.resume_artefact_devices)
     if world.is_main:
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
     trainer.run()
+
+
+def resume_artefact(config: Config, models: build.Models, branch: bool) -> ResumeArtefact | None:
+    """The original's first-iteration-after-a-resume artefact, when ``updater.resume_artefact`` asks for it here."""
+    setting = config.updater.resume_artefact
+    if setting == "every" or (setting == "branch" and branch):
+        return ResumeArtefact(models.gen, models.dis, config.updater.resume_artefact_devices, config.bn_batch)
+    return None
 
 
 def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changes: list[str]) -> runfolder.Plan:

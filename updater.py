@@ -12,7 +12,8 @@ Where each training term happens (each optional, see ``Terms``):
 - LeCam: in ``_dis_step``, added to D's loss; its anchors follow each D step (``lecam.end_step``);
 - SR: ``_regularize``, right after every D optimizer step (so before the G step);
 - gSR: in ``_gen_step``, added to G's loss once per G step (with the last micro-batch);
-- EMA of G: at the end of ``update``, after the ranks' buffers have been made equal.
+- EMA of G: at the end of ``update``, after the ranks' buffers have been made equal;
+- the original's resume artefact (opt-in, ``source/training/resume_artefact.py``): ``_generate``/``_discriminate``.
 Mixed precision, channels_last and compilation (``config.performance``) change how the forwards run
 (``source/training/performance.py``), not this order; the losses are computed in fp32.
 """
@@ -23,38 +24,20 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from source.config import Config
 from source.links import no_power_iteration
 from source.regularizers import DiffAugment, GeneratorEMA, LeCam
+from source.regularizers.losses import LOSSES
 from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
+from source.training.resume_artefact import ResumeArtefact
 
 G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
 AUGMENT_STREAM = 1 << 21  # added to a phase id: the random stream of that phase's DiffAugment draws
-
-
-def hinge_dis(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
-
-
-def hinge_gen(fake: torch.Tensor) -> torch.Tensor:
-    return -fake.mean()
-
-
-def dcgan_dis(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-real).mean() + F.softplus(fake).mean()
-
-
-def dcgan_gen(fake: torch.Tensor) -> torch.Tensor:
-    return F.softplus(-fake).mean()
-
-
-LOSSES: dict[str, tuple[Callable, Callable]] = {"hinge": (hinge_dis, hinge_gen), "dcgan": (dcgan_dis, dcgan_gen)}
 
 
 def linear_shift(alpha: float, iteration: int, decay_start: int, stop: int) -> float:
@@ -114,6 +97,7 @@ class Updater:
         self.scaler_dis = performance.grad_scaler(config.performance, world.device)
         self.scaler_gen = performance.grad_scaler(config.performance, world.device)
         self.memory_format = performance.memory_format(config.performance)
+        self.artefact: ResumeArtefact | None = None  # train.py sets it for the first iteration after some resumes
 
     def _autocast(self):
         return performance.autocast(self.config.performance, self.world.device)
@@ -170,7 +154,7 @@ class Updater:
             part = self._micro_slice(micro)
             fake_labels = None if labels_all is None else labels_all[part]
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0), self._autocast():
-                fake = self.gen_module(z_all[part], fake_labels)
+                fake = self._generate(self.gen_module, z_all[part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
             positions = self._positions(part)  # of the reals; the fakes' are B further
             images = self._augment(torch.cat([real.to(fake.dtype), fake]), augmentation,
@@ -179,13 +163,13 @@ class Updater:
                     power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.
                 with self._autocast():
-                    logits = self.dis(images, labels)
+                    logits = self._discriminate(self.dis, images, labels, halves=2)
                 logits_real, logits_fake = logits.float().chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)
                 penalty = lecam.penalty(logits_real, logits_fake, part, self.iteration) if lecam else loss.new_zeros(())
                 self.scaler_dis.scale((loss + penalty) / self.accumulation).backward()
             total += torch.stack([loss.detach(), penalty.detach()])
-        self._step(self.opt_dis, self.scaler_dis)
+        self._step(self.opt_dis, self.scaler_dis, "dis")
         if lecam is not None:
             lecam.end_step(self.iteration, self.world)
         return total / self.accumulation
@@ -205,8 +189,9 @@ class Updater:
                 with self._sync(self.gen, micro, self.gen_accumulation), \
                         power_iteration((self.gen_module, dis), enabled=micro == 0):
                     with self._autocast():
-                        fake = self._augment(self.gen(z_all[part], labels), augmentation, self._positions(part))
-                        logits = dis(fake, labels)
+                        fake = self._augment(self._generate(self.gen, z_all[part], labels), augmentation,
+                                             self._positions(part))
+                        logits = self._discriminate(dis, fake, labels, halves=1)
                     loss = self.loss_gen(logits.float())
                     # gSR once per G step, with the micro-batch whose backward DDP synchronizes
                     penalty = self.terms.gsr(self.gen_module) if self.terms.gsr and last else loss.new_zeros(())
@@ -214,14 +199,30 @@ class Updater:
                 total += torch.stack([loss.detach() / self.gen_accumulation, penalty.detach()])
         finally:
             dis.requires_grad_(True)
-        self._step(self.opt_gen, self.scaler_gen)
+        self._step(self.opt_gen, self.scaler_gen, "gen")
         return total
 
-    @staticmethod
-    def _step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-        """The optimizer step; with fp16 loss scaling, unscaled first and skipped when gradients overflowed."""
+    def _generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        return gen(z, labels) if self.artefact is None else self.artefact.generate(gen, z, labels)
+
+    def _discriminate(self, dis: nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+                      halves: int) -> torch.Tensor:
+        """D's logits of ``images`` (``halves`` = 2: reals then fakes); with the resume artefact, each device's
+        part of each half goes through its own D."""
+        if self.artefact is None:
+            return dis(images, labels)
+        return self.artefact.discriminate(dis, images, labels, halves)
+
+    def _step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, which: str) -> None:
+        """The optimizer step of G or D ("gen"/"dis"); with fp16 loss scaling, unscaled first and skipped when
+        gradients overflowed; with the resume artefact, the replicas' gradients added first, their weights synced after."""
+        model = self.gen_module if which == "gen" else self.dis_module
+        if self.artefact is not None:
+            self.artefact.add_gradients(model, which)
         scaler.step(optimizer)
         scaler.update()
+        if self.artefact is not None and self.artefact.sync(model, which):
+            self.artefact = None
 
     def _regularize(self) -> None:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""

@@ -106,6 +106,10 @@ class UpdaterConfig:
     diffaugment: str = ""               # DiffAugment policy for D's inputs, e.g. "color,translation,cutout"; "" off
     fake_labels: Literal["uniform", "data"] = "uniform"  # G's labels: uniform (released) or the training data's prior
     ema: EMAConfig = field(default_factory=EMAConfig)
+    # the SRGANs code's resume artefact (source/training/resume_artefact.py), an ablation: never; branch (a resume into
+    # a new run folder, e.g. the SN snapshot resumed with SR); every resume (as the original, on 4 devices)
+    resume_artefact: Literal["never", "branch", "every"] = "never"
+    resume_artefact_devices: int = 4
 
 
 @dataclass
@@ -347,6 +351,12 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
     for name in ("seed", "num_workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
+    updater = config.updater
+    if updater.resume_artefact != "never" and (updater.resume_artefact_devices < 2 or world_size > 1
+                                             or config.micro_batchsize % updater.resume_artefact_devices):
+        raise ConfigError(f"{source}: updater.resume_artefact: needs resume_artefact_devices >= 2 dividing "
+                          f"micro_batchsize ({updater.resume_artefact_devices}, {config.micro_batchsize}) and one "
+                          f"process (world size {world_size})")
     if config.evaluation.modes_interval < 0 or config.evaluation.modes_samples < 20:
         raise ConfigError(f"{source}: evaluation.modes_interval must be >= 0 (0: off) and evaluation.modes_samples "
                           f">= 20, got {config.evaluation.modes_interval} and {config.evaluation.modes_samples}")

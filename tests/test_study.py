@@ -106,9 +106,9 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600"]) == 0
     transfer.reset(carry)
-    transfer.write_archive(transfer.state_files(here, ["tiny"]), here, carry / transfer.STATE)
+    transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)
     names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
-    assert "tiny/sn_s0/snapshots/snapshot_iter_6.pt" in names and "tiny/sn_s0/log.jsonl" in names
+    assert {"tiny/sn_s0/snapshots/snapshot_iter_6.pt", "tiny/sn_s0/log.jsonl", "chunks.jsonl"} <= set(names)
     assert not [n for n in names if "/spectra/" in n or "/samples/" in n or "generator_iter" in n]
     # the device side: restore, one chunk (nothing left to do), pack what changed
     out.mkdir()
@@ -120,7 +120,8 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     assert parts and all(p.stat().st_size <= transfer.PART_BYTES for p in parts)
     back = tmp_path / "back"
     assert study_cli.main(["take-back", str(study_file), "--root", str(back), str(out)]) == 0
-    assert (back / "chunks.jsonl").is_file()  # the device's chunk record came back; the untouched state did not
+    assert len((back / "chunks.jsonl").read_text().splitlines()) == 2  # here's chunk and the device's came back
+    # the untouched state did not
     assert not (back / "tiny" / "sn_s0" / "snapshots").exists()
     parts[-1].rename(out / "elsewhere")
     if len(parts) == 1:
@@ -132,24 +133,29 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)
-    old = root / "a" / "old.txt"
-    old.write_text("old")
-    os.utime(old, (1, 1))
+    (root / "a" / "old.txt").write_text("old")
+    (root / "a" / "changed.txt").write_text("before")
+    before = transfer.listing(root)
+    (root / "a" / "changed.txt").write_text("after, longer")
     (root / "a" / "new.bin").write_bytes(os.urandom(3000))
     monkeypatch.setattr(transfer, "PART_BYTES", 1000)
-    parts = transfer.pack_changed(root, since=100, out=tmp_path)
+    parts = transfer.pack_changed(root, before, out=tmp_path)
     assert len(parts) >= 3
-    assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/new.bin"]
+    assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/changed.txt", "a/new.bin"]
     assert (tmp_path / "back" / "a" / "new.bin").read_bytes() == (root / "a" / "new.bin").read_bytes()
     parts[1].unlink()
     with pytest.raises(transfer.TransferError, match="one did not come back"):
         transfer.take_back(tmp_path, tmp_path / "again")
 
 
-def test_the_collapse_study_file_names_thirty_runs_and_their_branches():
+def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_setting_and_seed():
     study = load_study(ROOT / "configs" / "collapse" / "gpu_study.yaml")
-    assert len(study.runs) == 30 and {run.iteration for run in study.runs} == {50000}
+    assert len(study.runs) == 36 and {run.iteration for run in study.runs} == {50000}
     branches = [run for run in study.runs if run.parent]
     assert [run.parent for run in branches][:3] == ["b64/sn_s0", "b64/sn_s1", "b64/sn_s2"]
-    assert all(run.at == "collapse" for run in branches)
+    assert all(run.at == "collapse" for run in branches) and len(branches) == 12
     assert study.data_root() == Path("/usr/share/datasets/fashion-mnist")
+    chosen = study.select(["b16"], [1])
+    assert len(chosen) == 6 and {(run.setting, run.seed) for run in chosen} == {("b16", 1)}
+    with pytest.raises(ConfigError, match="--seed 7: the study has"):
+        study.select(None, [7])

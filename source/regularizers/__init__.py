@@ -1,4 +1,5 @@
-"""The training terms besides SR and gSR: LeCam (D's loss), DiffAugment (D's inputs) and the EMA of G."""
+"""The training terms besides SR and gSR: the adversarial losses (losses.py), LeCam (D's loss), DiffAugment (D's
+inputs) and the EMA of G."""
 from source.regularizers.diffaugment import DiffAugment, parse_policy
 from source.regularizers.ema import GeneratorEMA
 from source.regularizers.lecam import LeCam

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from source.config import ConfigError
 from source.study import runner, transfer
-from source.study.spec import Study, load_study
+from source.study.spec import Run, Study, load_study
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--root", help="the study's runs (default results/<study name>)")
         if name in ("run", "device", "carry"):
             command.add_argument("--setting", action="append", help="only this setting's runs (repeatable)")
+            command.add_argument("--seed", action="append", type=int, help="only this seed's runs (repeatable)")
         if name in ("run", "device"):
             command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
@@ -49,50 +50,46 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study)
         root = Path(args.root or Path("results") / study.path.stem)
-        settings = getattr(args, "setting", None)
-        unknown = sorted(set(settings or []) - {run.setting for run in study.runs})
-        if unknown:
-            raise ConfigError(f"--setting {unknown[0]}: the study has settings "
-                              f"{sorted({run.setting for run in study.runs})}")
+        runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None))
         if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
             raise ConfigError("--parallel and --budget must be positive")
-        return COMMANDS[args.command](args, study, root, settings)
+        return COMMANDS[args.command](args, study, root, runs)
     except (ConfigError, transfer.TransferError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
 
-def run(args, study: Study, root: Path, settings: list[str] | None) -> int:
-    runner.run_chunk(study, root, args.parallel, settings, runner.budget(args.budget), grace=args.grace)
+def run(args, study: Study, root: Path, runs: list[Run]) -> int:
+    runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace)
     runner.prune(study, root)
-    return show_status(args, study, root, settings)
+    return show_status(args, study, root, runs)
 
 
-def show_status(args, study: Study, root: Path, settings: list[str] | None) -> int:
-    for row in runner.progress_table(study, root):
+def show_status(args, study: Study, root: Path, runs: list[Run]) -> int:
+    for row in runner.progress_table(study, root, runs):
         collapse = f"collapse at {row['collapse']}" if row["collapse"] is not None else ""
         print(f"{row['run']:<32} {row['status']:<8} {row['iteration']:>7} / {row['target']:<7} {collapse}")
     return 0
 
 
-def carry(args, study: Study, root: Path, settings: list[str] | None) -> int:
-    """Fill --to with the state of the chosen settings, the data files and the wheels; check the size."""
-    settings = settings or sorted({run.setting for run in study.runs})
+def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
+    """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
     runner.prune(study, root)
     transfer.reset(args.to)
-    transfer.write_archive(transfer.state_files(root, settings), root, args.to / transfer.STATE)
+    folders = [path for run in runs for path in (runner.run_folder(root, run), runner.console_log(root, run))]
+    transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
         transfer.pack_data(study.data_root(), args.to)
     transfer.download_wheels(args.to)
     tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
                           capture_output=True, text=True).stdout.split()
     total = transfer.carry_size(args.to, int(tree[0]) if tree else 0)
-    print(f"{args.to}: settings {', '.join(settings)}; the call carries {total / 2**20:.1f} MiB of "
+    print(f"{args.to}: {len(runs)} runs; the call carries {total / 2**20:.1f} MiB of "
           f"{transfer.CARRY_LIMIT // 2**20}")
     return 0
 
 
-def device(args, study: Study, root: Path, settings: list[str] | None) -> int:
+def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     """On the lent machine: install wheels, restore data and state, run one chunk, pack what changed into --out."""
     started = time.time()
     transfer.install_wheels(args.carry)
@@ -100,22 +97,22 @@ def device(args, study: Study, root: Path, settings: list[str] | None) -> int:
         transfer.unpack_data(args.carry, study.data_root())
     if (args.carry / transfer.STATE).is_file():
         transfer.extract(args.carry / transfer.STATE, root)
-    chunk_start = time.time()
-    runner.run_chunk(study, root, args.parallel, settings, runner.budget(args.budget), grace=args.grace)
+    before = transfer.listing(root) if root.is_dir() else {}
+    runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace)
     runner.prune(study, root)
-    parts = transfer.pack_changed(root, chunk_start, args.out)
-    table = runner.progress_table(study, root)
+    parts = transfer.pack_changed(root, before, args.out)
+    table = runner.progress_table(study, root, runs)
     (args.out / "progress.json").write_text(json.dumps(table, indent=1))
-    show_status(args, study, root, settings)
+    show_status(args, study, root, runs)
     print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
     return 0
 
 
-def take_back(args, study: Study, root: Path, settings: list[str] | None) -> int:
+def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
     names = transfer.take_back(args.files, root)
     removed = runner.prune(study, root)
     print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
-    return show_status(args, study, root, settings)
+    return show_status(args, study, root, runs)
 
 
 COMMANDS = {"run": run, "status": show_status, "carry": carry, "device": device, "take-back": take_back}

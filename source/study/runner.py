@@ -108,13 +108,12 @@ def budget(seconds: float | None) -> Callable[[], bool] | None:
     return lambda: time.time() >= deadline
 
 
-def run_chunk(study: Study, root: Path, parallel: int, settings: list[str] | None = None,
+def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = None,
               stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
               echo=print) -> Chunk:
-    """One chunk (see the module docstring) until ``stop()`` or every run is done; ``settings`` limits it to
-    those settings' runs."""
+    """One chunk (see the module docstring) of ``runs`` (None: the study's) until ``stop()`` or all are done."""
     root = Path(root)
-    runs = [run for run in study.runs if settings is None or run.setting in settings]
+    runs = list(study.runs if runs is None else runs)
     chunk, active = Chunk("budget" if stop else "until done", parallel), {}
     threads = str(max(1, (os.cpu_count() or 1) // parallel))  # the same in every chunk with this --parallel (CPU results depend on the thread count)
     try:
@@ -204,7 +203,8 @@ def prune(study: Study, root: Path) -> list[Path]:
     return removed
 
 
-def progress_table(study: Study, root: Path) -> list[dict]:
-    """Per run: status, latest snapshot's iteration, target, first detected collapse."""
+def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
+    """Per run (default: all): status, latest snapshot's iteration, target, first detected collapse."""
     return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
-             "target": run.iteration, "collapse": first_collapse(run_folder(root, run))} for run in study.runs]
+             "target": run.iteration, "collapse": first_collapse(run_folder(root, run))}
+            for run in (study.runs if runs is None else runs)]

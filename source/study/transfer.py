@@ -31,11 +31,13 @@ class TransferError(RuntimeError):
     """A study that cannot travel as asked (too large, parts missing)."""
 
 
-def state_files(root: Path, settings: list[str]) -> list[Path]:
-    """The files a chunk needs to continue ``settings``' runs (see the module docstring)."""
-    files = []
-    for setting in settings:
-        for path in sorted((Path(root) / setting).rglob("*")):
+def state_files(root: Path, folders: list[Path]) -> list[Path]:
+    """The files under ``folders`` (run folders, console logs) a chunk needs to continue (see the module
+    docstring), and the study's chunk history."""
+    files = [Path(root) / "chunks.jsonl"] if (Path(root) / "chunks.jsonl").is_file() else []
+    for folder in folders:
+        paths = sorted(folder.rglob("*")) if folder.is_dir() else [folder] if folder.is_file() else []
+        for path in paths:
             relative = path.relative_to(root).parts
             if path.is_file() and not LOCAL_ONLY & set(relative) and not path.name.startswith(("generator_iter_", ".")):
                 files.append(path)
@@ -59,16 +61,24 @@ def extract(data: bytes | Path, root: Path) -> list[str]:
         return archive.getnames()
 
 
-def pack_changed(root: Path, since: float, out: Path) -> list[Path]:
-    """Every file under ``root`` modified at or after ``since``, as parts of one xz tar in ``out``."""
-    files = [p for p in sorted(Path(root).rglob("*")) if p.is_file() and p.stat().st_mtime >= since]
+def listing(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path) -> list[Path]:
+    """Every file under ``root`` that is new or changed since ``listing`` gave ``before``, as parts of one xz
+    tar in ``out``. (A listing, not a time: a file's mtime can lag the clock by a timer tick.)"""
+    now = listing(root)
+    files = [Path(root) / name for name, stamp in now.items() if before.get(name) != stamp]
     archive = write_archive(files, Path(root), Path(out) / "study.tar.xz")
     data = archive.read_bytes()
     archive.unlink()
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
     if len(parts) > MAX_PARTS:
         raise TransferError(f"the chunk's results take {len(data) / 2**20:.0f} MiB compressed, over the "
-                            f"{MAX_PARTS} x {PART_BYTES // 2**20} MiB a call returns; run fewer settings per chunk")
+                            f"{MAX_PARTS} x {PART_BYTES // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
     paths = []
     for number, part in enumerate(parts):
         paths.append(Path(out) / f"{PARTS}{number:02d}")
@@ -137,7 +147,7 @@ def carry_size(carry: Path, tree_bytes: int) -> int:
     total = tree_bytes + sum(p.stat().st_size for p in Path(carry).rglob("*") if p.is_file())
     if total > CARRY_LIMIT:
         raise TransferError(f"the call would carry {total / 2**20:.1f} MiB (working tree {tree_bytes / 2**20:.1f} MiB "
-                            f"included), over {CARRY_LIMIT // 2**20} MiB; carry fewer settings per call")
+                            f"included), over {CARRY_LIMIT // 2**20} MiB; carry fewer runs per call (--setting, --seed)")
     return total
 
 
