@@ -68,7 +68,8 @@ def test_a_branch_leaves_its_parent_at_the_last_snapshot_before_its_first_collap
     assert runner.status(study, tmp_path, branch) == "never"
 
 
-def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path):
+def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "REPORT_SECONDS", 0.0)  # a progress line at every poll
     study = load_study(write_study(tmp_path, 40))
     root = tmp_path / "runs"
     sn, resumed = study.runs
@@ -82,7 +83,9 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     kept = [int(p.stem.rsplit("_", 1)[1]) for p in snapshots_of(sn_folder)]
     assert kept == ([stopped] if snapshots_of(branch_folder) else [2, stopped])  # 2: the branch has yet to start
     # chunk 2: until done; the parent continues in its own folder, the branch from the parent's snapshot at 2
-    chunk = runner.run_chunk(study, root, parallel=2, echo=lambda _: 0)
+    lines = []
+    chunk = runner.run_chunk(study, root, parallel=2, echo=lines.append)
+    assert any(" running, iterations " in line for line in lines)
     assert chunk.runs["tiny/sn_s0"]["from"] == stopped and chunk.runs["tiny/sn_s0"]["to"] == 40
     assert [row["status"] for row in runner.progress_table(study, root)] == ["done", "done"]
     events = [r for r in read_jsonl(sn_folder / "log.jsonl") if r.get("event") == "resumed"]

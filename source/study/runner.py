@@ -26,6 +26,7 @@ from source.training.runlog import read_jsonl
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 POLL_SECONDS = 2.0
+REPORT_SECONDS = 60.0
 
 
 def run_folder(root: Path, run: Run) -> Path:
@@ -115,7 +116,8 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
     chunk, active = Chunk("budget" if stop else "until done", parallel), {}
-    threads = str(max(1, (os.cpu_count() or 1) // parallel))  # the same in every chunk with this --parallel (CPU results depend on the thread count)
+    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    next_report = time.time() + REPORT_SECONDS  # the same in every chunk with this --parallel (CPU results depend on the thread count)
     try:
         while stop is None or not stop():
             for name, (process, _) in list(active.items()):
@@ -129,6 +131,9 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 active[run.name] = (_launch(study, root, run, python, threads, echo), time.time())
             if not active:
                 break
+            if time.time() >= next_report:
+                next_report += REPORT_SECONDS
+                echo(_progress_line(chunk, root, [study.run(name) for name in active]))
             time.sleep(POLL_SECONDS)
     finally:  # the budget, Ctrl-C or an error here: every run still writes its snapshot
         _stop(active, grace, echo)
@@ -174,6 +179,15 @@ def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     if process.returncode not in (0, None):
         echo(f"{run.name}: train.py exited with {process.returncode}; see {console_log(root, run)}")
     echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
+
+
+def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:
+    """One line every REPORT_SECONDS: how far the running runs are (their last logged iteration)."""
+    reached = {run.name: max([r["iteration"] for r in read_jsonl(run_folder(root, run) / "log.jsonl")
+                              if "iteration" in r], default=0) for run in runs}
+    slowest = min(reached, key=reached.get)
+    return (f"{time.time() - chunk.started:.0f} s: {len(runs)} running, iterations {min(reached.values())} "
+            f"({slowest}) to {max(reached.values())}")
 
 
 def _append_history(root: Path, chunk: Chunk) -> None:
