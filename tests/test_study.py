@@ -1,6 +1,8 @@
 """Studies in chunks (python -m source.study): the file, stops and continuation, branches, pruning, transfer."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,12 @@ def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_sett
     assert len(chosen) == 6 and {(run.setting, run.seed) for run in chosen} == {("b16", 1)}
     with pytest.raises(ConfigError, match="--seed 7: the study has"):
         study.select(None, [7])
+
+
+def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
+    """The GPU machine has torch, scipy, pyyaml, tqdm, ... but not these (KINDS.md); carry must bring what train.py
+    imports of them, and the rest (lmdb, fid-helper) must stay optional there."""
+    blocked = sorted(module for name, module in transfer.NOT_ON_THE_GPU_IMAGE.items() if name not in transfer.WHEELS)
+    code = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); import train, source.study.__main__"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

