@@ -143,14 +143,31 @@ def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch)
     before = transfer.listing(root)
     (root / "a" / "changed.txt").write_text("after, longer")
     (root / "a" / "new.bin").write_bytes(os.urandom(3000))
+    (root / "a" / "snapshots").mkdir()
+    (root / "a" / "snapshots" / "generator_iter_2.pt").write_bytes(b"G")  # the snapshot holds G: stays behind
     monkeypatch.setattr(transfer, "PART_BYTES", 1000)
     parts = transfer.pack_changed(root, before, out=tmp_path)
-    assert len(parts) >= 3
+    assert len(parts) >= 3 and not (tmp_path / "left_out.txt").exists()
     assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/changed.txt", "a/new.bin"]
     assert (tmp_path / "back" / "a" / "new.bin").read_bytes() == (root / "a" / "new.bin").read_bytes()
     parts[1].unlink()
     with pytest.raises(transfer.TransferError, match="one did not come back"):
         transfer.take_back(tmp_path, tmp_path / "again")
+
+
+def test_over_the_return_limit_grids_and_tensorboard_stay_behind_before_anything_else(tmp_path, monkeypatch):
+    root, out = tmp_path / "root", tmp_path / "out"
+    for folder, size in (("run/tb", 4000), ("run/samples", 4000), ("run/snapshots", 3000)):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "file").write_bytes(os.urandom(size))
+    out.mkdir()
+    monkeypatch.setattr(transfer, "RETURN_LIMIT", 6000)
+    transfer.pack_changed(root, {}, out)
+    assert (out / "left_out.txt").read_text().split() == ["run/samples/file", "run/tb/file"]
+    assert transfer.take_back(out, tmp_path / "back") == ["run/snapshots/file"]
+    monkeypatch.setattr(transfer, "RETURN_LIMIT", 1000)
+    with pytest.raises(transfer.TransferError, match="snapshots and logs take 0 MiB compressed, over the 0 MiB"):
+        transfer.pack_changed(root, {}, out)
 
 
 def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_setting_and_seed():

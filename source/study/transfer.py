@@ -20,7 +20,7 @@ from pathlib import Path
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
-MAX_PARTS = 8
+RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, progress.json, left_out.txt
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
@@ -71,22 +71,36 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
 
 
 def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path) -> list[Path]:
-    """Every file under ``root`` that is new or changed since ``listing`` gave ``before``, as parts of one xz
-    tar in ``out``. (A listing, not a time: a file's mtime can lag the clock by a timer tick.)"""
-    now = listing(root)
-    files = [Path(root) / name for name, stamp in now.items() if before.get(name) != stamp]
-    archive = write_archive(files, Path(root), Path(out) / "study.tar.xz")
-    data = archive.read_bytes()
-    archive.unlink()
+    """Every file under ``root`` that is new or changed since ``listing`` gave ``before`` (generator exports
+    aside: the snapshots hold G), as parts of one xz tar in ``out``. (A listing, not a time: a file's mtime
+    can lag the clock by a timer tick.) Over RETURN_LIMIT, tensorboard files, then sample grids, then spectra
+    are left out, and named in ``out/left_out.txt``, rather than losing the chunk."""
+    files = [Path(root) / name for name, stamp in listing(root).items()
+             if before.get(name) != stamp and not Path(name).name.startswith("generator_iter_")]
+    for dropped in ((), ("tb",), ("tb", "samples"), ("tb", "samples", "spectra")):
+        kept = [path for path in files if not set(dropped) & set(path.relative_to(root).parts)]
+        data = _archive_bytes(kept, Path(root), Path(out))
+        if len(data) <= RETURN_LIMIT:
+            break
+    else:
+        raise TransferError(f"the chunk's snapshots and logs take {len(data) / 2**20:.0f} MiB compressed, over the "
+                            f"{RETURN_LIMIT // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
+    if dropped:
+        left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
+        (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
-    if len(parts) > MAX_PARTS:
-        raise TransferError(f"the chunk's results take {len(data) / 2**20:.0f} MiB compressed, over the "
-                            f"{MAX_PARTS} x {PART_BYTES // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
     paths = []
     for number, part in enumerate(parts):
         paths.append(Path(out) / f"{PARTS}{number:02d}")
         paths[-1].write_bytes(part)
     return paths
+
+
+def _archive_bytes(files: list[Path], root: Path, out: Path) -> bytes:
+    archive = write_archive(files, root, out / "study.tar.xz")
+    data = archive.read_bytes()
+    archive.unlink()
+    return data
 
 
 def take_back(parts_dir: Path, root: Path) -> list[str]:
