@@ -98,5 +98,7 @@ def test_which_resumes_take_the_artefact(setting, branch, applies):
 def test_settings_the_artefact_cannot_run_with_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="resume_artefact: needs resume_artefact_devices >= 2 dividing micro"):
         load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=every", "micro_batchsize=6", "batchsize=6"])
+    with pytest.raises(ConfigError, match="performance.compile off"):
+        load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=branch", "performance.compile=true"])
     with pytest.raises(ConfigError, match="one process"):
         load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=every", "batchsize=64"], world_size=2)
