@@ -126,6 +126,7 @@ class Updater:
         for step in range(self.config.updater.n_dis):
             dis_losses += self._dis_step(step) / self.config.updater.n_dis
             self._regularize()
+            self._sync_artefact("dis")  # after SR, as the original's copyparams
             if d_first and step == 0:  # SRGANs: G's step sits inside the D loop, after the first D step
                 gen_losses = self._gen_step()
         self.iteration += 1
@@ -200,6 +201,7 @@ class Updater:
         finally:
             dis.requires_grad_(True)
         self._step(self.opt_gen, self.scaler_gen, "gen")
+        self._sync_artefact("gen")
         return total
 
     def _generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
@@ -215,13 +217,16 @@ class Updater:
 
     def _step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, which: str) -> None:
         """The optimizer step of G or D ("gen"/"dis"); with fp16 loss scaling, unscaled first and skipped when
-        gradients overflowed; with the resume artefact, the replicas' gradients added first, their weights synced after."""
-        model = self.gen_module if which == "gen" else self.dis_module
+        gradients overflowed; with the resume artefact, the replicas' gradients are added first."""
         if self.artefact is not None:
-            self.artefact.add_gradients(model, which)
+            self.artefact.add_gradients(self.gen_module if which == "gen" else self.dis_module, which)
         scaler.step(optimizer)
         scaler.update()
-        if self.artefact is not None and self.artefact.sync(model, which):
+
+    def _sync_artefact(self, which: str) -> None:
+        """The resume artefact's replicas of G or D take its weights; once both have, the artefact is over."""
+        if self.artefact is not None and self.artefact.sync(self.gen_module if which == "gen" else self.dis_module,
+                                                             which):
             self.artefact = None
 
     def _regularize(self) -> None:

@@ -1,8 +1,10 @@
 """Studies in chunks (python -m source.study): the file, stops and continuation, branches, pruning, transfer."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,23 +53,57 @@ def test_study_file_problems_are_one_line_errors(tmp_path, arms, message):
     assert "\n" not in str(error.value)
 
 
-def test_a_branch_leaves_its_parent_at_the_last_snapshot_before_its_first_collapse(tmp_path):
-    study = load_study(write_study(tmp_path, 50, sn={}, resumed={"branch": "sn", "at": "collapse"}))
+def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever_chunk_stops_left(tmp_path):
+    path = write_study(tmp_path, 50000, sn={}, resumed={"branch": "sn", "at": "collapse"})
+    study_file = yaml.safe_load(path.read_text())
+    study_file["set"].append("spectra_interval=1000")
+    path.write_text(yaml.safe_dump(study_file, sort_keys=False))
+    study = load_study(path)
     parent, branch = study.runs
     folder = runner.run_folder(tmp_path, parent)
     (folder / "snapshots").mkdir(parents=True)
-    for iteration in (10, 20, 30):
+    for iteration in (11000, 12000, 12345):  # 12345: where a chunk's stop left one
         (folder / "snapshots" / f"snapshot_iter_{iteration}.pt").write_bytes(b"")
-    records = [{"iteration": 20, "loss_dis": 1.0}, {"iteration": 30, "event": "collapse", "layers": ["x"]},
-               {"iteration": 40, "event": "collapse", "layers": ["y"]}]
     assert runner.status(study, tmp_path, branch) == "waiting"
+    assert [p.name for p in runner.prune(study, tmp_path)] == ["snapshot_iter_11000.pt", "generator_iter_11000.pt"]
+    records = [{"iteration": 12000, "loss_dis": 1.0}, {"iteration": 13000, "event": "collapse", "layers": ["x"]},
+               {"iteration": 14000, "event": "collapse", "layers": ["y"]}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert runner.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_20.pt"
-    assert runner.status(study, tmp_path, branch) == "ready"
-    assert [p.name for p in runner.prune(study, tmp_path)] == ["snapshot_iter_10.pt", "generator_iter_10.pt"]
+    assert runner.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_12000.pt"  # checked healthy
+    assert runner.status(study, tmp_path, branch) == "ready" and runner.prune(study, tmp_path) == []
     (folder / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
-    (folder / "snapshots" / "snapshot_iter_50.pt").write_bytes(b"")  # the parent ended without a collapse
+    (folder / "snapshots" / "snapshot_iter_50000.pt").write_bytes(b"")  # the parent ended without a collapse
     assert runner.status(study, tmp_path, branch) == "never"
+
+
+def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path):
+    study = load_study(write_study(tmp_path, 4, sn={"set": ["updater.collapse.threshold=0.5"]}))
+    run = study.runs[0]
+    lines = []
+    bad = runner.run_chunk(study, tmp_path, parallel=1, python="false", echo=lines.append)  # exits with 1
+    assert bad.runs[run.name]["returncode"] == 1 and any("not relaunched until" in line for line in lines)
+    assert runner.status(study, tmp_path, run) == "failed"
+    assert runner.run_chunk(study, tmp_path, parallel=1, echo=lines.append).runs == {}
+    runner.failure_marker(tmp_path, run).unlink()
+    assert runner.status(study, tmp_path, run) == "fresh"
+
+
+def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
+    study_file = write_study(tmp_path, 100000, sn={})
+    root = tmp_path / "runs"
+    runner_process = subprocess.Popen([sys.executable, "-m", "source.study", "run", str(study_file), "--root",
+                                       str(root), "--grace", "60"], cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+    folder = root / "tiny" / "sn_s0"
+    deadline = time.time() + 120
+    while time.time() < deadline and iterations_logged(folder) < 3:
+        time.sleep(0.5)
+    runner_process.send_signal(signal.SIGTERM)
+    _, err = runner_process.communicate(timeout=120)
+    assert runner_process.returncode == 130 and "stopped by SIGTERM" in err
+    assert runner.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
+    pids = json.loads((root / runner.PIDS).read_text())
+    assert pids == {}  # and nothing is left running
 
 
 def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path, monkeypatch):
@@ -110,6 +146,8 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     study = load_study(study_file)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600"]) == 0
+    with pytest.raises(transfer.TransferError, match="is not a carry folder"):
+        transfer.reset(here)  # a mistyped --to deletes nothing
     transfer.reset(carry)
     transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)
     names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
@@ -150,9 +188,10 @@ def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch)
     assert len(parts) >= 3 and not (tmp_path / "left_out.txt").exists()
     assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/changed.txt", "a/new.bin"]
     assert (tmp_path / "back" / "a" / "new.bin").read_bytes() == (root / "a" / "new.bin").read_bytes()
-    parts[1].unlink()
-    with pytest.raises(transfer.TransferError, match="one did not come back"):
+    parts[-1].unlink()  # the last part lost: the numbering has no gap, the manifest tells
+    with pytest.raises(transfer.TransferError, match=f"parts .* of {len(parts)}; one did not come back"):
         transfer.take_back(tmp_path, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
 
 
 def test_over_the_return_limit_grids_and_tensorboard_stay_behind_before_anything_else(tmp_path, monkeypatch):

@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, transfer.TransferError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except runner.ChunkInterrupted as error:
+        print(f"stopped by {error}: every run wrote a snapshot and continues in the next chunk", file=sys.stderr)
+        return 130
 
 
 def run(args, study: Study, root: Path, runs: list[Run]) -> int:
@@ -76,7 +79,8 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
     runner.prune(study, root)
     transfer.reset(args.to)
-    folders = [path for run in runs for path in (runner.run_folder(root, run), runner.console_log(root, run))]
+    folders = [path for run in runs for path in (runner.run_folder(root, run), runner.console_log(root, run),
+                                                 runner.failure_marker(root, run))]
     transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
         transfer.pack_data(study.data_root(), args.to)

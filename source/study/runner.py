@@ -37,6 +37,11 @@ def console_log(root: Path, run: Run) -> Path:
     return Path(root) / run.setting / "console" / f"{run.arm}_s{run.seed}.log"
 
 
+def failure_marker(root: Path, run: Run) -> Path:
+    """Written when a run's train.py exits with an error; the run is not relaunched until it is deleted."""
+    return console_log(root, run).with_suffix(".failed")
+
+
 def latest_iteration(folder: Path) -> int:
     snapshots = snapshots_of(folder)
     return snapshot_iteration(snapshots[-1]) if snapshots else 0
@@ -55,22 +60,44 @@ def branch_point(study: Study, root: Path, run: Run) -> int | None:
     return run.at if latest_iteration(parent) >= run.at else None
 
 
-def branch_snapshot(study: Study, root: Path, run: Run) -> Path | None:
-    """The parent's latest snapshot before its collapse (at or before a fixed ``at``); None while unknown."""
+def branch_limit(study: Study, root: Path, run: Run) -> int | None:
+    """The newest iteration a branch may leave its parent at, once known: the detector's last check before the
+    parent's first collapse (the collapse iteration less one spectra interval), or the fixed ``at``."""
     point = branch_point(study, root, run)
     if point is None:
         return None
-    before = [s for s in snapshots_of(run_folder(root, study.run(run.parent)))
-              if snapshot_iteration(s) < point or (run.at != "collapse" and snapshot_iteration(s) == point)]
+    return point - study.run(run.parent).spectra_interval if run.at == "collapse" else point
+
+
+def branch_snapshot(study: Study, root: Path, run: Run) -> Path | None:
+    """The parent's latest snapshot at or before ``branch_limit``; None while unknown (or none is that old)."""
+    limit = branch_limit(study, root, run)
+    if limit is None:
+        return None
+    before = [s for s in snapshots_of(run_folder(root, study.run(run.parent))) if snapshot_iteration(s) <= limit]
     return before[-1] if before else None
 
 
+def branch_candidate(study: Study, root: Path, run: Run) -> Path | None:
+    """The parent's snapshot a waiting branch may need: its branch snapshot once known; before that, the newest
+    one at a detector check (collapse) or at or before ``at``, not one a chunk's stop left at any iteration."""
+    if branch_point(study, root, run) is not None:
+        return branch_snapshot(study, root, run)
+    parent = study.run(run.parent)
+    fits = (lambda i: i % parent.spectra_interval == 0) if run.at == "collapse" else (lambda i: i <= run.at)
+    candidates = [s for s in snapshots_of(run_folder(root, parent)) if fits(snapshot_iteration(s))]
+    return candidates[-1] if candidates else None
+
+
 def status(study: Study, root: Path, run: Run) -> str:
-    """done | started | fresh | ready (a branch that can start) | waiting (its parent has not got there) | never."""
+    """done | failed | started | fresh | ready (a branch that can start) | waiting (its parent has not got there)
+    | never (its parent ended without getting there)."""
     folder = run_folder(root, run)
     iteration = latest_iteration(folder)
     if iteration >= run.iteration:
         return "done"
+    if failure_marker(root, run).is_file():
+        return "failed"
     if iteration:
         return "started"
     if run.parent is None:
@@ -116,8 +143,11 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
     chunk, active = Chunk("budget" if stop else "until done", parallel), {}
+    # the same in every chunk with this --parallel (CPU results depend on the thread count)
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
-    next_report = time.time() + REPORT_SECONDS  # the same in every chunk with this --parallel (CPU results depend on the thread count)
+    next_report = time.time() + REPORT_SECONDS
+    _stop_leftovers(root, grace, echo)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         while stop is None or not stop():
             for name, (process, _) in list(active.items()):
@@ -129,18 +159,58 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             for run in ready[:max(0, parallel - len(active))]:
                 chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
                 active[run.name] = (_launch(study, root, run, python, threads, echo), time.time())
+                _record_pids(root, active)
             if not active:
                 break
             if time.time() >= next_report:
                 next_report += REPORT_SECONDS
                 echo(_progress_line(chunk, root, [study.run(name) for name in active]))
             time.sleep(POLL_SECONDS)
-    finally:  # the budget, Ctrl-C or an error here: every run still writes its snapshot
+    finally:  # the budget, Ctrl-C, SIGTERM/SIGHUP or an error here: every run still writes its snapshot
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         _stop(active, grace, echo)
         for name in list(active):
             _finish(chunk, root, study.run(name), active.pop(name), echo)
+        _record_pids(root, active)
         _append_history(root, chunk)
     return chunk
+
+
+class ChunkInterrupted(Exception):
+    """SIGTERM or SIGHUP reached the study runner: its runs were stopped (each wrote a snapshot)."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise ChunkInterrupted(signal.Signals(signum).name)
+
+
+PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way
+
+
+def _record_pids(root: Path, active: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / PIDS).write_text(json.dumps({name: process.pid for name, (process, _) in active.items()}))
+
+
+def _stop_leftovers(root: Path, grace: float, echo) -> None:
+    """Stop train.py processes a killed earlier chunk left running (they run in their own sessions)."""
+    path = root / PIDS
+    pids = json.loads(path.read_text()).items() if path.is_file() else []
+    for name, pid in pids:
+        try:
+            if b"train.py" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                continue
+            echo(f"{name}: still running from an earlier chunk (pid {pid}); stopping it")
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+        end = time.time() + grace
+        while Path(f"/proc/{pid}").exists() and time.time() < end:
+            time.sleep(0.5)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
 
 
 def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo) -> subprocess.Popen:
@@ -176,8 +246,10 @@ def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     record = chunk.runs[run.name]
     record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
                   returncode=process.returncode)
-    if process.returncode not in (0, None):
-        echo(f"{run.name}: train.py exited with {process.returncode}; see {console_log(root, run)}")
+    if process.returncode and process.returncode > 0:  # an error (a diverged run: 1), not a stop by a signal
+        failure_marker(root, run).write_text(json.dumps({"returncode": process.returncode, "iteration": record["to"]}))
+        echo(f"{run.name}: train.py exited with {process.returncode}; not relaunched until "
+             f"{failure_marker(root, run)} is deleted (see {console_log(root, run)})")
     echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
 
 
@@ -205,7 +277,7 @@ def prune(study: Study, root: Path) -> list[Path]:
         snapshots = snapshots_of(run_folder(root, run))
         keep.update(snapshots[-1:])
         if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
-            keep.update(filter(None, [branch_snapshot(study, root, run)]))  # the parent's latest is kept anyway
+            keep.update(filter(None, [branch_candidate(study, root, run)]))  # the parent's latest is kept anyway
     removed = []
     for run in study.runs:
         folder = run_folder(root, run)

@@ -11,9 +11,10 @@ arms:
   sr_resumed: {branch: sn, at: collapse, set: [updater.apply_SR=true, updater.sr.mode=dynamic]}
 ```
 A run is (setting, arm, seed), in the folder ``ROOT/<setting>/<arm>_s<seed>``. A branching arm continues
-its parent arm's run of the same setting and seed from the parent's latest snapshot before ``at``: an
-iteration, or ``collapse``, the first collapse the parent's detector logs (``event: collapse``); the
-branch's ``set`` is applied on top of the parent's settings at the resume. Problems are one-line
+its parent arm's run of the same setting and seed from the parent's latest snapshot at or before ``at``: an
+iteration, or ``collapse``: the detector's last check before the first collapse it logs (``event:
+collapse``), i.e. the last snapshot it still called healthy; the branch's ``set`` is applied on top of the
+parent's settings at the resume. Problems are one-line
 ``ConfigError``s naming the file and key, found before any run starts.
 """
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Run:
     parent: Union[str, None] = None     # the parent run's name
     at: Union[int, str] = "collapse"
     iteration: int = 0                  # the run's target (the config's `iteration`)
+    spectra_interval: int = 1           # its collapse detector's checks (a branch leaves at the last healthy one)
 
     @property
     def name(self) -> str:
@@ -134,11 +136,12 @@ def _run(spec: StudySpec, setting: str, extra: list[str], name: str, arm: ArmSpe
     where = f"{source} (setting {setting}, arm {name}, seed {seed})"
     config = _config(spec.base, [*fresh, *(arms[arm.branch].set if arm.branch else []), *arm.set], where)
     if arm.branch is None:
-        return Run(setting, name, seed, (*fresh, *arm.set), iteration=config.iteration)
+        return Run(setting, name, seed, (*fresh, *arm.set), iteration=config.iteration,
+                   spectra_interval=config.spectra_interval)
     if isinstance(arm.at, int) and arm.at >= config.iteration:
         raise ConfigError(f"{source}: arms.{name}.at: {arm.at} is not before the run's end ({config.iteration})")
     return Run(setting, name, seed, tuple(arm.set), parent=f"{setting}/{arm.branch}_s{seed}", at=arm.at,
-               iteration=config.iteration)
+               iteration=config.iteration, spectra_interval=config.spectra_interval)
 
 
 def _config(base: str, overrides: list[str], where: str) -> Config:

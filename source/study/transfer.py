@@ -9,7 +9,9 @@ tar split into parts. Archives are unpacked with tarfile's "data" filter: no abs
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import lzma
 import os
 import shutil
@@ -20,10 +22,11 @@ from pathlib import Path
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
-RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, progress.json, left_out.txt
+RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, manifest, progress, left_out
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
+MANIFEST = "study.tar.xz.json"  # the number of parts and the archive's sha256
 # what train.py imports and the GPU image (torch 2.11, torchvision, scipy, tensorboard, ...) lacks: pure Python
 WHEELS = ["tensorboardX", "torch-fidelity"]
 NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch_fidelity", "lmdb": "lmdb",
@@ -89,6 +92,7 @@ def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path) -> l
         left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
         (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
+    (Path(out) / MANIFEST).write_text(json.dumps({"parts": len(parts), "sha256": hashlib.sha256(data).hexdigest()}))
     paths = []
     for number, part in enumerate(parts):
         paths.append(Path(out) / f"{PARTS}{number:02d}")
@@ -108,10 +112,16 @@ def take_back(parts_dir: Path, root: Path) -> list[str]:
     parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
+    manifest = Path(parts_dir) / MANIFEST
+    expected = json.loads(manifest.read_text()) if manifest.is_file() else None
     numbers = [int(p.name[len(PARTS):]) for p in parts]
-    if numbers != list(range(len(parts))):
-        raise TransferError(f"{parts_dir}: parts {numbers} are not 0..{len(parts) - 1}; one did not come back")
-    return extract(b"".join(p.read_bytes() for p in parts), Path(root))
+    if numbers != list(range(len(parts))) or (expected and expected["parts"] != len(parts)):
+        raise TransferError(f"{parts_dir}: parts {numbers} of {expected['parts'] if expected else '?'}; "
+                            "one did not come back")
+    data = b"".join(p.read_bytes() for p in parts)
+    if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+        raise TransferError(f"{parts_dir}: the parts do not match {MANIFEST} (missing or damaged); nothing unpacked")
+    return extract(data, Path(root))
 
 
 def pack_data(dataset_root: Path, carry: Path) -> list[Path]:
@@ -168,9 +178,18 @@ def carry_size(carry: Path, tree_bytes: int) -> int:
     return total
 
 
+CARRY_MARK = ".study-carry"
+
+
 def reset(carry: Path) -> None:
-    """An empty carry folder, except for the compressed data files, which are kept for the next call."""
-    for path in Path(carry).glob("*"):
+    """An empty carry folder, except for the compressed data files, which are kept for the next call. Only a
+    folder this made (it holds CARRY_MARK) or an empty one is emptied: a mistyped --to deletes nothing."""
+    carry = Path(carry)
+    if carry.is_dir() and any(carry.iterdir()) and not (carry / CARRY_MARK).is_file():
+        raise TransferError(f"{carry} holds files and is not a carry folder (no {CARRY_MARK}); give a new or empty "
+                            "folder, e.g. .study_carry")
+    for path in carry.glob("*"):
         if path.name != "data":
             shutil.rmtree(path) if path.is_dir() else path.unlink()
-    Path(carry).mkdir(parents=True, exist_ok=True)
+    carry.mkdir(parents=True, exist_ok=True)
+    (carry / CARRY_MARK).write_text("made by python -m source.study carry; emptied by the next carry\n")

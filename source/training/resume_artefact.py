@@ -4,10 +4,12 @@ The original ran its 4 GPUs as a main model and 3 replicas deep-copied *before* 
 loaded, so in the first iteration after every resume the replicas still held the initial random G and D:
 48 of that iteration's 64 micro-batch gradients came from random-init models and were summed into the
 main models' (Chainer's ``addgrads``), and SR's first, record-only call (its envelope was never saved)
-followed that update; D's replicas were synced after D's update, G's after G's. Here, in that first iteration, every batch of samples is cut into ``devices`` equal
+followed that update; D's replicas were synced after D's update and SR, G's after G's. Here, in that first iteration, every batch of samples is cut into ``devices`` equal
 parts and parts 1.. go through fresh copies of the initial G and D (the run's own initialisation, from its
 seed); their gradients are added into the main models' before each optimizer step, then dropped. The
-first iteration's losses mix the replicas' too, as the original's reports did. One process only.
+first iteration's losses mix the replicas' too, as the original's reports did. One process only. Unlike the
+original (32 samples per GPU), G's BatchNorm in that iteration normalizes over each device's part of the
+micro-batch (micro_batchsize / devices samples, or the run's ghost groups when they fit in it).
 """
 from __future__ import annotations
 
