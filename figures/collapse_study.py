@@ -2,7 +2,7 @@
 
     python -m figures.collapse_study configs/collapse/gpu_study.yaml [--root results/gpu_study] [--out docs/collapse]
 
-Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's start) and ``modes.jsonl``
+Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's start) and ``classifier_modes.jsonl``
 (the classifier measures) and writes, in --out:
 - ``gpu_study_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
   iterations, every seed of every arm (a branch drawn from its branch point, its parent's part before it);
@@ -32,7 +32,7 @@ MEASURES = ("modes", "diversity", "classifier_FID")
 def series(folder: Path) -> dict:
     """One run's collapse scores and classifier measures over iterations, and where its SR started."""
     log = read_jsonl(folder / "log.jsonl")
-    modes = read_jsonl(folder / "modes.jsonl")
+    modes = read_jsonl(folder / "classifier_modes.jsonl")
     return {"score": [[r["iteration"], r[SCORE]] for r in log if SCORE in r],
             "measures": [{"iteration": r["iteration"], **{m: r[m] for m in MEASURES}} for r in modes],
             "collapse": first_collapse(folder),

@@ -136,7 +136,7 @@ class EvaluationConfig:
     many_above: int = 100
     few_at_most: int = 40
     # the collapse study's classifier measures of G (modes, diversity, classifier FID; source/training/modes.py)
-    # -> modes.jsonl every modes_interval iterations (0: off); for 32x32 gray 10-class (Fashion-MNIST) generators
+    # -> classifier_modes.jsonl every modes_interval iterations (0: off); for 32x32 gray 10-class (Fashion-MNIST) generators
     modes_interval: int = 0
     modes_samples: int = 1000
 

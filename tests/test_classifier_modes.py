@@ -62,7 +62,7 @@ def test_training_writes_the_measures_every_interval(tmp_path):
             "snapshot_interval=2", "spectra_interval=100", "preview_interval=100", "iteration=4"]
     argv = ["--config", str(CONFIGS / "demo.yaml"), "--out", str(out)] + [a for s in sets for a in ("--set", s)]
     assert train.main(argv) == 0
-    records = [json.loads(line) for line in (out / "modes.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "classifier_modes.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [2, 4]
     first = records[0]
     assert sum(first["class_counts"]) == 40 and 1 <= first["modes"] <= 10 and 0 <= first["accuracy"] <= 1

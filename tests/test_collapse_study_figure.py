@@ -31,15 +31,15 @@ def study(tmp_path):
     losses = [{"iteration": it, "loss_dis": 1.0} for it in (10, 20, 30, 40)]
     write(runs / "sn_s0", "log.jsonl", losses + scores([0.8, 0.8, 0.3, 0.2]) +
           [{"iteration": 30, "event": "collapse", "layers": ["block4.c2"]}])
-    write(runs / "sn_s0", "modes.jsonl", [measures(10, 10, 0.9, 50), measures(20, 9, 0.8, 60),
+    write(runs / "sn_s0", "classifier_modes.jsonl", [measures(10, 10, 0.9, 50), measures(20, 9, 0.8, 60),
                                           measures(30, 3, 0.3, 200), measures(40, 2, 0.2, 300)])
     write(runs / "sn_s1", "log.jsonl", losses + scores([0.8, 0.82, 0.84, 0.85]))
-    write(runs / "sn_s1", "modes.jsonl", [measures(40, 10, 1.0, 40)])
+    write(runs / "sn_s1", "classifier_modes.jsonl", [measures(40, 10, 1.0, 40)])
     write(runs / "sr_resumed_s0", "log.jsonl", [{"iteration": 20, "event": "resumed"},
                                                 {"iteration": 20, "event": "sr_start", "mode": "dynamic"},
                                                 {"iteration": 30, "loss_dis": 1.0}, {"iteration": 40, "loss_dis": 1.0},
                                                 *scores([0.8, 0.8, 0.8, 0.8])[2:]])
-    write(runs / "sr_resumed_s0", "modes.jsonl", [measures(30, 9, 0.8, 70), measures(40, 9, 0.85, 65)])
+    write(runs / "sr_resumed_s0", "classifier_modes.jsonl", [measures(30, 9, 0.8, 70), measures(40, 9, 0.85, 65)])
     return path
 
 

@@ -1,7 +1,7 @@
 """Mode coverage of a Fashion-MNIST generator, conditional or not, read by the small classifier.
 
 The collapse study's measures over iterations (docs/collapse.md; the `Modes` extension writes them to
-``modes.jsonl``). From ``n`` samples at fixed latents (the same every time, so records compare):
+``classifier_modes.jsonl``). From ``n`` samples at fixed latents (the same every time, so records compare):
 - ``class_counts``: samples per class the classifier predicts; ``modes``: classes holding at least
   ``min_share`` of them; ``entropy`` of that histogram (ln 10 = 2.30 when uniform);
 - ``diversity``: per group of samples (the class asked for when G is conditional, else the predicted

@@ -2,7 +2,8 @@
 
 Rank 0 samples ``evaluation.modes_samples`` images at fixed latents from the generator evaluation uses
 (G's EMA when the run keeps one) and writes what the small Fashion-MNIST classifier reads in them
-(``source/metrics/classifier_modes.py``: modes, entropy, diversity, classifier FID/KID) to ``modes.jsonl``.
+(``source/metrics/classifier_modes.py``: modes, entropy, diversity, classifier FID/KID) to ``classifier_modes.jsonl``
+(not ``modes.jsonl``, where ``figures.collapse`` caches its pixel nearest-neighbour measures).
 The classifier and the real reference (the data set's test split, else its training data) load on the
 first call; a problem there turns the measures off loudly instead of ending the run, as evaluation does.
 """
@@ -25,7 +26,7 @@ MODES_ERRORS = (ClassifierUnavailable, DatasetError, OSError)
 
 class Modes(Extension):
     at_end = True
-    FILE = "modes.jsonl"
+    FILE = "classifier_modes.jsonl"
 
     def __init__(self, interval: int, config: Config):
         self.interval = interval
