@@ -219,15 +219,17 @@ class Updater:
         """The optimizer step of G or D ("gen"/"dis"); with fp16 loss scaling, unscaled first and skipped when
         gradients overflowed; with the resume artefact, the replicas' gradients are added first."""
         if self.artefact is not None:
-            self.artefact.add_gradients(self.gen_module if which == "gen" else self.dis_module, which)
+            self.artefact.add_gradients(self._network(which), which)
         scaler.step(optimizer)
         scaler.update()
 
     def _sync_artefact(self, which: str) -> None:
         """The resume artefact's replicas of G or D take its weights; once both have, the artefact is over."""
-        if self.artefact is not None and self.artefact.sync(self.gen_module if which == "gen" else self.dis_module,
-                                                             which):
+        if self.artefact is not None and self.artefact.sync(self._network(which), which):
             self.artefact = None
+
+    def _network(self, which: str) -> nn.Module:
+        return self.gen_module if which == "gen" else self.dis_module
 
     def _regularize(self) -> None:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from figures.common import USER_ERRORS, command_line, plt, require_run_folder, save_figure
+from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, require_run_folder, save_figure
 from source.config import ConfigError
 from source.datasets import DatasetError, build_dataset
 from source.metrics.generate import generate_uint8, sample_inputs
@@ -104,12 +104,7 @@ def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.
                 axis.axvline(start, color=line.get_color(), linestyle="--", linewidth=1)
     titles = ["D collapse score (mean $s_i/s_1$, $i \\geq 2$)", "intra-class diversity (generated / real)",
               "nearest-class modes (of 10)"]
-    for axis, title in zip(axes, titles):
-        axis.set_title(title)
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
+    finish_iteration_axes(figure, axes, titles)
     return figure
 
 

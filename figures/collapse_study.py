@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from figures.common import USER_ERRORS, command_line, plt, save_figure
+from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, save_figure
 from source.config import ConfigError
 from source.study.runner import first_collapse, run_folder
 from source.study.spec import Run, Study, load_study
-from source.training.runlog import read_jsonl
+from source.training.runlog import events, read_jsonl, sr_start
 
 SCORE = "collapse_score/dis/mean"
 MEASURES = ("modes", "diversity", "classifier_FID")
@@ -36,8 +36,8 @@ def series(folder: Path) -> dict:
     return {"score": [[r["iteration"], r[SCORE]] for r in log if SCORE in r],
             "measures": [{"iteration": r["iteration"], **{m: r[m] for m in MEASURES}} for r in modes],
             "collapse": first_collapse(folder),
-            "sr_start": next((r["iteration"] for r in log if r.get("event") == "sr_start"), None),
-            "resumed": next((r["iteration"] for r in log if r.get("event") == "resumed"), None),
+            "sr_start": sr_start(folder),
+            "resumed": next((r["iteration"] for r in events(folder, "resumed")), None),
             "reached": max([r["iteration"] for r in log if "loss_dis" in r], default=0)}
 
 
@@ -120,12 +120,7 @@ def curves_figure(study: Study, summary: dict, setting: str) -> plt.Figure:
                 axes[0].axvline(marker, color=color, linestyle=":", linewidth=1)
     titles = ["D collapse score (mean $s_i/s_1$, $i \\geq 2$)", "modes (classes >= 2 % of samples)",
               "diversity (generated / real, classifier features)", "classifier FID"]
-    for axis, title in zip(axes, titles):
-        axis.set_title(f"{setting}: {title}", fontsize=10)
-        axis.set_xlabel("iteration")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
+    finish_iteration_axes(figure, axes, [f"{setting}: {title}" for title in titles], fontsize=10)
     return figure
 
 

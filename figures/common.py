@@ -25,6 +25,16 @@ def save_figure(figure: Figure, path: Path, pdf: bool = False) -> list[Path]:
     return paths
 
 
+def finish_iteration_axes(figure: Figure, axes, titles: list[str], fontsize: float | None = None) -> None:
+    """Title, "iteration" x label, a light grid and a legend on each panel, then a tight layout."""
+    for axis, title in zip(axes, titles):
+        axis.set_title(title, fontsize=fontsize)
+        axis.set_xlabel("iteration")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+
+
 def require_run_folder(run: Path) -> None:
     """Checked first, so a typo in RUN is named as such and no RUN/figures folder is created for it."""
     if not run.is_dir():

@@ -63,7 +63,8 @@ def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever
     folder = runner.run_folder(tmp_path, parent)
     (folder / "snapshots").mkdir(parents=True)
     for iteration in (11000, 12000, 12345):  # 12345: where a chunk's stop left one
-        (folder / "snapshots" / f"snapshot_iter_{iteration}.pt").write_bytes(b"")
+        for kind in ("snapshot", "generator"):
+            (folder / "snapshots" / f"{kind}_iter_{iteration}.pt").write_bytes(b"")
     assert runner.status(study, tmp_path, branch) == "waiting"
     assert [p.name for p in runner.prune(study, tmp_path)] == ["snapshot_iter_11000.pt", "generator_iter_11000.pt"]
     records = [{"iteration": 12000, "loss_dis": 1.0}, {"iteration": 13000, "event": "collapse", "layers": ["x"]},

@@ -134,13 +134,16 @@ def mean_pairwise_distance(features: np.ndarray, chunk: int = 1024) -> float:
     return total / (n * (n - 1))  # the diagonal contributes zeros
 
 
-def check_generator(gen: nn.Module, model: SmallClassifier, device: torch.device) -> None:
-    """One-line refusal when G's images or classes are not what the classifier reads."""
+def check_generator(gen: nn.Module, model: SmallClassifier, device: torch.device,
+                    unconditional: bool = False) -> None:
+    """One-line refusal when G's images or classes are not what the classifier reads (``unconditional``: a G
+    without classes is accepted too)."""
     n_classes = model.head.out_features
     z, _ = sample_inputs(1, gen.dim_z, 0, seed=0)
     shape = tuple(next(generate_uint8(gen, z, torch.zeros(1, dtype=torch.long) if gen.n_classes else None, 1,
                                       device)).shape[1:])
-    if gen.n_classes != n_classes or shape != IMAGE_SHAPE:
+    classes_ok = gen.n_classes in ((0, n_classes) if unconditional else (n_classes,))
+    if not classes_ok or shape != IMAGE_SHAPE:
         raise ClassifierUnavailable(f"the classifier reads {n_classes} classes of {'x'.join(map(str, IMAGE_SHAPE))} "
                                     f"images (Fashion-MNIST); this generator makes {gen.n_classes} classes of "
                                     f"{'x'.join(map(str, shape))}")

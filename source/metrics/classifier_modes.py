@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .classifier import (IMAGE_SHAPE, ClassifierUnavailable, SmallClassifier, classify, dataset_features,
-                         mean_pairwise_distance)
+from .classifier import ClassifierUnavailable, SmallClassifier, classify, dataset_features, mean_pairwise_distance
 from .fid import feature_statistics, frechet_distance
 from .generate import generate_uint8, sample_inputs
 from .kid import kernel_inception_distance
@@ -70,17 +69,6 @@ def mode_measures(features: np.ndarray, predicted: np.ndarray, reference: RealRe
     record["classifier_KID"], _ = kernel_inception_distance(features, reference.features, subsets=kid_subsets,
                                                             subset_size=min(1000, len(features)))
     return record
-
-
-def check_images(gen: nn.Module, classifier: SmallClassifier, device: torch.device) -> None:
-    """One-line refusal when G's images or classes are not what the classifier reads."""
-    z, labels = sample_inputs(1, gen.dim_z, gen.n_classes, seed=0)
-    shape = tuple(next(generate_uint8(gen, z, labels, 1, device)).shape[1:])
-    n_classes = classifier.head.out_features
-    if shape != IMAGE_SHAPE or gen.n_classes not in (0, n_classes):
-        raise ClassifierUnavailable(f"the classifier reads {'x'.join(map(str, IMAGE_SHAPE))} images of {n_classes} "
-                                    f"classes (Fashion-MNIST); this generator makes {'x'.join(map(str, shape))} images "
-                                    f"of {gen.n_classes or 'no'} classes")
 
 
 def generator_modes(gen: nn.Module, classifier: SmallClassifier, reference: RealReference, n_samples: int,

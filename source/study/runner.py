@@ -22,7 +22,7 @@ from typing import Callable
 
 from source.study.spec import Run, Study
 from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
-from source.training.runlog import read_jsonl
+from source.training.runlog import events, read_jsonl
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 POLL_SECONDS = 2.0
@@ -49,7 +49,7 @@ def latest_iteration(folder: Path) -> int:
 
 def first_collapse(folder: Path) -> int | None:
     """The iteration of the first collapse the run's detector logged (None: none yet)."""
-    return next((r["iteration"] for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "collapse"), None)
+    return next((r["iteration"] for r in events(folder, "collapse")), None)
 
 
 def branch_point(study: Study, root: Path, run: Run) -> int | None:
@@ -153,10 +153,13 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             for name, (process, _) in list(active.items()):
                 if process.poll() is not None:
                     _finish(chunk, root, study.run(name), active.pop(name), echo)
-            # at most one launch per run and chunk: a run that failed is not retried in a loop
-            ready = [r for r in runs if r.name not in chunk.runs and status(study, root, r) in ("started", "fresh", "ready")]
+            # at most one launch per run and chunk: a run that failed is not retried in a loop; the folders are
+            # read only when a slot is free
+            free = parallel - len(active)
+            ready = [r for r in runs if free > 0 and r.name not in chunk.runs
+                     and status(study, root, r) in ("started", "fresh", "ready")]
             ready.sort(key=lambda r: latest_iteration(run_folder(root, r)))
-            for run in ready[:max(0, parallel - len(active))]:
+            for run in ready[:free]:
                 chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
                 active[run.name] = (_launch(study, root, run, python, threads, echo), time.time())
                 _record_pids(root, active)
@@ -284,8 +287,9 @@ def prune(study: Study, root: Path) -> list[Path]:
         for snapshot in snapshots_of(folder):
             if snapshot not in keep:
                 for path in (snapshot, generator_path(folder, snapshot_iteration(snapshot))):
-                    path.unlink(missing_ok=True)
-                    removed.append(path)
+                    if path.is_file():
+                        path.unlink()
+                        removed.append(path)
     return removed
 
 

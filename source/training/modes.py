@@ -16,8 +16,8 @@ from tqdm import tqdm
 from source.config import Config
 from source.datasets import DatasetError
 from source.metrics.class_table import classifier_real_data
-from source.metrics.classifier import DEFAULT_WEIGHTS, ClassifierUnavailable, load_classifier
-from source.metrics.classifier_modes import MIN_SHARE, RealReference, check_images, generator_modes
+from source.metrics.classifier import DEFAULT_WEIGHTS, ClassifierUnavailable, check_generator, load_classifier
+from source.metrics.classifier_modes import MIN_SHARE, RealReference, generator_modes
 from source.metrics.generate import g_batchnorm, generation_mode
 from source.training.trainer import Extension, Trainer
 
@@ -57,7 +57,7 @@ class Modes(Extension):
     def _prepare(self, trainer: Trainer, gen) -> bool:
         try:
             self._classifier, _ = load_classifier(DEFAULT_WEIGHTS, trainer.world.device)
-            check_images(gen, self._classifier, trainer.world.device)
+            check_generator(gen, self._classifier, trainer.world.device, unconditional=True)
             real, self._real_name, notes = classifier_real_data(self.config)
             self._reference = RealReference.of(self._classifier, real)
         except MODES_ERRORS as error:
