@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", metavar="SNAPSHOT", help="snapshot_iter_N.pt to continue from")
     parser.add_argument("--out", help="run folder, new or empty (default: results/<config name>, or the next free "
                                       "results/<config name>-N; a resume from a run's latest snapshot with unchanged "
-                                      "settings continues that run, any other resume branches into RUN-resumeN)")
+                                      "settings (performance.* aside) continues that run, any other resume "
+                                      "branches into RUN-resumeN)")
     parser.add_argument("--dry-run", action="store_true", help="build everything, print a summary, train nothing")
     args = parser.parse_args(argv)
     if not args.config and not args.resume:
@@ -171,7 +172,13 @@ def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changes: li
     default = Path("results") / Path(args.config or "resumed").stem
     if snapshot is None:
         return runfolder.plan_fresh(args.out, default)
-    return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], bool(changes), default)
+    return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], bool(recipe_changes(changes)), default)
+
+
+def recipe_changes(changes: list[str]) -> list[str]:
+    """The changes that make a resume a branch: all but ``performance.*``, which changes how the arithmetic runs,
+    not the recipe (a run may continue in place with compile or TF32 switched; the log's resume event says so)."""
+    return [line for line in changes if not line.startswith("performance.")]
 
 
 def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:

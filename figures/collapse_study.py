@@ -21,7 +21,7 @@ import numpy as np
 
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, save_figure
 from source.config import ConfigError
-from source.study.runner import first_collapse, run_folder
+from source.study.state import first_collapse, run_folder
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import events, read_jsonl, sr_start
 

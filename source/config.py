@@ -353,12 +353,10 @@ def _check_consistency(config: Config, source: str, world_size: int) -> None:
             raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
     updater = config.updater
     if updater.resume_artefact != "never" and (updater.resume_artefact_devices < 2 or world_size > 1
-                                             or config.micro_batchsize % updater.resume_artefact_devices
-                                             or config.performance.compile):
-        # compile: a deep copy of a compiled module would still call the original's compiled forward
+                                             or config.micro_batchsize % updater.resume_artefact_devices):
         raise ConfigError(f"{source}: updater.resume_artefact: needs resume_artefact_devices >= 2 dividing "
-                          f"micro_batchsize ({updater.resume_artefact_devices}, {config.micro_batchsize}), one "
-                          f"process (world size {world_size}) and performance.compile off")
+                          f"micro_batchsize ({updater.resume_artefact_devices}, {config.micro_batchsize}) and one "
+                          f"process (world size {world_size})")
     if config.evaluation.modes_interval < 0 or config.evaluation.modes_samples < 20:
         raise ConfigError(f"{source}: evaluation.modes_interval must be >= 0 (0: off) and evaluation.modes_samples "
                           f">= 20, got {config.evaluation.modes_interval} and {config.evaluation.modes_samples}")

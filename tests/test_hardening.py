@@ -147,6 +147,18 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
     assert [r.get("event") for r in records[-2:]] == ["resumed", "sr_start"], "appended after the torn line was dropped"
 
 
+def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_path, trained):
+    run = copy_run(trained, tmp_path / "run")
+    latest = str(run / "snapshots" / "snapshot_iter_4.pt")
+    assert train.main(["--resume", latest, "--set", "performance.channels_last=true"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no branch folder"
+    resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-2]
+    assert resumed["event"] == "resumed" and resumed["changes"] == ["performance.channels_last: false -> true"]
+    assert "channels_last: true" in (run / "config.yaml").read_text()
+    assert train.main(["--resume", latest, "--set", "updater.apply_SR=false"]) == 0  # the recipe: a branch
+    assert (tmp_path / "run-resume4").is_dir()
+
+
 # --- 3./4. NaN weights, exploding weights, torn logs ----------------------------------------------
 
 def test_nan_weights_with_finite_losses_never_become_a_snapshot(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from torch import nn
 
 import train
 from source.config import ConfigError, load_config
-from source.training import build
+from source.training import build, performance
 from source.training.checkpoint import load_snapshot, seed_everything
 from source.training.distributed import World
 from source.training.resume_artefact import ResumeArtefact, routed
@@ -95,10 +95,25 @@ def test_which_resumes_take_the_artefact(setting, branch, applies):
         assert all(torch.equal(a, b) for a, b in zip(replica.state_dict().values(), models.dis.state_dict().values()))
 
 
+def test_a_compiled_run_gets_replicas_that_run_their_own_weights_eagerly(monkeypatch):
+    config = load_config(CONFIGS / "demo.yaml", [*TINY, "updater.resume_artefact=branch", "performance.compile=true"])
+    models = build.build_models(config, torch.device("cpu"))
+    for model in (models.gen, models.dis):
+        performance.prepare_model(model, config.performance)
+    artefact = train.resume_artefact(config, models, branch=True)
+    replica = artefact.replicas["dis"][0]
+    assert models.dis._compiled_call_impl is not None and replica._compiled_call_impl is None
+
+    def original_forward(*args):
+        raise AssertionError("a replica called the original D")
+
+    monkeypatch.setattr(models.dis, "forward", original_forward)
+    images = torch.randn(2, 1, 32, 32)
+    assert replica(images, torch.tensor([0, 1])).shape == (2,)
+
+
 def test_settings_the_artefact_cannot_run_with_are_refused_in_one_line():
     with pytest.raises(ConfigError, match="resume_artefact: needs resume_artefact_devices >= 2 dividing micro"):
         load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=every", "micro_batchsize=6", "batchsize=6"])
-    with pytest.raises(ConfigError, match="performance.compile off"):
-        load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=branch", "performance.compile=true"])
     with pytest.raises(ConfigError, match="one process"):
         load_config(CONFIGS / "demo.yaml", ["updater.resume_artefact=every", "batchsize=64"], world_size=2)

@@ -13,7 +13,7 @@ import yaml
 
 from source.config import ConfigError
 from source.study import __main__ as study_cli
-from source.study import runner, transfer
+from source.study import runner, state, transfer
 from source.study.spec import load_study
 from source.training.checkpoint import load_snapshot, snapshots_of
 from source.training.runlog import read_jsonl
@@ -60,21 +60,21 @@ def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever
     path.write_text(yaml.safe_dump(study_file, sort_keys=False))
     study = load_study(path)
     parent, branch = study.runs
-    folder = runner.run_folder(tmp_path, parent)
+    folder = state.run_folder(tmp_path, parent)
     (folder / "snapshots").mkdir(parents=True)
     for iteration in (11000, 12000, 12345):  # 12345: where a chunk's stop left one
         for kind in ("snapshot", "generator"):
             (folder / "snapshots" / f"{kind}_iter_{iteration}.pt").write_bytes(b"")
-    assert runner.status(study, tmp_path, branch) == "waiting"
-    assert [p.name for p in runner.prune(study, tmp_path)] == ["snapshot_iter_11000.pt", "generator_iter_11000.pt"]
+    assert state.status(study, tmp_path, branch) == "waiting"
+    assert [p.name for p in state.prune(study, tmp_path)] == ["snapshot_iter_11000.pt", "generator_iter_11000.pt"]
     records = [{"iteration": 12000, "loss_dis": 1.0}, {"iteration": 13000, "event": "collapse", "layers": ["x"]},
                {"iteration": 14000, "event": "collapse", "layers": ["y"]}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert runner.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_12000.pt"  # checked healthy
-    assert runner.status(study, tmp_path, branch) == "ready" and runner.prune(study, tmp_path) == []
+    assert state.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_12000.pt"  # checked healthy
+    assert state.status(study, tmp_path, branch) == "ready" and state.prune(study, tmp_path) == []
     (folder / "log.jsonl").write_text(json.dumps(records[0]) + "\n")
     (folder / "snapshots" / "snapshot_iter_50000.pt").write_bytes(b"")  # the parent ended without a collapse
-    assert runner.status(study, tmp_path, branch) == "never"
+    assert state.status(study, tmp_path, branch) == "never"
 
 
 def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path):
@@ -83,10 +83,10 @@ def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path
     lines = []
     bad = runner.run_chunk(study, tmp_path, parallel=1, python="false", echo=lines.append)  # exits with 1
     assert bad.runs[run.name]["returncode"] == 1 and any("not relaunched until" in line for line in lines)
-    assert runner.status(study, tmp_path, run) == "failed"
+    assert state.status(study, tmp_path, run) == "failed"
     assert runner.run_chunk(study, tmp_path, parallel=1, echo=lines.append).runs == {}
-    runner.failure_marker(tmp_path, run).unlink()
-    assert runner.status(study, tmp_path, run) == "fresh"
+    state.failure_marker(tmp_path, run).unlink()
+    assert state.status(study, tmp_path, run) == "fresh"
 
 
 def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
@@ -102,7 +102,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     runner_process.send_signal(signal.SIGTERM)
     _, err = runner_process.communicate(timeout=120)
     assert runner_process.returncode == 130 and "stopped by SIGTERM" in err
-    assert runner.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
+    assert state.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
     pids = json.loads((root / runner.PIDS).read_text())
     assert pids == {}  # and nothing is left running
 
@@ -112,13 +112,13 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     study = load_study(write_study(tmp_path, 40))
     root = tmp_path / "runs"
     sn, resumed = study.runs
-    sn_folder, branch_folder = runner.run_folder(root, sn), runner.run_folder(root, resumed)
+    sn_folder, branch_folder = state.run_folder(root, sn), state.run_folder(root, resumed)
     # chunk 1: stopped (SIGTERM) once the parent has a snapshot past the branch point; the branch may have started
-    runner.run_chunk(study, root, parallel=2, stop=lambda: runner.latest_iteration(sn_folder) >= 4, echo=lambda _: 0)
-    stopped = runner.latest_iteration(sn_folder)
+    runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(sn_folder) >= 4, echo=lambda _: 0)
+    stopped = state.latest_iteration(sn_folder)
     assert 4 <= stopped < 40 and iterations_logged(sn_folder) == stopped
     assert any(r.get("event") == "interrupted" for r in read_jsonl(sn_folder / "log.jsonl"))
-    runner.prune(study, root)
+    state.prune(study, root)
     kept = [int(p.stem.rsplit("_", 1)[1]) for p in snapshots_of(sn_folder)]
     assert kept == ([stopped] if snapshots_of(branch_folder) else [2, stopped])  # 2: the branch has yet to start
     # chunk 2: until done; the parent continues in its own folder, the branch from the parent's snapshot at 2
@@ -126,7 +126,7 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     chunk = runner.run_chunk(study, root, parallel=2, echo=lines.append)
     assert any(" running, iterations " in line for line in lines)
     assert chunk.runs["tiny/sn_s0"]["from"] == stopped and chunk.runs["tiny/sn_s0"]["to"] == 40
-    assert [row["status"] for row in runner.progress_table(study, root)] == ["done", "done"]
+    assert [row["status"] for row in state.progress_table(study, root)] == ["done", "done"]
     events = [r for r in read_jsonl(sn_folder / "log.jsonl") if r.get("event") == "resumed"]
     assert events[-1]["iteration"] == stopped and events[-1]["changes"] == []
     assert [r["iteration"] for r in read_jsonl(sn_folder / "log.jsonl") if "loss_dis" in r] == list(range(1, 41))
@@ -137,14 +137,45 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     straight = load_study(write_study(tmp_path / "straight", 40, sn={}))
     runner.run_chunk(straight, tmp_path / "straight", parallel=2, echo=lambda _: 0)
     a = load_snapshot(snapshots_of(sn_folder)[-1])
-    b = load_snapshot(snapshots_of(runner.run_folder(tmp_path / "straight", straight.runs[0]))[-1])
+    b = load_snapshot(snapshots_of(state.run_folder(tmp_path / "straight", straight.runs[0]))[-1])
     assert a["iteration"] == b["iteration"] == 40
     assert all(torch.equal(a[net][k], b[net][k]) for net in ("gen", "dis") for k in a[net])
 
 
+def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_and_a_compiled_lead_goes_first(
+        tmp_path, capsys):
+    study = load_study(write_study(tmp_path, 30, a={}, b={"set": ["updater.apply_SR=true"]}))
+    root = tmp_path / "runs"
+    a = study.runs[0]
+    runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(state.run_folder(root, a)) >= 2,
+                     echo=lambda _: 0)
+    stopped = {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}
+    lead, starts = [], []
+
+    def echo(line):  # the lead is named first; when the other run starts, how far the lead had logged
+        if "compiles first" in line:
+            lead.append(study.run(line.split()[0]))
+        elif line.startswith("start ") and not line.startswith(f"start {lead[0].name}:"):
+            starts.append(state.logged_iteration(state.run_folder(root, lead[0])))
+
+    chunk = runner.run_chunk(study, root, parallel=2, echo=echo, performance=("performance.channels_last=true",),
+                             compiled=True)
+    assert chunk.lead == lead[0].name and starts[0] > stopped[chunk.lead]  # the other waited for a new iteration
+    for run in study.runs:
+        folder = state.run_folder(root, run)
+        resumed = [r for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"][-1]
+        if stopped[run.name]:  # continued in place, with the change recorded
+            assert resumed["changes"] == ["performance.channels_last: false -> true"]
+        assert state.latest_iteration(folder) == 30 and "channels_last: true" in (folder / "config.yaml").read_text()
+    history = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
+    assert history[-1]["performance"] == ["performance.channels_last=true"] and history[-1]["lead"] == chunk.lead
+    assert study_cli.main(["run", str(tmp_path / "study.yaml"), "--root", str(root), "--set",
+                           "updater.apply_SR=true"]) == 2
+    assert "a chunk may change only performance.KEY=VALUE" in capsys.readouterr().err
+
+
 def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     study_file = write_study(tmp_path, 6)
-    study = load_study(study_file)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600"]) == 0
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):

@@ -1,6 +1,7 @@
 """python -m source.study: run a study (many train.py runs) in resumable chunks, here or on a lent GPU machine.
 
   run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done)
+      [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device)
   status STUDY                                             each run's progress
   carry STUDY --setting NAME --to DIR                      what a device call needs, in DIR (git-ignored)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
@@ -17,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from source.config import ConfigError
-from source.study import runner, transfer
+from source.config import ConfigError, load_config
+from source.study import runner, state, transfer
 from source.study.spec import Run, Study, load_study
 
 
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
             command.add_argument("--grace", type=float, default=120.0,
                                  help="seconds a stopped run has to write its snapshot (default 120)")
+            command.add_argument("--set", dest="performance", action="append", default=[],
+                                 metavar="performance.KEY=VALUE",
+                                 help="for every run of this chunk, e.g. performance.compile=true (repeatable); "
+                                      "only performance.*: the recipe is the study file's")
     sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored)")
     sub.choices["device"].add_argument("--carry", required=True, type=Path, help="the folder `carry` filled")
     sub.choices["device"].add_argument("--out", required=True, type=Path, help="where the results go ($OUT)")
@@ -53,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None))
         if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
             raise ConfigError("--parallel and --budget must be positive")
+        args.compiled = chunk_compiles(study, getattr(args, "performance", []))
         return COMMANDS[args.command](args, study, root, runs)
     except (ConfigError, transfer.TransferError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -62,14 +68,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def chunk_compiles(study: Study, performance: list[str]) -> bool:
+    """Checks a chunk's --set items (``performance.*`` only, valid on the study's base config); True when they
+    turn compilation on."""
+    for item in performance:
+        if not item.startswith("performance.") or "=" not in item:
+            raise ConfigError(f"--set {item}: a chunk may change only performance.KEY=VALUE (how the arithmetic "
+                              "runs); the recipe is the study file's")
+    return load_config(study.spec.base, performance).performance.compile if performance else False
+
+
+def run_chunk(args, study: Study, root: Path, runs: list[Run]) -> runner.Chunk:
+    return runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace,
+                            performance=tuple(args.performance), compiled=args.compiled)
+
+
 def run(args, study: Study, root: Path, runs: list[Run]) -> int:
-    runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace)
-    runner.prune(study, root)
+    run_chunk(args, study, root, runs)
+    state.prune(study, root)
     return show_status(args, study, root, runs)
 
 
 def show_status(args, study: Study, root: Path, runs: list[Run]) -> int:
-    for row in runner.progress_table(study, root, runs):
+    for row in state.progress_table(study, root, runs):
         collapse = f"collapse at {row['collapse']}" if row["collapse"] is not None else ""
         print(f"{row['run']:<32} {row['status']:<8} {row['iteration']:>7} / {row['target']:<7} {collapse}")
     return 0
@@ -77,10 +98,10 @@ def show_status(args, study: Study, root: Path, runs: list[Run]) -> int:
 
 def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
-    runner.prune(study, root)
+    state.prune(study, root)
     transfer.reset(args.to)
-    folders = [path for run in runs for path in (runner.run_folder(root, run), runner.console_log(root, run),
-                                                 runner.failure_marker(root, run))]
+    folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
+                                                 state.failure_marker(root, run))]
     transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
         transfer.pack_data(study.data_root(), args.to)
@@ -102,10 +123,10 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     if (args.carry / transfer.STATE).is_file():
         transfer.extract(args.carry / transfer.STATE, root)
     before = transfer.listing(root) if root.is_dir() else {}
-    runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace)
-    runner.prune(study, root)
+    run_chunk(args, study, root, runs)
+    state.prune(study, root)
     parts = transfer.pack_changed(root, before, args.out)
-    table = runner.progress_table(study, root, runs)
+    table = state.progress_table(study, root, runs)
     (args.out / "progress.json").write_text(json.dumps(table, indent=1))
     show_status(args, study, root, runs)
     print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
@@ -114,7 +135,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
 
 def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
     names = transfer.take_back(args.files, root)
-    removed = runner.prune(study, root)
+    removed = state.prune(study, root)
     print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
     return show_status(args, study, root, runs)
 

@@ -4,7 +4,7 @@ Each chunk starts every run that can go (fresh, continued in place from its late
 from its parent's snapshot once the branch point is known), at most ``parallel`` at a time, the least
 advanced first; a branch whose parent reaches its branch point during the chunk starts then. At the
 budget every process gets SIGTERM, finishes its iteration and writes a snapshot (``Trainer``), so the
-next chunk, here or on another machine, continues exactly there. ``prune`` then keeps only the
+next chunk, here or on another machine, continues exactly there. ``state.prune`` then keeps only the
 snapshots a later chunk needs: each run's latest, and a parent's branch snapshot until its branch exists.
 """
 from __future__ import annotations
@@ -21,100 +21,25 @@ from pathlib import Path
 from typing import Callable
 
 from source.study.spec import Run, Study
-from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
-from source.training.runlog import events, read_jsonl
+from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration, logged_iteration,
+                                run_folder, status)
+from source.training.checkpoint import snapshots_of
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 POLL_SECONDS = 2.0
 REPORT_SECONDS = 60.0
+LEAD_SECONDS = 600.0  # the longest the other runs wait for a compiling lead run's first logged iteration
 
 
-def run_folder(root: Path, run: Run) -> Path:
-    return Path(root) / run.setting / f"{run.arm}_s{run.seed}"
-
-
-def console_log(root: Path, run: Run) -> Path:
-    return Path(root) / run.setting / "console" / f"{run.arm}_s{run.seed}.log"
-
-
-def failure_marker(root: Path, run: Run) -> Path:
-    """Written when a run's train.py exits with an error; the run is not relaunched until it is deleted."""
-    return console_log(root, run).with_suffix(".failed")
-
-
-def latest_iteration(folder: Path) -> int:
-    snapshots = snapshots_of(folder)
-    return snapshot_iteration(snapshots[-1]) if snapshots else 0
-
-
-def first_collapse(folder: Path) -> int | None:
-    """The iteration of the first collapse the run's detector logged (None: none yet)."""
-    return next((r["iteration"] for r in events(folder, "collapse")), None)
-
-
-def branch_point(study: Study, root: Path, run: Run) -> int | None:
-    """Where ``run`` leaves its parent, once known: the parent's first collapse, or the fixed ``at`` once passed."""
-    parent = run_folder(root, study.run(run.parent))
-    if run.at == "collapse":
-        return first_collapse(parent)
-    return run.at if latest_iteration(parent) >= run.at else None
-
-
-def branch_limit(study: Study, root: Path, run: Run) -> int | None:
-    """The newest iteration a branch may leave its parent at, once known: the detector's last check before the
-    parent's first collapse (the collapse iteration less one spectra interval), or the fixed ``at``."""
-    point = branch_point(study, root, run)
-    if point is None:
-        return None
-    return point - study.run(run.parent).spectra_interval if run.at == "collapse" else point
-
-
-def branch_snapshot(study: Study, root: Path, run: Run) -> Path | None:
-    """The parent's latest snapshot at or before ``branch_limit``; None while unknown (or none is that old)."""
-    limit = branch_limit(study, root, run)
-    if limit is None:
-        return None
-    before = [s for s in snapshots_of(run_folder(root, study.run(run.parent))) if snapshot_iteration(s) <= limit]
-    return before[-1] if before else None
-
-
-def branch_candidate(study: Study, root: Path, run: Run) -> Path | None:
-    """The parent's snapshot a waiting branch may need: its branch snapshot once known; before that, the newest
-    one at a detector check (collapse) or at or before ``at``, not one a chunk's stop left at any iteration."""
-    if branch_point(study, root, run) is not None:
-        return branch_snapshot(study, root, run)
-    parent = study.run(run.parent)
-    fits = (lambda i: i % parent.spectra_interval == 0) if run.at == "collapse" else (lambda i: i <= run.at)
-    candidates = [s for s in snapshots_of(run_folder(root, parent)) if fits(snapshot_iteration(s))]
-    return candidates[-1] if candidates else None
-
-
-def status(study: Study, root: Path, run: Run) -> str:
-    """done | failed | started | fresh | ready (a branch that can start) | waiting (its parent has not got there)
-    | never (its parent ended without getting there)."""
+def command(study: Study, root: Path, run: Run, python: str, performance: tuple[str, ...] = ()) -> list[str]:
+    """The run's train.py command; ``performance``: this chunk's ``performance.*`` overrides, given to every run
+    (they change how the arithmetic runs, not the recipe, so a run continues in place with them)."""
     folder = run_folder(root, run)
-    iteration = latest_iteration(folder)
-    if iteration >= run.iteration:
-        return "done"
-    if failure_marker(root, run).is_file():
-        return "failed"
-    if iteration:
-        return "started"
-    if run.parent is None:
-        return "fresh"
-    if branch_snapshot(study, root, run) is not None:
-        return "ready"
-    parent = study.run(run.parent)
-    parent_done = latest_iteration(run_folder(root, parent)) >= parent.iteration
-    return "never" if parent_done or branch_point(study, root, run) is not None else "waiting"
-
-
-def command(study: Study, root: Path, run: Run, python: str) -> list[str]:
-    folder = run_folder(root, run)
-    sets = [arg for override in run.overrides for arg in ("--set", override)]
+    chunk = [arg for override in performance for arg in ("--set", override)]
+    sets = [arg for override in run.overrides for arg in ("--set", override)] + chunk
     state = status(study, root, run)
     if state == "started":
-        return [python, str(TRAIN), "--resume", str(snapshots_of(folder)[-1]), "--out", str(folder)]
+        return [python, str(TRAIN), "--resume", str(snapshots_of(folder)[-1]), "--out", str(folder), *chunk]
     if state == "fresh":
         return [python, str(TRAIN), "--config", study.spec.base, "--out", str(folder), *sets]
     return [python, str(TRAIN), "--resume", str(branch_snapshot(study, root, run)), "--out", str(folder), *sets]
@@ -124,6 +49,8 @@ def command(study: Study, root: Path, run: Run, python: str) -> list[str]:
 class Chunk:
     stop: str          # what ends the chunk: a budget, or every run done
     parallel: int
+    performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
+    lead: str | None = None            # with compile on: the run that compiles first, alone
     started: float = field(default_factory=time.time)
     runs: dict[str, dict] = field(default_factory=dict)   # name -> {from, to, seconds, returncode}
 
@@ -138,11 +65,16 @@ def budget(seconds: float | None) -> Callable[[], bool] | None:
 
 def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = None,
               stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
-              echo=print) -> Chunk:
-    """One chunk (see the module docstring) of ``runs`` (None: the study's) until ``stop()`` or all are done."""
+              echo=print, performance: tuple[str, ...] = (), compiled: bool = False) -> Chunk:
+    """One chunk (see the module docstring) of ``runs`` (None: the study's) until ``stop()`` or all are done.
+
+    ``performance``: ``performance.*`` overrides for every run of the chunk. ``compiled`` (the runs compile G
+    and D): the first run compiles alone, with all the compile threads, until it logs an iteration; the others
+    then find most of its compiled kernels in inductor's on-disk cache and compile with one thread each.
+    """
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
-    chunk, active = Chunk("budget" if stop else "until done", parallel), {}
+    chunk, active = Chunk("budget" if stop else "until done", parallel, tuple(performance)), {}
     # the same in every chunk with this --parallel (CPU results depend on the thread count)
     threads = str(max(1, (os.cpu_count() or 1) // parallel))
     next_report = time.time() + REPORT_SECONDS
@@ -156,12 +88,19 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             # at most one launch per run and chunk: a run that failed is not retried in a loop; the folders are
             # read only when a slot is free
             free = parallel - len(active)
+            if compiled and (chunk.lead is None or _lead_compiling(chunk, root, study, active)):
+                free = min(free, 1 if chunk.lead is None else 0)  # the lead alone first
             ready = [r for r in runs if free > 0 and r.name not in chunk.runs
                      and status(study, root, r) in ("started", "fresh", "ready")]
             ready.sort(key=lambda r: latest_iteration(run_folder(root, r)))
             for run in ready[:free]:
                 chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
-                active[run.name] = (_launch(study, root, run, python, threads, echo), time.time())
+                compile_threads = None if chunk.lead is None else "1"
+                if compiled and chunk.lead is None:
+                    chunk.lead = run.name
+                    echo(f"{run.name} compiles first, alone; the others start once it logs an iteration")
+                process = _launch(study, root, run, python, threads, echo, chunk.performance, compile_threads)
+                active[run.name] = (process, time.time())
                 _record_pids(root, active)
             if not active:
                 break
@@ -178,6 +117,15 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
         _record_pids(root, active)
         _append_history(root, chunk)
     return chunk
+
+
+def _lead_compiling(chunk: Chunk, root: Path, study: Study, active: dict) -> bool:
+    """The chunk's lead run is still compiling: running, within LEAD_SECONDS, and no iteration logged yet."""
+    if chunk.lead is None:
+        return False
+    if chunk.lead not in active or time.time() - active[chunk.lead][1] > LEAD_SECONDS:
+        return False
+    return logged_iteration(run_folder(root, study.run(chunk.lead))) <= chunk.runs[chunk.lead]["from"]
 
 
 class ChunkInterrupted(Exception):
@@ -216,15 +164,18 @@ def _stop_leftovers(root: Path, grace: float, echo) -> None:
     path.unlink(missing_ok=True)
 
 
-def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo) -> subprocess.Popen:
+def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo, performance: tuple[str, ...],
+            compile_threads: str | None) -> subprocess.Popen:
     folder = run_folder(root, run)
     if folder.exists() and not snapshots_of(folder):
         shutil.rmtree(folder)  # stopped before its first snapshot: nothing to keep, and train.py wants it empty
-    args = command(study, root, run, python)
+    args = command(study, root, run, python, performance)
     log = console_log(root, run)
     log.parent.mkdir(parents=True, exist_ok=True)
     echo(f"start {run.name}: {' '.join(args[2:6])} ...")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    if compile_threads is not None:
+        env["TORCHINDUCTOR_COMPILE_THREADS"] = compile_threads
     with open(log, "a") as handle:
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
@@ -258,8 +209,7 @@ def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
 
 def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:
     """One line every REPORT_SECONDS: how far the running runs are (their last logged iteration)."""
-    reached = {run.name: max([r["iteration"] for r in read_jsonl(run_folder(root, run) / "log.jsonl")
-                              if "iteration" in r], default=0) for run in runs}
+    reached = {run.name: logged_iteration(run_folder(root, run)) for run in runs}
     slowest = min(reached, key=reached.get)
     return (f"{time.time() - chunk.started:.0f} s: {len(runs)} running, iterations {min(reached.values())} "
             f"({slowest}) to {max(reached.values())}")
@@ -268,33 +218,7 @@ def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:
 def _append_history(root: Path, chunk: Chunk) -> None:
     root.mkdir(parents=True, exist_ok=True)
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
-              "parallel": chunk.parallel, "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
+              "parallel": chunk.parallel, "performance": list(chunk.performance), "lead": chunk.lead,
+              "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
     with open(root / "chunks.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")
-
-
-def prune(study: Study, root: Path) -> list[Path]:
-    """Delete the snapshots (and generator exports) no later chunk needs; returns what went."""
-    keep = set()
-    for run in study.runs:
-        snapshots = snapshots_of(run_folder(root, run))
-        keep.update(snapshots[-1:])
-        if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
-            keep.update(filter(None, [branch_candidate(study, root, run)]))  # the parent's latest is kept anyway
-    removed = []
-    for run in study.runs:
-        folder = run_folder(root, run)
-        for snapshot in snapshots_of(folder):
-            if snapshot not in keep:
-                for path in (snapshot, generator_path(folder, snapshot_iteration(snapshot))):
-                    if path.is_file():
-                        path.unlink()
-                        removed.append(path)
-    return removed
-
-
-def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
-    """Per run (default: all): status, latest snapshot's iteration, target, first detected collapse."""
-    return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
-             "target": run.iteration, "collapse": first_collapse(run_folder(root, run))}
-            for run in (study.runs if runs is None else runs)]

@@ -38,6 +38,15 @@ def routed(models: list[nn.Module], inputs: torch.Tensor, labels: torch.Tensor |
     return torch.cat(outputs)
 
 
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy that runs eagerly in training mode: the copy of a module compiled in place
+    (``performance.compile``) would keep calling the original's compiled forward, so the copy drops it; the
+    replicas live for one iteration, not worth compiling."""
+    replica = copy.deepcopy(model).train()
+    replica._compiled_call_impl = None  # nn.Module.compile's wrapper; recent torch drops it on copy, older kept it
+    return replica
+
+
 class ResumeArtefact:
     """Fresh replicas of G and D for one iteration: ``devices - 1`` copies of each initial model."""
 
@@ -47,8 +56,8 @@ class ResumeArtefact:
         self.devices = devices
         self.bn_batch = bn_batch  # G's ghost BatchNorm groups in the run
         self.synced: set[str] = set()
-        self.replicas = {"gen": [copy.deepcopy(initial_gen).train() for _ in range(devices - 1)],
-                         "dis": [copy.deepcopy(initial_dis).train() for _ in range(devices - 1)]}
+        self.replicas = {"gen": [plain_copy(initial_gen) for _ in range(devices - 1)],
+                         "dis": [plain_copy(initial_dis) for _ in range(devices - 1)]}
 
     def generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """G's samples, each device's part from its own G; BatchNorm over each device's part as on the original's

@@ -1,0 +1,121 @@
+"""Where each run of a study stands, read from its folder: its snapshots and log, whether and where a branch
+leaves its parent, what a later chunk needs (``prune`` deletes the rest). Pure reads, except ``prune``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from source.study.spec import Run, Study
+from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
+from source.training.runlog import events, read_jsonl
+
+
+def run_folder(root: Path, run: Run) -> Path:
+    return Path(root) / run.setting / f"{run.arm}_s{run.seed}"
+
+
+def console_log(root: Path, run: Run) -> Path:
+    return Path(root) / run.setting / "console" / f"{run.arm}_s{run.seed}.log"
+
+
+def failure_marker(root: Path, run: Run) -> Path:
+    """Written when a run's train.py exits with an error; the run is not relaunched until it is deleted."""
+    return console_log(root, run).with_suffix(".failed")
+
+
+def latest_iteration(folder: Path) -> int:
+    snapshots = snapshots_of(folder)
+    return snapshot_iteration(snapshots[-1]) if snapshots else 0
+
+
+def first_collapse(folder: Path) -> int | None:
+    """The iteration of the first collapse the run's detector logged (None: none yet)."""
+    return next((r["iteration"] for r in events(folder, "collapse")), None)
+
+
+def branch_point(study: Study, root: Path, run: Run) -> int | None:
+    """Where ``run`` leaves its parent, once known: the parent's first collapse, or the fixed ``at`` once passed."""
+    parent = run_folder(root, study.run(run.parent))
+    if run.at == "collapse":
+        return first_collapse(parent)
+    return run.at if latest_iteration(parent) >= run.at else None
+
+
+def branch_limit(study: Study, root: Path, run: Run) -> int | None:
+    """The newest iteration a branch may leave its parent at, once known: the detector's last check before the
+    parent's first collapse (the collapse iteration less one spectra interval), or the fixed ``at``."""
+    point = branch_point(study, root, run)
+    if point is None:
+        return None
+    return point - study.run(run.parent).spectra_interval if run.at == "collapse" else point
+
+
+def branch_snapshot(study: Study, root: Path, run: Run) -> Path | None:
+    """The parent's latest snapshot at or before ``branch_limit``; None while unknown (or none is that old)."""
+    limit = branch_limit(study, root, run)
+    if limit is None:
+        return None
+    before = [s for s in snapshots_of(run_folder(root, study.run(run.parent))) if snapshot_iteration(s) <= limit]
+    return before[-1] if before else None
+
+
+def branch_candidate(study: Study, root: Path, run: Run) -> Path | None:
+    """The parent's snapshot a waiting branch may need: its branch snapshot once known; before that, the newest
+    one at a detector check (collapse) or at or before ``at``, not one a chunk's stop left at any iteration."""
+    if branch_point(study, root, run) is not None:
+        return branch_snapshot(study, root, run)
+    parent = study.run(run.parent)
+    fits = (lambda i: i % parent.spectra_interval == 0) if run.at == "collapse" else (lambda i: i <= run.at)
+    candidates = [s for s in snapshots_of(run_folder(root, parent)) if fits(snapshot_iteration(s))]
+    return candidates[-1] if candidates else None
+
+
+def status(study: Study, root: Path, run: Run) -> str:
+    """done | failed | started | fresh | ready (a branch that can start) | waiting (its parent has not got there)
+    | never (its parent ended without getting there)."""
+    folder = run_folder(root, run)
+    iteration = latest_iteration(folder)
+    if iteration >= run.iteration:
+        return "done"
+    if failure_marker(root, run).is_file():
+        return "failed"
+    if iteration:
+        return "started"
+    if run.parent is None:
+        return "fresh"
+    if branch_snapshot(study, root, run) is not None:
+        return "ready"
+    parent = study.run(run.parent)
+    parent_done = latest_iteration(run_folder(root, parent)) >= parent.iteration
+    return "never" if parent_done or branch_point(study, root, run) is not None else "waiting"
+
+
+def logged_iteration(folder: Path) -> int:
+    """The last iteration the run's log.jsonl reports (0: none)."""
+    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "iteration" in r], default=0)
+
+
+def prune(study: Study, root: Path) -> list[Path]:
+    """Delete the snapshots (and generator exports) no later chunk needs; returns what went."""
+    keep = set()
+    for run in study.runs:
+        snapshots = snapshots_of(run_folder(root, run))
+        keep.update(snapshots[-1:])
+        if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
+            keep.update(filter(None, [branch_candidate(study, root, run)]))  # the parent's latest is kept anyway
+    removed = []
+    for run in study.runs:
+        folder = run_folder(root, run)
+        for snapshot in snapshots_of(folder):
+            if snapshot not in keep:
+                for path in (snapshot, generator_path(folder, snapshot_iteration(snapshot))):
+                    if path.is_file():
+                        path.unlink()
+                        removed.append(path)
+    return removed
+
+
+def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
+    """Per run (default: all): status, latest snapshot's iteration, target, first detected collapse."""
+    return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
+             "target": run.iteration, "collapse": first_collapse(run_folder(root, run))}
+            for run in (study.runs if runs is None else runs)]
