@@ -31,7 +31,7 @@ from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 # Seconds per section on an H100 (sum 470 s: under 8 minutes with the parent's start-up), guessed before any
 # GPU run: the fast setting's share pays for compiling the 128 px G and D, (c) for two passes over 50k images.
 # With --quick they are only a safety net for a loaded CPU.
-BUDGETS_S = {"a_faithful": 45, "a_fast": 185, "b_sr_spectra": 20, "c_fid": 95, "d_small_models": 95, "e_biggan": 30}
+BUDGETS_S = {"a_faithful": 40, "a_fast": 170, "b_sr_spectra": 20, "c_fid": 85, "d_small_models": 125, "e_biggan": 30}
 QUICK_BUDGETS_S = {"a_faithful": 90, "a_fast": 90, "b_sr_spectra": 60, "c_fid": 90, "d_small_models": 120,
                    "e_biggan": 60}
 TOTAL_BUDGET_S = {False: 470, True: 450}
@@ -52,7 +52,7 @@ def child_functions() -> dict:
 SIZES = {
     False: {"width": None, "warmup": 2, "timed": 3, "faithful_micro": [32], "fast_micro": [256, 128, 64], "bn": 32,
             "repeats": 3, "fid_images": 50000, "fid_reference": 2500, "fid_batch": 500, "splits": 10,
-            "small_width": None, "small_batch": 64, "small_warmup": 5, "window_s": 4.0, "concurrency": [1, 2, 4, 8],
+            "small_width": None, "small_batch": 64, "small_warmup": 5, "window_s": 4.0, "concurrency": [1, 4, 16],
             "worker_cap_s": 75, "biggan_batch": 64},
     True: {"width": 4, "warmup": 1, "timed": 2, "faithful_micro": [2], "fast_micro": [4], "bn": 2,
            "repeats": 2, "fid_images": 2, "fid_reference": 2, "fid_batch": 2, "splits": 1,
@@ -78,7 +78,7 @@ def imagenet_plans(size: dict, cpu_quick: bool) -> dict:
 
 
 def small_variants(cpu_quick: bool) -> tuple[list[str], dict]:
-    variants, skipped = ["eager", "fast", "fast-reduce-overhead"], {}
+    variants, skipped = ["eager", "fp32-graphs", "fast", "fast-reduce-overhead"], {}
     if cpu_quick:
         skipped.update({name: "skipped on CPU quick (compile takes minutes on a cold cache)" for name in variants[1:]})
         variants = variants[:1]

@@ -23,6 +23,8 @@ RATIOS = {
     "small_fast_over_eager": ("d_small_models.single.fast.g_iterations_per_s", [EAGER], "G-iterations/s, one run"),
     "small_reduce_overhead_over_eager": ("d_small_models.single.fast-reduce-overhead.g_iterations_per_s", [EAGER],
                                          "G-iterations/s, one run"),
+    "small_fp32_graphs_over_eager": ("d_small_models.single.fp32-graphs.g_iterations_per_s", [EAGER],
+                                     "G-iterations/s, one run: CUDA graphs at the faithful fp32"),
     "biggan_bf16_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.bf16.iteration_s"],
                             "CIFAR-10-LT BigGAN: faithful / bf16 seconds per iteration"),
 }
@@ -105,7 +107,10 @@ def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
 
 
 def small_rows(small: dict) -> list[list]:
-    rows = [[f"one run, {name}", run.get("g_iterations_per_s"), run.get("status")]
+    differences = small.get("first_iteration_losses_relative_difference_to_eager") or {}
+    rows = [[f"one run, {name}", run.get("g_iterations_per_s"),
+             f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; first losses vs eager "
+             f"{number(differences.get(name), 2)}; warm-up s {seconds_list(run.get('warmup_s'))}"]
             for name, run in (small.get("single") or {}).items()]
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
     for parties, level in (small.get("concurrent") or {}).items():

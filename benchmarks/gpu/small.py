@@ -2,10 +2,14 @@
 
 The models are configs/demo.yaml's (ResNet G and SN projection D at 32 px, 1 channel, 10 classes; ch 32) with
 batch 64 and n_dis 5 on synthetic data held on the device; one G-iteration is one ``Updater.update()``
-(5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``fast`` (the config's bf16 +
-channels_last + compile + tf32) and ``fast-reduce-overhead``: the same with ``performance.compile_mode``
-reduce-overhead (CUDA graphs). Each run is a worker process: warm-up iterations (compilation happens there), then a file
-barrier so that concurrent workers time the same window, then as many iterations as fit in the window.
+(5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``fp32-graphs`` (the same fp32
+arithmetic, no TF32, compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs; the collapse
+study's candidate, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
+``fast-reduce-overhead`` (``fast`` with CUDA graphs). Each run is a worker process: warm-up iterations
+(compilation happens there), then a file barrier so that concurrent workers time the same window, then as
+many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, same
+data: the first iteration's must agree with eager's to float tolerance, else the variant computes something
+else) and how often inductor skipped CUDA graphs (then reduce-overhead is plain compile).
 """
 from __future__ import annotations
 
@@ -13,18 +17,22 @@ import tempfile
 import time
 from pathlib import Path
 
+from torch._dynamo.utils import counters
+
 from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, peak_memory, pick_device, progress, read_result,
-                                   remaining, run_child, start_child, synchronize, timed)
+                                   remaining, run_child, start_child, synchronize, timed_value)
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
 from source.config import load_config
 from source.training import build, performance
 from source.training.distributed import World
 
 CONFIG = ROOT / "configs/demo.yaml"
+GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead"}
 VARIANTS = {
     "eager": FAITHFUL,
+    "fp32-graphs": dict(FAITHFUL, **GRAPHS),
     "fast": FAST,
-    "fast-reduce-overhead": dict(FAST, **{"performance.compile_mode": "reduce-overhead"}),
+    "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
 
@@ -63,13 +71,26 @@ def worker(params: dict, partial) -> None:
     performance.configure_backends(config.performance, config.deterministic)
     models = build.build_models(config, device)
     updater = build.build_updater(config, world, models, resident_batches(config, world))
-    warmup = [timed(updater.update, device) for _ in range(params["warmup"])]
-    partial.record(variant=params["variant"], config_overrides=small_overrides(params), warmup_s=warmup)
+    warmup = [timed_value(updater.update, device) for _ in range(params["warmup"])]
+    partial.record(variant=params["variant"], config_overrides=small_overrides(params),
+                   warmup_s=[seconds for _, seconds in warmup], warmup_losses=[losses for losses, _ in warmup],
+                   cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
                           params["deadline"] - params["window_s"] - 5)
     count, seconds = window(updater, params["window_s"], device)
     partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
-                   **peak_memory(device))
+                   cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
+
+
+def first_loss_differences(singles: dict) -> dict:
+    """Per variant, the largest relative difference of its first iteration's losses from eager's (null: unmeasured)."""
+    eager = (singles.get("eager", {}).get("warmup_losses") or [None])[0]
+    differences = {}
+    for name, run in singles.items():
+        first = (run.get("warmup_losses") or [None])[0]
+        differences[name] = None if not (eager and first) else max(
+            abs(first[key] - eager[key]) / max(abs(eager[key]), 1e-12) for key in eager)
+    return differences
 
 
 def single(params: dict, variant: str, directory: Path) -> dict:
@@ -117,8 +138,8 @@ def fastest(singles: dict) -> str:
 
 
 def run(params: dict, partial) -> None:
-    """Section (d), in the parent process: eager and fast alone, the faster as 2, 4, ... concurrent runs, then
-    the remaining variants alone (so that a tight budget drops those first)."""
+    """Section (d), in the parent process: eager and fp32-graphs alone, the faster as 4, 16 concurrent runs (the
+    collapse study's choice), then the remaining variants alone (so that a tight budget drops those first)."""
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
                    warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"])
     with tempfile.TemporaryDirectory() as name:
@@ -137,3 +158,4 @@ def run(params: dict, partial) -> None:
         for variant in params["variants"][2:]:
             singles[variant] = single(params, variant, directory)
             partial.record(single=singles)
+        partial.record(first_iteration_losses_relative_difference_to_eager=first_loss_differences(singles))
