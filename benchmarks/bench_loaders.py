@@ -115,6 +115,36 @@ Raw numbers: `loaders_cpu.json`.
 """
 
 
+def measure(images: int, epochs: int, repeats: int, workers: int) -> dict:
+    """Writes the JPEGs, prepares them (timed) and times both streams; every number of the report."""
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as scratch:
+        jpeg_kB = write_jpegs(Path(scratch, "jpeg"), images)
+        start = time.perf_counter()
+        prepare_imagenet(str(Path(scratch, "jpeg")), None, SIZE, str(Path(scratch, "prepared")), workers)
+        prepare_rate = images / (time.perf_counter() - start)
+        speeds = {"jpeg": {}, "prepared": {}}
+        for _ in range(repeats):
+            for dequantize in (True, False):
+                name = "on" if dequantize else "off"
+                datasets = {"jpeg": ImageNet(ImageNetArgs(root=str(Path(scratch, "jpeg")), size=SIZE,
+                                                          dequantize=dequantize)),
+                            "prepared": PreparedImageNet(PreparedImageNetArgs(path=str(Path(scratch, "prepared")),
+                                                                              dequantize=dequantize))}
+                for kind, dataset in datasets.items():
+                    speed = images_per_second(dataset, workers, epochs)
+                    speeds[kind][name] = max(speed, speeds[kind].get(name, 0.0))
+    return {
+        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "pillow": PIL.__version__,
+                    "load_before": load_before, "load_after": os.getloadavg()},
+        "images": images, "jpeg_kB": jpeg_kB, "workers": workers, "epochs": epochs,
+        "repeats": repeats, "batch": BATCH, "size": SIZE, "prepare_images_per_s": prepare_rate,
+        "main_process_ms_per_batch": main_process_ms(),
+        **speeds, "ratio": {name: speeds["prepared"][name] / speeds["jpeg"][name] for name in speeds["jpeg"]},
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=1024)
@@ -123,32 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/loaders_cpu.json")
     args = parser.parse_args(argv)
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as scratch:
-        jpeg_kB = write_jpegs(Path(scratch, "jpeg"), args.images)
-        start = time.perf_counter()
-        prepare_imagenet(str(Path(scratch, "jpeg")), None, SIZE, str(Path(scratch, "prepared")), args.workers)
-        prepare_rate = args.images / (time.perf_counter() - start)
-        speeds = {"jpeg": {}, "prepared": {}}
-        for _ in range(args.repeats):
-            for dequantize in (True, False):
-                name = "on" if dequantize else "off"
-                datasets = {"jpeg": ImageNet(ImageNetArgs(root=str(Path(scratch, "jpeg")), size=SIZE,
-                                                          dequantize=dequantize)),
-                            "prepared": PreparedImageNet(PreparedImageNetArgs(path=str(Path(scratch, "prepared")),
-                                                                              dequantize=dequantize))}
-                for kind, dataset in datasets.items():
-                    speed = images_per_second(dataset, args.workers, args.epochs)
-                    speeds[kind][name] = max(speed, speeds[kind].get(name, 0.0))
-    result = {
-        "machine": {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "pillow": PIL.__version__,
-                    "load_before": load_before, "load_after": os.getloadavg()},
-        "images": args.images, "jpeg_kB": jpeg_kB, "workers": args.workers, "epochs": args.epochs,
-        "repeats": args.repeats, "batch": BATCH, "size": SIZE, "prepare_images_per_s": prepare_rate,
-        "main_process_ms_per_batch": main_process_ms(),
-        **speeds, "ratio": {name: speeds["prepared"][name] / speeds["jpeg"][name] for name in speeds["jpeg"]},
-    }
+    result = measure(args.images, args.epochs, args.repeats, args.workers)
     save_result(result, args.out)
     args.out.with_suffix(".md").write_text(markdown(result))
     return result

@@ -6,7 +6,8 @@
 Sections, each a child process with its own time budget (a section that fails or runs out records why and
 the next one starts): (a) the ImageNet-128 recipe at the faithful fp32 and the fast setting, (b) one SR call
 and one spectra snapshot against it, (c) FID end to end, ours and torch-fidelity's, (d) the 32 px models'
-G-iterations/s, alone and concurrent, (e) one CIFAR-10-LT BigGAN iteration with every gSR term. Writes gpu_<device>.json and .md into --out. ``--quick`` shrinks every
+G-iterations/s, alone and concurrent, (e) one CIFAR-10-LT BigGAN iteration with every gSR term, (f) the prepared-shard and JPEG loaders' images/s
+with all the machine's cores. Writes gpu_<device>.json and .md into --out. ``--quick`` shrinks every
 size so that the whole run takes about a minute on a 2-core CPU, through the same code paths.
 """
 from __future__ import annotations
@@ -31,21 +32,20 @@ from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 # Seconds per section on an H100 (sum 470 s: under 8 minutes with the parent's start-up), guessed before any
 # GPU run: the fast setting's share pays for compiling the 128 px G and D, (c) for two passes over 50k images.
 # With --quick they are only a safety net for a loaded CPU.
-BUDGETS_S = {"a_faithful": 40, "a_fast": 170, "b_sr_spectra": 20, "c_fid": 85, "d_small_models": 125, "e_biggan": 30}
+BUDGETS_S = {"a_faithful": 35, "a_fast": 170, "b_sr_spectra": 20, "c_fid": 80, "d_small_models": 115,
+             "e_biggan": 25, "f_loaders": 25}
 QUICK_BUDGETS_S = {"a_faithful": 90, "a_fast": 90, "b_sr_spectra": 60, "c_fid": 90, "d_small_models": 120,
-                   "e_biggan": 60}
+                   "e_biggan": 60, "f_loaders": 60}
 TOTAL_BUDGET_S = {False: 470, True: 450}
 # the child function of each section; (d) only starts and collects worker processes, so it runs in this one
-CHILD_OF = {"a_faithful": "a", "a_fast": "a", "b_sr_spectra": "b", "c_fid": "c", "e_biggan": "e"}
-LOADERS_WHY = ("not measured by this script: the prepared-shard and JPEG loaders' images/s have a benchmark of "
-               "their own (issue 9, part 3)")
+CHILD_OF = {"a_faithful": "a", "a_fast": "a", "b_sr_spectra": "b", "c_fid": "c", "e_biggan": "e", "f_loaders": "f"}
 
 
 def child_functions() -> dict:
-    from benchmarks.gpu import biggan, fid, imagenet, small
+    from benchmarks.gpu import biggan, fid, imagenet, loaders, small
 
     return {"a": imagenet.run_setting, "b": imagenet.run_spectral, "c": fid.run, "d_worker": small.worker,
-            "e": biggan.run}
+            "e": biggan.run, "f": loaders.run}
 
 
 # Sizes on a GPU, and with --quick: tiny, every code path in about a minute on a 2-core CPU.
@@ -53,11 +53,11 @@ SIZES = {
     False: {"width": None, "warmup": 2, "timed": 3, "faithful_micro": [32], "fast_micro": [256, 128, 64], "bn": 32,
             "repeats": 3, "fid_images": 50000, "fid_reference": 2500, "fid_batch": 500, "splits": 10,
             "small_width": None, "small_batch": 64, "small_warmup": 5, "window_s": 4.0, "concurrency": [1, 4, 16],
-            "worker_cap_s": 75, "biggan_batch": 64},
+            "worker_cap_s": 75, "biggan_batch": 64, "loader_images": 768, "loader_workers": None},
     True: {"width": 4, "warmup": 1, "timed": 2, "faithful_micro": [2], "fast_micro": [4], "bn": 2,
            "repeats": 2, "fid_images": 2, "fid_reference": 2, "fid_batch": 2, "splits": 1,
            "small_width": 8, "small_batch": 8, "small_warmup": 1, "window_s": 0.5, "concurrency": [1, 2],
-           "worker_cap_s": 40, "biggan_batch": 8},
+           "worker_cap_s": 40, "biggan_batch": 8, "loader_images": 64, "loader_workers": 2},
 }
 
 
@@ -98,6 +98,7 @@ def plans(args, on_gpu: bool) -> dict:
                            "worker_cap_s": size["worker_cap_s"]},
         "e_biggan": {"width": size["width"], "batch": size["biggan_batch"], "warmup": size["warmup"],
                      "timed": size["timed"]},
+        "f_loaders": {"images": size["loader_images"], "epochs": 1, "repeats": 1, "workers": size["loader_workers"]},
     })
 
 
@@ -142,8 +143,6 @@ def report(args, device, names, section_plans, section_budgets, results, wall) -
                                 "from measured ones as their section states, never measured"),
         "sections": results,
         "ratios": derived_ratios(results),
-        "loaders": None,
-        "loaders_why": LOADERS_WHY,
     }
 
 
