@@ -1,0 +1,118 @@
+"""The config's checks beyond types: model and dataset args against the component they configure, values in
+range, and the settings that must agree with each other (batch sizes, world size, classes, training terms).
+Each failure is one ``ConfigError`` line naming the source and the dotted key; ``source.config`` calls these
+once, when a config is loaded."""
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from typing import TYPE_CHECKING, Any
+
+from source.typed import ConfigError, first_line, reject_unknown, suggest, validate_dataclass, validate_value
+
+if TYPE_CHECKING:
+    from source.config import Config, DatasetSpec, ModelSpec, UpdaterConfig
+
+
+def validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
+    from source.models import MODELS, check_model_args
+
+    if spec.name not in MODELS:
+        raise ConfigError(f"{source}: {key}.name: unknown model '{spec.name}'{suggest(spec.name, MODELS)}")
+    signature = inspect.signature(MODELS[spec.name])
+    hints = typing.get_type_hints(MODELS[spec.name].__init__)
+    params = [p for p in signature.parameters if p != "self"]
+    reject_unknown(spec.args, params, f"{key}.args", source)
+    args = {name: validate_value(v, hints.get(name, Any), f"{key}.args.{name}", source)
+            for name, v in spec.args.items()}
+    try:
+        check_model_args(spec.name, args)
+    except ValueError as error:
+        raise ConfigError(f"{source}: {key}.args: {first_line(error)}") from None
+    return args
+
+
+def validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) -> Any:
+    from source.datasets import DATASETS
+
+    if spec.name not in DATASETS:
+        raise ConfigError(f"{source}: {key}.name: unknown dataset '{spec.name}'{suggest(spec.name, DATASETS)}")
+    return validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
+
+
+def check_consistency(config: Config, source: str, world_size: int) -> None:
+    positive = ["iteration", "batchsize", "gen_batchsize", "micro_batchsize", "bn_batchsize", "display_interval",
+                "snapshot_interval", "evaluation_interval", "spectra_interval", "preview_interval"]
+    for name in positive:
+        if getattr(config, name) is not None and getattr(config, name) <= 0:
+            raise ConfigError(f"{source}: {name}: must be positive, got {getattr(config, name)}")
+    if config.micro_batchsize % config.bn_batch:
+        raise ConfigError(f"{source}: bn_batchsize: micro_batchsize {config.micro_batchsize} is not a multiple of "
+                          f"{config.bn_batch}")
+    per_step = config.micro_batchsize * world_size
+    for name, value in (("batchsize", config.batchsize), ("gen_batchsize", config.gen_batch)):
+        if value % per_step:
+            raise ConfigError(
+                f"{source}: {name}: {value} is not divisible by micro_batchsize x world size "
+                f"= {config.micro_batchsize} x {world_size} = {per_step}")
+    if config.updater.n_dis < 1 or config.updater.sr.interval < 1:
+        raise ConfigError(f"{source}: updater.n_dis and updater.sr.interval must be >= 1")
+    collapse = config.updater.collapse
+    if not 0 < collapse.threshold < 1 or collapse.min_layers < 1:
+        raise ConfigError(f"{source}: updater.collapse: threshold must be in (0, 1) and min_layers >= 1, got "
+                          f"{collapse.threshold} and {collapse.min_layers}")
+    for name, adam in (("adam_G", config.adam_G), ("adam_D", config.adam_D)):
+        if not (adam.alpha >= 0 and 0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1 and adam.eps >= 0):
+            raise ConfigError(f"{source}: {name}: need alpha >= 0, 0 <= beta1 < 1, 0 <= beta2 < 1 and eps >= 0, got "
+                              f"alpha={adam.alpha}, beta1={adam.beta1}, beta2={adam.beta2}, eps={adam.eps}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+        raise ConfigError(f"{source}: device: expected auto, cpu, cuda or cuda:N, got {config.device!r}")
+    for name in ("seed", "num_workers"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
+    updater = config.updater
+    if updater.resume_artefact != "never" and (updater.resume_artefact_devices < 2 or world_size > 1
+                                             or config.micro_batchsize % updater.resume_artefact_devices):
+        raise ConfigError(f"{source}: updater.resume_artefact: needs resume_artefact_devices >= 2 dividing "
+                          f"micro_batchsize ({updater.resume_artefact_devices}, {config.micro_batchsize}) and one "
+                          f"process (world size {world_size})")
+    if config.evaluation.modes_interval < 0 or config.evaluation.modes_samples < 20:
+        raise ConfigError(f"{source}: evaluation.modes_interval must be >= 0 (0: off) and evaluation.modes_samples "
+                          f">= 20, got {config.evaluation.modes_interval} and {config.evaluation.modes_samples}")
+    if config.evaluation.standing_steps < 1:
+        raise ConfigError(f"{source}: evaluation.standing_steps: must be >= 1 (forwards accumulating G's standing "
+                          f"BatchNorm statistics), got {config.evaluation.standing_steps}")
+    gen_classes = config.models.generator.args.get("n_classes", 0)
+    dis_classes = config.models.discriminator.args.get("n_classes", 0)
+    if gen_classes != dis_classes:
+        raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
+    check_terms(config.updater, gen_classes, source)
+
+
+def check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:
+    """gSR, LeCam, DiffAugment and the EMA: values in range, and a conditional G where they need one."""
+    from source.regularizers import parse_policy
+
+    gsr, lecam, ema = updater.gsr, updater.lecam, updater.ema
+    checks = [
+        (gsr.weight >= 0, "gsr.weight", "must be >= 0", gsr.weight),
+        (0 < gsr.effective_number_beta < 1, "gsr.effective_number_beta", "must be in (0, 1)", gsr.effective_number_beta),
+        (gsr.power_iterations >= 1, "gsr.power_iterations", "must be >= 1", gsr.power_iterations),
+        (not gsr.enabled or n_classes > 0, "gsr.enabled", "gSR regularizes class-conditional BN: needs a generator "
+                                                          "with n_classes > 0", gsr.enabled),
+        (not (updater.fake_labels == "data" and n_classes == 0), "fake_labels", "'data' needs a class-conditional "
+                                                                              "generator", updater.fake_labels),
+        (lecam.weight >= 0, "lecam.weight", "must be >= 0 (0 is off)", lecam.weight),
+        (0 <= lecam.decay < 1, "lecam.decay", "must be in [0, 1)", lecam.decay),
+        (lecam.start_iteration >= 0, "lecam.start_iteration", "must be >= 0", lecam.start_iteration),
+        (0 <= ema.decay < 1, "ema.decay", "must be in [0, 1)", ema.decay),
+        (ema.start_iteration >= 0, "ema.start_iteration", "must be >= 0", ema.start_iteration),
+    ]
+    for ok, key, problem, value in checks:
+        if not ok:
+            raise ConfigError(f"{source}: updater.{key}: {problem}, got {value!r}")
+    try:
+        parse_policy(updater.diffaugment)
+    except ValueError as error:
+        raise ConfigError(f"{source}: updater.diffaugment: {error}") from None
