@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from source.datasets import (
     DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
     build_dataset, check_dataset_args)
+from source.datasets.iterator import derived_seeds
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 RNG = np.random.default_rng(0)
@@ -366,6 +367,15 @@ def test_iterator_dequantization_noise_range():
     noise = (x + 1) * 128 - (y % 256).float().view(16, 1, 1, 1)
     assert noise.min() >= -1e-4 and noise.max() < 1 + 1e-4 and x.max() < 1
     assert noise.std() > 0.2 and len(torch.unique(noise)) > 50  # uniform-ish, independent per pixel
+
+
+@pytest.mark.parametrize("stream, seed, epoch, start", [(1, 0, 0, 0), (2, 7, 3, 1000), (1, 2**32 - 1, 2**31, 2**32 - 70),
+                                                       (0, 2**40, 1, 5), (1, 3, 0, 2**32 - 10)])  # last two: slow path
+def test_derived_seeds_are_numpys_seed_sequence_bit_for_bit(stream, seed, epoch, start):
+    """The noise and flips of every run so far came from SeedSequence per sample: the vectorized seeds must equal it."""
+    positions = range(start, start + 64)
+    expected = [int(np.random.SeedSequence((stream, seed, epoch, p)).generate_state(1, np.uint64)[0]) for p in positions]
+    assert derived_seeds(stream, seed, epoch, positions) == expected
 
 
 @pytest.mark.parametrize("stop_after", [2, 5, 6, 7])  # mid-epoch, before, at and after the epoch boundary

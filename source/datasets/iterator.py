@@ -33,6 +33,47 @@ def derived_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(parts).generate_state(1, dtype=np.uint64)[0])
 
 
+# numpy's SeedSequence constants (O'Neill's seed_seq_fe with a pool of 4 words; numpy/random/bit_generator.pyx)
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_L, _MIX_R, _POOL = 0xCA01F9DD, 0x4973F715, 4
+
+
+def derived_seeds(stream: int, seed: int, epoch: int, positions: range) -> list[int]:
+    """``derived_seed(stream, seed, epoch, p)`` for every p in ``positions``, equal bit for bit, in one numpy pass
+    instead of one SeedSequence per sample (which was a third of a 32 px batch's loading time)."""
+    if max(stream, seed, epoch, positions[-1] if positions else 0) >= 2**32 or min(stream, seed, epoch) < 0:
+        return [derived_seed(stream, seed, epoch, p) for p in positions]  # words beyond one each: the slow path
+    u32 = np.uint32
+    entropy = [np.full(len(positions), part, u32) for part in (stream, seed, epoch)]
+    entropy.append(np.asarray(positions, dtype=u32))
+    hash_const = u32(_INIT_A)
+
+    def hashmix(value):
+        nonlocal hash_const
+        value = value ^ hash_const
+        hash_const = hash_const * u32(_MULT_A)
+        value = value * hash_const
+        return value ^ (value >> u32(16))
+
+    def mix(x, y):
+        result = u32(_MIX_L) * x - u32(_MIX_R) * y
+        return result ^ (result >> u32(16))
+
+    with np.errstate(over="ignore"):
+        pool = [hashmix(entropy[i]) for i in range(_POOL)]
+        for source in range(_POOL):
+            for target in range(_POOL):
+                if source != target:
+                    pool[target] = mix(pool[target], hashmix(pool[source]))
+        words, multiplier = [], u32(_INIT_B)
+        for word in pool[:2]:  # generate_state(1, uint64): two 32-bit words, the first the low half
+            value = word ^ multiplier
+            multiplier = multiplier * u32(_MULT_B)
+            value = value * multiplier
+            words.append((value ^ (value >> u32(16))).astype(np.uint64))
+    return (words[0] | (words[1] << np.uint64(32))).tolist()
+
+
 def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(derived_seed(PERMUTATION_STREAM, seed, epoch, 0))
     return torch.randperm(length, generator=generator)
@@ -41,15 +82,15 @@ def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
 def dequantization_noise(sample_shape: torch.Size, seed: int, epoch: int, positions: range) -> torch.Tensor:
     """U[0, 1) per pixel (in grey levels), one independent stream per (seed, epoch, position in epoch)."""
     noise = torch.empty(len(positions), *sample_shape)
-    for sample, position in zip(noise, positions):
-        generator = torch.Generator().manual_seed(derived_seed(NOISE_STREAM, seed, epoch, position))
-        sample.uniform_(0.0, 1.0, generator=generator)
+    for sample, stream_seed in zip(noise, derived_seeds(NOISE_STREAM, seed, epoch, positions)):
+        sample.uniform_(0.0, 1.0, generator=torch.Generator().manual_seed(stream_seed))
     return noise
 
 
 def flip_mask(seed: int, epoch: int, positions: range) -> torch.Tensor:
     """A fair coin per (seed, epoch, position in epoch): which samples a random horizontal flip mirrors."""
-    return torch.tensor([derived_seed(FLIP_STREAM, seed, epoch, position) & 1 for position in positions], dtype=torch.bool)
+    return torch.tensor([stream_seed & 1 for stream_seed in derived_seeds(FLIP_STREAM, seed, epoch, positions)],
+                        dtype=torch.bool)
 
 
 def to_signed_unit(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
