@@ -147,6 +147,7 @@ class PerformanceConfig:
     # reduce-overhead: CUDA graphs, for small launch-bound models (the 32 px ones); max-autotune: searches kernels
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
+    fused_adam: bool = False                     # Adam's step in one fused kernel: the same update to float rounding
     cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
 
 

@@ -6,9 +6,12 @@ import pytest
 import torch
 
 import train
+from source.config import load_config
 from source.models import build_model
+from source.training import build
 from source.training.checkpoint import load_snapshot
-from test_training import tiny_argv
+from source.training.distributed import World
+from test_training import CONFIGS, TINY, tiny_argv
 
 
 def final_state(out, *overrides):
@@ -53,6 +56,7 @@ def losses(out) -> list[tuple[float, float]]:
 @pytest.mark.parametrize("settings, tolerance", [
     (["performance.channels_last=true"], 1e-4),        # the same arithmetic in another memory order
     (["performance.amp=bf16"], 0.05),                  # 8-bit mantissas in G's and D's forwards
+    (["performance.fused_adam=true"], 1e-4),           # Adam's step fused into one kernel
     # slow: inductor compiles G and D for minutes on a cold cache on 2 cores (27 s warm)
     pytest.param(["performance.compile=true", "performance.channels_last=true"], 1e-4, marks=pytest.mark.slow),
 ])
@@ -62,6 +66,13 @@ def test_performance_settings_keep_the_losses_of_fp32(tmp_path, settings, tolera
     fast = final_state(tmp_path / "fast", *settings)
     np.testing.assert_allclose(losses(tmp_path / "fast"), losses(tmp_path / "fp32"), rtol=tolerance, atol=tolerance)
     assert fast["gen"].keys() == reference["gen"].keys(), "snapshots of a compiled model keep the plain keys"
+
+
+def test_fused_adam_is_what_the_optimizers_run():
+    config = load_config(CONFIGS / "demo.yaml", [*TINY, "performance.fused_adam=true"])
+    models = build.build_models(config, torch.device("cpu"))
+    updater = build.build_updater(config, World(0, 0, 1, torch.device("cpu")), models, iter(()))
+    assert updater.opt_gen.defaults["fused"] and updater.opt_dis.defaults["fused"]
 
 
 def test_fp16_scales_its_loss_and_skips_overflowing_steps(tmp_path):

@@ -32,7 +32,7 @@ GLOBAL_BATCH = 2048
 FAITHFUL = {"performance.amp": PerformanceConfig().amp, "performance.tf32": False, "performance.channels_last": False,
             "performance.compile": False}
 FAST = {"performance.amp": "bf16", "performance.tf32": True, "performance.channels_last": True,
-        "performance.compile": True}
+        "performance.compile": True, "performance.fused_adam": True}
 
 
 def overrides(width: int | None, items: dict) -> list[str]:

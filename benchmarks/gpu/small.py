@@ -3,9 +3,9 @@
 The models are configs/demo.yaml's (ResNet G and SN projection D at 32 px, 1 channel, 10 classes; ch 32) with
 batch 64 and n_dis 5 on synthetic data held on the device; one G-iteration is one ``Updater.update()``
 (5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``fp32-graphs`` (the same fp32
-arithmetic, no TF32, compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs; the collapse
-study's candidate, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
-``fast-reduce-overhead`` (``fast`` with CUDA graphs). Each run is a worker process: warm-up iterations
+arithmetic, no TF32, compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs, and fused Adam;
+the collapse study's candidate, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
+``fast-reduce-overhead`` (``fast`` with CUDA graphs and fused Adam). Each run is a worker process: warm-up iterations
 (compilation happens there), then a file barrier so that concurrent workers time the same window, then as
 many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, same
 data: the first iteration's must agree with eager's to float tolerance, else the variant computes something
@@ -27,7 +27,7 @@ from source.training import build, performance
 from source.training.distributed import World
 
 CONFIG = ROOT / "configs/demo.yaml"
-GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead"}
+GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead", "performance.fused_adam": True}
 VARIANTS = {
     "eager": FAITHFUL,
     "fp32-graphs": dict(FAITHFUL, **GRAPHS),

@@ -33,8 +33,10 @@ def build_models(config: Config, device: torch.device) -> Models:
     return Models(gen=gen, dis=build_model(spec_d.name, spec_d.args).to(device))
 
 
-def build_optimizer(model: nn.Module, adam) -> torch.optim.Adam:
-    return torch.optim.Adam(model.parameters(), lr=adam.alpha, betas=(adam.beta1, adam.beta2), eps=adam.eps)
+def build_optimizer(model: nn.Module, adam, fused: bool = False) -> torch.optim.Adam:
+    """Chainer's Adam; ``fused`` (``performance.fused_adam``): one kernel per step instead of torch's default."""
+    return torch.optim.Adam(model.parameters(), lr=adam.alpha, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                            fused=fused or None)
 
 
 def build_batches(config: Config, world: World, source: str = "config") -> InfiniteBatchIterator:
@@ -110,7 +112,8 @@ def build_updater(config: Config, world: World, models: Models, batches) -> Upda
     for model in (models.gen, models.dis):
         performance.prepare_model(model, config.performance)
     return Updater(gen=wrap_distributed(models.gen, world), dis=wrap_distributed(models.dis, world),
-                   opt_gen=build_optimizer(models.gen, config.adam_G), opt_dis=build_optimizer(models.dis, config.adam_D),
+                   opt_gen=build_optimizer(models.gen, config.adam_G, config.performance.fused_adam),
+                   opt_dis=build_optimizer(models.dis, config.adam_D, config.performance.fused_adam),
                    batches=batches, config=config, world=world, regularizer=build_regularizer(config), terms=terms)
 
 
