@@ -97,6 +97,9 @@ class Updater:
         self.scaler_dis = performance.grad_scaler(config.performance, world.device)
         self.scaler_gen = performance.grad_scaler(config.performance, world.device)
         self.memory_format = performance.memory_format(config.performance)
+        # CUDA graphs reuse their outputs' memory at the next replay: a .grad that a compiled backward handed over
+        # would be overwritten by the next micro-batch's, so gradients accumulate into buffers kept outside them
+        self.stable_grads = performance.cuda_graphs(config.performance)
         self.artefact: ResumeArtefact | None = None  # train.py sets it for the first iteration after some resumes
 
     def _autocast(self):
@@ -144,7 +147,7 @@ class Updater:
 
     def _dis_step(self, step: int) -> torch.Tensor:
         """One D update; returns (its adversarial loss, its LeCam penalty), means over the global batch."""
-        self.opt_dis.zero_grad(set_to_none=True)
+        self._zero_grad(self.opt_dis)
         total = torch.zeros(2, device=self.world.device)
         batchsize = self.config.batchsize
         z_all, labels_all = self._latents(step, batchsize)
@@ -177,7 +180,7 @@ class Updater:
 
     def _gen_step(self) -> torch.Tensor:
         """One G update; returns (its adversarial loss, its gSR penalty), means over the global batch."""
-        self.opt_gen.zero_grad(set_to_none=True)
+        self._zero_grad(self.opt_gen)
         total = torch.zeros(2, device=self.world.device)
         dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
         z_all, labels_all = self._latents(G_PHASE, self.config.gen_batch)
@@ -203,6 +206,19 @@ class Updater:
         self._step(self.opt_gen, self.scaler_gen, "gen")
         self._sync_artefact("gen")
         return total
+
+    def _zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
+        """No gradients before a step: None, or zeroed buffers that outlive CUDA graphs (``stable_grads``;
+        0 + g is g, so both give the same sums)."""
+        if not self.stable_grads:
+            optimizer.zero_grad(set_to_none=True)
+            return
+        for group in optimizer.param_groups:
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    parameter.grad = torch.zeros_like(parameter)
+                else:
+                    parameter.grad.zero_()
 
     def _generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return gen(z, labels) if self.artefact is None else self.artefact.generate(gen, z, labels)

@@ -11,7 +11,7 @@ from source.models import build_model
 from source.training import build
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
-from test_training import CONFIGS, TINY, tiny_argv
+from test_training import CONFIGS, TINY, build_tiny_updater, tiny_argv
 
 
 def final_state(out, *overrides):
@@ -73,6 +73,33 @@ def test_fused_adam_is_what_the_optimizers_run():
     models = build.build_models(config, torch.device("cpu"))
     updater = build.build_updater(config, World(0, 0, 1, torch.device("cpu")), models, iter(()))
     assert updater.opt_gen.defaults["fused"] and updater.opt_dis.defaults["fused"]
+
+
+def test_a_resume_runs_the_configs_optimizer_settings_not_the_snapshots(tmp_path):
+    """torch's Optimizer.load_state_dict keeps the saved hyperparameters; a resume's --set must win."""
+    final_state(tmp_path / "run")
+    resumed = tmp_path / "resumed"
+    assert train.main(["--resume", str(tmp_path / "run" / "snapshots" / "snapshot_iter_2.pt"), "--out", str(resumed),
+                       "--set", "performance.fused_adam=true", "--set", "adam_D.beta2=0.5"]) == 0
+    state = load_snapshot(resumed / "snapshots" / "snapshot_iter_3.pt", training_state=True)
+    dis, gen = state["opt_dis"]["param_groups"][0], state["opt_gen"]["param_groups"][0]
+    assert dis["fused"] and gen["fused"] and dis["betas"][1] == 0.5 and gen["betas"][1] != 0.5
+
+
+def test_gradients_kept_in_stable_buffers_for_cuda_graphs_give_the_same_training():
+    """Under CUDA graphs (compile mode reduce-overhead) gradients accumulate into zeroed buffers instead of starting
+    as None; with D and G accumulating 2 micro-batches, 3 iterations must give bit for bit the same models."""
+    states = []
+    for stable in (False, True):
+        updater, models = build_tiny_updater("gen_batchsize=16", "updater.n_dis=2")
+        updater.stable_grads = stable
+        for _ in range(3):
+            updater.update()
+        states.append({net: getattr(models, net).state_dict() for net in ("gen", "dis")})
+    for net, state in states[0].items():
+        assert all(torch.equal(value, states[1][net][key]) for key, value in state.items()), net
+    assert updater.accumulation == 2 and updater.gen_accumulation == 4
+    assert all(p.grad is not None for p in models.dis.parameters()), "the buffers stay between steps"
 
 
 def test_fp16_scales_its_loss_and_skips_overflowing_steps(tmp_path):

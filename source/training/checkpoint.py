@@ -124,6 +124,17 @@ def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
+def configured(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A snapshot's optimizer state with ``optimizer``'s hyperparameters (betas, eps, fused, ...), which the run's
+    config set: torch's load would keep the snapshot's, silently ignoring a resume's ``--set adam_D.beta2=...``
+    or ``performance.fused_adam``. The moments and step counts stay the snapshot's."""
+    groups = saved.get("param_groups") if isinstance(saved, dict) else None
+    if not isinstance(groups, list) or len(groups) != len(optimizer.param_groups):
+        return saved  # torch's load reports what does not fit
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return {**saved, "param_groups": [{**group, **setting} for group, setting in zip(groups, settings)]}
+
+
 def non_finite(state: dict, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf."""
     names = []

@@ -37,6 +37,11 @@ def grad_scaler(settings: PerformanceConfig, device: torch.device) -> torch.amp.
     return torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
 
 
+def cuda_graphs(settings: PerformanceConfig) -> bool:
+    """G and D run as CUDA graphs (compile mode reduce-overhead; on a CPU the mode compiles without graphs)."""
+    return settings.compile and settings.compile_mode == "reduce-overhead"
+
+
 def memory_format(settings: PerformanceConfig) -> torch.memory_format:
     return torch.channels_last if settings.channels_last else torch.contiguous_format
 

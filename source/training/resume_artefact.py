@@ -33,7 +33,9 @@ def routed(models: list[nn.Module], inputs: torch.Tensor, labels: torch.Tensor |
     for d, model in enumerate(models):
         own = list(range(d, parts, len(models)))
         y = None if labels is None else torch.cat([label_chunks[c] for c in own])
-        for c, out in zip(own, model(torch.cat([chunks[c] for c in own]), y).chunk(halves)):
+        # eager even where the run compiles: the parts' batch size would recompile the main model with a dynamic
+        # batch for the rest of the run (_call_impl is nn.Module's uncompiled call, hooks included)
+        for c, out in zip(own, model._call_impl(torch.cat([chunks[c] for c in own]), y).chunk(halves)):
             outputs[c] = out
     return torch.cat(outputs)
 

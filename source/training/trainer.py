@@ -176,8 +176,8 @@ class Trainer:
         try:
             updater.gen_module.load_state_dict(state["gen"])
             updater.dis_module.load_state_dict(state["dis"])
-            updater.opt_gen.load_state_dict(state["opt_gen"])
-            updater.opt_dis.load_state_dict(state["opt_dis"])
+            updater.opt_gen.load_state_dict(checkpoint.configured(state["opt_gen"], updater.opt_gen))
+            updater.opt_dis.load_state_dict(checkpoint.configured(state["opt_dis"], updater.opt_dis))
         except (RuntimeError, ValueError, KeyError, TypeError) as error:  # optimizer states of other networks
             raise checkpoint.SnapshotMismatch(first_line(error)) from None
         parts = [("updater", lambda: updater.load_state_dict(state["updater"])),
