@@ -36,16 +36,13 @@ def write_study(tmp_path: Path, iterations: int, **arms) -> Path:
     return path
 
 
-def iterations_logged(folder: Path) -> int:
-    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
-
-
 @pytest.mark.parametrize("arms, message", [
     ({"sn": {"sett": []}}, "arms.sn.sett: unknown key"),
     ({"sn": {}, "b": {"branch": "sm"}}, "arms.b.branch.sm: unknown key"),
     ({"sn": {}, "b": {"branch": "sn"}, "c": {"branch": "b"}}, "b is itself a branch"),
     ({"sn": {"set": ["adam_G.alpah=1"]}}, "arm sn, seed 0.*adam_G.alpah"),
     ({"sn": {}, "b": {"branch": "sn", "at": 9}}, "arms.b.at: 9 is not before the run's end"),
+    ({"sn": {"set": ["performance.compile=true"]}}, "performance.compile=true: how the arithmetic runs is chosen per"),
 ])
 def test_study_file_problems_are_one_line_errors(tmp_path, arms, message):
     with pytest.raises(ConfigError, match=message) as error:
@@ -97,7 +94,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
                                       stderr=subprocess.PIPE, text=True)
     folder = root / "tiny" / "sn_s0"
     deadline = time.time() + 120
-    while time.time() < deadline and iterations_logged(folder) < 3:
+    while time.time() < deadline and state.logged_iteration(folder) < 3:
         time.sleep(0.5)
     runner_process.send_signal(signal.SIGTERM)
     _, err = runner_process.communicate(timeout=120)
@@ -116,7 +113,7 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     # chunk 1: stopped (SIGTERM) once the parent has a snapshot past the branch point; the branch may have started
     runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(sn_folder) >= 4, echo=lambda _: 0)
     stopped = state.latest_iteration(sn_folder)
-    assert 4 <= stopped < 40 and iterations_logged(sn_folder) == stopped
+    assert 4 <= stopped < 40 and state.logged_iteration(sn_folder) == stopped
     assert any(r.get("event") == "interrupted" for r in read_jsonl(sn_folder / "log.jsonl"))
     state.prune(study, root)
     kept = [int(p.stem.rsplit("_", 1)[1]) for p in snapshots_of(sn_folder)]
@@ -146,10 +143,10 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
         tmp_path, capsys):
     study = load_study(write_study(tmp_path, 30, a={}, b={"set": ["updater.apply_SR=true"]}))
     root = tmp_path / "runs"
-    a = study.runs[0]
-    runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(state.run_folder(root, a)) >= 2,
-                     echo=lambda _: 0)
-    stopped = {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}
+    reached = lambda: {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}  # noqa: E731
+    runner.run_chunk(study, root, parallel=2, stop=lambda: min(reached().values()) >= 2, echo=lambda _: 0)
+    stopped = reached()
+    assert all(2 <= iteration < 30 for iteration in stopped.values()), stopped
     lead, starts = [], []
 
     def echo(line):  # the lead is named first; when the other run starts, how far the lead had logged
@@ -164,8 +161,7 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
     for run in study.runs:
         folder = state.run_folder(root, run)
         resumed = [r for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"][-1]
-        if stopped[run.name]:  # continued in place, with the change recorded
-            assert resumed["changes"] == ["performance.channels_last: false -> true"]
+        assert resumed["changes"] == ["performance.channels_last: false -> true"]  # continued in place, logged
         assert state.latest_iteration(folder) == 30 and "channels_last: true" in (folder / "config.yaml").read_text()
     history = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
     assert history[-1]["performance"] == ["performance.channels_last=true"] and history[-1]["lead"] == chunk.lead
@@ -177,7 +173,11 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
 def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     study_file = write_study(tmp_path, 6)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
-    assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600"]) == 0
+    assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600",
+                           "--set", "performance.channels_last=true"]) == 0
+    chunk = json.loads((here / "chunks.jsonl").read_text().splitlines()[-1])  # every setting, the base's or --set
+    assert {"performance.channels_last=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
+        set(chunk["performance"]) and chunk["lead"] is None
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
     transfer.reset(carry)

@@ -107,10 +107,10 @@ def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
 
 
 def small_rows(small: dict) -> list[list]:
-    differences = small.get("first_iteration_losses_relative_difference_to_eager") or {}
+    differences = small.get("warmup_losses_relative_difference_to_eager") or {}
     rows = [[f"one run, {name}", run.get("g_iterations_per_s"),
-             f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; first losses vs eager "
-             f"{number(differences.get(name), 2)}; warm-up s {seconds_list(run.get('warmup_s'))}"]
+             f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; warm-up losses vs eager "
+             f"{[number(d, 2) for d in differences.get(name) or []]}; warm-up s {seconds_list(run.get('warmup_s'))}"]
             for name, run in (small.get("single") or {}).items()]
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
     for parties, level in (small.get("concurrent") or {}).items():
@@ -157,8 +157,8 @@ def fid_lines(fid: dict) -> list[str]:
 
 
 def small_lines(small: dict) -> list[str]:
-    lines = [f"## (d) 32 px models, batch {small.get('batch')}, n_dis {small.get('n_dis')}, "
-             f"ch {small.get('width')}", ""]
+    lines = [f"## (d) 32 px models (the collapse study's base run), batch {small.get('batch')} (G "
+             f"{2 * (small.get('batch') or 0)}), n_dis {small.get('n_dis')}, ch {small.get('width')}", ""]
     return lines + table(["run", "G-iterations/s (measured)", "note"], small_rows(small)) + [""]
 
 

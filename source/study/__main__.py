@@ -1,7 +1,8 @@
 """python -m source.study: run a study (many train.py runs) in resumable chunks, here or on a lent GPU machine.
 
   run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done)
-      [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device)
+      [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
+                                                           the study base's performance block where not given)
   status STUDY                                             each run's progress
   carry STUDY --setting NAME --to DIR                      what a device call needs, in DIR (git-ignored)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict
 import subprocess
 import sys
 import time
@@ -41,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  help="seconds a stopped run has to write its snapshot (default 120)")
             command.add_argument("--set", dest="performance", action="append", default=[],
                                  metavar="performance.KEY=VALUE",
-                                 help="for every run of this chunk, e.g. performance.compile=true (repeatable); "
-                                      "only performance.*: the recipe is the study file's")
+                                 help="for every run of this chunk, e.g. performance.compile=true (repeatable; "
+                                      "the rest as the study's base sets them); only performance.*: the recipe "
+                                      "is the study file's")
     sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored)")
     sub.choices["device"].add_argument("--carry", required=True, type=Path, help="the folder `carry` filled")
     sub.choices["device"].add_argument("--out", required=True, type=Path, help="where the results go ($OUT)")
@@ -58,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None))
         if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
             raise ConfigError("--parallel and --budget must be positive")
-        args.compiled = chunk_compiles(study, getattr(args, "performance", []))
+        if hasattr(args, "performance"):
+            args.performance, args.compiled = chunk_performance(study, args.performance)
         return COMMANDS[args.command](args, study, root, runs)
     except (ConfigError, transfer.TransferError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -68,14 +72,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def chunk_compiles(study: Study, performance: list[str]) -> bool:
-    """Checks a chunk's --set items (``performance.*`` only, valid on the study's base config); True when they
-    turn compilation on."""
-    for item in performance:
+def chunk_performance(study: Study, sets: list[str]) -> tuple[list[str], bool]:
+    """Every ``performance.*`` value of this chunk: the study base's, changed by its --set items (checked: only
+    ``performance.*``, valid values). All of them go to every run, so a run continued from a snapshot of a chunk
+    with other settings takes this chunk's, not those its snapshot recorded. Also: whether the runs compile."""
+    for item in sets:
         if not item.startswith("performance.") or "=" not in item:
             raise ConfigError(f"--set {item}: a chunk may change only performance.KEY=VALUE (how the arithmetic "
                               "runs); the recipe is the study file's")
-    return load_config(study.spec.base, performance).performance.compile if performance else False
+    settings = load_config(study.spec.base, sets).performance
+    return [f"performance.{key}={json.dumps(value)}" for key, value in asdict(settings).items()], settings.compile
 
 
 def run_chunk(args, study: Study, root: Path, runs: list[Run]) -> runner.Chunk:

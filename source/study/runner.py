@@ -51,6 +51,7 @@ class Chunk:
     parallel: int
     performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
     lead: str | None = None            # with compile on: the run that compiles first, alone
+    lead_offset: int = 0               # where the lead's output of this chunk starts in its console log
     started: float = field(default_factory=time.time)
     runs: dict[str, dict] = field(default_factory=dict)   # name -> {from, to, seconds, returncode}
 
@@ -97,7 +98,8 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
                 compile_threads = None if chunk.lead is None else "1"
                 if compiled and chunk.lead is None:
-                    chunk.lead = run.name
+                    chunk.lead, log = run.name, console_log(root, run)
+                    chunk.lead_offset = log.stat().st_size if log.is_file() else 0
                     echo(f"{run.name} compiles first, alone; the others start once it logs an iteration")
                 process = _launch(study, root, run, python, threads, echo, chunk.performance, compile_threads)
                 active[run.name] = (process, time.time())
@@ -120,12 +122,13 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
 
 
 def _lead_compiling(chunk: Chunk, root: Path, study: Study, active: dict) -> bool:
-    """The chunk's lead run is still compiling: running, within LEAD_SECONDS, and no iteration logged yet."""
-    if chunk.lead is None:
+    """The chunk's lead run is still compiling: running, within LEAD_SECONDS, and no log line of an iteration
+    (LogReport's ``iteration=...``, every display_interval) in its console output of this chunk yet."""
+    if chunk.lead is None or chunk.lead not in active or time.time() - active[chunk.lead][1] > LEAD_SECONDS:
         return False
-    if chunk.lead not in active or time.time() - active[chunk.lead][1] > LEAD_SECONDS:
-        return False
-    return logged_iteration(run_folder(root, study.run(chunk.lead))) <= chunk.runs[chunk.lead]["from"]
+    with open(console_log(root, study.run(chunk.lead)), "rb") as handle:
+        handle.seek(chunk.lead_offset)
+        return not any(line.startswith(b"iteration=") for line in handle)
 
 
 class ChunkInterrupted(Exception):

@@ -134,6 +134,10 @@ def _run(spec: StudySpec, setting: str, extra: list[str], name: str, arm: ArmSpe
     """The run, its config built now so that a bad override stops the study before anything starts."""
     fresh = [*spec.set, *extra, f"seed={seed}"]
     where = f"{source} (setting {setting}, arm {name}, seed {seed})"
+    chosen_per_chunk = [item for item in (*fresh, *arm.set) if item.startswith("performance.")]
+    if chosen_per_chunk:
+        raise ConfigError(f"{where}: {chosen_per_chunk[0]}: how the arithmetic runs is chosen per chunk (--set of "
+                          "`run` and `device`), not in the study file")
     config = _config(spec.base, [*fresh, *(arms[arm.branch].set if arm.branch else []), *arm.set], where)
     if arm.branch is None:
         return Run(setting, name, seed, (*fresh, *arm.set), iteration=config.iteration,

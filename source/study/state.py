@@ -90,8 +90,8 @@ def status(study: Study, root: Path, run: Run) -> str:
 
 
 def logged_iteration(folder: Path) -> int:
-    """The last iteration the run's log.jsonl reports (0: none)."""
-    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "iteration" in r], default=0)
+    """The last iteration the run's log.jsonl reports losses of (0: none; events such as ``resumed`` do not count)."""
+    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
 
 
 def prune(study: Study, root: Path) -> list[Path]:
