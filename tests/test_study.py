@@ -141,12 +141,12 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
 
 def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_and_a_compiled_lead_goes_first(
         tmp_path, capsys):
-    study = load_study(write_study(tmp_path, 30, a={}, b={"set": ["updater.apply_SR=true"]}))
+    study = load_study(write_study(tmp_path, 60, a={}, b={"set": ["updater.apply_SR=true"]}))
     root = tmp_path / "runs"
     reached = lambda: {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}  # noqa: E731
-    runner.run_chunk(study, root, parallel=2, stop=lambda: min(reached().values()) >= 2, echo=lambda _: 0)
-    stopped = reached()
-    assert all(2 <= iteration < 30 for iteration in stopped.values()), stopped
+    runner.run_chunk(study, root, parallel=2, stop=lambda: max(reached().values()) >= 2, echo=lambda _: 0)
+    stopped = reached()  # one run has a snapshot, the other may have none yet (then it starts afresh)
+    assert max(stopped.values()) < 60, stopped
     lead, starts = [], []
 
     def echo(line):  # the lead is named first; when the other run starts, how far the lead had logged
@@ -160,9 +160,10 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
     assert chunk.lead == lead[0].name and starts[0] > stopped[chunk.lead]  # the other waited for a new iteration
     for run in study.runs:
         folder = state.run_folder(root, run)
-        resumed = [r for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"][-1]
-        assert resumed["changes"] == ["performance.channels_last: false -> true"]  # continued in place, logged
-        assert state.latest_iteration(folder) == 30 and "channels_last: true" in (folder / "config.yaml").read_text()
+        resumed = [r for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"]
+        if stopped[run.name]:  # continued in place, with the change logged
+            assert resumed[-1]["changes"] == ["performance.channels_last: false -> true"]
+        assert state.latest_iteration(folder) == 60 and "channels_last: true" in (folder / "config.yaml").read_text()
     history = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
     assert history[-1]["performance"] == ["performance.channels_last=true"] and history[-1]["lead"] == chunk.lead
     assert study_cli.main(["run", str(tmp_path / "study.yaml"), "--root", str(root), "--set",

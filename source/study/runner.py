@@ -128,7 +128,7 @@ def _lead_compiling(chunk: Chunk, root: Path, study: Study, active: dict) -> boo
         return False
     with open(console_log(root, study.run(chunk.lead)), "rb") as handle:
         handle.seek(chunk.lead_offset)
-        return not any(line.startswith(b"iteration=") for line in handle)
+        return not any(part.startswith(b"iteration=") for line in handle for part in line.split(b"\r"))  # \r: bars
 
 
 class ChunkInterrupted(Exception):
