@@ -213,12 +213,11 @@ class Updater:
         if not self.stable_grads:
             optimizer.zero_grad(set_to_none=True)
             return
-        for group in optimizer.param_groups:
-            for parameter in group["params"]:
-                if parameter.grad is None:
-                    parameter.grad = torch.zeros_like(parameter)
-                else:
-                    parameter.grad.zero_()
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        for parameter in parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+        torch._foreach_zero_([p.grad for p in parameters])  # a few launches, not one per parameter
 
     def _generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return gen(z, labels) if self.artefact is None else self.artefact.generate(gen, z, labels)

@@ -144,7 +144,8 @@ class PerformanceConfig:
     amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast G's and D's forwards (fp16: with loss scaling)
     channels_last: bool = False                  # NHWC activations and weights: faster convs on tensor cores
     compile: bool = False                        # torch.compile G and D (in place; snapshots unchanged)
-    # reduce-overhead: CUDA graphs, for small launch-bound models (the 32 px ones); max-autotune: searches kernels
+    # reduce-overhead: CUDA graphs, for small launch-bound models (the 32 px ones); max-autotune: searches kernels,
+    # with CUDA graphs too
     compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
     fused_adam: bool = False                     # Adam's step in one fused kernel: the same update to float rounding

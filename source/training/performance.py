@@ -38,8 +38,9 @@ def grad_scaler(settings: PerformanceConfig, device: torch.device) -> torch.amp.
 
 
 def cuda_graphs(settings: PerformanceConfig) -> bool:
-    """G and D run as CUDA graphs (compile mode reduce-overhead; on a CPU the mode compiles without graphs)."""
-    return settings.compile and settings.compile_mode == "reduce-overhead"
+    """G and D run as CUDA graphs: compile modes reduce-overhead and max-autotune both use them (on a CPU they
+    compile without graphs)."""
+    return settings.compile and settings.compile_mode != "default"
 
 
 def memory_format(settings: PerformanceConfig) -> torch.memory_format:
