@@ -121,8 +121,7 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    checkpoint.seed_everything(config.seed)  # identical initial models (incl. SN u/v) on every rank
-    models = build.build_models(config, world.device)
+    models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
         return dry_run(config, models, world, plan, args.config or args.resume)

@@ -148,9 +148,22 @@ def test_unusable_resume_files_are_one_line_errors(tmp_path, capsys):
 def build_tiny_updater(*overrides: str):
     config = load_config(CONFIGS / "demo.yaml", TINY + list(overrides))
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
-    torch.manual_seed(0)
     models = build.build_models(config, world.device)
     return build.build_updater(config, world, models, build.build_batches(config, world)), models
+
+
+def test_models_are_a_function_of_the_seed_whatever_ran_before():
+    """Every process (rank, benchmark worker, study run) starts from the same models: an unseeded build once made the
+    GPU benchmark compare runs that started from different weights."""
+    config = load_config(CONFIGS / "demo.yaml", TINY)
+    first = build.build_models(config, torch.device("cpu"))
+    torch.rand(1000)  # whatever else consumed random numbers before the build
+    second = build.build_models(config, torch.device("cpu"))
+    other = build.build_models(load_config(CONFIGS / "demo.yaml", TINY + ["seed=1"]), torch.device("cpu"))
+    for name in ("gen", "dis"):
+        mine, again, theirs = (getattr(models, name).state_dict() for models in (first, second, other))
+        assert tensors_equal(mine, again)  # weights and SN's u alike
+        assert not tensors_equal(mine, theirs)
 
 
 @pytest.mark.parametrize("order, expected", [

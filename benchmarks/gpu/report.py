@@ -107,7 +107,7 @@ def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
 
 
 def small_rows(small: dict) -> list[list]:
-    differences = small.get("warmup_losses_relative_difference_to_eager") or {}
+    differences = small.get("warmup_losses_difference_to_eager") or {}
     rows = [[f"one run, {name}", run.get("g_iterations_per_s"),
              f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; warm-up losses vs eager "
              f"{[number(d, 2) for d in differences.get(name) or []]}; warm-up s {seconds_list(run.get('warmup_s'))}"]
@@ -115,8 +115,10 @@ def small_rows(small: dict) -> list[list]:
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
     for parties, level in (small.get("concurrent") or {}).items():
         each = [round(rate, 1) if rate else rate for rate in level.get("g_iterations_per_s_each", [])]
+        agreement = [max(d) if d else d for d in level.get("warmup_losses_difference_to_single") or []]
         rows.append([f"{parties} concurrent {small.get('concurrent_variant')}", level.get("g_iterations_per_s_total"),
-                     f"each: {each}"])
+                     f"each: {each}; warm-up losses vs the single run (largest): "
+                     f"{[number(d, 2) for d in agreement]}"])
     return rows
 
 

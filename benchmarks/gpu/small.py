@@ -8,9 +8,10 @@ arithmetic, no TF32, compiled with ``performance.compile_mode`` reduce-overhead:
 the collapse study's candidate, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
 ``fast-reduce-overhead`` (``fast`` with CUDA graphs and fused Adam). Each run is a worker process: warm-up iterations
 (compilation happens there), then a file barrier so that concurrent workers time the same window, then as
-many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, same
-data: they must agree with eager's to float tolerance, which grows a little with each iteration, else the
-variant computes something else; CUDA graphs are recorded at a graph's second call and replayed from its third,
+many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, hence the
+same initial models, and same data: they must agree with eager's to float tolerance, which grows a little with each
+iteration, else the variant computes something else; concurrent runs must agree exactly with their variant's single
+run; CUDA graphs are recorded at a graph's second call and replayed from its third,
 so 5 warm-up iterations cover replays) and how often inductor skipped CUDA graphs (then reduce-overhead is
 plain compile).
 """
@@ -85,17 +86,13 @@ def worker(params: dict, partial) -> None:
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
 
 
-def loss_differences(singles: dict) -> dict:
-    """Per variant and warm-up iteration, the largest relative difference of its losses from eager's (null: not
-    measured)."""
-    eager = singles.get("eager", {}).get("warmup_losses")
-    differences = {}
-    for name, run in singles.items():
-        losses = run.get("warmup_losses")
-        differences[name] = None if not (eager and losses) else [
-            max(abs(mine[key] - theirs[key]) / max(abs(theirs[key]), 1e-12) for key in theirs)
-            for mine, theirs in zip(losses, eager)]
-    return differences
+def loss_differences(losses: list[dict] | None, reference: list[dict] | None) -> list[float] | None:
+    """Per warm-up iteration, the largest difference of its losses from the reference run's, in units of
+    max(|reference loss|, 1): a relative difference that a loss near 0 does not inflate (null: not measured)."""
+    if not (losses and reference):
+        return None
+    return [max(abs(mine[key] - theirs[key]) / max(abs(theirs[key]), 1.0) for key in theirs)
+            for mine, theirs in zip(losses, reference)]
 
 
 def single(params: dict, variant: str, directory: Path) -> dict:
@@ -111,7 +108,7 @@ def single(params: dict, variant: str, directory: Path) -> dict:
     return result
 
 
-def concurrent(params: dict, variant: str, parties: int, directory: Path) -> dict:
+def concurrent(params: dict, variant: str, parties: int, directory: Path, single_losses: list[dict] | None) -> dict:
     """``parties`` workers started together; each reports its own rate over the common window."""
     deadline = min(time.time() + params["worker_cap_s"], params["deadline"] - RESERVE_S)
     if deadline - time.time() < MINIMUM_S:
@@ -128,7 +125,10 @@ def concurrent(params: dict, variant: str, parties: int, directory: Path) -> dic
     rates = [run.get("g_iterations_per_s") for run in runs]
     complete = all(rate is not None for rate in rates)
     result = {"runs": runs, "g_iterations_per_s_each": rates,
-              "g_iterations_per_s_total": sum(rates) if complete else None}
+              "g_iterations_per_s_total": sum(rates) if complete else None,
+              # the same seed and data as the single run of this variant: anything but 0 is a bug
+              "warmup_losses_difference_to_single": [loss_differences(run.get("warmup_losses"), single_losses)
+                                                     for run in runs]}
     if not complete:
         result["g_iterations_per_s_total_why"] = "a run did not finish its window (see runs)"
     progress("d", f"{parties} x {variant}: {rates}")
@@ -158,9 +158,11 @@ def run(params: dict, partial) -> None:
         levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
         partial.record(concurrent_variant=variant, concurrent=levels)
         for parties in params["concurrency"][1:]:
-            levels[str(parties)] = concurrent(params, variant, parties, directory)
+            levels[str(parties)] = concurrent(params, variant, parties, directory, singles[variant].get("warmup_losses"))
             partial.record(concurrent=levels)
         for variant in params["variants"][2:]:
             singles[variant] = single(params, variant, directory)
             partial.record(single=singles)
-        partial.record(warmup_losses_relative_difference_to_eager=loss_differences(singles))
+        eager = singles.get("eager", {}).get("warmup_losses")
+        partial.record(warmup_losses_difference_to_eager={
+            name: loss_differences(run.get("warmup_losses"), eager) for name, run in singles.items()})

@@ -27,6 +27,9 @@ class Models:
 
 
 def build_models(config: Config, device: torch.device) -> Models:
+    """G and D as initialised from ``config.seed`` (weights and SN's u alike): the same models in every process and
+    on every rank, whatever ran before."""
+    torch.manual_seed(config.seed)
     spec_g, spec_d = config.models.generator, config.models.discriminator
     gen = build_model(spec_g.name, spec_g.args).to(device)
     set_ghost_batch(gen, config.bn_batch)
