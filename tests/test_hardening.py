@@ -282,6 +282,7 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
     (lambda s: s.update(data={"epoch": "x"}), "'data' entry is damaged"),
     (lambda s: s.update(rng=[{"torch": 1}]), "'rng' entry is damaged"),
     (lambda s: s.update(iteration=-1), "iteration -1 is negative"),
+    (lambda s: s["opt_dis"].update(state=[1, 2]), "'list' object has no attribute"),
 ])
 def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage, message):
     snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")

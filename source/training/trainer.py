@@ -178,7 +178,8 @@ class Trainer:
             updater.dis_module.load_state_dict(state["dis"])
             updater.opt_gen.load_state_dict(checkpoint.configured(state["opt_gen"], updater.opt_gen))
             updater.opt_dis.load_state_dict(checkpoint.configured(state["opt_dis"], updater.opt_dis))
-        except (RuntimeError, ValueError, KeyError, TypeError) as error:  # optimizer states of other networks
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, IndexError) as error:  # of other networks,
+            # or damaged (e.g. a list where torch expects a dict)
             raise checkpoint.SnapshotMismatch(first_line(error)) from None
         parts = [("updater", lambda: updater.load_state_dict(state["updater"])),
                  ("gen_ema", lambda: self._load_ema(state)),
