@@ -15,7 +15,9 @@ Where each training term happens (each optional, see ``Terms``):
 - EMA of G: at the end of ``update``, after the ranks' buffers have been made equal;
 - the original's resume artefact (opt-in, ``source/training/resume_artefact.py``): ``_generate``/``_discriminate``.
 Mixed precision, channels_last and compilation (``config.performance``) change how the forwards run
-(``source/training/performance.py``), not this order; the losses are computed in fp32.
+(``source/training/performance.py``), not this order; the losses are computed in fp32. With step graphs each
+``_dis_update``/``_gen_update`` is replayed as one CUDA graph on the inputs its ``_dis_step``/``_gen_step``
+prepared (``source/training/step_graphs.py``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 from source.training.resume_artefact import ResumeArtefact
+from source.training.step_graphs import StepGraphs
 
 G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
 AUGMENT_STREAM = 1 << 21  # added to a phase id: the random stream of that phase's DiffAugment draws
@@ -100,6 +103,7 @@ class Updater:
         # CUDA graphs reuse their outputs' memory at the next replay: a .grad that a compiled backward handed over
         # would be overwritten by the next micro-batch's, so gradients accumulate into buffers kept outside them
         self.stable_grads = performance.cuda_graphs(config.performance)
+        self.graphs = StepGraphs(world.device) if config.performance.step_graphs else None
         self.artefact: ResumeArtefact | None = None  # train.py sets it for the first iteration after some resumes
 
     def _autocast(self):
@@ -147,21 +151,29 @@ class Updater:
 
     def _dis_step(self, step: int) -> torch.Tensor:
         """One D update; returns (its adversarial loss, its LeCam penalty), means over the global batch."""
+        z, labels = self._latents(step, self.config.batchsize)
+        inputs = {"z": z, "labels": labels,
+                  "augmentation": self._augmentation(step, 2 * self.config.batchsize),  # reals 0..B-1, fakes B..2B-1
+                  "reals": [tuple(t.to(self.world.device, non_blocking=True) for t in next(self.batches))
+                            for _ in range(self.accumulation)]}
+        losses = self._run("dis", self._dis_update, inputs)
+        if self.terms.lecam is not None:
+            self.terms.lecam.end_step(self.iteration, self.world)
+        return losses
+
+    def _dis_update(self, inputs: dict) -> torch.Tensor:
+        """D's step on this phase's ``inputs`` (latents, labels, DiffAugment's draws, real micro-batches)."""
         self._zero_grad(self.opt_dis)
         total = torch.zeros(2, device=self.world.device)
-        batchsize = self.config.batchsize
-        z_all, labels_all = self._latents(step, batchsize)
-        augmentation = self._augmentation(step, 2 * batchsize)  # reals at 0..B-1, fakes at B..2B-1
-        lecam = self.terms.lecam
-        for micro in range(self.accumulation):
-            real, real_labels = (t.to(self.world.device, non_blocking=True) for t in next(self.batches))
+        batchsize, lecam = self.config.batchsize, self.terms.lecam
+        for micro, (real, real_labels) in enumerate(inputs["reals"]):
             part = self._micro_slice(micro)
-            fake_labels = None if labels_all is None else labels_all[part]
+            fake_labels = None if inputs["labels"] is None else inputs["labels"][part]
             with torch.no_grad(), power_iteration((self.gen_module,), enabled=micro == 0), self._autocast():
-                fake = self._generate(self.gen_module, z_all[part], fake_labels)
+                fake = self._generate(self.gen_module, inputs["z"][part], fake_labels)
             labels = None if fake_labels is None else torch.cat([real_labels, fake_labels])
             positions = self._positions(part)  # of the reals; the fakes' are B further
-            images = self._augment(torch.cat([real.to(fake.dtype), fake]), augmentation,
+            images = self._augment(torch.cat([real.to(fake.dtype), fake]), inputs["augmentation"],
                                    torch.cat([positions, positions + batchsize]))
             with self._sync(self.dis, micro, self.accumulation), \
                     power_iteration((self.dis_module,), enabled=micro == 0):
@@ -174,27 +186,31 @@ class Updater:
                 self.scaler_dis.scale((loss + penalty) / self.accumulation).backward()
             total += torch.stack([loss.detach(), penalty.detach()])
         self._step(self.opt_dis, self.scaler_dis, "dis")
-        if lecam is not None:
-            lecam.end_step(self.iteration, self.world)
         return total / self.accumulation
 
     def _gen_step(self) -> torch.Tensor:
         """One G update; returns (its adversarial loss, its gSR penalty), means over the global batch."""
+        z, labels = self._latents(G_PHASE, self.config.gen_batch)
+        inputs = {"z": z, "labels": labels, "augmentation": self._augmentation(G_PHASE, self.config.gen_batch)}
+        losses = self._run("gen", self._gen_update, inputs)
+        self._sync_artefact("gen")
+        return losses
+
+    def _gen_update(self, inputs: dict) -> torch.Tensor:
+        """G's step on this phase's ``inputs`` (latents, labels, DiffAugment's draws)."""
         self._zero_grad(self.opt_gen)
         total = torch.zeros(2, device=self.world.device)
         dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
-        z_all, labels_all = self._latents(G_PHASE, self.config.gen_batch)
-        augmentation = self._augmentation(G_PHASE, self.config.gen_batch)
         try:
             for micro in range(self.gen_accumulation):
                 part = self._micro_slice(micro)
-                labels = None if labels_all is None else labels_all[part]
+                labels = None if inputs["labels"] is None else inputs["labels"][part]
                 last = micro == self.gen_accumulation - 1
                 with self._sync(self.gen, micro, self.gen_accumulation), \
                         power_iteration((self.gen_module, dis), enabled=micro == 0):
                     with self._autocast():
-                        fake = self._augment(self._generate(self.gen, z_all[part], labels), augmentation,
-                                             self._positions(part))
+                        fake = self._augment(self._generate(self.gen, inputs["z"][part], labels),
+                                             inputs["augmentation"], self._positions(part))
                         logits = self._discriminate(dis, fake, labels, halves=1)
                     loss = self.loss_gen(logits.float())
                     # gSR once per G step, with the micro-batch whose backward DDP synchronizes
@@ -204,8 +220,11 @@ class Updater:
         finally:
             dis.requires_grad_(True)
         self._step(self.opt_gen, self.scaler_gen, "gen")
-        self._sync_artefact("gen")
         return total
+
+    def _run(self, name: str, update: Callable[[dict], torch.Tensor], inputs: dict) -> torch.Tensor:
+        """``update(inputs)``, or with ``performance.step_graphs`` its CUDA graph replayed on these inputs."""
+        return update(inputs) if self.graphs is None else self.graphs.run(name, update, inputs)
 
     def _zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """No gradients before a step: None, or zeroed buffers that outlive CUDA graphs (``stable_grads``;
@@ -296,10 +315,13 @@ class Updater:
         for optimizer, adam in ((self.opt_gen, self.config.adam_G), (self.opt_dis, self.config.adam_D)):
             lr = linear_shift(adam.alpha, self.iteration, self.config.iteration_decay_start, self.config.iteration)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                if isinstance(group["lr"], torch.Tensor):  # step graphs: the graph reads it from its memory
+                    group["lr"].fill_(lr)
+                else:
+                    group["lr"] = lr
 
     def learning_rates(self) -> dict[str, float]:
-        return {"lr_G": self.opt_gen.param_groups[0]["lr"], "lr_D": self.opt_dis.param_groups[0]["lr"]}
+        return {"lr_G": float(self.opt_gen.param_groups[0]["lr"]), "lr_D": float(self.opt_dis.param_groups[0]["lr"])}
 
     def state_dict(self) -> dict:
         state = {"iteration": self.iteration, "apply_SR": self.apply_SR}

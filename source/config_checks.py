@@ -88,6 +88,24 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
     if gen_classes != dis_classes:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
     check_terms(config.updater, gen_classes, source)
+    check_step_graphs(config, source, world_size)
+
+
+def check_step_graphs(config: Config, source: str, world_size: int) -> None:
+    """What a step captured as one CUDA graph cannot hold: per-step host work, other graphs, other processes."""
+    if not config.performance.step_graphs:
+        return
+    updater = config.updater
+    conflicts = [(world_size > 1, f"world size {world_size} (DDP)"),
+                 (config.performance.amp == "fp16", "performance.amp fp16 (its loss scaler decides on the host)"),
+                 (config.performance.compile_mode != "default", f"compile_mode {config.performance.compile_mode} "
+                                                                f"(CUDA graphs of its own)"),
+                 (updater.lecam.weight > 0, "LeCam"), (updater.gsr.enabled, "gSR"),
+                 (bool(updater.diffaugment), "DiffAugment"),
+                 (updater.resume_artefact != "never", "updater.resume_artefact")]
+    found = [what for conflict, what in conflicts if conflict]
+    if found:
+        raise ConfigError(f"{source}: performance.step_graphs: not with {', '.join(found)}")
 
 
 def check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:

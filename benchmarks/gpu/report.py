@@ -25,6 +25,10 @@ RATIOS = {
                                          "G-iterations/s, one run"),
     "small_fp32_graphs_over_eager": ("d_small_models.single.fp32-graphs.g_iterations_per_s", [EAGER],
                                      "G-iterations/s, one run: CUDA graphs at the faithful fp32"),
+    "small_step_graphs_over_eager": ("d_small_models.single.step-graphs.g_iterations_per_s", [EAGER],
+                                     "G-iterations/s, one run: each step one CUDA graph, faithful fp32"),
+    "small_compiled_step_graphs_over_eager": ("d_small_models.single.compiled-step-graphs.g_iterations_per_s", [EAGER],
+                                              "G-iterations/s, one run: compiled, each step one CUDA graph, fp32"),
     "biggan_bf16_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.bf16.iteration_s"],
                             "CIFAR-10-LT BigGAN: faithful / bf16 seconds per iteration"),
 }
@@ -191,6 +195,10 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# GPU benchmark: {protocol['device']}", "",
              f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
              f"quick={result['quick']}, total wall {protocol['total_wall_s']} s. Timing: {protocol['timing']}.", ""]
+    if protocol.get("section_dates"):  # merged from several runs (benchmarks/gpu/merge.py)
+        lines += ["Merged from runs on the same device and torch; each section's date: " + ", ".join(
+            f"{name} {date}" for name, date in protocol["section_dates"].items()) + ". A ratio may divide numbers "
+            "of two of them.", ""]
     if {"a_faithful", "a_fast"} & set(sections):
         lines += imagenet_lines(sections)
     for name, render in SECTION_LINES.items():

@@ -3,9 +3,11 @@
 The models and recipe are the collapse study's base run (configs/collapse/fmnist_cifar_recipe_ch32.yaml: the
 SRGANs CIFAR recipe, unconditional ResNet G and SN D at 32 px, 1 channel, ch 32, D batch 64 and G batch 128 in
 micro-batches of 64, so G accumulates 2, n_dis 5) on synthetic data held on the device; one G-iteration is one
-``Updater.update()`` (5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``fp32-graphs`` (the same fp32
-arithmetic, no TF32, compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs, and fused Adam;
-the collapse study's candidate, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
+``Updater.update()`` (5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``step-graphs`` (the
+same fp32 arithmetic, each D and G step one CUDA graph: ``performance.step_graphs``, with fused Adam),
+``compiled-step-graphs`` (the same, G and D compiled by inductor's default mode: fewer, fused kernels in the graphs),
+``fp32-graphs`` (the same arithmetic compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs of
+the forwards and backwards, and fused Adam; these three are the collapse study's candidates, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
 ``fast-reduce-overhead`` (``fast`` with CUDA graphs and fused Adam). Each run is a worker process: warm-up iterations
 (compilation happens there), then a file barrier so that concurrent workers time the same window, then as
 many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, hence the
@@ -32,13 +34,17 @@ from source.training.distributed import World
 
 CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
 GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead", "performance.fused_adam": True}
+STEP_GRAPHS = {"performance.step_graphs": True, "performance.fused_adam": True}
 VARIANTS = {
     "eager": FAITHFUL,
+    "step-graphs": dict(FAITHFUL, **STEP_GRAPHS),
+    "compiled-step-graphs": dict(FAITHFUL, **STEP_GRAPHS, **{"performance.compile": True}),  # fewer, fused kernels
     "fp32-graphs": dict(FAITHFUL, **GRAPHS),
     "fast": FAST,
     "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
+AGREEMENT = 1e-2  # largest warm-up loss difference to eager (units of max(|eager's|, 1)) of a variant that agrees
 
 
 def small_overrides(params: dict) -> list[str]:
@@ -135,34 +141,41 @@ def concurrent(params: dict, variant: str, parties: int, directory: Path, single
     return result
 
 
-def fastest(singles: dict) -> str:
-    measured = {name: run["g_iterations_per_s"] for name, run in singles.items() if run.get("g_iterations_per_s")}
+def fastest_agreeing(singles: dict, differences: dict) -> str:
+    """The fastest variant whose warm-up losses agree with eager's (eager itself always does)."""
+    measured = {name: run["g_iterations_per_s"] for name, run in singles.items() if run.get("g_iterations_per_s")
+                and max(differences.get(name) or [float("inf")]) <= AGREEMENT}
     if not measured:
-        raise RuntimeError("no single run measured a rate; nothing to run concurrently")
+        raise RuntimeError("no single run measured a rate that agrees with eager; nothing to run concurrently")
     return max(measured, key=measured.get)
 
 
+def eager_differences(singles: dict) -> dict:
+    eager = singles.get("eager", {}).get("warmup_losses")
+    return {name: loss_differences(run.get("warmup_losses"), eager) for name, run in singles.items()}
+
+
 def run(params: dict, partial) -> None:
-    """Section (d), in the parent process: eager and fp32-graphs alone, the faster as 4, 16 concurrent runs (the
-    collapse study's choice), then the remaining variants alone (so that a tight budget drops those first)."""
+    """Section (d), in the parent process: eager and the study's candidates alone, the fastest of them that agrees
+    with eager as 4, 16 concurrent runs (the collapse study's choice), then the fast variants alone (so that a tight
+    budget drops those first)."""
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
-                   warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"])
+                   warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"],
+                   agreement=AGREEMENT)
+    candidates = [name for name in params["variants"] if not name.startswith("fast")]
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
         singles = {}
-        for variant in params["variants"][:2]:
+        for variant in candidates:
             singles[variant] = single(params, variant, directory)
-            partial.record(single=singles)
-        variant = fastest(singles)
+            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles))
+        variant = fastest_agreeing(singles, eager_differences(singles))
         rate = singles[variant]["g_iterations_per_s"]
         levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
         partial.record(concurrent_variant=variant, concurrent=levels)
         for parties in params["concurrency"][1:]:
             levels[str(parties)] = concurrent(params, variant, parties, directory, singles[variant].get("warmup_losses"))
             partial.record(concurrent=levels)
-        for variant in params["variants"][2:]:
+        for variant in params["variants"][len(candidates):]:
             singles[variant] = single(params, variant, directory)
-            partial.record(single=singles)
-        eager = singles.get("eager", {}).get("warmup_losses")
-        partial.record(warmup_losses_difference_to_eager={
-            name: loss_differences(run.get("warmup_losses"), eager) for name, run in singles.items()})
+            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles))

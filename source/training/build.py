@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from source.config import Config, ConfigError
+from source.config import Config, ConfigError, PerformanceConfig
 from source.datasets import build_dataset, class_counts
 from source.datasets.iterator import InfiniteBatchIterator
 from source.links import set_ghost_batch
@@ -36,10 +36,13 @@ def build_models(config: Config, device: torch.device) -> Models:
     return Models(gen=gen, dis=build_model(spec_d.name, spec_d.args).to(device))
 
 
-def build_optimizer(model: nn.Module, adam, fused: bool = False) -> torch.optim.Adam:
-    """Chainer's Adam; ``fused`` (``performance.fused_adam``): one kernel per step instead of torch's default."""
-    return torch.optim.Adam(model.parameters(), lr=adam.alpha, betas=(adam.beta1, adam.beta2), eps=adam.eps,
-                            fused=fused or None)
+def build_optimizer(model: nn.Module, adam, settings: PerformanceConfig, device: torch.device) -> torch.optim.Adam:
+    """Chainer's Adam; ``fused_adam``: one kernel per step instead of torch's default. Step graphs on a GPU need
+    it capturable, with the learning rate a device tensor that the schedule fills in place."""
+    capturable = settings.step_graphs and device.type == "cuda"
+    lr = torch.tensor(adam.alpha, device=device) if capturable else adam.alpha
+    return torch.optim.Adam(model.parameters(), lr=lr, betas=(adam.beta1, adam.beta2), eps=adam.eps,
+                            fused=settings.fused_adam or None, capturable=capturable)
 
 
 def build_batches(config: Config, world: World, source: str = "config") -> InfiniteBatchIterator:
@@ -115,8 +118,8 @@ def build_updater(config: Config, world: World, models: Models, batches) -> Upda
     for model in (models.gen, models.dis):
         performance.prepare_model(model, config.performance)
     return Updater(gen=wrap_distributed(models.gen, world), dis=wrap_distributed(models.dis, world),
-                   opt_gen=build_optimizer(models.gen, config.adam_G, config.performance.fused_adam),
-                   opt_dis=build_optimizer(models.dis, config.adam_D, config.performance.fused_adam),
+                   opt_gen=build_optimizer(models.gen, config.adam_G, config.performance, world.device),
+                   opt_dis=build_optimizer(models.dis, config.adam_D, config.performance, world.device),
                    batches=batches, config=config, world=world, regularizer=build_regularizer(config), terms=terms)
 
 

@@ -38,9 +38,9 @@ def grad_scaler(settings: PerformanceConfig, device: torch.device) -> torch.amp.
 
 
 def cuda_graphs(settings: PerformanceConfig) -> bool:
-    """G and D run as CUDA graphs: compile modes reduce-overhead and max-autotune both use them (on a CPU they
-    compile without graphs)."""
-    return settings.compile and settings.compile_mode != "default"
+    """G and D run as CUDA graphs: step_graphs, and compile modes reduce-overhead and max-autotune (on a CPU they
+    run without graphs)."""
+    return settings.step_graphs or (settings.compile and settings.compile_mode != "default")
 
 
 def memory_format(settings: PerformanceConfig) -> torch.memory_format:

@@ -1,0 +1,61 @@
+"""Fold a later GPU benchmark run of some sections into the results of an earlier run on the same device.
+
+    python -m benchmarks.gpu.merge benchmarks/results/gpu_nvidia-h200.json LATER.json
+
+A lent GPU call is shorter than the whole benchmark on a cold compile cache, so sections may be measured in
+different calls (`run.sh --sections a_fast,d_small_models`). The later run's sections replace the earlier
+run's; the protocol keeps every run (its date, command, sections, torch) and which run measured each section;
+the ratios are recomputed from the merged numbers; the JSON and its markdown are rewritten in place. Runs of
+another device or torch version are refused: their numbers would not be comparable.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.gpu.report import derived_ratios, write_markdown
+
+COMPARABLE = ("device", "torch", "cuda")
+
+
+def run_summary(result: dict) -> dict:
+    protocol = result["protocol"]
+    return {key: protocol.get(key) for key in ("date", "command", "sections_run", "total_wall_s", "budgets_s")}
+
+
+def merge(earlier: dict, later: dict) -> dict:
+    differing = [key for key in COMPARABLE if earlier["protocol"].get(key) != later["protocol"].get(key)]
+    if differing or earlier.get("quick") != later.get("quick"):
+        key = differing[0] if differing else "quick"
+        raise ValueError(f"the runs differ in {key}: {earlier['protocol'].get(key, earlier.get('quick'))!r} and "
+                         f"{later['protocol'].get(key, later.get('quick'))!r}; keep them apart")
+    runs = earlier["protocol"].get("runs") or [run_summary(earlier)]
+    measured_by = earlier["protocol"].get("section_dates") or dict.fromkeys(earlier["sections"],
+                                                                           earlier["protocol"]["date"])
+    sections = {**earlier["sections"], **later["sections"]}
+    protocol = {**later["protocol"], "runs": [*runs, run_summary(later)],
+                "section_dates": {**measured_by, **dict.fromkeys(later["sections"], later["protocol"]["date"])},
+                "sections_run": list(sections)}
+    return {**later, "protocol": protocol, "sections": sections, "ratios": derived_ratios(sections)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("earlier", type=Path, help="the results to update (rewritten in place, with its .md)")
+    parser.add_argument("later", type=Path, help="a later run's JSON, of some sections")
+    args = parser.parse_args(argv)
+    try:
+        merged = merge(*(json.loads(path.read_text()) for path in (args.earlier, args.later)))
+    except (OSError, ValueError, KeyError) as error:
+        print(f"merge: {error}", file=sys.stderr)
+        return 2
+    args.earlier.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    write_markdown(merged, args.earlier.with_suffix(".md"))
+    print(f"merge: {args.earlier} now holds {', '.join(f'{s} ({d})' for s, d in merged['protocol']['section_dates'].items())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

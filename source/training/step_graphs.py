@@ -1,0 +1,87 @@
+"""Whole optimizer steps as CUDA graphs (``performance.step_graphs``): for the small, launch-bound 32 px models.
+
+One D step (zeroing, every micro-batch's forward and backward, Adam) is some 500 kernels of a few
+microseconds each; launched one by one from Python, the launches cost more than the arithmetic. Here D's
+step and G's step are each captured once as a CUDA graph and then replayed: one launch per step.
+
+What stays outside the graphs, eager as before: the latents and DiffAugment's draws (seeded generators, made
+per phase), the data, SR between D steps, the EMA, the logging. The graphs read their inputs from static
+buffers that each call refills, and the learning rate from a device tensor that the schedule fills in place
+(a Python float would be frozen into the graph), so a replay does what an eager call with the same inputs
+does. Gradients live in buffers kept outside the graphs (``Updater.stable_grads``), weights, optimizer
+states and SN's vectors are updated in place, and SR edits the weights in place: nothing a graph reads is
+ever rebound. The first calls of each step run eagerly, on a side stream, as CUDA's capture requires
+(cuDNN/cuBLAS handles, the optimizer state's allocation); they are real training steps, so the sequence of
+updates is that of an eager run. The graph is then recorded without running, and replayed at once.
+
+Without CUDA (a CPU) the same code runs without capture: the static buffers and the step functions are those
+the GPU uses, so the tests here check all but the capture itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch.utils import _pytree as pytree
+
+EAGER_CALLS = 3  # before capture, per step (PyTorch's recipe: a few warm-up iterations on a side stream)
+
+
+@dataclass
+class _Step:
+    inputs: object  # the static buffers, in the structure of the step's inputs
+    calls: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    output: torch.Tensor | None = None
+
+
+class StepGraphs:
+    def __init__(self, device: torch.device):
+        self.capture = device.type == "cuda"
+        self.steps: dict[str, _Step] = {}
+
+    def run(self, name: str, update: Callable[[object], torch.Tensor], inputs) -> torch.Tensor:
+        """``update(inputs)`` for step ``name``: eagerly for its first calls, then as its graph's replay."""
+        step = self._load(name, inputs)
+        if not self.capture:
+            return update(step.inputs)
+        if step.calls < EAGER_CALLS:
+            step.calls += 1
+            return _on_side_stream(lambda: update(step.inputs))
+        if step.graph is None:
+            step.graph = torch.cuda.CUDAGraph()
+            # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
+            with torch.cuda.graph(step.graph, capture_error_mode="thread_local"):
+                step.output = update(step.inputs)
+        step.graph.replay()
+        return step.output.clone()  # the next replay rewrites the graph's output
+
+    def _load(self, name: str, inputs) -> _Step:
+        """The step's static buffers, holding a copy of ``inputs`` (made at its first call; None stays None)."""
+        if name not in self.steps:
+            self.steps[name] = _Step(pytree.tree_map_only(torch.Tensor, torch.clone, inputs))
+            return self.steps[name]
+        step = self.steps[name]
+        buffers, spec = pytree.tree_flatten(step.inputs)
+        values, given = pytree.tree_flatten(inputs)
+        if given != spec or any(_layout(b) != _layout(v) for b, v in zip(buffers, values)):
+            raise ValueError(f"step graphs: the {name} step's inputs changed their structure or shapes; a graph "
+                             f"replays fixed shapes")
+        for buffer, value in zip(buffers, values):
+            if buffer is not None:
+                buffer.copy_(value, non_blocking=True)
+        return step
+
+
+def _layout(value) -> tuple | None:
+    return None if value is None else (value.shape, value.dtype, value.device)
+
+
+def _on_side_stream(call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        output = call()
+    torch.cuda.current_stream().wait_stream(stream)
+    return output

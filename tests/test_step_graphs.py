@@ -1,0 +1,104 @@
+"""performance.step_graphs: D's and G's steps replayed as CUDA graphs. On a CPU the same static buffers and step
+functions run without capture, so these tests check everything but the capture (the GPU benchmark compares a
+captured run's losses with eager's)."""
+import pytest
+import torch
+
+import train
+from source.config import ConfigError, load_config
+from source.training.checkpoint import load_snapshot
+from source.training.step_graphs import StepGraphs
+from test_training import CONFIGS, TINY, build_tiny_updater, tensors_equal, tiny_argv
+
+GRAPHS = ["performance.step_graphs=true"]
+# D accumulates 2 micro-batches, G 4; dynamic SR every 2 iterations; the learning rate decays from iteration 1
+RECIPE = ["gen_batchsize=16", "updater.n_dis=2", "iteration_decay_start=1"]
+
+
+def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
+    """Static input buffers, gradients in stable buffers, data fetched before the step: the same 6 iterations as
+    eager, also when the graphed run is stopped at 3 and resumed."""
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert train.main(tiny_argv(eager, 6, *RECIPE)) == 0
+    assert train.main(tiny_argv(graphed, 6, *RECIPE, *GRAPHS, "snapshot_interval=3")) == 0
+    assert train.main(tiny_argv(tmp_path / "resumed", 6, *RECIPE, *GRAPHS, "snapshot_interval=3")
+                      + ["--resume", str(graphed / "snapshots" / "snapshot_iter_3.pt")]) == 0
+    a = load_snapshot(eager / "snapshots" / "snapshot_iter_6.pt", training_state=True)
+    for run in (graphed, tmp_path / "resumed"):
+        b = load_snapshot(run / "snapshots" / "snapshot_iter_6.pt", training_state=True)
+        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), run.name
+        for key in ("opt_gen", "opt_dis"):
+            assert all(tensors_equal(a[key]["state"][p], b[key]["state"][p]) for p in a[key]["state"])
+    assert (eager / "log.jsonl").read_text().count("loss_dis") == 6
+
+
+def test_each_call_replays_on_its_own_inputs():
+    graphs, seen = StepGraphs(torch.device("cpu")), []
+
+    def step(inputs):
+        seen.append(inputs)
+        return inputs["z"] * 2 + (0 if inputs["labels"] is None else inputs["labels"])
+
+    first = graphs.run("dis", step, {"z": torch.ones(3), "labels": None})
+    second = graphs.run("dis", step, {"z": torch.arange(3.0), "labels": None})
+    assert first.tolist() == [2, 2, 2] and second.tolist() == [0, 2, 4]
+    assert seen[0] is seen[1], "one set of static buffers per step, refilled by each call"
+    with pytest.raises(ValueError, match="the dis step's inputs changed their structure or shapes"):
+        graphs.run("dis", step, {"z": torch.ones(4), "labels": None})
+
+
+def test_the_schedule_fills_a_tensor_learning_rate_in_place():
+    """A captured Adam reads the learning rate from device memory: rebinding it to a float would freeze it."""
+    updater, _ = build_tiny_updater(*RECIPE, *GRAPHS, "iteration=4")
+    rates = [group.__setitem__("lr", torch.tensor(group["lr"])) or group["lr"]
+             for optimizer in (updater.opt_gen, updater.opt_dis) for group in optimizer.param_groups]
+    for _ in range(3):
+        updater.update()
+    assert [group["lr"] for o in (updater.opt_gen, updater.opt_dis) for group in o.param_groups] == rates  # same objects
+    assert rates[0].item() == pytest.approx(2e-4 * (1 - (2 - 1) / (4 - 1)))  # set before iteration 3
+    assert updater.learning_rates()["lr_G"] == pytest.approx(rates[0].item())
+
+
+@pytest.mark.parametrize("extra, world_size, message", [
+    (["updater.lecam.weight=0.3"], 1, "performance.step_graphs: not with LeCam"),
+    (["performance.amp=fp16", "updater.diffaugment=translation"], 1, "not with performance.amp fp16 (its loss scaler "
+                                                                     "decides on the host), DiffAugment"),
+    ([], 2, "not with world size 2 (DDP)"),
+])
+def test_what_a_step_graph_cannot_hold_is_a_config_error(extra, world_size, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config(CONFIGS / "demo.yaml", TINY + GRAPHS + ["batchsize=16"] + extra, world_size=world_size)
+
+
+SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
+           "aten.equal.default", "aten.allclose.default", "aten.masked_select.default", "aten.unique_dim.default",
+           "aten._unique2.default"}  # they hand a value (or a data-dependent size) to the host
+
+
+def test_a_step_asks_the_device_nothing():
+    """A CUDA graph cannot hold a host synchronisation (an .item(), a data-dependent shape): D's and G's steps,
+    SN's power steps, ghost BN and Adam included, must run without one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):
+        found: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) in SYNCING:
+                Syncs.found.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    updater, _ = build_tiny_updater(*RECIPE, *GRAPHS, "bn_batchsize=2", "performance.fused_adam=true")
+    run = updater.graphs.run
+    calls = []
+
+    def watched(name, update, inputs):
+        calls.append(name)
+        with Syncs():
+            return run(name, update, inputs)
+
+    updater.graphs.run = watched
+    for _ in range(2):
+        updater.update()
+    assert calls.count("dis") == 4 and calls.count("gen") == 2
+    assert Syncs.found == []
