@@ -63,7 +63,9 @@ def images_per_second(dataset, workers: int, epochs: int) -> float:
 
 
 def main_process_ms(repeats: int = 5) -> dict:
-    """Per-batch cost of the iterator's own work in the training process, which no worker shares."""
+    """Per-batch cost of the iterator's own work besides reading: flips, noise, float conversion. A loader worker
+    does it with the reading (the training process itself with num_workers 0; before, it always did: the key's
+    name is from then)."""
     images = torch.randint(0, 256, (BATCH, 3, SIZE, SIZE), dtype=torch.uint8)
     noise = dequantization_noise(images.shape[1:], 0, 0, range(BATCH))
 
@@ -104,7 +106,8 @@ alternating repeats. Images/s through `InfiniteBatchIterator` (the training data
 
 Each timed epoch starts its workers anew, as training does; with {result['images'] // BATCH} batches per epoch here
 against 40,000 on ImageNet that start weighs far more than in training, so the prepared figures and the
-ratios are lower bounds. The iterator's own work in the training process, timed alone: per batch
+ratios are lower bounds. The iterator's own work besides reading (done by the loader worker that reads the
+batch), timed alone: per batch
 {cost['dequantization_noise']:.1f} ms for the noise (one seeded generator per sample) and
 {cost['to_float_with_noise']:.1f} ms for the float conversion ({cost['to_float']:.1f} ms without noise), against
 {1e3 * BATCH / result['prepared']['off']:.0f} ms per batch for the whole prepared stream without dequantization.

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from source.datasets import (
     DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
@@ -197,6 +197,10 @@ def test_fashion_mnist_standin_padding_and_resize(tmp_path):
     assert resized.size == 16
     expected = np.asarray(Image.fromarray(padded).resize((16, 16), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(resized[3][0][0].numpy(), expected)
+    for data in (dataset, resized):  # the loader's batched read gives what stacking the items gives
+        images, labels = data.batch([4, 0, 3])
+        stacked = default_collate([data[i] for i in (4, 0, 3)])
+        assert torch.equal(images, stacked[0]) and torch.equal(labels, stacked[1]) and labels.dtype == torch.int64
 
 
 def test_fashion_mnist_reads_torchvision_download_folder(tmp_path):

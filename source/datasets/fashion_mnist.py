@@ -134,6 +134,13 @@ class FashionMNIST(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` at once (uint8 N x 1 x size x size, int64 N labels): what the loader would stack."""
+        if self.size != PADDED_SIZE:
+            images, labels = zip(*(self[index] for index in indices))
+            return torch.stack(images), torch.tensor(labels)
+        return self._padded[indices].unsqueeze(1), torch.from_numpy(self.labels[indices])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         padded = self._padded[index]
         if self.size != PADDED_SIZE:

@@ -12,13 +12,14 @@ the same whichever rank, world size, or resumed run draws that sample; so is the
 data sets with ``random_flip`` set.
 
 One ``next()`` returns one micro-batch of ``batch_size`` samples for this rank; an updater that
-accumulates k micro-batches per iteration calls ``next()`` k times.
+accumulates k micro-batches per iteration calls ``next()`` k times. With ``num_workers`` > 0 a loader worker
+makes each whole micro-batch (reading, flips, noise, conversion), so the training process only receives it.
 """
 import logging
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from source.datasets.transforms import DatasetError
 
@@ -81,9 +82,9 @@ def epoch_permutation(length: int, seed: int, epoch: int) -> torch.Tensor:
 
 def dequantization_noise(sample_shape: torch.Size, seed: int, epoch: int, positions: range) -> torch.Tensor:
     """U[0, 1) per pixel (in grey levels), one independent stream per (seed, epoch, position in epoch)."""
-    noise = torch.empty(len(positions), *sample_shape)
+    noise, generator = torch.empty(len(positions), *sample_shape), torch.Generator()
     for sample, stream_seed in zip(noise, derived_seeds(NOISE_STREAM, seed, epoch, positions)):
-        sample.uniform_(0.0, 1.0, generator=torch.Generator().manual_seed(stream_seed))
+        sample.uniform_(0.0, 1.0, generator=generator.manual_seed(stream_seed))
     return noise
 
 
@@ -145,16 +146,9 @@ class InfiniteBatchIterator:
             self._batches = None
         if self._batches is None:
             self._batches = iter(self._remaining_epoch_loader())
-        images, labels = next(self._batches)
-        if getattr(self.dataset, "random_flip", False):
-            flips = flip_mask(self.seed, self._epoch, self._positions())
-            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
-        noise = None
-        if self.dataset.dequantize:
-            noise = dequantization_noise(images.shape[1:], self.seed, self._epoch, self._positions())
-        x = to_signed_unit(images, noise)
+        batch = next(self._batches)
         self._batch_in_epoch += 1
-        return x, labels.long()
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch,
@@ -176,14 +170,37 @@ class InfiniteBatchIterator:
         self._batches = None
 
     def _remaining_epoch_loader(self) -> DataLoader:
+        """The rest of this epoch's micro-batches for this rank; a loader worker makes whole micro-batches (flips
+        and noise included), so with workers the main process only receives them."""
         order = epoch_permutation(len(self.dataset), self.seed, self._epoch)
         used = order[:self.batches_per_epoch * self.global_batch_size]
         rank_batches = used.view(self.batches_per_epoch, self.world_size, self.batch_size)[:, self.rank]
+        starts = [b * self.global_batch_size + self.rank * self.batch_size for b in range(self.batches_per_epoch)]
+        batches = EpochBatches(self.dataset, self.seed, self._epoch, rank_batches[self._batch_in_epoch:].tolist(),
+                               starts[self._batch_in_epoch:])
         # A private generator: otherwise DataLoader draws its worker base seed from the global RNG,
         # and the model's random stream would depend on when loaders happen to be created.
-        return DataLoader(self.dataset, batch_sampler=rank_batches[self._batch_in_epoch:].tolist(),
-                          num_workers=self.num_workers, generator=torch.Generator())
+        return DataLoader(batches, batch_size=None, num_workers=self.num_workers, generator=torch.Generator())
 
-    def _positions(self) -> range:
-        start = self._batch_in_epoch * self.global_batch_size + self.rank * self.batch_size
-        return range(start, start + self.batch_size)
+
+class EpochBatches(Dataset):
+    """Item k: the k-th micro-batch (float32 images in [-1, 1], int64 labels) of ``batches``, the dataset indices of
+    consecutive micro-batches of one epoch whose first samples sit at ``starts`` in it (which seeds their flips and
+    noise)."""
+
+    def __init__(self, dataset: Dataset, seed: int, epoch: int, batches: list[list[int]], starts: list[int]):
+        self.dataset, self.seed, self.epoch, self.batches, self.starts = dataset, seed, epoch, batches, starts
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        indices, positions = self.batches[k], range(self.starts[k], self.starts[k] + len(self.batches[k]))
+        many = getattr(self.dataset, "batch", None)  # a data set's own batched read, where it has one
+        images, labels = many(indices) if many else default_collate([self.dataset[i] for i in indices])
+        if getattr(self.dataset, "random_flip", False):
+            flips = flip_mask(self.seed, self.epoch, positions)
+            images = torch.where(flips[:, None, None, None], images.flip(-1), images)
+        noise = dequantization_noise(images.shape[1:], self.seed, self.epoch, positions) if self.dataset.dequantize \
+            else None
+        return to_signed_unit(images, noise), labels.long()
