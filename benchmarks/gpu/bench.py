@@ -55,11 +55,11 @@ def child_functions() -> dict:
 SIZES = {
     False: {"width": None, "warmup": 2, "timed": 3, "faithful_micro": [32], "fast_micro": [256, 128, 64], "bn": 32,
             "repeats": 3, "fid_images": 50000, "fid_reference": 2500, "fid_batch": 500, "splits": 10,
-            "small_width": None, "small_batch": 64, "small_warmup": 5, "window_s": 4.0, "concurrency": [1, 4, 16],
+            "small_width": None, "small_batch": 64, "small_warmup": 8, "window_s": 4.0, "concurrency": [1, 4, 16],
             "worker_cap_s": 75, "biggan_batch": 64, "loader_images": 768, "loader_workers": None},
     True: {"width": 4, "warmup": 1, "timed": 2, "faithful_micro": [2], "fast_micro": [4], "bn": 2,
            "repeats": 2, "fid_images": 2, "fid_reference": 2, "fid_batch": 2, "splits": 1,
-           "small_width": 8, "small_batch": 8, "small_warmup": 1, "window_s": 0.5, "concurrency": [1, 2],
+           "small_width": 8, "small_batch": 8, "small_warmup": 5, "window_s": 0.5, "concurrency": [1, 2],
            "worker_cap_s": 40, "biggan_batch": 8, "loader_images": 64, "loader_workers": 2},
 }
 

@@ -112,9 +112,11 @@ def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
 
 def small_rows(small: dict) -> list[list]:
     differences = small.get("warmup_losses_difference_to_eager") or {}
+    travels = small.get("warmup_travel_difference_to_eager") or {}
     rows = [[f"one run, {name}", run.get("g_iterations_per_s"),
              f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; warm-up losses vs eager "
-             f"{[number(d, 2) for d in differences.get(name) or []]}; warm-up s {seconds_list(run.get('warmup_s'))}"]
+             f"{[number(d, 2) for d in differences.get(name) or []]}; weights' travel vs eager "
+             f"{number(travels.get(name), 2)}; warm-up s {seconds_list(run.get('warmup_s'))}"]
             for name, run in (small.get("single") or {}).items()]
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
     for parties, level in (small.get("concurrent") or {}).items():

@@ -5,16 +5,20 @@ SRGANs CIFAR recipe, unconditional ResNet G and SN D at 32 px, 1 channel, ch 32,
 micro-batches of 64, so G accumulates 2, n_dis 5) on synthetic data held on the device; one G-iteration is one
 ``Updater.update()`` (5 D steps, 1 G step). Variants: ``eager`` (the faithful fp32 default), ``step-graphs`` (the
 same fp32 arithmetic, each D and G step one CUDA graph: ``performance.step_graphs``, with fused Adam),
-``compiled-step-graphs`` (the same, G and D compiled by inductor's default mode: fewer, fused kernels in the graphs),
-``fp32-graphs`` (the same arithmetic compiled with ``performance.compile_mode`` reduce-overhead: CUDA graphs of
-the forwards and backwards, and fused Adam; these three are the collapse study's candidates, docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and
-``fast-reduce-overhead`` (``fast`` with CUDA graphs and fused Adam). Each run is a worker process: warm-up iterations
-(compilation happens there), then a file barrier so that concurrent workers time the same window, then as
-many iterations as fit in the window. Each worker records its warm-up iterations' losses (same seed, hence the
-same initial models, and same data: they must agree with eager's to float tolerance, which grows a little with each
-iteration, else the variant computes something else; concurrent runs must agree exactly with their variant's single
-run; CUDA graphs are recorded at a graph's second call and replayed from its third,
-so 5 warm-up iterations cover replays) and how often inductor skipped CUDA graphs (then reduce-overhead is
+``compiled-step-graphs`` (the same, G and D compiled by inductor's default mode: fewer, fused kernels in the
+graphs), ``fp32-graphs`` (the same arithmetic compiled with ``performance.compile_mode`` reduce-overhead: CUDA
+graphs of the forwards and backwards, and fused Adam; these three are the collapse study's candidates,
+docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and ``fast-reduce-overhead`` (``fast`` with
+CUDA graphs and fused Adam).
+
+Each run is a worker process: warm-up iterations (compilation and capture happen there), then a file barrier so
+that concurrent workers time the same window, then as many iterations as fit in the window. The warm-up is also
+the correctness check. Every worker starts from the same models (same seed) and data and records each warm-up
+iteration's losses and how far the warm-up moved G's and D's weights (a graph that silently did nothing would
+shorten it): a variant must agree with eager to float tolerance (``AGREEMENT``), and concurrent runs exactly with
+their variant's single run. reduce-overhead's graphs are recorded at a graph's second call and replayed from its
+third; step graphs at a step's fourth call (D's in the first iteration, G's in the fourth), so 8 warm-up
+iterations replay both. Each worker also records how often inductor skipped CUDA graphs (then reduce-overhead is
 plain compile).
 """
 from __future__ import annotations
@@ -44,7 +48,9 @@ VARIANTS = {
     "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
-AGREEMENT = 1e-2  # largest warm-up loss difference to eager (units of max(|eager's|, 1)) of a variant that agrees
+# largest difference to eager of a variant that agrees: warm-up losses (in units of max(|eager's|, 1)) and the
+# distance its warm-up moved G's and D's weights (relative)
+AGREEMENT = 1e-2
 
 
 def small_overrides(params: dict) -> list[str]:
@@ -81,15 +87,30 @@ def worker(params: dict, partial) -> None:
     performance.configure_backends(config.performance, config.deterministic)
     models = build.build_models(config, device)
     updater = build.build_updater(config, world, models, resident_batches(config, world))
+    initial = {name: [p.detach().clone() for p in getattr(models, name).parameters()] for name in ("gen", "dis")}
     warmup = [timed_value(updater.update, device) for _ in range(params["warmup"])]
     partial.record(variant=params["variant"], config_overrides=small_overrides(params),
                    warmup_s=[seconds for _, seconds in warmup], warmup_losses=[losses for losses, _ in warmup],
+                   warmup_travel={name: travel(getattr(models, name), start) for name, start in initial.items()},
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
                           params["deadline"] - params["window_s"] - 5)
     count, seconds = window(updater, params["window_s"], device)
     partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
+
+
+def travel(model, initial: list) -> float:
+    """How far the warm-up moved the weights (L2 over all): a step that silently did nothing shortens it."""
+    return sum(float((p.detach() - start).double().pow(2).sum()) for p, start in zip(model.parameters(), initial)) ** 0.5
+
+
+def travel_differences(singles: dict) -> dict:
+    """Per variant, the largest relative difference of G's and D's warm-up travel from eager's (null: not measured)."""
+    eager = singles.get("eager", {}).get("warmup_travel")
+    return {name: None if not (eager and run.get("warmup_travel")) else max(
+        abs(run["warmup_travel"][net] - eager[net]) / max(eager[net], 1e-12) for net in eager)
+        for name, run in singles.items()}
 
 
 def loss_differences(losses: list[dict] | None, reference: list[dict] | None) -> list[float] | None:
@@ -141,10 +162,12 @@ def concurrent(params: dict, variant: str, parties: int, directory: Path, single
     return result
 
 
-def fastest_agreeing(singles: dict, differences: dict) -> str:
-    """The fastest variant whose warm-up losses agree with eager's (eager itself always does)."""
+def fastest_agreeing(singles: dict) -> str:
+    """The fastest variant whose warm-up losses and weights' travel agree with eager's (eager's always do)."""
+    losses, travels = eager_differences(singles), travel_differences(singles)
     measured = {name: run["g_iterations_per_s"] for name, run in singles.items() if run.get("g_iterations_per_s")
-                and max(differences.get(name) or [float("inf")]) <= AGREEMENT}
+                and max(losses.get(name) or [float("inf")]) <= AGREEMENT
+                and (travels.get(name) if travels.get(name) is not None else float("inf")) <= AGREEMENT}
     if not measured:
         raise RuntimeError("no single run measured a rate that agrees with eager; nothing to run concurrently")
     return max(measured, key=measured.get)
@@ -168,8 +191,9 @@ def run(params: dict, partial) -> None:
         singles = {}
         for variant in candidates:
             singles[variant] = single(params, variant, directory)
-            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles))
-        variant = fastest_agreeing(singles, eager_differences(singles))
+            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),
+                           warmup_travel_difference_to_eager=travel_differences(singles))
+        variant = fastest_agreeing(singles)
         rate = singles[variant]["g_iterations_per_s"]
         levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
         partial.record(concurrent_variant=variant, concurrent=levels)
@@ -178,4 +202,5 @@ def run(params: dict, partial) -> None:
             partial.record(concurrent=levels)
         for variant in params["variants"][len(candidates):]:
             singles[variant] = single(params, variant, directory)
-            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles))
+            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),
+                           warmup_travel_difference_to_eager=travel_differences(singles))

@@ -14,8 +14,10 @@ ever rebound. The first calls of each step run eagerly, on a side stream, as CUD
 (cuDNN/cuBLAS handles, the optimizer state's allocation); they are real training steps, so the sequence of
 updates is that of an eager run. The graph is then recorded without running, and replayed at once.
 
-Without CUDA (a CPU) the same code runs without capture: the static buffers and the step functions are those
-the GPU uses, so the tests here check all but the capture itself.
+The graphs share one memory pool (they replay one after the other on one stream). On a GPU Adam runs in its
+capturable form, which computes the bias corrections on the device: the same update to float rounding, not bit
+for bit. Without CUDA (a CPU) the same code runs without capture: the static buffers and the step functions are
+those the GPU uses, so the tests here check all but the capture and the capturable Adam.
 """
 from __future__ import annotations
 
@@ -38,24 +40,40 @@ class _Step:
 
 class StepGraphs:
     def __init__(self, device: torch.device):
+        self.device = device
         self.capture = device.type == "cuda"
         self.steps: dict[str, _Step] = {}
+        self.side_stream: torch.cuda.Stream | None = None  # the warm-up calls' (one: each stream keeps workspaces)
+        self.pool = None  # the graphs' memory, shared: they replay one after another on one stream
 
     def run(self, name: str, update: Callable[[object], torch.Tensor], inputs) -> torch.Tensor:
         """``update(inputs)`` for step ``name``: eagerly for its first calls, then as its graph's replay."""
         step = self._load(name, inputs)
         if not self.capture:
             return update(step.inputs)
+        with torch.cuda.device(self.device):  # capture records the current device's stream: make it the run's
+            return self._captured(step, update)
+
+    def _captured(self, step: _Step, update: Callable[[object], torch.Tensor]) -> torch.Tensor:
         if step.calls < EAGER_CALLS:
             step.calls += 1
-            return _on_side_stream(lambda: update(step.inputs))
+            return self._on_side_stream(lambda: update(step.inputs))
         if step.graph is None:
-            step.graph = torch.cuda.CUDAGraph()
+            graph = torch.cuda.CUDAGraph()
             # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
-            with torch.cuda.graph(step.graph, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                 step.output = update(step.inputs)
+            step.graph, self.pool = graph, self.pool or graph.pool()
         step.graph.replay()
         return step.output.clone()  # the next replay rewrites the graph's output
+
+    def _on_side_stream(self, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+        self.side_stream = self.side_stream or torch.cuda.Stream(self.device)
+        self.side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.side_stream):
+            output = call()
+        torch.cuda.current_stream().wait_stream(self.side_stream)
+        return output
 
     def _load(self, name: str, inputs) -> _Step:
         """The step's static buffers, holding a copy of ``inputs`` (made at its first call; None stays None)."""
@@ -76,12 +94,3 @@ class StepGraphs:
 
 def _layout(value) -> tuple | None:
     return None if value is None else (value.shape, value.dtype, value.device)
-
-
-def _on_side_stream(call: Callable[[], torch.Tensor]) -> torch.Tensor:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        output = call()
-    torch.cuda.current_stream().wait_stream(stream)
-    return output
