@@ -223,8 +223,11 @@ class Updater:
         return total
 
     def _run(self, name: str, update: Callable[[dict], torch.Tensor], inputs: dict) -> torch.Tensor:
-        """``update(inputs)``, or with ``performance.step_graphs`` its CUDA graph replayed on these inputs."""
-        return update(inputs) if self.graphs is None else self.graphs.run(name, update, inputs)
+        """``update(inputs)``, or with ``performance.step_graphs`` its CUDA graph replayed on these inputs (not in
+        the resume artefact's one iteration: its replicas are another computation)."""
+        if self.graphs is None or self.artefact is not None:
+            return update(inputs)
+        return self.graphs.run(name, update, inputs)
 
     def _zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
         """No gradients before a step: None, or zeroed buffers that outlive CUDA graphs (``stable_grads``;

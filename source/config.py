@@ -150,7 +150,7 @@ class PerformanceConfig:
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
     fused_adam: bool = False                     # Adam's step in one fused kernel: the same update to float rounding
     # each D step and G step captured once as a CUDA graph and replayed (source/training/step_graphs.py): for the
-    # launch-bound 32 px models; one process, no fp16, LeCam, gSR, DiffAugment or resume artefact, compile_mode default
+    # launch-bound 32 px models; one process, no fp16, LeCam, gSR or DiffAugment, compile_mode default
     step_graphs: bool = False
     cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
 

@@ -101,8 +101,7 @@ def check_step_graphs(config: Config, source: str, world_size: int) -> None:
                  (config.performance.compile_mode != "default", f"compile_mode {config.performance.compile_mode} "
                                                                 f"(CUDA graphs of its own)"),
                  (updater.lecam.weight > 0, "LeCam"), (updater.gsr.enabled, "gSR"),
-                 (bool(updater.diffaugment), "DiffAugment"),
-                 (updater.resume_artefact != "never", "updater.resume_artefact")]
+                 (bool(updater.diffaugment), "DiffAugment")]
     found = [what for conflict, what in conflicts if conflict]
     if found:
         raise ConfigError(f"{source}: performance.step_graphs: not with {', '.join(found)}")

@@ -32,6 +32,21 @@ def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
     assert (eager / "log.jsonl").read_text().count("loss_dis") == 6
 
 
+def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_after_it(tmp_path):
+    """The collapse study's artefact arm under step graphs: the same branch as without them."""
+    first = tmp_path / "first"
+    assert train.main(tiny_argv(first, 2)) == 0
+    branches = []
+    for name, extra in (("plain", []), ("graphed", GRAPHS)):
+        out = tmp_path / name
+        argv = ["--resume", str(first / "snapshots" / "snapshot_iter_2.pt"), "--out", str(out)]
+        overrides = ["iteration=5", "updater.resume_artefact=branch", *extra]
+        assert train.main(argv + [a for o in overrides for a in ("--set", o)]) == 0
+        assert '"event": "resume_artefact"' in (out / "log.jsonl").read_text()
+        branches.append(load_snapshot(out / "snapshots" / "snapshot_iter_5.pt"))
+    assert tensors_equal(branches[0]["gen"], branches[1]["gen"]) and tensors_equal(branches[0]["dis"], branches[1]["dis"])
+
+
 def test_each_call_replays_on_its_own_inputs():
     graphs, seen = StepGraphs(torch.device("cpu")), []
 
