@@ -175,9 +175,9 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     study_file = write_study(tmp_path, 6)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600",
-                           "--set", "performance.channels_last=true"]) == 0
+                           "--set", "performance.step_graphs=true"]) == 0
     chunk = json.loads((here / "chunks.jsonl").read_text().splitlines()[-1])  # every setting, the base's or --set
-    assert {"performance.channels_last=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
+    assert {"performance.step_graphs=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
         set(chunk["performance"]) and chunk["lead"] is None
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
