@@ -4,8 +4,8 @@ The global batch (``batchsize`` real and as many fake images for D, ``gen_batch`
 built from micro-batches of ``micro_batchsize`` by gradient accumulation, split over DDP ranks, so
 one optimizer step sees the same batch on 1 or N processes. G's BatchNorm statistics are those of
 one micro-batch, as in the original. The latents of a global batch are drawn from a generator
-seeded by (seed, iteration, phase) and sliced like the data: reproducible after a resume, and the
-same samples whatever the world size and accumulation.
+seeded by (seed, iteration, phase) and sliced like the data (``source/training/phases.py``): reproducible
+after a resume, and the same samples whatever the world size and accumulation.
 
 Where each training term happens (each optional, see ``Terms``):
 - DiffAugment: ``_augment``, on every image D sees (real and fake in D's step, fake in G's step);
@@ -37,24 +37,14 @@ from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 from source.training.resume_artefact import ResumeArtefact
+from source.training.phases import G_PHASE, PhaseDraws
 from source.training.step_graphs import StepGraphs
-
-G_PHASE = 1 << 20  # phase id of the G step's latents; D steps use 0..n_dis-1
-AUGMENT_STREAM = 1 << 21  # added to a phase id: the random stream of that phase's DiffAugment draws
-
 
 def linear_shift(alpha: float, iteration: int, decay_start: int, stop: int) -> float:
     """Chainer's LinearShift(alpha -> 0 over [decay_start, stop]) at ``iteration`` completed updates."""
     if iteration <= decay_start or stop <= decay_start:
         return alpha
     return alpha * max(0.0, 1.0 - (iteration - decay_start) / (stop - decay_start))
-
-
-def _mix(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**61 - 1)
-    return seed
 
 
 def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
@@ -104,6 +94,7 @@ class Updater:
         # would be overwritten by the next micro-batch's, so gradients accumulate into buffers kept outside them
         self.stable_grads = performance.cuda_graphs(config.performance)
         self.graphs = StepGraphs(world.device) if config.performance.step_graphs else None
+        self.draws = PhaseDraws(config.seed, world.device, self.terms.augment, self.terms.label_prior)
         self.artefact: ResumeArtefact | None = None  # train.py sets it for the first iteration after some resumes
 
     def _autocast(self):
@@ -151,9 +142,9 @@ class Updater:
 
     def _dis_step(self, step: int) -> torch.Tensor:
         """One D update; returns (its adversarial loss, its LeCam penalty), means over the global batch."""
-        z, labels = self._latents(step, self.config.batchsize)
-        inputs = {"z": z, "labels": labels,
-                  "augmentation": self._augmentation(step, 2 * self.config.batchsize),  # reals 0..B-1, fakes B..2B-1
+        z, labels = self.draws.latents(self.gen_module, self.iteration, step, self.config.batchsize)
+        inputs = {"z": z, "labels": labels,  # DiffAugment's draws: the reals at 0..B-1, the fakes at B..2B-1
+                  "augmentation": self.draws.augmentation(self.iteration, step, 2 * self.config.batchsize),
                   "reals": [tuple(t.to(self.world.device, non_blocking=True) for t in next(self.batches))
                             for _ in range(self.accumulation)]}
         losses = self._run("dis", self._dis_update, inputs)
@@ -190,8 +181,9 @@ class Updater:
 
     def _gen_step(self) -> torch.Tensor:
         """One G update; returns (its adversarial loss, its gSR penalty), means over the global batch."""
-        z, labels = self._latents(G_PHASE, self.config.gen_batch)
-        inputs = {"z": z, "labels": labels, "augmentation": self._augmentation(G_PHASE, self.config.gen_batch)}
+        z, labels = self.draws.latents(self.gen_module, self.iteration, G_PHASE, self.config.gen_batch)
+        inputs = {"z": z, "labels": labels,
+                  "augmentation": self.draws.augmentation(self.iteration, G_PHASE, self.config.gen_batch)}
         losses = self._run("gen", self._gen_update, inputs)
         self._sync_artefact("gen")
         return losses
@@ -272,26 +264,6 @@ class Updater:
         """Spectral regularization of D's raw weights, after its optimizer step (SRGANs updater.py L145-149)."""
         if self.apply_SR and self.regularizer is not None:
             self.regularizer(self.dis_module, self.iteration)
-
-    def _generator(self, phase: int) -> torch.Generator:
-        generator = torch.Generator(device=self.world.device)
-        return generator.manual_seed(_mix(self.config.seed, self.iteration, phase))
-
-    def _latents(self, phase: int, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Latents and labels for the ``n`` samples of this phase; each micro-batch takes its slice."""
-        gen, device, generator = self.gen_module, self.world.device, self._generator(phase)
-        z = gen.sample_z(n, device, generator)
-        if not gen.n_classes:
-            return z, None
-        if self.terms.label_prior is not None:
-            return z, torch.multinomial(self.terms.label_prior, n, replacement=True, generator=generator)
-        return z, gen.sample_y(n, device, generator)
-
-    def _augmentation(self, phase: int, n: int) -> dict[str, torch.Tensor] | None:
-        """DiffAugment's random draws for the ``n`` images of this phase (None when it is off)."""
-        if self.terms.augment is None:
-            return None
-        return self.terms.augment.params(n, self._generator(phase + AUGMENT_STREAM), self.world.device)
 
     def _augment(self, images: torch.Tensor, augmentation: dict | None, positions: torch.Tensor) -> torch.Tensor:
         """Augment ``images``, which hold the phase's samples at ``positions``; then D's memory format."""

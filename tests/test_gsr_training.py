@@ -97,7 +97,7 @@ def test_diffaugment_reaches_real_and_fake_images_alike(monkeypatch):
 
 def test_fake_labels_follow_the_data_prior():
     upd, _ = build_tiny_updater("updater.fake_labels=data", "dataset.args.long_tail.ratio=7")
-    _, labels = upd._latents(0, 4000)
+    _, labels = upd.draws.latents(upd.gen_module, 0, 0, 4000)
     frequencies = torch.bincount(labels, minlength=3).float() / 4000
     assert frequencies.tolist() == pytest.approx([22 / 33, 8 / 33, 3 / 33], abs=0.03)
 
