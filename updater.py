@@ -315,6 +315,7 @@ class Updater:
             self.apply_SR = state["apply_SR"]  # an explicit true/false on the command line wins
         if self.regularizer is not None and "sr" in state:
             self.regularizer.load_state_dict(state["sr"])
+            self.regularizer.check_envelopes(self.dis_module)
         if self.scaler_dis.is_enabled() and "grad_scalers" in state:  # else: fp16 starts here, at the initial scale
             self.scaler_dis.load_state_dict(state["grad_scalers"]["dis"])
             self.scaler_gen.load_state_dict(state["grad_scalers"]["gen"])

@@ -279,10 +279,22 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.pop("config"), "has no 'config' entry"),
-    (lambda s: s.update(data={"epoch": "x"}), "'data' entry is damaged"),
+    (lambda s: s.update(data={"epoch": "x"}), "its data.epoch is 'x', not a count"),
+    (lambda s: s.update(data={"epoch": 0, "batch_in_epoch": 0, "global_batch_size": "x"}), "'data' entry is damaged"),
     (lambda s: s.update(rng=[{"torch": 1}]), "'rng' entry is damaged"),
     (lambda s: s.update(iteration=-1), "iteration -1 is negative"),
     (lambda s: s["opt_dis"].update(state=[1, 2]), "'list' object has no attribute"),
+    # found by a fuzzing pass over the snapshot's entries: each was a traceback (or a silent misuse) before
+    (lambda s: s["opt_dis"]["state"][0].update(exp_avg=torch.zeros(3)), "(opt_dis: exp_avg of parameter 0 is (3,)"),
+    (lambda s: s["gen"].update({"l1.bias": s["gen"]["l1.bias"] * float("nan")}), "holds NaN/Inf in 1 tensors (first: "
+                                                                                   "gen.l1.bias); resume from an earlier"),
+    (lambda s: s["gen"].update({"l1.bias": "x"}), "its 'gen' entry holds a str at l1.bias, not a tensor"),
+    (lambda s: s.update(gen_ema="x"), "its 'gen_ema' entry is a str, not a dict"),
+    (lambda s: s["updater"].update(iteration="x"), "its updater.iteration is 'x', not a count equal to its iteration 2"),
+    (lambda s: s["data"].update(batch_in_epoch=-5), "its data.batch_in_epoch is -5, not a count"),
+    (lambda s: s.update(elapsed="x"), "its 'elapsed' entry is a str, not seconds"),
+    (lambda s: s["updater"]["sr"]["ratios"].update({"block1.c1": torch.ones(1)}),
+     "SR envelope of layer 'block1.c1' has 1 values but the layer has 8 singular values"),
 ])
 def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage, message):
     snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")

@@ -154,13 +154,16 @@ class SpectralRegularizer:
 
     def _envelope(self, name: str, stack: torch.Tensor) -> torch.Tensor:
         envelope = self.ratios[name]
-        rank = min(stack.shape[-2:])
-        if envelope.shape != (rank,):
-            raise ValueError(
-                f"SR envelope of layer {name!r} has {envelope.numel()} values but the layer has {rank} singular "
-                "values; the SR state belongs to another model (set rebase_on_resume to start a new envelope)"
-            )
+        _check_rank(name, envelope, min(stack.shape[-2:]))
         return envelope.to(device=stack.device, dtype=stack.dtype)
+
+    def check_envelopes(self, dis: nn.Module) -> None:
+        """ValueError when a restored envelope does not fit its layer of ``dis`` (another model's SR state): at the
+        resume, not at the first SR call."""
+        layers = spectral_norm_layers(dis, self.kinds)
+        for name, envelope in self.ratios.items():
+            if name in layers:
+                _check_rank(name, envelope, min(weight_matrix(layers[name]).shape))
 
     def _stateless(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Static SR or the rescale control: each call acts on its own, with no envelope."""
@@ -195,3 +198,11 @@ class SpectralRegularizer:
             self.ratios = {}
         else:
             self.ratios = {name: torch.as_tensor(r, dtype=SVD_DTYPE).clone() for name, r in state["ratios"].items()}
+
+
+def _check_rank(name: str, envelope: torch.Tensor, rank: int) -> None:
+    if envelope.shape != (rank,):
+        raise ValueError(
+            f"SR envelope of layer {name!r} has {envelope.numel()} values but the layer has {rank} singular "
+            "values; the SR state belongs to another model (set rebase_on_resume to start a new envelope)"
+        )

@@ -109,6 +109,35 @@ def check_layout(snapshot: Any, path: Path, training_state: bool) -> None:
                                 f"{kind.__name__}; the file is damaged")
     if snapshot["iteration"] < 0:
         raise SnapshotError(f"{path}: iteration {snapshot['iteration']} is negative; the file is damaged")
+    if training_state:
+        check_training_entries(snapshot, path)
+
+
+def check_training_entries(snapshot: dict, path: Path) -> None:
+    """What a resume reads beyond the layout: tensors where tensors belong, finite weights and optimizer states, and
+    counters that agree (the models' shapes are checked against the built models, ``state_mismatch``)."""
+    for key in ("gen", "dis", "gen_ema"):
+        if not isinstance(snapshot.get(key, {}), dict):
+            raise SnapshotError(f"{path}: its '{key}' entry is a {type(snapshot[key]).__name__}, not a dict; the file "
+                                f"is damaged")
+        wrong = [name for name, value in snapshot.get(key, {}).items() if not torch.is_tensor(value)]
+        if wrong:
+            raise SnapshotError(f"{path}: its '{key}' entry holds a {type(snapshot[key][wrong[0]]).__name__} at "
+                                f"{wrong[0]}, not a tensor; the file is damaged")
+    bad = non_finite_weights(snapshot)
+    if bad:
+        raise SnapshotError(f"{path} holds NaN/Inf in {len(bad)} tensors (first: {bad[0]}); resume from an earlier "
+                            f"snapshot")
+    counters = {"updater.iteration": (snapshot["updater"].get("iteration"), snapshot["iteration"]),
+                "data.epoch": (snapshot["data"].get("epoch"), None),
+                "data.batch_in_epoch": (snapshot["data"].get("batch_in_epoch"), None)}
+    for name, (value, expected) in counters.items():
+        if not (type(value) is int and 0 <= value < 2**32 and expected in (None, value)):
+            raise SnapshotError(f"{path}: its {name} is {value!r}, not a count" + (
+                f" equal to its iteration {expected}" if expected is not None else "") + "; the file is damaged")
+    if not isinstance(snapshot.get("elapsed", 0.0), (int, float)):
+        raise SnapshotError(f"{path}: its 'elapsed' entry is a {type(snapshot['elapsed']).__name__}, not seconds; "
+                            f"the file is damaged")
 
 
 def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
@@ -116,8 +145,7 @@ def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
     missing = [key for key in expected if key not in saved]
     unexpected = [key for key in saved if key not in expected]
     reshaped = [f"{key} is {tuple(saved[key].shape)} in the snapshot, {tuple(value.shape)} here"
-                for key, value in expected.items()
-                if key in saved and (not torch.is_tensor(saved[key]) or saved[key].shape != value.shape)]
+                for key, value in expected.items() if key in saved and saved[key].shape != value.shape]
     problems = ([f"{len(missing)} tensors missing (first: {missing[0]})"] if missing else []) + \
                ([f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else []) + \
                ([f"{len(reshaped)} of another shape (first: {reshaped[0]})"] if reshaped else [])
@@ -145,6 +173,21 @@ def non_finite(state: dict, prefix: str = "") -> list[str]:
         elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
             names.append(name)
     return names
+
+
+def optimizer_mismatch(name: str, optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
+    """The first saved optimizer state (Adam's moments) whose shape is not its parameter's, or None: torch's load
+    would take it and fail at the first step."""
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    states = saved.get("state")
+    for index, entries in (states.items() if isinstance(states, dict) else ()):  # else: torch's load reports it
+        if not (isinstance(index, int) and 0 <= index < len(parameters) and isinstance(entries, dict)):
+            return f"{name}: a state for parameter {index!r} of {len(parameters)}"
+        for key, value in entries.items():
+            if torch.is_tensor(value) and value.dim() and value.shape != parameters[index].shape:
+                return f"{name}: {key} of parameter {index} is {tuple(value.shape)}, the parameter " \
+                       f"{tuple(parameters[index].shape)}"
+    return None
 
 
 def non_finite_weights(snapshot: dict) -> list[str]:

@@ -169,10 +169,13 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         updater = self.updater
-        for name, module in (("gen", updater.gen_module), ("dis", updater.dis_module)):
-            mismatch = checkpoint.state_mismatch(name, module.state_dict(), state[name])
-            if mismatch:
-                raise checkpoint.SnapshotMismatch(mismatch)
+        mismatches = [checkpoint.state_mismatch(name, module.state_dict(), state[name])
+                      for name, module in (("gen", updater.gen_module), ("dis", updater.dis_module))]
+        mismatches += [checkpoint.optimizer_mismatch(name, optimizer, state[name])
+                       for name, optimizer in (("opt_gen", updater.opt_gen), ("opt_dis", updater.opt_dis))
+                       if isinstance(state[name], dict)]  # other damage: torch's load reports it
+        if any(mismatches):
+            raise checkpoint.SnapshotMismatch(next(m for m in mismatches if m))
         try:
             updater.gen_module.load_state_dict(state["gen"])
             updater.dis_module.load_state_dict(state["dis"])
