@@ -36,9 +36,10 @@ from source.regularizers.losses import LOSSES
 from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
-from source.training.resume_artefact import ResumeArtefact
 from source.training.phases import G_PHASE, PhaseDraws
+from source.training.resume_artefact import ResumeArtefact
 from source.training.step_graphs import StepGraphs
+
 
 def linear_shift(alpha: float, iteration: int, decay_start: int, stop: int) -> float:
     """Chainer's LinearShift(alpha -> 0 over [decay_start, stop]) at ``iteration`` completed updates."""
@@ -143,10 +144,11 @@ class Updater:
     def _dis_step(self, step: int) -> torch.Tensor:
         """One D update; returns (its adversarial loss, its LeCam penalty), means over the global batch."""
         z, labels = self.draws.latents(self.gen_module, self.iteration, step, self.config.batchsize)
+        reals = (tuple(t.to(self.world.device, non_blocking=True) for t in next(self.batches))
+                 for _ in range(self.accumulation))  # read as the micro-batches go (a graph needs them all first)
         inputs = {"z": z, "labels": labels,  # DiffAugment's draws: the reals at 0..B-1, the fakes at B..2B-1
                   "augmentation": self.draws.augmentation(self.iteration, step, 2 * self.config.batchsize),
-                  "reals": [tuple(t.to(self.world.device, non_blocking=True) for t in next(self.batches))
-                            for _ in range(self.accumulation)]}
+                  "reals": reals if self.graphs is None else list(reals)}
         losses = self._run("dis", self._dis_update, inputs)
         if self.terms.lecam is not None:
             self.terms.lecam.end_step(self.iteration, self.world)

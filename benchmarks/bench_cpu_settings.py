@@ -36,7 +36,6 @@ def build_updater(config_path: Path, overrides: list[str]):
     config = load_config(config_path, ["dataset.name=synthetic", "num_workers=0", *overrides])
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
     performance.configure_backends(config.performance, config.deterministic)
-    torch.manual_seed(0)
     models = build.build_models(config, world.device)
     return build.build_updater(config, world, models, build.build_batches(config, world))
 

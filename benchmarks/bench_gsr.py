@@ -39,7 +39,6 @@ def best_seconds(action, repeats: int) -> float:
 def build_updater(config_file: str, overrides: list[str]):
     config = load_config(ROOT / config_file, ["dataset.name=synthetic", "num_workers=0", *overrides])
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
-    torch.manual_seed(0)
     models = build.build_models(config, world.device)
     return build.build_updater(config, world, models, build.build_batches(config, world))
 

@@ -98,8 +98,8 @@ def check_step_graphs(config: Config, source: str, world_size: int) -> None:
     updater = config.updater
     conflicts = [(world_size > 1, f"world size {world_size} (DDP)"),
                  (config.performance.amp == "fp16", "performance.amp fp16 (its loss scaler decides on the host)"),
-                 (config.performance.compile_mode != "default", f"compile_mode {config.performance.compile_mode} "
-                                                                f"(CUDA graphs of its own)"),
+                 (config.performance.compile and config.performance.compile_mode != "default",
+                  f"compile_mode {config.performance.compile_mode} (CUDA graphs of its own)"),
                  (updater.lecam.weight > 0, "LeCam"), (updater.gsr.enabled, "gSR"),
                  (bool(updater.diffaugment), "DiffAugment")]
     found = [what for conflict, what in conflicts if conflict]

@@ -129,5 +129,11 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
     assert ratio == pytest.approx(small["single"]["step-graphs"]["g_iterations_per_s"]
                                   / small["single"]["eager"]["g_iterations_per_s"])
     assert "each section's date" in earlier.with_suffix(".md").read_text()
-    later.write_text(json.dumps(dict(result, protocol=dict(protocol, device="another GPU"))))
+    assert merge_main([str(earlier), str(later)]) == 2  # a run is merged once
+    failed = dict(result["sections"]["a_fast"], status="timeout")
+    later.write_text(json.dumps(dict(result, protocol=dict(protocol, date="2099-01-02 00:00:00"),
+                                     sections={"a_fast": failed})))
+    assert merge_main([str(earlier), str(later)]) == 0
+    assert json.loads(earlier.read_text())["sections"]["a_fast"]["status"] == "ok"  # the clean one stays
+    later.write_text(json.dumps(dict(result, protocol=dict(protocol, device="another GPU", date="2099-01-03"))))
     assert merge_main([str(earlier), str(later)]) == 2  # numbers of another device are not merged

@@ -8,7 +8,7 @@ from torch import nn
 import train
 from source.config import ConfigError, load_config
 from source.training import build, performance
-from source.training.checkpoint import load_snapshot, seed_everything
+from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.resume_artefact import ResumeArtefact, routed
 from test_training import CONFIGS, TINY, tiny_argv
@@ -40,7 +40,6 @@ def test_routing_gives_device_d_part_d_of_every_half_in_one_call():
 
 def one_update(config, artefact_from_current_models: bool):
     world = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
-    seed_everything(config.seed)
     models = build.build_models(config, world.device)
     updater = build.build_updater(config, world, models, build.build_batches(config, world, source="test"))
     if artefact_from_current_models:  # replicas equal to the models: the update must be the plain one

@@ -32,10 +32,18 @@ def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
     assert (eager / "log.jsonl").read_text().count("loss_dis") == 6
 
 
-def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_after_it(tmp_path):
-    """The collapse study's artefact arm under step graphs: the same branch as without them."""
+def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_after_it(tmp_path, monkeypatch):
+    """The collapse study's artefact arm under step graphs: the same branch as without them, and no step of the
+    artefact's iteration goes to the graphs (its replicas are another computation than the one captured)."""
     first = tmp_path / "first"
     assert train.main(tiny_argv(first, 2)) == 0
+    graphed_calls, run = [], StepGraphs.run
+
+    def watched(graphs, name, update, inputs):
+        graphed_calls.append((name, update.__self__.iteration, update.__self__.artefact is not None))
+        return run(graphs, name, update, inputs)
+
+    monkeypatch.setattr(StepGraphs, "run", watched)
     branches = []
     for name, extra in (("plain", []), ("graphed", GRAPHS)):
         out = tmp_path / name
@@ -45,6 +53,8 @@ def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_af
         assert '"event": "resume_artefact"' in (out / "log.jsonl").read_text()
         branches.append(load_snapshot(out / "snapshots" / "snapshot_iter_5.pt"))
     assert tensors_equal(branches[0]["gen"], branches[1]["gen"]) and tensors_equal(branches[0]["dis"], branches[1]["dis"])
+    assert not any(artefact for _, _, artefact in graphed_calls)
+    assert {iteration for _, iteration, _ in graphed_calls} == {3, 4}  # the artefact's iteration 2 stays eager
 
 
 def test_each_call_replays_on_its_own_inputs():
@@ -69,7 +79,8 @@ def test_the_schedule_fills_a_tensor_learning_rate_in_place():
              for optimizer in (updater.opt_gen, updater.opt_dis) for group in optimizer.param_groups]
     for _ in range(3):
         updater.update()
-    assert [group["lr"] for o in (updater.opt_gen, updater.opt_dis) for group in o.param_groups] == rates  # same objects
+    after = [group["lr"] for o in (updater.opt_gen, updater.opt_dis) for group in o.param_groups]
+    assert all(mine is theirs for mine, theirs in zip(after, rates))  # the same tensors, filled in place
     assert rates[0].item() == pytest.approx(2e-4 * (1 - (2 - 1) / (4 - 1)))  # set before iteration 3
     assert updater.learning_rates()["lr_G"] == pytest.approx(rates[0].item())
 

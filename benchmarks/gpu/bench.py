@@ -1,4 +1,4 @@
-"""The toolkit's GPU benchmark: every GPU number of the README in one run of under 8 minutes, on synthetic data.
+"""The toolkit's GPU benchmark: every GPU number of the README, on synthetic data (README.md beside it).
 
     python -m benchmarks.gpu.bench [--quick] [--out DIR] [--sections a_fast,c_fid] [--budget c_fid=120]
     bash benchmarks/gpu/run.sh [same options]      # on the device machine (benchmarks/gpu/README.md)
@@ -31,10 +31,11 @@ from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 
 # Seconds per section, from the first run (H200, benchmarks/results/gpu_nvidia-h200.json) on a cold compile cache:
 # compiling the 128 px G and D took 136 s for accumulation 1 and compiles again for accumulation 2 (SN's power step
-# off after the first micro-batch is another graph); (c) makes two passes over 50k images; (d) compiles two small
-# variants and starts 16 processes. 770 s in all: more than one lent GPU call (600 s), so there the sections run in
-# two calls, `--sections a_faithful,a_fast,b_sr_spectra` and `--sections c_fid,d_small_models,e_biggan,f_loaders`,
-# and `python -m benchmarks.gpu.merge` folds the second run's JSON into the first's.
+# off after the first micro-batch is another graph); (c) makes two passes over 50k images; (d) runs six small
+# variants, five of them compiled or captured, and 16 processes at once (an estimate: most have not run yet).
+# 770 s in all: more than one lent GPU call (600 s), so there the sections run in two calls,
+# `--sections a_faithful,a_fast,b_sr_spectra` and `--sections c_fid,d_small_models,e_biggan,f_loaders`, and
+# `python -m benchmarks.gpu.merge` folds the second run's JSON into the first's.
 BUDGETS_S = {"a_faithful": 35, "a_fast": 300, "b_sr_spectra": 20, "c_fid": 80, "d_small_models": 260,
              "e_biggan": 50, "f_loaders": 25}
 QUICK_BUDGETS_S = {"a_faithful": 90, "a_fast": 90, "b_sr_spectra": 60, "c_fid": 90, "d_small_models": 120,

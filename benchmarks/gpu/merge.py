@@ -4,7 +4,7 @@
 
 A lent GPU call is shorter than the whole benchmark on a cold compile cache, so sections may be measured in
 different calls (`run.sh --sections a_fast,d_small_models`). The later run's sections replace the earlier
-run's; the protocol keeps every run (its date, command, sections, torch) and which run measured each section;
+run's, except one it did not finish cleanly where the earlier run did; a run is merged once; the protocol keeps every run (its date, command, sections, torch) and which run measured each section;
 the ratios are recomputed from the merged numbers; the JSON and its markdown are rewritten in place. Runs of
 another device or torch version are refused: their numbers would not be comparable.
 """
@@ -32,11 +32,16 @@ def merge(earlier: dict, later: dict) -> dict:
         raise ValueError(f"the runs differ in {key}: {earlier['protocol'].get(key, earlier.get('quick'))!r} and "
                          f"{later['protocol'].get(key, later.get('quick'))!r}; keep them apart")
     runs = earlier["protocol"].get("runs") or [run_summary(earlier)]
+    if any(run["date"] == later["protocol"]["date"] for run in runs):
+        raise ValueError(f"the run of {later['protocol']['date']} is merged already")
     measured_by = earlier["protocol"].get("section_dates") or dict.fromkeys(earlier["sections"],
                                                                            earlier["protocol"]["date"])
-    sections = {**earlier["sections"], **later["sections"]}
+    # a section the later run did not finish cleanly does not replace one that the earlier run did
+    replacing = {name: section for name, section in later["sections"].items()
+                 if section.get("status") == "ok" or earlier["sections"].get(name, {}).get("status") != "ok"}
+    sections = {**earlier["sections"], **replacing}
     protocol = {**later["protocol"], "runs": [*runs, run_summary(later)],
-                "section_dates": {**measured_by, **dict.fromkeys(later["sections"], later["protocol"]["date"])},
+                "section_dates": {**measured_by, **dict.fromkeys(replacing, later["protocol"]["date"])},
                 "sections_run": list(sections)}
     return {**later, "protocol": protocol, "sections": sections, "ratios": derived_ratios(sections)}
 

@@ -111,7 +111,9 @@ def imagenet_rows(faithful: dict, fast: dict) -> list[list]:
 
 
 def small_rows(small: dict) -> list[list]:
-    differences = small.get("warmup_losses_difference_to_eager") or {}
+    # runs before the seeding fix recorded relative differences under another key
+    differences = small.get("warmup_losses_difference_to_eager") or small.get(
+        "warmup_losses_relative_difference_to_eager") or {}
     travels = small.get("warmup_travel_difference_to_eager") or {}
     rows = [[f"one run, {name}", run.get("g_iterations_per_s"),
              f"{run.get('status')}; cudagraph skips {run.get('cudagraph_skips')}; warm-up losses vs eager "
