@@ -38,14 +38,8 @@ from source.training import performance
 from source.training.distributed import World, all_reduce_mean, broadcast_buffers
 from source.training.phases import G_PHASE, PhaseDraws
 from source.training.resume_artefact import ResumeArtefact
+from source.training.schedule import linear_shift, set_learning_rate
 from source.training.step_graphs import StepGraphs
-
-
-def linear_shift(alpha: float, iteration: int, decay_start: int, stop: int) -> float:
-    """Chainer's LinearShift(alpha -> 0 over [decay_start, stop]) at ``iteration`` completed updates."""
-    if iteration <= decay_start or stop <= decay_start:
-        return alpha
-    return alpha * max(0.0, 1.0 - (iteration - decay_start) / (stop - decay_start))
 
 
 def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
@@ -290,12 +284,8 @@ class Updater:
 
     def _set_learning_rates(self) -> None:
         for optimizer, adam in ((self.opt_gen, self.config.adam_G), (self.opt_dis, self.config.adam_D)):
-            lr = linear_shift(adam.alpha, self.iteration, self.config.iteration_decay_start, self.config.iteration)
-            for group in optimizer.param_groups:
-                if isinstance(group["lr"], torch.Tensor):  # step graphs: the graph reads it from its memory
-                    group["lr"].fill_(lr)
-                else:
-                    group["lr"] = lr
+            set_learning_rate(optimizer, linear_shift(adam.alpha, self.iteration, self.config.iteration_decay_start,
+                                                      self.config.iteration))
 
     def learning_rates(self) -> dict[str, float]:
         return {"lr_G": float(self.opt_gen.param_groups[0]["lr"]), "lr_D": float(self.opt_dis.param_groups[0]["lr"])}
