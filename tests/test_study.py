@@ -253,6 +253,10 @@ def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_sett
     assert len(chosen) == 6 and {(run.setting, run.seed) for run in chosen} == {("b16", 1)}
     with pytest.raises(ConfigError, match="--seed 7: the study has"):
         study.select(None, [7])
+    baseline = study.select(["b64"], None, ["sn"])
+    assert [run.name for run in baseline] == ["b64/sn_s0", "b64/sn_s1", "b64/sn_s2"]
+    with pytest.raises(ConfigError, match="--arm snn: the study has"):
+        study.select(None, None, ["snn"])
 
 
 def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():

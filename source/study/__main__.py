@@ -1,6 +1,7 @@
 """python -m source.study: run a study (many train.py runs) in resumable chunks, here or on a lent GPU machine.
 
-  run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done)
+  run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done);
+      [--seed N] [--arm NAME]                              --setting, --seed, --arm choose runs (repeatable)
       [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
                                                            the study base's performance block where not given)
   status STUDY                                             each run's progress
@@ -36,6 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name in ("run", "device", "carry"):
             command.add_argument("--setting", action="append", help="only this setting's runs (repeatable)")
             command.add_argument("--seed", action="append", type=int, help="only this seed's runs (repeatable)")
+            command.add_argument("--arm", action="append",
+                                 help="only this arm's runs (repeatable); e.g. the baseline first, so that the "
+                                      "branches waiting for its collapse can start sooner")
         if name in ("run", "device"):
             command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         study = load_study(args.study)
         root = Path(args.root or Path("results") / study.path.stem)
-        runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None))
+        runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None), getattr(args, "arm", None))
         if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
             raise ConfigError("--parallel and --budget must be positive")
         if hasattr(args, "performance"):

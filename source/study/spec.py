@@ -73,15 +73,17 @@ class Study:
     def run(self, name: str) -> Run:
         return next(run for run in self.runs if run.name == name)
 
-    def select(self, settings: list[str] | None = None, seeds: list[int] | None = None) -> list[Run]:
-        """The runs of these settings and seeds (None: all); a name the study lacks is a ConfigError."""
-        for flag, asked, known in (("--setting", settings, {r.setting for r in self.runs}),
-                                   ("--seed", seeds, {r.seed for r in self.runs})):
-            unknown = sorted(set(asked or []) - known)
+    def select(self, settings: list[str] | None = None, seeds: list[int] | None = None,
+               arms: list[str] | None = None) -> list[Run]:
+        """The runs of these settings, seeds and arms (None: all); a name the study lacks is a ConfigError."""
+        asked = {"setting": settings, "seed": seeds, "arm": arms}
+        for key, values in asked.items():
+            known = {getattr(run, key) for run in self.runs}
+            unknown = sorted(set(values or []) - known)
             if unknown:
-                raise ConfigError(f"{flag} {unknown[0]}: the study has {sorted(known)}")
-        return [run for run in self.runs if (settings is None or run.setting in settings)
-                and (seeds is None or run.seed in seeds)]
+                raise ConfigError(f"--{key} {unknown[0]}: the study has {sorted(known)}")
+        return [run for run in self.runs
+                if all(values is None or getattr(run, key) in values for key, values in asked.items())]
 
     def data_root(self) -> Path | None:
         """The folder the runs read their data from (None for data without one, e.g. synthetic)."""
