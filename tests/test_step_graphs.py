@@ -128,3 +128,33 @@ def test_a_step_asks_the_device_nothing():
         updater.update()
     assert calls.count("dis") == 4 and calls.count("gen") == 2
     assert Syncs.found == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: run it on a GPU machine")
+def test_captured_steps_train_as_eager_on_a_gpu():
+    """The capture itself (a CPU cannot run it): 8 iterations, D accumulating 2 and G 4, dynamic SR editing D between
+    replays, a decaying learning rate read by capturable Adam; every step replays from its 4th call. The same
+    losses and weights as eager to float tolerance (capturable Adam rounds its bias corrections on the device), and
+    the weights kept moving after the capture (a graph that did nothing would leave them)."""
+    from source.training import build, performance
+    from source.training.distributed import World
+
+    world = World(rank=0, local_rank=0, size=1, device=torch.device("cuda"))
+    runs = []
+    for extra in ([], GRAPHS):
+        config = load_config(CONFIGS / "demo.yaml", TINY + RECIPE + ["iteration=8", *extra])
+        performance.configure_backends(config.performance, config.deterministic)
+        models = build.build_models(config, world.device)
+        updater = build.build_updater(config, world, models, build.build_batches(config, world))
+        losses = [updater.update() for _ in range(4)]
+        middle = [p.detach().clone() for p in models.dis.parameters()]
+        losses += [updater.update() for _ in range(4)]
+        runs.append((losses, models, middle, updater))
+    (eager, eager_models, _, _), (graphed, graphed_models, middle, updater) = runs
+    assert set(updater.graphs.steps) == {"dis", "gen"} and all(s.graph is not None for s in updater.graphs.steps.values())
+    for mine, theirs in zip(graphed, eager):
+        assert mine == pytest.approx(theirs, rel=1e-3, abs=1e-4)
+    for net in ("gen", "dis"):
+        for (name, p), q in zip(getattr(graphed_models, net).named_parameters(), getattr(eager_models, net).parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=f"{net} {name}")
+    assert any(not torch.equal(p, start) for p, start in zip(graphed_models.dis.parameters(), middle))
