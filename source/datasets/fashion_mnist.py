@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError, resize_square, size_problems, to_chw_uint8
@@ -136,9 +136,8 @@ class FashionMNIST(Dataset):
 
     def batch(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Items ``indices`` at once (uint8 N x 1 x size x size, int64 N labels): what the loader would stack."""
-        if self.size != PADDED_SIZE:
-            images, labels = zip(*(self[index] for index in indices))
-            return torch.stack(images), torch.tensor(labels)
+        if self.size != PADDED_SIZE:  # resized item by item
+            return default_collate([self[index] for index in indices])
         return self._padded[indices].unsqueeze(1), torch.from_numpy(self.labels[indices])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

@@ -140,14 +140,14 @@ class Trainer:
         return {"gen": state["gen"]}
 
     def latest_good_snapshot(self) -> Path | None:
-        """The newest snapshot of this run that loads and holds finite weights and optimizer states."""
+        """The newest snapshot of this run that loads as a resume would (which refuses NaN/Inf weights and optimizer
+        states)."""
         for path in reversed(checkpoint.snapshots_of(self.out)):
             try:
-                state = checkpoint.load_snapshot(path, training_state=True)
+                checkpoint.load_snapshot(path, training_state=True)
             except checkpoint.SnapshotError:
                 continue
-            if not checkpoint.non_finite_weights(state):
-                return path
+            return path
         return None
 
     def state_dict(self) -> dict:
@@ -172,8 +172,7 @@ class Trainer:
         mismatches = [checkpoint.state_mismatch(name, module.state_dict(), state[name])
                       for name, module in (("gen", updater.gen_module), ("dis", updater.dis_module))]
         mismatches += [checkpoint.optimizer_mismatch(name, optimizer, state[name])
-                       for name, optimizer in (("opt_gen", updater.opt_gen), ("opt_dis", updater.opt_dis))
-                       if isinstance(state[name], dict)]  # other damage: torch's load reports it
+                       for name, optimizer in (("opt_gen", updater.opt_gen), ("opt_dis", updater.opt_dis))]
         if any(mismatches):
             raise checkpoint.SnapshotMismatch(next(m for m in mismatches if m))
         try:
