@@ -26,7 +26,7 @@ from source.training.distributed import (World, broadcast_object, init_world, ma
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, require_reference_before_distributed_training
-from source.training.extensions import (ClassSpectra, LogReport, Observe, Preview, ProgressBar, Snapshot, Spectra,
+from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
 from source.training.modes import Modes
 from source.training.resume_artefact import ResumeArtefact
@@ -218,7 +218,7 @@ def make_extensions(config: Config, world: World, class_counts: list[int]) -> li
     report = LogReport(config.display_interval)
     collapse = config.updater.collapse
     detector = CollapseDetector(threshold=collapse.threshold, min_layers=collapse.min_layers)
-    return [Observe(report), ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
+    return [ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
             WatchWeights(config.display_interval),
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),

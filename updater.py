@@ -108,8 +108,11 @@ class Updater:
         """The generator that evaluation, previews and exports use: G's EMA when it is on, else G."""
         return self.terms.ema.module if self.terms.ema is not None else self.gen_module
 
-    def update(self) -> dict[str, float]:
-        """Run one iteration and return its losses (means over the global batch)."""
+    def update(self) -> dict[str, torch.Tensor]:
+        """Run one iteration and return its losses (means over the global batch) as 0-d tensors on the device.
+
+        Reading them is a host synchronisation; the trainer reads many iterations' at once (``read_losses``), so
+        the host keeps queueing work ahead of a GPU that the small models keep busy only that way."""
         self._set_learning_rates()
         dis_losses = torch.zeros(2, device=self.world.device)  # adversarial, LeCam: means over the D steps
         gen_losses = torch.zeros(2, device=self.world.device)  # adversarial, gSR
@@ -127,7 +130,7 @@ class Updater:
         if self.terms.ema is not None:
             self.terms.ema.update(self.gen_module, self.iteration - 1)
         losses = all_reduce_mean(torch.cat([dis_losses, gen_losses]), self.world)
-        loss_dis, loss_lecam, loss_gen, loss_gsr = losses.tolist()
+        loss_dis, loss_lecam, loss_gen, loss_gsr = losses.unbind()
         record = {"loss_dis": loss_dis, "loss_gen": loss_gen}
         if self.terms.lecam is not None:
             record["loss_lecam"] = loss_lecam

@@ -11,6 +11,7 @@ from source.training import build, performance
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.resume_artefact import ResumeArtefact, routed
+from source.training.trainer import read_losses
 from test_training import CONFIGS, TINY, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -44,7 +45,7 @@ def one_update(config, artefact_from_current_models: bool):
     updater = build.build_updater(config, world, models, build.build_batches(config, world, source="test"))
     if artefact_from_current_models:  # replicas equal to the models: the update must be the plain one
         updater.artefact = ResumeArtefact(models.gen, models.dis, devices=4, bn_batch=config.bn_batch)
-    losses = updater.update()
+    losses = read_losses([updater.update()])[0]
     return models, losses, updater.artefact
 
 

@@ -1,13 +1,17 @@
 """performance.step_graphs: D's and G's steps replayed as CUDA graphs. On a CPU the same static buffers and step
 functions run without capture, so these tests check everything but the capture (the GPU benchmark compares a
 captured run's losses with eager's)."""
+import math
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
 from source.config import ConfigError, load_config
 from source.training.checkpoint import load_snapshot
 from source.training.step_graphs import StepGraphs
+from source.training.trainer import read_losses
 from test_training import CONFIGS, TINY, build_tiny_updater, tensors_equal, tiny_argv
 
 GRAPHS = ["performance.step_graphs=true"]
@@ -101,19 +105,20 @@ SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_
            "aten._unique2.default"}  # they hand a value (or a data-dependent size) to the host
 
 
+class Syncs(TorchDispatchMode):
+    """Records the operators that would make the host wait for a GPU (``.tolist()`` on a CPU tensor escapes it)."""
+    found: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in SYNCING:
+            Syncs.found.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 def test_a_step_asks_the_device_nothing():
     """A CUDA graph cannot hold a host synchronisation (an .item(), a data-dependent shape): D's and G's steps,
     SN's power steps, ghost BN and Adam included, must run without one."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Syncs(TorchDispatchMode):
-        found: list = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) in SYNCING:
-                Syncs.found.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    Syncs.found = []
     updater, _ = build_tiny_updater(*RECIPE, *GRAPHS, "bn_batchsize=2", "performance.fused_adam=true")
     run = updater.graphs.run
     calls = []
@@ -128,6 +133,22 @@ def test_a_step_asks_the_device_nothing():
         updater.update()
     assert calls.count("dis") == 4 and calls.count("gen") == 2
     assert Syncs.found == []
+
+
+@pytest.mark.parametrize("extra", [["updater.sr.mode=static"], ["updater.lecam.weight=0.1", "updater.ema.enabled=true",
+                                                                "updater.ema.start_iteration=1", "bn_batchsize=2"]])
+def test_an_eager_iteration_leaves_its_losses_on_the_device_and_asks_it_nothing(extra):
+    """Between log lines the host only queues work (the small models keep a GPU busy only that way): a whole
+    iteration, latents, data, SR (static: dynamic SR's SVD on a GPU synchronises), LeCam and the EMA included, asks
+    the device nothing, and its losses come back as device tensors for the trainer to read later."""
+    Syncs.found = []
+    updater, _ = build_tiny_updater(*RECIPE, "performance.fused_adam=true", *extra)
+    losses = [updater.update()]  # outside: the first batch starts the loader (its seed is drawn on the CPU)
+    with Syncs():
+        losses += [updater.update() for _ in range(3)]  # SR at iterations 2 and 4; the epoch ends with iteration 4
+    assert Syncs.found == []
+    assert all(torch.is_tensor(value) and value.dim() == 0 for step in losses for value in step.values())
+    assert all(math.isfinite(value) for step in read_losses(losses) for value in step.values())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: run it on a GPU machine")
@@ -148,7 +169,7 @@ def test_captured_steps_train_as_eager_on_a_gpu():
         updater = build.build_updater(config, world, models, build.build_batches(config, world))
         losses = [updater.update() for _ in range(4)]
         middle = [p.detach().clone() for p in models.dis.parameters()]
-        losses += [updater.update() for _ in range(4)]
+        losses = read_losses(losses + [updater.update() for _ in range(4)])
         runs.append((losses, models, middle, updater))
     (eager, eager_models, _, _), (graphed, graphed_models, middle, updater) = runs
     assert set(updater.graphs.steps) == {"dis", "gen"} and all(s.graph is not None for s in updater.graphs.steps.values())

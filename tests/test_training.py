@@ -267,7 +267,7 @@ def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, caps
 
     def poisoned(self):
         observation = original(self)
-        return {**observation, "loss_dis": float("nan")} if self.iteration == 4 else observation
+        return {**observation, "loss_dis": torch.tensor(float("nan"))} if self.iteration == 4 else observation
 
     monkeypatch.setattr(updater_module.Updater, "update", poisoned)
     for path in (out / "snapshots").glob("*_iter_[468].pt"):
@@ -277,6 +277,34 @@ def test_nan_loss_stops_without_overwriting_snapshot(tmp_path, monkeypatch, caps
     assert code == 1 and "loss_dis=nan at iteration 4" in err and "snapshot_iter_2.pt" in err
     assert (out / "snapshots" / "snapshot_iter_2.pt").read_bytes() == good
     assert not (out / "snapshots" / "snapshot_iter_4.pt").exists()
+
+
+def test_the_losses_are_read_once_per_log_line_and_a_nan_is_still_placed_exactly(tmp_path, monkeypatch, capsys):
+    """Reading a loss makes the host wait for the device, so the trainer reads the iterations since the last log line
+    all at once: the log's means are those of a run that read every iteration, and a NaN among the unread
+    iterations is reported at its own iteration before any snapshot is written."""
+    from source.training import trainer as trainer_module
+    every = tmp_path / "every"
+    assert train.main(tiny_argv(every, 8, "display_interval=1", "snapshot_interval=8")) == 0
+    reads, read = [], trainer_module.read_losses
+    monkeypatch.setattr(trainer_module, "read_losses", lambda losses: reads.append(len(losses)) or read(losses))
+    batched = tmp_path / "batched"
+    assert train.main(tiny_argv(batched, 8, "display_interval=4", "snapshot_interval=8")) == 0
+    assert reads == [4, 4]
+    lines = {name: [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()
+                    if "loss_dis" in line] for name in ("every", "batched")}
+    assert [line["iteration"] for line in lines["batched"]] == [4, 8]
+    for line, first in zip(lines["batched"], (0, 4)):
+        for key in ("loss_dis", "loss_gen"):
+            assert line[key] == pytest.approx(np.mean([e[key] for e in lines["every"][first:first + 4]]), rel=1e-6)
+
+    original = updater_module.Updater.update
+    monkeypatch.setattr(updater_module.Updater, "update", lambda self: {
+        **original(self), **({"loss_gen": torch.tensor(float("inf"))} if self.iteration == 3 else {})})
+    capsys.readouterr()
+    assert train.main(tiny_argv(tmp_path / "poisoned", 8, "display_interval=4", "snapshot_interval=4")) == 1
+    assert "loss_gen=inf at iteration 3" in capsys.readouterr().err
+    assert not list((tmp_path / "poisoned" / "snapshots").glob("snapshot_iter_*.pt"))
 
 
 def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys):

@@ -37,6 +37,7 @@ from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
 from source.config import load_config
 from source.training import build, performance
 from source.training.distributed import World
+from source.training.trainer import read_losses
 
 CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
 GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead", "performance.fused_adam": True}
@@ -70,13 +71,17 @@ def wait_for_all(directory: Path, index: int, parties: int, deadline: float) -> 
     return time.time() - start
 
 
-def window(updater, seconds: float, device) -> tuple[int, float]:
-    """Iterations completed in a window of about ``seconds``, and its exact length."""
+def window(updater, seconds: float, device, read_every: int) -> tuple[int, float]:
+    """Iterations completed in a window of about ``seconds``, and its exact length. The losses are read every
+    ``read_every`` iterations, as the trainer reads them at each log line (each read waits for the device)."""
     synchronize(device)
-    start, count = time.perf_counter(), 0
+    start, count, unread = time.perf_counter(), 0, []
     while time.perf_counter() - start < seconds:
-        updater.update()
+        unread.append(updater.update())
         count += 1
+        if len(unread) == read_every:
+            read_losses(unread)
+            unread = []
     synchronize(device)
     return count, time.perf_counter() - start
 
@@ -92,12 +97,12 @@ def worker(params: dict, partial) -> None:
     initial = {name: [p.detach().clone() for p in getattr(models, name).parameters()] for name in ("gen", "dis")}
     warmup = [timed_value(updater.update, device) for _ in range(params["warmup"])]
     partial.record(variant=params["variant"], config_overrides=small_overrides(params),
-                   warmup_s=[seconds for _, seconds in warmup], warmup_losses=[losses for losses, _ in warmup],
+                   warmup_s=[seconds for _, seconds in warmup], warmup_losses=read_losses([losses for losses, _ in warmup]),
                    warmup_travel={name: travel(getattr(models, name), start) for name, start in initial.items()},
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"])
     waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
                           params["deadline"] - params["window_s"] - 5)
-    count, seconds = window(updater, params["window_s"], device)
+    count, seconds = window(updater, params["window_s"], device, config.display_interval)
     partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
 

@@ -65,17 +65,8 @@ class LogReport(Extension):
             self._sums, self._count = dict(state["sums"]), state["count"]
 
 
-class Observe(Extension):
-    """Feeds every iteration's losses to the LogReport (kept separate so the report can be sparse)."""
-
-    def __init__(self, report: LogReport):
-        self.report = report
-
-    def __call__(self, trainer: Trainer) -> None:
-        self.report.observe(trainer.observation)
-
-
 class ProgressBar(Extension):
+    reads_losses = False  # it fires every iteration: reading the losses then would synchronise every iteration
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._bar: tqdm | None = None

@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import torch
+
 from source.config import first_line
 from source.training import checkpoint
 from source.training.distributed import World, any_rank, assert_replicas_identical, gather_objects
@@ -25,13 +27,20 @@ class SnapshotWriteError(RuntimeError):
 
 
 class Extension:
-    """Something done every ``interval`` iterations (and, if ``at_end``, after the last one)."""
+    """Something done every ``interval`` iterations (and, if ``at_end``, after the last one).
+
+    Before an extension that ``reads_losses`` fires, the trainer reads the losses of the iterations since the last
+    such moment (one host synchronisation for all) and hands each iteration's to every extension's ``observe``."""
 
     interval: int = 1
     at_end: bool = False
+    reads_losses: bool = True
 
     def __call__(self, trainer: "Trainer") -> None:
         raise NotImplementedError
+
+    def observe(self, observation: dict[str, float]) -> None:
+        pass
 
     def finalize(self, trainer: "Trainer") -> None:
         pass
@@ -41,6 +50,14 @@ class Extension:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def read_losses(observations: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
+    """Iterations' losses (the updater's 0-d device tensors) as numbers, with one host synchronisation for all."""
+    if not observations:
+        return []
+    rows = torch.stack([torch.stack(list(observation.values())) for observation in observations]).tolist()
+    return [dict(zip(observation, row)) for observation, row in zip(observations, rows)]
 
 
 class Trainer:
@@ -53,7 +70,8 @@ class Trainer:
         self.config_dict = config_dict
         self.extensions = list(extensions)
         self.log = RunLog(self.out, enabled=world.is_main)
-        self.observation: dict[str, float] = {}
+        self.observation: dict[str, float] = {}  # the losses of the last iteration read
+        self._unread: list[tuple[int, dict]] = []  # (iteration, its losses on the device) not read yet
         self.elapsed_before = 0.0
         self._start = time.perf_counter()
         self._stop_signal: int | None = None
@@ -70,10 +88,10 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.iteration < self.stop:
-                self.observation = self.updater.update()
-                self._check_finite()
+                self._unread.append((self.iteration + 1, self.updater.update()))
                 self._fire_extensions(final=self.iteration == self.stop)
                 if any_rank(self._stop_signal is not None, self.world):
+                    self._read_losses()
                     self._stop_cleanly()
                     return
         finally:
@@ -84,18 +102,28 @@ class Trainer:
             self.log.close()
 
     def _fire_extensions(self, final: bool) -> None:
-        for extension in self.extensions:
-            if self.iteration % extension.interval == 0 or (final and extension.at_end):
-                extension(self)
+        due = [e for e in self.extensions if self.iteration % e.interval == 0 or (final and e.at_end)]
+        if any(extension.reads_losses for extension in due):
+            self._read_losses()
+        for extension in due:
+            extension(self)
 
-    def _check_finite(self) -> None:
-        bad = {k: v for k, v in self.observation.items() if not math.isfinite(v)}
-        if bad:
-            self.diverged(", ".join(f"{k}={v}" for k, v in bad.items()))
+    def _read_losses(self) -> None:
+        """Read the unread iterations' losses (one host synchronisation), stop at the first that is not finite, and
+        hand each iteration's to the extensions in order."""
+        iterations = [iteration for iteration, _ in self._unread]
+        for iteration, observation in zip(iterations, read_losses([losses for _, losses in self._unread])):
+            bad = {k: v for k, v in observation.items() if not math.isfinite(v)}
+            if bad:
+                self.diverged(", ".join(f"{k}={v}" for k, v in bad.items()), iteration)
+            self.observation = observation
+            for extension in self.extensions:
+                extension.observe(observation)
+        self._unread = []
 
-    def diverged(self, what: str) -> None:
-        raise TrainingDiverged(f"{what} at iteration {self.iteration}; stopped without writing a snapshot "
-                               f"(last good one: {self.latest_good_snapshot() or 'none'})")
+    def diverged(self, what: str, iteration: int | None = None) -> None:
+        raise TrainingDiverged(f"{what} at iteration {iteration or self.iteration}; stopped without writing a "
+                               f"snapshot (last good one: {self.latest_good_snapshot() or 'none'})")
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:  # a second Ctrl-C means "now"
