@@ -76,6 +76,11 @@ def test_each_section_measured_its_numbers(bench):
     assert len(two["g_iterations_per_s_each"]) == 2
     assert two["warmup_losses_difference_to_single"] == [[0.0] * 5] * 2  # every process starts from the same models
     assert two["g_iterations_per_s_total"] == sum(two["g_iterations_per_s_each"])
+    data = small["study_data_path"]  # the study's variant again, on Fashion-MNIST files through the study's loader
+    assert data["variant"] == small["concurrent_variant"] and data["status"] == "ok" and data["images"] == 256
+    assert data["rate_to_resident_data"] == pytest.approx(
+        data["g_iterations_per_s"] / small["single"][data["variant"]]["g_iterations_per_s"])
+    assert data["warmup_losses"] != small["single"][data["variant"]]["warmup_losses"]  # other images than the batch
     loaders = sections["f_loaders"]
     assert loaders["workers"] == 2 and all(loaders[kind][name] > 0 for kind in ("jpeg", "prepared") for name in
                                            ("on", "off"))
@@ -107,6 +112,7 @@ def test_markdown_report_shows_the_sections_and_ratios(bench):
     markdown = path.with_suffix(".md").read_text()
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e) CIFAR-10-LT BigGAN", "## Ratios", "## (f) Loaders with 2 workers"):
         assert heading in markdown
+    assert "the study's data path" in markdown
     assert f"{result['ratios']['imagenet128_fast_speedup_extrapolated']['value']:.3g}" in markdown
 
 

@@ -121,6 +121,12 @@ def small_rows(small: dict) -> list[list]:
              f"{number(travels.get(name), 2)}; warm-up s {seconds_list(run.get('warmup_s'))}"]
             for name, run in (small.get("single") or {}).items()]
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
+    data = small.get("study_data_path")
+    if data:
+        rows.append([f"one run, {data.get('variant')}, the study's data path", data.get("g_iterations_per_s"),
+                     f"{data.get('status')}; Fashion-MNIST's files ({data.get('images')} images), dequantization "
+                     f"noise per sample, made in the training process; "
+                     f"{number(data.get('rate_to_resident_data'), 2)}x the rate on one batch held on the device"])
     for parties, level in (small.get("concurrent") or {}).items():
         each = [round(rate, 1) if rate else rate for rate in level.get("g_iterations_per_s_each", [])]
         agreement = [max(d) if d else d for d in level.get("warmup_losses_difference_to_single") or []]
