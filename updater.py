@@ -153,7 +153,7 @@ class Updater:
 
     def _dis_update(self, inputs: dict) -> torch.Tensor:
         """D's step on this phase's ``inputs`` (latents, labels, DiffAugment's draws, real micro-batches)."""
-        self._zero_grad(self.opt_dis)
+        performance.zero_grad(self.opt_dis, self.stable_grads)
         total = torch.zeros(2, device=self.world.device)
         batchsize, lecam = self.config.batchsize, self.terms.lecam
         for micro, (real, real_labels) in enumerate(inputs["reals"]):
@@ -189,7 +189,7 @@ class Updater:
 
     def _gen_update(self, inputs: dict) -> torch.Tensor:
         """G's step on this phase's ``inputs`` (latents, labels, DiffAugment's draws)."""
-        self._zero_grad(self.opt_gen)
+        performance.zero_grad(self.opt_gen, self.stable_grads)
         total = torch.zeros(2, device=self.world.device)
         dis = self.dis_module.requires_grad_(False)  # only G's gradients are needed here
         try:
@@ -219,18 +219,6 @@ class Updater:
         if self.graphs is None or self.artefact is not None:
             return update(inputs)
         return self.graphs.run(name, update, inputs)
-
-    def _zero_grad(self, optimizer: torch.optim.Optimizer) -> None:
-        """No gradients before a step: None, or zeroed buffers that outlive CUDA graphs (``stable_grads``;
-        0 + g is g, so both give the same sums)."""
-        if not self.stable_grads:
-            optimizer.zero_grad(set_to_none=True)
-            return
-        parameters = [p for group in optimizer.param_groups for p in group["params"]]
-        for parameter in parameters:
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        torch._foreach_zero_([p.grad for p in parameters])  # a few launches, not one per parameter
 
     def _generate(self, gen: nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return gen(z, labels) if self.artefact is None else self.artefact.generate(gen, z, labels)

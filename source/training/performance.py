@@ -43,6 +43,19 @@ def cuda_graphs(settings: PerformanceConfig) -> bool:
     return settings.step_graphs or (settings.compile and settings.compile_mode != "default")
 
 
+def zero_grad(optimizer: torch.optim.Optimizer, stable: bool) -> None:
+    """No gradients before a step: None, or (``stable``) zeroed buffers that outlive CUDA graphs, which reuse their
+    outputs' memory at the next replay (0 + g is g, so both give the same sums)."""
+    if not stable:
+        optimizer.zero_grad(set_to_none=True)
+        return
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    torch._foreach_zero_([p.grad for p in parameters])  # a few launches, not one per parameter
+
+
 def memory_format(settings: PerformanceConfig) -> torch.memory_format:
     return torch.channels_last if settings.channels_last else torch.contiguous_format
 
