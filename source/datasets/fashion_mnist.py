@@ -138,7 +138,8 @@ class FashionMNIST(Dataset):
         """Items ``indices`` at once (uint8 N x 1 x size x size, int64 N labels): what the loader would stack."""
         if self.size != PADDED_SIZE:  # resized item by item
             return default_collate([self[index] for index in indices])
-        return self._padded[indices].unsqueeze(1), torch.from_numpy(self.labels[indices])
+        rows = torch.as_tensor(indices)  # index_select: half the time of indexing with a list
+        return self._padded.index_select(0, rows).unsqueeze(1), torch.from_numpy(self.labels[rows.numpy()])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         padded = self._padded[index]
