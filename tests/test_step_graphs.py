@@ -2,6 +2,7 @@
 functions run without capture, so these tests check everything but the capture (the GPU benchmark compares a
 captured run's losses with eager's)."""
 import math
+import re
 
 import pytest
 import torch
@@ -151,22 +152,31 @@ def test_an_eager_iteration_leaves_its_losses_on_the_device_and_asks_it_nothing(
     assert all(math.isfinite(value) for step in read_losses(losses) for value in step.values())
 
 
+# G's conv biases that feed a BatchNorm have a true gradient of 0: what they get is rounding noise, which Adam with
+# beta1 0 turns into steps of about +-lr, so two runs that round differently walk them apart by up to a few lr
+BN_CANCELLED_BIAS = re.compile(r"block\d+\.(c1|c2|c_sc)\.bias$")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: run it on a GPU machine")
-def test_captured_steps_train_as_eager_on_a_gpu():
+@pytest.mark.parametrize("adam", [[], ["performance.fused_adam=true"]], ids=["capturable-adam", "fused-adam"])
+def test_captured_steps_train_as_eager_on_a_gpu(adam):
     """The capture itself (a CPU cannot run it): 8 iterations, D accumulating 2 and G 4, dynamic SR editing D between
-    replays, a decaying learning rate read by capturable Adam; every step replays from its 4th call. The same
-    losses and weights as eager to float tolerance (capturable Adam rounds its bias corrections on the device), and
-    the weights kept moving after the capture (a graph that did nothing would leave them)."""
+    replays, a decaying learning rate read by capturable (or fused) Adam; every step replays from its 4th call. The
+    reference runs the same optimizer, learning-rate tensors and gradient buffers eagerly, so only the capture
+    differs: the same losses and weights to float tolerance, and the weights kept moving after the capture (a graph
+    that did nothing would leave them)."""
     from source.training import build, performance
     from source.training.distributed import World
 
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cuda"))
     runs = []
-    for extra in ([], GRAPHS):
-        config = load_config(CONFIGS / "demo.yaml", TINY + RECIPE + ["iteration=8", *extra])
+    for captured in (False, True):
+        config = load_config(CONFIGS / "demo.yaml", TINY + RECIPE + ["iteration=8", *GRAPHS, *adam])
         performance.configure_backends(config.performance, config.deterministic)
         models = build.build_models(config, world.device)
         updater = build.build_updater(config, world, models, build.build_batches(config, world))
+        if not captured:
+            updater.graphs = None
         losses = [updater.update() for _ in range(4)]
         middle = [p.detach().clone() for p in models.dis.parameters()]
         losses = read_losses(losses + [updater.update() for _ in range(4)])
@@ -177,5 +187,6 @@ def test_captured_steps_train_as_eager_on_a_gpu():
         assert mine == pytest.approx(theirs, rel=1e-3, abs=1e-4)
     for net in ("gen", "dis"):
         for (name, p), q in zip(getattr(graphed_models, net).named_parameters(), getattr(eager_models, net).parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4, msg=f"{net} {name}")
+            walks = net == "gen" and BN_CANCELLED_BIAS.search(name)
+            torch.testing.assert_close(p, q, rtol=1e-3, atol=4e-3 if walks else 1e-4, msg=f"{net} {name}")
     assert any(not torch.equal(p, start) for p, start in zip(graphed_models.dis.parameters(), middle))
