@@ -31,6 +31,7 @@ from source.training.extensions import (ClassSpectra, LogReport, Preview, Progre
 from source.training.modes import Modes
 from source.training.resume_artefact import ResumeArtefact
 from source.training.runlog import truncate_after
+from source.training.step_graphs import StepGraphError
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as error:
         report(f"error: training diverged: {error}", world)
         return 1
-    except SnapshotWriteError as error:
+    except (SnapshotWriteError, StepGraphError) as error:
         report(f"error: {error}", world)
         return 1
     finally:

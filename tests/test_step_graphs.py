@@ -101,6 +101,30 @@ def test_what_a_step_graph_cannot_hold_is_a_config_error(extra, world_size, mess
         load_config(CONFIGS / "demo.yaml", TINY + GRAPHS + ["batchsize=16"] + extra, world_size=world_size)
 
 
+def test_a_step_that_cannot_be_captured_stops_training_with_one_line(tmp_path, monkeypatch, capsys):
+    """CUDA refuses some operations while capturing (a kernel's first launch, a recompile): the run stops with one
+    line that says which step and what to do, not a traceback. The CUDA calls are stood in for on a CPU, the capture
+    raising what CUDA raises."""
+    from contextlib import nullcontext
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    init = StepGraphs.__init__
+    monkeypatch.setattr(StepGraphs, "__init__", lambda self, device: init(self, device) or setattr(self, "capture", True))
+    monkeypatch.setattr(StepGraphs, "_on_side_stream", lambda self, call: call())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", refuse)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 6, *GRAPHS, "snapshot_interval=1")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "step graphs: capturing the dis step failed (operation not permitted when " \
+        "stream is capturing)" in err and "resume without performance.step_graphs" in err
+    snapshots = sorted(path.name for path in (out / "snapshots").glob("snapshot_iter_*.pt"))
+    assert snapshots == [f"snapshot_iter_{i}.pt" for i in (1, 2, 3)]  # n_dis 1: D's 4th call is iteration 4's
+
+
 SYNCING = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default",
            "aten.equal.default", "aten.allclose.default", "aten.masked_select.default", "aten.unique_dim.default",
            "aten._unique2.default"}  # they hand a value (or a data-dependent size) to the host

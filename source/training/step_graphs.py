@@ -27,7 +27,13 @@ from typing import Callable
 import torch
 from torch.utils import _pytree as pytree
 
+from source.config import first_line
+
 EAGER_CALLS = 3  # before capture, per step (PyTorch's recipe: a few warm-up iterations on a side stream)
+
+
+class StepGraphError(RuntimeError):
+    """A step could not be captured (an operation CUDA graphs do not allow); training stops with one line."""
 
 
 @dataclass
@@ -52,17 +58,20 @@ class StepGraphs:
         if not self.capture:
             return update(step.inputs)
         with torch.cuda.device(self.device):  # capture records the current device's stream: make it the run's
-            return self._captured(step, update)
+            return self._captured(name, step, update)
 
-    def _captured(self, step: _Step, update: Callable[[object], torch.Tensor]) -> torch.Tensor:
+    def _captured(self, name: str, step: _Step, update: Callable[[object], torch.Tensor]) -> torch.Tensor:
         if step.calls < EAGER_CALLS:
             step.calls += 1
             return self._on_side_stream(lambda: update(step.inputs))
         if step.graph is None:
             graph = torch.cuda.CUDAGraph()
-            # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                step.output = update(step.inputs)
+            try:  # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                    step.output = update(step.inputs)
+            except RuntimeError as error:
+                raise StepGraphError(f"step graphs: capturing the {name} step failed ({first_line(error)}); the "
+                                     f"snapshots so far are intact: resume without performance.step_graphs") from None
             step.graph, self.pool = graph, self.pool or graph.pool()
         step.graph.replay()
         return step.output.clone()  # the next replay rewrites the graph's output
