@@ -1,0 +1,161 @@
+"""The README's GPU speed table, made from the committed results of the GPU benchmark (never typed by hand).
+
+    python -m benchmarks.gpu.summary            # print the table
+    python -m benchmarks.gpu.summary --write    # replace the table in README.md
+
+One column per results file (``benchmarks/results/gpu_<device>.json``; ``--quick`` runs are not results). A cell
+holds a measured number, one computed from measured numbers ("extrapolated" where its section says so), or "not
+measured" with the section's reason. A test checks that README.md holds the table these files give.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+from benchmarks.gpu.small import AGREEMENT
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START, END = "<!-- speed-table: made by python -m benchmarks.gpu.summary --write -->", "<!-- speed-table end -->"
+
+
+def get(results: dict, path: str):
+    """The value at a dotted ``path`` of ``results["sections"]``, or None."""
+    value = results["sections"]
+    for key in path.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def missing(results: dict, section: str) -> str:
+    status = get(results, f"{section}.status")
+    return "not run" if status is None else f"not measured ({status})"
+
+
+def imagenet(setting: str) -> Callable[[dict], str]:
+    def cell(results: dict) -> str:
+        seconds = get(results, f"a_{setting}.seconds_per_2048_iteration_extrapolated")
+        if seconds is None:
+            bound = get(results, f"a_{setting}.seconds_per_2048_iteration_upper_bound_extrapolated")
+            return missing(results, f"a_{setting}") + (f"; upper bound {bound:.2f} s" if bound else "")
+        return f"{seconds:.2f} s (extrapolated), MFU {get(results, f'a_{setting}.mfu.value'):.2f}"
+    return cell
+
+
+def ratio(name: str, unit: str = "x", scale: float = 1.0, digits: int = 2) -> Callable[[dict], str]:
+    def cell(results: dict) -> str:
+        value = results["ratios"].get(name, {}).get("value")
+        return "not measured" if value is None else f"{value * scale:.{digits}f}{unit}"
+    return cell
+
+
+def fid(results: dict) -> str:
+    ours, theirs = get(results, "c_fid.ours.total_s"), get(results, "c_fid.torch_fidelity.total_s")
+    if ours is None or theirs is None:
+        return missing(results, "c_fid")
+    weights = " (random Inception weights: times only)" if get(results, "c_fid.random_weights") else ""
+    return f"{ours:.1f} s against {theirs:.1f} s{weights}"
+
+
+def agreement(results: dict, variant: str) -> str:
+    """Whether a variant's warm-up agreed with eager's (losses and weights' travel within AGREEMENT)."""
+    losses = get(results, f"d_small_models.warmup_losses_difference_to_eager.{variant}")
+    travel = get(results, f"d_small_models.warmup_travel_difference_to_eager.{variant}")
+    if losses is None or travel is None:  # runs before the seeding fix compared models built from other weights
+        return "agreement not checked"
+    agrees = all(d is not None and d <= AGREEMENT for d in [*losses, travel])
+    return "agrees with eager" if agrees else f"**differs from eager** (losses up to {max(losses):.2g})"
+
+
+def small_models(results: dict) -> str:
+    singles = get(results, "d_small_models.single") or {}
+    rates = [f"{name} {run['g_iterations_per_s']:.1f}" + ("" if name == "eager" else f" ({agreement(results, name)})")
+             for name, run in singles.items() if run.get("g_iterations_per_s")]
+    return "; ".join(rates) or missing(results, "d_small_models")
+
+
+def concurrent(results: dict) -> str:
+    levels = get(results, "d_small_models.concurrent") or {}
+    variant = get(results, "d_small_models.concurrent_variant")
+    totals = [f"{n} runs: {level['g_iterations_per_s_total']:.1f}" for n, level in levels.items()
+              if n != "1" and level.get("g_iterations_per_s_total")]
+    return f"{variant}: " + "; ".join(totals) if totals else missing(results, "d_small_models")
+
+
+def study_data(results: dict) -> str:
+    data = get(results, "d_small_models.study_data_path") or {}
+    if not data.get("g_iterations_per_s"):
+        return "not measured" if get(results, "d_small_models.status") else "not run"
+    return f"{data['variant']} {data['g_iterations_per_s']:.1f} ({data['rate_to_resident_data']:.2f}x its rate on resident data)"
+
+
+def biggan(results: dict) -> str:
+    fp32, bf16 = get(results, "e_biggan.faithful.iteration_s"), get(results, "e_biggan.bf16.iteration_s")
+    if fp32 is None:
+        return missing(results, "e_biggan")
+    return f"fp32 {fp32:.3f} s; bf16 " + (f"{bf16:.3f} s" if bf16 is not None else missing(results, "e_biggan"))
+
+
+def loaders(results: dict) -> str:
+    prepared, jpeg = get(results, "f_loaders.prepared.on"), get(results, "f_loaders.jpeg.on")
+    if prepared is None or jpeg is None:
+        return missing(results, "f_loaders")
+    return f"{prepared:.0f} against {jpeg:.0f} ({get(results, 'f_loaders.workers')} workers, dequantized)"
+
+
+ROWS = [
+    ("ImageNet-128 SR recipe, faithful fp32: s per batch-2048 iteration", imagenet("faithful")),
+    ("the same, fast (bf16, channels_last, compile, ghost BN)", imagenet("fast")),
+    ("fast over faithful (goal >= 1.5x at >= 35 % MFU)", ratio("imagenet128_fast_speedup_extrapolated")),
+    ("one dynamic SR call (17 convs), share of a faithful iteration", ratio(
+        "sr_call_fraction_of_faithful_iteration_extrapolated", " %", 100, 1)),
+    ("SR every 5 iterations, share of a fast iteration (goal <= 2 %)", ratio(
+        "sr_amortised_fraction_of_fast_iteration_extrapolated", " %", 100, 1)),
+    ("one spectra snapshot, share of a faithful iteration", ratio(
+        "spectra_fraction_of_faithful_iteration_extrapolated", " %", 100, 1)),
+    ("FID of 50k images end to end: ours against torch-fidelity", fid),
+    ("32 px study model (ch 32, batch 64, n_dis 5), one run: G-iterations/s", small_models),
+    ("the same, several runs at once: G-iterations/s in all", concurrent),
+    ("the same, one run on the study's data path: G-iterations/s", study_data),
+    ("CIFAR-10-LT BigGAN iteration (batch 64, n_dis 5)", biggan),
+    ("ImageNet loaders: prepared shards against JPEGs, images/s", loaders),
+]
+
+
+def load_results(folder: Path = RESULTS) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(folder.glob("gpu_*.json"))
+            if not json.loads(path.read_text()).get("quick")]
+
+
+def table(all_results: list[dict]) -> str:
+    devices = [f"{r['protocol']['device']}, torch {r['protocol']['torch'].split('+')[0]}" for r in all_results]
+    lines = ["| measured | " + " | ".join(devices) + " |", "|---|" + "---|" * len(devices)]
+    lines += [f"| {label} | " + " | ".join(cell(r) for r in all_results) + " |" for label, cell in ROWS]
+    return "\n".join(lines)
+
+
+def with_table(readme: str, block: str) -> str:
+    """``readme`` with the text between the markers replaced by ``block``."""
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md has no speed-table markers ({START} ... {END})")
+    head, rest = readme.split(START, 1)
+    return f"{head}{START}\n{block}\n{END}{rest.split(END, 1)[1]}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="replace the table in README.md")
+    args = parser.parse_args(argv)
+    block = table(load_results())
+    if args.write:
+        README.write_text(with_table(README.read_text(), block))
+    print(block)
+
+
+if __name__ == "__main__":
+    main()
