@@ -307,6 +307,25 @@ def test_the_losses_are_read_once_per_log_line_and_a_nan_is_still_placed_exactly
     assert not list((tmp_path / "poisoned" / "snapshots").glob("snapshot_iter_*.pt"))
 
 
+def test_a_nan_that_breaks_sr_before_its_loss_is_read_is_still_reported_as_divergence(tmp_path, monkeypatch, capsys):
+    """A NaN weight after iteration 2 makes iteration 3's losses NaN, and SR's SVD (iteration 5) fails on it before
+    the next log line reads them: the run still stops with "diverged ... at iteration 3", not SR's traceback."""
+    original = updater_module.Updater.update
+
+    def breaks_d(self):
+        losses = original(self)
+        if self.iteration == 2:
+            with torch.no_grad():
+                next(self.dis_module.parameters()).view(-1)[0] = float("nan")
+        return losses
+
+    monkeypatch.setattr(updater_module.Updater, "update", breaks_d)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 8, "updater.sr.interval=5", "display_interval=8", "snapshot_interval=8")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training diverged: loss_dis=nan" in err and "at iteration 3" in err
+
+
 def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     original = updater_module.Updater.update

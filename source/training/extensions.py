@@ -222,8 +222,9 @@ class ClassSpectra(Extension):
 class WatchWeights(Extension):
     """Stops at NaN/Inf weights and warns once when weights explode.
 
-    The losses are checked every iteration, but before the optimizer step that can break the weights;
-    this catches the weights themselves (and every snapshot checks them again before it is written).
+    The losses of every iteration are checked (when the trainer reads them), but they come before the optimizer
+    step that can break the weights; this catches the weights themselves (and every snapshot checks them again
+    before it is written).
     """
 
     EXPLODING = 1e6  # SN makes the raw scale irrelevant to D's function, but Adam at an absurd lr drives it here

@@ -69,9 +69,11 @@ class StepGraphs:
             try:  # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     step.output = update(step.inputs)
+            except torch.OutOfMemoryError:
+                raise  # not the capture's fault
             except RuntimeError as error:
                 raise StepGraphError(f"step graphs: capturing the {name} step failed ({first_line(error)}); the "
-                                     f"snapshots so far are intact: resume without performance.step_graphs") from None
+                                     f"snapshots so far are intact: resume without performance.step_graphs") from error
             step.graph, self.pool = graph, self.pool or graph.pool()
         step.graph.replay()
         return step.output.clone()  # the next replay rewrites the graph's output

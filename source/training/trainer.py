@@ -88,7 +88,12 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.iteration < self.stop:
-                self._unread.append((self.iteration + 1, self.updater.update()))
+                try:
+                    losses = self.updater.update()
+                except RuntimeError:  # e.g. SR's SVD of weights that a NaN among the unread losses broke: say that
+                    self._read_losses_after_a_failure()
+                    raise
+                self._unread.append((self.iteration, losses))
                 self._fire_extensions(final=self.iteration == self.stop)
                 if any_rank(self._stop_signal is not None, self.world):
                     self._read_losses()
@@ -120,6 +125,16 @@ class Trainer:
             for extension in self.extensions:
                 extension.observe(observation)
         self._unread = []
+
+    def _read_losses_after_a_failure(self) -> None:
+        """Raise TrainingDiverged if the unread losses hold a NaN/Inf; if the device cannot even be read, the
+        failure that brought us here says more."""
+        try:
+            self._read_losses()
+        except TrainingDiverged:
+            raise
+        except RuntimeError:
+            pass
 
     def diverged(self, what: str, iteration: int | None = None) -> None:
         raise TrainingDiverged(f"{what} at iteration {iteration or self.iteration}; stopped without writing a "
