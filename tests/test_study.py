@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from source.config import ConfigError
+from source.config import ConfigError, load_config
 from source.study import __main__ as study_cli
 from source.study import runner, state, transfer
 from source.study.spec import load_study
@@ -257,6 +257,23 @@ def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_sett
     assert [run.name for run in baseline] == ["b64/sn_s0", "b64/sn_s1", "b64/sn_s2"]
     with pytest.raises(ConfigError, match="--arm snn: the study has"):
         study.select(None, None, ["snn"])
+
+
+def test_the_cifar10_study_is_the_fashion_mnist_study_on_other_data():
+    """configs/collapse/gpu_study_cifar10.yaml repeats gpu_study.yaml's settings, arms and seeds: the same runs and
+    branches, each with the same recipe, on CIFAR-10 (3 channels, IS/FID instead of the Fashion-MNIST classifier)."""
+    fashion, cifar = (load_study(ROOT / "configs" / "collapse" / name) for name in ("gpu_study.yaml",
+                                                                                  "gpu_study_cifar10.yaml"))
+    assert [(r.name, r.parent, r.at, r.iteration) for r in cifar.runs] == \
+        [(r.name, r.parent, r.at, r.iteration) for r in fashion.runs]
+    data_keys = {"dataset", "models", "evaluation"}
+    for mine, theirs in [(m, t) for m, t in zip(cifar.runs, fashion.runs) if m.parent is None]:  # branches: parents'
+        a = load_config(cifar.spec.base, list(mine.overrides)).to_dict()
+        b = load_config(fashion.spec.base, list(theirs.overrides)).to_dict()
+        assert {k: v for k, v in a.items() if k not in data_keys} == {k: v for k, v in b.items() if k not in data_keys}
+        assert a["dataset"]["name"] == "cifar10" and a["models"]["discriminator"]["args"]["channels"] == 3
+        assert a["evaluation"]["modes_interval"] == 0 and a["evaluation"]["metrics"] == ["is", "fid"]
+        assert a["models"]["generator"]["args"] == dict(b["models"]["generator"]["args"], channels=3)
 
 
 def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
