@@ -39,7 +39,7 @@ def test_group_is_row_major_consecutive_channels():
 
 def test_class_weights_follow_effective_numbers():
     lambdas = class_weights(CIFAR10_LT, beta=0.999, weight=0.5)
-    # the released config's values (reference/gsr_studiogan.md A2), head -> tail
+    # the released config's values (docs/reference/gsr_studiogan.md A2), head -> tail
     expected = [0.091, 0.095, 0.108, 0.136, 0.189, 0.280, 0.434, 0.693, 1.129, 1.844]
     assert lambdas.tolist() == pytest.approx(expected, abs=1.5e-3)
     assert float(lambdas.mean()) == pytest.approx(0.5)

@@ -1,6 +1,6 @@
 """Tests of the SN layers, conditional BN, residual blocks, ResNet G and SN projection D.
 
-Expected architectures are written out from reference/srgan.md §6 rather than read from the modules.
+Expected architectures are written out from docs/reference/srgan.md §6 rather than read from the modules.
 """
 import math
 

@@ -6,7 +6,7 @@
 For every run and snapshot iteration:
 - sigma: from RUN/class_spectra.jsonl, the exact sigma_max of each class's grouped gain deviation and bias,
   max over G's 6 conditional BNs, averaged over head classes (0, 1: 6000, 3596 images) and tail classes
-  (8, 9: 100, 60 images) as in reference/gsr_probe.md;
+  (8, 9: 100, 60 images) as in docs/reference/gsr_probe.md;
 - the Fashion-MNIST classifier's per-class accuracy and diversity of conditional samples (source/metrics/
   classifier.py: class_report) and a classifier-feature FID per group against the balanced test split.
 Groups are scaled to this data (gSR's > 100 / <= 40 thresholds leave Fashion-MNIST-LT's few group empty):

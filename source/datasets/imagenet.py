@@ -5,7 +5,7 @@ Two layouts:
     1000 synsets is the original's ``dirname_to_label.txt`` mapping;
   * the original's list file: one ``relative/path.JPEG label`` line per image, paths relative to root.
 
-Preprocessing follows SRGANs (reference/srgan.md §7) without its bugs (§11.9): PIL decode,
+Preprocessing follows SRGANs (docs/reference/srgan.md §7) without its bugs (§11.9): PIL decode,
 ``Image.convert("RGB")`` (the original kept the first 3 of 4 channels, which gives wrong colours
 for CMYK JPEGs), centre crop to the short side, bilinear resize to ``size``. The per-image min-max
 contrast stretch hidden in ``scipy.misc.imresize`` is deliberately not reproduced.

@@ -1,4 +1,4 @@
-"""iNaturalist 2019 read from image lists, as gSR trains on it (reference/gsr_studiogan.md A5).
+"""iNaturalist 2019 read from image lists, as gSR trains on it (docs/reference/gsr_studiogan.md A5).
 
 The release builds ``iNaturalist19_train.txt`` and ``iNaturalist19_val.txt`` (classifier-balancing
 ``gen_lists.py``): one ``relative/path.jpg label`` line per image, paths relative to the data

@@ -1,4 +1,4 @@
-"""Long-tailed subsets of labelled data (gSR, reference/gsr_studiogan.md A5): pure functions on label arrays.
+"""Long-tailed subsets of labelled data (gSR, docs/reference/gsr_studiogan.md A5): pure functions on label arrays.
 
 The profile is the released exponential one: class i of K keeps n_i = int(n_max * (1/ratio) ** (i / (K - 1)))
 images, class 0 the head, so ratio = n_max / n_min (the release's ``imb_factor`` is 1/ratio). LSUN-LT's

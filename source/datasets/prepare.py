@@ -41,7 +41,7 @@ from source.datasets.transforms import DatasetError
 
 PREPROCESSING = ("source.datasets.imagenet.load_square_rgb: PIL decode; Image.convert('RGB') (16-bit samples keep "
                  "their high byte); centre crop to the short side; PIL bilinear resize to size x size; no min-max "
-                 "stretch (reference/srgan.md section 7); uint8, channels first")
+                 "stretch (docs/reference/srgan.md section 7); uint8, channels first")
 CHUNK = 64  # images per pool task: amortises the inter-process traffic without starving cores at the end
 SYMLINK_REASON = "broken or looping symlink"
 OPTION_NAMES = {"root": "--root", "list_file": "--list-file", "size": "--size", "path": "OUT"}

@@ -1,7 +1,7 @@
 """gSR's class groups of long-tailed data: many / medium / few by training images per class.
 
 A class with more than `many_above` training images is "many", one with at most `few_at_most` is
-"few", the rest "medium" (gSR: > 100, 41-100, <= 40; reference/gsr_studiogan.md A6). Membership comes
+"few", the rest "medium" (gSR: > 100, 41-100, <= 40; docs/reference/gsr_studiogan.md A6). Membership comes
 from the *training* counts, whatever data the reference statistics come from.
 """
 from __future__ import annotations

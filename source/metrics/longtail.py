@@ -1,4 +1,4 @@
-"""Scoring a generator the way long-tailed GANs are reported (gSR, reference/gsr_studiogan.md A6).
+"""Scoring a generator the way long-tailed GANs are reported (gSR, docs/reference/gsr_studiogan.md A6).
 
 - repeats: N evaluations whose latents come from seeds seed, seed+1, ...; every number is reported as
   mean ± sample standard deviation (gSR's final protocol: 3 runs of 50k samples);

@@ -1,4 +1,4 @@
-"""BigGAN (Brock et al., 2019) as StudioGAN's ``big_resnet``, the BigGAN of gSR (reference/gsr_studiogan.md A2, A3).
+"""BigGAN (Brock et al., 2019) as StudioGAN's ``big_resnet``, the BigGAN of gSR (docs/reference/gsr_studiogan.md A2, A3).
 
 G: z is split into (blocks + 1) equal chunks (hierarchical latents): the first feeds the linear layer, chunk i
 block i's conditional BNs together with the shared class embedding, c_i = [shared(y); z_i] (both BNs of a block

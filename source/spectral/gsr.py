@@ -13,7 +13,7 @@ the README: the bias branch iterates with its own right vector (the release used
 lower bound; ``released_beta_estimate`` reproduces it), and a vector is kept instead of normalized to zero
 where M is zero. The latter matters here: sngan_projection's conditional BN starts at gamma = 1, beta = 0,
 so the matrices start at exactly zero and a plain power iteration would zero its vectors and switch gSR
-off for good (reference/gsr_probe.md).
+off for good (docs/reference/gsr_probe.md).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The SRGANs resume artefact, reproduced on request (``updater.resume_artefact``; reference/srgan.md §5.3).
+"""The SRGANs resume artefact, reproduced on request (``updater.resume_artefact``; docs/reference/srgan.md §5.3).
 
 The original ran its 4 GPUs as a main model and 3 replicas deep-copied *before* the snapshot was
 loaded, so in the first iteration after every resume the replicas still held the initial random G and D:
