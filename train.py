@@ -216,10 +216,9 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
 
 def make_extensions(config: Config, world: World, class_counts: list[int]) -> list:
     """``class_counts``: training images per class of G's classes ([] for an unconditional G)."""
-    report = LogReport(config.display_interval)
     collapse = config.updater.collapse
     detector = CollapseDetector(threshold=collapse.threshold, min_layers=collapse.min_layers)
-    return [ProgressBar(enabled=world.is_main and sys.stderr.isatty()), report,
+    return [ProgressBar(enabled=world.is_main and sys.stderr.isatty()), LogReport(config.display_interval),
             WatchWeights(config.display_interval),
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),

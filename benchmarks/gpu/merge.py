@@ -4,9 +4,10 @@
 
 A lent GPU call is shorter than the whole benchmark on a cold compile cache, so sections may be measured in
 different calls (`run.sh --sections a_fast,d_small_models`). The later run's sections replace the earlier
-run's, except one it did not finish cleanly where the earlier run did; a run is merged once; the protocol keeps every run (its date, command, sections, torch) and which run measured each section;
-the ratios are recomputed from the merged numbers; the JSON and its markdown are rewritten in place. Runs of
-another device or torch version are refused: their numbers would not be comparable.
+run's, except one it did not finish cleanly where the earlier run did; a run is merged once; the protocol keeps
+every run (its date, command, sections, torch) and which run measured each section; the ratios are recomputed
+from the merged numbers; the JSON and its markdown are rewritten in place. Runs of another device or torch version
+are refused: their numbers would not be comparable.
 """
 from __future__ import annotations
 

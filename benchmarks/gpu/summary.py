@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
-from benchmarks.gpu.small import AGREEMENT
+from benchmarks.gpu.report import lookup
+from benchmarks.gpu.small import within_agreement
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -24,12 +25,7 @@ START, END = "<!-- speed-table: made by python -m benchmarks.gpu.summary --write
 
 def get(results: dict, path: str):
     """The value at a dotted ``path`` of ``results["sections"]``, or None."""
-    value = results["sections"]
-    for key in path.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
+    return lookup(results["sections"], path)
 
 
 def missing(results: dict, section: str) -> str:
@@ -68,7 +64,7 @@ def agreement(results: dict, variant: str) -> str:
     travel = get(results, f"d_small_models.warmup_travel_difference_to_eager.{variant}")
     if losses is None or travel is None:  # runs before the seeding fix compared models built from other weights
         return "agreement not checked"
-    agrees = all(d is not None and d <= AGREEMENT for d in [*losses, travel])
+    agrees = within_agreement(losses) and within_agreement([travel])
     return "agrees with eager" if agrees else f"**differs from eager** (losses up to {max(losses):.2g})"
 
 
@@ -128,8 +124,8 @@ ROWS = [
 
 
 def load_results(folder: Path = RESULTS) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(folder.glob("gpu_*.json"))
-            if not json.loads(path.read_text()).get("quick")]
+    results = [json.loads(path.read_text()) for path in sorted(folder.glob("gpu_*.json"))]
+    return [result for result in results if not result.get("quick")]
 
 
 def table(all_results: list[dict]) -> str:

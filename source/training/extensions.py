@@ -67,6 +67,7 @@ class LogReport(Extension):
 
 class ProgressBar(Extension):
     reads_losses = False  # it fires every iteration: reading the losses then would synchronise every iteration
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self._bar: tqdm | None = None

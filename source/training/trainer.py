@@ -70,7 +70,6 @@ class Trainer:
         self.config_dict = config_dict
         self.extensions = list(extensions)
         self.log = RunLog(self.out, enabled=world.is_main)
-        self.observation: dict[str, float] = {}  # the losses of the last iteration read
         self._unread: list[tuple[int, dict]] = []  # (iteration, its losses on the device) not read yet
         self.elapsed_before = 0.0
         self._start = time.perf_counter()
@@ -121,7 +120,6 @@ class Trainer:
             bad = {k: v for k, v in observation.items() if not math.isfinite(v)}
             if bad:
                 self.diverged(", ".join(f"{k}={v}" for k, v in bad.items()), iteration)
-            self.observation = observation
             for extension in self.extensions:
                 extension.observe(observation)
         self._unread = []
