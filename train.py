@@ -244,8 +244,9 @@ def describe_data(config: Config, world: World, source: str) -> str:
         if not problems:
             dataset = build.build_batches(config, world, source=source).dataset
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
+            held = ", held on the device" if config.performance.data_on_device else ""
             return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
-                    f"{dataset.size}px{counts}")
+                    f"{dataset.size}px{held}{counts}")
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
     return "NOT AVAILABLE: " + "; ".join(problems)

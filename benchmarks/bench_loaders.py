@@ -27,7 +27,7 @@ from PIL import Image
 
 from benchmarks.results_io import save_result
 from source.datasets import ImageNet, ImageNetArgs, InfiniteBatchIterator, PreparedImageNet, PreparedImageNetArgs
-from source.datasets.iterator import dequantization_noise, to_signed_unit
+from source.datasets.streams import dequantization_noise, to_signed_unit
 from source.datasets.prepare import prepare_imagenet
 
 ROOT = Path(__file__).resolve().parents[1]

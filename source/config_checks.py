@@ -89,6 +89,17 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
     check_terms(config.updater, gen_classes, source)
     check_step_graphs(config, source, world_size)
+    check_data_on_device(config, source)
+
+
+def check_data_on_device(config: Config, source: str) -> None:
+    from source.datasets import DATASETS
+    from source.datasets.device_batches import holds_images_in_memory
+
+    if config.performance.data_on_device and not holds_images_in_memory(DATASETS[config.dataset.name][1]):
+        held = sorted(name for name, (_, build) in DATASETS.items() if holds_images_in_memory(build))
+        raise ConfigError(f"{source}: performance.data_on_device: dataset '{config.dataset.name}' is read from disk "
+                          f"as it goes; only the data sets held in memory can live on the device: {', '.join(held)}")
 
 
 def check_step_graphs(config: Config, source: str, world_size: int) -> None:

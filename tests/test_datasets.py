@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from source.datasets import (
     DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
     build_dataset, check_dataset_args)
-from source.datasets.iterator import derived_seeds
+from source.datasets.streams import derived_seeds
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 RNG = np.random.default_rng(0)

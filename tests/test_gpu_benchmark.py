@@ -10,6 +10,7 @@ import sys
 from math import prod
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,11 +77,19 @@ def test_each_section_measured_its_numbers(bench):
     assert len(two["g_iterations_per_s_each"]) == 2
     assert two["warmup_losses_difference_to_single"] == [[0.0] * 5] * 2  # every process starts from the same models
     assert two["g_iterations_per_s_total"] == sum(two["g_iterations_per_s_each"])
-    data = small["study_data_path"]  # the study's variant again, on Fashion-MNIST files through the study's loader
-    assert data["variant"] == small["concurrent_variant"] and data["status"] == "ok" and data["images"] == 256
-    assert data["rate_to_resident_data"] == pytest.approx(
-        data["g_iterations_per_s"] / small["single"][data["variant"]]["g_iterations_per_s"])
-    assert data["warmup_losses"] != small["single"][data["variant"]]["warmup_losses"]  # other images than the batch
+    # the study's variant again on Fashion-MNIST files: held on the device as the study does, and through the loader
+    on_device, loader = small["study_data_path"], small["loader_data_path"]
+    assert on_device["data_on_device"] and not loader["data_on_device"]
+    assert "performance.data_on_device=true" in on_device["config_overrides"]
+    for data in (on_device, loader):
+        assert data["variant"] == small["concurrent_variant"] and data["status"] == "ok" and data["images"] == 256
+        assert data["rate_to_resident_data"] == pytest.approx(
+            data["g_iterations_per_s"] / small["single"][data["variant"]]["g_iterations_per_s"])
+        assert data["warmup_losses"] != small["single"][data["variant"]]["warmup_losses"]  # other images
+    # the same batches but for the dequantization noise (below a grey level): close, not equal, losses
+    np.testing.assert_allclose([list(d.values()) for d in on_device["warmup_losses"]],
+                               [list(d.values()) for d in loader["warmup_losses"]], rtol=0.05, atol=0.05)
+    assert on_device["warmup_losses"] != loader["warmup_losses"]
     loaders = sections["f_loaders"]
     assert loaders["workers"] == 2 and all(loaders[kind][name] > 0 for kind in ("jpeg", "prepared") for name in
                                            ("on", "off"))

@@ -121,12 +121,14 @@ def small_rows(small: dict) -> list[list]:
              f"{number(travels.get(name), 2)}; warm-up s {seconds_list(run.get('warmup_s'))}"]
             for name, run in (small.get("single") or {}).items()]
     rows += [[f"one run, {name}", None, why] for name, why in (small.get("skipped") or {}).items()]
-    data = small.get("study_data_path")
-    if data:
-        rows.append([f"one run, {data.get('variant')}, the study's data path", data.get("g_iterations_per_s"),
-                     f"{data.get('status')}; Fashion-MNIST's files ({data.get('images')} images), dequantization "
-                     f"noise per sample, made in the training process; "
-                     f"{number(data.get('rate_to_resident_data'), 2)}x the rate on one batch held on the device"])
+    for key, path in (("study_data_path", "the study's data path"), ("loader_data_path", "the loader's data path")):
+        data = small.get(key)
+        if data:
+            made = "held and dequantized on the device" if data.get("data_on_device") else \
+                "read and dequantized per sample in the training process"
+            rows.append([f"one run, {data.get('variant')}, {path}", data.get("g_iterations_per_s"),
+                         f"{data.get('status')}; Fashion-MNIST's files ({data.get('images')} images), {made}; "
+                         f"{number(data.get('rate_to_resident_data'), 2)}x the rate on one batch held on the device"])
     for parties, level in (small.get("concurrent") or {}).items():
         each = [round(rate, 1) if rate else rate for rate in level.get("g_iterations_per_s_each", [])]
         agreement = [max(d) if d else d for d in level.get("warmup_losses_difference_to_single") or []]

@@ -22,9 +22,11 @@ the fourth), so 8 warm-up iterations replay both. Each worker also records how o
 (then reduce-overhead is plain compile).
 
 The fastest variant that agrees runs once more on the study's own data path (``study_data_path``): Fashion-MNIST's
-files (a random stand-in of the same size and format), read, padded and given per-sample dequantization noise in
-the training process as the study does (``num_workers: 0``; about 1 ms per batch of 64 on one CPU core here), so
-the rate the study can expect, not only the models', is measured.
+files (a random stand-in of the same size and format) held on the device, each batch indexed, dequantized and
+converted there (``performance.data_on_device``, as the study's base config sets), so the rate the study can
+expect, not only the models', is measured; and once more through the loader (``loader_data_path``: read, padded
+and dequantized per sample in the training process, ``num_workers: 0``, about 1 ms per batch of 64 on one CPU core
+here), the path that ``data_on_device`` replaces.
 """
 from __future__ import annotations
 
@@ -64,15 +66,19 @@ AGREEMENT = 1e-2
 def small_overrides(params: dict) -> list[str]:
     """The variant's settings; with ``data_root``, the study's own data path on the Fashion-MNIST files there."""
     items = {"batchsize": params["batch"], "micro_batchsize": params["batch"], "gen_batchsize": 2 * params["batch"],
-             "updater.n_dis": params["n_dis"], **VARIANTS[params["variant"]]}
+             "updater.n_dis": params["n_dis"], **VARIANTS[params["variant"]],
+             "performance.data_on_device": False}  # the synthetic data are not held in memory
     if params.get("data_root"):
-        items.update({"dataset.name": "fashion_mnist", "dataset.args": {"root": params["data_root"]}})
+        items.update({"dataset.name": "fashion_mnist", "dataset.args": {"root": params["data_root"]},
+                      "performance.data_on_device": params["data_on_device"]})
     return overrides(params["width"], items)
 
 
 def write_fashion_mnist_standin(folder: Path, count: int) -> Path:
     """Fashion-MNIST's training files (plain idx, as the loader reads them) holding ``count`` random images: the
     study's data path at its cost, on a machine without the data set."""
+    if folder.exists():
+        return folder
     folder.mkdir()
     images = np.random.default_rng(0).integers(0, 256, (count, 28, 28), dtype=np.uint8)
     for name, array in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", np.arange(count) % 10)):
@@ -163,14 +169,15 @@ def single(params: dict, variant: str, directory: Path, name: str | None = None)
     return result
 
 
-def with_study_data(params: dict, variant: str, resident: dict, directory: Path) -> dict:
-    """``variant`` alone again, reading its batches as the study does (Fashion-MNIST's files, per-sample
-    dequantization noise, made in the training process) instead of one batch held on the device: the share of the
-    study's rate that its data path costs."""
+def with_data(params: dict, variant: str, resident: dict, directory: Path, on_device: bool) -> dict:
+    """``variant`` alone again, its batches made from Fashion-MNIST's files (per-sample dequantization noise) on the
+    device as the study does, or through the loader in the training process, instead of one batch held on the
+    device: the share of the rate that the data path costs."""
     root = write_fashion_mnist_standin(directory / "fashion-mnist", params["data_count"])
-    result = single(dict(params, data_root=str(root)), variant, directory, name=f"{variant}-with-data")
+    result = single(dict(params, data_root=str(root), data_on_device=on_device), variant, directory,
+                    name=f"{variant}-with-{'device' if on_device else 'loader'}-data")
     rate, resident_rate = result.get("g_iterations_per_s"), resident.get("g_iterations_per_s")
-    return {"variant": variant, "images": params["data_count"], **result,
+    return {"variant": variant, "images": params["data_count"], "data_on_device": on_device, **result,
             "rate_to_resident_data": rate / resident_rate if rate and resident_rate else None}
 
 
@@ -224,8 +231,8 @@ def eager_differences(singles: dict) -> dict:
 
 def run(params: dict, partial) -> None:
     """Section (d), in the parent process: eager and the study's candidates alone, the fastest of them that agrees
-    with eager as 4, 16 concurrent runs (the collapse study's choice), then the fast variants alone (so that a tight
-    budget drops those first)."""
+    with eager on the study's data path and as 4, 16 concurrent runs (the collapse study's choice), then on the
+    loader's data path, then the fast variants alone (so that a tight budget drops those first)."""
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
                    warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"],
                    agreement=AGREEMENT)
@@ -241,10 +248,11 @@ def run(params: dict, partial) -> None:
         rate = singles[variant]["g_iterations_per_s"]
         levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
         partial.record(concurrent_variant=variant, concurrent=levels)
-        partial.record(study_data_path=with_study_data(params, variant, singles[variant], directory))
+        partial.record(study_data_path=with_data(params, variant, singles[variant], directory, on_device=True))
         for parties in params["concurrency"][1:]:
             levels[str(parties)] = concurrent(params, variant, parties, directory, singles[variant].get("warmup_losses"))
             partial.record(concurrent=levels)
+        partial.record(loader_data_path=with_data(params, variant, singles[variant], directory, on_device=False))
         for variant in [name for name in params["variants"] if name not in candidates]:
             singles[variant] = single(params, variant, directory)
             partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),

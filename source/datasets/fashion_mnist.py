@@ -141,6 +141,12 @@ class FashionMNIST(Dataset):
         rows = torch.as_tensor(indices)  # index_select: half the time of indexing with a list
         return self._padded.index_select(0, rows).unsqueeze(1), torch.from_numpy(self.labels[rows.numpy()])
 
+    def in_memory_images(self) -> torch.Tensor:
+        """Every item's image at once (uint8 N x 1 x size x size), for ``performance.data_on_device``."""
+        if self.size != PADDED_SIZE:
+            return self.batch(list(range(len(self))))[0]
+        return self._padded.unsqueeze(1)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         padded = self._padded[index]
         if self.size != PADDED_SIZE:

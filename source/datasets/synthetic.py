@@ -22,6 +22,7 @@ from source.datasets.transforms import DatasetError
 GOLDEN_FRACTION = (math.sqrt(5) - 1) / 2  # multiples of it spread class hues evenly, never repeating
 SPLITS = ("train", "test")
 TEST_STREAM = 1  # appended to (seed, index): the test split's images never repeat the train split's
+IN_MEMORY_LIMIT = 2**31  # bytes: performance.data_on_device generates every image at once
 
 
 @dataclass
@@ -101,6 +102,15 @@ class SyntheticImages(Dataset):
 
     def __len__(self) -> int:
         return self._count if self._indices is None else len(self._indices)
+
+    def in_memory_images(self) -> torch.Tensor:
+        """Every item's image, generated at once (uint8 N x C x size x size), for ``performance.data_on_device``."""
+        size = len(self) * self.channels * self.size ** 2
+        if size > IN_MEMORY_LIMIT:
+            raise DatasetError(f"performance.data_on_device: {len(self)} synthetic images would take "
+                               f"{size / 2**30:.1f} GiB; hold at most {IN_MEMORY_LIMIT / 2**30:.0f} GiB "
+                               f"(fewer dataset.args.count) or set performance.data_on_device: false")
+        return torch.stack([self[index][0] for index in range(len(self))])
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):

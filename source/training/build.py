@@ -9,6 +9,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from source.config import Config, ConfigError, PerformanceConfig
 from source.datasets import build_dataset, class_counts
+from source.datasets.device_batches import DeviceBatchIterator
 from source.datasets.iterator import InfiniteBatchIterator
 from source.links import set_ghost_batch
 from source.models import build_model
@@ -48,6 +49,9 @@ def build_optimizer(model: nn.Module, adam, settings: PerformanceConfig, device:
 def build_batches(config: Config, world: World, source: str = "config") -> InfiniteBatchIterator:
     dataset = build_dataset(config.dataset.name, config.dataset.args)
     check_dataset_matches_models(config, dataset, source)
+    if config.performance.data_on_device:
+        return DeviceBatchIterator(dataset, batch_size=config.micro_batchsize, seed=config.seed,
+                                   device=world.device, rank=world.rank, world_size=world.size)
     return InfiniteBatchIterator(dataset, batch_size=config.micro_batchsize, seed=config.seed,
                                  rank=world.rank, world_size=world.size, num_workers=config.num_workers)
 
