@@ -37,10 +37,10 @@ def test_device_batches_are_the_loaders_with_another_noise(cifar, rank, world_si
 
 
 def test_device_batches_without_noise_equal_the_loaders_bit_for_bit(tmp_path):
-    write_fashion_standin(tmp_path, count=30)
+    write_fashion_standin(tmp_path, count=150)  # 37 batches of 4 per epoch: chunks of 16, 16 and 5
     data = build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), dequantize=False, size=16))
-    loader = draw(InfiniteBatchIterator(data, batch_size=8, seed=3), 8)
-    device = draw(DeviceBatchIterator(data, batch_size=8, seed=3, device="cpu"), 8)
+    loader = draw(InfiniteBatchIterator(data, batch_size=4, seed=3), 80)
+    device = draw(DeviceBatchIterator(data, batch_size=4, seed=3, device="cpu"), 80)
     assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(loader, device))
 
 

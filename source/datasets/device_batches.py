@@ -3,10 +3,10 @@
 A 32 px model on a GPU takes a fraction of a millisecond per D step, while the loader spends about 1 ms of the
 training process's CPU on a batch of 64 (reading, per-sample keys, noise; 5 batches per iteration at n_dis 5):
 the data path, not the GPU, would set the pace. Here the whole data set (uint8; Fashion-MNIST 61 MB, CIFAR-10
-154 MB) is held on the device once, an epoch's sample keys are computed once per epoch, and a micro-batch is a few
-dozen kernels: index, flip, noise, convert. The order, sharding, flips and resume position are
-``InfiniteBatchIterator``'s, bit for bit; the dequantization noise has the same distribution and per-sample keys
-but comes from a counter-based hash instead of the CPU generator (source/datasets/streams.py), so a run's
+154 MB) is held on the device once, an epoch's sample keys are computed once per epoch, and 16 micro-batches at
+a time are made by some 35 kernels (index, flip, noise, convert). The order, sharding, flips and resume position
+are ``InfiniteBatchIterator``'s, bit for bit; the dequantization noise has the same distribution and per-sample
+keys but comes from a counter-based hash instead of the CPU generator (source/datasets/streams.py), so a run's
 batches differ from the loader's by noise below one grey level.
 """
 from collections.abc import Iterator
@@ -17,6 +17,10 @@ from torch.utils.data import Dataset
 from source.datasets.iterator import InfiniteBatchIterator
 from source.datasets.streams import FLIP_STREAM, NOISE_STREAM, finish_batch, hashed_dequantization_noise, sample_keys
 from source.datasets.transforms import DatasetError
+
+# micro-batches made at once: one set of kernels for several D steps (the study's 5 per iteration), whose
+# launches would otherwise cost more CPU than the GPU spends on them
+CHUNK_BATCHES = 16
 
 
 def holds_images_in_memory(dataset_class: type) -> bool:
@@ -39,19 +43,22 @@ class DeviceBatchIterator(InfiniteBatchIterator):
         self._labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)
 
     def _remaining_epoch_loader(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rest of the epoch's micro-batches, made ``CHUNK_BATCHES`` at a time (views of one chunk)."""
         rows, starts = self._remaining_rank_batches()
         rows = rows.to(self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(self.batch_size, device=self.device)
         epoch_positions = range(self.batches_per_epoch * self.global_batch_size)
         flip_keys = self._epoch_keys(FLIP_STREAM, epoch_positions) if getattr(self.dataset, "random_flip", False) \
             else None
         noise_keys = self._epoch_keys(NOISE_STREAM, epoch_positions) if self.dataset.dequantize else None
-        for indices, start in zip(rows, starts):
-            positions = slice(start, start + self.batch_size)
+        for first in range(0, len(starts), CHUNK_BATCHES):
+            indices, chunk = rows[first:first + CHUNK_BATCHES].flatten(), positions[first:first + CHUNK_BATCHES].flatten()
             images = self._images.index_select(0, indices)
-            noise = None if noise_keys is None else hashed_dequantization_noise(noise_keys[positions],
+            noise = None if noise_keys is None else hashed_dequantization_noise(noise_keys.index_select(0, chunk),
                                                                                 images.shape[1:])
-            yield finish_batch(images, self._labels.index_select(0, indices),
-                               None if flip_keys is None else flip_keys[positions], noise)
+            flips = None if flip_keys is None else flip_keys.index_select(0, chunk)
+            x, y = finish_batch(images, self._labels.index_select(0, indices), flips, noise)
+            yield from zip(x.split(self.batch_size), y.split(self.batch_size))
 
     def _epoch_keys(self, stream: int, positions: range) -> torch.Tensor:
         return sample_keys(stream, self.seed, self._epoch, positions).to(self.device)
