@@ -237,12 +237,12 @@ def batch_summary(config: Config, world: World) -> str:
     return split(config.batchsize) if same else f"D {split(config.batchsize)}; G {split(config.gen_batch)}"
 
 
-def describe_data(config: Config, world: World, source: str) -> str:
+def describe_data(config: Config, source: str) -> str:
     """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data)."""
     problems = check_dataset_args(config.dataset.name, config.dataset.args)
     try:
         if not problems:
-            dataset = build.build_batches(config, world, source=source).dataset
+            dataset = build.build_training_data(config, source=source)
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
             held = ", held on the device" if config.performance.data_on_device else ""
             return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
@@ -283,7 +283,7 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
             ("terms", describe_terms(config)),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", out)]
-    rows.append(("data", describe_data(config, world, source)))
+    rows.append(("data", describe_data(config, source)))
     if world.is_main:
         width = max(len(name) for name, _ in rows)
         print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))

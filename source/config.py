@@ -152,8 +152,9 @@ class PerformanceConfig:
     # each D step and G step captured once as a CUDA graph and replayed (source/training/step_graphs.py): for the
     # launch-bound 32 px models; one process, no fp16, LeCam, gSR or DiffAugment, compile_mode default
     step_graphs: bool = False
-    # the whole data set held on the device and batches made there (source/datasets/device_batches.py): the same
-    # batches bit for bit, without the loader's ~1.5 ms of CPU per batch; for the in-memory data sets
+    # the whole data set held on the device and batches made there (source/datasets/device_batches.py), without the
+    # loader's ~1 ms of CPU per batch (num_workers unused): the loader's batches, the dequantization noise aside
+    # (another stream of it); for the data sets held in memory (Fashion-MNIST, CIFAR-10, synthetic)
     data_on_device: bool = False
     cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
 

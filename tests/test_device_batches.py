@@ -8,7 +8,8 @@ from source.config import ConfigError, load_config
 from source.datasets import (CIFAR10Args, DatasetError, FashionMNISTArgs, InfiniteBatchIterator, SyntheticArgs,
                              build_dataset)
 from source.datasets.device_batches import DeviceBatchIterator
-from source.datasets.streams import NOISE_STREAM, hashed_dequantization_noise, sample_keys
+from source.datasets.streams import (FLIP_STREAM, NOISE_STREAM, epoch_permutation, finish_batch,
+                                     hashed_dequantization_noise, sample_keys)
 from source.training import build
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
@@ -33,7 +34,7 @@ def test_device_batches_are_the_loaders_with_another_noise(cifar, rank, world_si
         # (u8 + U[0, 1)) / 128 - 1 both: a pixel from another image or flip would differ by grey levels
         assert (x_loader - x_device).abs().max() < 1 / 128 + 1e-6
         assert not torch.equal(x_loader, x_device), "the hashed noise is another stream"
-        assert x_device.dtype == torch.float32 and -1 <= x_device.min() and x_device.max() < 1
+        assert x_device.dtype == torch.float32 and -1 <= x_device.min() and x_device.max() <= 1
 
 
 def test_device_batches_without_noise_equal_the_loaders_bit_for_bit(tmp_path):
@@ -42,6 +43,21 @@ def test_device_batches_without_noise_equal_the_loaders_bit_for_bit(tmp_path):
     loader = draw(InfiniteBatchIterator(data, batch_size=4, seed=3), 80)
     device = draw(DeviceBatchIterator(data, batch_size=4, seed=3, device="cpu"), 80)
     assert all(torch.equal(a, b) and torch.equal(c, d) for (a, c), (b, d) in zip(loader, device))
+
+
+def test_each_device_batch_is_made_from_its_seed_epoch_and_positions(cifar):
+    """Rank 1 of 2 over three epochs: every batch rebuilt from the streams' functions of (seed, epoch, its samples'
+    positions in the epoch); noise that ignored the epoch, seed or rank offset would differ."""
+    iterator = DeviceBatchIterator(cifar, batch_size=4, seed=7, device="cpu", rank=1, world_size=2)
+    images, labels = cifar.in_memory_images(), torch.as_tensor(cifar.labels)
+    per_epoch = iterator.batches_per_epoch
+    for n, (x, y) in enumerate(draw(iterator, 3 * per_epoch)):
+        epoch, batch = divmod(n, per_epoch)
+        positions = range(batch * 8 + 4, batch * 8 + 8)  # global batch 8: rank 1 takes its second half
+        rows = epoch_permutation(len(cifar), 7, epoch)[list(positions)]
+        noise = hashed_dequantization_noise(sample_keys(NOISE_STREAM, 7, epoch, positions), images.shape[1:])
+        expected = finish_batch(images[rows], labels[rows], sample_keys(FLIP_STREAM, 7, epoch, positions), noise)
+        assert torch.equal(x, expected[0]) and torch.equal(y, expected[1]), (epoch, batch)
 
 
 @pytest.mark.parametrize("stop_after", [3, 5, 6])  # mid-epoch, at and after the epoch boundary
@@ -69,9 +85,10 @@ def test_hashed_noise_is_uniform_independent_and_a_function_of_the_key():
     # a sample's noise depends on its key alone, not on the batch it comes in
     again = hashed_dequantization_noise(keys[[5, 1000]], torch.Size([1, 32, 32]))
     assert torch.equal(again, noise[[5, 1000]])
-    for bit in (0, 40):  # both halves of the 64-bit key matter
+    for bit in (0, 40):  # both halves of the 64-bit key matter, each bit to every pixel (not a permutation)
         one_bit = hashed_dequantization_noise(keys ^ (1 << bit), torch.Size([1, 32, 32])).flatten(1).numpy()
         assert abs(np.corrcoef(one_bit.ravel(), flat.ravel())[0, 1]) < 4e-3, bit
+        assert not np.array_equal(np.sort(one_bit, axis=1), np.sort(flat, axis=1)), bit
 
 
 def test_data_sets_read_from_disk_or_too_large_are_refused_in_one_line(tmp_path):
@@ -122,9 +139,16 @@ def test_training_on_device_batches_is_training_on_the_loaders(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_gpu_batches_equal_those_made_on_the_cpu(cifar):
-    """The hash is integer arithmetic and the conversion exact: a CUDA device gives the CPU's bits."""
+@pytest.mark.parametrize("dequantize", [True, False])
+def test_gpu_batches_equal_those_made_on_the_cpu(tmp_path, dequantize):
+    """The hash is integer arithmetic and the conversion IEEE division: a CUDA device gives the CPU's bits (without
+    noise: the loader's too)."""
+    write_cifar_standin(tmp_path, per_batch=9)
+    cifar = build_dataset("cifar10", CIFAR10Args(root=str(tmp_path), random_flip=True, dequantize=dequantize))
     on_cpu = draw(DeviceBatchIterator(cifar, batch_size=8, seed=4, device="cpu"), 7)
     on_gpu = draw(DeviceBatchIterator(cifar, batch_size=8, seed=4, device="cuda"), 7)
     for (x, y), (x_gpu, y_gpu) in zip(on_cpu, on_gpu):
         assert x_gpu.is_cuda and torch.equal(x, x_gpu.cpu()) and torch.equal(y, y_gpu.cpu())
+    if not dequantize:
+        loader = draw(InfiniteBatchIterator(cifar, batch_size=8, seed=4), 7)
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(loader, on_cpu))

@@ -67,7 +67,7 @@ def small_overrides(params: dict) -> list[str]:
     """The variant's settings; with ``data_root``, the study's own data path on the Fashion-MNIST files there."""
     items = {"batchsize": params["batch"], "micro_batchsize": params["batch"], "gen_batchsize": 2 * params["batch"],
              "updater.n_dis": params["n_dis"], **VARIANTS[params["variant"]],
-             "performance.data_on_device": False}  # the synthetic data are not held in memory
+             "performance.data_on_device": False}  # resident_batches hold one synthetic batch on the device
     if params.get("data_root"):
         items.update({"dataset.name": "fashion_mnist", "dataset.args": {"root": params["data_root"]},
                       "performance.data_on_device": params["data_on_device"]})

@@ -98,9 +98,10 @@ def _mix32_(words: torch.Tensor) -> torch.Tensor:
 
 def hashed_dequantization_noise(noise_keys: torch.Tensor, sample_shape: torch.Size) -> torch.Tensor:
     """U[0, 1) per pixel (in grey levels), made on the keys' device: pixel i of the sample with key k gets
-    mix32(mix32(i ^ k_low) ^ k_high)'s top 24 bits / 2**24, a float32 the same on every device."""
+    mix32(mix32(i ^ mix32(k_low)) ^ mix32(k_high))'s top 24 bits / 2**24, a float32 the same on every device.
+    The key's words are mixed first, so keys that differ in a few bits do not give related noise."""
     n_pixels = int(np.prod(sample_shape))
-    low, high = (noise_keys & _MASK32)[:, None], ((noise_keys >> 32) & _MASK32)[:, None]
+    low, high = (_mix32_(noise_keys & _MASK32)[:, None], _mix32_((noise_keys >> 32) & _MASK32)[:, None])
     words = torch.arange(n_pixels, dtype=torch.int64, device=noise_keys.device) ^ low
     words = _mix32_(_mix32_(words).bitwise_xor_(high))
     return (words >> 8).float().mul_(2.0 ** -24).view(len(noise_keys), *sample_shape)
@@ -108,10 +109,12 @@ def hashed_dequantization_noise(noise_keys: torch.Tensor, sample_shape: torch.Si
 
 def to_signed_unit(images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1] as x/127.5 - 1; with dequantization noise U[0, 1) the original's
-    (x + noise)/128 - 1 (SRGANs datasets/imagenet.py), which stays inside tanh's range [-1, 1)."""
+    (x + noise)/128 - 1 (SRGANs datasets/imagenet.py), inside tanh's range (1 only where float32 rounds 255 + noise
+    up to 256). The divisions are IEEE's on every device (CUDA multiplies by the reciprocal of a Python number,
+    one bit off for 127.5; a tensor divisor is divided exactly)."""
     if noise is None:
-        return images.float().div_(127.5).sub_(1.0)
-    return images.float().add_(noise).div_(128.0).sub_(1.0)
+        return images.float().div_(torch.full((), 127.5, device=images.device)).sub_(1.0)
+    return images.float().add_(noise).div_(128.0).sub_(1.0)  # 1/128 is exact
 
 
 def finish_batch(images: torch.Tensor, labels: torch.Tensor, flip_keys: torch.Tensor | None,

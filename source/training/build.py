@@ -46,9 +46,15 @@ def build_optimizer(model: nn.Module, adam, settings: PerformanceConfig, device:
                             fused=settings.fused_adam or None, capturable=capturable)
 
 
-def build_batches(config: Config, world: World, source: str = "config") -> InfiniteBatchIterator:
+def build_training_data(config: Config, source: str = "config"):
+    """The training data set, checked against the models (size, channels, classes)."""
     dataset = build_dataset(config.dataset.name, config.dataset.args)
     check_dataset_matches_models(config, dataset, source)
+    return dataset
+
+
+def build_batches(config: Config, world: World, source: str = "config") -> InfiniteBatchIterator:
+    dataset = build_training_data(config, source)
     if config.performance.data_on_device:
         return DeviceBatchIterator(dataset, batch_size=config.micro_batchsize, seed=config.seed,
                                    device=world.device, rank=world.rank, world_size=world.size)
