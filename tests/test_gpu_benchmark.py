@@ -68,6 +68,9 @@ def test_each_section_measured_its_numbers(bench):
     # on a CPU step-graphs runs its static buffers without capture: eager's arithmetic, with fused Adam's rounding
     differences = small["warmup_losses_difference_to_eager"]
     assert differences["eager"] == [0.0] * 5 and max(differences["step-graphs"]) < 1e-4
+    sr = small["single"]["eager"]["sr_call_s"]  # one SR call on the study's D, per mode, on the device and the CPU
+    assert all(sr[f"{mode}_{where}"] > 0 for mode in ("static", "rescale", "dynamic") for where in ("device", "cpu"))
+    assert "sr_call_s" not in small["single"]["step-graphs"]
     travel = small["single"]["step-graphs"]["warmup_travel"]
     assert travel["gen"] > 0 and travel["dis"] > 0  # both networks learned in the warm-up
     assert small["warmup_travel_difference_to_eager"]["eager"] == 0.0

@@ -132,6 +132,12 @@ def small_rows(small: dict) -> list[list]:
             rows.append([f"one run, {data.get('variant')}, {path}", data.get("g_iterations_per_s"),
                          f"{data.get('status')}; Fashion-MNIST's files ({data.get('images')} images), {made}; "
                          f"{number(data.get('rate_to_resident_data'), 2)}x the rate on one batch held on the device"])
+    sr = (small.get("single") or {}).get("eager", {}).get("sr_call_s")
+    if sr:
+        calls = "; ".join(f"{mode} {number(sr.get(f'{mode}_device'), 2)} s on the device, "
+                          f"{number(sr.get(f'{mode}_cpu'), 2)} s on the CPU" for mode in ("static", "rescale", "dynamic"))
+        rows.append(["one SR call on the study's D", None, f"{calls} ({sr.get('cpu_threads')} CPU threads); static "
+                                                           f"and rescale run n_dis times per SR iteration"])
     for parties, level in (small.get("concurrent") or {}).items():
         each = [round(rate, 1) if rate else rate for rate in level.get("g_iterations_per_s_each", [])]
         agreement = [max(d) if d else d for d in level.get("warmup_losses_difference_to_single") or []]

@@ -26,22 +26,26 @@ files (a random stand-in of the same size and format) held on the device, each b
 converted there (``performance.data_on_device``, as the study's base config sets), so the rate the study can
 expect, not only the models', is measured; and once more through the loader (``loader_data_path``: read, padded
 and dequantized per sample in the training process, ``num_workers: 0``, about 1 ms per batch of 64 on one CPU core
-here), the path that ``data_on_device`` replaces.
+here), the path that ``data_on_device`` replaces. The eager run also times one SR call per mode on its D, on the
+device and on the CPU (``sr_call_s``): the cost the study's SR arms add.
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from torch._dynamo.utils import counters
 
-from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, peak_memory, pick_device, progress, read_result,
-                                   remaining, run_child, start_child, synchronize, timed_value)
+from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, median, peak_memory, pick_device, progress,
+                                   read_result, remaining, run_child, start_child, synchronize, timed, timed_value)
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
 from source.config import load_config
+from source.spectral.sr import MODES, SpectralRegularizer
 from source.training import build, performance
 from source.training.distributed import World
 from source.training.trainer import read_losses
@@ -131,6 +135,22 @@ def worker(params: dict, partial) -> None:
     count, seconds = window(updater, params["window_s"], device, config.display_interval)
     partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
+    if params["variant"] == "eager" and params["parties"] == 1 and not params.get("data_root"):
+        partial.record(sr_call_s=sr_call_seconds(models.dis, device))
+
+
+def sr_call_seconds(dis, device) -> dict:
+    """Median seconds of one SR call on this D (after the timing window: its edits change nothing measured), per
+    mode, on the device and on a copy on the CPU (float64 SVDs of small matrices; static SR and the rescale control
+    run after each of an SR iteration's n_dis D steps, dynamic SR once): what the study's SR arms add per iteration."""
+    copies = {"device": (dis, device), "cpu": (copy.deepcopy(dis).cpu(), torch.device("cpu"))}
+    seconds = {"cpu_threads": torch.get_num_threads()}
+    for where, (model, model_device) in copies.items():
+        for mode in MODES:
+            sr = SpectralRegularizer(mode=mode, interval=1)
+            sr(model, 0)  # dynamic: records its envelope; every mode: warms the solver up
+            seconds[f"{mode}_{where}"] = median([timed(lambda: sr(model, 1), model_device) for _ in range(5)])
+    return seconds
 
 
 def travel(model, initial: list) -> float:
