@@ -4,7 +4,7 @@ A 32 px model on a GPU takes a fraction of a millisecond per D step, while the l
 training process's CPU on a batch of 64 (reading, per-sample keys, noise; 5 batches per iteration at n_dis 5):
 the data path, not the GPU, would set the pace. Here the whole data set (uint8; Fashion-MNIST 61 MB, CIFAR-10
 154 MB) is held on the device once, an epoch's sample keys are computed once per epoch, and 16 micro-batches at
-a time are made by some 35 kernels (index, flip, noise, convert). The order, sharding, flips and resume position
+a time are made by some 56 kernels (index, flip, noise, convert). The order, sharding, flips and resume position
 are ``InfiniteBatchIterator``'s, bit for bit; the dequantization noise has the same distribution and per-sample
 keys but comes from a counter-based hash instead of the CPU generator (source/datasets/streams.py), so a run's
 batches differ from the loader's by noise below one grey level.
