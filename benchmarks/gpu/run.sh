@@ -4,6 +4,8 @@
 # keeps its log there. Elsewhere: the same into benchmarks/results.
 #   bash benchmarks/gpu/run.sh [bench.py options, e.g. --quick or --sections a_fast]
 #   bash benchmarks/gpu/run.sh --stash    first call of the two-call route: keeps the weights' first half
+#   bash benchmarks/gpu/run.sh --gpu-tests [bench.py options]   first the tests only a GPU runs (CUDA graph capture,
+#                                         device batches' bits), their log beside the results (gpu_tests.log)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -20,6 +22,14 @@ fi
 if ! "$PYTHON" -c "import torch_fidelity" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/srgan-gpu-bench-site \
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+fi
+
+if [ "${1:-}" = "--gpu-tests" ]; then
+    shift
+    TESTS_LOG=/dev/null
+    [ -n "${OUT:-}" ] && TESTS_LOG=$OUT/gpu_tests.log
+    "$PYTHON" -m pytest -q -p no:cacheprovider -k gpu tests/test_step_graphs.py tests/test_device_batches.py 2>&1 \
+        | tee "$TESTS_LOG"
 fi
 
 WEIGHTS=()
