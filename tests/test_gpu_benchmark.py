@@ -4,6 +4,7 @@ One run (about 40 s on a quiet 2-core machine) feeds all the tests; the full Inc
 makes section (c) take the path of a user's torch-fidelity weights, Inception Score included.
 """
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {"a_faithful", "a_fast", "b_sr_spectra", "c_fid", "d_small_models", "e_biggan", "f_loaders"}
@@ -155,3 +157,16 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
     assert json.loads(earlier.read_text())["sections"]["a_fast"]["status"] == "ok"  # the clean one stays
     later.write_text(json.dumps(dict(result, protocol=dict(protocol, device="another GPU", date="2099-01-03"))))
     assert merge_main([str(earlier), str(later)]) == 2  # numbers of another device are not merged
+
+
+def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
+    """The device call's one command: on a CPU the GPU-only tests skip (on a GPU they run), then bench.py writes."""
+    completed = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--gpu-tests", "--quick", "--sections",
+                                "b_sr_spectra"], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    tests_log = (tmp_path / "gpu_tests.log").read_text()
+    expected = "4 passed" if torch.cuda.is_available() else "4 skipped"
+    assert expected in tests_log, tests_log[-500:]
+    (result,) = tmp_path.glob("gpu_*-quick.json")
+    assert json.loads(result.read_text())["sections"]["b_sr_spectra"]["status"] == "ok"
