@@ -139,8 +139,9 @@ class EvaluationConfig:
 
 @dataclass
 class PerformanceConfig:
-    """How the arithmetic runs, never what the recipe is (source/training/performance.py); the default is the
-    originals' plain fp32."""
+    """How the arithmetic runs, never what the recipe is (source/training/performance.py; ``data_on_device`` draws
+    the dequantization noise from another stream of the same distribution); the default is the originals' plain
+    fp32."""
     amp: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast G's and D's forwards (fp16: with loss scaling)
     channels_last: bool = False                  # NHWC activations and weights: faster convs on tensor cores
     compile: bool = False                        # torch.compile G and D (in place; snapshots unchanged)
