@@ -166,7 +166,7 @@ def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
                                capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stdout[-2000:]
     tests_log = (tmp_path / "gpu_tests.log").read_text()
-    expected = "4 passed" if torch.cuda.is_available() else "4 skipped"
+    expected = "7 passed" if torch.cuda.is_available() else "7 skipped"
     assert expected in tests_log, tests_log[-500:]
     (result,) = tmp_path.glob("gpu_*-quick.json")
     assert json.loads(result.read_text())["sections"]["b_sr_spectra"]["status"] == "ok"

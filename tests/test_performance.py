@@ -57,6 +57,7 @@ def losses(out) -> list[tuple[float, float]]:
     (["performance.channels_last=true"], 1e-4),        # the same arithmetic in another memory order
     (["performance.amp=bf16"], 0.05),                  # 8-bit mantissas in G's and D's forwards
     (["performance.fused_adam=true"], 1e-4),           # Adam's step fused into one kernel
+    (["performance.sr_on_cpu=true"], 0.0),             # SR's SVDs on the CPU: here the weights' own device
     # slow: inductor compiles G and D for minutes on a cold cache on 2 cores (27 s warm)
     pytest.param(["performance.compile=true", "performance.channels_last=true"], 1e-4, marks=pytest.mark.slow),
 ])
@@ -66,6 +67,12 @@ def test_performance_settings_keep_the_losses_of_fp32(tmp_path, settings, tolera
     fast = final_state(tmp_path / "fast", *settings)
     np.testing.assert_allclose(losses(tmp_path / "fast"), losses(tmp_path / "fp32"), rtol=tolerance, atol=tolerance)
     assert fast["gen"].keys() == reference["gen"].keys(), "snapshots of a compiled model keep the plain keys"
+
+
+def test_sr_on_cpu_is_where_the_regularizer_solves():
+    assert build.build_regularizer(load_config(CONFIGS / "demo.yaml", TINY)).solve_on is None
+    config = load_config(CONFIGS / "demo.yaml", [*TINY, "performance.sr_on_cpu=true"])
+    assert build.build_regularizer(config).solve_on == torch.device("cpu")
 
 
 def test_fused_adam_is_what_the_optimizers_run():

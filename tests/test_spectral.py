@@ -107,12 +107,12 @@ def assert_matrices_close(dis: nn.Module, expected: dict[str, np.ndarray]) -> No
 # SR
 
 
-@pytest.mark.parametrize("include_linear", [False, True])
-def test_dynamic_sr_matches_numpy_over_several_calls(include_linear):
+@pytest.mark.parametrize("include_linear, solve_on", [(False, None), (True, None), (True, "cpu")])
+def test_dynamic_sr_matches_numpy_over_several_calls(include_linear, solve_on):
     dis = tiny_dis()
     names = CONVS + (LINEARS if include_linear else [])
     untouched = [] if include_linear else LINEARS
-    sr = SpectralRegularizer("dynamic", interval=5, include_linear=include_linear)
+    sr = SpectralRegularizer("dynamic", interval=5, include_linear=include_linear, solve_on=solve_on)
     reference = NumpyDynamicSR()
     for call in range(4):
         before = raw_matrices(dis, names + untouched)
@@ -262,6 +262,29 @@ def test_rebase_on_resume_forgets_envelope():
     expected = {name: np.linalg.svd(w, compute_uv=False) for name, w in raw_matrices(dis, CONVS).items()}
     for name, s in expected.items():
         np.testing.assert_allclose(rebased.ratios[name].numpy(), s / s[0], atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("mode", ["dynamic", "static", "rescale"])
+def test_sr_solved_on_the_cpu_edits_gpu_weights_as_solved_on_the_gpu(mode):
+    """performance.sr_on_cpu: the same float64 edit, copied back to the weights' device; the envelope stays there."""
+    on_gpu, solved_on_cpu = tiny_dis().cuda(), tiny_dis().cuda()
+    regularizers = [SpectralRegularizer(mode, interval=1), SpectralRegularizer(mode, interval=1, solve_on="cpu")]
+    for call in range(3):
+        for dis, sr in zip((on_gpu, solved_on_cpu), regularizers):
+            sr(dis, call)
+            perturb_on_device(dis, seed=call)
+    for (name, expected), actual in zip(on_gpu.named_parameters(), solved_on_cpu.parameters()):
+        assert actual.is_cuda
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(envelope.is_cuda for envelope in regularizers[1].ratios.values())
+
+
+def perturb_on_device(dis: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in dis.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator).to(parameter.device))
 
 
 def test_envelope_from_another_model_is_rejected():

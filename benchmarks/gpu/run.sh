@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu/run.sh [bench.py options, e.g. --quick or --sections a_fast]
 #   bash benchmarks/gpu/run.sh --stash    first call of the two-call route: keeps the weights' first half
 #   bash benchmarks/gpu/run.sh --gpu-tests [bench.py options]   first the tests only a GPU runs (CUDA graph capture,
-#                                         device batches' bits), their log beside the results (gpu_tests.log)
+#                                         device batches' bits, SR solved on the CPU), their log beside the results
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -28,8 +28,8 @@ if [ "${1:-}" = "--gpu-tests" ]; then
     shift
     TESTS_LOG=/dev/null
     [ -n "${OUT:-}" ] && TESTS_LOG=$OUT/gpu_tests.log
-    "$PYTHON" -m pytest -q -p no:cacheprovider -k gpu tests/test_step_graphs.py tests/test_device_batches.py 2>&1 \
-        | tee "$TESTS_LOG"
+    "$PYTHON" -m pytest -q -p no:cacheprovider -k gpu tests/test_step_graphs.py tests/test_device_batches.py \
+        tests/test_spectral.py 2>&1 | tee "$TESTS_LOG"
 fi
 
 WEIGHTS=()

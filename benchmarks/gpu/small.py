@@ -27,7 +27,8 @@ converted there (``performance.data_on_device``, as the study's base config sets
 expect, not only the models', is measured; and once more through the loader (``loader_data_path``: read, padded
 and dequantized per sample in the training process, ``num_workers: 0``, about 1 ms per batch of 64 on one CPU core
 here), the path that ``data_on_device`` replaces. The eager run also times one SR call per mode on its D, on the
-device and on the CPU (``sr_call_s``): the cost the study's SR arms add.
+device and on the CPU (``sr_call_s``; the CPU's is what ``performance.sr_on_cpu`` runs, less two small copies): the
+cost the study's SR arms add.
 """
 from __future__ import annotations
 

@@ -100,6 +100,10 @@ class SpectralRegularizer:
     Under torch.distributed every rank computes the same edit and rank 0's result (weights and
     envelope) is then broadcast, so ranks stay bit-identical even where SVDs are not deterministic.
     Pass the D itself or its DDP wrapper; layer names are those of the unwrapped module.
+
+    ``solve_on``: where the SVDs run (None: on the weights' device). A GPU's solver launches cost more than the
+    arithmetic of the 32 px models' small matrices; on the CPU they take about a millisecond. The envelope stays
+    on the weights' device either way.
     """
 
     def __init__(
@@ -108,6 +112,7 @@ class SpectralRegularizer:
         interval: int = 5,
         include_linear: bool = False,
         rebase_on_resume: bool = False,
+        solve_on: str | torch.device | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"SR mode must be one of {MODES}, got {mode!r}")
@@ -117,7 +122,8 @@ class SpectralRegularizer:
         self.interval = interval
         self.kinds = ("conv", "linear", "embedding") if include_linear else ("conv",)
         self.rebase_on_resume = rebase_on_resume
-        self.ratios: dict[str, torch.Tensor] = {}  # dynamic envelope R per layer, float64
+        self.solve_on = None if solve_on is None else torch.device(solve_on)
+        self.ratios: dict[str, torch.Tensor] = {}  # dynamic envelope R per layer, float64, on the weights' device
 
     @property
     def recorded(self) -> bool:
@@ -130,27 +136,32 @@ class SpectralRegularizer:
         if iteration % self.interval != 0:
             return False
         layers = spectral_norm_layers(dis, self.kinds)
-        matrices = {name: weight_matrix(layer) for name, layer in layers.items()}
-        edited = self._dynamic(matrices) if self.mode == "dynamic" else self._stateless(matrices)
+        matrices = {name: weight_matrix(layer).to(self.solve_on or raw_weight(layer).device)
+                    for name, layer in layers.items()}
+        home = {name: raw_weight(layer).device for name, layer in layers.items()}
+        edited = self._dynamic(matrices, home) if self.mode == "dynamic" else self._stateless(matrices)
         for name, matrix in edited.items():
-            write_weight_matrix(layers[name], matrix)
+            write_weight_matrix(layers[name], matrix)  # copied back to the weight's device
         if _distributed():
             self._broadcast_from_rank0(layers, edited)
         return True
 
-    def _dynamic(self, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _dynamic(self, matrices: dict[str, torch.Tensor], home: dict[str, torch.device]) -> dict[str, torch.Tensor]:
         # Layers without an envelope (fresh start, rebase, or newly included) only record this time.
         fresh = {name: matrix for name, matrix in matrices.items() if name not in self.ratios}
         for names, stack in stack_by_shape(fresh, SVD_DTYPE):
-            self.ratios.update(zip(names, normalized_spectrum(stack)))
+            self._keep(names, normalized_spectrum(stack), home)
         known = {name: matrix for name, matrix in matrices.items() if name not in fresh}
         edited = {}
         for names, stack in stack_by_shape(known, SVD_DTYPE):
             envelope = torch.stack([self._envelope(name, stack) for name in names])
             rebuilt, envelope = dynamic_compensation(stack, envelope)
-            self.ratios.update(zip(names, envelope))
+            self._keep(names, envelope, home)
             edited.update(zip(names, rebuilt))
         return edited
+
+    def _keep(self, names: list[str], envelopes: torch.Tensor, home: dict[str, torch.device]) -> None:
+        self.ratios.update((name, envelope.to(home[name])) for name, envelope in zip(names, envelopes))
 
     def _envelope(self, name: str, stack: torch.Tensor) -> torch.Tensor:
         envelope = self.ratios[name]

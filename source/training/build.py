@@ -87,7 +87,8 @@ def wrap_distributed(model: nn.Module, world: World) -> nn.Module:
 def build_regularizer(config: Config) -> SpectralRegularizer:
     sr = config.updater.sr
     return SpectralRegularizer(mode=sr.mode, interval=sr.interval, include_linear=sr.include_linear,
-                               rebase_on_resume=sr.rebase_on_resume)
+                               rebase_on_resume=sr.rebase_on_resume,
+                               solve_on="cpu" if config.performance.sr_on_cpu else None)
 
 
 def generator_class_counts(config: Config, dataset) -> list[int]:
