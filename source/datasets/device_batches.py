@@ -46,17 +46,19 @@ class DeviceBatchIterator(InfiniteBatchIterator):
         """The rest of the epoch's micro-batches, made ``CHUNK_BATCHES`` at a time (views of one chunk)."""
         rows, starts = self._remaining_rank_batches()
         rows = rows.to(self.device)
-        positions = torch.tensor(starts, device=self.device)[:, None] + torch.arange(self.batch_size, device=self.device)
+        in_batch = torch.arange(self.batch_size, device=self.device)
+        positions = torch.tensor(starts, device=self.device)[:, None] + in_batch  # each sample's place in the epoch
         epoch_positions = range(self.batches_per_epoch * self.global_batch_size)
         flip_keys = self._epoch_keys(FLIP_STREAM, epoch_positions) if getattr(self.dataset, "random_flip", False) \
             else None
         noise_keys = self._epoch_keys(NOISE_STREAM, epoch_positions) if self.dataset.dequantize else None
         for first in range(0, len(starts), CHUNK_BATCHES):
-            indices, chunk = rows[first:first + CHUNK_BATCHES].flatten(), positions[first:first + CHUNK_BATCHES].flatten()
+            chunk = slice(first, first + CHUNK_BATCHES)
+            indices, chunk_positions = rows[chunk].flatten(), positions[chunk].flatten()
             images = self._images.index_select(0, indices)
-            noise = None if noise_keys is None else hashed_dequantization_noise(noise_keys.index_select(0, chunk),
-                                                                                images.shape[1:])
-            flips = None if flip_keys is None else flip_keys.index_select(0, chunk)
+            noise = None if noise_keys is None else hashed_dequantization_noise(
+                noise_keys.index_select(0, chunk_positions), images.shape[1:])
+            flips = None if flip_keys is None else flip_keys.index_select(0, chunk_positions)
             x, y = finish_batch(images, self._labels.index_select(0, indices), flips, noise)
             yield from zip(x.split(self.batch_size), y.split(self.batch_size))
 
