@@ -158,7 +158,7 @@ class PerformanceConfig:
     # (another stream of it); for the data sets held in memory (Fashion-MNIST, CIFAR-10, synthetic)
     data_on_device: bool = False
     # SR's float64 SVDs on the CPU, the edit copied back: for the 32 px models' small matrices (32 x 288), where a
-    # GPU's solver launches cost more than the arithmetic; the same edit to float64 rounding
+    # GPU's solver launches may cost more than the arithmetic; the same edit to float64 rounding
     sr_on_cpu: bool = False
     cudnn_benchmark: bool = True                 # autotune conv kernels (always off with deterministic: true)
 

@@ -101,9 +101,9 @@ class SpectralRegularizer:
     envelope) is then broadcast, so ranks stay bit-identical even where SVDs are not deterministic.
     Pass the D itself or its DDP wrapper; layer names are those of the unwrapped module.
 
-    ``solve_on``: where the SVDs run (None: on the weights' device). A GPU's solver launches cost more than the
-    arithmetic of the 32 px models' small matrices; on the CPU they take about a millisecond. The envelope stays
-    on the weights' device either way.
+    ``solve_on``: where the SVDs run (None: on the weights' device). On a GPU the solver's launches and checks may
+    cost more than the arithmetic of the 32 px models' small matrices, which a CPU solves in about a millisecond
+    (the GPU benchmark's section (d) times both). The envelope stays on the weights' device either way.
     """
 
     def __init__(
