@@ -43,19 +43,23 @@ def imagenet(setting: str) -> Callable[[dict], str]:
     return cell
 
 
+def ratio_value(results: dict, name: str) -> float | None:
+    return results["ratios"].get(name, {}).get("value")
+
+
 def ratio(name: str, unit: str = "x", scale: float = 1.0, digits: int = 2) -> Callable[[dict], str]:
     def cell(results: dict) -> str:
-        value = results["ratios"].get(name, {}).get("value")
+        value = ratio_value(results, name)
         return "not measured" if value is None else f"{value * scale:.{digits}f}{unit}"
     return cell
 
 
 def speedup(results: dict) -> str:
     """Fast over faithful; where fast's accumulation 2 was not measured, the least speed-up its upper bound gives."""
-    value = results["ratios"].get("imagenet128_fast_speedup_extrapolated", {}).get("value")
-    if value is not None:
-        return f"{value:.2f}x"
-    least = results["ratios"].get("imagenet128_fast_speedup_lower_bound", {}).get("value")
+    measured = ratio_value(results, "imagenet128_fast_speedup_extrapolated")
+    if measured is not None:
+        return f"{measured:.2f}x"
+    least = ratio_value(results, "imagenet128_fast_speedup_lower_bound")
     return "not measured" if least is None else f"not measured; at least {least:.2f}x (against fast's upper bound)"
 
 

@@ -102,8 +102,8 @@ class SpectralRegularizer:
     Pass the D itself or its DDP wrapper; layer names are those of the unwrapped module.
 
     ``solve_on``: where the SVDs run (None: on the weights' device). On a GPU the solver's launches and checks may
-    cost more than the arithmetic of the 32 px models' small matrices, which a CPU solves in about a millisecond
-    (the GPU benchmark's section (d) times both). The envelope stays on the weights' device either way.
+    cost more than the arithmetic of the 32 px models' small matrices, which the development CPU solves in 1 to 6 ms
+    per call (the GPU benchmark's section (d) times both). The envelope stays on the weights' device either way.
     """
 
     def __init__(

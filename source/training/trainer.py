@@ -135,7 +135,7 @@ class Trainer:
             pass
 
     def diverged(self, what: str, iteration: int | None = None) -> None:
-        raise TrainingDiverged(f"{what} at iteration {iteration or self.iteration}; stopped without writing a "
+        raise TrainingDiverged(f"{what} at iteration {self.iteration if iteration is None else iteration}; stopped without writing a "
                                f"snapshot (last good one: {self.latest_good_snapshot() or 'none'})")
 
     def _request_stop(self, signum, frame) -> None:
