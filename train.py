@@ -14,13 +14,15 @@ import argparse
 import copy
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
-from source.datasets import DatasetError, check_dataset_args, describe_class_counts
-from source.training import build, checkpoint, performance, runfolder
+from source.datasets import DatasetError
+from source.training import build, checkpoint, group, performance, runfolder
+from source.training.summary import batch_summary, dry_run
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
@@ -51,37 +53,76 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                       "settings (performance.* aside) continues that run, any other resume "
                                       "branches into RUN-resumeN)")
     parser.add_argument("--dry-run", action="store_true", help="build everything, print a summary, train nothing")
+    parser.add_argument("--group", metavar="FILE", help="run the runs FILE lists (JSON) in this one process, "
+                                                        "interleaved, each on its own CUDA stream "
+                                                        "(source/training/group.py); nothing else with it")
     args = parser.parse_args(argv)
-    if not args.config and not args.resume:
+    if args.group and (args.config or args.resume or args.overrides or args.out or args.dry_run):
+        parser.error("--group FILE takes no other argument: each run's are in FILE")
+    if not args.config and not args.resume and not args.group:
         parser.error("give --config FILE (a new run) or --resume SNAPSHOT")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.group:
+        return group.main(args.group, open_run, failure_status)
     try:
-        snapshot = checkpoint.load_snapshot(args.resume, training_state=True) if args.resume else None
-        config = resume_config(args, snapshot) if snapshot else \
-            load_config(args.config, args.overrides, world_size=world_size_from_env())
+        snapshot, config = read_settings(args)
         world = init_world(config.device)
     except (ConfigError, SnapshotError) as error:
         report(f"error: {error}")
         return 2
     try:
-        return run(args, config, snapshot, world)
-    except FailedOnRankZero:
-        return 2
-    except (ConfigError, DatasetError, SnapshotError, runfolder.RunFolderError) as error:
-        report(f"error: {error}", world)
-        return 2
-    except TrainingDiverged as error:
-        report(f"error: training diverged: {error}", world)
-        return 1
-    except (SnapshotWriteError, StepGraphError) as error:
-        report(f"error: {error}", world)
-        return 1
+        with ExitStack() as stack:
+            trainer = start(args, config, snapshot, world, stack)
+            if trainer is not None:
+                trainer.run()
+        return 0
+    except Exception as error:
+        status = failure_status(error, world)
+        if status is None:
+            raise
+        return status
     finally:
         shutdown_world()
+
+
+def read_settings(args: argparse.Namespace) -> tuple[dict | None, Config]:
+    """The snapshot to resume (None for a new run) and the run's config."""
+    snapshot = checkpoint.load_snapshot(args.resume, training_state=True) if args.resume else None
+    config = resume_config(args, snapshot) if snapshot else \
+        load_config(args.config, args.overrides, world_size=world_size_from_env())
+    return snapshot, config
+
+
+def failure_status(error: Exception, world: World) -> int | None:
+    """train.py's exit status for an error it expects (said in one line first): 2 bad input, 1 a run that cannot
+    go on; None for any other (a bug: its traceback says more)."""
+    if isinstance(error, FailedOnRankZero):
+        return 2
+    if isinstance(error, (ConfigError, DatasetError, SnapshotError, runfolder.RunFolderError)):
+        report(f"error: {error}", world)
+        return 2
+    if isinstance(error, (TrainingDiverged, SnapshotWriteError, StepGraphError)):
+        report(f"error: {'training diverged: ' if isinstance(error, TrainingDiverged) else ''}{error}", world)
+        return 1
+    return None
+
+
+def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer | None:
+    """One run of a group (``--group``): its trainer, ready to advance; its run folder's lock on ``stack``.
+    ``shared``: the group's backend settings, set by its first run, which every other run must match."""
+    args = parse_args(argv)
+    if args.group or args.dry_run:
+        raise ConfigError("a run of a group takes --config/--resume, --set and --out only")
+    snapshot, config = read_settings(args)
+    backends = {key: config.to_dict()[key] for key in ("performance", "deterministic")}
+    if shared.setdefault("backends", backends) != backends:
+        raise ConfigError(f"the runs of a group share the process's backends: their performance.* and deterministic "
+                          f"settings must agree (this run's {backends}, the first run's {shared['backends']})")
+    return start(args, config, snapshot, init_world(config.device), stack)
 
 
 def report(message: str, world: World | None = None) -> None:
@@ -114,7 +155,10 @@ def snapshot_config(snapshot: dict) -> dict:
         return snapshot["config"]
 
 
-def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World) -> int:
+def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World,
+          stack: ExitStack) -> Trainer | None:
+    """Everything up to the first iteration: the models, the run folder (locked until ``stack`` closes), the data,
+    the trainer, the resumed state. None after a dry run, which only prints what would run."""
     changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
     plan = plan_run_folder(args, snapshot, changes)
     performance.configure_backends(config.performance, config.deterministic)
@@ -125,18 +169,11 @@ def run(args: argparse.Namespace, config: Config, snapshot: dict | None, world: 
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
-        return dry_run(config, models, world, plan, args.config or args.resume)
+        dry_run(config, models, world, plan, args.config or args.resume)
+        return None
     out, folder = claim_run_folder(plan, world)
-    try:
-        train(args, config, snapshot, changes, world, models, out)
-    finally:
-        if folder is not None:
-            folder.release()
-    return 0
-
-
-def train(args: argparse.Namespace, config: Config, snapshot: dict | None, changes: list[str], world: World,
-          models: build.Models, out: Path) -> None:
+    if folder is not None:
+        stack.callback(folder.release)
     with main_first(world):  # a data set download happens once, on rank 0
         batches = build.build_batches(config, world, source=args.config or args.resume)
     require_reference_before_distributed_training(config, batches.dataset, world.size)
@@ -155,7 +192,7 @@ def train(args: argparse.Namespace, config: Config, snapshot: dict | None, chang
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
-    trainer.run()
+    return trainer
 
 
 def resume_artefact(config: Config, models: build.Models, branch: bool) -> ResumeArtefact | None:
@@ -226,68 +263,6 @@ def make_extensions(config: Config, world: World, class_counts: list[int]) -> li
             *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
             *([Modes(config.evaluation.modes_interval, config)] if config.evaluation.modes_interval else []),
             Snapshot(config.snapshot_interval)]
-
-
-def batch_summary(config: Config, world: World) -> str:
-    def split(batchsize: int) -> str:
-        return (f"{batchsize} = {config.micro_batchsize} (micro) x {world.size} (world size) x "
-                f"{config.accumulation_steps(world.size, batchsize)} (accumulation steps)")
-
-    same = config.gen_batch == config.batchsize
-    return split(config.batchsize) if same else f"D {split(config.batchsize)}; G {split(config.gen_batch)}"
-
-
-def describe_data(config: Config, source: str) -> str:
-    """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data)."""
-    problems = check_dataset_args(config.dataset.name, config.dataset.args)
-    try:
-        if not problems:
-            dataset = build.build_training_data(config, source=source)
-            counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
-            held = ", held on the device" if config.performance.data_on_device else ""
-            return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
-                    f"{dataset.size}px{held}{counts}")
-    except DatasetError as error:  # e.g. a download that cannot happen offline
-        problems = [str(error)]
-    return "NOT AVAILABLE: " + "; ".join(problems)
-
-
-def describe_terms(config: Config) -> str:
-    """The training terms besides the adversarial loss and SR that this run uses."""
-    settings, terms = config.updater, []
-    if settings.diffaugment:
-        terms.append(f"DiffAugment {settings.diffaugment}")
-    if settings.lecam.weight > 0:
-        terms.append(f"LeCam {settings.lecam.weight} ({settings.lecam.form} form, decay {settings.lecam.decay})")
-    if settings.gsr.enabled:
-        gsr = settings.gsr
-        weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
-                   else "lambda 1")
-        terms.append(f"gSR ({weights}, {gsr.power_iterations} power steps)")
-    if settings.ema.enabled:
-        terms.append(f"EMA of G {settings.ema.decay} from {settings.ema.start_iteration}")
-    terms.append(f"fake labels {settings.fake_labels}")
-    return "; ".join(terms)
-
-
-def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str) -> int:
-    out = f"{plan.first} (continues the run in place)" if plan.in_place else \
-        f"{plan.first}{'' if plan.only else ' (or the next free name, if taken)'}"
-    rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
-            ("discriminator", f"{config.models.discriminator.name}: {build.count_parameters(models.dis):,} parameters"),
-            ("optimizers", f"Adam G lr {config.adam_G.alpha} betas ({config.adam_G.beta1}, {config.adam_G.beta2}); "
-                           f"Adam D lr {config.adam_D.alpha} betas ({config.adam_D.beta1}, {config.adam_D.beta2})"),
-            ("global batch", batch_summary(config, world)),
-            ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
-                        f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
-            ("terms", describe_terms(config)),
-            ("device", f"{world.device} (world size {world.size})"),
-            ("run folder", out)]
-    rows.append(("data", describe_data(config, source)))
-    if world.is_main:
-        width = max(len(name) for name, _ in rows)
-        print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))
-    return 0
 
 
 if __name__ == "__main__":

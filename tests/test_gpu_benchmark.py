@@ -82,6 +82,10 @@ def test_each_section_measured_its_numbers(bench):
     assert len(two["g_iterations_per_s_each"]) == 2
     assert two["warmup_losses_difference_to_single"] == [[0.0] * 5] * 2  # every process starts from the same models
     assert two["g_iterations_per_s_total"] == sum(two["g_iterations_per_s_each"])
+    shared = small["in_one_process"]["2"]  # two runs taking turns in one process (on a GPU: one stream each)
+    assert shared["status"] == "ok" and shared["runs_in_process"] == 2 and shared["variant"] == small["concurrent_variant"]
+    assert shared["warmup_losses_difference_between_runs"] == 0.0 and shared["warmup_losses_difference_to_single"] == [0.0] * 5
+    assert shared["g_iterations_per_s_total"] == pytest.approx(2 * shared["g_iterations_per_s"])
     # the study's variant again on Fashion-MNIST files: held on the device as the study does, and through the loader
     on_device, loader = small["study_data_path"], small["loader_data_path"]
     assert on_device["data_on_device"] and not loader["data_on_device"]

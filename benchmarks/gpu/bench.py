@@ -57,10 +57,12 @@ SIZES = {
     False: {"width": None, "warmup": 2, "timed": 3, "faithful_micro": [32], "fast_micro": [256, 128, 64], "bn": 32,
             "repeats": 3, "fid_images": 50000, "fid_reference": 2500, "fid_batch": 500, "splits": 10,
             "small_width": None, "small_batch": 64, "small_warmup": 8, "window_s": 4.0, "concurrency": [1, 4, 16],
+            "in_one_process": [4, 16],
             "study_images": 60000, "worker_cap_s": 75, "biggan_batch": 64, "loader_images": 768, "loader_workers": None},
     True: {"width": 4, "warmup": 1, "timed": 2, "faithful_micro": [2], "fast_micro": [4], "bn": 2,
            "repeats": 2, "fid_images": 2, "fid_reference": 2, "fid_batch": 2, "splits": 1,
            "small_width": 8, "small_batch": 8, "small_warmup": 5, "window_s": 0.5, "concurrency": [1, 2],
+           "in_one_process": [2],
            "study_images": 256, "worker_cap_s": 40, "biggan_batch": 8, "loader_images": 64, "loader_workers": 2},
 }
 
@@ -100,6 +102,7 @@ def plans(args, on_gpu: bool) -> dict:
         "d_small_models": {"width": size["small_width"], "batch": size["small_batch"], "n_dis": 5,
                            "warmup": size["small_warmup"], "window_s": size["window_s"], "variants": variants,
                            "skipped": skipped, "concurrency": size["concurrency"],
+                           "in_one_process": size["in_one_process"],
                            "data_count": size["study_images"],
                            "worker_cap_s": size["worker_cap_s"]},
         "e_biggan": {"width": size["width"], "batch": size["biggan_batch"], "warmup": size["warmup"],

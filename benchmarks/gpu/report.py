@@ -144,6 +144,13 @@ def small_rows(small: dict) -> list[list]:
         rows.append([f"{parties} concurrent {small.get('concurrent_variant')}", level.get("g_iterations_per_s_total"),
                      f"each: {each}; warm-up losses vs the single run (largest): "
                      f"{[number(d, 2) for d in agreement]}"])
+    for streams, level in (small.get("in_one_process") or {}).items():
+        agreement = level.get("warmup_losses_difference_to_single") or []
+        rows.append([f"{streams} runs of {level.get('variant')} in one process, one CUDA stream each",
+                     level.get("g_iterations_per_s_total"),
+                     f"{level.get('status')}; each {number(level.get('g_iterations_per_s'), 3)}; warm-up losses vs "
+                     f"the single run (largest) {number(max(agreement), 2) if agreement else None}, between the runs "
+                     f"{number(level.get('warmup_losses_difference_between_runs'), 2)}"])
     return rows
 
 

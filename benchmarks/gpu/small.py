@@ -32,6 +32,7 @@ cost the study's SR arms add.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import tempfile
 import time
@@ -62,6 +63,7 @@ VARIANTS = {
     "fast": FAST,
     "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
+COMPILED = ("compiled-step-graphs", "fp32-graphs")  # minutes of compiling on a cold cache: measured after the rest
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
 # largest difference to eager of a variant that agrees: warm-up losses (in units of max(|eager's|, 1)) and the
 # distance its warm-up moved G's and D's weights (relative)
@@ -101,43 +103,71 @@ def wait_for_all(directory: Path, index: int, parties: int, deadline: float) -> 
     return time.time() - start
 
 
-def window(updater, seconds: float, device, read_every: int) -> tuple[int, float]:
-    """Iterations completed in a window of about ``seconds``, and its exact length. The losses are read every
-    ``read_every`` iterations, as the trainer reads them at each log line (each read waits for the device)."""
+def window(runs: list, seconds: float, device, read_every: int) -> tuple[int, float]:
+    """Iterations each run completed in a window of about ``seconds`` (the runs take turns, one iteration each), and
+    the window's exact length. The losses are read every ``read_every`` iterations, as the trainer reads them at each
+    log line (each read waits for that run's stream)."""
     synchronize(device)
-    start, count, unread = time.perf_counter(), 0, []
+    start, count, unread = time.perf_counter(), 0, [[] for _ in runs]
     while time.perf_counter() - start < seconds:
-        unread.append(updater.update())
+        for run, losses in zip(runs, unread):
+            losses.append(run.update())
+            if len(losses) == read_every:
+                read_losses(losses)
+                losses.clear()
         count += 1
-        if len(unread) == read_every:
-            read_losses(unread)
-            unread = []
     synchronize(device)
     return count, time.perf_counter() - start
 
 
+class SmallRun:
+    """One training run of the small models in a worker; with ``stream``, on its own CUDA stream (a run that
+    shares the worker's process with others, as ``train.py --group`` runs them)."""
+
+    def __init__(self, config, world: World, params: dict, stream: torch.cuda.Stream | None):
+        self.stream = stream
+        with self.turn():
+            self.models = build.build_models(config, world.device)
+            batches = build.build_batches(config, world) if params.get("data_root") else resident_batches(config, world)
+            self.updater = build.build_updater(config, world, self.models, batches)
+            self.initial = {name: [p.detach().clone() for p in getattr(self.models, name).parameters()]
+                            for name in ("gen", "dis")}
+
+    def turn(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def update(self):
+        with self.turn():
+            return self.updater.update()
+
+
 def worker(params: dict, partial) -> None:
-    """Child: one training run of the small models."""
+    """Child: one training run of the small models, or ``streams`` runs interleaved, each on its own stream."""
     device = pick_device()
     world = World(rank=0, local_rank=0, size=1, device=device)
     config = load_config(CONFIG, small_overrides(params))
     performance.configure_backends(config.performance, config.deterministic)
-    models = build.build_models(config, device)
-    batches = build.build_batches(config, world) if params.get("data_root") else resident_batches(config, world)
-    updater = build.build_updater(config, world, models, batches)
-    initial = {name: [p.detach().clone() for p in getattr(models, name).parameters()] for name in ("gen", "dis")}
-    warmup = [timed_value(updater.update, device) for _ in range(params["warmup"])]
-    partial.record(variant=params["variant"], config_overrides=small_overrides(params),
-                   warmup_s=[seconds for _, seconds in warmup], warmup_losses=read_losses([losses for losses, _ in warmup]),
-                   warmup_travel={name: travel(getattr(models, name), start) for name, start in initial.items()},
+    streams = params.get("runs_in_process", 1)
+    runs = [SmallRun(config, world, params, torch.cuda.Stream(device) if streams > 1 and device.type == "cuda"
+                     else None) for _ in range(streams)]
+    warmup = [[timed_value(run.update, device) for run in runs] for _ in range(params["warmup"])]
+    losses = [read_losses([iteration[index][0] for iteration in warmup]) for index in range(streams)]
+    partial.record(variant=params["variant"], config_overrides=small_overrides(params), runs_in_process=streams,
+                   warmup_s=[iteration[0][1] for iteration in warmup], warmup_losses=losses[0],
+                   warmup_travel={name: travel(getattr(runs[0].models, name), start)
+                                  for name, start in runs[0].initial.items()},
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"])
+    if streams > 1:  # the same seed and data: streams that disturbed each other would differ
+        partial.record(warmup_losses_difference_between_runs=max(max(loss_differences(other, losses[0]))
+                                                                 for other in losses[1:]))
     waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
                           params["deadline"] - params["window_s"] - 5)
-    count, seconds = window(updater, params["window_s"], device, config.display_interval)
+    count, seconds = window(runs, params["window_s"], device, config.display_interval)
     partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
+                   g_iterations_per_s_total=streams * count / seconds,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
-    if params["variant"] == "eager" and params["parties"] == 1 and not params.get("data_root"):
-        partial.record(sr_call_s=sr_call_seconds(models.dis, device))
+    if params["variant"] == "eager" and params["parties"] == 1 and streams == 1 and not params.get("data_root"):
+        partial.record(sr_call_s=sr_call_seconds(runs[0].models.dis, device))
 
 
 def sr_call_seconds(dis, device) -> dict:
@@ -176,17 +206,28 @@ def loss_differences(losses: list[dict] | None, reference: list[dict] | None) ->
             for mine, theirs in zip(losses, reference)]
 
 
-def single(params: dict, variant: str, directory: Path, name: str | None = None) -> dict:
+def single(params: dict, variant: str, directory: Path, name: str | None = None, streams: int = 1) -> dict:
     budget = min(params["worker_cap_s"], remaining(params) - RESERVE_S)
     if budget < MINIMUM_S:
         return {"status": "skipped", "error": "the section's budget is spent", "g_iterations_per_s": None,
                 "g_iterations_per_s_why": "not run"}
     name = name or variant
-    progress("d", f"{name}: one run")
-    worker_params = dict(params, variant=variant, barrier=str(directory / f"barrier-{name}"), index=0, parties=1)
+    progress("d", f"{name}: {streams} run(s) in one process")
+    worker_params = dict(params, variant=variant, barrier=str(directory / f"barrier-{name}"), index=0, parties=1,
+                         runs_in_process=streams)
     (directory / f"barrier-{name}").mkdir()
     result = run_child("d_worker", worker_params, directory / f"{name}.json", budget)
     progress("d", f"{name}: {result.get('g_iterations_per_s')} G-iterations/s ({result['status']})")
+    return result
+
+
+def in_one_process(params: dict, variant: str, streams: int, directory: Path, single_losses: list | None) -> dict:
+    """``streams`` runs of ``variant`` in one worker process, taking turns, each on its own CUDA stream (as
+    ``train.py --group`` runs a study's runs): on one GPU, the kernels of separate processes never run at the
+    same time, those of one process's streams can."""
+    result = single(params, variant, directory, name=f"{variant}-{streams}-streams", streams=streams)
+    result["warmup_losses_difference_to_single"] = loss_differences(result.get("warmup_losses"), single_losses)
+    progress("d", f"{streams} x {variant} in one process: {result.get('g_iterations_per_s_total')} in all")
     return result
 
 
@@ -251,30 +292,40 @@ def eager_differences(singles: dict) -> dict:
 
 
 def run(params: dict, partial) -> None:
-    """Section (d), in the parent process: eager and the study's candidates alone, the fastest of them that agrees
-    with eager on the study's data path and as 4, 16 concurrent runs (the collapse study's choice), then on the
-    loader's data path, then the fast variants alone (so that a tight budget drops those first)."""
+    """Section (d), in the parent process, in the order that a tight budget cuts from the end: eager and step graphs
+    alone; the faster of them that agrees with eager on the study's data path, as N runs in one process (one CUDA
+    stream each) and as N processes; the compiled candidates alone; the loader's data path; the fast variants."""
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
                    warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"],
                    agreement=AGREEMENT)
     candidates = [name for name in params["variants"] if not name.startswith("fast")]
+    compiled = [name for name in candidates if name in COMPILED]
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
         singles = {}
+
+        def alone(variant: str) -> None:
+            singles[variant] = single(params, variant, directory)
+            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),
+                           warmup_travel_difference_to_eager=travel_differences(singles))
+
         for variant in candidates:
-            singles[variant] = single(params, variant, directory)
-            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),
-                           warmup_travel_difference_to_eager=travel_differences(singles))
-        variant = fastest_agreeing(singles)
-        rate = singles[variant]["g_iterations_per_s"]
+            if variant not in compiled:
+                alone(variant)
+        chosen = fastest_agreeing(singles)
+        losses, rate = singles[chosen].get("warmup_losses"), singles[chosen]["g_iterations_per_s"]
         levels = {"1": {"g_iterations_per_s_each": [rate], "g_iterations_per_s_total": rate, "runs": "the single run"}}
-        partial.record(concurrent_variant=variant, concurrent=levels)
-        partial.record(study_data_path=with_data(params, variant, singles[variant], directory, on_device=True))
+        partial.record(concurrent_variant=chosen, concurrent=levels, in_one_process={})
+        partial.record(study_data_path=with_data(params, chosen, singles[chosen], directory, on_device=True))
+        shared = {}
+        for streams in params["in_one_process"]:
+            shared[str(streams)] = in_one_process(params, chosen, streams, directory, losses)
+            partial.record(in_one_process=shared)
         for parties in params["concurrency"][1:]:
-            levels[str(parties)] = concurrent(params, variant, parties, directory, singles[variant].get("warmup_losses"))
+            levels[str(parties)] = concurrent(params, chosen, parties, directory, losses)
             partial.record(concurrent=levels)
-        partial.record(loader_data_path=with_data(params, variant, singles[variant], directory, on_device=False))
+        for variant in compiled:
+            alone(variant)
+        partial.record(loader_data_path=with_data(params, chosen, singles[chosen], directory, on_device=False))
         for variant in [name for name in params["variants"] if name not in candidates]:
-            singles[variant] = single(params, variant, directory)
-            partial.record(single=singles, warmup_losses_difference_to_eager=eager_differences(singles),
-                           warmup_travel_difference_to_eager=travel_differences(singles))
+            alone(variant)

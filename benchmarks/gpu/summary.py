@@ -96,6 +96,14 @@ def concurrent(results: dict) -> str:
     return f"{variant}: " + "; ".join(totals) if totals else missing(results, "d_small_models")
 
 
+def in_one_process(results: dict) -> str:
+    levels = get(results, "d_small_models.in_one_process") or {}
+    totals = [f"{n} runs: {level['g_iterations_per_s_total']:.1f}" for n, level in levels.items()
+              if level.get("g_iterations_per_s_total")]
+    variant = next(iter(levels.values()), {}).get("variant")
+    return f"{variant}: " + "; ".join(totals) if totals else missing(results, "d_small_models.in_one_process")
+
+
 def study_data(results: dict) -> str:
     data = get(results, "d_small_models.study_data_path") or {}
     if not data.get("g_iterations_per_s"):
@@ -132,7 +140,8 @@ ROWS = [
         "spectra_fraction_of_faithful_iteration_extrapolated", " %", 100, 1)),
     ("FID of 50k images end to end: ours against torch-fidelity", fid),
     ("32 px study model (ch 32, batch 64, n_dis 5), one run: G-iterations/s", small_models),
-    ("the same, several runs at once: G-iterations/s in all", concurrent),
+    ("the same, several runs at once as processes: G-iterations/s in all", concurrent),
+    ("the same, several runs in one process (one CUDA stream each): G-iterations/s in all", in_one_process),
     ("the same, one run on the study's data path (held on the device): G-iterations/s", study_data),
     ("CIFAR-10-LT BigGAN iteration (batch 64, n_dis 5)", biggan),
     ("ImageNet loaders: prepared shards against JPEGs, images/s", loaders),

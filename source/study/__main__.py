@@ -1,6 +1,7 @@
 """python -m source.study: run a study (many train.py runs) in resumable chunks, here or on a lent GPU machine.
 
   run STUDY [--budget S] [--parallel N] [--setting NAME]   one chunk here (no --budget: until every run is done);
+      [--per-process K]                                    K runs per process, one CUDA stream each
       [--seed N] [--arm NAME]                              --setting, --seed, --arm choose runs (repeatable)
       [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
                                                            the study base's performance block where not given)
@@ -43,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name in ("run", "device"):
             command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
+            command.add_argument("--per-process", type=int, default=1,
+                                 help="runs sharing one process, each on its own CUDA stream (default 1): on one "
+                                      "GPU, separate processes' kernels never run at the same time")
             command.add_argument("--grace", type=float, default=120.0,
                                  help="seconds a stopped run has to write its snapshot (default 120)")
             command.add_argument("--set", dest="performance", action="append", default=[],
@@ -63,8 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study)
         root = Path(args.root or Path("results") / study.path.stem)
         runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None), getattr(args, "arm", None))
-        if getattr(args, "parallel", 1) < 1 or (getattr(args, "budget", None) or 1) <= 0:
-            raise ConfigError("--parallel and --budget must be positive")
+        counts = (getattr(args, "parallel", 1), getattr(args, "per_process", 1), getattr(args, "budget", None) or 1)
+        if min(counts) <= 0:
+            raise ConfigError("--parallel, --per-process and --budget must be positive")
         if hasattr(args, "performance"):
             args.performance, args.compiled = chunk_performance(study, args.performance)
         return COMMANDS[args.command](args, study, root, runs)
@@ -90,7 +95,7 @@ def chunk_performance(study: Study, sets: list[str]) -> tuple[list[str], bool]:
 
 def run_chunk(args, study: Study, root: Path, runs: list[Run]) -> runner.Chunk:
     return runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace,
-                            performance=tuple(args.performance), compiled=args.compiled)
+                            performance=tuple(args.performance), compiled=args.compiled, per_process=args.per_process)
 
 
 def run(args, study: Study, root: Path, runs: list[Run]) -> int:

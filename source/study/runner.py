@@ -6,10 +6,15 @@ advanced first; a branch whose parent reaches its branch point during the chunk 
 budget every process gets SIGTERM, finishes its iteration and writes a snapshot (``Trainer``), so the
 next chunk, here or on another machine, continues exactly there. ``state.prune`` then keeps only the
 snapshots a later chunk needs: each run's latest, and a parent's branch snapshot until its branch exists.
+
+With ``per_process`` above 1, runs started together share a process (``train.py --group``): interleaved, each on
+its own CUDA stream, so that the GPU can run their kernels side by side (``source/training/group.py``); each run
+keeps its own folder, console log and exit status.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -49,6 +54,7 @@ def command(study: Study, root: Path, run: Run, python: str, performance: tuple[
 class Chunk:
     stop: str          # what ends the chunk: a budget, or every run done
     parallel: int
+    per_process: int = 1  # runs sharing one process
     performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
     lead: str | None = None            # with compile on: the run that compiles first, alone
     lead_offset: int = 0               # where the lead's output of this chunk starts in its console log
@@ -66,18 +72,20 @@ def budget(seconds: float | None) -> Callable[[], bool] | None:
 
 def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = None,
               stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
-              echo=print, performance: tuple[str, ...] = (), compiled: bool = False) -> Chunk:
+              echo=print, performance: tuple[str, ...] = (), compiled: bool = False, per_process: int = 1) -> Chunk:
     """One chunk (see the module docstring) of ``runs`` (None: the study's) until ``stop()`` or all are done.
 
     ``performance``: ``performance.*`` overrides for every run of the chunk. ``compiled`` (the runs compile G
     and D): the first run compiles alone, with all the compile threads, until it logs an iteration; the others
     then find most of its compiled kernels in inductor's on-disk cache and compile with one thread each.
+    ``per_process``: runs started together, up to this many, share one process (``train.py --group``).
     """
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
-    chunk, active = Chunk("budget" if stop else "until done", parallel, tuple(performance)), {}
-    # the same in every chunk with this --parallel (CPU results depend on the thread count)
-    threads = str(max(1, (os.cpu_count() or 1) // parallel))
+    chunk = Chunk("budget" if stop else "until done", parallel, per_process, tuple(performance))
+    active = {}  # run name -> (its process, when it started); a group's runs share theirs
+    # the same in every chunk with these --parallel and --per-process (CPU results depend on the thread count)
+    threads = str(max(1, (os.cpu_count() or 1) // math.ceil(parallel / per_process)))
     next_report = time.time() + REPORT_SECONDS
     _stop_leftovers(root, grace, echo)
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -94,15 +102,17 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             ready = [r for r in runs if free > 0 and r.name not in chunk.runs
                      and status(study, root, r) in ("started", "fresh", "ready")]
             ready.sort(key=lambda r: latest_iteration(run_folder(root, r)))
-            for run in ready[:free]:
-                chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
+            starting = ready[:free]
+            for group in [starting[i:i + per_process] for i in range(0, len(starting), per_process)]:
+                for run in group:
+                    chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
                 compile_threads = None if chunk.lead is None else "1"
-                if compiled and chunk.lead is None:
-                    chunk.lead, log = run.name, console_log(root, run)
+                if compiled and chunk.lead is None:  # free was 1: a group of one
+                    chunk.lead, log = group[0].name, console_log(root, group[0])
                     chunk.lead_offset = log.stat().st_size if log.is_file() else 0
-                    echo(f"{run.name} compiles first, alone; the others start once it logs an iteration")
-                process = _launch(study, root, run, python, threads, echo, chunk.performance, compile_threads)
-                active[run.name] = (process, time.time())
+                    echo(f"{chunk.lead} compiles first, alone; the others start once it logs an iteration")
+                process = _launch(study, root, group, python, threads, echo, chunk.performance, compile_threads)
+                active.update({run.name: (process, time.time()) for run in group})
                 _record_pids(root, active)
             if not active:
                 break
@@ -167,15 +177,26 @@ def _stop_leftovers(root: Path, grace: float, echo) -> None:
     path.unlink(missing_ok=True)
 
 
-def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo, performance: tuple[str, ...],
-            compile_threads: str | None) -> subprocess.Popen:
-    folder = run_folder(root, run)
-    if folder.exists() and not snapshots_of(folder):
-        shutil.rmtree(folder)  # stopped before its first snapshot: nothing to keep, and train.py wants it empty
-    args = command(study, root, run, python, performance)
-    log = console_log(root, run)
-    log.parent.mkdir(parents=True, exist_ok=True)
-    echo(f"start {run.name}: {' '.join(args[2:6])} ...")
+def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str, echo,
+            performance: tuple[str, ...], compile_threads: str | None) -> subprocess.Popen:
+    """One process: ``train.py`` for a single run, ``train.py --group`` for several."""
+    for run in runs:
+        folder = run_folder(root, run)
+        if folder.exists() and not snapshots_of(folder):
+            shutil.rmtree(folder)  # stopped before its first snapshot: nothing to keep, and train.py wants it empty
+        exit_status(root, run).unlink(missing_ok=True)
+        console_log(root, run).parent.mkdir(parents=True, exist_ok=True)
+    if len(runs) == 1:
+        args, log = command(study, root, runs[0], python, performance), console_log(root, runs[0])
+        echo(f"start {runs[0].name}: {' '.join(args[2:6])} ...")
+    else:
+        specs = [{"args": command(study, root, run, python, performance)[2:], "log": str(console_log(root, run)),
+                  "status": str(exit_status(root, run))} for run in runs]
+        group = root / "groups" / f"{runs[0].setting}_{runs[0].arm}_s{runs[0].seed}.json"
+        group.parent.mkdir(parents=True, exist_ok=True)
+        group.write_text(json.dumps(specs, indent=1))
+        args, log = [python, str(TRAIN), "--group", str(group)], group.with_suffix(".log")
+        echo(f"start {', '.join(run.name for run in runs)} in one process ({group})")
     env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
     if compile_threads is not None:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = compile_threads
@@ -183,9 +204,14 @@ def _launch(study: Study, root: Path, run: Run, python: str, threads: str, echo,
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def exit_status(root: Path, run: Run) -> Path:
+    """Where ``train.py --group`` writes a run's own exit status (a group's process has one for all of its runs)."""
+    return console_log(root, run).with_suffix(".status")
+
+
 def _stop(active: dict, grace: float, echo) -> None:
     """SIGTERM: each run finishes its iteration and writes a snapshot; SIGKILL after ``grace`` seconds."""
-    for process, _ in active.values():
+    for process in {id(process): process for process, _ in active.values()}.values():  # once: a second means "now"
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
     end = time.time() + grace
@@ -201,11 +227,14 @@ def _stop(active: dict, grace: float, echo) -> None:
 def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     process, started = entry
     record = chunk.runs[run.name]
+    status = exit_status(root, run)
+    returncode = json.loads(status.read_text())["returncode"] if status.is_file() else process.returncode
+    status.unlink(missing_ok=True)
     record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
-                  returncode=process.returncode)
-    if process.returncode and process.returncode > 0:  # an error (a diverged run: 1), not a stop by a signal
-        failure_marker(root, run).write_text(json.dumps({"returncode": process.returncode, "iteration": record["to"]}))
-        echo(f"{run.name}: train.py exited with {process.returncode}; not relaunched until "
+                  returncode=returncode)
+    if returncode and returncode > 0:  # an error (a diverged run: 1), not a stop by a signal
+        failure_marker(root, run).write_text(json.dumps({"returncode": returncode, "iteration": record["to"]}))
+        echo(f"{run.name}: train.py exited with {returncode}; not relaunched until "
              f"{failure_marker(root, run)} is deleted (see {console_log(root, run)})")
     echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
 
@@ -221,7 +250,8 @@ def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:
 def _append_history(root: Path, chunk: Chunk) -> None:
     root.mkdir(parents=True, exist_ok=True)
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
-              "parallel": chunk.parallel, "performance": list(chunk.performance), "lead": chunk.lead,
+              "parallel": chunk.parallel, "per_process": chunk.per_process, "performance": list(chunk.performance),
+              "lead": chunk.lead,
               "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
     with open(root / "chunks.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")

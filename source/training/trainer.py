@@ -84,26 +84,40 @@ class Trainer:
         return self.elapsed_before + time.perf_counter() - self._start
 
     def run(self) -> None:
+        """Train until ``stop`` or a stop signal (Ctrl-C, SIGTERM: finish the iteration, write a snapshot)."""
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.iteration < self.stop:
-                try:
-                    losses = self.updater.update()
-                except RuntimeError:  # e.g. SR's SVD of weights that a NaN among the unread losses broke: say that
-                    self._read_losses_after_a_failure()
-                    raise
-                self._unread.append((self.iteration, losses))
-                self._fire_extensions(final=self.iteration == self.stop)
-                if any_rank(self._stop_signal is not None, self.world):
-                    self._read_losses()
-                    self._stop_cleanly()
-                    return
+            while self.advance():
+                pass
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            for extension in self.extensions:
-                extension.finalize(self)
-            self.log.close()
+            self.close()
+
+    def advance(self) -> bool:
+        """One iteration and the extensions due after it; False once the run is done or has stopped on a signal
+        (then its snapshot is written). ``run`` loops over it; a group of runs in one process
+        (``source.training.group``) interleaves several trainers' calls."""
+        if self.iteration >= self.stop:
+            return False
+        try:
+            losses = self.updater.update()
+        except RuntimeError:  # e.g. SR's SVD of weights that a NaN among the unread losses broke: say that
+            self._read_losses_after_a_failure()
+            raise
+        self._unread.append((self.iteration, losses))
+        self._fire_extensions(final=self.iteration == self.stop)
+        if any_rank(self._stop_signal is not None, self.world):
+            self._read_losses()
+            self._stop_cleanly()
+            return False
+        return self.iteration < self.stop
+
+    def close(self) -> None:
+        """After the last ``advance``, also after an error: the extensions finish, the log is closed."""
+        for extension in self.extensions:
+            extension.finalize(self)
+        self.log.close()
 
     def _fire_extensions(self, final: bool) -> None:
         due = [e for e in self.extensions if self.iteration % e.interval == 0 or (final and e.at_end)]
@@ -141,6 +155,14 @@ class Trainer:
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
+        self.request_stop(signum)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
+    def request_stop(self, signum: int) -> None:
+        """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do)."""
         self._stop_signal = signum
         if self.world.is_main:
             print(f"\n{signal.Signals(signum).name} received: finishing iteration {self.iteration + 1}, "

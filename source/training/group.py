@@ -1,0 +1,163 @@
+"""Several training runs in one process, interleaved iteration by iteration, each on its own CUDA stream.
+
+    python train.py --group GROUP.json
+
+Why: the collapse study's 32 px models are launch-bound. One step of one run is hundreds of kernels that each fill
+a small part of the GPU, so a run alone leaves most of it idle; several runs as separate processes do not fill it
+either, since a GPU without MPS time-slices between processes (their kernels never run at the same time). One
+process that issues several runs' kernels on separate CUDA streams lets the GPU run them side by side.
+
+The runs stay independent: each has its own models, optimizers, data, random generators, CUDA stream, run folder
+and console log, and nothing of one run is read by another, so each run computes what it computes alone (on CPU
+bit for bit, tested; the training path draws nothing from the global RNGs). All of a group's runs share the
+process's backend settings (TF32, cuDNN autotuning, determinism), so their ``performance`` and ``deterministic``
+settings must agree.
+
+GROUP.json: a list of ``{"args": [train.py arguments], "log": FILE, "status": FILE}``. A run's output goes to its
+log; when it ends, its exit status (train.py's: 0 done or stopped, 1 a run that cannot go on, 2 bad input, -N not
+started because signal N came first) is written to its status file as ``{"returncode": N}``. One run failing
+does not stop the others. SIGTERM or Ctrl-C: every run finishes its iteration and writes a snapshot, as train.py
+alone does; a second one stops at once.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import traceback
+from contextlib import ExitStack, contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import IO, Callable, Iterator
+
+import torch
+
+from source.config import ConfigError
+from source.training.distributed import World, world_size_from_env
+from source.training.trainer import Trainer
+
+OpenRun = Callable[[list[str], ExitStack, dict], "Trainer | None"]
+FailureStatus = Callable[[Exception, World], "int | None"]
+
+
+class Member:
+    """One run of the group: its console log, its CUDA stream, its trainer once opened, its exit status once ended."""
+
+    def __init__(self, spec: dict):
+        self.args, self.status_file = spec["args"], Path(spec["status"])
+        Path(spec["log"]).parent.mkdir(parents=True, exist_ok=True)
+        self.log: IO = open(spec["log"], "a", buffering=1)
+        self.stack = ExitStack()
+        self.trainer: Trainer | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.returncode: int | None = None
+
+    @contextmanager
+    def turn(self) -> Iterator[None]:
+        """While this run works: its output goes to its log, its kernels to its stream."""
+        stream = torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+        with redirect_stdout(self.log), redirect_stderr(self.log), stream:
+            yield
+
+    def open(self, open_run: OpenRun, failure_status: FailureStatus, shared: dict) -> None:
+        self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
+        self.act(lambda: setattr(self, "trainer", open_run(self.args, self.stack, shared)), failure_status)
+        if self.returncode is None and self.trainer is None:
+            self.end(0)  # nothing to train (a run already at its last iteration opens and ends at once)
+
+    def advance(self, failure_status: FailureStatus) -> None:
+        self.act(lambda: self.trainer.advance() or self.end(0), failure_status)
+
+    def act(self, work: Callable[[], object], failure_status: FailureStatus) -> None:
+        """``work`` in this run's turn; an error ends this run alone, with train.py's status and message for it."""
+        with self.turn():
+            try:
+                work()
+            except Exception as error:  # noqa: BLE001: one run's error is that run's, the others go on
+                world = self.trainer.world if self.trainer is not None else World(0, 0, 1, torch.device("cpu"))
+                status = failure_status(error, world)
+                if status is None:
+                    traceback.print_exc()
+                self.end(1 if status is None else status)
+
+    def end(self, returncode: int) -> None:
+        """Close the run (its extensions, its log, its folder's lock) and write its exit status."""
+        if self.returncode is not None:
+            return
+        self.returncode = returncode
+        with self.turn():
+            try:
+                if self.trainer is not None:
+                    self.trainer.close()
+            finally:
+                self.stack.close()
+        self.status_file.parent.mkdir(parents=True, exist_ok=True)
+        self.status_file.write_text(json.dumps({"returncode": returncode}))
+        self.log.close()
+
+
+def read_group(path: str) -> list[dict]:
+    """The group file's runs, checked (one line for a malformed file)."""
+    try:
+        specs = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--group {path}: cannot read it as JSON ({error})") from None
+    fields = {"args": list, "log": str, "status": str}
+    if not isinstance(specs, list) or not specs or not all(
+            isinstance(spec, dict) and set(spec) == set(fields) and all(isinstance(spec[k], t) for k, t in fields.items())
+            and all(isinstance(arg, str) for arg in spec["args"]) for spec in specs):
+        raise ConfigError(f"--group {path}: expected a non-empty list of {{\"args\": [strings], \"log\": path, "
+                          f"\"status\": path}}")
+    return specs
+
+
+def main(path: str, open_run: OpenRun, failure_status: FailureStatus) -> int:
+    """Open every run of the group, then advance them in turn until each is done, stopped or failed; 0 when all
+    ended with 0, else the largest status (each run's own is in its status file)."""
+    try:
+        if world_size_from_env() > 1:
+            raise ConfigError("--group runs in one process; start it without torchrun")
+        members = [Member(spec) for spec in read_group(path)]
+    except (ConfigError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    stop, shared = _Stop(members), {}
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for member in members:
+            if stop.signum is None:
+                member.open(open_run, failure_status, shared)
+            else:  # signalled while the runs opened: the others do not start
+                member.end(-stop.signum)
+        stop.pass_on()  # to a run that was opening when the signal came: it stops after its first iteration
+        while running := [m for m in members if m.returncode is None]:
+            for member in running:
+                member.advance(failure_status)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for member in members:
+            member.end(1)  # only those an interruption left open: the others have ended
+    return max(max(member.returncode, 0) for member in members)
+
+
+class _Stop:
+    """The group's signal handler: the first signal asks every open run to stop after its iteration (and write a
+    snapshot), a second one stops at once."""
+
+    def __init__(self, members: list[Member]):
+        self.members = members
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self.pass_on()
+
+    def pass_on(self) -> None:
+        if self.signum is None:
+            return
+        for member in self.members:
+            if member.trainer is not None and member.returncode is None and not member.trainer.stop_requested:
+                with member.turn():
+                    member.trainer.request_stop(self.signum)

@@ -1,0 +1,69 @@
+"""What ``train.py`` says about a run before it trains: the global batch, and a dry run's summary."""
+from __future__ import annotations
+
+from source.config import Config
+from source.datasets import DatasetError, check_dataset_args, describe_class_counts
+from source.training import build, runfolder
+from source.training.distributed import World
+
+
+def batch_summary(config: Config, world: World) -> str:
+    def split(batchsize: int) -> str:
+        return (f"{batchsize} = {config.micro_batchsize} (micro) x {world.size} (world size) x "
+                f"{config.accumulation_steps(world.size, batchsize)} (accumulation steps)")
+
+    same = config.gen_batch == config.batchsize
+    return split(config.batchsize) if same else f"D {split(config.batchsize)}; G {split(config.gen_batch)}"
+
+
+def describe_data(config: Config, source: str) -> str:
+    """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data)."""
+    problems = check_dataset_args(config.dataset.name, config.dataset.args)
+    try:
+        if not problems:
+            dataset = build.build_training_data(config, source=source)
+            counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
+            held = ", held on the device" if config.performance.data_on_device else ""
+            return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
+                    f"{dataset.size}px{held}{counts}")
+    except DatasetError as error:  # e.g. a download that cannot happen offline
+        problems = [str(error)]
+    return "NOT AVAILABLE: " + "; ".join(problems)
+
+
+def describe_terms(config: Config) -> str:
+    """The training terms besides the adversarial loss and SR that this run uses."""
+    settings, terms = config.updater, []
+    if settings.diffaugment:
+        terms.append(f"DiffAugment {settings.diffaugment}")
+    if settings.lecam.weight > 0:
+        terms.append(f"LeCam {settings.lecam.weight} ({settings.lecam.form} form, decay {settings.lecam.decay})")
+    if settings.gsr.enabled:
+        gsr = settings.gsr
+        weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
+                   else "lambda 1")
+        terms.append(f"gSR ({weights}, {gsr.power_iterations} power steps)")
+    if settings.ema.enabled:
+        terms.append(f"EMA of G {settings.ema.decay} from {settings.ema.start_iteration}")
+    terms.append(f"fake labels {settings.fake_labels}")
+    return "; ".join(terms)
+
+
+def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str) -> None:
+    """What the run would be: models, optimizers, batch, terms, device, folder and data, one row each."""
+    out = f"{plan.first} (continues the run in place)" if plan.in_place else \
+        f"{plan.first}{'' if plan.only else ' (or the next free name, if taken)'}"
+    rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
+            ("discriminator", f"{config.models.discriminator.name}: {build.count_parameters(models.dis):,} parameters"),
+            ("optimizers", f"Adam G lr {config.adam_G.alpha} betas ({config.adam_G.beta1}, {config.adam_G.beta2}); "
+                           f"Adam D lr {config.adam_D.alpha} betas ({config.adam_D.beta1}, {config.adam_D.beta2})"),
+            ("global batch", batch_summary(config, world)),
+            ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
+                        f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
+            ("terms", describe_terms(config)),
+            ("device", f"{world.device} (world size {world.size})"),
+            ("run folder", out)]
+    rows.append(("data", describe_data(config, source)))
+    if world.is_main:
+        width = max(len(name) for name, _ in rows)
+        print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))

@@ -1,0 +1,138 @@
+"""Several runs in one process (train.py --group): each computes what it computes alone, fails alone, stops with a
+snapshot; and the study runner's --per-process, which starts such groups."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from source.study import runner, state
+from source.study.spec import load_study
+from source.training.checkpoint import load_snapshot, snapshots_of
+from source.training.runlog import read_jsonl
+from test_study import write_study
+from test_training import tiny_argv
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_group(path: Path, runs: dict[str, list[str]]) -> Path:
+    specs = [{"args": args, "log": str(path.parent / f"{name}.log"), "status": str(path.parent / f"{name}.status")}
+             for name, args in runs.items()]
+    path.write_text(json.dumps(specs))
+    return path
+
+
+def status_of(path: Path, name: str) -> int:
+    return json.loads((path.parent / f"{name}.status").read_text())["returncode"]
+
+
+def final_state(folder: Path) -> dict:
+    snapshot = load_snapshot(snapshots_of(folder)[-1])
+    return {"iteration": snapshot["iteration"], **{f"{net}.{key}": value for net in ("gen", "dis")
+                                                     for key, value in snapshot[net].items()}}
+
+
+def losses(folder: Path) -> list[tuple]:
+    return [(r["iteration"], r["loss_dis"], r["loss_gen"]) for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r]
+
+
+def test_runs_of_a_group_compute_what_each_computes_alone(tmp_path):
+    # two different runs of different lengths: dynamic SR on one, the other ends first and the group goes on
+    runs = {"a": ("4", "seed=3"), "b": ("6", "updater.apply_SR=false", "updater.n_dis=2")}
+    group = write_group(tmp_path / "group.json", {name: tiny_argv(tmp_path / "grouped" / name, int(n), *extra)
+                                                  for name, (n, *extra) in runs.items()})
+    assert train.main(["--group", str(group)]) == 0
+    for name, (n, *extra) in runs.items():
+        assert train.main(tiny_argv(tmp_path / "alone" / name, int(n), *extra)) == 0
+        grouped, alone = final_state(tmp_path / "grouped" / name), final_state(tmp_path / "alone" / name)
+        assert grouped["iteration"] == alone["iteration"] == int(n)
+        assert grouped.keys() == alone.keys() and all(torch.equal(grouped[k], alone[k]) for k in alone
+                                                      if k != "iteration")
+        assert losses(tmp_path / "grouped" / name) == losses(tmp_path / "alone" / name)
+        assert status_of(group, name) == 0
+        log = (tmp_path / f"{name}.log").read_text()  # each run's output in its own log
+        folders = [line.split()[2] for line in log.splitlines() if line.startswith("run folder:")]
+        assert folders == [str(tmp_path / "grouped" / name)] and f"iteration={n} " in log
+
+
+def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something").write_text("")
+    group = write_group(tmp_path / "group.json", {
+        "good": tiny_argv(tmp_path / "good", 3),
+        "taken": tiny_argv(taken, 3),  # --out holds another run's file
+        "other_backends": tiny_argv(tmp_path / "other", 3, "performance.channels_last=true"),
+        "typo": tiny_argv(tmp_path / "typo", 3, "updater.n_diss=2")})
+    assert train.main(["--group", str(group)]) == 2
+    assert status_of(group, "good") == 0 and final_state(tmp_path / "good")["iteration"] == 3
+    for name, message in [("taken", "already holds a run"), ("other_backends", "must agree"), ("typo", "n_diss")]:
+        assert status_of(group, name) == 2
+        errors = [line for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "other").exists() and not (tmp_path / "typo").exists()
+    bad = tmp_path / "bad.json"
+    for content in ("[", "[]", json.dumps([{"args": "--config x", "log": "l", "status": "s"}])):
+        bad.write_text(content)
+        assert train.main(["--group", str(bad)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(SystemExit):
+        train.main(["--group", str(group), "--out", str(tmp_path / "x")])
+
+
+def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_path):
+    folders = {name: tmp_path / name for name in ("a", "b")}
+    group = write_group(tmp_path / "group.json", {name: tiny_argv(folder, 100000, f"seed={i}")
+                                                  for i, (name, folder) in enumerate(folders.items())})
+    process = subprocess.Popen([sys.executable, "train.py", "--group", str(group)], cwd=ROOT, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and min(state.logged_iteration(f) for f in folders.values()) < 2:
+        time.sleep(0.3)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    for name, folder in folders.items():
+        assert status_of(group, name) == 0
+        stopped = state.latest_iteration(folder)
+        assert stopped >= 2 and any(r.get("event") == "interrupted" and r["iteration"] == stopped
+                                    for r in read_jsonl(folder / "log.jsonl"))
+        assert "SIGTERM received" in (tmp_path / f"{name}.log").read_text()
+    snapshot = snapshots_of(folders["a"])[-1]
+    assert train.main(["--resume", str(snapshot), "--set", f"iteration={stopped + 1}"]) == 0
+
+
+def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_runs_alone(tmp_path):
+    arms = {"a": {}, "b": {"set": ["updater.apply_SR=true"]}, "c": {}}
+    study = load_study(write_study(tmp_path, 40, **arms))
+    root = tmp_path / "runs"
+    reached = lambda: min(state.latest_iteration(state.run_folder(root, run)) for run in study.runs)  # noqa: E731
+    lines = []
+    # every chunk here runs two processes at most, so each process has the same threads (CPU results depend on them)
+    runner.run_chunk(study, root, parallel=4, per_process=2, stop=lambda: reached() >= 2, echo=lines.append)
+    assert sum(" in one process (" in line for line in lines) == 1  # a and b together, c alone
+    stopped = {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}
+    assert all(2 <= iteration < 40 for iteration in stopped.values()), stopped
+    chunk = runner.run_chunk(study, root, parallel=6, per_process=3, echo=lines.append)
+    assert {name: record["returncode"] for name, record in chunk.runs.items()} == {run.name: 0 for run in study.runs}
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    runner.run_chunk(load_study(write_study(alone, 40, **arms)), alone, parallel=2, echo=lambda _: 0)
+    for run in study.runs:
+        folder = state.run_folder(root, run)
+        resumed = [r["iteration"] for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"]
+        assert resumed == [stopped[run.name]]  # continued in place once, from where the group's stop left it
+        grouped, straight = final_state(folder), final_state(state.run_folder(alone, run))
+        assert grouped["iteration"] == 40 and all(torch.equal(grouped[k], straight[k]) for k in straight
+                                                  if k != "iteration")
+    assert not list(root.rglob("*.status"))  # read and removed
+    history = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
+    assert [record["per_process"] for record in history] == [2, 3]
+    group = json.loads((root / "groups" / "tiny_a_s0.json").read_text())  # the last chunk's: its three runs
+    assert [Path(spec["log"]).name for spec in group] == ["a_s0.log", "b_s0.log", "c_s0.log"]
