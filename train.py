@@ -118,11 +118,19 @@ def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer | None:
     if args.group or args.dry_run:
         raise ConfigError("a run of a group takes --config/--resume, --set and --out only")
     snapshot, config = read_settings(args)
+    if config.performance.compile:  # D's SN parametrizations make each instance a class of its own: every run
+        # would recompile D, and past dynamo's recompile limit run it eagerly without a word (reduce-overhead's
+        # graph trees would also share one memory pool across the runs' streams)
+        raise ConfigError("performance.compile: a group's runs run uncompiled (step graphs are the fast path here)")
     backends = {key: config.to_dict()[key] for key in ("performance", "deterministic")}
     if shared.setdefault("backends", backends) != backends:
         raise ConfigError(f"the runs of a group share the process's backends: their performance.* and deterministic "
                           f"settings must agree (this run's {backends}, the first run's {shared['backends']})")
-    return start(args, config, snapshot, init_world(config.device), stack)
+    world = init_world(config.device)
+    if world.device.type == "cuda" and world.device.index != torch.cuda.current_device():
+        raise ConfigError(f"device: {config.device}: a group's runs use the process's CUDA device, "
+                          f"cuda:{torch.cuda.current_device()}")
+    return start(args, config, snapshot, world, stack)
 
 
 def report(message: str, world: World | None = None) -> None:
@@ -180,6 +188,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     counts = build.generator_class_counts(config, batches.dataset) if models.gen.n_classes else []
     trainer = Trainer(build.build_updater(config, world, models, batches), stop=config.iteration, out=out,
                       world=world, config_dict=config.to_dict(), extensions=make_extensions(config, world, counts))
+    stack.callback(trainer.close)  # also when the resume below fails: its log and event writer are closed
     if snapshot:
         # the original's replicas were copied before the snapshot was loaded: they hold the initial models
         branch = Path(out).resolve() != checkpoint.run_folder_of(args.resume)

@@ -1,6 +1,7 @@
 """Several runs in one process (train.py --group): each computes what it computes alone, fails alone, stops with a
 snapshot; and the study runner's --per-process, which starts such groups."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from source.study import runner, state
 from source.study.spec import load_study
 from source.training.checkpoint import load_snapshot, snapshots_of
 from source.training.runlog import read_jsonl
+from source.training.trainer import Trainer
 from test_study import write_study
 from test_training import tiny_argv
 
@@ -42,9 +44,16 @@ def losses(folder: Path) -> list[tuple]:
     return [(r["iteration"], r["loss_dis"], r["loss_gen"]) for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r]
 
 
-def test_runs_of_a_group_compute_what_each_computes_alone(tmp_path):
-    # two different runs of different lengths: dynamic SR on one, the other ends first and the group goes on
-    runs = {"a": ("4", "seed=3"), "b": ("6", "updater.apply_SR=false", "updater.n_dis=2")}
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="one CUDA stream per run, step graphs: run it on a GPU machine"))])
+def test_runs_of_a_group_compute_what_each_computes_alone(tmp_path, device):
+    # two different runs of different lengths: dynamic SR on one, the other ends first and the group goes on; on a
+    # GPU each run on its own stream, with its steps as CUDA graphs (captured from a step's 4th call), the losses
+    # read every 5 iterations, so that the runs' iterations in between overlap on the device
+    on = ["device=cpu"] if device == "cpu" else ["device=cuda", "performance.step_graphs=true",
+                                                 "performance.fused_adam=true", "display_interval=5"]
+    lengths = ("4", "6") if device == "cpu" else ("10", "15")
+    runs = {"a": (lengths[0], "seed=3", *on), "b": (lengths[1], "updater.apply_SR=false", "updater.n_dis=2", *on)}
     group = write_group(tmp_path / "group.json", {name: tiny_argv(tmp_path / "grouped" / name, int(n), *extra)
                                                   for name, (n, *extra) in runs.items()})
     assert train.main(["--group", str(group)]) == 0
@@ -69,10 +78,12 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
         "good": tiny_argv(tmp_path / "good", 3),
         "taken": tiny_argv(taken, 3),  # --out holds another run's file
         "other_backends": tiny_argv(tmp_path / "other", 3, "performance.channels_last=true"),
-        "typo": tiny_argv(tmp_path / "typo", 3, "updater.n_diss=2")})
+        "typo": tiny_argv(tmp_path / "typo", 3, "updater.n_diss=2"),
+        "compiled": tiny_argv(tmp_path / "compiled", 3, "performance.compile=true")})
     assert train.main(["--group", str(group)]) == 2
     assert status_of(group, "good") == 0 and final_state(tmp_path / "good")["iteration"] == 3
-    for name, message in [("taken", "already holds a run"), ("other_backends", "must agree"), ("typo", "n_diss")]:
+    for name, message in [("taken", "already holds a run"), ("other_backends", "must agree"), ("typo", "n_diss"),
+                          ("compiled", "run uncompiled")]:
         assert status_of(group, name) == 2
         errors = [line for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], errors
@@ -86,8 +97,24 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
         train.main(["--group", str(group), "--out", str(tmp_path / "x")])
 
 
-def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_path):
-    folders = {name: tmp_path / name for name in ("a", "b")}
+def test_an_error_while_a_run_closes_is_that_runs_status(tmp_path, monkeypatch):
+    close = Trainer.close
+
+    def failing_close(trainer):
+        close(trainer)
+        if trainer.out.name == "bad":
+            raise OSError("no space left on device")
+
+    monkeypatch.setattr(Trainer, "close", failing_close)
+    group = write_group(tmp_path / "group.json", {"bad": tiny_argv(tmp_path / "bad", 2),
+                                                  "good": tiny_argv(tmp_path / "good", 4)})
+    assert train.main(["--group", str(group)]) == 1
+    assert status_of(group, "bad") == 1 and "no space left on device" in (tmp_path / "bad.log").read_text()
+    assert status_of(group, "good") == 0 and final_state(tmp_path / "good")["iteration"] == 4
+
+
+def start_group(tmp_path: Path, folders: dict) -> tuple[subprocess.Popen, Path]:
+    """A group of long runs in a process of its own, once every run has logged two iterations."""
     group = write_group(tmp_path / "group.json", {name: tiny_argv(folder, 100000, f"seed={i}")
                                                   for i, (name, folder) in enumerate(folders.items())})
     process = subprocess.Popen([sys.executable, "train.py", "--group", str(group)], cwd=ROOT, stderr=subprocess.PIPE,
@@ -95,6 +122,29 @@ def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and min(state.logged_iteration(f) for f in folders.values()) < 2:
         time.sleep(0.3)
+    return process, group
+
+
+def test_a_second_sigterm_stops_a_group_at_once_and_no_run_counts_as_failed(tmp_path, monkeypatch):
+    advance = Trainer.advance
+
+    def signalled_twice(trainer):  # both signals during a's second iteration, before any snapshot
+        going = advance(trainer)
+        if trainer.out.name == "a" and trainer.iteration == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return going
+
+    monkeypatch.setattr(Trainer, "advance", signalled_twice)
+    group = write_group(tmp_path / "group.json", {name: tiny_argv(tmp_path / name, 100) for name in ("a", "b")})
+    assert train.main(["--group", str(group)]) == 128 + signal.SIGTERM
+    assert [status_of(group, name) for name in ("a", "b")] == [-signal.SIGTERM] * 2  # the study relaunches them
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the group's handlers are gone
+
+
+def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_path):
+    folders = {name: tmp_path / name for name in ("a", "b")}
+    process, group = start_group(tmp_path, folders)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
@@ -134,5 +184,15 @@ def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_r
     assert not list(root.rglob("*.status"))  # read and removed
     history = [json.loads(line) for line in (root / "chunks.jsonl").read_text().splitlines()]
     assert [record["per_process"] for record in history] == [2, 3]
-    group = json.loads((root / "groups" / "tiny_a_s0.json").read_text())  # the last chunk's: its three runs
-    assert [Path(spec["log"]).name for spec in group] == ["a_s0.log", "b_s0.log", "c_s0.log"]
+    groups = [sorted(Path(spec["log"]).name for spec in json.loads(path.read_text()))  # named after their first run
+              for path in (root / "groups").glob("*.json")]
+    assert ["a_s0.log", "b_s0.log", "c_s0.log"] in groups  # the last chunk's
+
+
+def test_a_chunk_refuses_compile_with_runs_sharing_processes(tmp_path, capsys):
+    from source.study import __main__ as study_cli
+
+    study = str(write_study(tmp_path, 4, a={}))
+    assert study_cli.main(["run", study, "--per-process", "2", "--set", "performance.compile=true"]) == 2
+    assert "--per-process above 1 runs uncompiled" in capsys.readouterr().err
+    assert study_cli.main(["run", study, "--per-process", "0"]) == 2

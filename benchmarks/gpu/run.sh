@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu/run.sh [bench.py options, e.g. --quick or --sections a_fast]
 #   bash benchmarks/gpu/run.sh --stash    first call of the two-call route: keeps the weights' first half
 #   bash benchmarks/gpu/run.sh --gpu-tests [bench.py options]   first the tests only a GPU runs (CUDA graph capture,
-#                                         device batches' bits, SR solved on the CPU), their log beside the results
+#                                         device batches' bits, SR solved on the CPU, runs sharing a process on
+#                                         streams), their log beside the results
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
@@ -29,7 +30,7 @@ if [ "${1:-}" = "--gpu-tests" ]; then
     TESTS_LOG=/dev/null
     [ -n "${OUT:-}" ] && TESTS_LOG=$OUT/gpu_tests.log
     "$PYTHON" -m pytest -q -p no:cacheprovider -k gpu tests/test_step_graphs.py tests/test_device_batches.py \
-        tests/test_spectral.py 2>&1 | tee "$TESTS_LOG"
+        tests/test_spectral.py tests/test_group.py 2>&1 | tee "$TESTS_LOG"
 fi
 
 WEIGHTS=()

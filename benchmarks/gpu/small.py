@@ -44,7 +44,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, median, peak_memory, pick_device, progress,
-                                   read_result, remaining, run_child, start_child, synchronize, timed, timed_value)
+                                   read_result, remaining, run_child, start_child, synchronize, timed)
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
 from source.config import load_config
 from source.spectral.sr import MODES, SpectralRegularizer
@@ -113,7 +113,7 @@ def window(runs: list, seconds: float, device, read_every: int) -> tuple[int, fl
         for run, losses in zip(runs, unread):
             losses.append(run.update())
             if len(losses) == read_every:
-                read_losses(losses)
+                run.read(losses)
                 losses.clear()
         count += 1
     synchronize(device)
@@ -140,33 +140,40 @@ class SmallRun:
         with self.turn():
             return self.updater.update()
 
+    def read(self, losses: list) -> list[dict]:
+        with self.turn():  # waits for this run's stream, as the trainer's read at a log line does
+            return read_losses(losses)
+
 
 def worker(params: dict, partial) -> None:
-    """Child: one training run of the small models, or ``streams`` runs interleaved, each on its own stream."""
+    """Child: one training run of the small models, or ``runs_in_process`` runs taking turns, each on its own stream.
+
+    Runs in one process have seeds of their own (the first the single run's), so that their models and data differ:
+    their warm-up iterations overlap on the device, and the first run's losses, compared with the single run's,
+    would show one run's kernels disturbing another's (runs with equal data would write equal values)."""
     device = pick_device()
     world = World(rank=0, local_rank=0, size=1, device=device)
-    config = load_config(CONFIG, small_overrides(params))
-    performance.configure_backends(config.performance, config.deterministic)
-    streams = params.get("runs_in_process", 1)
-    runs = [SmallRun(config, world, params, torch.cuda.Stream(device) if streams > 1 and device.type == "cuda"
-                     else None) for _ in range(streams)]
-    warmup = [[timed_value(run.update, device) for run in runs] for _ in range(params["warmup"])]
-    losses = [read_losses([iteration[index][0] for iteration in warmup]) for index in range(streams)]
-    partial.record(variant=params["variant"], config_overrides=small_overrides(params), runs_in_process=streams,
-                   warmup_s=[iteration[0][1] for iteration in warmup], warmup_losses=losses[0],
+    count = params.get("runs_in_process", 1)
+    configs = [load_config(CONFIG, small_overrides(params) + ([f"seed={index}"] if index else []))
+               for index in range(count)]
+    performance.configure_backends(configs[0].performance, configs[0].deterministic)
+    runs = [SmallRun(config, world, params, torch.cuda.Stream(device) if count > 1 and device.type == "cuda"
+                     else None) for config in configs]
+    warmup, rounds_s = [[] for _ in runs], []
+    for _ in range(params["warmup"]):  # a round: each run one iteration, their kernels overlapping
+        rounds_s.append(timed(lambda: [losses.append(run.update()) for run, losses in zip(runs, warmup)], device))
+    partial.record(variant=params["variant"], config_overrides=small_overrides(params), runs_in_process=count,
+                   warmup_s=rounds_s, warmup_losses=runs[0].read(warmup[0]),
                    warmup_travel={name: travel(getattr(runs[0].models, name), start)
                                   for name, start in runs[0].initial.items()},
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"])
-    if streams > 1:  # the same seed and data: streams that disturbed each other would differ
-        partial.record(warmup_losses_difference_between_runs=max(max(loss_differences(other, losses[0]))
-                                                                 for other in losses[1:]))
     waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
                           params["deadline"] - params["window_s"] - 5)
-    count, seconds = window(runs, params["window_s"], device, config.display_interval)
-    partial.record(barrier_wait_s=waited, iterations=count, window_s=seconds, g_iterations_per_s=count / seconds,
-                   g_iterations_per_s_total=streams * count / seconds,
+    iterations, seconds = window(runs, params["window_s"], device, configs[0].display_interval)
+    partial.record(barrier_wait_s=waited, iterations=iterations, window_s=seconds,
+                   g_iterations_per_s=iterations / seconds, g_iterations_per_s_total=count * iterations / seconds,
                    cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
-    if params["variant"] == "eager" and params["parties"] == 1 and streams == 1 and not params.get("data_root"):
+    if params["variant"] == "eager" and params["parties"] == 1 and count == 1 and not params.get("data_root"):
         partial.record(sr_call_s=sr_call_seconds(runs[0].models.dis, device))
 
 
@@ -224,7 +231,8 @@ def single(params: dict, variant: str, directory: Path, name: str | None = None,
 def in_one_process(params: dict, variant: str, streams: int, directory: Path, single_losses: list | None) -> dict:
     """``streams`` runs of ``variant`` in one worker process, taking turns, each on its own CUDA stream (as
     ``train.py --group`` runs a study's runs): on one GPU, the kernels of separate processes never run at the
-    same time, those of one process's streams can."""
+    same time, those of one process's streams can. The first run's warm-up losses must equal the single run's
+    (``warmup_losses_difference_to_single``; the others run other seeds beside it)."""
     result = single(params, variant, directory, name=f"{variant}-{streams}-streams", streams=streams)
     result["warmup_losses_difference_to_single"] = loss_differences(result.get("warmup_losses"), single_losses)
     progress("d", f"{streams} x {variant} in one process: {result.get('g_iterations_per_s_total')} in all")

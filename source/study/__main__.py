@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--parallel, --per-process and --budget must be positive")
         if hasattr(args, "performance"):
             args.performance, args.compiled = chunk_performance(study, args.performance)
+            if args.compiled and args.per_process > 1:
+                raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
+                                  "give performance.step_graphs=true instead, or one run per process")
         return COMMANDS[args.command](args, study, root, runs)
     except (ConfigError, transfer.TransferError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -161,7 +161,7 @@ def _stop_leftovers(root: Path, grace: float, echo) -> None:
     """Stop train.py processes a killed earlier chunk left running (they run in their own sessions)."""
     path = root / PIDS
     pids = json.loads(path.read_text()).items() if path.is_file() else []
-    for name, pid in pids:
+    for pid, name in {pid: name for name, pid in pids}.items():  # a group's runs share their pid: stop it once
         try:
             if b"train.py" not in Path(f"/proc/{pid}/cmdline").read_bytes():
                 continue
@@ -227,9 +227,7 @@ def _stop(active: dict, grace: float, echo) -> None:
 def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     process, started = entry
     record = chunk.runs[run.name]
-    status = exit_status(root, run)
-    returncode = json.loads(status.read_text())["returncode"] if status.is_file() else process.returncode
-    status.unlink(missing_ok=True)
+    returncode = _own_returncode(exit_status(root, run), process)
     record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
                   returncode=returncode)
     if returncode and returncode > 0:  # an error (a diverged run: 1), not a stop by a signal
@@ -237,6 +235,17 @@ def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
         echo(f"{run.name}: train.py exited with {returncode}; not relaunched until "
              f"{failure_marker(root, run)} is deleted (see {console_log(root, run)})")
     echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
+
+
+def _own_returncode(status: Path, process: subprocess.Popen) -> int | None:
+    """A grouped run's own exit status (read once, then removed); the process's where it wrote none (a single run,
+    or a group killed before the run ended)."""
+    try:
+        return int(json.loads(status.read_text())["returncode"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return process.returncode
+    finally:
+        status.unlink(missing_ok=True)
 
 
 def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:

@@ -9,9 +9,13 @@ process that issues several runs' kernels on separate CUDA streams lets the GPU 
 
 The runs stay independent: each has its own models, optimizers, data, random generators, CUDA stream, run folder
 and console log, and nothing of one run is read by another, so each run computes what it computes alone (on CPU
-bit for bit, tested; the training path draws nothing from the global RNGs). All of a group's runs share the
-process's backend settings (TF32, cuDNN autotuning, determinism), so their ``performance`` and ``deterministic``
-settings must agree.
+bit for bit, tested; the training path draws nothing from the global RNGs, so the RNG states a snapshot records,
+the process's, matter to none of them). All of a group's runs share the process's backend settings (TF32, cuDNN
+autotuning, determinism) and CUDA device, so their ``performance`` and ``deterministic`` settings must agree; they
+run uncompiled (each run's D would be compiled anew, and past dynamo's recompile limit silently run eagerly), their
+fast path is ``performance.step_graphs``, whose captures give each graph a cuBLAS workspace of its own
+(``step_graphs._fresh_cublas_workspaces``). Past some 16 runs with step graphs CUDA's pool of 32 streams per
+process hands streams out again: runs that share one are still correct, only not side by side.
 
 GROUP.json: a list of ``{"args": [train.py arguments], "log": FILE, "status": FILE}``. A run's output goes to its
 log; when it ends, its exit status (train.py's: 0 done or stopped, 1 a run that cannot go on, 2 bad input, -N not
@@ -32,6 +36,7 @@ from typing import IO, Callable, Iterator
 import torch
 
 from source.config import ConfigError
+from source.files import atomic_write_text
 from source.training.distributed import World, world_size_from_env
 from source.training.trainer import Trainer
 
@@ -44,7 +49,8 @@ class Member:
 
     def __init__(self, spec: dict):
         self.args, self.status_file = spec["args"], Path(spec["status"])
-        Path(spec["log"]).parent.mkdir(parents=True, exist_ok=True)
+        for folder in {Path(spec["log"]).parent, self.status_file.parent}:
+            folder.mkdir(parents=True, exist_ok=True)
         self.log: IO = open(spec["log"], "a", buffering=1)
         self.stack = ExitStack()
         self.trainer: Trainer | None = None
@@ -59,6 +65,8 @@ class Member:
             yield
 
     def open(self, open_run: OpenRun, failure_status: FailureStatus, shared: dict) -> None:
+        # on the process's current device (a run on another is refused); past 32 streams per process CUDA's pool
+        # hands out streams again: runs that share one run one after the other, as correct, less at once
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.act(lambda: setattr(self, "trainer", open_run(self.args, self.stack, shared)), failure_status)
         if self.returncode is None and self.trainer is None:
@@ -80,19 +88,22 @@ class Member:
                 self.end(1 if status is None else status)
 
     def end(self, returncode: int) -> None:
-        """Close the run (its extensions, its log, its folder's lock) and write its exit status."""
+        """Close the run (its extensions, its log, its folder's lock: ``stack``), write its exit status, free its
+        memory. An error while closing makes the status 1 and is printed to its log; the other runs go on."""
         if self.returncode is not None:
             return
         self.returncode = returncode
-        with self.turn():
-            try:
-                if self.trainer is not None:
-                    self.trainer.close()
-            finally:
-                self.stack.close()
-        self.status_file.parent.mkdir(parents=True, exist_ok=True)
-        self.status_file.write_text(json.dumps({"returncode": returncode}))
-        self.log.close()
+        try:
+            with self.turn():
+                try:
+                    self.stack.close()
+                except Exception:  # noqa: BLE001: e.g. a full disk when the event writer flushes
+                    traceback.print_exc()
+                    self.returncode = max(self.returncode, 1)
+        finally:
+            self.trainer = None
+            atomic_write_text(self.status_file, json.dumps({"returncode": self.returncode}))
+            self.log.close()
 
 
 def read_group(path: str) -> list[dict]:
@@ -132,11 +143,15 @@ def main(path: str, open_run: OpenRun, failure_status: FailureStatus) -> int:
         while running := [m for m in members if m.returncode is None]:
             for member in running:
                 member.advance(failure_status)
+    except KeyboardInterrupt:  # a second signal: stopped at once, without snapshots, as train.py alone would be
+        for member in members:
+            member.end(-(stop.signum or signal.SIGINT))
+        return 128 + (stop.signum or signal.SIGINT)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for member in members:
-            member.end(1)  # only those an interruption left open: the others have ended
+            member.end(1)  # only runs an unexpected error left open: the others have ended
     return max(max(member.returncode, 0) for member in members)
 
 

@@ -57,7 +57,7 @@ class StepGraphs:
         step = self._load(name, inputs)
         if not self.capture:
             return update(step.inputs)
-        with torch.cuda.device(self.device):  # capture records the current device's stream: make it the run's
+        with torch.cuda.device(self.device):  # the run's device: the capture and the side stream are on it
             return self._captured(name, step, update)
 
     def _captured(self, name: str, step: _Step, update: Callable[[object], torch.Tensor]) -> torch.Tensor:
@@ -67,8 +67,10 @@ class StepGraphs:
         if step.graph is None:
             graph = torch.cuda.CUDAGraph()
             try:  # records, does not run: the replay below does; other threads (a loader's) may use CUDA meanwhile
+                _fresh_cublas_workspaces()
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     step.output = update(step.inputs)
+                _fresh_cublas_workspaces()
             except torch.OutOfMemoryError:
                 raise  # not the capture's fault
             except RuntimeError as error:
@@ -101,6 +103,15 @@ class StepGraphs:
             if buffer is not None:
                 buffer.copy_(value, non_blocking=True)
         return step
+
+
+def _fresh_cublas_workspaces() -> None:
+    """cuBLAS keeps one workspace per (handle, stream), and every capture of a process runs on one stream
+    (``torch.cuda.graph``'s default): without this, the graphs of several runs in one process (``train.py --group``)
+    would all bake in the same workspace and, replayed at once on their runs' streams, write it together. Cleared
+    before a capture, cuBLAS allocates the graph its own, in the graph's pool; cleared after, nothing eager uses that
+    one (what inductor does around its CUDA graphs)."""
+    torch._C._cuda_clearCublasWorkspaces()
 
 
 def _layout(value) -> tuple | None:

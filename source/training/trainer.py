@@ -74,6 +74,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._start = time.perf_counter()
         self._stop_signal: int | None = None
+        self._closed = False
 
     @property
     def iteration(self) -> int:
@@ -114,7 +115,10 @@ class Trainer:
         return self.iteration < self.stop
 
     def close(self) -> None:
-        """After the last ``advance``, also after an error: the extensions finish, the log is closed."""
+        """After the last ``advance``, also after an error: the extensions finish, the log is closed (once)."""
+        if self._closed:
+            return
+        self._closed = True
         for extension in self.extensions:
             extension.finalize(self)
         self.log.close()
