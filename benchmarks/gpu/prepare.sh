@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Collects into benchmarks/gpu/carry/ (git-ignored) what the GPU machine lacks, in pieces that the device
 # tool's `carry` can take (64 MiB per call, the working tree included): see README.md beside this file.
-#   carry/wheels/       torch-fidelity 0.4.0 (pure Python, ~0.1 MB): section (c) needs it, ours and theirs
+#   carry/wheels/       torch-fidelity 0.4.0 and tensorboardX (pure Python, ~0.2 MB): section (c) needs the
+#                       first, ours and theirs; the GPU-only tests that train through train.py the second
 #   carry/inception-1/  first half of fid-helper's TorchScript Inception (87 MB in all: one call cannot carry it)
 #   carry/inception-2/  second half and its SHA-256; run.sh --stash keeps the first half between two calls
 set -euo pipefail
@@ -14,7 +15,8 @@ mkdir -p "$CARRY/wheels" "$CARRY/inception-1" "$CARRY/inception-2"
 
 # The device machine runs Python 3.12 on x86-64 and can reach no registry: download for it, not for here.
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 -d "$CARRY/wheels" torch-fidelity==0.4.0
+    --platform manylinux2014_x86_64 -d "$CARRY/wheels" torch-fidelity==0.4.0 \
+    "tensorboardX==$("$PYTHON" -c 'from importlib.metadata import version; print(version("tensorboardX"))')"
 
 WEIGHTS=$("$PYTHON" - <<'PY'
 from source.metrics.inception import WeightsUnavailable, fid_helper_path

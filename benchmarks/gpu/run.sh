@@ -19,8 +19,8 @@ if [ "${1:-}" = "--stash" ]; then
     exit
 fi
 
-# torch-fidelity is not on the GPU image; pip installs the carried wheel without any registry.
-if ! "$PYTHON" -c "import torch_fidelity" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+# torch-fidelity and tensorboardX are not on the GPU image; pip installs the carried wheels without any registry.
+if ! "$PYTHON" -c "import torch_fidelity, tensorboardX" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/srgan-gpu-bench-site \
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi

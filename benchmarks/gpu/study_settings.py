@@ -1,0 +1,74 @@
+"""The collapse study's chunk settings that a GPU benchmark run measured best, as ``source.study`` arguments.
+
+    python -m benchmarks.gpu.study_settings $OUT/gpu_<device>.json      # e.g. --set performance.step_graphs=true ...
+
+From section (d) (benchmarks/gpu/small.py), on the study's own base model and recipe:
+- step graphs, where (d) chose them for its concurrent runs: the faster of eager and step graphs whose warm-up
+  agreed with eager's (to ``small.AGREEMENT``);
+- ``--per-process K``, where K runs in one process (one CUDA stream each) did more G-iterations/s in all than any
+  number of processes did, and the first of them agreed with the single run;
+- ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
+Nothing is chosen that was not measured: without section (d) the chunk runs as the study's base sets (eager, one run
+per process). Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from benchmarks.gpu.small import within_agreement
+
+STEP_GRAPHS = ["--set", "performance.step_graphs=true", "--set", "performance.fused_adam=true"]
+
+
+def choose(small: dict) -> tuple[list[str], list[str]]:
+    """(arguments, one reason per choice) from section (d)'s results."""
+    arguments, reasons = [], []
+    singles = small.get("single") or {}
+    if small.get("concurrent_variant") == "step-graphs":
+        arguments += STEP_GRAPHS
+        reasons.append(f"step graphs: {rate(singles, 'step-graphs')} G-iterations/s alone against eager's "
+                       f"{rate(singles, 'eager')}, agreeing with eager")
+    processes = max([level.get("g_iterations_per_s_total") or 0 for level in (small.get("concurrent") or {}).values()],
+                    default=0)
+    shared = {int(runs): level["g_iterations_per_s_total"] for runs, level in (small.get("in_one_process") or {}).items()
+              if level.get("status") == "ok" and level.get("g_iterations_per_s_total")
+              and within_agreement(level.get("warmup_losses_difference_to_single"))}
+    if shared and max(shared.values()) > processes:
+        runs = max(shared, key=shared.get)
+        arguments += ["--per-process", str(runs)]
+        reasons.append(f"{runs} runs per process: {shared[runs]:.1f} G-iterations/s in all, against {processes:.1f} "
+                       f"at best as separate processes")
+    sr = singles.get("eager", {}).get("sr_call_s") or {}
+    if sr.get("static_cpu") and sr.get("static_device") and sr["static_cpu"] < sr["static_device"]:
+        arguments += ["--set", "performance.sr_on_cpu=true"]
+        reasons.append(f"SR on the CPU: a static call {1e3 * sr['static_cpu']:.1f} ms there, "
+                       f"{1e3 * sr['static_device']:.1f} ms on the GPU")
+    return arguments, reasons or ["nothing measured better than the study's base settings"]
+
+
+def rate(singles: dict, variant: str) -> str:
+    value = singles.get(variant, {}).get("g_iterations_per_s")
+    return f"{value:.1f}" if value else "null"
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = sys.argv[1:] if argv is None else argv
+    if len(paths) != 1:
+        print("usage: python -m benchmarks.gpu.study_settings RESULTS.json", file=sys.stderr)
+        return 2
+    try:
+        small = json.loads(Path(paths[0]).read_text())["sections"].get("d_small_models") or {}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        print(f"study_settings: {paths[0]}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
+        small = {}
+    arguments, reasons = choose(small)
+    for reason in reasons:
+        print(f"study_settings: {reason}", file=sys.stderr)
+    print(" ".join(arguments))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

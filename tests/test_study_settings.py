@@ -1,0 +1,68 @@
+"""benchmarks/gpu/study_settings.py and measure_then_study.sh: a study chunk takes what the benchmark measured best."""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from benchmarks.gpu.study_settings import STEP_GRAPHS, choose
+from source.study import state
+from source.study.spec import load_study
+from test_study import write_study
+
+ROOT = Path(__file__).resolve().parents[1]
+AGREES = [0.0, 1e-4, 0.0, 2e-3, 0.0]
+
+
+def section(variant="step-graphs", in_process=None, processes=None, sr=None) -> dict:
+    """Section (d) as the benchmark records it, with the rates given (G-iterations/s)."""
+    return {"single": {"eager": {"g_iterations_per_s": 13.1, "sr_call_s": sr or {}},
+                       "step-graphs": {"g_iterations_per_s": 60.0}},
+            "concurrent_variant": variant,
+            "concurrent": {str(n): {"g_iterations_per_s_total": total} for n, total in (processes or {1: 60.0}).items()},
+            "in_one_process": {str(n): {"status": status, "g_iterations_per_s_total": total,
+                                        "warmup_losses_difference_to_single": differences}
+                               for n, (status, total, differences) in (in_process or {}).items()}}
+
+
+def test_each_setting_is_chosen_only_where_it_measured_better_and_agreed():
+    assert choose({})[0] == []  # nothing measured: the study's base settings
+    assert choose(section(variant="eager"))[0] == []
+    assert choose(section())[0] == STEP_GRAPHS
+    # 16 in one process did most in all; 4 processes less; the disagreeing and failed levels are not candidates
+    levels = {4: ("ok", 150.0, AGREES), 16: ("ok", 210.0, AGREES), 32: ("ok", 400.0, [0.5] * 5), 8: ("error", None, None)}
+    arguments, reasons = choose(section(in_process=levels, processes={1: 60.0, 4: 90.0}))
+    assert arguments == STEP_GRAPHS + ["--per-process", "16"] and "210.0 G-iterations/s in all" in reasons[-1]
+    assert "--per-process" not in choose(section(in_process=levels, processes={1: 60.0, 16: 250.0}))[0]
+    faster_on_cpu = {"static_cpu": 0.002, "static_device": 0.009}
+    assert choose(section(sr=faster_on_cpu))[0][-2:] == ["--set", "performance.sr_on_cpu=true"]
+    assert "performance.sr_on_cpu=true" not in choose(section(sr={"static_cpu": 0.02, "static_device": 0.009}))[0]
+
+
+STUB = """#!/usr/bin/env bash
+echo "8 passed" > "$OUT/gpu_tests.log"
+echo "bench log" > "$OUT/gpu_bench.log"
+cat > "$OUT/gpu_stub.json" <<'JSON'
+{json}
+JSON
+"""
+
+
+def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
+    study_file = write_study(tmp_path, 4, a={}, b={})
+    results = {"sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)})}}
+    stub = tmp_path / "run.sh"
+    stub.write_text(STUB.replace("{json}", json.dumps(results)))
+    out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
+    out.mkdir()
+    carry.mkdir()
+    env = {**os.environ, "OUT": str(out), "RUN_SH": str(stub), "STUDY_CARRY": str(carry)}
+    completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "60", str(study_file), "120", "--root",
+                                str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert not (out / "gpu_tests.log").exists() and "8 passed" in (out / "gpu_bench.log").read_text()
+    assert "runs with: --set performance.step_graphs=true" in completed.stdout
+    chunk = json.loads((root / "chunks.jsonl").read_text().splitlines()[-1])
+    assert chunk["per_process"] == 2 and "performance.step_graphs=true" in chunk["performance"]
+    study = load_study(study_file)
+    assert [state.status(study, root, run) for run in study.runs] == ["done", "done"]
+    assert (out / "progress.json").is_file()
