@@ -111,7 +111,7 @@ def failure_status(error: Exception, world: World) -> int | None:
     return None
 
 
-def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer | None:
+def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer:
     """One run of a group (``--group``): its trainer, ready to advance; its run folder's lock on ``stack``.
     ``shared``: the group's backend settings, set by its first run, which every other run must match."""
     args = parse_args(argv)

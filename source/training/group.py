@@ -40,7 +40,7 @@ from source.files import atomic_write_text
 from source.training.distributed import World, world_size_from_env
 from source.training.trainer import Trainer
 
-OpenRun = Callable[[list[str], ExitStack, dict], "Trainer | None"]
+OpenRun = Callable[[list[str], ExitStack, dict], Trainer]
 FailureStatus = Callable[[Exception, World], "int | None"]
 
 
@@ -69,8 +69,6 @@ class Member:
         # hands out streams again: runs that share one run one after the other, as correct, less at once
         self.stream = torch.cuda.Stream() if torch.cuda.is_available() else None
         self.act(lambda: setattr(self, "trainer", open_run(self.args, self.stack, shared)), failure_status)
-        if self.returncode is None and self.trainer is None:
-            self.end(0)  # nothing to train (a run already at its last iteration opens and ends at once)
 
     def advance(self, failure_status: FailureStatus) -> None:
         self.act(lambda: self.trainer.advance() or self.end(0), failure_status)
