@@ -66,3 +66,18 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     study = load_study(study_file)
     assert [state.status(study, root, run) for run in study.runs] == ["done", "done"]
     assert (out / "progress.json").is_file()
+
+
+def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
+    study_file = write_study(tmp_path, 2, a={})
+    results = tmp_path / "gpu_committed.json"
+    results.write_text(json.dumps({"sections": {"d_small_models": section()}}))
+    out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
+    out.mkdir()
+    carry.mkdir()
+    env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "STUDY_CARRY": str(carry), "RESULTS": str(results)}
+    completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120", "--root",
+                                str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "runs with: --set performance.step_graphs=true" in completed.stdout and not (out / "gpu_bench.log").exists()
+    assert "performance.step_graphs=true" in json.loads((root / "chunks.jsonl").read_text())["performance"]
