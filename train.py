@@ -114,7 +114,10 @@ def failure_status(error: Exception, world: World) -> int | None:
 def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer:
     """One run of a group (``--group``): its trainer, ready to advance; its run folder's lock on ``stack``.
     ``shared``: the group's backend settings, set by its first run, which every other run must match."""
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit:  # argparse said why above (in the run's log); the group's other runs go on
+        raise ConfigError(f"the run's arguments are not train.py's: {' '.join(argv)}") from None
     if args.group or args.dry_run:
         raise ConfigError("a run of a group takes --config/--resume, --set and --out only")
     snapshot, config = read_settings(args)

@@ -85,6 +85,7 @@ def test_each_section_measured_its_numbers(bench):
     shared = small["in_one_process"]["2"]  # two runs taking turns in one process (on a GPU: one stream each)
     assert shared["status"] == "ok" and shared["runs_in_process"] == 2 and shared["variant"] == small["concurrent_variant"]
     assert shared["warmup_losses_difference_to_single"] == [0.0] * 5  # its first run: the single run's seed
+    assert shared["seeds"] == [0, 1]  # the other on another: equal runs would write equal values, races unseen
     assert shared["g_iterations_per_s_total"] == pytest.approx(2 * shared["g_iterations_per_s"])
     # the study's variant again on Fashion-MNIST files: held on the device as the study does, and through the loader
     on_device, loader = small["study_data_path"], small["loader_data_path"]

@@ -79,11 +79,12 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
         "taken": tiny_argv(taken, 3),  # --out holds another run's file
         "other_backends": tiny_argv(tmp_path / "other", 3, "performance.channels_last=true"),
         "typo": tiny_argv(tmp_path / "typo", 3, "updater.n_diss=2"),
-        "compiled": tiny_argv(tmp_path / "compiled", 3, "performance.compile=true")})
+        "compiled": tiny_argv(tmp_path / "compiled", 3, "performance.compile=true"),
+        "bad_args": ["--config", "x.yaml", "--bogus"]})
     assert train.main(["--group", str(group)]) == 2
     assert status_of(group, "good") == 0 and final_state(tmp_path / "good")["iteration"] == 3
     for name, message in [("taken", "already holds a run"), ("other_backends", "must agree"), ("typo", "n_diss"),
-                          ("compiled", "run uncompiled")]:
+                          ("compiled", "run uncompiled"), ("bad_args", "not train.py's")]:
         assert status_of(group, name) == 2
         errors = [line for line in (tmp_path / f"{name}.log").read_text().splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], errors

@@ -240,6 +240,12 @@ def test_over_the_return_limit_grids_and_tensorboard_stay_behind_before_anything
     monkeypatch.setattr(transfer, "RETURN_LIMIT", 1000)
     with pytest.raises(transfer.TransferError, match="snapshots and logs take 0 MiB compressed, over the 0 MiB"):
         transfer.pack_changed(root, {}, out)
+    # fewer parts where other files share the call's 8 (--parts): the same order of what stays behind
+    monkeypatch.setattr(transfer, "RETURN_LIMIT", 10 ** 6)
+    monkeypatch.setattr(transfer, "PART_BYTES", 4000)
+    assert len(transfer.pack_changed(root, {}, out, parts=3)) == 3 and not (out / "left_out.txt").exists()
+    assert len(transfer.pack_changed(root, {}, out, parts=2)) == 2
+    assert (out / "left_out.txt").read_text().split() == ["run/tb/file"]
 
 
 def test_the_collapse_study_file_names_its_runs_and_branches_and_selects_by_setting_and_seed():

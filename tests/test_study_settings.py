@@ -4,6 +4,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from benchmarks.gpu.study_settings import STEP_GRAPHS, choose
 from source.study import state
 from source.study.spec import load_study
@@ -32,6 +34,7 @@ def test_each_setting_is_chosen_only_where_it_measured_better_and_agreed():
     levels = {4: ("ok", 150.0, AGREES), 16: ("ok", 210.0, AGREES), 32: ("ok", 400.0, [0.5] * 5), 8: ("error", None, None)}
     arguments, reasons = choose(section(in_process=levels, processes={1: 60.0, 4: 90.0}))
     assert arguments == STEP_GRAPHS + ["--per-process", "16"] and "210.0 G-iterations/s in all" in reasons[-1]
+    assert "--per-process" not in choose(section(in_process=levels))[0]  # processes not measured: no comparison
     assert "--per-process" not in choose(section(in_process=levels, processes={1: 60.0, 16: 250.0}))[0]
     faster_on_cpu = {"static_cpu": 0.002, "static_device": 0.009}
     assert choose(section(sr=faster_on_cpu))[0][-2:] == ["--set", "performance.sr_on_cpu=true"]
@@ -39,7 +42,7 @@ def test_each_setting_is_chosen_only_where_it_measured_better_and_agreed():
 
 
 STUB = """#!/usr/bin/env bash
-echo "8 passed" > "$OUT/gpu_tests.log"
+echo "{tests}" > "$OUT/gpu_tests.log"
 echo "bench log" > "$OUT/gpu_bench.log"
 cat > "$OUT/gpu_stub.json" <<'JSON'
 {json}
@@ -47,11 +50,13 @@ JSON
 """
 
 
-def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
+@pytest.mark.parametrize("tests", ["8 passed", "1 failed, 7 passed"])
+def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path, tests):
     study_file = write_study(tmp_path, 4, a={}, b={})
-    results = {"sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)})}}
+    results = {"sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)},
+                                                      processes={1: 60.0, 2: 70.0})}}
     stub = tmp_path / "run.sh"
-    stub.write_text(STUB.replace("{json}", json.dumps(results)))
+    stub.write_text(STUB.replace("{json}", json.dumps(results)).replace("{tests}", tests))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()
@@ -59,10 +64,14 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "60", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert not (out / "gpu_tests.log").exists() and "8 passed" in (out / "gpu_bench.log").read_text()
-    assert "runs with: --set performance.step_graphs=true" in completed.stdout
+    assert not (out / "gpu_tests.log").exists() and tests in (out / "gpu_bench.log").read_text()
     chunk = json.loads((root / "chunks.jsonl").read_text().splitlines()[-1])
-    assert chunk["per_process"] == 2 and "performance.step_graphs=true" in chunk["performance"]
+    if tests == "8 passed":
+        assert "trains 120 s with: --set performance.step_graphs=true" in completed.stdout
+        assert chunk["per_process"] == 2 and "performance.step_graphs=true" in chunk["performance"]
+    else:  # what the GPU-only tests did not pass is not used
+        assert "GPU-only tests failed" in completed.stdout and "with: its base settings" in completed.stdout
+        assert chunk["per_process"] == 1 and "performance.step_graphs=false" in chunk["performance"]
     study = load_study(study_file)
     assert [state.status(study, root, run) for run in study.runs] == ["done", "done"]
     assert (out / "progress.json").is_file()
@@ -79,5 +88,5 @@ def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "runs with: --set performance.step_graphs=true" in completed.stdout and not (out / "gpu_bench.log").exists()
+    assert "with: --set performance.step_graphs=true" in completed.stdout and not (out / "gpu_bench.log").exists()
     assert "performance.step_graphs=true" in json.loads((root / "chunks.jsonl").read_text())["performance"]

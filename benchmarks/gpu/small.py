@@ -163,6 +163,7 @@ def worker(params: dict, partial) -> None:
     for _ in range(params["warmup"]):  # a round: each run one iteration, their kernels overlapping
         rounds_s.append(timed(lambda: [losses.append(run.update()) for run, losses in zip(runs, warmup)], device))
     partial.record(variant=params["variant"], config_overrides=small_overrides(params), runs_in_process=count,
+                   seeds=[config.seed for config in configs],
                    warmup_s=rounds_s, warmup_losses=runs[0].read(warmup[0]),
                    warmup_travel={name: travel(getattr(runs[0].models, name), start)
                                   for name, start in runs[0].initial.items()},
@@ -182,12 +183,17 @@ def sr_call_seconds(dis, device) -> dict:
     mode, on the device and on a copy on the CPU (float64 SVDs of small matrices; static SR and the rescale control
     run after each of an SR iteration's n_dis D steps, dynamic SR once): what the study's SR arms add per iteration."""
     copies = {"device": (dis, device), "cpu": (copy.deepcopy(dis).cpu(), torch.device("cpu"))}
-    seconds = {"cpu_threads": torch.get_num_threads()}
-    for where, (model, model_device) in copies.items():
-        for mode in MODES:
-            sr = SpectralRegularizer(mode=mode, interval=1)
-            sr(model, 0)  # dynamic: records its envelope; every mode: warms the solver up
-            seconds[f"{mode}_{where}"] = median([timed(lambda: sr(model, 1), model_device) for _ in range(5)])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a study's process has about one core (runner.py: cores / processes)
+    seconds = {"cpu_threads": 1}
+    try:
+        for where, (model, model_device) in copies.items():
+            for mode in MODES:
+                sr = SpectralRegularizer(mode=mode, interval=1)
+                sr(model, 0)  # dynamic: records its envelope; every mode: warms the solver up
+                seconds[f"{mode}_{where}"] = median([timed(lambda: sr(model, 1), model_device) for _ in range(5)])
+    finally:
+        torch.set_num_threads(threads)
     return seconds
 
 

@@ -6,7 +6,7 @@ From section (d) (benchmarks/gpu/small.py), on the study's own base model and re
 - step graphs, where (d) chose them for its concurrent runs: the faster of eager and step graphs whose warm-up
   agreed with eager's (to ``small.AGREEMENT``);
 - ``--per-process K``, where K runs in one process (one CUDA stream each) did more G-iterations/s in all than any
-  number of processes did, and the first of them agreed with the single run;
+  number of processes did (several processes measured too), and the first of them agreed with the single run;
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
 Nothing is chosen that was not measured: without section (d) the chunk runs as the study's base sets (eager, one run
 per process). Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
@@ -30,12 +30,13 @@ def choose(small: dict) -> tuple[list[str], list[str]]:
         arguments += STEP_GRAPHS
         reasons.append(f"step graphs: {rate(singles, 'step-graphs')} G-iterations/s alone against eager's "
                        f"{rate(singles, 'eager')}, agreeing with eager")
-    processes = max([level.get("g_iterations_per_s_total") or 0 for level in (small.get("concurrent") or {}).values()],
-                    default=0)
+    levels = small.get("concurrent") or {}
+    processes = max([level.get("g_iterations_per_s_total") or 0 for level in levels.values()], default=0)
+    several = any(level.get("g_iterations_per_s_total") for runs, level in levels.items() if runs != "1")
     shared = {int(runs): level["g_iterations_per_s_total"] for runs, level in (small.get("in_one_process") or {}).items()
               if level.get("status") == "ok" and level.get("g_iterations_per_s_total")
               and within_agreement(level.get("warmup_losses_difference_to_single"))}
-    if shared and max(shared.values()) > processes:
+    if shared and several and max(shared.values()) > processes:
         runs = max(shared, key=shared.get)
         arguments += ["--per-process", str(runs)]
         reasons.append(f"{runs} runs per process: {shared[runs]:.1f} G-iterations/s in all, against {processes:.1f} "

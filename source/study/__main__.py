@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored)")
     sub.choices["device"].add_argument("--carry", required=True, type=Path, help="the folder `carry` filled")
     sub.choices["device"].add_argument("--out", required=True, type=Path, help="where the results go ($OUT)")
+    sub.choices["device"].add_argument("--parts", type=int, choices=range(1, 5), metavar="1-4",
+                                       help="at most this many 15 MiB parts (default 4; fewer where other files "
+                                            "share the call's 8)")
     sub.choices["take-back"].add_argument("files", type=Path, help="the folder the device call's files came back in")
     return parser.parse_args(argv)
 
@@ -143,7 +146,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     before = transfer.listing(root) if root.is_dir() else {}
     run_chunk(args, study, root, runs)
     state.prune(study, root)
-    parts = transfer.pack_changed(root, before, args.out)
+    parts = transfer.pack_changed(root, before, args.out, args.parts)
     table = state.progress_table(study, root, runs)
     (args.out / "progress.json").write_text(json.dumps(table, indent=1))
     show_status(args, study, root, runs)

@@ -73,21 +73,25 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
             for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
-def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path) -> list[Path]:
+def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None) -> list[Path]:
     """Every file under ``root`` that is new or changed since ``listing`` gave ``before`` (generator exports
     aside: the snapshots hold G), as parts of one xz tar in ``out``. (A listing, not a time: a file's mtime
-    can lag the clock by a timer tick.) Over RETURN_LIMIT, tensorboard files, then sample grids, then spectra
-    are left out, and named in ``out/left_out.txt``, rather than losing the chunk."""
+    can lag the clock by a timer tick.) Over RETURN_LIMIT (or ``parts`` parts, where other files share the call's
+    8), tensorboard files, then sample grids, then spectra are left out, and named in ``out/left_out.txt``, rather
+    than losing the chunk."""
+    limit = RETURN_LIMIT if parts is None else min(RETURN_LIMIT, parts * PART_BYTES)
+    for stale in [*Path(out).glob(f"{PARTS}*"), Path(out) / "left_out.txt"]:  # an earlier pack's, into this folder
+        stale.unlink(missing_ok=True)
     files = [Path(root) / name for name, stamp in listing(root).items()
              if before.get(name) != stamp and not Path(name).name.startswith("generator_iter_")]
     for dropped in ((), ("tb",), ("tb", "samples"), ("tb", "samples", "spectra")):
         kept = [path for path in files if not set(dropped) & set(path.relative_to(root).parts)]
         data = _archive_bytes(kept, Path(root), Path(out))
-        if len(data) <= RETURN_LIMIT:
+        if len(data) <= limit:
             break
     else:
         raise TransferError(f"the chunk's snapshots and logs take {len(data) / 2**20:.0f} MiB compressed, over the "
-                            f"{RETURN_LIMIT // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
+                            f"{limit // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
     if dropped:
         left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
         (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))

@@ -142,6 +142,8 @@ def main(path: str, open_run: OpenRun, failure_status: FailureStatus) -> int:
             for member in running:
                 member.advance(failure_status)
     except KeyboardInterrupt:  # a second signal: stopped at once, without snapshots, as train.py alone would be
+        for sig in previous:
+            signal.signal(sig, signal.SIG_IGN)  # a third waits for the statuses
         for member in members:
             member.end(-(stop.signum or signal.SIGINT))
         return 128 + (stop.signum or signal.SIGINT)

@@ -119,9 +119,11 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
-        for extension in self.extensions:
-            extension.finalize(self)
-        self.log.close()
+        try:
+            for extension in self.extensions:
+                extension.finalize(self)
+        finally:
+            self.log.close()
 
     def _fire_extensions(self, final: bool) -> None:
         due = [e for e in self.extensions if self.iteration % e.interval == 0 or (final and e.at_end)]
