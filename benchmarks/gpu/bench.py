@@ -46,9 +46,9 @@ CHILD_OF = {"a_faithful": "a", "a_fast": "a", "b_sr_spectra": "b", "c_fid": "c",
 
 
 def child_functions() -> dict:
-    from benchmarks.gpu import biggan, fid, imagenet, loaders, small
+    from benchmarks.gpu import biggan, fid, imagenet, loaders, small_worker
 
-    return {"a": imagenet.run_setting, "b": imagenet.run_spectral, "c": fid.run, "d_worker": small.worker,
+    return {"a": imagenet.run_setting, "b": imagenet.run_spectral, "c": fid.run, "d_worker": small_worker.worker,
             "e": biggan.run, "f": loaders.run}
 
 

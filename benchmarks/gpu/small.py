@@ -11,9 +11,10 @@ graphs of the forwards and backwards, and fused Adam; these three are the collap
 docs/collapse.md), ``fast`` (bf16 + channels_last + compile + tf32) and ``fast-reduce-overhead`` (``fast`` with
 CUDA graphs and fused Adam).
 
-Each run is a worker process: warm-up iterations (compilation and capture happen there), then a file barrier so
-that concurrent workers time the same window, then as many iterations as fit in the window. The warm-up is also
-the correctness check. Every worker starts from the same models (same seed) and data and records each warm-up
+Each run is a worker process (``small_worker.py``), or shares one with others, each on its own CUDA stream
+(``in_one_process``: how ``train.py --group`` runs a study's runs): warm-up iterations (compilation and capture
+happen there), then a file barrier so that concurrent workers time the same window, then as many iterations as fit
+in the window. The warm-up is also the correctness check. Every worker starts from the same models (same seed) and data and records each warm-up
 iteration's losses and how far the warm-up moved G's and D's weights (a graph that silently did nothing would
 shorten it): a variant must agree with eager to float tolerance (``AGREEMENT``), and so should concurrent runs
 with their variant's single run (recorded, not enforced). reduce-overhead's graphs are recorded at a graph's
@@ -21,7 +22,7 @@ second call and replayed from its third; step graphs at a step's fourth call (D'
 the fourth), so 8 warm-up iterations replay both. Each worker also records how often inductor skipped CUDA graphs
 (then reduce-overhead is plain compile).
 
-The fastest variant that agrees runs once more on the study's own data path (``study_data_path``): Fashion-MNIST's
+The faster of eager and step graphs that agrees runs once more on the study's own data path (``study_data_path``): Fashion-MNIST's
 files (a random stand-in of the same size and format) held on the device, each batch indexed, dequantized and
 converted there (``performance.data_on_device``, as the study's base config sets), so the rate the study can
 expect, not only the models', is measured; and once more through the loader (``loader_data_path``: read, padded
@@ -32,53 +33,19 @@ cost the study's SR arms add.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from torch._dynamo.utils import counters
+from benchmarks.gpu.common import MINIMUM_S, finish_child, progress, read_result, remaining, run_child, start_child
 
-from benchmarks.gpu.common import (MINIMUM_S, ROOT, finish_child, median, peak_memory, pick_device, progress,
-                                   read_result, remaining, run_child, start_child, synchronize, timed)
-from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
-from source.config import load_config
-from source.spectral.sr import MODES, SpectralRegularizer
-from source.training import build, performance
-from source.training.distributed import World
-from source.training.trainer import read_losses
-
-CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
-GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead", "performance.fused_adam": True}
-STEP_GRAPHS = {"performance.step_graphs": True, "performance.fused_adam": True}
-VARIANTS = {
-    "eager": FAITHFUL,
-    "step-graphs": dict(FAITHFUL, **STEP_GRAPHS),
-    "compiled-step-graphs": dict(FAITHFUL, **STEP_GRAPHS, **{"performance.compile": True}),  # fewer, fused kernels
-    "fp32-graphs": dict(FAITHFUL, **GRAPHS),
-    "fast": FAST,
-    "fast-reduce-overhead": dict(FAST, **GRAPHS),
-}
 COMPILED = ("compiled-step-graphs", "fp32-graphs")  # minutes of compiling on a cold cache: measured after the rest
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
 # largest difference to eager of a variant that agrees: warm-up losses (in units of max(|eager's|, 1)) and the
 # distance its warm-up moved G's and D's weights (relative)
 AGREEMENT = 1e-2
-
-
-def small_overrides(params: dict) -> list[str]:
-    """The variant's settings; with ``data_root``, the study's own data path on the Fashion-MNIST files there."""
-    items = {"batchsize": params["batch"], "micro_batchsize": params["batch"], "gen_batchsize": 2 * params["batch"],
-             "updater.n_dis": params["n_dis"], **VARIANTS[params["variant"]],
-             "performance.data_on_device": False}  # resident_batches hold one synthetic batch on the device
-    if params.get("data_root"):
-        items.update({"dataset.name": "fashion_mnist", "dataset.args": {"root": params["data_root"]},
-                      "performance.data_on_device": params["data_on_device"]})
-    return overrides(params["width"], items)
 
 
 def write_fashion_mnist_standin(folder: Path, count: int) -> Path:
@@ -92,114 +59,6 @@ def write_fashion_mnist_standin(folder: Path, count: int) -> Path:
         header = bytes([0, 0, 8, array.ndim]) + b"".join(n.to_bytes(4, "big") for n in array.shape)
         (folder / name).write_bytes(header + array.astype(np.uint8).tobytes())
     return folder
-
-
-def wait_for_all(directory: Path, index: int, parties: int, deadline: float) -> float:
-    """A file barrier: announce readiness, wait until every worker is ready (or the deadline); seconds waited."""
-    (directory / f"ready-{index}").touch()
-    start = time.time()
-    while len(list(directory.glob("ready-*"))) < parties and time.time() < deadline:
-        time.sleep(0.02)
-    return time.time() - start
-
-
-def window(runs: list, seconds: float, device, read_every: int) -> tuple[int, float]:
-    """Iterations each run completed in a window of about ``seconds`` (the runs take turns, one iteration each), and
-    the window's exact length. The losses are read every ``read_every`` iterations, as the trainer reads them at each
-    log line (each read waits for that run's stream)."""
-    synchronize(device)
-    start, count, unread = time.perf_counter(), 0, [[] for _ in runs]
-    while time.perf_counter() - start < seconds:
-        for run, losses in zip(runs, unread):
-            losses.append(run.update())
-            if len(losses) == read_every:
-                run.read(losses)
-                losses.clear()
-        count += 1
-    synchronize(device)
-    return count, time.perf_counter() - start
-
-
-class SmallRun:
-    """One training run of the small models in a worker; with ``stream``, on its own CUDA stream (a run that
-    shares the worker's process with others, as ``train.py --group`` runs them)."""
-
-    def __init__(self, config, world: World, params: dict, stream: torch.cuda.Stream | None):
-        self.stream = stream
-        with self.turn():
-            self.models = build.build_models(config, world.device)
-            batches = build.build_batches(config, world) if params.get("data_root") else resident_batches(config, world)
-            self.updater = build.build_updater(config, world, self.models, batches)
-            self.initial = {name: [p.detach().clone() for p in getattr(self.models, name).parameters()]
-                            for name in ("gen", "dis")}
-
-    def turn(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
-
-    def update(self):
-        with self.turn():
-            return self.updater.update()
-
-    def read(self, losses: list) -> list[dict]:
-        with self.turn():  # waits for this run's stream, as the trainer's read at a log line does
-            return read_losses(losses)
-
-
-def worker(params: dict, partial) -> None:
-    """Child: one training run of the small models, or ``runs_in_process`` runs taking turns, each on its own stream.
-
-    Runs in one process have seeds of their own (the first the single run's), so that their models and data differ:
-    their warm-up iterations overlap on the device, and the first run's losses, compared with the single run's,
-    would show one run's kernels disturbing another's (runs with equal data would write equal values)."""
-    device = pick_device()
-    world = World(rank=0, local_rank=0, size=1, device=device)
-    count = params.get("runs_in_process", 1)
-    configs = [load_config(CONFIG, small_overrides(params) + ([f"seed={index}"] if index else []))
-               for index in range(count)]
-    performance.configure_backends(configs[0].performance, configs[0].deterministic)
-    runs = [SmallRun(config, world, params, torch.cuda.Stream(device) if count > 1 and device.type == "cuda"
-                     else None) for config in configs]
-    warmup, rounds_s = [[] for _ in runs], []
-    for _ in range(params["warmup"]):  # a round: each run one iteration, their kernels overlapping
-        rounds_s.append(timed(lambda: [losses.append(run.update()) for run, losses in zip(runs, warmup)], device))
-    partial.record(variant=params["variant"], config_overrides=small_overrides(params), runs_in_process=count,
-                   seeds=[config.seed for config in configs],
-                   warmup_s=rounds_s, warmup_losses=runs[0].read(warmup[0]),
-                   warmup_travel={name: travel(getattr(runs[0].models, name), start)
-                                  for name, start in runs[0].initial.items()},
-                   cudagraph_skips=counters["inductor"]["cudagraph_skips"])
-    waited = wait_for_all(Path(params["barrier"]), params["index"], params["parties"],
-                          params["deadline"] - params["window_s"] - 5)
-    iterations, seconds = window(runs, params["window_s"], device, configs[0].display_interval)
-    partial.record(barrier_wait_s=waited, iterations=iterations, window_s=seconds,
-                   g_iterations_per_s=iterations / seconds, g_iterations_per_s_total=count * iterations / seconds,
-                   cudagraph_skips=counters["inductor"]["cudagraph_skips"], **peak_memory(device))
-    if params["variant"] == "eager" and params["parties"] == 1 and count == 1 and not params.get("data_root"):
-        partial.record(sr_call_s=sr_call_seconds(runs[0].models.dis, device))
-
-
-def sr_call_seconds(dis, device) -> dict:
-    """Median seconds of one SR call on this D (after the timing window: its edits change nothing measured), per
-    mode, on the device and on a copy on the CPU (float64 SVDs of small matrices; static SR and the rescale control
-    run after each of an SR iteration's n_dis D steps, dynamic SR once): what the study's SR arms add per iteration."""
-    copies = {"device": (dis, device), "cpu": (copy.deepcopy(dis).cpu(), torch.device("cpu"))}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a study's process has about one core (runner.py: cores / processes)
-    seconds = {"cpu_threads": 1}
-    try:
-        for where, (model, model_device) in copies.items():
-            for mode in MODES:
-                sr = SpectralRegularizer(mode=mode, interval=1)
-                sr(model, 0)  # dynamic: records its envelope; every mode: warms the solver up
-                seconds[f"{mode}_{where}"] = median([timed(lambda: sr(model, 1), model_device) for _ in range(5)])
-    finally:
-        torch.set_num_threads(threads)
-    return seconds
-
-
-def travel(model, initial: list) -> float:
-    """How far the warm-up moved the weights (L2 over all): a step that silently did nothing shortens it."""
-    return sum(float((p.detach() - start).double().pow(2).sum()) for p, start in zip(model.parameters(), initial)) ** 0.5
 
 
 def travel_differences(singles: dict) -> dict:
