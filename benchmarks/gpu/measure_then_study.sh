@@ -40,7 +40,8 @@ else
     PARTS=2
 fi
 SETTINGS=$("$PYTHON" -m benchmarks.gpu.study_settings "${RESULT:-none}")
-BUDGET=$(( CALL_S_LEFT=${CALL_S:-590} - ($(date +%s) - STARTED) - 150, CALL_S_LEFT < CHUNK_BUDGET ? CALL_S_LEFT : CHUNK_BUDGET ))
+LEFT=$(( ${CALL_S:-590} - ($(date +%s) - STARTED) - 150 ))  # 150: the grace, unpacking and packing
+BUDGET=$(( LEFT < CHUNK_BUDGET ? LEFT : CHUNK_BUDGET ))
 if [ "$BUDGET" -lt 30 ]; then
     echo "measure_then_study: ${BUDGET} s left for the chunk; none started (the measurements are in \$OUT)"
     exit 0
