@@ -46,7 +46,8 @@ def lookup(sections: dict, path: str):
 
 
 def test_every_section_ran_and_every_null_says_why(bench):
-    result, _ = bench
+    result, path = bench
+    assert result["complete"] and not list(path.parent.glob("*-running"))  # the sections' own records folded in
     assert set(result["sections"]) == SECTIONS
     assert {name: section["status"] for name, section in result["sections"].items()} == dict.fromkeys(SECTIONS, "ok")
     assert nulls_without_reason(result["sections"]) == []
@@ -143,7 +144,8 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
     earlier.write_text(json.dumps(result))
     small = json.loads(json.dumps(result["sections"]["d_small_models"]))
     small["single"]["eager"]["g_iterations_per_s"] /= 2  # the later run measured eager at half the rate
-    protocol = dict(result["protocol"], date="2099-01-01 00:00:00", sections_run=["d_small_models"])
+    tests = {"exit": 0, "summary": "8 passed in 41.20s", "passed": True}
+    protocol = dict(result["protocol"], date="2099-01-01 00:00:00", sections_run=["d_small_models"], gpu_tests=tests)
     later.write_text(json.dumps(dict(result, protocol=protocol, sections={"d_small_models": small})))
     assert merge_main([str(earlier), str(later)]) == 0
     merged = json.loads(earlier.read_text())
@@ -154,12 +156,16 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
     assert ratio == pytest.approx(small["single"]["step-graphs"]["g_iterations_per_s"]
                                   / small["single"]["eager"]["g_iterations_per_s"])
     assert "each section's date" in earlier.with_suffix(".md").read_text()
+    assert merged["protocol"]["gpu_tests"] == tests and "complete" not in merged  # each run's: in its summary
+    assert [run["complete"] for run in merged["protocol"]["runs"]] == [True, True]
     assert merge_main([str(earlier), str(later)]) == 2  # a run is merged once
     failed = dict(result["sections"]["a_fast"], status="timeout")
-    later.write_text(json.dumps(dict(result, protocol=dict(protocol, date="2099-01-02 00:00:00"),
+    later.write_text(json.dumps(dict(result, protocol=dict(protocol, date="2099-01-02 00:00:00", gpu_tests=None),
                                      sections={"a_fast": failed})))
     assert merge_main([str(earlier), str(later)]) == 0
-    assert json.loads(earlier.read_text())["sections"]["a_fast"]["status"] == "ok"  # the clean one stays
+    merged = json.loads(earlier.read_text())
+    assert merged["sections"]["a_fast"]["status"] == "ok"  # the clean one stays
+    assert merged["protocol"]["gpu_tests"] == tests  # a run without the tests keeps the last outcome
     later.write_text(json.dumps(dict(result, protocol=dict(protocol, device="another GPU", date="2099-01-03"))))
     assert merge_main([str(earlier), str(later)]) == 2  # numbers of another device are not merged
 
@@ -174,4 +180,48 @@ def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
     expected = "8 passed" if torch.cuda.is_available() else "8 skipped"
     assert expected in tests_log, tests_log[-500:]
     (result,) = tmp_path.glob("gpu_*-quick.json")
-    assert json.loads(result.read_text())["sections"]["b_sr_spectra"]["status"] == "ok"
+    result = json.loads(result.read_text())
+    assert result["sections"]["b_sr_spectra"]["status"] == "ok"
+    tests = result["protocol"]["gpu_tests"]  # what study_settings.py requires before it uses what they test
+    assert tests["exit"] == 0 and tests["summary"].startswith(expected) and tests["passed"] == torch.cuda.is_available()
+
+
+@pytest.mark.parametrize("log, expected", [
+    ("....\n8 passed in 41.20s\npytest exit 0\n", (0, "8 passed in 41.20s", True)),
+    ("..F.\n=== 1 failed, 7 passed in 40.00s ===\npytest exit 1\n", (1, "1 failed, 7 passed in 40.00s", False)),
+    ("ssss\n8 skipped in 3.00s\npytest exit 0\n", (0, "8 skipped in 3.00s", False)),
+    ("..\nFatal Python error: Aborted\npytest exit 134\n", (134, None, False)),  # a crash: no summary
+    ("....\n", (None, None, False)),  # killed before it could say how it ended
+])
+def test_the_gpu_only_tests_outcome_is_read_from_their_log(tmp_path, log, expected):
+    from benchmarks.gpu.bench import gpu_tests
+
+    (tmp_path / "tests.log").write_text(log)
+    outcome = gpu_tests(tmp_path / "tests.log")
+    assert (outcome["exit"], outcome["summary"], outcome["passed"]) == expected
+    assert gpu_tests(None) is None
+
+
+def test_the_report_is_rewritten_after_every_section(tmp_path, monkeypatch):
+    """A call cut short returns the sections it finished, and the running one's record so far."""
+    from benchmarks.gpu import bench
+
+    seen = []
+
+    def fake_child(name, params, result, budget):
+        result.write_text(json.dumps({"so_far": name}))
+        report = (json.loads(next(tmp_path.glob("gpu_*-quick.json")).read_text()),
+                  next(tmp_path.glob("gpu_*-quick.md")).read_text()) if seen else None
+        seen.append((name, report, result.relative_to(tmp_path).parts))
+        return {"status": "ok", "wall_s": 0.1, "measured": name}
+
+    monkeypatch.setattr(bench, "run_child", fake_child)
+    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", "b_sr_spectra,e_biggan"]) == 0
+    (first, _, running), (second, (report, markdown), _) = seen
+    assert (first, second) == ("b", "e") and running[1] == "b_sr_spectra.json"  # in $OUT: a call cut short returns it
+    assert running[0].startswith("gpu_") and running[0].endswith("-quick-running")
+    assert report["complete"] is False and list(report["sections"]) == ["b_sr_spectra"]
+    assert "**Incomplete**: written after b_sr_spectra" in markdown
+    final = json.loads(next(tmp_path.glob("gpu_*-quick.json")).read_text())
+    assert final["complete"] and final["sections"]["e_biggan"]["measured"] == "e"
+    assert not list(tmp_path.glob("*-running"))

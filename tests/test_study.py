@@ -87,11 +87,15 @@ def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path
 
 
 def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
+    """On the device machine too: the chunk that a signal stopped still packs its runs' snapshots for the way back."""
     study_file = write_study(tmp_path, 100000, sn={})
-    root = tmp_path / "runs"
-    runner_process = subprocess.Popen([sys.executable, "-m", "source.study", "run", str(study_file), "--root",
-                                       str(root), "--grace", "60"], cwd=ROOT, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True)
+    root, carry, out = tmp_path / "runs", tmp_path / "carry", tmp_path / "out"
+    carry.mkdir()
+    out.mkdir()
+    runner_process = subprocess.Popen([sys.executable, "-m", "source.study", "device", str(study_file), "--root",
+                                       str(root), "--grace", "60", "--carry", str(carry), "--out", str(out),
+                                       "--budget", "600"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True)
     folder = root / "tiny" / "sn_s0"
     deadline = time.time() + 120
     while time.time() < deadline and state.logged_iteration(folder) < 3:
@@ -102,6 +106,9 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     assert state.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
     pids = json.loads((root / runner.PIDS).read_text())
     assert pids == {}  # and nothing is left running
+    assert json.loads((out / "progress.json").read_text())[0]["iteration"] == state.latest_iteration(folder)
+    names = transfer.take_back(out, tmp_path / "back")
+    assert f"tiny/sn_s0/snapshots/snapshot_iter_{state.latest_iteration(folder)}.pt" in names
 
 
 def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path, monkeypatch):

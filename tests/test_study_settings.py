@@ -26,23 +26,36 @@ def section(variant="step-graphs", in_process=None, processes=None, sr=None) -> 
                                for n, (status, total, differences) in (in_process or {}).items()}}
 
 
+PASSED = {"exit": 0, "summary": "8 passed in 41.2s", "passed": True}
+
+
 def test_each_setting_is_chosen_only_where_it_measured_better_and_agreed():
-    assert choose({})[0] == []  # nothing measured: the study's base settings
-    assert choose(section(variant="eager"))[0] == []
-    assert choose(section())[0] == STEP_GRAPHS
-    # 16 in one process did most in all; 4 processes less; the disagreeing and failed levels are not candidates
-    levels = {4: ("ok", 150.0, AGREES), 16: ("ok", 210.0, AGREES), 32: ("ok", 400.0, [0.5] * 5), 8: ("error", None, None)}
-    arguments, reasons = choose(section(in_process=levels, processes={1: 60.0, 4: 90.0}))
-    assert arguments == STEP_GRAPHS + ["--per-process", "16"] and "210.0 G-iterations/s in all" in reasons[-1]
-    assert "--per-process" not in choose(section(in_process=levels))[0]  # processes not measured: no comparison
-    assert "--per-process" not in choose(section(in_process=levels, processes={1: 60.0, 16: 250.0}))[0]
+    assert choose({}, PASSED)[0] == []  # nothing measured: the study's base settings
+    assert choose(section(variant="eager"), PASSED)[0] == []
+    assert choose(section(), PASSED)[0] == STEP_GRAPHS
+    # 6 in one process did most in all; 4 processes less; the disagreeing, failed and too large levels are not
+    levels = {4: ("ok", 150.0, AGREES), 6: ("ok", 210.0, AGREES), 16: ("ok", 300.0, AGREES),
+              32: ("ok", 400.0, [0.5] * 5), 8: ("error", None, None)}
+    arguments, reasons = choose(section(in_process=levels, processes={1: 60.0, 4: 90.0}), PASSED)
+    assert arguments == STEP_GRAPHS + ["--per-process", "6"] and "210.0 G-iterations/s in all" in reasons[-1]
+    assert "--per-process" not in choose(section(in_process=levels), PASSED)[0]  # processes not measured
+    assert "--per-process" not in choose(section(in_process=levels, processes={1: 60.0, 16: 250.0}), PASSED)[0]
     faster_on_cpu = {"static_cpu": 0.002, "static_device": 0.009}
-    assert choose(section(sr=faster_on_cpu))[0][-2:] == ["--set", "performance.sr_on_cpu=true"]
-    assert "performance.sr_on_cpu=true" not in choose(section(sr={"static_cpu": 0.02, "static_device": 0.009}))[0]
+    assert choose(section(sr=faster_on_cpu), PASSED)[0][-2:] == ["--set", "performance.sr_on_cpu=true"]
+    assert "performance.sr_on_cpu=true" not in choose(section(sr={"static_cpu": 0.02, "static_device": 0.009}),
+                                                      PASSED)[0]
+
+
+@pytest.mark.parametrize("tests", [None, {"exit": 1, "summary": "1 failed, 7 passed in 40s", "passed": False},
+                                   {"exit": 0, "summary": "8 skipped in 3s", "passed": False}])
+def test_nothing_is_chosen_unless_the_same_run_passed_the_gpu_only_tests(tests):
+    arguments, reasons = choose(section(in_process={4: ("ok", 150.0, AGREES)}, processes={1: 60.0, 4: 90.0},
+                                        sr={"static_cpu": 0.002, "static_device": 0.009}), tests)
+    assert arguments == [] and "GPU-only tests did not pass" in reasons[0]
 
 
 STUB = """#!/usr/bin/env bash
-echo "{tests}" > "$OUT/gpu_tests.log"
+echo "8 passed" > "$OUT/gpu_tests.log"
 echo "bench log" > "$OUT/gpu_bench.log"
 cat > "$OUT/gpu_stub.json" <<'JSON'
 {json}
@@ -50,13 +63,13 @@ JSON
 """
 
 
-@pytest.mark.parametrize("tests", ["8 passed", "1 failed, 7 passed"])
-def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path, tests):
+def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     study_file = write_study(tmp_path, 4, a={}, b={})
-    results = {"sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)},
+    results = {"protocol": {"gpu_tests": PASSED},
+               "sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)},
                                                       processes={1: 60.0, 2: 70.0})}}
     stub = tmp_path / "run.sh"
-    stub.write_text(STUB.replace("{json}", json.dumps(results)).replace("{tests}", tests))
+    stub.write_text(STUB.replace("{json}", json.dumps(results)))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()
@@ -64,14 +77,10 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path, tes
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "60", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert not (out / "gpu_tests.log").exists() and tests in (out / "gpu_bench.log").read_text()
+    assert not (out / "gpu_tests.log").exists() and "8 passed" in (out / "gpu_bench.log").read_text()
     chunk = json.loads((root / "chunks.jsonl").read_text().splitlines()[-1])
-    if tests == "8 passed":
-        assert "trains 120 s with: --set performance.step_graphs=true" in completed.stdout
-        assert chunk["per_process"] == 2 and "performance.step_graphs=true" in chunk["performance"]
-    else:  # what the GPU-only tests did not pass is not used
-        assert "GPU-only tests failed" in completed.stdout and "with: its base settings" in completed.stdout
-        assert chunk["per_process"] == 1 and "performance.step_graphs=false" in chunk["performance"]
+    assert "trains 120 s with: --set performance.step_graphs=true" in completed.stdout
+    assert chunk["per_process"] == 2 and "performance.step_graphs=true" in chunk["performance"]
     study = load_study(study_file)
     assert [state.status(study, root, run) for run in study.runs] == ["done", "done"]
     assert (out / "progress.json").is_file()
@@ -80,7 +89,7 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path, tes
 def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
     study_file = write_study(tmp_path, 2, a={})
     results = tmp_path / "gpu_committed.json"
-    results.write_text(json.dumps({"sections": {"d_small_models": section()}}))
+    results.write_text(json.dumps({"protocol": {"gpu_tests": PASSED}, "sections": {"d_small_models": section()}}))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()

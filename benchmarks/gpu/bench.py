@@ -7,16 +7,19 @@ Sections, each a child process with its own time budget (a section that fails or
 the next one starts): (a) the ImageNet-128 recipe at the faithful fp32 and the fast setting, (b) one SR call
 and one spectra snapshot against it, (c) FID end to end, ours and torch-fidelity's, (d) the 32 px models'
 G-iterations/s, alone and concurrent, (e) one CIFAR-10-LT BigGAN iteration with every gSR term, (f) the prepared-shard and JPEG loaders' images/s
-with all the machine's cores. Writes gpu_<device>.json and .md into --out. ``--quick`` shrinks every
-size so that the whole run takes about a minute on a 2-core CPU, through the same code paths.
+with all the machine's cores. Writes gpu_<device>.json and .md into --out after every section ("complete": false
+until the last; the running section's own record in gpu_<device>-running/, so a call cut short returns what it
+measured). ``--quick`` shrinks every size so that the whole run takes about two minutes on a 2-core CPU, through the
+same code paths.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shutil
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -122,37 +125,56 @@ def budgets(args) -> dict:
 
 
 def run_sections(names: list[str], section_plans: dict, section_budgets: dict, total_s: float,
-                 directory: Path) -> dict:
+                 directory: Path, after_each=lambda results: None) -> dict:
+    """Each section in turn; its results are recorded in ``directory/<name>.json`` while it runs (what a call cut
+    short still returns) and handed to ``after_each`` with the others' once it ended."""
     deadline = time.time() + total_s
+    directory.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
         budget = min(section_budgets[name], deadline - time.time())
         if budget < MINIMUM_S:
             results[name] = {"status": "skipped", "error": f"only {budget:.0f} s of the total budget left"}
-            continue
-        progress(name, f"start (budget {budget:.0f} s)")
-        if name in CHILD_OF:
-            results[name] = run_child(CHILD_OF[name], section_plans[name], directory / f"{name}.json", budget)
         else:
-            results[name] = run_here(section_plans[name], directory / f"{name}.json", budget)
-        progress(name, f"{results[name]['status']} after {results[name]['wall_s']:.1f} s "
-                       f"{results[name].get('error') or ''}")
+            progress(name, f"start (budget {budget:.0f} s)")
+            run = (lambda *a: run_child(CHILD_OF[name], *a)) if name in CHILD_OF else run_here
+            results[name] = run(section_plans[name], directory / f"{name}.json", budget)
+            progress(name, f"{results[name]['status']} after {results[name]['wall_s']:.1f} s "
+                           f"{results[name].get('error') or ''}")
+        after_each(results)
+        (directory / f"{name}.json").unlink(missing_ok=True)
+    shutil.rmtree(directory, ignore_errors=True)
     return results
 
 
-def report(args, device, names, section_plans, section_budgets, results, wall) -> dict:
+def report(args, device, names, section_plans, section_budgets, results, wall, started: str) -> dict:
     return {
         "what": "GPU benchmark of the SRGANs toolkit (benchmarks/gpu/bench.py); README.md beside it explains it",
         "quick": args.quick,
-        "protocol": dict(environment(device), command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S"),
-                         sections_run=names, budgets_s=section_budgets, total_budget_s=args.total_budget,
-                         total_wall_s=round(wall, 1), plans=section_plans,
+        "complete": list(results) == names,  # false: written after a section, the ones after it not (yet) run
+        "protocol": dict(environment(device), command=" ".join(sys.argv), date=started,
+                         sections_run=list(results), budgets_s=section_budgets, total_budget_s=args.total_budget,
+                         total_wall_s=round(wall, 1), plans=section_plans, gpu_tests=gpu_tests(args.gpu_tests_log),
                          timing="the device is synchronised before and after every timed region; medians of the "
                                 "timed iterations after the warm-up ones; keys ending in _extrapolated are computed "
                                 "from measured ones as their section states, never measured"),
         "sections": results,
         "ratios": derived_ratios(results),
     }
+
+
+def gpu_tests(log: Path | None) -> dict | None:
+    """The GPU-only tests' outcome from run.sh's log of them: pytest's exit status and summary line; "passed" only
+    where pytest exited 0 having passed some and failed none (a crash leaves no summary; all skipped passes none)."""
+    if log is None:
+        return None
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    exits = re.findall(r"^pytest exit (-?\d+)$", text, re.MULTILINE)
+    summaries = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected)\b.*?)\s*=*$", text, re.MULTILINE)
+    summary = summaries[-1] if summaries else None
+    passed = bool(exits and exits[-1] == "0" and summary and re.search(r"\b[1-9]\d* passed", summary)
+                  and not re.search(r"\b(failed|error)", summary))
+    return {"exit": int(exits[-1]) if exits else None, "summary": summary, "passed": passed}
 
 
 def write(result: dict, out: Path, name: str) -> None:
@@ -174,6 +196,8 @@ def parse(argv):
     parser.add_argument("--inception-weights", default="auto",
                         help="auto (fid-helper if installed, else random weights: times only), fid-helper, random, "
                              "or a path to a torch-fidelity .pth or fid-helper's TorchScript default_1.pt")
+    parser.add_argument("--gpu-tests-log", type=Path, help="run.sh --gpu-tests: their log, whose outcome the JSON "
+                        "records (benchmarks/gpu/study_settings.py uses no setting that they did not pass)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -220,10 +244,15 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":  # several threads per process spin and crawl on a small shared CPU (SVDs: 100x)
         os.environ.update({name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     progress("bench", f"{environment(device)['device']}, torch {environment(device)['torch']}, sections {names}")
-    with tempfile.TemporaryDirectory() as directory:
-        results = run_sections(names, section_plans, section_budgets, args.total_budget, Path(directory))
-    result = report(args, device, names, section_plans, section_budgets, results, time.time() - started)
-    write(result, args.out, f"gpu_{slug(result['protocol']['device'])}{'-quick' if args.quick else ''}")
+    stem, date = f"gpu_{slug(environment(device)['device'])}{'-quick' if args.quick else ''}", time.strftime(
+        "%Y-%m-%d %H:%M:%S")
+
+    def save(results: dict) -> None:  # after every section: a call cut short keeps the sections it finished
+        write(report(args, device, names, section_plans, section_budgets, results, time.time() - started, date),
+              args.out, stem)
+
+    if not run_sections(names, section_plans, section_budgets, args.total_budget, args.out / f"{stem}-running", save):
+        save({})  # no section asked for: the protocol alone
     return 0
 
 

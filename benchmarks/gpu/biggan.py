@@ -5,7 +5,7 @@ device, at the faithful fp32 setting and with bf16 autocast + TF32 (no compile).
 from __future__ import annotations
 
 from benchmarks.gpu.common import ROOT, median, peak_memory, pick_device, progress, reset_peak_memory, timed
-from benchmarks.gpu.imagenet import FAITHFUL, overrides, resident_batches
+from benchmarks.gpu.imagenet import FAITHFUL, overrides, release_memory, resident_batches
 from source.config import load_config
 from source.training import build, performance
 from source.training.distributed import World
@@ -18,15 +18,21 @@ def run(params: dict, partial) -> None:
     device = pick_device()
     world = World(rank=0, local_rank=0, size=1, device=device)
     for name, setting in SETTINGS.items():
-        items = {"dataset.args.count": 1280, "batchsize": params["batch"], "micro_batchsize": params["batch"], **setting}
-        config = load_config(CONFIG, overrides(params["width"], items))
-        performance.configure_backends(config.performance, config.deterministic)
-        models = build.build_models(config, device)
-        updater = build.build_updater(config, world, models, build.build_batches(config, world))  # gSR's class counts
-        updater.batches = resident_batches(config, world)
-        reset_peak_memory(device)
-        warmup = [timed(updater.update, device) for _ in range(params["warmup"])]
-        times = [timed(updater.update, device) for _ in range(params["timed"])]
-        progress("e", f"{name}: {median(times):.3f} s per iteration")
-        partial.record(**{name: {"iteration_s": median(times), "iterations_s": times, "warmup_s": warmup,
-                                 "config_overrides": overrides(params["width"], items), **peak_memory(device)}})
+        time_setting(name, setting, params, world, partial)
+        release_memory()  # the last setting's models are gone: the next peak is its own
+
+
+def time_setting(name: str, setting: dict, params: dict, world: World, partial) -> None:
+    device = world.device
+    items = {"dataset.args.count": 1280, "batchsize": params["batch"], "micro_batchsize": params["batch"], **setting}
+    config = load_config(CONFIG, overrides(params["width"], items))
+    performance.configure_backends(config.performance, config.deterministic)
+    models = build.build_models(config, device)
+    updater = build.build_updater(config, world, models, build.build_batches(config, world))  # gSR's class counts
+    updater.batches = resident_batches(config, world)
+    reset_peak_memory(device)
+    warmup = [timed(updater.update, device) for _ in range(params["warmup"])]
+    times = [timed(updater.update, device) for _ in range(params["timed"])]
+    progress("e", f"{name}: {median(times):.3f} s per iteration")
+    partial.record(**{name: {"iteration_s": median(times), "iterations_s": times, "warmup_s": warmup,
+                             "config_overrides": overrides(params["width"], items), **peak_memory(device)}})

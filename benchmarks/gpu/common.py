@@ -136,10 +136,11 @@ def remaining(params: dict) -> float:
 
 
 def start_child(name: str, params: dict, result: Path) -> subprocess.Popen:
-    """``bench.py --child name`` in its own process group (so a kill also ends the processes it started)."""
+    """``bench.py --child name`` in its own process group (so a kill also ends the processes it started); not its
+    own session, which would outlive the device call that started it and load the GPU of the next one."""
     command = [sys.executable, "-m", "benchmarks.gpu.bench", "--child", name, "--params", json.dumps(params),
                "--result", str(result)]
-    return subprocess.Popen(command, cwd=ROOT, start_new_session=True)
+    return subprocess.Popen(command, cwd=ROOT, preexec_fn=os.setpgrp)
 
 
 def finish_child(process: subprocess.Popen, deadline: float) -> str:

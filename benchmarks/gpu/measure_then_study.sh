@@ -4,8 +4,9 @@
 # (study_settings.py: step graphs, runs per process, SR on the CPU; each only where measured better and agreeing).
 #   bash benchmarks/gpu/measure_then_study.sh D_BUDGET STUDY CHUNK_BUDGET [source.study device options]
 # e.g. 240 configs/collapse/gpu_study.yaml 150 --setting b64, with carry [".study_carry", "benchmarks/gpu/carry/wheels"]
-# D_BUDGET 0: nothing measured, the settings from the committed results (RESULTS=, needed where benchmarks/results
-# holds several devices' files), the whole call for the chunk. The chunk trains CHUNK_BUDGET seconds at most, less
+# D_BUDGET 0: nothing measured, the settings from the committed results (RESULTS=; by default the file of this
+# machine's GPU, else the only one), the whole call for the chunk. Either way study_settings.py uses only what the
+# same benchmark run recorded as measured better, with the GPU-only tests passed. The chunk trains CHUNK_BUDGET seconds at most, less
 # where the call (CALL_S, default 590 s: the device tool's timeout_s) would otherwise end before it has packed.
 # STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
 # (a test's stand-in).
@@ -21,17 +22,21 @@ PARTS=4  # the chunk's share of the 8 files a call returns
 if [ "$D_BUDGET" = 0 ]; then
     RESULT=${RESULTS:-}
     if [ -z "$RESULT" ]; then
+        OWN=benchmarks/results/gpu_$("$PYTHON" -c "from benchmarks.gpu.common import device_name, pick_device, slug
+print(slug(device_name(pick_device())))" 2>/dev/null).json
         mapfile -t FOUND < <(ls benchmarks/results/gpu_*.json 2>/dev/null | grep -v -- -quick)
-        [ ${#FOUND[@]} -eq 1 ] || { echo "measure_then_study: ${#FOUND[@]} committed results; name one: RESULTS=..." >&2; exit 2; }
-        RESULT=${FOUND[0]}
+        if [ -f "$OWN" ]; then
+            RESULT=$OWN
+        elif [ ${#FOUND[@]} -eq 1 ]; then
+            RESULT=${FOUND[0]}
+        else
+            echo "measure_then_study: none of ${FOUND[*]:-no results} is $OWN; the chunk runs with its base settings"
+            RESULT=none
+        fi
     fi
 else
     bash "${RUN_SH:-benchmarks/gpu/run.sh}" --gpu-tests --sections d_small_models --budget d_small_models="$D_BUDGET"
     RESULT=$(ls "$OUT"/gpu_*.json 2>/dev/null | head -1)
-    if grep -qE "[0-9]+ (failed|errors?)" "$OUT/gpu_tests.log" 2>/dev/null; then
-        echo "measure_then_study: GPU-only tests failed (gpu_bench.log): the chunk runs with its base settings"
-        RESULT=none
-    fi
     # the tests' log joins the benchmark's: the benchmark returns 3 files, the chunk at most 2 parts, its manifest,
     # progress and left_out.txt: 8
     if [ -f "$OUT/gpu_tests.log" ]; then

@@ -23,7 +23,8 @@ COMPARABLE = ("device", "torch", "cuda")
 
 def run_summary(result: dict) -> dict:
     protocol = result["protocol"]
-    return {key: protocol.get(key) for key in ("date", "command", "sections_run", "total_wall_s", "budgets_s")}
+    summary = {key: protocol.get(key) for key in ("date", "command", "sections_run", "total_wall_s", "budgets_s")}
+    return dict(summary, complete=result.get("complete", True))
 
 
 def merge(earlier: dict, later: dict) -> dict:
@@ -43,8 +44,10 @@ def merge(earlier: dict, later: dict) -> dict:
     sections = {**earlier["sections"], **replacing}
     protocol = {**later["protocol"], "runs": [*runs, run_summary(later)],
                 "section_dates": {**measured_by, **dict.fromkeys(replacing, later["protocol"]["date"])},
-                "sections_run": list(sections)}
-    return {**later, "protocol": protocol, "sections": sections, "ratios": derived_ratios(sections)}
+                "sections_run": list(sections),  # the GPU-only tests' latest outcome (a run without them keeps it)
+                "gpu_tests": later["protocol"].get("gpu_tests") or earlier["protocol"].get("gpu_tests")}
+    merged = {key: value for key, value in later.items() if key != "complete"}  # each run's is in its summary
+    return {**merged, "protocol": protocol, "sections": sections, "ratios": derived_ratios(sections)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ SPECTRA = "b_sr_spectra.spectra_snapshot_s"
 EAGER = "d_small_models.single.eager.g_iterations_per_s"
 RATIOS = {
     "imagenet128_fast_speedup_extrapolated": (A_FAITHFUL, [A_FAST], "faithful / fast seconds per batch-2048 iteration"),
-    # fast's upper bound is 2048/micro times its measured accumulation-1 iteration (each counting the fixed costs)
+    # fast's upper bound: 2048/(a x micro) times its measured accumulation-a iteration (each counting the fixed costs)
     "imagenet128_fast_speedup_lower_bound": (A_FAITHFUL, ["a_fast.seconds_per_2048_iteration_upper_bound_extrapolated"],
                                              "faithful / fast's upper bound: the least speed-up"),
     "sr_call_fraction_of_faithful_iteration_extrapolated": (SR, [A_FAITHFUL], "one SR call / faithful iteration"),
@@ -94,7 +94,7 @@ IMAGENET_ROWS = (
     ("images/s at accumulation 2 (measured)", "images_per_s_measured_at_accumulation_2", None),
     ("s per batch-2048 iteration (extrapolated)", "seconds_per_2048_iteration_extrapolated", None),
     ("images/s at batch 2048 (extrapolated)", "images_per_s_extrapolated", None),
-    ("upper bound from accumulation 1 alone, s (extrapolated)", "seconds_per_2048_iteration_upper_bound_extrapolated",
+    ("upper bound from one accumulation alone, s (extrapolated)", "seconds_per_2048_iteration_upper_bound_extrapolated",
      None),
     ("peak memory GiB (measured)", "peak_memory_bytes", lambda value: value and value / 2**30),
     ("model TFLOP per batch-2048 iteration (counted, scaled)", "flops_per_2048_iteration",
@@ -223,6 +223,12 @@ def write_markdown(result: dict, path: Path) -> None:
     lines = [f"# GPU benchmark: {protocol['device']}", "",
              f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
              f"quick={result['quick']}, total wall {protocol['total_wall_s']} s. Timing: {protocol['timing']}.", ""]
+    if result.get("complete") is False:
+        lines += [f"**Incomplete**: written after {', '.join(sections)}; the sections after it had not run.", ""]
+    if protocol.get("gpu_tests"):
+        tests = protocol["gpu_tests"]
+        lines += [f"GPU-only tests (run.sh --gpu-tests): {tests['summary']}, pytest exit {tests['exit']}"
+                  f"{'' if tests['passed'] else ' (not passed: no setting they test is chosen for a study)'}.", ""]
     if protocol.get("section_dates"):  # merged from several runs (benchmarks/gpu/merge.py)
         lines += ["Merged from runs on the same device and torch; each section's date: " + ", ".join(
             f"{name} {date}" for name, date in protocol["section_dates"].items()) + ". A ratio may divide numbers "

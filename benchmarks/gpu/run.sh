@@ -25,12 +25,17 @@ if ! "$PYTHON" -c "import torch_fidelity, tensorboardX" 2>/dev/null && ls "$CARR
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi
 
+TESTS=()
 if [ "${1:-}" = "--gpu-tests" ]; then
     shift
-    TESTS_LOG=/dev/null
+    TESTS_LOG=$(mktemp /tmp/gpu_tests.XXXXXX.log)
     [ -n "${OUT:-}" ] && TESTS_LOG=$OUT/gpu_tests.log
-    "$PYTHON" -m pytest -q -p no:cacheprovider -k gpu tests/test_step_graphs.py tests/test_device_batches.py \
-        tests/test_spectral.py tests/test_group.py 2>&1 | tee "$TESTS_LOG"
+    # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one)
+    timeout -k 5 "${GPU_TESTS_S:-180}" "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=120 -k gpu \
+        tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py 2>&1 \
+        | tee "$TESTS_LOG"
+    echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$TESTS_LOG"  # bench.py records it; 124: the timeout ended them
+    TESTS=(--gpu-tests-log "$TESTS_LOG")
 fi
 
 WEIGHTS=()
@@ -47,4 +52,5 @@ RESULTS=${OUT:-benchmarks/results}
 LOG=/dev/null
 [ -n "${OUT:-}" ] && LOG=$OUT/gpu_bench.log
 mkdir -p "$RESULTS"
-PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu/bench.py --out "$RESULTS" ${WEIGHTS[@]+"${WEIGHTS[@]}"} "$@" 2>&1 | tee "$LOG"
+PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu/bench.py --out "$RESULTS" ${WEIGHTS[@]+"${WEIGHTS[@]}"} \
+    ${TESTS[@]+"${TESTS[@]}"} "$@" 2>&1 | tee "$LOG"

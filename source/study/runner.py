@@ -201,7 +201,9 @@ def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str
     if compile_threads is not None:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = compile_threads
     with open(log, "a") as handle:
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        # its own process group, not session: Ctrl-C at a terminal does not reach it (the runner stops it), and the
+        # device machine ends it with the call that started it (a new session would outlive the call)
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp)
 
 
 def exit_status(root: Path, run: Run) -> Path:

@@ -9,7 +9,6 @@ import math
 import time
 
 import torch
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from source.files import atomic_write
@@ -103,6 +102,8 @@ class Preview(Extension):
         folder = trainer.out / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         grid = (images + 1) / 2
+        from torchvision.utils import save_image  # here: importing torchvision takes seconds, every train.py paid them
+
         for name in (f"preview_iter_{trainer.iteration:08d}.png", "latest.png"):
             atomic_write(folder / name, lambda handle: save_image(grid, handle, format="png", nrow=self.columns, padding=1))
 
