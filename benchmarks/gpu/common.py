@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from source.study.runner import own_process_group
+
 ROOT = Path(__file__).resolve().parents[2]
 MINIMUM_S = 10.0  # no section or run is started with less time than this left
 
@@ -136,11 +138,10 @@ def remaining(params: dict) -> float:
 
 
 def start_child(name: str, params: dict, result: Path) -> subprocess.Popen:
-    """``bench.py --child name`` in its own process group (so a kill also ends the processes it started); not its
-    own session, which would outlive the device call that started it and load the GPU of the next one."""
+    """``bench.py --child name`` in its own process group (so a kill also ends the processes it started)."""
     command = [sys.executable, "-m", "benchmarks.gpu.bench", "--child", name, "--params", json.dumps(params),
                "--result", str(result)]
-    return subprocess.Popen(command, cwd=ROOT, preexec_fn=os.setpgrp)
+    return subprocess.Popen(command, cwd=ROOT, **own_process_group())
 
 
 def finish_child(process: subprocess.Popen, deadline: float) -> str:

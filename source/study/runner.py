@@ -201,9 +201,15 @@ def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str
     if compile_threads is not None:
         env["TORCHINDUCTOR_COMPILE_THREADS"] = compile_threads
     with open(log, "a") as handle:
-        # its own process group, not session: Ctrl-C at a terminal does not reach it (the runner stops it), and the
-        # device machine ends it with the call that started it (a new session would outlive the call)
-        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, preexec_fn=os.setpgrp)
+        return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, **own_process_group())
+
+
+def own_process_group() -> dict:
+    """Popen's arguments for a child in a process group of its own: Ctrl-C at a terminal does not reach it (its
+    parent stops it) and ``os.killpg`` ends it with what it started. Not a session of its own: the device machine
+    ends a call's processes with the call, except those that started a new session, which would load the GPU of
+    the next call."""
+    return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def exit_status(root: Path, run: Run) -> Path:
