@@ -190,6 +190,13 @@ def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_r
     assert ["a_s0.log", "b_s0.log", "c_s0.log"] in groups  # the last chunk's
 
 
+def test_runs_started_together_share_processes_in_groups_as_equal_as_can_be():
+    sizes = lambda runs, most: [len(group) for group in runner.balanced_groups(list(range(runs)), most)]  # noqa: E731
+    assert sizes(12, 8) == [6, 6] and sizes(12, 4) == [4, 4, 4] and sizes(13, 4) == [4, 3, 3, 3]
+    assert sizes(3, 2) == [2, 1] and sizes(5, 1) == [1] * 5 and sizes(0, 2) == []
+    assert sum(runner.balanced_groups(list(range(13)), 4), []) == list(range(13))  # in order, each once
+
+
 def test_a_chunk_refuses_compile_with_runs_sharing_processes(tmp_path, capsys):
     from source.study import __main__ as study_cli
 

@@ -45,8 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
             command.add_argument("--per-process", type=int, default=1,
-                                 help="runs sharing one process, each on its own CUDA stream (default 1): on one "
-                                      "GPU, separate processes' kernels never run at the same time")
+                                 help="runs sharing one process at most, each on its own CUDA stream, the groups "
+                                      "as equal as can be (default 1): on one GPU, separate processes' kernels "
+                                      "never run at the same time")
             command.add_argument("--grace", type=float, default=120.0,
                                  help="seconds a stopped run has to write its snapshot (default 120)")
             command.add_argument("--set", dest="performance", action="append", default=[],

@@ -103,7 +103,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                      and status(study, root, r) in ("started", "fresh", "ready")]
             ready.sort(key=lambda r: latest_iteration(run_folder(root, r)))
             starting = ready[:free]
-            for group in [starting[i:i + per_process] for i in range(0, len(starting), per_process)]:
+            for group in balanced_groups(starting, per_process):
                 for run in group:
                     chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
                 compile_threads = None if chunk.lead is None else "1"
@@ -129,6 +129,14 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
         _record_pids(root, active)
         _append_history(root, chunk)
     return chunk
+
+
+def balanced_groups(runs: list[Run], most: int) -> list[list[Run]]:
+    """``runs`` in as few groups of at most ``most`` as there can be, as equal as can be (12 by 8: 6 and 6, not 8
+    and 4: a process takes its runs' iterations in turns, so a larger group's runs would advance slower)."""
+    count = math.ceil(len(runs) / most)
+    sizes = [len(runs) // count + (index < len(runs) % count) for index in range(count)]
+    return [runs[sum(sizes[:index]):sum(sizes[:index + 1])] for index in range(count)]
 
 
 def _lead_compiling(chunk: Chunk, root: Path, study: Study, active: dict) -> bool:
