@@ -67,6 +67,7 @@ def test_each_section_measured_its_numbers(bench):
     assert ours["inception_score"] == pytest.approx(theirs["inception_score"], rel=1e-3)
     small = sections["d_small_models"]
     assert small["single"]["eager"]["g_iterations_per_s"] > 0
+    assert small["arithmetic"]["precision"] == "fp32" and small["arithmetic"]["flops_per_g_iteration"] > 0
     assert small["single"]["eager"]["cudagraph_skips"] == 0 and len(small["single"]["eager"]["warmup_losses"]) == 5
     # on a CPU step-graphs runs its static buffers without capture: eager's arithmetic, with fused Adam's rounding
     differences = small["warmup_losses_difference_to_eager"]
@@ -109,6 +110,29 @@ def test_each_section_measured_its_numbers(bench):
         assert biggan[setting]["iteration_s"] == statistics.median(biggan[setting]["iterations_s"]) > 0
 
 
+def test_a_g_iteration_counts_every_d_step_forward_and_backward(bench):
+    """The arithmetic that (d)'s rates are measured against: at least n_dis D steps of forward and backward (about
+    3 forwards) over reals and fakes, and the G step's forwards on top."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.gpu.small_worker import CONFIG, small_overrides
+    from source.config import load_config
+    from source.training import build
+
+    result, _ = bench
+    params = result["protocol"]["plans"]["d_small_models"]
+    config = load_config(CONFIG, small_overrides(dict(params, variant="eager")))
+    models = build.build_models(config, torch.device("cpu"))
+    images = torch.zeros(2 * config.batchsize, 1, 32, 32)
+    with FlopCounterMode(display=False) as d_forward, torch.no_grad():
+        models.dis(images, None)
+    with FlopCounterMode(display=False) as g_forward, torch.no_grad():
+        models.gen(torch.zeros(config.gen_batch, models.gen.dim_z), None)
+    counted = result["sections"]["d_small_models"]["arithmetic"]["flops_per_g_iteration"]
+    floor = config.updater.n_dis * 3 * d_forward.get_total_flops() + g_forward.get_total_flops()
+    assert floor < counted < 2 * floor
+
+
 def test_extrapolation_and_ratios_are_computed_from_the_measured_numbers(bench):
     result, _ = bench
     sections = result["sections"]
@@ -132,7 +156,7 @@ def test_markdown_report_shows_the_sections_and_ratios(bench):
     markdown = path.with_suffix(".md").read_text()
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e) CIFAR-10-LT BigGAN", "## Ratios", "## (f) Loaders with 2 workers"):
         assert heading in markdown
-    assert "the study's data path" in markdown
+    assert "the study's data path" in markdown and "GFLOP of the models' arithmetic" in markdown
     assert f"{result['ratios']['imagenet128_fast_speedup_extrapolated']['value']:.3g}" in markdown
 
 
@@ -202,7 +226,7 @@ def test_the_gpu_only_tests_outcome_is_read_from_their_log(tmp_path, log, expect
     assert gpu_tests(None) is None
 
 
-def test_the_report_is_rewritten_after_every_section(tmp_path, monkeypatch):
+def test_the_report_is_rewritten_after_every_section_and_d_carries_the_gpu_tests(tmp_path, monkeypatch):
     """A call cut short returns the sections it finished, and the running one's record so far."""
     from benchmarks.gpu import bench
 
@@ -216,12 +240,19 @@ def test_the_report_is_rewritten_after_every_section(tmp_path, monkeypatch):
         return {"status": "ok", "wall_s": 0.1, "measured": name}
 
     monkeypatch.setattr(bench, "run_child", fake_child)
-    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", "b_sr_spectra,e_biggan"]) == 0
+    monkeypatch.setattr(bench, "run_here", lambda params, result, budget: fake_child("d", params, result, budget))
+    log = tmp_path / "tests.log"
+    log.write_text("........\n8 passed in 41.20s\npytest exit 0\n")
+    assert bench.main(["--quick", "--out", str(tmp_path), "--sections", "b_sr_spectra,d_small_models",
+                       "--gpu-tests-log", str(log)]) == 0
     (first, _, running), (second, (report, markdown), _) = seen
-    assert (first, second) == ("b", "e") and running[1] == "b_sr_spectra.json"  # in $OUT: a call cut short returns it
+    assert (first, second) == ("b", "d") and running[1] == "b_sr_spectra.json"  # in $OUT: a call cut short returns it
     assert running[0].startswith("gpu_") and running[0].endswith("-quick-running")
     assert report["complete"] is False and list(report["sections"]) == ["b_sr_spectra"]
     assert "**Incomplete**: written after b_sr_spectra" in markdown
     final = json.loads(next(tmp_path.glob("gpu_*-quick.json")).read_text())
-    assert final["complete"] and final["sections"]["e_biggan"]["measured"] == "e"
+    assert final["complete"] and final["sections"]["d_small_models"]["measured"] == "d"
     assert not list(tmp_path.glob("*-running"))
+    # the tests' outcome travels with (d), the numbers that study_settings.py takes on their word, through merges
+    assert final["sections"]["d_small_models"]["gpu_tests"]["passed"] and final["protocol"]["gpu_tests"]["passed"]
+    assert "gpu_tests" not in final["sections"]["b_sr_spectra"]

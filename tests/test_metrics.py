@@ -1,5 +1,6 @@
 """Metrics: Fréchet distance, IS, KID, statistics files and cache, and the Inception backbone."""
 
+import sys
 import urllib.error
 
 import numpy as np
@@ -284,6 +285,16 @@ def test_missing_weights_file_gives_a_one_line_error():
     message = str(error.value)
     assert "\n" not in message and "/nonexistent/inception.pth" in message
     assert WEIGHTS_FILE in message and URL_INCEPTION_V3 in message and FID_HELPER in message
+
+
+def test_without_torch_fidelity_the_network_is_unavailable_in_one_line(monkeypatch):
+    """torch-fidelity is imported where the network is built (not when train.py starts): its absence is then the
+    error that switches evaluation off during training, not an ImportError that ends the run."""
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", None)  # import -> ImportError
+    monkeypatch.setattr(inception, "_weights_source", lambda weights: (None, True))
+    with pytest.raises(WeightsUnavailable, match=r"torch-fidelity.*cannot be imported.*pip install -e \.") as error:
+        InceptionBackbone("/weights/given.pth")
+    assert "\n" not in str(error.value)
 
 
 def test_failed_download_gives_a_one_line_error(tmp_path, monkeypatch):

@@ -100,6 +100,10 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and state.logged_iteration(folder) < 3:
         time.sleep(0.5)
+    (pid,) = json.loads((root / runner.PIDS).read_text()).values()
+    # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not reach
+    # it), in the runner's session: the device machine ends it with the call that started it
+    assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(runner_process.pid)
     runner_process.send_signal(signal.SIGTERM)
     _, err = runner_process.communicate(timeout=120)
     assert runner_process.returncode == 130 and "stopped by SIGTERM" in err

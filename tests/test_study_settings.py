@@ -65,9 +65,8 @@ JSON
 
 def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     study_file = write_study(tmp_path, 4, a={}, b={})
-    results = {"protocol": {"gpu_tests": PASSED},
-               "sections": {"d_small_models": section(in_process={2: ("ok", 100.0, AGREES)},
-                                                      processes={1: 60.0, 2: 70.0})}}
+    results = {"sections": {"d_small_models": dict(section(in_process={2: ("ok", 100.0, AGREES)},
+                                                           processes={1: 60.0, 2: 70.0}), gpu_tests=PASSED)}}
     stub = tmp_path / "run.sh"
     stub.write_text(STUB.replace("{json}", json.dumps(results)))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
@@ -89,7 +88,7 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
 def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
     study_file = write_study(tmp_path, 2, a={})
     results = tmp_path / "gpu_committed.json"
-    results.write_text(json.dumps({"protocol": {"gpu_tests": PASSED}, "sections": {"d_small_models": section()}}))
+    results.write_text(json.dumps({"sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()
@@ -99,3 +98,31 @@ def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
     assert completed.returncode == 0, completed.stderr[-2000:]
     assert "with: --set performance.step_graphs=true" in completed.stdout and not (out / "gpu_bench.log").exists()
     assert "performance.step_graphs=true" in json.loads((root / "chunks.jsonl").read_text())["performance"]
+
+
+
+def test_without_results_named_the_machines_own_file_is_read(tmp_path):
+    """Several devices' results committed: the chunk takes the settings of the file of the GPU it runs on, and with
+    none of that GPU, its base settings. No time is left for a chunk here (CALL_S)."""
+    from benchmarks.gpu.common import device_name, pick_device, slug
+
+    folder, out, study_file = tmp_path / "results", tmp_path / "out", write_study(tmp_path, 2, a={})
+    folder.mkdir()
+    out.mkdir()
+    (folder / "gpu_other-gpu.json").write_text(json.dumps({"sections": {"d_small_models": section(variant="eager")}}))
+    own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
+    own.write_text(json.dumps({"sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
+    env = {key: value for key, value in os.environ.items() if key != "RESULTS"}
+    env.update(OUT=str(out), CALL_S="100", RESULTS_DIR=str(folder))
+
+    def chunk_settings() -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120"], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=120)
+
+    completed = chunk_settings()
+    assert completed.returncode == 0 and f"section (d) of {own}" in completed.stderr, completed.stderr[-2000:]
+    assert "step graphs: 60.0 G-iterations/s alone" in completed.stderr and "none started" in completed.stdout
+    own.rename(folder / "gpu_third-gpu.json")
+    completed = chunk_settings()
+    assert completed.returncode == 0 and "the chunk runs with its base settings" in completed.stdout
+    assert not list(out.iterdir())

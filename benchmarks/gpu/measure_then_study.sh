@@ -6,7 +6,8 @@
 # e.g. 240 configs/collapse/gpu_study.yaml 150 --setting b64, with carry [".study_carry", "benchmarks/gpu/carry/wheels"]
 # D_BUDGET 0: nothing measured, the settings from the committed results (RESULTS=; by default the file of this
 # machine's GPU, else the only one), the whole call for the chunk. Either way study_settings.py uses only what the
-# same benchmark run recorded as measured better, with the GPU-only tests passed. The chunk trains CHUNK_BUDGET seconds at most, less
+# same benchmark run recorded as measured better, with the GPU-only tests passed. RESULTS_DIR: where the committed
+# results are (default benchmarks/results). The chunk trains CHUNK_BUDGET seconds at most, less
 # where the call (CALL_S, default 590 s: the device tool's timeout_s) would otherwise end before it has packed.
 # STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
 # (a test's stand-in).
@@ -22,9 +23,10 @@ PARTS=4  # the chunk's share of the 8 files a call returns
 if [ "$D_BUDGET" = 0 ]; then
     RESULT=${RESULTS:-}
     if [ -z "$RESULT" ]; then
-        OWN=benchmarks/results/gpu_$("$PYTHON" -c "from benchmarks.gpu.common import device_name, pick_device, slug
+        FOLDER=${RESULTS_DIR:-benchmarks/results}
+        OWN=$FOLDER/gpu_$("$PYTHON" -c "from benchmarks.gpu.common import device_name, pick_device, slug
 print(slug(device_name(pick_device())))" 2>/dev/null).json
-        mapfile -t FOUND < <(ls benchmarks/results/gpu_*.json 2>/dev/null | grep -v -- -quick)
+        mapfile -t FOUND < <(ls "$FOLDER"/gpu_*.json 2>/dev/null | grep -v -- -quick)
         if [ -f "$OWN" ]; then
             RESULT=$OWN
         elif [ ${#FOUND[@]} -eq 1 ]; then

@@ -4,6 +4,8 @@ from __future__ import annotations
 from math import prod
 from pathlib import Path
 
+from source.files import atomic_write_text
+
 # name -> (numerator path, denominator paths (multiplied), what it says); paths are dotted keys of "sections".
 A_FAITHFUL = "a_faithful.seconds_per_2048_iteration_extrapolated"
 A_FAST = "a_fast.seconds_per_2048_iteration_extrapolated"
@@ -12,7 +14,7 @@ SPECTRA = "b_sr_spectra.spectra_snapshot_s"
 EAGER = "d_small_models.single.eager.g_iterations_per_s"
 RATIOS = {
     "imagenet128_fast_speedup_extrapolated": (A_FAITHFUL, [A_FAST], "faithful / fast seconds per batch-2048 iteration"),
-    # fast's upper bound: 2048/(a x micro) times its measured accumulation-a iteration (each counting the fixed costs)
+    # fast's upper bound is 2048/micro times its measured accumulation-1 iteration (each counting the fixed costs)
     "imagenet128_fast_speedup_lower_bound": (A_FAITHFUL, ["a_fast.seconds_per_2048_iteration_upper_bound_extrapolated"],
                                              "faithful / fast's upper bound: the least speed-up"),
     "sr_call_fraction_of_faithful_iteration_extrapolated": (SR, [A_FAITHFUL], "one SR call / faithful iteration"),
@@ -94,7 +96,7 @@ IMAGENET_ROWS = (
     ("images/s at accumulation 2 (measured)", "images_per_s_measured_at_accumulation_2", None),
     ("s per batch-2048 iteration (extrapolated)", "seconds_per_2048_iteration_extrapolated", None),
     ("images/s at batch 2048 (extrapolated)", "images_per_s_extrapolated", None),
-    ("upper bound from one accumulation alone, s (extrapolated)", "seconds_per_2048_iteration_upper_bound_extrapolated",
+    ("upper bound from accumulation 1 alone, s (extrapolated)", "seconds_per_2048_iteration_upper_bound_extrapolated",
      None),
     ("peak memory GiB (measured)", "peak_memory_bytes", lambda value: value and value / 2**30),
     ("model TFLOP per batch-2048 iteration (counted, scaled)", "flops_per_2048_iteration",
@@ -193,7 +195,19 @@ def fid_lines(fid: dict) -> list[str]:
 def small_lines(small: dict) -> list[str]:
     lines = [f"## (d) 32 px models (the collapse study's base run), batch {small.get('batch')} (G "
              f"{2 * (small.get('batch') or 0)}), n_dis {small.get('n_dis')}, ch {small.get('width')}", ""]
-    return lines + table(["run", "G-iterations/s (measured)", "note"], small_rows(small)) + [""]
+    arithmetic = small.get("arithmetic") or {}
+    flops, peak = arithmetic.get("flops_per_g_iteration"), arithmetic.get("peak_tflops")
+    if flops:
+        lines += [f"One G-iteration is {number(flops / 1e9, 3)} GFLOP of the models' arithmetic (counted: "
+                  f"FlopCounterMode, eager, on the CPU); the {arithmetic.get('precision')} datasheet peak of this device "
+                  f"is {number(peak)} TFLOP/s, so no arrangement of runs does more than "
+                  f"{number(peak * 1e12 / flops if peak else None, 3)} G-iterations/s in all at this precision.", ""]
+
+    def share(rate):  # of the peak, at the counted FLOPs
+        return number(rate * flops / (peak * 1e12), 2) if rate and flops and peak else None
+
+    rows = [[label, rate, share(rate), note] for label, rate, note in small_rows(small)]
+    return lines + table(["run", "G-iterations/s (measured)", "share of the peak", "note"], rows) + [""]
 
 
 def biggan_lines(biggan: dict) -> list[str]:
@@ -227,7 +241,7 @@ def write_markdown(result: dict, path: Path) -> None:
         lines += [f"**Incomplete**: written after {', '.join(sections)}; the sections after it had not run.", ""]
     if protocol.get("gpu_tests"):
         tests = protocol["gpu_tests"]
-        lines += [f"GPU-only tests (run.sh --gpu-tests): {tests['summary']}, pytest exit {tests['exit']}"
+        lines += [f"GPU-only tests (run.sh --gpu-tests): {tests['summary'] or 'no summary line'}, pytest exit {tests['exit']}"
                   f"{'' if tests['passed'] else ' (not passed: no setting they test is chosen for a study)'}.", ""]
     if protocol.get("section_dates"):  # merged from several runs (benchmarks/gpu/merge.py)
         lines += ["Merged from runs on the same device and torch; each section's date: " + ", ".join(
@@ -243,4 +257,4 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += [""]
     problems = errors(sections)
     lines += ["## Sections that did not finish cleanly", "", *problems, ""] if problems else []
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -41,6 +41,18 @@ def cudagraph_skips() -> int:
     return utils.counters["inductor"]["cudagraph_skips"] if utils else 0
 
 
+def g_iteration_flops(params: dict) -> float:
+    """Model FLOPs of one G-iteration of the eager run at the section's sizes: torch's FlopCounterMode on the CPU
+    (the count does not depend on the device); the arithmetic a variant's rate is measured against."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = load_config(CONFIG, small_overrides(dict(params, variant="eager")))
+    run = SmallRun(config, World(rank=0, local_rank=0, size=1, device=torch.device("cpu")), params, None)
+    with FlopCounterMode(display=False) as counter:
+        run.update()
+    return float(counter.get_total_flops())
+
+
 def small_overrides(params: dict) -> list[str]:
     """The variant's settings; with ``data_root``, the study's own data path on the Fashion-MNIST files there."""
     items = {"batchsize": params["batch"], "micro_batchsize": params["batch"], "gen_batchsize": 2 * params["batch"],

@@ -8,8 +8,8 @@ From section (d) (benchmarks/gpu/small.py), on the study's own base model and re
 - ``--per-process K``, where K runs in one process (one CUDA stream each) did more G-iterations/s in all than any
   number of processes did (several processes measured too), and the first of them agreed with the single run;
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
-Nothing is chosen that was not measured, nor where the same run did not record the GPU-only tests (``run.sh
---gpu-tests``: graph capture, runs on streams, SR on the CPU) as passed: then the chunk runs as the study's base sets
+Nothing is chosen that was not measured, nor where the run that measured (d) did not record the GPU-only tests
+(``run.sh --gpu-tests``: graph capture, runs on streams, SR on the CPU; ``gpu_tests`` in the section) as passed: then the chunk runs as the study's base sets
 (eager, one run per process). At most ``MOST_PER_PROCESS`` runs share a process: a CUDA error in one ends them all.
 Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
 """
@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.gpu.study_settings RESULTS.json", file=sys.stderr)
         return 2
     try:
-        results = json.loads(Path(paths[0]).read_text())
-        small, tests = results["sections"].get("d_small_models") or {}, results.get("protocol", {}).get("gpu_tests")
+        small = json.loads(Path(paths[0]).read_text())["sections"].get("d_small_models") or {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
         print(f"study_settings: {paths[0]}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
-        small, tests = {}, None
-    arguments, reasons = choose(small, tests)
+        small = {}
+    print(f"study_settings: section (d) of {paths[0]}", file=sys.stderr)
+    arguments, reasons = choose(small, small.get("gpu_tests"))
     for reason in reasons:
         print(f"study_settings: {reason}", file=sys.stderr)
     print(" ".join(arguments))

@@ -238,7 +238,11 @@ class InceptionBackbone:
         self.protocol = PROTOCOL
         logits_name = "logits" if logits_with_bias else "logits_unbiased"
         feature_names = ["2048", logits_name] if self.has_logits else ["2048"]
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as error:  # a training run then goes on without evaluation, saying why
+            raise WeightsUnavailable(f"torch-fidelity, which builds the Inception network, cannot be imported "
+                                     f"({first_line(error)}); `pip install -e .` installs it") from None
 
         self.network = FeatureExtractorInceptionV3(
             "inception-v3-compat", feature_names, feature_extractor_weights_path=source

@@ -166,7 +166,7 @@ def _record_pids(root: Path, active: dict) -> None:
 
 
 def _stop_leftovers(root: Path, grace: float, echo) -> None:
-    """Stop train.py processes a killed earlier chunk left running (they run in their own sessions)."""
+    """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own)."""
     path = root / PIDS
     pids = json.loads(path.read_text()).items() if path.is_file() else []
     for pid, name in {pid: name for name, pid in pids}.items():  # a group's runs share their pid: stop it once
