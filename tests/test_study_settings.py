@@ -86,18 +86,20 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
 
 
 def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
+    """RESULTS= names them; no time is left for a chunk here (CALL_S: the chunk itself is the test above's)."""
     study_file = write_study(tmp_path, 2, a={})
     results = tmp_path / "gpu_committed.json"
     results.write_text(json.dumps({"sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()
-    env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "STUDY_CARRY": str(carry), "RESULTS": str(results)}
+    env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "STUDY_CARRY": str(carry), "RESULTS": str(results),
+           "CALL_S": "100"}
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert "with: --set performance.step_graphs=true" in completed.stdout and not (out / "gpu_bench.log").exists()
-    assert "performance.step_graphs=true" in json.loads((root / "chunks.jsonl").read_text())["performance"]
+    assert f"section (d) of {results}" in completed.stderr and "step graphs: 60.0 G-iterations/s" in completed.stderr
+    assert "none started" in completed.stdout and not list(out.iterdir()) and not root.exists()
 
 
 

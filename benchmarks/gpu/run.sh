@@ -20,7 +20,9 @@ if [ "${1:-}" = "--stash" ]; then
 fi
 
 # torch-fidelity and tensorboardX are not on the GPU image; pip installs the carried wheels without any registry.
-if ! "$PYTHON" -c "import torch_fidelity, tensorboardX" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
+# (find_spec: importing them to find out would take seconds of the call)
+INSTALLED="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch_fidelity', 'tensorboardX'))))"
+if ! "$PYTHON" -c "$INSTALLED" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/srgan-gpu-bench-site \
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi
