@@ -103,28 +103,23 @@ def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
 
 
 
-def test_without_results_named_the_machines_own_file_is_read(tmp_path):
-    """Several devices' results committed: the chunk takes the settings of the file of the GPU it runs on, and with
-    none of that GPU, its base settings. No time is left for a chunk here (CALL_S)."""
+
+def test_without_results_named_the_machines_own_file_is_read(tmp_path, capsys):
+    """Several devices' results committed (measure_then_study.sh 0 without RESULTS=: study_settings.py --dir): the
+    file of the GPU it runs on, and with none of that GPU's, the study's base settings."""
     from benchmarks.gpu.common import device_name, pick_device, slug
+    from benchmarks.gpu.study_settings import main
 
-    folder, out, study_file = tmp_path / "results", tmp_path / "out", write_study(tmp_path, 2, a={})
-    folder.mkdir()
-    out.mkdir()
-    (folder / "gpu_other-gpu.json").write_text(json.dumps({"sections": {"d_small_models": section(variant="eager")}}))
-    own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
+    (tmp_path / "gpu_other-gpu.json").write_text(json.dumps({"sections": {"d_small_models": section(variant="eager")}}))
+    own = tmp_path / f"gpu_{slug(device_name(pick_device()))}.json"
     own.write_text(json.dumps({"sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
-    env = {key: value for key, value in os.environ.items() if key != "RESULTS"}
-    env.update(OUT=str(out), CALL_S="100", RESULTS_DIR=str(folder))
-
-    def chunk_settings() -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120"], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=120)
-
-    completed = chunk_settings()
-    assert completed.returncode == 0 and f"section (d) of {own}" in completed.stderr, completed.stderr[-2000:]
-    assert "step graphs: 60.0 G-iterations/s alone" in completed.stderr and "none started" in completed.stdout
-    own.rename(folder / "gpu_third-gpu.json")
-    completed = chunk_settings()
-    assert completed.returncode == 0 and "the chunk runs with its base settings" in completed.stdout
-    assert not list(out.iterdir())
+    assert main(["--dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.split() == STEP_GRAPHS and f"section (d) of {own}" in printed.err
+    own.rename(tmp_path / "gpu_third-gpu.json")
+    assert main(["--dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "" and f"is {own.name}" in printed.err and "base settings" in printed.err
+    (tmp_path / "gpu_third-gpu.json").unlink()  # one file alone: whichever GPU measured it
+    assert main(["--dir", str(tmp_path)]) == 0 and "section (d) of" in capsys.readouterr().err
+    assert main(["--dir"]) == 2 and main(["a.json", "b.json"]) == 2

@@ -133,17 +133,20 @@ def run_sections(names: list[str], section_plans: dict, section_budgets: dict, t
     directory.mkdir(parents=True, exist_ok=True)
     results = {}
     for name in names:
-        budget = min(section_budgets[name], deadline - time.time())
+        budget, record = min(section_budgets[name], deadline - time.time()), directory / f"{name}.json"
         if budget < MINIMUM_S:
             results[name] = {"status": "skipped", "error": f"only {budget:.0f} s of the total budget left"}
+        elif name in CHILD_OF:
+            progress(name, f"start (budget {budget:.0f} s)")
+            results[name] = run_child(CHILD_OF[name], section_plans[name], record, budget)
         else:
             progress(name, f"start (budget {budget:.0f} s)")
-            run = (lambda *a: run_child(CHILD_OF[name], *a)) if name in CHILD_OF else run_here
-            results[name] = run(section_plans[name], directory / f"{name}.json", budget)
+            results[name] = run_here(section_plans[name], record, budget)
+        if "wall_s" in results[name]:
             progress(name, f"{results[name]['status']} after {results[name]['wall_s']:.1f} s "
                            f"{results[name].get('error') or ''}")
         after_each(results)
-        (directory / f"{name}.json").unlink(missing_ok=True)
+        record.unlink(missing_ok=True)
     shutil.rmtree(directory, ignore_errors=True)
     return results
 
@@ -248,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":  # several threads per process spin and crawl on a small shared CPU (SVDs: 100x)
         os.environ.update({name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
     progress("bench", f"{environment(device)['device']}, torch {environment(device)['torch']}, sections {names}")
-    stem, date = f"gpu_{slug(environment(device)['device'])}{'-quick' if args.quick else ''}", time.strftime(
-        "%Y-%m-%d %H:%M:%S")
+    stem = f"gpu_{slug(environment(device)['device'])}{'-quick' if args.quick else ''}"
+    date = time.strftime("%Y-%m-%d %H:%M:%S")
 
     def save(results: dict) -> None:  # after every section: a call cut short keeps the sections it finished
         write(report(args, device, names, section_plans, section_budgets, results, time.time() - started, date),

@@ -5,10 +5,10 @@
 #   bash benchmarks/gpu/measure_then_study.sh D_BUDGET STUDY CHUNK_BUDGET [source.study device options]
 # e.g. 240 configs/collapse/gpu_study.yaml 150 --setting b64, with carry [".study_carry", "benchmarks/gpu/carry/wheels"]
 # D_BUDGET 0: nothing measured, the settings from the committed results (RESULTS=; by default the file of this
-# machine's GPU, else the only one), the whole call for the chunk. Either way study_settings.py uses only what the
-# same benchmark run recorded as measured better, with the GPU-only tests passed. RESULTS_DIR: where the committed
-# results are (default benchmarks/results). The chunk trains CHUNK_BUDGET seconds at most, less
-# where the call (CALL_S, default 590 s: the device tool's timeout_s) would otherwise end before it has packed.
+# machine's GPU in RESULTS_DIR, default benchmarks/results, else the only one there), the whole call for the chunk.
+# Either way study_settings.py uses only what the same benchmark run recorded as measured better, with the GPU-only
+# tests passed. The chunk trains CHUNK_BUDGET seconds at most, less where the call (CALL_S, default 590 s: the device
+# tool's timeout_s) would otherwise end before it has packed.
 # STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
 # (a test's stand-in).
 set -uo pipefail
@@ -21,24 +21,12 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 PARTS=4  # the chunk's share of the 8 files a call returns
 if [ "$D_BUDGET" = 0 ]; then
-    RESULT=${RESULTS:-}
-    if [ -z "$RESULT" ]; then
-        FOLDER=${RESULTS_DIR:-benchmarks/results}
-        OWN=$FOLDER/gpu_$("$PYTHON" -c "from benchmarks.gpu.common import device_name, pick_device, slug
-print(slug(device_name(pick_device())))" 2>/dev/null).json
-        mapfile -t FOUND < <(ls "$FOLDER"/gpu_*.json 2>/dev/null | grep -v -- -quick)
-        if [ -f "$OWN" ]; then
-            RESULT=$OWN
-        elif [ ${#FOUND[@]} -eq 1 ]; then
-            RESULT=${FOUND[0]}
-        else
-            echo "measure_then_study: none of ${FOUND[*]:-no results} is $OWN; the chunk runs with its base settings"
-            RESULT=none
-        fi
-    fi
+    RESULT=(--dir "${RESULTS_DIR:-benchmarks/results}")  # study_settings.py picks the file of this machine's GPU
+    [ -n "${RESULTS:-}" ] && RESULT=("$RESULTS")
 else
     bash "${RUN_SH:-benchmarks/gpu/run.sh}" --gpu-tests --sections d_small_models --budget d_small_models="$D_BUDGET"
-    RESULT=$(ls "$OUT"/gpu_*.json 2>/dev/null | head -1)
+    MEASURED=$(ls "$OUT"/gpu_*.json 2>/dev/null | head -1)
+    RESULT=("${MEASURED:-none}")
     # the tests' log joins the benchmark's: the benchmark returns 3 files, the chunk at most 2 parts, its manifest,
     # progress and left_out.txt: 8
     if [ -f "$OUT/gpu_tests.log" ]; then
@@ -46,7 +34,7 @@ else
     fi
     PARTS=2
 fi
-SETTINGS=$("$PYTHON" -m benchmarks.gpu.study_settings "${RESULT:-none}")
+SETTINGS=$("$PYTHON" -m benchmarks.gpu.study_settings "${RESULT[@]}")
 LEFT=$(( ${CALL_S:-590} - ($(date +%s) - STARTED) - 150 ))  # 150: the grace, unpacking and packing
 BUDGET=$(( LEFT < CHUNK_BUDGET ? LEFT : CHUNK_BUDGET ))
 if [ "$BUDGET" -lt 30 ]; then

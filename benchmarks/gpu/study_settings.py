@@ -1,6 +1,7 @@
 """The collapse study's chunk settings that a GPU benchmark run measured best, as ``source.study`` arguments.
 
     python -m benchmarks.gpu.study_settings $OUT/gpu_<device>.json      # e.g. --set performance.step_graphs=true ...
+    python -m benchmarks.gpu.study_settings --dir benchmarks/results    # the committed file of this machine's GPU
 
 From section (d) (benchmarks/gpu/small.py), on the study's own base model and recipe:
 - step graphs, where (d) chose them for its concurrent runs: the faster of eager and step graphs whose warm-up
@@ -9,8 +10,9 @@ From section (d) (benchmarks/gpu/small.py), on the study's own base model and re
   number of processes did (several processes measured too), and the first of them agreed with the single run;
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
 Nothing is chosen that was not measured, nor where the run that measured (d) did not record the GPU-only tests
-(``run.sh --gpu-tests``: graph capture, runs on streams, SR on the CPU; ``gpu_tests`` in the section) as passed: then the chunk runs as the study's base sets
-(eager, one run per process). At most ``MOST_PER_PROCESS`` runs share a process: a CUDA error in one ends them all.
+(``run.sh --gpu-tests``: graph capture, runs on streams, SR on the CPU; ``gpu_tests`` in the section) as passed:
+then the chunk runs as the study's base sets (eager, one run per process). At most ``MOST_PER_PROCESS`` runs share
+a process: a CUDA error in one ends them all.
 Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
 """
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks.gpu.common import device_name, pick_device, slug
 from benchmarks.gpu.small import within_agreement
 
 STEP_GRAPHS = ["--set", "performance.step_graphs=true", "--set", "performance.fused_adam=true"]
@@ -60,17 +63,35 @@ def rate(singles: dict, variant: str) -> str:
     return f"{value:.1f}" if value else "null"
 
 
-def main(argv: list[str] | None = None) -> int:
-    paths = sys.argv[1:] if argv is None else argv
-    if len(paths) != 1:
-        print("usage: python -m benchmarks.gpu.study_settings RESULTS.json", file=sys.stderr)
-        return 2
+def results_of_this_gpu(folder: Path) -> Path | None:
+    """The committed results of the GPU this runs on (``gpu_<its name>.json``), else the only ones there, else none:
+    another GPU's numbers are no guide where this GPU's are committed beside them."""
+    own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
+    found = sorted(path for path in folder.glob("gpu_*.json") if "-quick" not in path.name)
+    if own.is_file() or len(found) == 1:
+        return own if own.is_file() else found[0]
+    print(f"study_settings: none of {[path.name for path in found]} is {own.name}", file=sys.stderr)
+    return None
+
+
+def read_section(path: Path) -> dict:
+    """Section (d) of a benchmark's results ({} when there is none or the file is not such results)."""
     try:
-        small = json.loads(Path(paths[0]).read_text())["sections"].get("d_small_models") or {}
+        small = json.loads(path.read_text())["sections"].get("d_small_models") or {}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        print(f"study_settings: {paths[0]}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
-        small = {}
-    print(f"study_settings: section (d) of {paths[0]}", file=sys.stderr)
+        print(f"study_settings: {path}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
+        return {}
+    print(f"study_settings: section (d) of {path}", file=sys.stderr)
+    return small
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    if len(arguments) not in (1, 2) or (len(arguments) == 2) != (arguments[0] == "--dir"):
+        print("usage: python -m benchmarks.gpu.study_settings RESULTS.json | --dir FOLDER", file=sys.stderr)
+        return 2
+    path = results_of_this_gpu(Path(arguments[1])) if arguments[0] == "--dir" else Path(arguments[0])
+    small = read_section(path) if path else {}
     arguments, reasons = choose(small, small.get("gpu_tests"))
     for reason in reasons:
         print(f"study_settings: {reason}", file=sys.stderr)
