@@ -136,13 +136,10 @@ def run_sections(names: list[str], section_plans: dict, section_budgets: dict, t
         budget, record = min(section_budgets[name], deadline - time.time()), directory / f"{name}.json"
         if budget < MINIMUM_S:
             results[name] = {"status": "skipped", "error": f"only {budget:.0f} s of the total budget left"}
-        elif name in CHILD_OF:
-            progress(name, f"start (budget {budget:.0f} s)")
-            results[name] = run_child(CHILD_OF[name], section_plans[name], record, budget)
         else:
             progress(name, f"start (budget {budget:.0f} s)")
-            results[name] = run_here(section_plans[name], record, budget)
-        if "wall_s" in results[name]:
+            results[name] = (run_child(CHILD_OF[name], section_plans[name], record, budget) if name in CHILD_OF
+                             else run_here(section_plans[name], record, budget))
             progress(name, f"{results[name]['status']} after {results[name]['wall_s']:.1f} s "
                            f"{results[name].get('error') or ''}")
         after_each(results)

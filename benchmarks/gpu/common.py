@@ -83,17 +83,24 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
 
-def utilisation(flops: float | None, seconds: float | None, device: torch.device, precision: str) -> dict:
-    """Model-FLOPs utilisation: counted model FLOPs / time / the device's datasheet peak for ``precision``."""
+def datasheet_peak(device: torch.device, precision: str) -> dict:
+    """The device's datasheet peak TFLOP/s for ``precision`` (null, with the reason, for devices not listed)."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "a CPU"
     peaks = next((rates for key, rates in PEAK_TFLOPS if key in name), None)
     if peaks is None:
-        why = f"no datasheet peak for {name} in benchmarks/gpu/common.py"
-        return {"precision": precision, "peak_tflops": None, "peak_tflops_why": why, "value": None, "value_why": why}
-    result = {"precision": precision, "peak_tflops": peaks[precision], "value": None}
+        return {"precision": precision, "peak_tflops": None,
+                "peak_tflops_why": f"no datasheet peak for {name} in benchmarks/gpu/common.py"}
+    return {"precision": precision, "peak_tflops": peaks[precision]}
+
+
+def utilisation(flops: float | None, seconds: float | None, device: torch.device, precision: str) -> dict:
+    """Model-FLOPs utilisation: counted model FLOPs / time / the device's datasheet peak for ``precision``."""
+    peak = datasheet_peak(device, precision)
+    if peak["peak_tflops"] is None:
+        return dict(peak, value=None, value_why=peak["peak_tflops_why"])
     if not flops or not seconds:
-        return dict(result, value_why="FLOPs or time not measured")
-    return dict(result, value=flops / seconds / (peaks[precision] * 1e12))
+        return dict(peak, value=None, value_why="FLOPs or time not measured")
+    return dict(peak, value=flops / seconds / (peak["peak_tflops"] * 1e12))
 
 
 def reset_peak_memory(device: torch.device) -> None:

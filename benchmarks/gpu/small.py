@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.gpu.common import (MINIMUM_S, finish_child, pick_device, progress, read_result, remaining, run_child,
-                                   start_child, utilisation)
+from benchmarks.gpu.common import (MINIMUM_S, datasheet_peak, finish_child, pick_device, progress, read_result,
+                                   remaining, run_child, start_child)
 from benchmarks.gpu.small_worker import g_iteration_flops
 
 COMPILED = ("compiled-step-graphs", "fp32-graphs")  # minutes of compiling on a cold cache: measured after the rest
@@ -173,9 +173,8 @@ def run(params: dict, partial) -> None:
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
                    warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"],
                    agreement=AGREEMENT)
-    peak = utilisation(None, None, pick_device(), "fp32")  # the faithful runs' ceiling: fp32 without tensor cores
-    partial.record(arithmetic={"flops_per_g_iteration": g_iteration_flops(params),
-                               **{key: value for key, value in peak.items() if key.startswith(("peak", "precision"))}})
+    peak = datasheet_peak(pick_device(), "fp32")  # the faithful runs' ceiling: fp32, without tensor cores
+    partial.record(arithmetic={"flops_per_g_iteration": g_iteration_flops(params), **peak})
     candidates = [name for name in params["variants"] if not name.startswith("fast")]
     compiled = [name for name in candidates if name in COMPILED]
     with tempfile.TemporaryDirectory() as name:

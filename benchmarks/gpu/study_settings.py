@@ -68,8 +68,10 @@ def results_of_this_gpu(folder: Path) -> Path | None:
     another GPU's numbers are no guide where this GPU's are committed beside them."""
     own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
     found = sorted(path for path in folder.glob("gpu_*.json") if "-quick" not in path.name)
-    if own.is_file() or len(found) == 1:
-        return own if own.is_file() else found[0]
+    if own.is_file():
+        return own
+    if len(found) == 1:
+        return found[0]
     print(f"study_settings: none of {[path.name for path in found]} is {own.name}", file=sys.stderr)
     return None
 
@@ -86,11 +88,11 @@ def read_section(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = sys.argv[1:] if argv is None else argv
-    if len(arguments) not in (1, 2) or (len(arguments) == 2) != (arguments[0] == "--dir"):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2) or (len(argv) == 2) != (argv[0] == "--dir"):
         print("usage: python -m benchmarks.gpu.study_settings RESULTS.json | --dir FOLDER", file=sys.stderr)
         return 2
-    path = results_of_this_gpu(Path(arguments[1])) if arguments[0] == "--dir" else Path(arguments[0])
+    path = results_of_this_gpu(Path(argv[1])) if argv[0] == "--dir" else Path(argv[0])
     small = read_section(path) if path else {}
     arguments, reasons = choose(small, small.get("gpu_tests"))
     for reason in reasons:
