@@ -174,5 +174,4 @@ class _Stop:
             return
         for member in self.members:
             if member.trainer is not None and member.returncode is None and not member.trainer.stop_requested:
-                with member.turn():
-                    member.trainer.request_stop(self.signum)
+                member.trainer.request_stop(self.signum)  # no output here: see Trainer.request_stop

@@ -168,13 +168,15 @@ class Trainer:
         return self._stop_signal is not None
 
     def request_stop(self, signum: int) -> None:
-        """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do)."""
+        """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do). Signal handlers call
+        it, so it only records the signal: a print from a handler that interrupted a print to the same file fails
+        ("reentrant call"), and that error would surface in whatever the run was doing. ``advance`` says it."""
         self._stop_signal = signum
-        if self.world.is_main:
-            print(f"\n{signal.Signals(signum).name} received: finishing iteration {self.iteration + 1}, "
-                  f"then writing a snapshot", flush=True)
 
     def _stop_cleanly(self) -> None:
+        if self.world.is_main:
+            why = f"{signal.Signals(self._stop_signal).name} received" if self._stop_signal else "another rank stops"
+            print(f"\n{why}: writing a snapshot at iteration {self.iteration}", flush=True)
         path = self.save_snapshot()
         self.log.event(self.iteration, "interrupted", snapshot=str(path))
         if self.world.is_main:
