@@ -88,9 +88,10 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     threads = str(max(1, (os.cpu_count() or 1) // math.ceil(parallel / per_process)))
     next_report = time.time() + REPORT_SECONDS
     _stop_leftovers(root, grace, echo)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    signalled = _Signalled()
+    previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while stop is None or not stop():
+        while signalled.name is None and (stop is None or not stop()):
             for name, (process, _) in list(active.items()):
                 if process.poll() is not None:
                     _finish(chunk, root, study.run(name), active.pop(name), echo)
@@ -120,6 +121,8 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 next_report += REPORT_SECONDS
                 echo(_progress_line(chunk, root, [study.run(name) for name in active]))
             time.sleep(POLL_SECONDS)
+        if signalled.name is not None:
+            raise ChunkInterrupted(signalled.name)
     finally:  # the budget, Ctrl-C, SIGTERM/SIGHUP or an error here: every run still writes its snapshot
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -153,8 +156,16 @@ class ChunkInterrupted(Exception):
     """SIGTERM or SIGHUP reached the study runner: its runs were stopped (each wrote a snapshot)."""
 
 
-def _interrupt(signum, frame) -> None:
-    raise ChunkInterrupted(signal.Signals(signum).name)
+class _Signalled:
+    """The runner's SIGTERM/SIGHUP handler: it records the signal and the loop stops at its next turn (within
+    POLL_SECONDS). Raising from the handler could land between a run's start and its being recorded as running,
+    and that run would go on unstopped."""
+
+    def __init__(self):
+        self.name: str | None = None
+
+    def __call__(self, signum, frame) -> None:
+        self.name = signal.Signals(signum).name
 
 
 PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way
