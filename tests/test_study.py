@@ -115,7 +115,8 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     assert f"tiny/sn_s0/snapshots/snapshot_iter_{state.latest_iteration(folder)}.pt" in names
 
 
-def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeypatch, signum):
     # the handler raised before: landing between a run's start and its being recorded as running, it left that run
     # running unstopped (on the device machine, into the next call)
     study = load_study(write_study(tmp_path, 100000, sn={}))
@@ -123,12 +124,12 @@ def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeyp
 
     def signalled_on_launch(*args, **kwargs):
         started.append(launch(*args, **kwargs))
-        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        signal.getsignal(signum)(signum, None)
         return started[-1]
 
     monkeypatch.setattr(runner, "_launch", signalled_on_launch)
     try:
-        with pytest.raises(runner.ChunkInterrupted, match="SIGTERM"):
+        with pytest.raises(runner.ChunkInterrupted, match=signal.Signals(signum).name):
             runner.run_chunk(study, tmp_path / "runs", parallel=1, echo=lambda _: 0)
         assert len(started) == 1 and started[0].poll() is not None  # stopped and waited for
         assert json.loads((tmp_path / "runs" / runner.PIDS).read_text()) == {}

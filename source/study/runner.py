@@ -89,7 +89,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     next_report = time.time() + REPORT_SECONDS
     _stop_leftovers(root, grace, echo)
     signalled = _Signalled()
-    previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         while signalled.name is None and (stop is None or not stop()):
             for name, (process, _) in list(active.items()):
@@ -123,7 +123,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             time.sleep(POLL_SECONDS)
         if signalled.name is not None:
             raise ChunkInterrupted(signalled.name)
-    finally:  # the budget, Ctrl-C, SIGTERM/SIGHUP or an error here: every run still writes its snapshot
+    finally:  # the budget, a signal or an error here: every run still writes its snapshot
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop(active, grace, echo)
@@ -153,11 +153,11 @@ def _lead_compiling(chunk: Chunk, root: Path, study: Study, active: dict) -> boo
 
 
 class ChunkInterrupted(Exception):
-    """SIGTERM or SIGHUP reached the study runner: its runs were stopped (each wrote a snapshot)."""
+    """Ctrl-C, SIGTERM or SIGHUP reached the study runner: its runs were stopped (each wrote a snapshot)."""
 
 
 class _Signalled:
-    """The runner's SIGTERM/SIGHUP handler: it records the signal and the loop stops at its next turn (within
+    """The runner's Ctrl-C/SIGTERM/SIGHUP handler: it records the signal and the loop stops at its next turn (within
     POLL_SECONDS). Raising from the handler could land between a run's start and its being recorded as running,
     and that run would go on unstopped."""
 
