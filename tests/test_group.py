@@ -165,10 +165,11 @@ def test_a_stop_signals_handler_writes_nothing_and_the_run_says_it_stopped(tmp_p
         assert train.main(["--group", str(group)]) == 0
     else:
         assert train.main(tiny_argv(tmp_path / "a", 100)) == 0
-    for name in names:
+    for name in names:  # said at the signal where the output has a file descriptor (a group's logs), and at the end
         console = (tmp_path / f"{name}.log").read_text() if grouped else capsys.readouterr().out
         stopped = state.latest_iteration(tmp_path / name)
-        assert 2 <= stopped < 100 and f"SIGTERM received: writing a snapshot at iteration {stopped}" in console
+        assert 2 <= stopped < 100 and f"stopping on SIGTERM: writing a snapshot at iteration {stopped}" in console
+        assert ("SIGTERM received: finishing iteration" in console) == grouped
 
 
 def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_path):

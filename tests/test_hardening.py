@@ -368,6 +368,7 @@ def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path)
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGINT, console[-3000:]
     assert "Traceback" not in console and console.strip().splitlines()[-1].startswith("launch: SIGINT received")
+    assert "SIGINT received: finishing iteration" in console  # rank 0 said so at the signal
     resume_line = next(line for line in console.splitlines() if "resume with --resume" in line)
     snapshot = load_snapshot(resume_line.split("--resume ")[1].strip(), training_state=True)
     assert len(snapshot["rng"]) == 2

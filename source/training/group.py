@@ -174,4 +174,5 @@ class _Stop:
             return
         for member in self.members:
             if member.trainer is not None and member.returncode is None and not member.trainer.stop_requested:
-                member.trainer.request_stop(self.signum)  # no output here: see Trainer.request_stop
+                member.trainer.request_stop(self.signum)
+                member.trainer.acknowledge_stop(member.log)  # not print: see Trainer.acknowledge_stop

@@ -6,7 +6,9 @@ single place that defines what "exact resume" covers.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -162,21 +164,33 @@ class Trainer:
         if self._stop_signal is not None:  # a second Ctrl-C means "now"
             raise KeyboardInterrupt
         self.request_stop(signum)
+        self.acknowledge_stop(sys.stderr)
 
     @property
     def stop_requested(self) -> bool:
         return self._stop_signal is not None
 
     def request_stop(self, signum: int) -> None:
-        """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do). Signal handlers call
-        it, so it only records the signal: a print from a handler that interrupted a print to the same file fails
-        ("reentrant call"), and that error would surface in whatever the run was doing. ``advance`` says it."""
+        """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do)."""
         self._stop_signal = signum
+
+    def acknowledge_stop(self, stream) -> None:
+        """Say at once, from the signal handler, that the run stops after this iteration (which with a due evaluation
+        can take minutes: a second Ctrl-C would stop it without a snapshot). Straight to ``stream``'s file
+        descriptor: a print from a handler that interrupted a print to the same file fails ("reentrant call"), an
+        error raised in whatever the run was doing. Without a descriptor (captured output) ``advance`` says it."""
+        if self.world.is_main:
+            text = (f"\n{signal.Signals(self._stop_signal).name} received: finishing iteration {self.iteration + 1}, "
+                    f"then writing a snapshot (a second one stops at once, without)\n")
+            try:
+                os.write(stream.fileno(), text.encode())
+            except (OSError, ValueError):  # no descriptor, or closed
+                pass
 
     def _stop_cleanly(self) -> None:
         if self.world.is_main:
-            why = f"{signal.Signals(self._stop_signal).name} received" if self._stop_signal else "another rank stops"
-            print(f"\n{why}: writing a snapshot at iteration {self.iteration}", flush=True)
+            why = f"on {signal.Signals(self._stop_signal).name}" if self._stop_signal else "as another rank does"
+            print(f"\nstopping {why}: writing a snapshot at iteration {self.iteration}", flush=True)
         path = self.save_snapshot()
         self.log.event(self.iteration, "interrupted", snapshot=str(path))
         if self.world.is_main:
