@@ -234,16 +234,17 @@ def test_fashion_mnist_errors(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10
 
-def write_cifar_standin(root, per_batch=4):
-    """torchvision's on-disk layout with tiny batches: data N x 3072 (channel-major) and labels."""
+def write_cifar_standin(root, per_batch=4, protocol=pickle.DEFAULT_PROTOCOL):
+    """torchvision's on-disk layout with tiny batches: data N x 3072 (channel-major) and labels. Protocol 2 with
+    numpy 1's module names, as the real files (Python 2) name numpy's array constructor."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     written = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         data = RNG.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = RNG.integers(0, 10, per_batch).tolist()
-        with open(folder / name, "wb") as file:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels, "filenames": []}, file)
+        pickled = pickle.dumps({"batch_label": name, "data": data, "labels": labels, "filenames": []}, protocol)
+        (folder / name).write_bytes(pickled.replace(b"cnumpy._core.", b"cnumpy.core.") if protocol == 2 else pickled)
         written[name] = (data, labels)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as file:
@@ -281,6 +282,34 @@ def test_cifar10_errors(tmp_path, monkeypatch):
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="data_batch_2: not a readable CIFAR-10 pickle"):
         build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar10_batches_load_in_every_pickle_protocol_numpy_writes(tmp_path, protocol):
+    written = write_cifar_standin(tmp_path, protocol=protocol)
+    if protocol == 2:
+        assert b"numpy.core.multiarray" in (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes()
+    images = build_dataset("cifar10", CIFAR10Args(root=str(tmp_path))).in_memory_images()
+    np.testing.assert_array_equal(images.reshape(20, 3072).numpy(),
+                                  np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)]))
+
+
+class _RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
+    write_cifar_standin(tmp_path)
+    marker = tmp_path / "it ran"
+    (tmp_path / "cifar-10-batches-py" / "data_batch_4").write_bytes(
+        pickle.dumps({"data": _RunsACommand(marker), "labels": [0]}))
+    with pytest.raises(DatasetError, match=r"data_batch_4: not a readable CIFAR-10 pickle \(it calls \w+\.system"):
+        build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
+    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------------------------------

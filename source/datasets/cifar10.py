@@ -73,12 +73,37 @@ def download_cifar10(root: str) -> None:
         ) from None
 
 
+def _latin1(text: str, encoding: str) -> bytes:
+    """How Python 3's protocol-2 pickles spell bytes (``_codecs.encode(text, 'latin1')``), that encoding only."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}")
+    return text.encode("latin1")
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays) and nothing else: a
+    pickle names the functions it calls, and a file from someone else could name any (``os.system``)."""
+
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
+               **{(module, "_reconstruct"): np.ndarray(0).__reduce__()[0]  # Python 2's and numpy 1's pickles, 2's
+                  for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
+               **{(module, "_frombuffer"): np.ndarray(0).__reduce_ex__(5)[0]  # pickle protocol 5
+                  for module in ("numpy.core.numeric", "numpy._core.numeric")}}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[module, name]
+        except KeyError:
+            raise pickle.UnpicklingError(f"it calls {module}.{name}, which a CIFAR-10 batch does not; "
+                                         f"not loaded") from None
+
+
 def read_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as file:
-            return pickle.load(file, encoding="latin1")  # latin1: the files were pickled by Python 2
-    except (OSError, EOFError, pickle.UnpicklingError) as error:
-        raise DatasetError(f"{path}: not a readable CIFAR-10 pickle ({error})") from None
+            return _BatchUnpickler(file, encoding="latin1").load()  # latin1: the files were pickled by Python 2
+    except Exception as error:  # noqa: BLE001: a damaged or hostile file can fail in any way; say which file
+        raise DatasetError(f"{path}: not a readable CIFAR-10 pickle ({first_line(error)})") from None
 
 
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
