@@ -67,7 +67,8 @@ def test_override_errors_and_yaml_typing(capsys):
     assert config.adam_D.alpha == 1e-3 and config.updater.apply_SR == "auto" and config.seed == 7
 
 
-def test_missing_imagenet_root_gives_hint(capsys):
+def test_missing_imagenet_root_gives_hint(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default run folder, results/..., is claimed before the data are read
     argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--set", "dataset.args.root=/nonexistent/imagenet"]
     code, _, err = run_train(argv, capsys)
     assert code == 2 and "/nonexistent/imagenet" in err and "ImageNet" in err and "Traceback" not in err

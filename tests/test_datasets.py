@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from source.datasets import (
     DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
-    build_dataset, check_dataset_args)
+    build_dataset, check_dataset_args, download_pending)
 from source.datasets.streams import derived_seeds
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -278,7 +278,11 @@ def test_cifar10_errors(tmp_path, monkeypatch):
         build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
     assert "could not download CIFAR-10" in str(error.value) and "'cifar-10-batches-py'" in str(error.value)
     assert "\n" not in str(error.value)
+    assert download_pending("cifar10", CIFAR10Args(root=str(tmp_path)))  # what a dry run says instead of trying
+    assert not download_pending("cifar10", CIFAR10Args(root=str(tmp_path), download=False))
+    assert download_pending("fashion_mnist", FashionMNISTArgs(root=str(tmp_path), download=True))
     write_cifar_standin(tmp_path)
+    assert not download_pending("cifar10", CIFAR10Args(root=str(tmp_path)))
     (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(b"not a pickle")
     with pytest.raises(DatasetError, match="data_batch_2: not a readable CIFAR-10 pickle"):
         build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))

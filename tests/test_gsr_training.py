@@ -103,14 +103,18 @@ def test_fake_labels_follow_the_data_prior():
 
 
 @pytest.mark.parametrize("name", ["fmnist_lt", "cifar10_lt_sngan", "lsun_lt_sngan"])
-def test_gsr_configs_dry_run(name, capsys):
-    assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run"]) == 0
+def test_gsr_configs_dry_run(name, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("source.datasets.cifar10.download_cifar10", lambda root: pytest.fail("a dry run downloaded"))
+    empty = ["--set", f"dataset.args.root={tmp_path}"] if name.startswith("cifar10") else []
+    assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run", *empty]) == 0
     out = capsys.readouterr().out
     assert "gSR (class-balanced w 0.5, beta 0.999, 4 power steps)" in out
     if name == "fmnist_lt":  # the data are installed by `make data`; the others report where they are missing
         assert "14,886 images, 10 classes, 32px; per class: 6000 3596 2156 1292 774 464 278 166 100 60" in out
     else:
         assert "LeCam 0.3 (gsr form" in out and "DiffAugment color,translation,cutout" in out
-    baseline = train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run",
+    if empty:
+        assert f"cifar10: not in {tmp_path} yet; the run downloads it there first" in out
+    baseline = train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run", *empty,
                            "--set", "updater.gsr.enabled=false"])
     assert baseline == 0 and "gSR" not in capsys.readouterr().out

@@ -17,8 +17,9 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from source.datasets.cifar10 import CIFAR10, CIFAR10Args, check_cifar10_args
-from source.datasets.fashion_mnist import FashionMNIST, FashionMNISTArgs, check_fashion_mnist_args
+from source.datasets.cifar10 import CIFAR10, CIFAR10Args, check_cifar10_args, cifar10_download_pending
+from source.datasets.fashion_mnist import (FashionMNIST, FashionMNISTArgs, check_fashion_mnist_args,
+                                          fashion_mnist_download_pending)
 from source.datasets.imagenet import ImageNet, ImageNetArgs, check_imagenet_args
 from source.datasets.inaturalist import INaturalist, INaturalistArgs, check_inaturalist_args
 from source.datasets.iterator import InfiniteBatchIterator
@@ -47,6 +48,11 @@ _CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "lsun": check_lsun_args,
     "inaturalist": check_inaturalist_args,
     "synthetic": check_synthetic_args,
+}
+
+_DOWNLOADS: dict[str, Callable[[Any], bool]] = {
+    "fashion_mnist": fashion_mnist_download_pending,
+    "cifar10": cifar10_download_pending,
 }
 
 # the values of each data set's ``split`` arg; the first is the training split
@@ -86,6 +92,12 @@ def check_dataset_args(name: str, args: Any) -> list[str]:
     A CIFAR-10 or Fashion-MNIST download that is allowed but not yet done is not a problem here."""
     _require_known(name, args)
     return _CHECKS[name](args)
+
+
+def download_pending(name: str, args: Any) -> bool:
+    """``build_dataset`` would download the data first (CIFAR-10, Fashion-MNIST: allowed and not yet done)."""
+    _require_known(name, args)
+    return name in _DOWNLOADS and _DOWNLOADS[name](args)
 
 
 def reference_args(name: str, args: Any, split: str) -> Any:
@@ -129,7 +141,7 @@ def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
 
 
 __all__ = ["DATASETS", "SPLITS", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
-           "check_dataset_args", "class_counts", "describe_class_counts", "reference_args",
+           "check_dataset_args", "class_counts", "describe_class_counts", "download_pending", "reference_args",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
            "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",
            "SyntheticArgs", "SyntheticImages"]

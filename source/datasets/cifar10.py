@@ -58,6 +58,11 @@ def check_cifar10_args(args: CIFAR10Args) -> list[str]:
     return problems
 
 
+def cifar10_download_pending(args: CIFAR10Args) -> bool:
+    """``CIFAR10(args)`` would download first: files missing, download allowed."""
+    return args.download and bool(missing_files(args.root, args.split))
+
+
 def download_cifar10(root: str) -> None:
     from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
     from torchvision.datasets.utils import download_and_extract_archive
@@ -140,7 +145,7 @@ class CIFAR10(Dataset):
         problems = check_cifar10_args(args)
         if problems:
             raise DatasetError(problems[0])
-        if missing_files(args.root, args.split):
+        if cifar10_download_pending(args):
             download_cifar10(args.root)
         folder = os.path.join(args.root, BATCH_FOLDER)
         images, labels = zip(*(read_batch(os.path.join(folder, name)) for name in SPLIT_FILES[args.split]))

@@ -89,6 +89,11 @@ def read_idx(path: str) -> np.ndarray:
     return values.reshape(shape)
 
 
+def fashion_mnist_download_pending(args: FashionMNISTArgs) -> bool:
+    """``FashionMNIST(args)`` would download first: files missing, download allowed."""
+    return args.download and any(find_idx_file(args.root, name) is None for name in idx_file_names(args.split))
+
+
 def download_fashion_mnist(root: str, split: str) -> None:
     import torchvision
 
@@ -113,7 +118,7 @@ class FashionMNIST(Dataset):
         if problems:
             raise DatasetError(problems[0])
         image_name, label_name = idx_file_names(args.split)
-        if find_idx_file(args.root, image_name) is None or find_idx_file(args.root, label_name) is None:
+        if fashion_mnist_download_pending(args):
             download_fashion_mnist(args.root, args.split)
         images = read_idx(find_idx_file(args.root, image_name))
         labels = read_idx(find_idx_file(args.root, label_name)).astype(np.int64)

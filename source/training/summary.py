@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from source.config import Config
-from source.datasets import DatasetError, check_dataset_args, describe_class_counts
+from source.datasets import DatasetError, check_dataset_args, describe_class_counts, download_pending
 from source.training import build, runfolder
 from source.training.distributed import World
 
@@ -17,8 +17,12 @@ def batch_summary(config: Config, world: World) -> str:
 
 
 def describe_data(config: Config, source: str) -> str:
-    """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data)."""
+    """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data, and never
+    downloads: a data set not yet downloaded is said to be so)."""
     problems = check_dataset_args(config.dataset.name, config.dataset.args)
+    if not problems and download_pending(config.dataset.name, config.dataset.args):
+        return (f"{config.dataset.name}: not in {config.dataset.args.root} yet; the run downloads it there first "
+                f"(dataset.args.download: true)")
     try:
         if not problems:
             dataset = build.build_training_data(config, source=source)
