@@ -28,6 +28,16 @@ def full_inception_weights(tmp_path_factory):
     return path
 
 
+@pytest.fixture
+def ranks_threads():
+    """One thread, as the spawned DDP ranks run: a single-process reference then sums in their order (with two
+    threads, Adam turned the reordering's rounding into parts of a step on an AVX-512 Xeon)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny convolutions on a shared 2-core machine run many times faster on one thread."""

@@ -219,7 +219,7 @@ def test_biggan_resume_is_bit_exact_with_every_term_on(tmp_path):
     assert (straight / "class_spectra.jsonl").read_text().count("\n") == 2
 
 
-def test_biggan_ddp_two_ranks_match_one_process(tmp_path):
+def test_biggan_ddp_two_ranks_match_one_process(tmp_path, ranks_threads):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert train.main(tiny_argv(single, 2, *BIGGAN)) == 0
     mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_argv(ddp, 2, *BIGGAN)), nprocs=2, join=True)

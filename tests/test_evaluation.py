@@ -147,7 +147,9 @@ def test_features_gathered_over_two_gloo_ranks_equal_the_single_process_set(tmp_
     n, out = 7, tmp_path / "gathered.npy"
     mp.spawn(_gather_worker, args=(2, _free_port(), n, str(out)), nprocs=2, join=True)
     z, labels = sample_inputs(n, 8, 3, seed=3)
-    single = generated_features(tiny_generator(), PixelBackbone(), z, labels, 5, CPU)
+    # in the ranks' batches (rank 0: 2 + 2, rank 1: 2 + 1): other batches round G's output differently, and a pixel
+    # on a quantisation boundary would then differ
+    single = generated_features(tiny_generator(), PixelBackbone(), z, labels, 2, CPU)
     np.testing.assert_allclose(np.load(out), single.pool3, rtol=1e-5)
 
 

@@ -175,8 +175,12 @@ def test_a_stop_signals_handler_writes_nothing_and_the_run_says_it_stopped(tmp_p
 def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_path):
     folders = {name: tmp_path / name for name in ("a", "b")}
     process, group = start_group(tmp_path, folders)
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=120)
+    try:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:  # not left training for the rest of the suite
+        if process.poll() is None:
+            process.kill()
     assert process.returncode == 0, err
     for name, folder in folders.items():
         assert status_of(group, name) == 0
@@ -185,10 +189,14 @@ def test_sigterm_stops_every_run_of_a_group_with_a_snapshot_that_resumes(tmp_pat
                                     for r in read_jsonl(folder / "log.jsonl"))
         assert "SIGTERM received" in (tmp_path / f"{name}.log").read_text()
     snapshot = snapshots_of(folders["a"])[-1]
-    assert train.main(["--resume", str(snapshot), "--set", f"iteration={stopped + 1}"]) == 0
+    resumed = state.latest_iteration(folders["a"]) + 1
+    assert train.main(["--resume", str(snapshot), "--set", f"iteration={resumed}"]) == 0
+    (branch,) = tmp_path.glob("a-resume*")  # a longer run: a branch of a's
+    assert state.latest_iteration(branch) == resumed
 
 
-def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_runs_alone(tmp_path):
+def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_runs_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)  # the first chunk's stop comes before c, alone, is done
     arms = {"a": {}, "b": {"set": ["updater.apply_SR=true"]}, "c": {}}
     study = load_study(write_study(tmp_path, 40, **arms))
     root = tmp_path / "runs"

@@ -49,7 +49,7 @@ def test_class_spectra_are_written_for_long_tailed_data(tmp_path):
     assert max(max(layer) for layer in records[-1]["gamma"]) > 0
 
 
-def test_ddp_two_ranks_match_one_process_with_gsr_lecam_and_ema(tmp_path):
+def test_ddp_two_ranks_match_one_process_with_gsr_lecam_and_ema(tmp_path, ranks_threads):
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     terms = [t for t in ALL_TERMS if "n_dis" not in t]
     assert train.main(tiny_argv(single, 3, *terms)) == 0

@@ -38,8 +38,10 @@ def test_ghost_batchnorm_in_one_micro_batch_equals_two_micro_batches(tmp_path):
         noise = noise_driven(accumulated, net)
         assert all(name.endswith(".bias") for name in noise)
         for key, value in accumulated[net].items():
-            # A running mean also averages those noise-driven biases (+-lr = 2e-4 per step) into itself.
-            atol = 1e-3 if key.endswith("running_mean") else 1e-5
+            # A running mean also averages those noise-driven biases (+-lr = 2e-4 per step) into itself. Weights: a
+            # tenth of a step, as in the DDP test (beta1 = 0: a weight with a near-0 gradient turns the other
+            # summation order's rounding into part of a step; 1.06e-5 seen with AVX2 kernels)
+            atol = 2e-3 if key.endswith("running_mean") else 2e-5
             if key not in noise:
                 torch.testing.assert_close(ghost[net][key], value, rtol=1e-4, atol=atol, msg=f"{net} {key}")
     assert ghost["gen"]["block2.b1.bn.num_batches_tracked"] == accumulated["gen"]["block2.b1.bn.num_batches_tracked"]

@@ -97,15 +97,24 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
                                        "--budget", "600"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True)
     folder = root / "tiny" / "sn_s0"
-    deadline = time.time() + 120
-    while time.time() < deadline and state.logged_iteration(folder) < 3:
-        time.sleep(0.5)
-    (pid,) = json.loads((root / runner.PIDS).read_text()).values()
-    # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not reach
-    # it), in the runner's session: the device machine ends it with the call that started it
-    assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(runner_process.pid)
-    runner_process.send_signal(signal.SIGTERM)
-    _, err = runner_process.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and state.logged_iteration(folder) < 3:
+            time.sleep(0.5)
+        (pid,) = json.loads((root / runner.PIDS).read_text()).values()
+        # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not
+        # reach it), in the runner's session: the device machine ends it with the call that started it
+        assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(runner_process.pid)
+        runner_process.send_signal(signal.SIGTERM)
+        _, err = runner_process.communicate(timeout=120)
+    finally:  # nothing left training for the rest of the suite
+        if runner_process.poll() is None:
+            runner_process.kill()
+        for pid in json.loads((root / runner.PIDS).read_text()).values() if (root / runner.PIDS).is_file() else ():
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert runner_process.returncode == 130 and "stopped by SIGTERM" in err
     assert state.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
     pids = json.loads((root / runner.PIDS).read_text())
@@ -141,6 +150,7 @@ def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeyp
 
 def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "REPORT_SECONDS", 0.0)  # a progress line at every poll
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)  # the stop below comes in time: a run's 40 take about 2 s
     study = load_study(write_study(tmp_path, 40))
     root = tmp_path / "runs"
     sn, resumed = study.runs
@@ -175,7 +185,8 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
 
 
 def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_and_a_compiled_lead_goes_first(
-        tmp_path, capsys):
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(runner, "POLL_SECONDS", 0.1)  # the first chunk's stop comes before a run's 60 iterations
     study = load_study(write_study(tmp_path, 60, a={}, b={"set": ["updater.apply_SR=true"]}))
     root = tmp_path / "runs"
     reached = lambda: {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}  # noqa: E731

@@ -210,7 +210,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
     assert train.main(argv) == 0
 
 
-def test_ddp_two_processes_match_single_process(tmp_path):
+def test_ddp_two_processes_match_single_process(tmp_path, ranks_threads):
     """2 gloo ranks x 1 micro-batch = 1 process x 2 accumulated micro-batches, for full D+G iterations.
 
     Every snapshot also checks that all ranks hold bit-identical parameters (it raises otherwise)."""
@@ -220,10 +220,10 @@ def test_ddp_two_processes_match_single_process(tmp_path):
     a = load_snapshot(single / "snapshots" / "snapshot_iter_3.pt")
     b = load_snapshot(ddp / "snapshots" / "snapshot_iter_3.pt")
     assert len(b["rng"]) == 2, "every rank's RNG state is saved"
-    # atol: a tenth of G's Adam step (lr 2e-4). The summation orders differ, and with beta1 = 0 Adam steps each weight
-    # by about lr x sign(g), so a weight whose gradient is near 0 turns rounding into part of a step: on an AVX-512
-    # Xeon G's l1 weights differed by 1.2e-5. Without the all-reduce (each rank stepping on its own micro-batch)
-    # weights differ by whole steps.
+    # atol: a tenth of G's Adam step (lr 2e-4). The summation orders may differ, and with beta1 = 0 Adam steps each
+    # weight by about lr x sign(g), so a weight whose gradient is near 0 turns rounding into part of a step (G's l1
+    # weights differed by 1.2e-5 on an AVX-512 Xeon, the reference on two threads). Without the all-reduce (each rank
+    # stepping on its own micro-batch) weights differ by whole steps.
     for net, spec in (("gen", "generator"), ("dis", "discriminator")):
         for key in ddp_comparable_keys(a, net, spec):
             torch.testing.assert_close(b[net][key], a[net][key], rtol=1e-5, atol=2e-5)
