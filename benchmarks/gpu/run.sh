@@ -27,11 +27,12 @@ if ! "$PYTHON" -c "$INSTALLED" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/nul
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi
 
+RESULTS=${OUT:-benchmarks/results}
 TESTS=()
 if [ "${1:-}" = "--gpu-tests" ]; then
     shift
-    TESTS_LOG=$(mktemp /tmp/gpu_tests.XXXXXX.log)
-    [ -n "${OUT:-}" ] && TESTS_LOG=$OUT/gpu_tests.log
+    TESTS_LOG=${OUT:-$RESULTS}/gpu_tests.log  # beside the results it vouches for
+    mkdir -p "$(dirname "$TESTS_LOG")"
     # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one)
     timeout -k 5 "${GPU_TESTS_S:-180}" "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=120 -k gpu \
         tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py 2>&1 \
@@ -50,7 +51,6 @@ if [ -f "$STASH/default_1.pt.part-aa" ] && [ -f "$CARRY/inception-2/default_1.pt
     fi
 fi
 
-RESULTS=${OUT:-benchmarks/results}
 LOG=/dev/null
 [ -n "${OUT:-}" ] && LOG=$OUT/gpu_bench.log
 mkdir -p "$RESULTS"
