@@ -158,6 +158,19 @@ def test_image_over_the_pixel_limit_is_unreadable_and_never_decoded(tmp_path, mo
     assert "30x20 = 600 pixels, over the MAX_IMAGE_PIXELS limit of 500" in caplog.records[0].getMessage()
 
 
+def test_an_image_in_a_format_that_runs_a_program_is_unreadable_and_never_opened_as_such(tmp_path, monkeypatch):
+    # an EPS file under a .JPEG name: Pillow would hand its PostScript to Ghostscript (where installed) to decode it
+    from PIL import EpsImagePlugin
+
+    (tmp_path / "n0").mkdir()
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "n0" / "a.JPEG", format="EPS")
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(tmp_path / "n0" / "b.png")
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", lambda self: pytest.fail("opened as EPS"))
+    dataset = build_dataset("imagenet", ImageNetArgs(root=str(tmp_path), size=4))
+    image, _ = dataset[0]
+    assert dataset.n_unreadable == 1 and image[:, 0, 0].tolist() == [0, 0, 200]
+
+
 def test_every_dataset_exposes_n_unreadable(tmp_path):
     write_cifar_standin(tmp_path / "cifar")
     write_fashion_standin(str(tmp_path / "fashion"))

@@ -47,6 +47,9 @@ UNREADABLE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombEr
 # Checked on the header before decoding: 64 Mpixel (about 200 MB as RGB) is well above any ImageNet
 # photo, and below Pillow's global limit, which other code may have raised or disabled.
 MAX_IMAGE_PIXELS = 64 * 2**20
+# the decoders tried, whatever the suffix says: ImageNet's JPEGs (one is a PNG), LSUN's WebPs, TIFF for 32-bit integer
+# images. Not Pillow's other forty: EPS, for one, runs Ghostscript on the file's PostScript where it is installed
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF")
 LABEL = re.compile(r"[0-9]+")  # not str.isdigit(): it accepts "²", which int() rejects
 SPLITS = ("train", "val")
 
@@ -223,7 +226,7 @@ def index_images(root: str, list_file: Optional[str]) -> FolderScan:
 
 def open_rgb(source: str | BinaryIO) -> Image.Image:
     """Decode a path or file object to 8-bit RGB; images over MAX_IMAGE_PIXELS are refused from the header."""
-    with Image.open(source) as image:  # reads the header only
+    with Image.open(source, formats=IMAGE_FORMATS) as image:  # reads the header only
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise Image.DecompressionBombError(
