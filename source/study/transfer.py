@@ -4,7 +4,8 @@ at most 8 files of 16 MiB out (/work/.library/device/README.md).
 In: the state a chunk continues from (each run's config, logs and kept snapshots; no spectra, sample grids,
 tensorboard files or generator exports, which stay here), the data set's files, and the wheels of packages
 the GPU image lacks; all xz-compressed. Out: every file the chunk wrote or changed, as one xz-compressed
-tar split into parts. Archives are unpacked with tarfile's "data" filter: no absolute paths, no links out.
+tar split into parts. Archives are checked before anything is unpacked: files and folders only, inside the study's
+root, a bounded size (``extract``).
 """
 from __future__ import annotations
 
@@ -20,9 +21,12 @@ import sys
 import tarfile
 from pathlib import Path
 
+from source.study.runner import PIDS
+
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
 RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, manifest, progress, left_out
+MOST_UNPACKED = 2**30  # what an archive may unpack to (snapshots barely compress: a return holds some 100 MiB)
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
@@ -60,11 +64,34 @@ def write_archive(files: list[Path], base: Path, destination: Path) -> Path:
 
 
 def extract(data: bytes | Path, root: Path) -> list[str]:
-    """Unpack an xz tar into ``root``; returns the member names."""
+    """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``); returns the names
+    unpacked."""
     source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
     with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
-        archive.extractall(root, filter="data")
-        return archive.getnames()
+        members = _checked_members(archive, Path(root))
+        archive.extractall(root, members=members, filter="data")
+        return [member.name for member in members]
+
+
+def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarInfo]:
+    """The members to unpack, or a TransferError before anything is: an archive may come from someone else, and
+    tarfile's "data" filter alone has been bypassed through chains of links (CVE-2025-4517, Pythons before
+    3.11.13). Only files and folders, named inside ``root`` (also after the links already there), MOST_UNPACKED
+    bytes in all; ``running.json`` (another machine's process ids: runner.PIDS) is left out."""
+    real_root, members, total = os.path.realpath(root), [], 0
+    for member in archive.getmembers():
+        parts = member.name.split("/")
+        inside = os.path.realpath(os.path.join(real_root, member.name)).startswith(real_root + os.sep)
+        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in parts or not inside:
+            raise TransferError(f"archive member {member.name!r}: only files and folders inside the study's root "
+                                f"are unpacked (no links, nothing outside); nothing was unpacked")
+        total += member.size
+        if member.name != PIDS:
+            members.append(member)
+    if total > MOST_UNPACKED:
+        raise TransferError(f"the archive unpacks to {total / 2**20:.0f} MiB, over the {MOST_UNPACKED // 2**20} MiB "
+                            f"a study's chunk returns; nothing was unpacked")
+    return members
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
