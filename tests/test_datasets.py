@@ -2,6 +2,7 @@ import gzip
 import logging
 import os
 import pickle
+import re
 import struct
 import urllib.error
 
@@ -314,6 +315,36 @@ def test_a_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_p
     with pytest.raises(DatasetError, match=r"data_batch_4: not a readable CIFAR-10 pickle \(it calls \w+\.system"):
         build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
     assert not marker.exists()
+
+
+class _Constructs:
+    def __init__(self, call, args):
+        self.call, self.args = call, args
+
+    def __reduce__(self):
+        return self.call, self.args
+
+
+def _shared_nest(depth: int) -> list:
+    nest = [0, 0, 0, 0]
+    for _ in range(depth):
+        nest = [nest] * 4  # one list, referenced 4 times: a small pickle, 4^depth ints once numpy copies it out
+    return nest
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"data": _Constructs(np.ndarray, ((50_000_000,), np.dtype(object))), "labels": [0]}, "Python objects"),
+    ({"data": np.array([None] * 3, dtype=object), "labels": [0]}, "Python objects"),
+    ({"data": np.zeros((4, 3072), np.uint8), "labels": _shared_nest(12)}, "'labels' (N ints)"),
+    ({"data": np.zeros((4, 3071), np.uint8), "labels": [0] * 4}, "N x 3072 uint8"),
+    (np.zeros(3, np.uint8), "not a CIFAR-10 batch"),
+])
+def test_a_cifar10_batch_that_would_allocate_without_bound_is_refused(tmp_path, batch, message):
+    write_cifar_standin(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(pickle.dumps(batch))
+    assert len((tmp_path / "cifar-10-batches-py" / "data_batch_5").read_bytes()) < 20000
+    with pytest.raises(DatasetError, match=f"data_batch_5: .*{re.escape(message)}"):
+        build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,14 +85,34 @@ def _latin1(text: str, encoding: str) -> bytes:
     return text.encode("latin1")
 
 
+_ARRAY = object()  # what ``numpy.ndarray`` names in a batch: an argument of _reconstruct, never a constructor
+_RECONSTRUCT, _FROMBUFFER = np.ndarray(0).__reduce__()[0], np.ndarray(0).__reduce_ex__(5)[0]
+
+
+def _empty_array(subtype, shape, marker) -> np.ndarray:
+    """numpy's pickled arrays start empty (``_reconstruct(ndarray, (0,), b'b')``); their state then brings the
+    data, which must be as long as the shape says, so an array costs what the file holds."""
+    if subtype is not _ARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError("an array that does not start empty")
+    return _RECONSTRUCT(np.ndarray, (0,), marker)
+
+
+def _plain_dtype(*args) -> np.dtype:
+    """numbers only: an object array would be filled with Python objects (None for each of billions of items)"""
+    dtype = np.dtype(*args)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("an array of Python objects")
+    return dtype
+
+
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays) and nothing else: a
     pickle names the functions it calls, and a file from someone else could name any (``os.system``)."""
 
-    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): _latin1,
-               **{(module, "_reconstruct"): np.ndarray(0).__reduce__()[0]  # Python 2's and numpy 1's pickles, 2's
+    ALLOWED = {("numpy", "ndarray"): _ARRAY, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1,
+               **{(module, "_reconstruct"): _empty_array  # Python 2's and numpy 1's pickles, numpy 2's
                   for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
-               **{(module, "_frombuffer"): np.ndarray(0).__reduce_ex__(5)[0]  # pickle protocol 5
+               **{(module, "_frombuffer"): _FROMBUFFER  # pickle protocol 5: as long as its buffer
                   for module in ("numpy.core.numeric", "numpy._core.numeric")}}
 
     def find_class(self, module: str, name: str):
@@ -114,22 +134,23 @@ def read_pickle(path: str) -> dict:
 def read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 images N x 3 x 32 x 32, int64 labels N) of one batch file."""
     batch = read_pickle(path)
-    try:
-        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, SIZE, SIZE)
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-    except (KeyError, TypeError, ValueError) as error:
-        raise DatasetError(
-            f"{path}: not a CIFAR-10 batch, expected 'data' (N x 3072) and 'labels' ({error!r})") from None
-    if len(images) != len(labels):
-        raise DatasetError(f"{path}: {len(images)} images but {len(labels)} labels")
-    return images, labels
+    data, labels = (batch.get("data"), batch.get("labels")) if isinstance(batch, dict) else (None, None)
+    # checked before numpy reads them: nested lists that share their items would be copied out exponentially
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3 * SIZE * SIZE) or not (isinstance(labels, list)
+                                                         and all(type(label) is int for label in labels)):
+        raise DatasetError(f"{path}: not a CIFAR-10 batch, expected 'data' (N x 3072 uint8) and 'labels' (N ints)")
+    if len(data) != len(labels):
+        raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data.reshape(-1, 3, SIZE, SIZE), np.asarray(labels, dtype=np.int64)
 
 
 def read_class_names(meta_path: str) -> list[str]:
     meta = read_pickle(meta_path)
-    if not isinstance(meta, dict) or "label_names" not in meta:
-        raise DatasetError(f"{meta_path}: expected a pickled dict with 'label_names'")
-    return list(meta["label_names"])
+    names = meta.get("label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == N_CLASSES and all(isinstance(n, str) for n in names)):
+        raise DatasetError(f"{meta_path}: expected a pickled dict with 'label_names' ({N_CLASSES} strings)")
+    return names
 
 
 class CIFAR10(Dataset):
