@@ -97,6 +97,18 @@ def test_an_old_snapshot_says_how_to_convert_it_and_resumes_after_conversion(tmp
     assert (tmp_path / "continued" / "snapshots" / "snapshot_iter_5.pt").is_file()
 
 
+def test_the_converter_refuses_an_old_looking_snapshot_that_would_run_a_command(tmp_path, trained, capsys):
+    # numpy objects first, so the loader's error reads as an old snapshot's and suggests the converter
+    marker = tmp_path / "it ran"
+    disguised = tmp_path / "snapshot_iter_4.pt"
+    torch.save({"rng": [{"numpy": np.random.get_state()}], "gen": {}, "iteration": 4, "x": Payload(marker)}, disguised)
+    assert train.main(["--resume", str(disguised)]) == 2
+    one_line_error(capsys, "convert_snapshot")
+    assert convert_snapshot.main([str(disguised)]) == 2
+    one_line_error(capsys, "Python objects other than numpy arrays and numbers")
+    assert not marker.exists() and not (tmp_path / "snapshot_iter_4.pt.orig").exists()
+
+
 # --- 2. one run per folder ----------------------------------------------------------------------
 
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, trained, capsys):

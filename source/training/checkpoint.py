@@ -87,7 +87,7 @@ def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
         raise SnapshotError(
             f"{path} was not loaded: it holds pickled Python objects ({found.group(1)}), and loading them could run "
             f"code. Snapshots written by this toolkit before safe loading hold numpy RNG states; convert such a "
-            f"file, only if you trust where it came from, with: {CONVERT_COMMAND} {path}") from None
+            f"file (numpy objects only: anything else is refused) with: {CONVERT_COMMAND} {path}") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise SnapshotError(f"{path} is not a readable snapshot ({first_line(error)}); is the file complete?") from None
     check_layout(snapshot, path, training_state)

@@ -2,14 +2,17 @@
 
     python -m source.training.convert_snapshot RUN/snapshots/snapshot_iter_N.pt [...]
 
-Run this ONLY on files you trust: reading the old format unpickles arbitrary Python objects, which
-can run code. The numpy RNG states (the only objects older snapshots of this toolkit pickled) become
-tensors; numpy arrays and scalars anywhere else become tensors and Python numbers. The original is
-kept beside the result as FILE.orig, and the result is checked by loading it the safe way.
+The old format pickled numpy objects, which the safe loader refuses. This reads it with the safe loader too,
+allowing numpy's arrays, scalars and numeric dtypes and nothing else (no object arrays), so a file that names any
+other function (one that would run a command) is refused, not converted. The numpy RNG states (the only objects
+older snapshots of this toolkit pickled) become tensors; numpy arrays and scalars anywhere else become tensors and
+Python numbers. The original is kept beside the result as FILE.orig, and the result is checked by loading it the
+safe way.
 """
 from __future__ import annotations
 
 import argparse
+import pickle
 import shutil
 import sys
 from pathlib import Path
@@ -44,9 +47,23 @@ def legacy_numpy_rng(state: Any) -> Any:
             "has_gauss": int(has_gauss), "gauss": float(gauss)}
 
 
+def numpy_globals() -> list:
+    """What the old format pickled: numpy arrays and scalars of numeric dtypes, also under numpy 1's names."""
+    reconstruct, scalar = np.ndarray(0).__reduce__()[0], np.float64(0).__reduce__()[0]
+    numeric = [dtype for dtype in vars(np.dtypes).values() if isinstance(dtype, type) and issubclass(dtype, np.dtype)
+               and isinstance(getattr(dtype, "type", None), type) and issubclass(dtype.type, (np.number, np.bool_))]
+    return [reconstruct, scalar, np.ndarray, np.dtype, *numeric,
+            (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
+
+
 def convert(path: Path) -> Path:
     """Rewrite ``path`` in the safe format; returns where the original was kept."""
-    snapshot = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user, see the docstring
+    try:
+        with torch.serialization.safe_globals(numpy_globals()):
+            snapshot = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise SnapshotError("it holds Python objects other than numpy arrays and numbers: not a snapshot of this "
+                            "toolkit's old format; not converted, nothing run") from None
     if not isinstance(snapshot, dict):
         raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
     for rank_state in snapshot.get("rng", []):
@@ -60,7 +77,7 @@ def convert(path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("snapshots", nargs="+", type=Path, help="snapshot or generator files you trust")
+    parser.add_argument("snapshots", nargs="+", type=Path, help="snapshot or generator files in the old format")
     args = parser.parse_args(argv)
     for path in args.snapshots:
         if not path.is_file():
