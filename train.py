@@ -11,7 +11,6 @@ change is printed. ``--config`` is not needed then.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import sys
 from contextlib import ExitStack
@@ -148,7 +147,7 @@ def report(message: str, world: World | None = None) -> None:
 
 def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
     """The run's own settings with ``--set`` on top; a ``--config`` file given too is only compared, not used."""
-    config = config_from_dict(copy.deepcopy(snapshot["config"]), args.overrides, source=f"{args.resume} (its config)",
+    config = config_from_dict(snapshot["config"], args.overrides, source=f"{args.resume} (its config)",
                               world_size=world_size_from_env())
     if args.config:
         file_differs = config_differences(snapshot_config(snapshot), load_config(args.config).to_dict())
@@ -161,7 +160,7 @@ def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
 def snapshot_config(snapshot: dict) -> dict:
     """The snapshot's config with today's defaults filled in: keys added to the format since are no change."""
     try:
-        return config_from_dict(copy.deepcopy(snapshot["config"]), source="snapshot").to_dict()
+        return config_from_dict(snapshot["config"], source="snapshot").to_dict()
     except ConfigError:  # a config this version no longer accepts: compare it as written
         return snapshot["config"]
 

@@ -6,6 +6,7 @@ single ``ConfigError`` line naming the file and the dotted key, before any work 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ import yaml
 
 from source.config_checks import check_consistency, validate_dataset_args, validate_model_args
 from source.files import atomic_write_text
-from source.typed import ConfigError, check_expansion, first_line, validate
+from source.typed import ConfigError, check_expansion, first_line, read_yaml, validate  # noqa: F401: first_line re-exported
 
 
 @dataclass
@@ -216,20 +217,17 @@ def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1
         raise ConfigError(f"{path}: is a directory; give a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML ({first_line(error)})") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: cannot be read ({first_line(error)})") from None
+    raw = read_yaml(path, str(path)) or {}
     return config_from_dict(raw, overrides, source=str(path), world_size=world_size)
 
 
 def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>",
                      world_size: int = 1) -> Config:
+    """``raw`` (not changed: a snapshot's config, say) with ``overrides``, validated."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     check_expansion(raw, source)
+    raw = copy.deepcopy(raw)  # only now: a deep one would exhaust the recursion
     file_dataset = _mapping(raw, "dataset")
     file_name, file_args = file_dataset.get("name"), dict(_mapping(file_dataset, "args"))  # before overrides
     for override in overrides:

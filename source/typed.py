@@ -9,32 +9,71 @@ import dataclasses
 import difflib
 import types
 import typing
+from pathlib import Path
 from typing import Any, Callable, Literal, Union
+
+import yaml
 
 
 class ConfigError(Exception):
     """A user error in a config file or override; the message is one line."""
 
 
-# A config has about a hundred values; YAML aliases (and pickle's shared references in snapshots) can make
-# a kilobyte expand to billions when walked, so anything this large is refused before it is walked.
+# A config has about a hundred values, four levels deep; YAML aliases (and pickle's shared references in snapshots)
+# can make a kilobyte expand to billions when walked, and deep nesting exhausts Python's recursion, so anything this
+# large or deep is refused before it is walked.
 MAX_CONFIG_VALUES = 10_000
+MAX_CONFIG_DEPTH = 32
 
 
 def check_expansion(raw: Any, source: str) -> None:
-    """Count the values ``raw`` expands to, stopping at the limit (so cycles and alias bombs end quickly)."""
-    pending, count = [raw], 0
+    """Count the values ``raw`` expands to and how deep, stopping at the limits (cycles and alias bombs end
+    quickly)."""
+    pending, count = [(raw, 0)], 0
     while pending:
-        value = pending.pop()
+        value, depth = pending.pop()
         count += 1
         if count > MAX_CONFIG_VALUES:
             raise ConfigError(f"{source}: expands to more than {MAX_CONFIG_VALUES:,} values (nested YAML aliases?); "
                               "refused")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{source}: nested deeper than {MAX_CONFIG_DEPTH} levels; refused")
         if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
+            pending.extend((item, depth + 1) for pair in value.items() for item in pair)
         elif isinstance(value, (list, tuple)):
-            pending.extend(value)
+            pending.extend((item, depth + 1) for item in value)
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load without merge keys (``<<``), which PyYAML expands while parsing, before any limit can count:
+    some 850 bytes of merges of merges ask for tens of GB), and at most MAX_CONFIG_DEPTH levels deep."""
+
+    def flatten_mapping(self, node) -> None:
+        if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
+            raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not supported", node.start_mark)
+        super().flatten_mapping(node)
+
+    def compose_node(self, parent, index):
+        self.depth = getattr(self, "depth", 0) + 1
+        try:
+            if self.depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels",
+                                                  self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+def read_yaml(path: Path, source: str) -> Any:
+    """A config or study file's content, with one-line errors; refused past the limits above."""
+    try:
+        raw = yaml.load(path.read_text(), Loader=_Loader)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({first_line(error)})") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{source}: cannot be read ({first_line(error)})") from None
+    check_expansion(raw, source)
+    return raw
 
 
 Refine = Callable[[Any, dict, str, str], Any]  # (instance, raw mapping, key, source) -> instance

@@ -309,7 +309,7 @@ class _RunsACommand:
 
 def test_a_cifar10_batch_that_would_run_code_is_refused_without_running_it(tmp_path):
     write_cifar_standin(tmp_path)
-    marker = tmp_path / "it ran"
+    marker = tmp_path / "ran_a_command"
     (tmp_path / "cifar-10-batches-py" / "data_batch_4").write_bytes(
         pickle.dumps({"data": _RunsACommand(marker), "labels": [0]}))
     with pytest.raises(DatasetError, match=r"data_batch_4: not a readable CIFAR-10 pickle \(it calls \w+\.system"):

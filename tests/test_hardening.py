@@ -2,6 +2,7 @@
 torn logs, YAML bombs and the one-line errors promised for bad input (issue 8)."""
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def test_an_old_snapshot_says_how_to_convert_it_and_resumes_after_conversion(tmp
 
 def test_the_converter_refuses_an_old_looking_snapshot_that_would_run_a_command(tmp_path, trained, capsys):
     # numpy objects first, so the loader's error reads as an old snapshot's and suggests the converter
-    marker = tmp_path / "it ran"
+    marker = tmp_path / "ran_a_command"
     disguised = tmp_path / "snapshot_iter_4.pt"
     torch.save({"rng": [{"numpy": np.random.get_state()}], "gen": {}, "iteration": 4, "x": Payload(marker)}, disguised)
     assert train.main(["--resume", str(disguised)]) == 2
@@ -250,6 +251,52 @@ def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path):
     with pytest.raises(ConfigError, match="expands to more than"):
         load_config(bomb)
     assert time.perf_counter() - start < 5
+
+
+def merge_bomb(levels: int) -> str:
+    """YAML merge keys of merges: PyYAML doubles its node lists at every level while parsing (30 levels, some
+    850 bytes, ask for tens of GB before any count of the result could run)."""
+    lines = ["l0: &l0 {a: 1, b: 2}"] + [f"l{k}: &l{k} {{<<: [*l{k - 1}, *l{k - 1}]}}" for k in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    (merge_bomb(30), "merge keys (<<) are not supported"),
+    ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested deeper than 32 levels"),
+])
+def test_yaml_that_would_exhaust_memory_or_recursion_is_a_one_line_error(tmp_path, capsys, text, message):
+    from source.study.spec import load_study
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    for load in (load_config, load_study):
+        with pytest.raises(ConfigError, match=re.escape(message)) as error:
+            load(path)
+        assert "\n" not in str(error.value)
+    assert train.main(["--config", str(path), "--dry-run"]) == 2
+    one_line_error(capsys, message)
+
+
+def test_a_snapshot_of_shared_or_deeply_nested_dicts_is_refused_or_walked_once(tmp_path, trained, capsys):
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    shared = {"a": 0.0}
+    for _ in range(60):  # one dict referenced twice per level: 2^60 paths, 60 dicts
+        shared = {"a": shared, "b": shared}
+    snapshot["opt_gen"]["nested"] = shared
+    torch.save(snapshot, tmp_path / "shared.pt")
+    assert checkpoint.non_finite_weights(load_snapshot(tmp_path / "shared.pt", training_state=True)) == []
+    deep = {}
+    for _ in range(2000):  # deeper than Python recurses when the config is copied (the limit: 1000 frames)
+        deep = {"x": deep}
+    snapshot["opt_gen"]["nested"], snapshot["config"]["extra"] = deep, deep
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20000)  # for pickling it
+    try:
+        torch.save(snapshot, tmp_path / "deep.pt")
+    finally:
+        sys.setrecursionlimit(limit)
+    assert train.main(["--resume", str(tmp_path / "deep.pt")]) == 2
+    one_line_error(capsys, "nested deeper than 32 levels")
 
 
 # --- 7./9./12. one-line errors and the README's commands ----------------------------------------

@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
 
-import yaml
-
 from source.config import Config, ConfigError, load_config
-from source.typed import reject_unknown, validate_dataclass, validate_value
+from source.typed import read_yaml, reject_unknown, validate_dataclass, validate_value
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -97,11 +95,7 @@ def load_study(path: str | Path) -> Study:
     source = str(path)
     if not path.is_file():
         raise ConfigError(f"{source}: no such study file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML ({str(error).splitlines()[0]})") from None
-    spec = validate_dataclass(raw, StudySpec, "", source)
+    spec = validate_dataclass(read_yaml(path, source), StudySpec, "", source)
     arms = {name: validate_dataclass(value if value is not None else {}, ArmSpec, f"arms.{name}", source)
             for name, value in spec.arms.items()}
     settings = {name: validate_value(value or [], list[str], f"settings.{name}", source)

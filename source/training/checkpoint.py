@@ -163,15 +163,24 @@ def configured(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {**saved, "param_groups": [{**group, **setting} for group, setting in zip(groups, settings)]}
 
 
-def non_finite(state: dict, prefix: str = "") -> list[str]:
-    """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf."""
-    names = []
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            names += non_finite(value, f"{name}.")
-        elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
-            names.append(name)
+def non_finite(state: dict) -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf, in order. Each dict is
+    walked once, without recursion: a file from someone else can share one dict many times over, which a walk
+    of every path would visit exponentially often, or nest dicts deeper than Python recurses."""
+    names, seen, walks = [], {id(state)}, [("", iter(state.items()))]
+    while walks:
+        prefix, items = walks[-1]
+        for key, value in items:
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    walks.append((f"{name}.", iter(value.items())))
+                    break
+            elif torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+                names.append(name)
+        else:
+            walks.pop()
     return names
 
 

@@ -8,7 +8,6 @@ BatchNorm normalized while generating (`"g_batchnorm"`, `evaluation.g_batchnorm`
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -69,7 +68,7 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     snapshot = checkpoint.load_snapshot(path)
     if "config" not in snapshot:
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
-    config = config_from_dict(copy.deepcopy(snapshot["config"]), list(overrides), source=f"{path} (config)")
+    config = config_from_dict(snapshot["config"], list(overrides), source=f"{path} (config)")
     entry, weights = generator_weights(snapshot, str(path), raw)
     spec = config.models.generator
     gen = build_model(spec.name, spec.args)
