@@ -101,7 +101,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and state.logged_iteration(folder) < 3:
             time.sleep(0.5)
-        (pid,) = json.loads((root / runner.PIDS).read_text()).values()
+        ((pid, _),) = json.loads((root / runner.PIDS).read_text()).values()
         # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not
         # reach it), in the runner's session: the device machine ends it with the call that started it
         assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(runner_process.pid)
@@ -110,7 +110,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     finally:  # nothing left training for the rest of the suite
         if runner_process.poll() is None:
             runner_process.kill()
-        for pid in json.loads((root / runner.PIDS).read_text()).values() if (root / runner.PIDS).is_file() else ():
+        for pid, _ in json.loads((root / runner.PIDS).read_text()).values() if (root / runner.PIDS).is_file() else ():
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -146,6 +146,27 @@ def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeyp
         for process in started:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_chunk_stops_what_an_earlier_one_left_running_and_nothing_else_with_its_pid(tmp_path):
+    # a process another chunk recorded, and one whose pid a running.json names but which started later (a pid
+    # reused after a reboot, or a file from elsewhere): only the first is stopped
+    ours, other = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"])
+                   for _ in range(2))
+    try:
+        started = runner._started(ours.pid)
+        (tmp_path / runner.PIDS).write_text(json.dumps({"b64/sn_s0": [ours.pid, started],
+                                                        "b64/sr_s0": [other.pid, runner._started(other.pid) - 1],
+                                                        "old/format": other.pid}))
+        lines = []
+        runner._stop_leftovers(tmp_path, grace=10, echo=lines.append)
+        assert ours.wait(timeout=10) == -signal.SIGTERM and other.poll() is None
+        assert lines == [f"b64/sn_s0: still running from an earlier chunk (pid {ours.pid}); stopping it"]
+        assert not (tmp_path / runner.PIDS).exists()
+    finally:
+        for process in (ours, other):
+            process.kill()
+            process.wait()
 
 
 def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(tmp_path, monkeypatch):
@@ -308,7 +329,7 @@ def test_an_archive_with_a_link_or_a_name_outside_the_study_unpacks_nothing(tmp_
 
 
 def test_an_archive_unpacks_within_a_size_and_never_another_machines_process_ids(tmp_path, monkeypatch):
-    members = [("b64/sn_s0/log.jsonl", b"{}", None), (runner.PIDS, b'{"b64/sn_s0": 1}', None)]
+    members = [("b64/sn_s0/log.jsonl", b"{}", None), (runner.PIDS, b'{"b64/sn_s0": [1, 1]}', None)]
     assert transfer.extract(xz_tar(members), tmp_path) == ["b64/sn_s0/log.jsonl"]
     assert not (tmp_path / runner.PIDS).exists()
     monkeypatch.setattr(transfer, "MOST_UNPACKED", 10)

@@ -168,30 +168,40 @@ class _Signalled:
         self.name = signal.Signals(signum).name
 
 
-PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way
+PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way, {run: [pid, started]}
+
+
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat's 22nd field), None once it is gone.
+    With the pid, it tells a chunk's process from a later one that was given the same number."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _record_pids(root: Path, active: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / PIDS).write_text(json.dumps({name: process.pid for name, (process, _) in active.items()}))
+    processes = {name: [process.pid, _started(process.pid)] for name, (process, _) in active.items()}
+    (root / PIDS).write_text(json.dumps(processes))
 
 
 def _stop_leftovers(root: Path, grace: float, echo) -> None:
-    """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own)."""
+    """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own): those
+    recorded whose pid still names a process started when it was recorded, not another one with that number."""
     path = root / PIDS
-    pids = json.loads(path.read_text()).items() if path.is_file() else []
-    for pid, name in {pid: name for name, pid in pids}.items():  # a group's runs share their pid: stop it once
-        try:
-            if b"train.py" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-                continue
-            echo(f"{name}: still running from an earlier chunk (pid {pid}); stopping it")
-            os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError):
+    recorded = json.loads(path.read_text()).items() if path.is_file() else []
+    leftovers = {tuple(entry): name for name, entry in recorded  # a group's runs share their process: stop it once
+                 if isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, int) for n in entry)}
+    for (pid, started), name in leftovers.items():
+        if _started(pid) != started:
             continue
+        echo(f"{name}: still running from an earlier chunk (pid {pid}); stopping it")
+        os.kill(pid, signal.SIGTERM)
         end = time.time() + grace
-        while Path(f"/proc/{pid}").exists() and time.time() < end:
+        while _started(pid) == started and time.time() < end:
             time.sleep(0.5)
-        if Path(f"/proc/{pid}").exists():
+        if _started(pid) == started:
             os.kill(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
 
