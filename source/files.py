@@ -1,10 +1,12 @@
-"""Atomic file writes: a temp file in the same folder, fsync, rename. A crash leaves the old file or the new one."""
+"""Atomic file writes: a temp file in the same folder, fsync, rename. A crash leaves the old file or the new one.
+Safe reads of the zip files others may hand us (torch's .pt, numpy's .npz): no more than the file holds."""
 from __future__ import annotations
 
 import os
 import tempfile
+import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import Any, BinaryIO, Callable
 
 TEMP_SUFFIX = ".tmp"
 
@@ -47,3 +49,48 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+# deflated floating-point data shrinks by a few percent; a member that claims to grow more was made to (zeros
+# deflate about 1000 times)
+MOST_INFLATION = 64
+
+
+def zip_expansion(path: str | Path, stored_only: bool) -> str | None:
+    """Why the zip ``path`` would load to more than it holds, else None (also when it is no zip: the loader then
+    says what it is): a member compressed other than as its writer does (torch.save: stored; numpy: stored or
+    deflated) or, deflated, claiming to grow over MOST_INFLATION times (a small file asking for gigabytes)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+    for member in members:
+        stored = member.compress_type == zipfile.ZIP_STORED and member.file_size == member.compress_size
+        deflated = member.compress_type == zipfile.ZIP_DEFLATED and not stored_only
+        if not (stored or deflated and member.file_size <= MOST_INFLATION * member.compress_size + 2**20):
+            return (f"its member {member.filename} unpacks to {member.file_size:,} bytes from {member.compress_size:,} "
+                    f"(compression {member.compress_type}): not as {'torch.save' if stored_only else 'numpy'} writes")
+    return None
+
+
+def torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, once the file is known to hold what it loads to (torch would
+    also inflate a crafted file's compressed members); a RuntimeError, as torch's for unreadable files, if not."""
+    import torch
+
+    problem = zip_expansion(path, stored_only=True)
+    if problem:
+        raise RuntimeError(f"{problem}; refused")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def open_npz(path: str | Path):
+    """``np.load`` of an .npz (no pickles), once its members are known not to inflate past MOST_INFLATION; a
+    ValueError if they would."""
+    import numpy as np
+
+    problem = zip_expansion(path, stored_only=False)
+    if problem:
+        raise ValueError(f"{path}: {problem}; refused")
+    return np.load(path, allow_pickle=False)

@@ -168,6 +168,20 @@ def write_fashion_standin(folder, prefix="train", count=5):
     return images, labels
 
 
+@pytest.mark.parametrize("header, body, message", [
+    (struct.pack(">BBBBI", 0, 0, 8, 1, 10**9), b"", "an idx header for (1000000000,): not Fashion-MNIST's"),
+    (struct.pack(">BBBBI", 0, 0, 8, 1, 100), bytes(50 * 2**20), "expected 100 values for shape (100,), found 101 or more"),
+    (struct.pack(">BBBB", 0, 0, 8, 3) + b"\0\0", b"", "a cut-off shape"),
+])
+def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path, header, body, message):
+    from source.datasets.fashion_mnist import read_idx
+
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(header + body))  # 50 MB of zeros in some 50 KB: never unpacked whole
+    with pytest.raises(DatasetError, match=re.escape(message)):
+        read_idx(str(path))
+
+
 @pytest.mark.skipif(not os.path.isfile(f"{DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz"),
                     reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_debian_files():

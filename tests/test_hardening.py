@@ -299,6 +299,35 @@ def test_a_snapshot_of_shared_or_deeply_nested_dicts_is_refused_or_walked_once(t
     one_line_error(capsys, "nested deeper than 32 levels")
 
 
+def recompressed(source: Path, to: Path, compression: int) -> Path:
+    """``source``'s zip members written again with ``compression`` (what neither torch.save nor np.savez does)."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as old, zipfile.ZipFile(to, "w", compression) as new:
+        for member in old.infolist():
+            new.writestr(member.filename, old.read(member))
+    return to
+
+
+def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, trained, capsys):
+    import zipfile
+
+    from source.metrics.reference import ReferenceUnavailable, file_reference
+    from source.metrics.statistics import save_stats
+
+    snapshot = recompressed(trained / "snapshots" / "snapshot_iter_4.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
+    with pytest.raises(checkpoint.SnapshotError, match="not as torch.save writes"):
+        load_snapshot(snapshot)
+    ours = tmp_path / "ref.npz"
+    save_stats(str(ours), np.zeros(4), np.eye(4), {"n_images": 1})
+    assert file_reference(str(recompressed(ours, tmp_path / "deflated.npz", zipfile.ZIP_DEFLATED)))  # as numpy writes
+    big = tmp_path / "zeros.npz"
+    np.savez_compressed(big, mu=np.zeros(4), sigma=np.zeros((2000, 2000)))  # 32 MB of zeros in some 30 KB
+    for bomb in (big, recompressed(ours, tmp_path / "bzip2.npz", zipfile.ZIP_BZIP2)):
+        with pytest.raises(ReferenceUnavailable, match="not as numpy writes"):
+            file_reference(str(bomb))
+
+
 # --- 7./9./12. one-line errors and the README's commands ----------------------------------------
 
 @pytest.mark.parametrize("override, message", [

@@ -29,6 +29,7 @@ SPLIT_PREFIXES = {"train": "train", "test": "t10k"}
 SOURCE_SIZE = 28
 PADDED_SIZE = 32
 IDX_UNSIGNED_BYTE = 0x08
+MAX_IDX_VALUES = 2 * 10**8  # Fashion-MNIST's training images: 47 million
 N_CLASSES = 10
 
 
@@ -71,22 +72,26 @@ def check_fashion_mnist_args(args: FashionMNISTArgs) -> list[str]:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An idx file of unsigned bytes (the MNIST container format) as an array of its stated shape."""
+    """An idx file of unsigned bytes (the MNIST container format) as an array of its stated shape. Read no further
+    than the header says, and at most MAX_IDX_VALUES: a small gzip file can unpack to gigabytes."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as file:
-            data = file.read()
-    except (OSError, EOFError) as error:
+            magic = file.read(4)
+            if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != IDX_UNSIGNED_BYTE:
+                raise DatasetError(f"{path}: not an idx file of unsigned bytes")
+            header = file.read(4 * magic[3])
+            shape = struct.unpack(f">{magic[3]}I", header) if len(header) == 4 * magic[3] else None
+            count = int(np.prod(shape, dtype=np.int64)) if shape is not None else -1
+            if not 0 <= count <= MAX_IDX_VALUES:
+                raise DatasetError(f"{path}: an idx header for {shape or 'a cut-off shape'}: not Fashion-MNIST's")
+            data = file.read(count + 1)
+    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
         raise DatasetError(f"{path}: cannot read ({error})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != IDX_UNSIGNED_BYTE:
-        raise DatasetError(f"{path}: not an idx file of unsigned bytes")
-    n_dims = data[3]
-    header_size = 4 + 4 * n_dims
-    shape = struct.unpack(f">{n_dims}I", data[4:header_size])
-    values = np.frombuffer(data, dtype=np.uint8, offset=header_size)
-    if values.size != int(np.prod(shape)):
-        raise DatasetError(f"{path}: expected {int(np.prod(shape))} values for shape {shape}, found {values.size}")
-    return values.reshape(shape)
+    if len(data) != count:
+        raise DatasetError(f"{path}: expected {count} values for shape {shape}, found {len(data)}"
+                           f"{' or more' if len(data) > count else ''}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 def fashion_mnist_download_pending(args: FashionMNISTArgs) -> bool:

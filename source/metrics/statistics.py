@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from source.files import open_npz
+
 from .fid import Statistics
 from .inception import InceptionBackbone
 
@@ -134,7 +136,7 @@ def save_stats(
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """(mu, sigma, meta) of our files, TTUR files (mu/sigma, meta = {}) or sngan files (mean/cov)."""
-    with np.load(path) as data:
+    with open_npz(path) as data:
         for mean_key, cov_key in (("mu", "sigma"), ("mean", "cov")):
             if mean_key in data and cov_key in data:
                 meta = json.loads(str(data["meta"])) if "meta" in data else {}
@@ -151,7 +153,7 @@ def _class_stats(data: np.lib.npyio.NpzFile) -> dict[int, Statistics]:
 
 def load_class_stats(path: str) -> dict[int, Statistics]:
     """Per-class statistics of a file written with `per_class`, for intra-FID."""
-    with np.load(path) as data:
+    with open_npz(path) as data:
         if "class_labels" not in data:
             raise KeyError(f"{path} has no per-class statistics; recompute the reference with per_class=True")
         return _class_stats(data)
@@ -217,6 +219,6 @@ def load_cached_reference(path: str, expected_key: Mapping[str, Any]) -> Referen
             f"cached reference statistics {path} were computed for another setup ({'; '.join(differences)}); "
             "delete the file to recompute it or point to the matching one"
         )
-    with np.load(path) as data:
+    with open_npz(path) as data:
         per_class = _class_stats(data)
     return ReferenceStats(mu, sigma, meta["n_images"], per_class)

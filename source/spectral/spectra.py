@@ -27,6 +27,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
+from source.files import open_npz
+
 SPECTRA_DIR = "spectra"
 NETS = ("gen", "dis")
 _FILE_NAME = re.compile(r"^spectra_iter_(\d+)\.npz$")
@@ -190,7 +192,7 @@ def save_spectra(
 
 
 def load_spectra(path: str | Path) -> SpectraRecord:
-    with np.load(path, allow_pickle=False) as data:
+    with open_npz(path) as data:
         fields = {key: data[key] for key in data.files}
     nets: dict[str, dict[str, LayerSpectrum]] = {net: {} for net in NETS}
     for key in fields:

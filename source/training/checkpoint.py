@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from source.config import first_line
-from source.files import atomic_write
+from source.files import atomic_write, torch_load
 
 
 class SnapshotError(ValueError):
@@ -79,7 +79,7 @@ def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
     if not path.is_file():
         raise SnapshotError(f"snapshot {path} does not exist")
     try:
-        snapshot = torch.load(path, map_location="cpu", weights_only=True)
+        snapshot = torch_load(path)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights_only names the first object it refused
         if found is None:  # not a pickle at all
