@@ -116,13 +116,21 @@ def test_list_file_label_gap_warning_stays_short_for_a_huge_label(tmp_path, capl
     assert "labels 0, 2, 3, 4, 5 and 999999993 more have no images" in caplog.records[0].getMessage()
 
 
-@pytest.mark.parametrize("label", ["²", "٣", "-1", "1.0"])
-def test_non_ascii_digit_labels_are_a_one_line_error(tmp_path, label):
+@pytest.mark.parametrize("label", ["²", "٣", "-1", "1.0", "99999999999999999999", "9" * 5000])
+def test_non_ascii_digit_and_huge_labels_are_a_one_line_error(tmp_path, label):
     list_file = tmp_path / "list.txt"
     list_file.write_text(f"a.png 0\nb.png {label}\n", encoding="utf-8")
     message = one_line_error(ImageNetArgs(root=str(tmp_path), list_file=str(list_file)))
-    assert message == (f"{list_file}:2: expected 'relative/path.JPEG label' with a label >= 0, "
-                       f"got 'b.png {label}'")
+    assert message == (f"{list_file}:2: expected 'relative/path.JPEG label' with a label of 0 to 999999999, "
+                       f"got {f'b.png {label}'[:200]!r}")
+
+
+@pytest.mark.parametrize("path", ["/etc/hostname", "../elsewhere.png", "n0/../../elsewhere.png"])
+def test_a_list_file_cannot_name_images_outside_the_root(tmp_path, path):
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"a.png 0\n{path} 1\n", encoding="utf-8")
+    message = one_line_error(ImageNetArgs(root=str(tmp_path), list_file=str(list_file)))
+    assert message.startswith(f"{list_file}:2: {path!r}: a list file names images inside the root")
 
 
 def test_non_utf8_list_file_is_a_one_line_error_with_its_position(tmp_path):

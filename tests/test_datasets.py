@@ -172,6 +172,8 @@ def write_fashion_standin(folder, prefix="train", count=5):
     (struct.pack(">BBBBI", 0, 0, 8, 1, 10**9), b"", "an idx header for (1000000000,): not Fashion-MNIST's"),
     (struct.pack(">BBBBI", 0, 0, 8, 1, 100), bytes(50 * 2**20), "expected 100 values for shape (100,), found 101 or more"),
     (struct.pack(">BBBB", 0, 0, 8, 3) + b"\0\0", b"", "a cut-off shape"),
+    (struct.pack(">BBBB", 0, 0, 8, 0), b"\1", "a cut-off shape"),  # no dimensions
+    (struct.pack(">BBBBIII", 0, 0, 8, 3, 2**30, 2**30, 16), b"", "not Fashion-MNIST's"),  # 2^64 values
 ])
 def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path, header, body, message):
     from source.datasets.fashion_mnist import read_idx

@@ -166,6 +166,11 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
     assert "not empty" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(jpeg_root)], capsys)
     assert "not a prepared folder" in cli_error(
         ["imagenet", "--root", str(jpeg_root), "--out", str(jpeg_root), "--force"], capsys)
+    (tmp_path / "other_project").mkdir()
+    (tmp_path / "other_project" / "manifest.json").write_text('{"format": "some other tool"}')
+    assert "not a prepared folder" in cli_error(  # a manifest.json of something else is not ours to delete
+        ["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "other_project"), "--force"], capsys)
+    assert (tmp_path / "other_project" / "manifest.json").is_file()
     assert "OUT: " in cli_error(["verify", str(tmp_path)], capsys)
     prepared(jpeg_root, out, 8)
     assert "not empty" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out)], capsys)
@@ -178,7 +183,7 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
     monkeypatch.setattr(prepare, "move_into_place", interrupt)
     argv = ["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "interrupted"), "--workers", "1"]
     assert prepare.main(argv) == 130
-    assert sorted(os.listdir(tmp_path)) == ["file", "imagenet", "prepared"], "no OUT, no staging folder"
+    assert sorted(os.listdir(tmp_path)) == ["file", "imagenet", "other_project", "prepared"], "no OUT, no staging"
 
 
 def test_verify_detects_a_flipped_byte(jpeg_root, tmp_path, capsys):

@@ -11,6 +11,7 @@ SNGAN 32x32 models); a different ``size`` resizes the padded image bilinearly.
 (source/datasets/longtail.py); the test split is its balanced evaluation set.
 """
 import gzip
+import math
 import os
 import struct
 from dataclasses import dataclass, field
@@ -81,8 +82,8 @@ def read_idx(path: str) -> np.ndarray:
             if len(magic) < 4 or magic[0] != 0 or magic[1] != 0 or magic[2] != IDX_UNSIGNED_BYTE:
                 raise DatasetError(f"{path}: not an idx file of unsigned bytes")
             header = file.read(4 * magic[3])
-            shape = struct.unpack(f">{magic[3]}I", header) if len(header) == 4 * magic[3] else None
-            count = int(np.prod(shape, dtype=np.int64)) if shape is not None else -1
+            shape = struct.unpack(f">{magic[3]}I", header) if magic[3] and len(header) == 4 * magic[3] else None
+            count = math.prod(shape) if shape is not None else -1  # Python's ints: numpy's would wrap around
             if not 0 <= count <= MAX_IDX_VALUES:
                 raise DatasetError(f"{path}: an idx header for {shape or 'a cut-off shape'}: not Fashion-MNIST's")
             data = file.read(count + 1)

@@ -50,7 +50,7 @@ MAX_IMAGE_PIXELS = 64 * 2**20
 # the decoders tried, whatever the suffix says: ImageNet's JPEGs (one is a PNG), LSUN's WebPs, TIFF for 32-bit integer
 # images. Not Pillow's other forty: EPS, for one, runs Ghostscript on the file's PostScript where it is installed
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF")
-LABEL = re.compile(r"[0-9]+")  # not str.isdigit(): it accepts "²", which int() rejects
+LABEL = re.compile(r"[0-9]{1,9}")  # not str.isdigit(): it accepts "²", which int() rejects; below 10^9 classes
 SPLITS = ("train", "val")
 
 
@@ -195,8 +195,11 @@ def read_list_file(list_file: str) -> tuple[list[str], list[int]]:
             continue
         fields = line.rsplit(maxsplit=1)
         if len(fields) != 2 or not LABEL.fullmatch(fields[1]):
-            raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label >= 0, "
-                               f"got {line.strip()!r}")
+            raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label of 0 to "
+                               f"999999999, got {line.strip()[:200]!r}")
+        if os.path.isabs(fields[0]) or ".." in fields[0].replace("\\", "/").split("/"):
+            raise DatasetError(f"{list_file}:{number}: {fields[0][:200]!r}: a list file names images inside the "
+                               f"root, relative to it and without '..'")
         paths.append(fields[0])
         labels.append(int(fields[1]))
     return paths, labels

@@ -150,9 +150,14 @@ def check_output(out: str, force: bool) -> None:
     if not force:
         raise DatasetError(f"--out: {out} exists and is not empty; choose a new folder, or add --force to replace "
                            f"an earlier prepared one")
-    if not os.path.isfile(os.path.join(out, MANIFEST_FILE)):
-        raise DatasetError(f"--out: {out} has no {MANIFEST_FILE}, so it is not a prepared folder; --force only "
-                           f"replaces those, remove it yourself if it should go")
+    try:  # any format version: an older prepared folder is what --force replaces
+        with open(os.path.join(out, MANIFEST_FILE), encoding="utf-8") as file:
+            prepared = json.load(file).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        prepared = False
+    if not prepared:
+        raise DatasetError(f"--out: {out} has no {FORMAT} {MANIFEST_FILE}, so it is not a prepared folder; "
+                           f"--force only replaces those, remove it yourself if it should go")
 
 
 def move_into_place(staging: str, out: str) -> None:

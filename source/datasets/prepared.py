@@ -60,8 +60,8 @@ def read_manifest(folder: str) -> dict:
     except FileNotFoundError:
         raise DatasetError(f"dataset.args.path: {folder} has no {MANIFEST_FILE}, so it is not a prepared data set "
                            f"(or its preparation did not finish); make one with {PREPARE_HINT}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise DatasetError(f"dataset.args.path: cannot read {path} ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:  # ValueError: not UTF-8 or not JSON
+        raise DatasetError(f"dataset.args.path: cannot read {path} ({first_line(error)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"dataset.args.path: {path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
