@@ -2,6 +2,7 @@
 Safe reads of the zip files others may hand us (torch's .pt, numpy's .npz): no more than the file holds."""
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import zipfile
@@ -59,18 +60,39 @@ MOST_INFLATION = 64
 def zip_expansion(path: str | Path, stored_only: bool) -> str | None:
     """Why the zip ``path`` would load to more than it holds, else None (also when it is no zip: the loader then
     says what it is): a member compressed other than as its writer does (torch.save: stored; numpy: stored or
-    deflated) or, deflated, claiming to grow over MOST_INFLATION times (a small file asking for gigabytes)."""
+    deflated), or, deflated, claiming to grow over MOST_INFLATION times, or an array whose header asks for more
+    than its member holds (a small file asking for gigabytes)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
-    for member in members:
-        stored = member.compress_type == zipfile.ZIP_STORED and member.file_size == member.compress_size
-        deflated = member.compress_type == zipfile.ZIP_DEFLATED and not stored_only
-        if not (stored or deflated and member.file_size <= MOST_INFLATION * member.compress_size + 2**20):
-            return (f"its member {member.filename} unpacks to {member.file_size:,} bytes from {member.compress_size:,} "
-                    f"(compression {member.compress_type}): not as {'torch.save' if stored_only else 'numpy'} writes")
+    with archive:
+        for member in archive.infolist():
+            stored = member.compress_type == zipfile.ZIP_STORED and member.file_size == member.compress_size
+            deflated = member.compress_type == zipfile.ZIP_DEFLATED and not stored_only
+            if not (stored or deflated and member.file_size <= MOST_INFLATION * member.compress_size + 2**20):
+                return (f"its member {member.filename} unpacks to {member.file_size:,} bytes from "
+                        f"{member.compress_size:,} (compression {member.compress_type}): not as "
+                        f"{'torch.save' if stored_only else 'numpy'} writes")
+            if not stored_only and member.filename.endswith(".npy"):
+                problem = _npy_overstated(archive, member)
+                if problem:
+                    return problem
+    return None
+
+
+def _npy_overstated(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str | None:
+    """Why an .npz member's header asks for more than the member holds (numpy allocates what it says first)."""
+    import numpy as np
+
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    with archive.open(member) as handle:
+        try:
+            shape, _, dtype = readers[np.lib.format.read_magic(handle)](handle)
+        except (KeyError, ValueError, OSError) as error:
+            return f"its member {member.filename} is not an array numpy writes ({error})"
+    if dtype.hasobject or math.prod(shape) * dtype.itemsize > member.file_size:
+        return f"its member {member.filename} declares {shape} of {dtype}, more than it holds"
     return None
 
 

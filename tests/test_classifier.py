@@ -63,6 +63,10 @@ def test_damaged_or_replaced_weights_are_refused_in_one_line(tmp_path):
         load_classifier(copy)
     with pytest.raises(ClassifierUnavailable, match="do not exist"):
         load_classifier(tmp_path / "missing.pt")
+    for record, message in (("[]", "not a classifier's record"), ("[" * 100000, "not a readable record")):
+        record_path(copy).write_text(record)
+        with pytest.raises(ClassifierUnavailable, match=message):
+            load_classifier(copy)
 
 
 class Replay(nn.Module):

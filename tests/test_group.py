@@ -90,7 +90,7 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
         assert len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "other").exists() and not (tmp_path / "typo").exists()
     bad = tmp_path / "bad.json"
-    for content in ("[", "[]", json.dumps([{"args": "--config x", "log": "l", "status": "s"}])):
+    for content in ("[", "[]", json.dumps([{"args": "--config x", "log": "l", "status": "s"}]), "[" * 100000):
         bad.write_text(content)
         assert train.main(["--group", str(bad)]) == 2
         assert capsys.readouterr().err.count("\n") == 1

@@ -1,5 +1,6 @@
 """Hostile and careless use through the public entry points: unsafe snapshots, shared run folders, NaN weights,
 torn logs, YAML bombs and the one-line errors promised for bad input (issue 8)."""
+import io
 import json
 import os
 import re
@@ -326,6 +327,26 @@ def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, 
     for bomb in (big, recompressed(ours, tmp_path / "bzip2.npz", zipfile.ZIP_BZIP2)):
         with pytest.raises(ReferenceUnavailable, match="not as numpy writes"):
             file_reference(str(bomb))
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**7, 10**7)})
+    with zipfile.ZipFile(tmp_path / "overstated.npz", "w") as archive:  # 800 TB declared in 128 bytes
+        archive.writestr("mu.npy", header.getvalue())
+        archive.writestr("sigma.npy", header.getvalue())
+    with pytest.raises(ReferenceUnavailable, match=r"declares \(10000000, 10000000\) of float64, more than it holds"):
+        file_reference(str(tmp_path / "overstated.npz"))
+    np.savez(tmp_path / "meta.npz", mu=np.zeros(4), sigma=np.eye(4), meta=np.array("[1]"))
+    with pytest.raises(ReferenceUnavailable, match="its meta is not a mapping"):
+        file_reference(str(tmp_path / "meta.npz"))
+    from source.metrics.reference import features_path
+    from source.metrics.statistics import StatsMismatch
+
+    for garbage in (b"not a torch file", None):
+        if garbage is None:
+            torch.save([1, 2], features_path(str(ours)))  # torch's, but not ours
+        else:
+            Path(features_path(str(ours))).write_bytes(garbage)
+        with pytest.raises(StatsMismatch, match="are not readable .*; delete it"):  # a training run's evaluation
+            file_reference(str(ours))  # reports it in one line and goes on (EVALUATION_ERRORS)
 
 
 # --- 7./9./12. one-line errors and the README's commands ----------------------------------------

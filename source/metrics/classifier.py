@@ -94,7 +94,12 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
     if not path.is_file():
         raise ClassifierUnavailable(f"classifier weights {path} do not exist; train them with "
                                     f"`python -m source.metrics.classifier train --out {path}` or pass --classifier")
-    record = json.loads(record_path(path).read_text()) if record_path(path).is_file() else {}
+    try:
+        record = json.loads(record_path(path).read_text()) if record_path(path).is_file() else {}
+    except (OSError, ValueError, RecursionError) as error:
+        raise ClassifierUnavailable(f"{record_path(path)} is not a readable record ({first_line(error)})") from None
+    if not isinstance(record, dict):
+        raise ClassifierUnavailable(f"{record_path(path)} is not a classifier's record (a JSON mapping)")
     if record.get("sha256") not in (None, sha256(path)):
         raise ClassifierUnavailable(f"{path} does not match the sha256 recorded in {record_path(path)}; "
                                     "the weights were replaced or damaged")

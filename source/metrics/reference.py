@@ -196,12 +196,17 @@ def dataset_reference(
 def _load_features(path: str, key: dict) -> np.ndarray | None:
     if not os.path.isfile(path):
         return None
-    saved = torch_load(path)
-    differences = key_differences(saved["key"], key)
+    try:
+        saved = torch_load(path)
+        recorded, pool3 = saved["key"], saved["pool3"].numpy()
+    except Exception as error:  # noqa: BLE001: damaged or not ours, in whatever way: one message
+        raise StatsMismatch(f"reference features {path} are not readable ({first_line(error)}); delete it and its "
+                            f"statistics file to recompute them") from None
+    differences = key_differences(recorded, key) if isinstance(recorded, dict) else ["the key is not a mapping"]
     if differences:
         raise StatsMismatch(f"reference features {path} belong to another setup ({'; '.join(differences)}); "
                             "delete it and its statistics file to recompute them")
-    return saved["pool3"].numpy()
+    return pool3
 
 
 def file_reference(path: str, per_class: bool = False) -> Reference:

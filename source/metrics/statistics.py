@@ -139,7 +139,12 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     with open_npz(path) as data:
         for mean_key, cov_key in (("mu", "sigma"), ("mean", "cov")):
             if mean_key in data and cov_key in data:
-                meta = json.loads(str(data["meta"])) if "meta" in data else {}
+                try:
+                    meta = json.loads(str(data["meta"])) if "meta" in data else {}
+                except RecursionError:
+                    raise ValueError(f"{path}: its meta is nested too deeply") from None
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{path}: its meta is not a mapping")
                 return data[mean_key].astype(np.float64), data[cov_key].astype(np.float64), meta
     raise KeyError(f"{path} has neither mu/sigma (TTUR) nor mean/cov (sngan) arrays")
 

@@ -108,7 +108,7 @@ def read_group(path: str) -> list[dict]:
     """The group file's runs, checked (one line for a malformed file)."""
     try:
         specs = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RecursionError) as error:
         raise ConfigError(f"--group {path}: cannot read it as JSON ({error})") from None
     fields = {"args": list, "log": str, "status": str}
     if not isinstance(specs, list) or not specs or not all(
