@@ -176,6 +176,11 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    for key, spec in (("gen", config.models.generator), ("dis", config.models.discriminator)) if snapshot else ():
+        misfit = checkpoint.weights_misfit(key, spec, snapshot[key])  # before the models' memory is taken
+        if misfit:
+            raise ConfigError(f"{args.resume} does not fit the configured models ({misfit}); a resume may change "
+                              "training settings, not the networks")
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:

@@ -349,6 +349,23 @@ def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, 
             file_reference(str(ours))  # reports it in one line and goes on (EVALUATION_ERRORS)
 
 
+def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_are_built(tmp_path, trained, capsys,
+                                                                                          monkeypatch):
+    from source.training import build
+    from source.training import evaluate as evaluate_module
+
+    for name in ("snapshot_iter_4.pt", "generator_iter_4.pt"):
+        snapshot = load_snapshot(trained / "snapshots" / name)
+        snapshot["config"]["models"]["generator"]["args"]["ch"] = 3072  # some 3 GB, asked by a 2 MB file
+        torch.save(snapshot, tmp_path / name)
+    monkeypatch.setattr(build, "build_models", lambda *_: pytest.fail("the models were built"))
+    monkeypatch.setattr(evaluate_module, "build_model", lambda *_: pytest.fail("G was built"))
+    assert train.main(["--resume", str(tmp_path / "snapshot_iter_4.pt")]) == 2
+    one_line_error(capsys, "does not fit the configured models (gen: ")
+    with pytest.raises(ValueError, match="the generator weights 'gen' do not fit .* of another shape"):
+        evaluate_module.load_generator(str(tmp_path / "generator_iter_4.pt"), torch.device("cpu"))
+
+
 # --- 7./9./12. one-line errors and the README's commands ----------------------------------------
 
 @pytest.mark.parametrize("override, message", [

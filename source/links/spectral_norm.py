@@ -27,6 +27,8 @@ class FP32SpectralNorm(_SpectralNorm):
     estimate sigma to 2-3 digits, and every forward divides the weight by it."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.device.type == "meta":  # shapes only (a file's model checked before it is built): no autocast there
+            return super().forward(weight)
         with torch.autocast(weight.device.type, enabled=False):
             return super().forward(weight)
 

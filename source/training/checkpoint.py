@@ -152,6 +152,19 @@ def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
+def weights_misfit(label: str, spec, saved: Any) -> str | None:
+    """How the weights ``saved`` (named ``label`` in messages) differ from the state dict of the model ``spec``
+    (a ModelSpec) describes, or None; found on the meta device, without memory: a file's config could ask for a
+    model of any size, which building it would allocate."""
+    from source.models import build_model
+
+    if not (isinstance(saved, dict) and all(torch.is_tensor(value) for value in saved.values())):
+        return f"{label}: not a dict of tensors"
+    with torch.device("meta"):
+        expected = build_model(spec.name, spec.args).state_dict()
+    return state_mismatch(label, expected, saved)
+
+
 def configured(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     """A snapshot's optimizer state with ``optimizer``'s hyperparameters (betas, eps, fused, ...), which the run's
     config set: torch's load would keep the snapshot's, silently ignoring a resume's ``--set adam_D.beta2=...``

@@ -71,12 +71,11 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     config = config_from_dict(snapshot["config"], list(overrides), source=f"{path} (config)")
     entry, weights = generator_weights(snapshot, str(path), raw)
     spec = config.models.generator
+    misfit = checkpoint.weights_misfit(entry, spec, snapshot[entry])  # before G's memory is allocated
+    if misfit:
+        raise ValueError(f"{path}: the generator weights '{entry}' do not fit {spec.name}({spec.args}): {misfit}")
     gen = build_model(spec.name, spec.args)
-    try:
-        gen.load_state_dict(snapshot[entry])
-    except (RuntimeError, TypeError, AttributeError) as error:
-        raise ValueError(f"{path}: the generator weights '{entry}' do not fit {spec.name}({spec.args}): "
-                         f"{first_line(error)}") from None
+    gen.load_state_dict(snapshot[entry])
     return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights)
 
 
