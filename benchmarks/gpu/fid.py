@@ -26,6 +26,7 @@ import torch
 from benchmarks.gpu.common import pick_device, progress, timed_value
 from benchmarks.gpu.imagenet import recipe
 from source.config import first_line
+from source.files import torch_load
 from source.models import build_model
 
 RANDOM_WEIGHTS = "random initialisation of the same network (no Inception weights here)"
@@ -67,12 +68,10 @@ def weights_state(choice: str, directory: Path) -> tuple[dict | None, str]:
 def weights_file(choice: str, directory: Path) -> dict:
     """The weights both pipelines load: path, description, whether random, whether the logits layer is usable."""
     state, description = weights_state(choice, directory)
-    if state is None:
-        state = torch.load(description, map_location="cpu", weights_only=True)
-        path = description
-    else:
-        path = str(directory / "inception.pth")
-        torch.save(state, path)
+    if state is None:  # loaded safely here, and torch-fidelity (which unpickles whatever it is given) gets a copy
+        state = torch_load(description)
+    path = str(directory / "inception.pth")
+    torch.save(state, path)
     return {"path": path, "weights": description, "random_weights": description.startswith(RANDOM_WEIGHTS),
             "with_logits": bool(torch.isfinite(state["fc.weight"]).all())}  # fid-helper's fc is NaN
 
