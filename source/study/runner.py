@@ -172,10 +172,11 @@ PIDS = "running.json"  # in the study's root: the train.py processes of a chunk 
 
 
 def _started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat's 22nd field), None once it is gone.
-    With the pid, it tells a chunk's process from a later one that was given the same number."""
+    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat's 22nd field), None once it has ended
+    (gone, or a zombie). With the pid, it tells a chunk's process from a later one that was given the same number."""
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
