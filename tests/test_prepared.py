@@ -1,5 +1,6 @@
 """Prepared ImageNet (issue 9, part 3): ``python -m source.datasets.prepare`` and ``imagenet_prepared``."""
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -143,6 +144,13 @@ def test_truncated_or_mismatched_files_are_one_line_errors(jpeg_root, tmp_path):
     (out / "manifest.json").write_text(json.dumps({**manifest, "images": 10}))
     assert "holds uint8 (9, 3, 8, 8) but the manifest says uint8 (10, 3, 8, 8)" in one_line_error(out)
     (out / "manifest.json").write_text(json.dumps(manifest))
+    labels = out / "labels.npy"
+    original_labels = labels.read_bytes()
+    header = io.BytesIO()  # 8 TB of labels claimed by a 128-byte file: refused before anything is allocated
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (10**12,)})
+    labels.write_bytes(header.getvalue())
+    assert "may be truncated" in one_line_error(out)
+    labels.write_bytes(original_labels)
     images = out / "images.npy"
     images.write_bytes(images.read_bytes()[:-100])
     assert "may be truncated" in one_line_error(out)

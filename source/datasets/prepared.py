@@ -103,9 +103,11 @@ def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
 
 
 def open_array(path: str, shape: tuple, dtype: type, mmap: bool) -> np.ndarray:
-    """The .npy at path (memory-mapped or read), which must have this shape and dtype; else a DatasetError."""
+    """The .npy at path (memory-mapped or read), which must have this shape and dtype; else a DatasetError.
+    Mapped first in any case: a header that claims more than the file holds cannot be mapped, while reading it
+    would allocate what it claims."""
     try:
-        array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError) as error:  # a truncated file is too short to map: a ValueError
         reason = first_line(error)
         raise DatasetError(f"dataset.args.path: cannot read {path} ({reason}); the copy may be truncated: "
@@ -113,7 +115,7 @@ def open_array(path: str, shape: tuple, dtype: type, mmap: bool) -> np.ndarray:
     if array.shape != shape or array.dtype != dtype:
         raise DatasetError(f"dataset.args.path: {path} holds {array.dtype} {array.shape} but the manifest says "
                            f"{np.dtype(dtype)} {shape}; the copy is incomplete or mixed up, prepare it again")
-    return array
+    return array if mmap else np.array(array)
 
 
 def sha256_of(array: np.ndarray, description: str = "") -> str:
