@@ -16,7 +16,8 @@ import yaml
 
 from source.config_checks import check_consistency, validate_dataset_args, validate_model_args
 from source.files import atomic_write_text
-from source.typed import ConfigError, check_expansion, first_line, read_yaml, validate  # noqa: F401: first_line re-exported
+# first_line: re-exported for the modules that import it from here
+from source.typed import ConfigError, check_expansion, first_line, read_yaml, validate  # noqa: F401
 
 
 @dataclass

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from source.study.spec import Run, Study
-from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration, logged_iteration,
-                                run_folder, status)
+from source.study.state import (PIDS, branch_snapshot, console_log, failure_marker, latest_iteration,
+                                logged_iteration, run_folder, status)
 from source.training.checkpoint import snapshots_of
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
@@ -166,9 +166,6 @@ class _Signalled:
 
     def __call__(self, signum, frame) -> None:
         self.name = signal.Signals(signum).name
-
-
-PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way, {run: [pid, started]}
 
 
 def _started(pid: int) -> int | None:

@@ -9,6 +9,9 @@ from source.training.checkpoint import generator_path, snapshot_iteration, snaps
 from source.training.runlog import events, read_jsonl
 
 
+PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way, {run: [pid, started]}
+
+
 def run_folder(root: Path, run: Run) -> Path:
     return Path(root) / run.setting / f"{run.arm}_s{run.seed}"
 

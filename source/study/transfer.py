@@ -21,7 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from source.study.runner import PIDS
+from source.study.state import PIDS
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
@@ -77,7 +77,7 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
     """The members to unpack, or a TransferError before anything is: an archive may come from someone else, and
     tarfile's "data" filter alone has been bypassed through chains of links (CVE-2025-4517, Pythons before
     3.11.13). Only files and folders, named inside ``root`` (also after the links already there), MOST_UNPACKED
-    bytes in all; ``running.json`` (another machine's process ids: runner.PIDS) is left out."""
+    bytes in all; ``running.json`` (another machine's process ids: state.PIDS) is left out."""
     real_root, members, total = os.path.realpath(root), [], 0
     for member in archive.getmembers():
         parts = member.name.split("/")

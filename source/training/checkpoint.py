@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from source.config import first_line
+from source.config import ModelSpec, first_line
 from source.files import atomic_write, torch_load
 
 
@@ -152,9 +152,9 @@ def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
-def weights_misfit(label: str, spec, saved: Any) -> str | None:
+def weights_misfit(label: str, spec: ModelSpec, saved: Any) -> str | None:
     """How the weights ``saved`` (named ``label`` in messages) differ from the state dict of the model ``spec``
-    (a ModelSpec) describes, or None; found on the meta device, without memory: a file's config could ask for a
+    describes, or None; found on the meta device, without memory: a file's config could ask for a
     model of any size, which building it would allocate."""
     from source.models import build_model
 
