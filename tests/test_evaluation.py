@@ -430,3 +430,22 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
         assert evaluation.main(argv) == 2
         err = capsys.readouterr().err
         assert expected in err and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_a_snapshots_config_never_makes_evaluation_download_a_data_set(evaluated_run, tmp_path, capsys, monkeypatch):
+    """A snapshot may come from someone else: its `download: true` and root do not make this machine fetch
+    CIFAR-10 into the folder it names; the user's own --set does."""
+    snapshot = load_snapshot(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    root = tmp_path / "their" / "cifar"
+    snapshot["config"]["dataset"] = {"name": "cifar10", "args": {"root": str(root), "download": True}}
+    foreign = tmp_path / "snapshot_iter_2.pt"
+    torch.save(snapshot, foreign)
+    fetched = []
+    monkeypatch.setattr("source.datasets.cifar10.download_cifar10", lambda where: fetched.append(where))
+    argv = ["metrics", "--snapshot", str(foreign), "--device", "cpu", "--set", f"evaluation.cache_dir={tmp_path}"]
+    assert evaluation.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "set dataset.args.download: true" in err and err.count("\n") == 1, err
+    assert fetched == [] and not root.exists()
+    evaluation.main(argv + ["--set", "dataset.args.download=true"])  # the stand-in fetches nothing: fails later
+    assert fetched == [str(root)]
