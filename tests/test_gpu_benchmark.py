@@ -256,3 +256,16 @@ def test_the_report_is_rewritten_after_every_section_and_d_carries_the_gpu_tests
     # the tests' outcome travels with (d), the numbers that study_settings.py takes on their word, through merges
     assert final["sections"]["d_small_models"]["gpu_tests"]["passed"] and final["protocol"]["gpu_tests"]["passed"]
     assert "gpu_tests" not in final["sections"]["b_sr_spectra"]
+
+
+def test_merging_a_file_that_is_not_such_results_is_a_one_line_error(tmp_path, capsys):
+    from benchmarks.gpu.merge import main as merge_main
+    broken, foreign = tmp_path / "broken.json", tmp_path / "foreign.json"
+    broken.write_text("{")
+    foreign.write_text('{"protocol": []}')
+    for earlier, later, expected in ((broken, foreign, "broken.json is not JSON"),
+                                     (foreign, foreign, "not this benchmark's results (AttributeError")):
+        assert merge_main([str(earlier), str(later)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("merge: ") and expected in err and err.count("\n") == 1, err
+    assert broken.read_text() == "{" and not foreign.with_suffix(".md").exists()

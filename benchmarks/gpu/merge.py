@@ -50,15 +50,25 @@ def merge(earlier: dict, later: dict) -> dict:
     return {**merged, "protocol": protocol, "sections": sections, "ratios": derived_ratios(sections)}
 
 
+def read_results(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not JSON ({error})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("earlier", type=Path, help="the results to update (rewritten in place, with its .md)")
     parser.add_argument("later", type=Path, help="a later run's JSON, of some sections")
     args = parser.parse_args(argv)
     try:
-        merged = merge(*(json.loads(path.read_text()) for path in (args.earlier, args.later)))
-    except (OSError, ValueError, KeyError) as error:
+        merged = merge(*(read_results(path) for path in (args.earlier, args.later)))
+    except (OSError, ValueError) as error:
         print(f"merge: {error}", file=sys.stderr)
+        return 2
+    except (KeyError, TypeError, AttributeError) as error:  # a hand-edited or foreign file
+        print(f"merge: not this benchmark's results ({type(error).__name__}: {error})", file=sys.stderr)
         return 2
     args.earlier.write_text(json.dumps(merged, indent=2, default=str) + "\n")
     write_markdown(merged, args.earlier.with_suffix(".md"))

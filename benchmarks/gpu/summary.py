@@ -172,7 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="replace the table in README.md")
     args = parser.parse_args(argv)
-    block = table(load_results())
+    try:
+        block = table(load_results())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # a hand-edited or foreign file
+        raise SystemExit(f"summary: {RESULTS}/gpu_*.json are not this benchmark's results "
+                         f"({type(error).__name__}: {error})") from None
     if args.write:
         README.write_text(with_table(README.read_text(), block))
     print(block)
