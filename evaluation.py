@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from figures.grids import PADDING, check_overwrite, tile, titled, to_image
+from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, PADDING, check_overwrite, grid_targets, tile,
+                           titled, to_image)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
 from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
 from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
 from source.metrics.describe import describe, describe_batchnorm
-from source.metrics.generate import G_BATCHNORM_MODES, check_classes, g_batchnorm, generate_uint8, generation_mode
+from source.metrics.generate import G_BATCHNORM_MODES, g_batchnorm, generate_uint8, generation_mode
 from source.metrics.generate import sample_inputs
 from source.metrics.longtail import INTRA_FID_MODES, group_notes, intra_fid_protocol, score_repeats, score_request
 from source.metrics.reference import ReferenceUnavailable, dataset_reference, reference_data, resolve_reference
@@ -41,9 +42,6 @@ from source.metrics.scoring import available_metrics, load_backbone, protocol_re
 from source.training import checkpoint
 from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
 
-IMAGENET_CLASSES = 1000
-IMAGENET_GRID_CLASSES = [204, 265, 323, 946]  # the SRGANs README's grids (Lhasa, toy poodle, monarch, cardoon)
-MAX_DEFAULT_GRID_CLASSES = 10
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
                FileNotFoundError, ValueError)
 
@@ -160,12 +158,6 @@ def classes(args: argparse.Namespace) -> None:
 # --- grids and samples -------------------------------------------------------------------------
 
 
-def default_grid_classes(n_classes: int) -> list[int]:
-    if n_classes == IMAGENET_CLASSES:
-        return IMAGENET_GRID_CLASSES
-    return list(range(min(n_classes, MAX_DEFAULT_GRID_CLASSES)))
-
-
 def save_png(image: torch.Tensor, path: Path) -> None:
     """A uint8 CHW image (1 or 3 channels) as PNG."""
     to_image(image).save(path)
@@ -194,15 +186,6 @@ def grids(args: argparse.Namespace) -> None:
             name = "unconditional" if label is None else f"class {label}"
             titled(grid, f"{name}, iteration {loaded.iteration}").save(path)
             print(path)
-
-
-def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[tuple[int | None, Path]]:
-    """(class or None for an unconditional G, PNG path) of every grid to draw."""
-    if n_classes == 0 and not classes:
-        return [(None, out / "samples.png")]
-    classes = classes or default_grid_classes(n_classes)
-    check_classes(classes, n_classes)
-    return [(label, out / f"class_{label}.png") for label in classes]
 
 
 def samples(args: argparse.Namespace) -> None:

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from source.config import Config, ConfigError, config_differences, config_from_dict, load_config, save_config
+from source.config import Config, ConfigError, config_from_dict, load_config, save_config
 from source.datasets import DatasetError
 from source.training import build, checkpoint, group, performance, runfolder
 from source.training.summary import batch_summary, dry_run
+from source.typed import config_differences
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)

@@ -7,9 +7,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from source.metrics.generate import check_classes
+
 PADDING = 2  # pixels between tiles
 PADDING_VALUE = 255  # white: black padding would vanish between dark-background samples (Fashion-MNIST)
 MIN_FONT_SIZE = 10
+IMAGENET_CLASSES = 1000
+IMAGENET_GRID_CLASSES = [204, 265, 323, 946]  # the SRGANs README's grids (Lhasa, toy poodle, monarch, cardoon)
+MAX_DEFAULT_GRID_CLASSES = 10
 
 
 def tile(images: torch.Tensor, rows: int, columns: int, padding: int = 0, fill: int = PADDING_VALUE) -> torch.Tensor:
@@ -54,3 +59,18 @@ def check_overwrite(paths: list[Path], force: bool) -> None:
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
         raise ValueError(f"{existing[0]}{more} already exists; pass --force to overwrite or --out for another folder")
+
+
+def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[tuple[int | None, Path]]:
+    """(class or None for an unconditional G, PNG path) of every grid to draw."""
+    if n_classes == 0 and not classes:
+        return [(None, out / "samples.png")]
+    classes = classes or default_grid_classes(n_classes)
+    check_classes(classes, n_classes)
+    return [(label, out / f"class_{label}.png") for label in classes]
+
+
+def default_grid_classes(n_classes: int) -> list[int]:
+    if n_classes == IMAGENET_CLASSES:
+        return IMAGENET_GRID_CLASSES
+    return list(range(min(n_classes, MAX_DEFAULT_GRID_CLASSES)))

@@ -17,7 +17,7 @@ import yaml
 from source.config_checks import check_consistency, validate_dataset_args, validate_model_args
 from source.files import atomic_write_text
 # first_line: re-exported for the modules that import it from here
-from source.typed import ConfigError, check_expansion, first_line, read_yaml, validate  # noqa: F401
+from source.typed import ConfigError, check_expansion, first_line, read_yaml, to_plain, validate  # noqa: F401
 
 
 @dataclass
@@ -304,45 +304,7 @@ def _refine(instance: Any, value: dict, key: str, source: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# Helpers
-
-def to_plain(value: Any) -> Any:
-    """Typed config -> plain YAML-able structure (for config.yaml and snapshots)."""
-    if dataclasses.is_dataclass(value):
-        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {k: to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_plain(v) for v in value]
-    return value
-
-
-def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dict -> {"a.b.c": leaf}."""
-    if isinstance(value, dict):
-        flat = {}
-        for k, v in value.items():
-            flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return flat
-    return {prefix: value}
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-    """Lines like ``updater.apply_SR: false -> true`` for every leaf that differs."""
-    old_flat, new_flat = flatten(old), flatten(new)
-    lines = []
-    for key in sorted(set(old_flat) | set(new_flat)):
-        before, after = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
-        if before != after:
-            lines.append(f"{key}: {_yaml_scalar(before)} -> {_yaml_scalar(after)}")
-    return lines
-
+# Writing
 
 def save_config(config: Config, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))
-
-
-def _yaml_scalar(value: Any) -> str:
-    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-
-

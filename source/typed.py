@@ -1,7 +1,8 @@
 """Plain data (parsed YAML, a snapshot's config) -> typed dataclasses, with one-line errors naming the key.
 
 Generic over the dataclasses it is given: ``refine`` lets the caller check what depends on a value
-(e.g. a model's arguments depend on its name) right after each dataclass is built.
+(e.g. a model's arguments depend on its name) right after each dataclass is built. And back: typed ->
+plain (``to_plain``), and the leaves in which two plain structures differ (``config_differences``).
 """
 from __future__ import annotations
 
@@ -178,3 +179,41 @@ def _is_number(text: str) -> bool:
 def first_line(error: Exception) -> str:
     """The first line of an exception's message (its type name when the message is empty), for one-line errors."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+# --- back to plain structures -----------------------------------------------------------------
+
+def to_plain(value: Any) -> Any:
+    """Typed config -> plain YAML-able structure (for config.yaml and snapshots)."""
+    if dataclasses.is_dataclass(value):
+        return {f.name: to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_plain(v) for v in value]
+    return value
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b.c": leaf}."""
+    if isinstance(value, dict):
+        flat = {}
+        for k, v in value.items():
+            flat.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return flat
+    return {prefix: value}
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+    """Lines like ``updater.apply_SR: false -> true`` for every leaf that differs."""
+    old_flat, new_flat = flatten(old), flatten(new)
+    lines = []
+    for key in sorted(set(old_flat) | set(new_flat)):
+        before, after = old_flat.get(key, "<unset>"), new_flat.get(key, "<unset>")
+        if before != after:
+            lines.append(f"{key}: {_yaml_scalar(before)} -> {_yaml_scalar(after)}")
+    return lines
+
+
+def _yaml_scalar(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 import train
-from source.config import ConfigError, config_differences, load_config
+from source.config import ConfigError, load_config
+from source.typed import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
