@@ -75,6 +75,10 @@ def test_each_section_measured_its_numbers(bench):
     sr = small["single"]["eager"]["sr_call_s"]  # one SR call on the study's D, per mode, on the device and the CPU
     assert all(sr[f"{mode}_{where}"] > 0 for mode in ("static", "rescale", "dynamic") for where in ("device", "cpu"))
     assert "sr_call_s" not in small["single"]["step-graphs"]
+    for variant in ("eager", "step-graphs"):  # where an iteration's time goes: on a CPU, the ops by self time
+        profile = small["single"][variant]["kernel_profile"]
+        assert profile["wall_ms_per_g_iteration"] > 0 and profile["top_is"] == "CPU ops by self time"
+        assert any("conv" in entry["name"] and entry["ms"] > 0 and entry["calls"] > 0 for entry in profile["top"])
     travel = small["single"]["step-graphs"]["warmup_travel"]
     assert travel["gen"] > 0 and travel["dis"] > 0  # both networks learned in the warm-up
     assert small["warmup_travel_difference_to_eager"]["eager"] == 0.0
@@ -157,6 +161,7 @@ def test_markdown_report_shows_the_sections_and_ratios(bench):
     for heading in ("## (a)", "## (b)", "## (c)", "## (d)", "## (e) CIFAR-10-LT BigGAN", "## Ratios", "## (f) Loaders with 2 workers"):
         assert heading in markdown
     assert "the study's data path" in markdown and "GFLOP of the models' arithmetic" in markdown
+    assert "Where a G-iteration's time goes" in markdown and "- eager: " in markdown and "- step-graphs: " in markdown
     assert f"{result['ratios']['imagenet128_fast_speedup_extrapolated']['value']:.3g}" in markdown
 
 

@@ -207,7 +207,31 @@ def small_lines(small: dict) -> list[str]:
         return number(rate * flops / (peak * 1e12), 2) if rate and flops and peak else None
 
     rows = [[label, rate, share(rate), note] for label, rate, note in small_rows(small)]
-    return lines + table(["run", "G-iterations/s (measured)", "share of the peak", "note"], rows) + [""]
+    lines += table(["run", "G-iterations/s (measured)", "share of the peak", "note"], rows) + [""]
+    return lines + profile_lines(small.get("single") or {})
+
+
+def profile_lines(single: dict) -> list[str]:
+    """Where a G-iteration's time goes, per profiled variant (small_worker.kernel_profile)."""
+    lines = []
+    for name, run in single.items():
+        profile = run.get("kernel_profile")
+        if not profile:
+            continue
+        if "error" in profile:
+            lines.append(f"- {name}: not profiled ({profile['error']})")
+            continue
+        wall, busy = profile.get("wall_ms_per_g_iteration"), profile.get("device_busy_ms_per_g_iteration")
+        busy_text = ("no device (CPU)" if busy is None else "no device events seen" if not busy or not wall
+                     else f"the device busy {number(busy, 3)} ms ({number(100 * busy / wall, 2)} %)")
+        top = ", ".join(f"{entry['name']} {number(entry['ms'], 2)} ms ({number(entry['calls'])}x)"
+                        for entry in profile.get("top") or [])
+        lines.append(f"- {name}: {number(wall, 3)} ms of wall per G-iteration, {busy_text}; launches per G-iteration "
+                     f"{profile.get('launches_per_g_iteration')}; most time ({profile.get('top_is')}): {top}")
+    if not lines:
+        return []
+    return ["Where a G-iteration's time goes (torch.profiler over the iterations after the timing window, not timed):",
+            "", *lines, ""]
 
 
 def biggan_lines(biggan: dict) -> list[str]:
