@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 import source.datasets.prepare as prepare
-from source.config import ConfigError, config_from_dict
+from source.config import ConfigError, config_from_dict, load_config
 from source.datasets import (
     CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, INaturalistArgs, LongTailArgs, LSUNArgs,
     PreparedImageNetArgs, SyntheticArgs, build_dataset, check_dataset_args, class_counts, describe_class_counts,
@@ -382,3 +382,18 @@ def test_random_flip_mirrors_a_seeded_half_of_the_samples():
     first = flipped(0)
     assert 16 < int(first.sum()) < 48
     assert torch.equal(first, flipped(0)) and not torch.equal(first, flipped(1))
+
+
+# The official LSUN train LMDBs' entry counts (bedroom, conference room, dining room, kitchen, living room).
+LSUN_TRAIN_COUNTS = [3033042, 229069, 657571, 2212277, 1315802]
+
+
+@pytest.mark.parametrize("name", ["lsun_lt_sngan", "lsun_lt_biggan"])
+def test_lsun_lt_configs_give_the_released_profile_on_the_official_lmdbs(name):
+    """Without n_max the head would be bedroom's 3 M images and the tail classes could not follow the profile."""
+    from source.datasets.longtail import target_counts
+    from source.datasets.lsun import EXPONENT_OFFSET
+
+    args = load_config(CONFIGS / "gsr" / f"{name}.yaml").dataset.args
+    train = [count - args.eval_images for count in LSUN_TRAIN_COUNTS]  # eval_overlap: false holds the last ones out
+    assert target_counts(train, args.long_tail, EXPONENT_OFFSET) == [50000, 15811, 5000, 1581, 500]
