@@ -263,7 +263,12 @@ def test_printed_scores_state_their_protocol_and_comparability():
     assert "not comparable" in line and "N=5000 < 50000" in line and "IS over 1 split(s)" in line
     published = protocol_record(PixelBackbone(), ["is", "fid"], 50000, 10, Reference("ttur.npz", {}, None, None))
     line = describe({"IS": 20.0, "IS_std": 0.3, "FID": 71.0, "protocol": published})
-    assert "published protocol" in line and "ttur.npz (external statistics)" in line
+    assert "published protocol of SNGAN/SRGANs" in line and "ttur.npz (external statistics)" in line
+    balanced = dict(key, dataset="cifar10", split="test")  # gSR: a balanced reference split, IS over 1 split
+    for splits, expected in ((1, "published protocol of gSR"), (10, "IS over 10 split(s), gSR published over 1")):
+        gsr = protocol_record(PixelBackbone(), ["is", "fid"], 50000, splits, Reference("ref.npz", balanced, None, None),
+                              reference_split="test")
+        assert expected in describe({"IS": 8.0, "IS_std": 0.0, "FID": 30.0, "protocol": gsr})
 
 
 # --- end to end with the real TF-Inception (offline fid-helper weights) ------------------------

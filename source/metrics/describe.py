@@ -76,10 +76,12 @@ def comparability(protocol: dict) -> str:
     reasons = []
     if protocol["n_samples"] < PUBLISHED_N:
         reasons.append(f"N={protocol['n_samples']} < {PUBLISHED_N}, FID biased upward")
-    if protocol.get("splits", 10) != 10:
-        reasons.append(f"IS over {protocol['splits']} split(s), published over 10")
+    # gSR scores against a balanced reference split with IS over 1 split; SNGAN/SRGANs against training data, 10
+    paper, published = ("gSR", 1) if protocol.get("reference_split") else ("SNGAN/SRGANs", 10)
+    if protocol.get("splits", published) != published:
+        reasons.append(f"IS over {protocol['splits']} split(s), {paper} published over {published}")
     if protocol["reference_key"].get("extra", {}).get("long_tail"):
         reasons.append("the reference is long-tailed training data; gSR scores against the balanced test split")
     if reasons:
         return f"not comparable with published numbers ({'; '.join(reasons)})"
-    return "published protocol: comparable with published numbers computed against the same reference"
+    return f"published protocol of {paper}: comparable with published numbers computed against the same reference"
