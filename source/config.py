@@ -1,6 +1,6 @@
 """Experiment configuration: YAML -> ``--set`` overrides -> typed, validated objects.
 
-The YAML mirrors the original ``config.yml`` (see DESIGN.md).  Every problem is reported as a
+The YAML mirrors the original ``config.yml`` (README, "What is where").  Every problem is reported as a
 single ``ConfigError`` line naming the file and the dotted key, before any work starts: types here
 (``source.typed``), values and their consistency in ``source/config_checks.py``, the one validation layer.
 """

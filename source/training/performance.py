@@ -1,6 +1,6 @@
 """How the arithmetic runs: mixed precision, memory layout, compilation, TF32 and cuDNN autotuning.
 
-These settings never change the recipe (``DESIGN.md``): the batch, the steps and their order stay. What
+These settings never change the recipe: the batch, the steps and their order stay. What
 they change is stated with each option in ``PerformanceConfig``; SN's power iteration
 (``FP32SpectralNorm``), SR, the losses and the optimizer states stay in fp32 (fp64 for SR's SVDs)
 whatever ``amp`` is.
