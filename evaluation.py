@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, PADDING, check_overwrite, grid_targets, tile,
-                           titled, to_image)
+from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, PADDING, check_overwrite, grid_targets,
+                           tile, titled, to_image)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
 from source.metrics import StatsMismatch, WeightsUnavailable

@@ -8,8 +8,9 @@ of each spectrally normalized conv of D through its thin SVD, W <- U diag(s') V^
     static (CIFAR):     s' = s / s_1 with its top floor(r/2) entries set to 1; this also rescales W
                         to spectral norm 1, as the original does.
     rescale (a control, not in the paper): s' = s / s_1, W <- W / s_1: static SR's rescale to spectral
-                        norm 1 without its reshaping of the spectrum. The CPU pilot (docs/reference/collapse_probe.md) found
-                        this alone reproduces part of static SR's benefit; the collapse study runs it as an arm.
+                        norm 1 without its reshaping of the spectrum. The CPU pilot
+                        (docs/reference/collapse_probe.md) found this alone reproduces part of static SR's
+                        benefit; the collapse study runs it as an arm.
 The edit is written into the same Parameter in place, outside autograd; Adam's moments and SN's
 u/v are left alone, so SN keeps dividing by its own estimate of s_1.
 """
