@@ -43,7 +43,7 @@ from source.metrics.scoring import intra_fid_score, load_backbone, protocol_reco
 from source.models import build_model
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
-from source.training.evaluate import check_settings, gather_features
+from source.training.evaluate import check_settings, gather_features, load_generator
 from test_training import CONFIGS, tiny_argv
 
 CPU = torch.device("cpu")
@@ -343,6 +343,19 @@ def test_metrics_cli_computes_the_inception_score_with_full_weights(evaluated_ru
     record = json.loads(out.strip().splitlines()[-1])
     assert 1.0 < record["IS"] < 1000.0 and record["IS_std"] > 0.0  # 2 splits of 3 images give two values
     assert record["protocol"]["weights"] == str(full_inception_weights) and record["protocol"]["splits"] == 2
+    # IS from its definition on the same images: logits = pool3 W^T + b of the file's fc (with its bias), softmax
+    # over all 1008, columns 1..1000 kept unrenormalised, exp(mean KL(p(y|x) || p(y))) per split, mean of splits
+    loaded = load_generator(str(snapshot), torch.device("cpu"))
+    z, labels = sample_inputs(6, loaded.gen.dim_z, loaded.gen.n_classes, record["protocol"]["seed"])
+    backbone, _ = load_backbone(str(full_inception_weights), torch.device("cpu"))
+    pool3 = generated_features(loaded.gen, backbone, z, labels, 6, torch.device("cpu")).pool3.astype(np.float64)
+    fc = torch.load(full_inception_weights)
+    logits = pool3 @ fc["fc.weight"].double().numpy().T + fc["fc.bias"].double().numpy()
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p = (p / p.sum(1, keepdims=True))[:, 1:1001]
+    splits = [np.exp((part * (np.log(part) - np.log(part.mean(0)))).sum(1).mean()) for part in (p[:3], p[3:])]
+    assert record["IS"] == pytest.approx(np.mean(splits), rel=1e-5) and record["IS_std"] == pytest.approx(
+        np.std(splits), rel=1e-4)
     (trained,) = read_metrics(evaluated_run)  # scored with the pool3-only copy: the same features
     assert record["FID"] == pytest.approx(trained["FID"], rel=1e-6)
 

@@ -1,6 +1,7 @@
 """gSR, LeCam, DiffAugment, G's EMA and the label prior in training, through train.main and the updater."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -46,7 +47,16 @@ def test_class_spectra_are_written_for_long_tailed_data(tmp_path):
     assert [r["iteration"] for r in records] == [2, 4]
     assert records[0]["class_counts"] == [22, 8, 3]
     assert len(records[0]["layers"]) == 6 and len(records[0]["gamma"][0]) == 3
-    assert max(max(layer) for layer in records[-1]["gamma"]) > 0
+    gen = snapshot(run, 4)["gen"]  # the sigmas recomputed by numpy SVD from the CBN tables of the same G
+
+    def sigmas(table):  # each class's C-vector as the most nearly square (a, C / a) matrix, row-major
+        channels = table.shape[1]
+        a = max(d for d in range(1, int(channels ** 0.5) + 1) if channels % d == 0)
+        return [np.linalg.norm(row.reshape(a, channels // a), 2) for row in table.double().numpy()]
+
+    for index, layer in enumerate(records[-1]["layers"]):
+        assert records[-1]["gamma"][index] == pytest.approx(sigmas(gen[f"{layer}.gamma.weight"] - 1), rel=1e-9)
+        assert records[-1]["beta"][index] == pytest.approx(sigmas(gen[f"{layer}.beta.weight"]), rel=1e-9)
 
 
 def test_ddp_two_ranks_match_one_process_with_gsr_lecam_and_ema(tmp_path, ranks_threads):
@@ -90,9 +100,61 @@ def test_diffaugment_reaches_real_and_fake_images_alike(monkeypatch):
     forward = type(models.dis).forward
     monkeypatch.setattr(type(models.dis), "forward", lambda self, x, y=None: seen.append(x.detach()) or forward(self, x, y))
     upd.update()
-    d_step = seen[0]  # 4 reals then 4 fakes; cutout zeroes a 16 x 16 square of each 32 x 32 image
-    zeros = (d_step == 0).flatten(1).sum(1)
-    assert torch.all(zeros >= 16 * 16 // 4), zeros  # at least a clipped quarter of the square in every image
+    assert [len(x) for x in seen] == [8, 8, 4, 4]  # D's 2 micro-batches (4 reals, 4 fakes), then G's 2 of 4 fakes
+    for images in seen:  # cutout zeroes a 16 x 16 square of each 32 x 32 image, in G's step too
+        zeros = (images == 0).flatten(1).sum(1)
+        assert torch.all(zeros >= 16 * 16 // 4), zeros  # at least a clipped quarter of the square in every image
+
+
+HINGE = (lambda real, fake: np.maximum(0, 1 - real).mean() + np.maximum(0, 1 + fake).mean(), lambda fake: -fake.mean())
+DCGAN = (lambda real, fake: np.log1p(np.exp(-real)).mean() + np.log1p(np.exp(fake)).mean(),
+         lambda fake: np.log1p(np.exp(-fake)).mean())
+
+
+@pytest.mark.parametrize("loss_type, formulas", [("hinge", HINGE), ("dcgan", DCGAN)])
+def test_the_logged_losses_are_the_configured_loss_of_ds_logits(monkeypatch, loss_type, formulas):
+    """D's and G's losses recomputed in numpy from the logits D returned in the iteration (the training tests
+    compare runs of the same code, which a wrong loss would pass)."""
+    upd, models = build_tiny_updater("updater.n_dis=1", f"updater.loss_type={loss_type}")
+    logits = []
+    forward = type(models.dis).forward
+    monkeypatch.setattr(type(models.dis), "forward",
+                        lambda self, x, y=None: (lambda out: logits.append(out.detach().double().numpy()) or out)(
+                            forward(self, x, y)))
+    record = upd.update()
+    assert [len(out) for out in logits] == [8, 8, 4, 4]  # D's 2 micro-batches of 4 reals + 4 fakes, then G's 2 of 4
+    dis, gen = formulas
+    assert float(record["loss_dis"]) == pytest.approx(np.mean([dis(out[:4], out[4:]) for out in logits[:2]]), rel=1e-6)
+    assert float(record["loss_gen"]) == pytest.approx(np.mean([gen(out) for out in logits[2:]]), rel=1e-6)
+
+
+def test_lecam_trains_d():
+    """The penalty is not only logged: D's weights after two iterations depend on it."""
+    dis = []
+    for weight in ("0", "10"):
+        upd, models = build_tiny_updater(f"updater.lecam.weight={weight}", "updater.n_dis=1")
+        records = [upd.update() for _ in range(2)]
+        dis.append(models.dis.state_dict())
+    assert float(records[-1]["loss_lecam"]) > 0
+    assert not tensors_equal(*dis)
+
+
+def test_the_updater_gets_the_terms_the_config_asks_for():
+    """Each config value reaches the object that uses it (a dry run's summary is printed from the config)."""
+    upd, _ = build_tiny_updater(*ALL_TERMS, "updater.gsr.weight=0.7", "updater.gsr.effective_number_beta=0.9",
+                                "updater.gsr.power_iterations=3", "updater.lecam.decay=0.95",
+                                "updater.lecam.start_iteration=3")
+    terms = upd.terms
+    inverse = (1 - 0.9) / (1 - 0.9 ** np.array([22.0, 8.0, 3.0]))  # the class counts of ALL_TERMS' data
+    assert terms.gsr.lambdas.tolist() == pytest.approx((0.7 * 3 * inverse / inverse.sum()).tolist(), rel=1e-12)
+    assert terms.gsr.iterations == 3
+    lecam = terms.lecam
+    assert (lecam.weight, lecam.form, lecam.decay, lecam.start_iteration) == (0.3, "gsr", 0.95, 3)
+    assert lecam.anchor_real.shape == (8,)  # the gsr form keeps one anchor per position of D's batch
+    assert (terms.ema.decay, terms.ema.start_iteration) == (0.9, 2)
+    assert terms.augment.policy == ("color", "translation", "cutout") and terms.augment.size == 32
+    unbalanced, _ = build_tiny_updater(*ALL_TERMS, "updater.gsr.class_balanced=false")
+    assert unbalanced.terms.gsr.lambdas.tolist() == [1.0, 1.0, 1.0]
 
 
 def test_fake_labels_follow_the_data_prior():

@@ -267,7 +267,9 @@ def test_kid_matches_torch_fidelity_with_the_same_seed():
 def test_kid_clips_the_subset_size_to_the_smaller_set():
     rng = np.random.default_rng(10)
     a, b = rng.standard_normal((12, 4)), rng.standard_normal((30, 4))
-    assert np.isfinite(kernel_inception_distance(a, b, subsets=3)[0])  # subset_size 1000 -> 12
+    clipped = kernel_inception_distance(a, b, subsets=3)  # subset_size 1000 -> 12
+    assert clipped == kernel_inception_distance(a, b, subsets=3, subset_size=12)
+    assert clipped != kernel_inception_distance(a, b, subsets=3, subset_size=11)
 
 
 # --- quantization and backbone ---------------------------------------------------------------

@@ -1,13 +1,28 @@
-"""DiffAugment, LeCam (both forms) and the EMA of G, tested alone; their use in training is in test_gsr_training.py."""
+"""The adversarial losses, DiffAugment, LeCam (both forms) and the EMA of G, tested alone; their use in training is
+in test_gsr_training.py."""
+import math
+
 import pytest
 import torch
 from torch import nn
 
 from source.regularizers import DiffAugment, GeneratorEMA, LeCam, parse_policy
 from source.regularizers.diffaugment import augment, draw
+from source.regularizers.losses import LOSSES, dcgan_dis, dcgan_gen, hinge_dis, hinge_gen
 from source.training.distributed import World
 
 CPU = World(rank=0, size=1, local_rank=0, device=torch.device("cpu"))
+
+
+def test_adversarial_losses_on_known_logits():
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert float(hinge_dis(real, fake)) == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)  # margins of 1, means
+    assert float(hinge_gen(torch.tensor([1.0, 3.0]))) == -2.0
+    assert float(dcgan_dis(torch.zeros(3), torch.zeros(3))) == pytest.approx(2 * math.log(2))
+    assert float(dcgan_dis(torch.tensor([3.0]), torch.tensor([-1.0]))) == pytest.approx(
+        math.log1p(math.exp(-3)) + math.log1p(math.exp(-1)))  # -log sigmoid(real) - log(1 - sigmoid(fake))
+    assert float(dcgan_gen(torch.tensor([-1.0]))) == pytest.approx(math.log1p(math.e))  # non-saturating
+    assert LOSSES == {"hinge": (hinge_dis, hinge_gen), "dcgan": (dcgan_dis, dcgan_gen)}
 
 
 def test_policy_parsing_and_errors():
@@ -40,6 +55,21 @@ def test_color_is_brightness_saturation_contrast_per_sample():
     torch.testing.assert_close(out[1], x[1])
     gray = augment(x, {"brightness": torch.zeros(2), "saturation": torch.zeros(2), "contrast": torch.ones(2)})
     torch.testing.assert_close(gray[:, 0], gray[:, 1])  # saturation 0 leaves the channel mean only
+    x = x + torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1)  # channel means that differ
+    contrast = augment(x, {"brightness": torch.zeros(2), "saturation": torch.ones(2), "contrast": torch.tensor([2., .5])})
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)  # over the whole image, channels too
+    torch.testing.assert_close(contrast, (x - mean) * torch.tensor([2.0, 0.5]).view(2, 1, 1, 1) + mean)
+
+
+def test_random_parameters_cover_the_official_ranges():
+    params = draw(parse_policy("color,translation,cutout"), 20000, 16, torch.Generator().manual_seed(0), "cpu")
+    for name, low, high in (("brightness", -0.5, 0.5), ("saturation", 0.0, 2.0), ("contrast", 0.5, 1.5)):
+        values = params[name]
+        assert low <= float(values.min()) < low + 0.01 and high - 0.01 < float(values.max()) <= high, name
+    for name in ("shift_rows", "shift_columns"):  # 1/8 of 16, both ways
+        assert set(params[name].tolist()) == set(range(-2, 3)), name
+    for name in ("cut_rows", "cut_columns"):  # the square's centre anywhere on 0..16 (even side: size + 1 places)
+        assert set(params[name].tolist()) == set(range(17)), name
 
 
 def test_augmentation_is_differentiable_and_reproducible():
@@ -75,8 +105,11 @@ def test_lecam_gan_form_scalar_anchors_start_iteration_and_sign():
     lecam.penalty(real + 1, fake + 1, slice(0, 2), 2)
     lecam.end_step(2, CPU)  # from start_iteration on: EMA with the decay
     assert float(lecam.anchor_real) == pytest.approx(0.9 * 2 + 0.1 * 3)
+    assert float(lecam.anchor_fake) == pytest.approx(0.9 * 0 + 0.1 * 1)
     penalty = lecam.penalty(torch.tensor([0.0]), torch.tensor([5.0]), slice(0, 1), 3)
     assert float(penalty) == pytest.approx(2.0 * (0 + 0))  # a fake above the real anchor is not penalized here
+    penalty = lecam.penalty(torch.tensor([1.0]), torch.tensor([0.5]), slice(0, 1), 3)
+    assert float(penalty) == pytest.approx(2.0 * ((1.0 - 0.1) ** 2 + (2.1 - 0.5) ** 2))  # relu(r - a_f), relu(a_r - f)
     released = LeCam(weight=2.0, form="gsr", decay=0.9, start_iteration=0, batchsize=1, device=torch.device("cpu"))
     assert float(released.penalty(torch.tensor([0.0]), torch.tensor([5.0]), slice(0, 1), 0)) == pytest.approx(50.0)
 
