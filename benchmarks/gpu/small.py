@@ -29,8 +29,9 @@ expect, not only the models', is measured; and once more through the loader (``l
 and dequantized per sample in the training process, ``num_workers: 0``, about 1 ms per batch of 64 on one CPU core
 here), the path that ``data_on_device`` replaces. The eager run also times one SR call per mode on its D, on the
 device and on the CPU (``sr_call_s``; the CPU's is what ``performance.sr_on_cpu`` runs, less two small copies): the
-cost the study's SR arms add. Eager and step graphs, alone, are profiled after their window (``kernel_profile``:
-the device's busy time against the wall, launches, the heaviest kernels): where the time the rate leaves goes.
+cost the study's SR arms add. Eager, step graphs and fp32-graphs, alone, are profiled after their window
+(``kernel_profile``: the device's busy time against the wall, launches, the heaviest kernels): where the time
+the rate leaves goes.
 """
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ VARIANTS = {
     "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
 
-PROFILED = ("eager", "step-graphs")  # a few seconds each on a GPU (the profiler's start): the study's two candidates
+PROFILED = ("eager", "step-graphs", "fp32-graphs")  # a few seconds each on a GPU (the profiler starting up)
 
 
 def cudagraph_skips() -> int:
