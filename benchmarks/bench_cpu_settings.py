@@ -23,12 +23,13 @@ from source.training import build, performance
 from source.training.distributed import World
 
 ROOT = Path(__file__).resolve().parents[1]
+PLAIN = ["performance.channels_last=false"]  # whatever the config sets (the demo's: channels_last)
 SETTINGS = {
-    "fp32": [],
+    "fp32": PLAIN,
     "channels_last": ["performance.channels_last=true"],
-    "compile": ["performance.compile=true"],
+    "compile": [*PLAIN, "performance.compile=true"],
     "compile+channels_last": ["performance.compile=true", "performance.channels_last=true"],
-    "bf16": ["performance.amp=bf16"],
+    "bf16": [*PLAIN, "performance.amp=bf16"],
 }
 
 

@@ -77,7 +77,7 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
     group = write_group(tmp_path / "group.json", {
         "good": tiny_argv(tmp_path / "good", 3),
         "taken": tiny_argv(taken, 3),  # --out holds another run's file
-        "other_backends": tiny_argv(tmp_path / "other", 3, "performance.channels_last=true"),
+        "other_backends": tiny_argv(tmp_path / "other", 3, "performance.channels_last=false"),  # the demo's: true
         "typo": tiny_argv(tmp_path / "typo", 3, "updater.n_diss=2"),
         "compiled": tiny_argv(tmp_path / "compiled", 3, "performance.compile=true"),
         "bad_args": ["--config", "x.yaml", "--bogus"]})

@@ -164,11 +164,11 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
 def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     latest = str(run / "snapshots" / "snapshot_iter_4.pt")
-    assert train.main(["--resume", latest, "--set", "performance.channels_last=true"]) == 0
+    assert train.main(["--resume", latest, "--set", "performance.channels_last=false"]) == 0  # the demo's: true
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "no branch folder"
     resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-2]
-    assert resumed["event"] == "resumed" and resumed["changes"] == ["performance.channels_last: false -> true"]
-    assert "channels_last: true" in (run / "config.yaml").read_text()
+    assert resumed["event"] == "resumed" and resumed["changes"] == ["performance.channels_last: true -> false"]
+    assert "channels_last: false" in (run / "config.yaml").read_text()
     assert train.main(["--resume", latest, "--set", "updater.apply_SR=false"]) == 0  # the recipe: a branch
     assert (tmp_path / "run-resume4").is_dir()
 
