@@ -72,6 +72,14 @@ def test_each_section_measured_its_numbers(bench):
     # on a CPU step-graphs runs its static buffers without capture: eager's arithmetic, with fused Adam's rounding
     differences = small["warmup_losses_difference_to_eager"]
     assert differences["eager"] == [0.0] * 5 and max(differences["step-graphs"]) < 1e-4
+    # the yardstick, eager with fused Adam, rounds otherwise: the limits are AGREEMENT or 10x its spread, recorded
+    assert 0 < max(differences["eager-fused-adam"]) < 1e-4
+    limits = small["agreement_limits"]
+    assert limits["yardstick"] == "eager-fused-adam" and len(limits["losses"]) == 5
+    assert limits["losses"] == [max(1e-2, 10 * d) for d in differences["eager-fused-adam"]]
+    assert small["concurrent_variant"] in ("eager", "eager-fused-adam", "step-graphs")
+    assert set(small["skipped"]) == {"compiled-step-graphs", "fp32-graphs", "tf32-step-graphs", "bf16-step-graphs",
+                                     "fast", "fast-reduce-overhead"}
     sr = small["single"]["eager"]["sr_call_s"]  # one SR call on the study's D, per mode, on the device and the CPU
     assert all(sr[f"{mode}_{where}"] > 0 for mode in ("static", "rescale", "dynamic") for where in ("device", "cpu"))
     assert "sr_call_s" not in small["single"]["step-graphs"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu.study_settings import STEP_GRAPHS, choose
+from benchmarks.gpu.study_settings import FUSED_ADAM, STEP_GRAPHS, choose
 from source.study import state
 from source.study.spec import load_study
 from test_study import write_study
@@ -44,6 +44,19 @@ def test_each_setting_is_chosen_only_where_it_measured_better_and_agreed():
     assert choose(section(sr=faster_on_cpu), PASSED)[0][-2:] == ["--set", "performance.sr_on_cpu=true"]
     assert "performance.sr_on_cpu=true" not in choose(section(sr={"static_cpu": 0.02, "static_device": 0.009}),
                                                       PASSED)[0]
+
+
+def test_runs_in_one_process_agree_by_the_limits_the_run_recorded():
+    """A run's first stream strays from the single run as far as rounding carries eager (late warm-up iterations):
+    within the section's yardstick-based limits it agrees; beyond them, or without limits beyond 1e-2, it does not."""
+    late = [0.0, 1e-4, 0.0, 2e-3, 0.08]
+    levels, processes = {4: ("ok", 150.0, late)}, {1: 60.0, 4: 90.0}
+    assert "--per-process" not in choose(section(in_process=levels, processes=processes), PASSED)[0]
+    judged = dict(section(in_process=levels, processes=processes), agreement_limits={"losses": [0.01] * 4 + [0.5]})
+    assert choose(judged, PASSED)[0] == STEP_GRAPHS + ["--per-process", "4"]
+    judged["agreement_limits"]["losses"][-1] = 0.05
+    assert "--per-process" not in choose(judged, PASSED)[0]
+    assert choose(section(variant="eager-fused-adam"), PASSED)[0] == FUSED_ADAM  # fused Adam alone was the fastest
 
 
 @pytest.mark.parametrize("tests", [None, {"exit": 1, "summary": "1 failed, 7 passed in 40s", "passed": False},

@@ -27,14 +27,21 @@ GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overh
 STEP_GRAPHS = {"performance.step_graphs": True, "performance.fused_adam": True}
 VARIANTS = {
     "eager": FAITHFUL,
+    "eager-fused-adam": dict(FAITHFUL, **{"performance.fused_adam": True}),  # the agreement's yardstick (small.py)
     "step-graphs": dict(FAITHFUL, **STEP_GRAPHS),
     "compiled-step-graphs": dict(FAITHFUL, **STEP_GRAPHS, **{"performance.compile": True}),  # fewer, fused kernels
     "fp32-graphs": dict(FAITHFUL, **GRAPHS),
+    # the same step graphs with TF32 tensor cores, or with FAST's arithmetic uncompiled: not the faithful fp32
+    "tf32-step-graphs": dict(FAITHFUL, **STEP_GRAPHS, **{"performance.tf32": True}),
+    "bf16-step-graphs": dict(FAST, **STEP_GRAPHS, **{"performance.compile": False}),
     "fast": FAST,
     "fast-reduce-overhead": dict(FAST, **GRAPHS),
 }
+FP32 = ("eager", "eager-fused-adam", "step-graphs", "compiled-step-graphs", "fp32-graphs")  # the study's candidates
+COMPILED = ("compiled-step-graphs", "fp32-graphs", "fast", "fast-reduce-overhead")  # minutes on a cold cache
 
-PROFILED = ("eager", "step-graphs", "fp32-graphs")  # a few seconds each on a GPU (the profiler starting up)
+# a few seconds each on a GPU (the profiler starting up)
+PROFILED = ("eager", "step-graphs", "fp32-graphs", "tf32-step-graphs")
 
 
 def cudagraph_skips() -> int:

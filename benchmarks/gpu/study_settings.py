@@ -4,8 +4,9 @@
     python -m benchmarks.gpu.study_settings --dir benchmarks/results    # the committed file of this machine's GPU
 
 From section (d) (benchmarks/gpu/small.py), on the study's own base model and recipe:
-- step graphs, where (d) chose them for its concurrent runs: the faster of eager and step graphs whose warm-up
-  agreed with eager's (to ``small.AGREEMENT``);
+- step graphs (or fused Adam alone), where (d) chose them for its concurrent runs: the fastest fp32 variant
+  uncompiled whose warm-up agreed with eager's (``small.agrees``: within ``small.SPREAD`` times the rounding
+  yardstick's spread);
 - ``--per-process K``, where K runs in one process (one CUDA stream each) did more G-iterations/s in all than any
   number of processes did (several processes measured too), and the first of them agreed with the single run;
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
@@ -22,9 +23,10 @@ import sys
 from pathlib import Path
 
 from benchmarks.gpu.common import device_name, pick_device, slug
-from benchmarks.gpu.small import within_agreement
+from benchmarks.gpu.small import agrees_with_single
 
-STEP_GRAPHS = ["--set", "performance.step_graphs=true", "--set", "performance.fused_adam=true"]
+FUSED_ADAM = ["--set", "performance.fused_adam=true"]
+STEP_GRAPHS = ["--set", "performance.step_graphs=true", *FUSED_ADAM]
 MOST_PER_PROCESS = 8
 
 
@@ -39,12 +41,16 @@ def choose(small: dict, tests: dict | None) -> tuple[list[str], list[str]]:
         arguments += STEP_GRAPHS
         reasons.append(f"step graphs: {rate(singles, 'step-graphs')} G-iterations/s alone against eager's "
                        f"{rate(singles, 'eager')}, agreeing with eager")
+    elif small.get("concurrent_variant") == "eager-fused-adam":
+        arguments += FUSED_ADAM
+        reasons.append(f"fused Adam: {rate(singles, 'eager-fused-adam')} G-iterations/s alone against eager's "
+                       f"{rate(singles, 'eager')}")
     levels = small.get("concurrent") or {}
     processes = max([level.get("g_iterations_per_s_total") or 0 for level in levels.values()], default=0)
     several = any(level.get("g_iterations_per_s_total") for runs, level in levels.items() if runs != "1")
     shared = {int(runs): level["g_iterations_per_s_total"] for runs, level in (small.get("in_one_process") or {}).items()
               if int(runs) <= MOST_PER_PROCESS and level.get("status") == "ok" and level.get("g_iterations_per_s_total")
-              and within_agreement(level.get("warmup_losses_difference_to_single"))}
+              and agrees_with_single(small, level.get("warmup_losses_difference_to_single"))}
     if shared and several and max(shared.values()) > processes:
         runs = max(shared, key=shared.get)
         arguments += ["--per-process", str(runs)]
