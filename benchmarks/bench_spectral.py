@@ -4,7 +4,7 @@
 
 Random SN convs of the real shapes stand in for the model: the cost of an SVD depends on the shape,
 not on the values. The "math_" entries time the bare computations, including the alternatives the
-code decided against (a float32 SR edit, an SVD-based spectrum), so the choices can be rechecked on
+code decided against (a float32 SR edit, an SVD-based edit or spectrum), so the choices can be rechecked on
 new hardware. Prints and writes seconds per call.
 """
 
@@ -50,6 +50,13 @@ def imagenet_d_convs(device: torch.device) -> nn.Module:
     return dis.to(device)
 
 
+def dynamic_edit_math(matrices: dict[str, torch.Tensor], dtype: torch.dtype, solver: str) -> None:
+    """The arithmetic of one dynamic SR edit of ``matrices``, by ``solver`` (sr.Factors): the envelope is zero, so
+    the edit rebuilds each W as it is, at the cost of any other edit."""
+    for _, stack in stack_by_shape(matrices, dtype):
+        dynamic_compensation(stack, stack.new_zeros(stack.shape[0], min(stack.shape[-2:])), solver)
+
+
 def seconds(action, device: torch.device, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
@@ -68,10 +75,6 @@ def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
     # copies: the SR calls below edit the weights in place, the bare computations time the initial ones
     matrices = {name: weight_matrix(layer).detach().clone() for name, layer in spectral_norm_layers(dis).items()}
 
-    def dynamic_edit_math(dtype: torch.dtype) -> None:
-        for _, stack in stack_by_shape(matrices, dtype):
-            dynamic_compensation(stack, normalized_spectrum(stack))
-
     def spectra_math(spectrum) -> None:
         for _, stack in stack_by_shape(matrices, torch.float64):
             spectrum(stack).cpu()
@@ -84,8 +87,9 @@ def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
         "sr_static_call": lambda: SpectralRegularizer("static", interval=1)(dis, 0),
         "compute_spectra": lambda: compute_spectra(dis),
         # the same computations without module handling, to compare the alternatives like for like
-        "math_dynamic_edit_float64": lambda: dynamic_edit_math(torch.float64),
-        "math_dynamic_edit_float32": lambda: dynamic_edit_math(torch.float32),
+        "math_dynamic_edit_float64": lambda: dynamic_edit_math(matrices, torch.float64, "gram"),
+        "math_dynamic_edit_float64_svd": lambda: dynamic_edit_math(matrices, torch.float64, "svd"),
+        "math_dynamic_edit_float32": lambda: dynamic_edit_math(matrices, torch.float32, "gram"),
         "math_thin_svd_float64": lambda: spectra_math(lambda stack: thin_svd(stack)[1]),
         "math_svd_float64_without_transposing_wide": lambda: spectra_math(
             lambda stack: torch.linalg.svd(stack, full_matrices=False)[1]

@@ -61,6 +61,8 @@ def test_each_section_measured_its_numbers(bench):
         assert sections[name]["flops_per_2048_iteration"] > 0
     assert sections["a_fast"]["bn_batchsize"] < sections["a_fast"]["micro_batchsize"]  # ghost BN
     assert sections["b_sr_spectra"]["convs"] == 17 and sections["b_sr_spectra"]["sr_dynamic_edit_s"] > 0
+    assert set(sections["b_sr_spectra"]["sr_edit_math_s"]) == {"gram", "svd"}  # the edit's two solvers side by side
+    assert all(seconds > 0 for seconds in sections["b_sr_spectra"]["sr_edit_math_s"].values())
     ours, theirs = sections["c_fid"]["ours"], sections["c_fid"]["torch_fidelity"]
     assert ours["total_s"] > 0 and theirs["total_s"] > 0
     assert ours["fid"] == pytest.approx(theirs["fid"], rel=1e-4)  # same images, same network

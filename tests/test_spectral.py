@@ -24,7 +24,7 @@ from source.spectral import (
     save_spectra,
 )
 from source.spectral.spectra import LayerSpectrum, spectral_norm_layers, weight_matrix
-from source.spectral.sr import dynamic_compensation
+from source.spectral.sr import Factors, dynamic_compensation, static_compensation
 
 CONVS = ["block1.c1", "block1.c2", "block1.c_sc", "block2.c1", "block2.c2", "block2.c_sc"]
 LINEARS = ["l7", "l_y"]
@@ -315,6 +315,31 @@ def test_float64_svd_is_needed_for_exact_edits():
         errors[dtype] = np.abs(edited.double().numpy() - expected).max() / np.abs(expected).max()
     assert errors[torch.float64] < 1e-12
     assert 1e-8 < errors[torch.float32] < 1e-4
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 576), (1, 128, 64), (1, 3, 64)])
+def test_gram_solver_edits_as_numpy_svd_does(shape):
+    """SR's edits from the short side's Gram matrix (eigh, then U diag(s'/s) U^T W) equal numpy's SVD edits in
+    float64, wide and tall weights alike, and the SVD solver's too; a weight with a singular value below
+    GRAM_FLOOR * s_1 takes the SVD, whose edit is then numpy's as well."""
+    generator = torch.Generator().manual_seed(1)
+    matrices = torch.randn(*shape, generator=generator, dtype=torch.float64)
+    singular = matrices.clone()
+    short_side = singular[0, 0] if shape[1] <= shape[2] else singular[0, :, 0]
+    short_side.mul_(1e-6)  # a nearly dead output channel (wide) or input (tall): s_min about 1e-7 s_1
+    for stack in (matrices, singular):
+        rank = min(shape[1:])
+        envelope = torch.rand(shape[0], rank, generator=generator, dtype=torch.float64).sort(descending=True).values
+        reference = NumpyDynamicSR()
+        reference.envelope = {str(i): envelope[i].numpy() for i in range(shape[0])}
+        expected = np.stack(list(reference.step({str(i): stack[i].numpy() for i in range(shape[0])}).values()))
+        for solver in ("gram", "svd"):
+            edited, raised = dynamic_compensation(stack, envelope, solver)
+            np.testing.assert_allclose(edited.numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+            np.testing.assert_allclose(raised.numpy(), np.stack(list(reference.envelope.values())), atol=1e-12)
+            static = np.stack([numpy_static_sr(w) for w in stack.numpy()])
+            np.testing.assert_allclose(static_compensation(stack, solver).numpy(), static, atol=1e-12)
+    assert Factors(matrices).vh is None and Factors(singular).vh is not None  # which solver each one took
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:

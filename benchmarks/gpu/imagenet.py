@@ -19,10 +19,12 @@ import json
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.bench_spectral import dynamic_edit_math
 from benchmarks.gpu.common import (ROOT, median, peak_memory, pick_device, progress, reset_peak_memory, timed,
                                    utilisation)
 from source.config import PerformanceConfig, first_line, load_config
-from source.spectral.spectra import compute_spectra, spectral_norm_layers
+from source.spectral.spectra import compute_spectra, spectral_norm_layers, weight_matrix
+from source.spectral.sr import SVD_DTYPE
 from source.training import build, performance
 from source.training.distributed import World
 from updater import Updater
@@ -171,6 +173,11 @@ def run_spectral(params: dict, partial) -> None:
     edits = [timed(lambda: sr(models.dis, sr.interval * (index + 1)), device) for index in range(repeats)]
     partial.record(sr_mode=sr.mode, sr_interval=sr.interval, convs=len(spectral_norm_layers(models.dis, sr.kinds)),
                    sr_record_call_s=record_s, sr_edit_calls_s=edits, sr_dynamic_edit_s=median(edits))
+    # the edit's arithmetic alone by each solver (the SR call above uses sr.Factors' default, the Gram matrix's eigh)
+    matrices = {name: weight_matrix(layer).detach() for name, layer in spectral_norm_layers(models.dis, sr.kinds).items()}
+    solvers = {solver: median([timed(lambda: dynamic_edit_math(matrices, SVD_DTYPE, solver), device)
+                               for _ in range(repeats)]) for solver in ("gram", "svd")}
+    partial.record(sr_edit_math_s=solvers)
     snapshot = lambda: (compute_spectra(models.gen), compute_spectra(models.dis))  # noqa: E731
     spectra = [timed(snapshot, device) for _ in range(repeats + 1)][1:]  # the first one warms up the solvers
     layers = {"gen": len(spectral_norm_layers(models.gen)), "dis": len(spectral_norm_layers(models.dis))}

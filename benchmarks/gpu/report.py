@@ -21,6 +21,8 @@ RATIOS = {
     "sr_call_fraction_of_fast_iteration_extrapolated": (SR, [A_FAST], "one SR call / fast iteration"),
     "sr_amortised_fraction_of_fast_iteration_extrapolated": (
         SR, [A_FAST, "b_sr_spectra.sr_interval"], "SR every sr_interval iterations / fast iteration"),
+    "sr_edit_svd_over_gram": ("b_sr_spectra.sr_edit_math_s.svd", ["b_sr_spectra.sr_edit_math_s.gram"],
+                              "one dynamic edit's arithmetic: by W's SVD / by the Gram matrix's eigh (SR's default)"),
     "spectra_fraction_of_faithful_iteration_extrapolated": (SPECTRA, [A_FAITHFUL], "one snapshot / faithful iteration"),
     "spectra_fraction_of_fast_iteration_extrapolated": (SPECTRA, [A_FAST], "one snapshot / fast iteration"),
     "fid_torch_fidelity_over_ours": ("c_fid.torch_fidelity.total_s", ["c_fid.ours.total_s"],
@@ -181,6 +183,8 @@ def spectral_lines(spectral: dict) -> list[str]:
     lines = ["## (b) SR and spectra", ""]
     lines += table(["what", "seconds (measured, median)", "layers"], [
         ["dynamic SR call editing D's convs", spectral.get("sr_dynamic_edit_s"), spectral.get("convs")],
+        *[[f"its arithmetic alone, by {solver}", (spectral.get("sr_edit_math_s") or {}).get(solver), spectral.get("convs")]
+          for solver in ("gram", "svd")],
         ["spectra snapshot of G and D", spectral.get("spectra_snapshot_s"), str(spectral.get("spectra_layers"))]])
     return lines + [""]
 

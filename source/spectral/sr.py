@@ -39,6 +39,39 @@ MODES = ("dynamic", "static", "rescale")
 SVD_DTYPE = torch.float64
 
 
+# SR's edits need U and s of each weight W, not V: U diag(s') V^T = U diag(s'/s) U^T W, where U and s^2 are the
+# eigenvectors and eigenvalues of the Gram matrix of W's short side (m x m, m = min of W's shape). One eigh of that
+# and two products replace W's SVD: the same W' to float64 rounding (5e-15 relative on the ImageNet D's convs,
+# tests/test_spectral.py checks it against numpy's SVD), 2.4x faster on one CPU core (benchmarks/bench_spectral.py),
+# and GPU solvers' symmetric eigensolvers are quicker than their SVDs (section (b) of the GPU benchmark times
+# both). Squaring W keeps singular values accurate relative to s_1 only: a stack whose smallest is below
+# GRAM_FLOOR * s_1 (relative error up to 1e-8 there in float64) takes the SVD instead.
+GRAM_FLOOR = 1e-4
+
+
+class Factors:
+    """s (descending) and what rebuilding W with another spectrum needs, for a batch of matrices (..., m, n)."""
+
+    def __init__(self, matrices: torch.Tensor, solver: str = "gram"):
+        self.wide = matrices.shape[-2] <= matrices.shape[-1]
+        self.short = matrices if self.wide else matrices.mT  # (..., min, max)
+        self.vh = None
+        if solver == "gram":
+            eigenvalues, u = torch.linalg.eigh(self.short @ self.short.mT)
+            self.s, self.u = eigenvalues.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
+            if bool((self.s[..., -1] >= GRAM_FLOOR * self.s[..., 0]).all()):
+                return
+        self.u, self.s, self.vh = thin_svd(self.short)
+
+    def rebuild(self, spectrum: torch.Tensor) -> torch.Tensor:
+        """The matrices with singular values ``spectrum`` (descending positions as ``s``) and the same vectors."""
+        if self.vh is None:
+            rebuilt = (self.u * (spectrum / self.s).unsqueeze(-2)) @ (self.u.mT @ self.short)
+        else:
+            rebuilt = (self.u * spectrum.unsqueeze(-2)) @ self.vh
+        return rebuilt if self.wide else rebuilt.mT
+
+
 def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.linalg.svd(full_matrices=False), always run on the tall orientation.
 
@@ -58,22 +91,24 @@ def normalized_spectrum(matrices: torch.Tensor) -> torch.Tensor:
     return s / s[..., :1]
 
 
-def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor,
+                         solver: str = "gram") -> tuple[torch.Tensor, torch.Tensor]:
     """One dynamic SR step on a batch: returns the rebuilt matrices and the raised envelope.
 
     Works in the dtype it is given, so the precision choice stays with the caller.
     """
-    u, s, vh = thin_svd(matrices)
+    factors = Factors(matrices, solver)
+    s = factors.s
     envelope = torch.maximum(envelope, s / s[..., :1])
-    return _rebuild(u, s[..., :1] * envelope, vh), envelope
+    return factors.rebuild(s[..., :1] * envelope), envelope
 
 
-def static_compensation(matrices: torch.Tensor) -> torch.Tensor:
+def static_compensation(matrices: torch.Tensor, solver: str = "gram") -> torch.Tensor:
     """One static SR step on a batch: normalized spectrum with its top half set to 1 (index 0 included)."""
-    u, s, vh = thin_svd(matrices)
-    compensated = s / s[..., :1]
-    compensated[..., : s.shape[-1] // 2] = 1
-    return _rebuild(u, compensated, vh)
+    factors = Factors(matrices, solver)
+    compensated = factors.s / factors.s[..., :1]
+    compensated[..., : compensated.shape[-1] // 2] = 1
+    return factors.rebuild(compensated)
 
 
 def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
@@ -81,10 +116,6 @@ def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
     tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
     s_1 = torch.linalg.matrix_norm(tall, ord=2, keepdim=True)
     return matrices / s_1
-
-
-def _rebuild(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
-    return (u * s.unsqueeze(-2)) @ vh
 
 
 def _distributed() -> bool:
