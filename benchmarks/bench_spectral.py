@@ -28,7 +28,7 @@ from source.spectral.spectra import (
     stack_by_shape,
     weight_matrix,
 )
-from source.spectral.sr import SpectralRegularizer, dynamic_compensation, normalized_spectrum, thin_svd
+from source.spectral.sr import SpectralRegularizer, dynamic_compensation, thin_svd
 
 # (block, conv, C_in, C_out, kernel) of SNResNetProjectionDiscriminator(ch=64): reshaped W is C_out x C_in*k*k
 IMAGENET_D_CONVS = [
@@ -95,7 +95,8 @@ def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
             lambda stack: torch.linalg.svd(stack, full_matrices=False)[1]
         ),
         "math_spectra_gram_eigvalsh_float64": lambda: spectra_math(singular_values),
-        "math_spectra_svdvals_float64": lambda: spectra_math(normalized_spectrum),
+        "math_spectra_svdvals_float64": lambda: spectra_math(  # on the tall orientation, as thin_svd
+            lambda stack: torch.linalg.svdvals(stack if stack.shape[-2] >= stack.shape[-1] else stack.mT)),
     }
     return {name: seconds(action, device, repeats) for name, action in actions.items()}
 

@@ -60,6 +60,10 @@ def test_each_section_measured_its_numbers(bench):
         assert sections[name]["seconds_per_2048_iteration_extrapolated"] > 0
         assert sections[name]["flops_per_2048_iteration"] > 0
     assert sections["a_fast"]["bn_batchsize"] < sections["a_fast"]["micro_batchsize"]  # ghost BN
+    for name in ("a_faithful", "a_fast"):  # 2 iterations at accumulation 2, profiled: on a CPU, the ops by self time
+        profile = sections[name]["kernel_profile"]
+        assert profile["iterations"] == 2 and profile["wall_ms_per_g_iteration"] > 0
+        assert any("conv" in entry["name"] for entry in profile["top"])
     assert sections["b_sr_spectra"]["convs"] == 17 and sections["b_sr_spectra"]["sr_dynamic_edit_s"] > 0
     assert set(sections["b_sr_spectra"]["sr_edit_math_s"]) == {"gram", "svd"}  # the edit's two solvers side by side
     assert all(seconds > 0 for seconds in sections["b_sr_spectra"]["sr_edit_math_s"].values())

@@ -22,11 +22,13 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.bench_spectral import dynamic_edit_math
 from benchmarks.gpu.common import (ROOT, median, peak_memory, pick_device, progress, reset_peak_memory, timed,
                                    utilisation)
+from benchmarks.gpu.profiling import kernel_profile
 from source.config import PerformanceConfig, first_line, load_config
 from source.spectral.spectra import compute_spectra, spectral_norm_layers, weight_matrix
 from source.spectral.sr import SVD_DTYPE
 from source.training import build, performance
 from source.training.distributed import World
+from source.training.trainer import read_losses
 from updater import Updater
 
 CONFIG = ROOT / "configs/sr_imagenet.yaml"
@@ -136,6 +138,7 @@ def time_setting(params: dict, micro: int, world: World, partial) -> None:
             partial.record(seconds_per_2048_iteration_upper_bound_extrapolated=GLOBAL_BATCH // micro * medians[1])
     partial.record(images_per_s_measured_at_accumulation_2=2 * micro / medians[2],
                    **extrapolate(medians[1], medians[2], micro))
+    partial.record(kernel_profile=kernel_profile(two.update, read_losses, world.device, iterations=2))
 
 
 def run_setting(params: dict, partial) -> None:

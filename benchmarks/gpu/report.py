@@ -175,8 +175,10 @@ def imagenet_lines(sections: dict) -> list[str]:
     lines = ["## (a) ImageNet-128 SRGANs recipe (configs/sr_imagenet.yaml's G and D, synthetic data on the device)", ""]
     lines += table(["", "faithful fp32", "fast"], imagenet_rows(sections.get("a_faithful", {}),
                                                                sections.get("a_fast", {})))
-    return lines + ["", "Extrapolated: t(2048) = t(1) + (2048 / micro - 1) * (t(2) - t(1)), from the measured medians "
-                    "at accumulation 1 and 2 (benchmarks/gpu/imagenet.py).", ""]
+    lines += ["", "Extrapolated: t(2048) = t(1) + (2048 / micro - 1) * (t(2) - t(1)), from the measured medians "
+              "at accumulation 1 and 2 (benchmarks/gpu/imagenet.py).", ""]
+    settings = {name: sections.get(f"a_{name}", {}) for name in ("faithful", "fast")}
+    return lines + profile_lines(settings, "iterations at accumulation 2")
 
 
 def spectral_lines(spectral: dict) -> list[str]:
@@ -215,8 +217,8 @@ def small_lines(small: dict) -> list[str]:
     return lines + profile_lines(small.get("single") or {})
 
 
-def profile_lines(single: dict) -> list[str]:
-    """Where a G-iteration's time goes, per profiled variant (small_worker.kernel_profile)."""
+def profile_lines(single: dict, over: str = "iterations") -> list[str]:
+    """Where a G-iteration's time goes, per profiled variant or setting (profiling.kernel_profile)."""
     lines = []
     for name, run in single.items():
         profile = run.get("kernel_profile")
@@ -234,7 +236,7 @@ def profile_lines(single: dict) -> list[str]:
                      f"{profile.get('launches_per_g_iteration')}; most time ({profile.get('top_is')}): {top}")
     if not lines:
         return []
-    return ["Where a G-iteration's time goes (torch.profiler over the iterations after the timing window, not timed):",
+    return [f"Where a G-iteration's time goes (torch.profiler over {over} after the timing window, not timed):",
             "", *lines, ""]
 
 

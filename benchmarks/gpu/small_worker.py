@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.gpu.common import ROOT, median, peak_memory, pick_device, synchronize, timed
+from benchmarks.gpu.profiling import kernel_profile
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, overrides, resident_batches
 from source.config import load_config
 from source.spectral.sr import MODES, SpectralRegularizer
@@ -154,64 +155,9 @@ def worker(params: dict, partial) -> None:
                    g_iterations_per_s=iterations / seconds, g_iterations_per_s_total=count * iterations / seconds,
                    cudagraph_skips=cudagraph_skips(), **peak_memory(device))
     if params["variant"] in PROFILED and params["parties"] == 1 and count == 1 and not params.get("data_root"):
-        partial.record(kernel_profile=kernel_profile(runs[0], device))
+        partial.record(kernel_profile=kernel_profile(runs[0].update, runs[0].read, device))
         if params["variant"] == "eager":
             partial.record(sr_call_s=sr_call_seconds(runs[0].models.dis, device))
-
-
-def kernel_profile(run: SmallRun, device, iterations: int = 3, top: int = 8) -> dict:
-    """Where a G-iteration's time goes (torch.profiler, after the timing window): wall, the device's busy time
-    (union of its kernels' and copies' intervals), kernel and graph launches, and the kernels (on a CPU: the ops)
-    that take most of it. Busy time far below wall: the run waits on the host (launches, Python, a sync); near it:
-    on its kernels, and the top ones say which. Never fails the section: an error is recorded instead."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    try:
-        synchronize(device)
-        with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
-            start = time.perf_counter()
-            run.read([run.update() for _ in range(iterations)])
-            synchronize(device)
-            wall = time.perf_counter() - start
-        events = prof.events()
-        on_device = [e for e in events if e.device_type == DeviceType.CUDA]
-        launches = {name: sum(e.name == name for e in events if e.device_type == DeviceType.CPU) / iterations
-                    for name in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaGraphLaunch")}
-        spans = sorted((e.time_range.start, e.time_range.end) for e in on_device)
-        heaviest = on_device if cuda else [e for e in events if e.device_type == DeviceType.CPU]
-        busy = {"device_busy_ms_per_g_iteration": busy_us(spans) / 1e3 / iterations} if cuda else {
-            "device_busy_ms_per_g_iteration": None, "device_busy_ms_per_g_iteration_why": "no CUDA device"}
-        return {"iterations": iterations, "wall_ms_per_g_iteration": 1e3 * wall / iterations, **busy,
-                "device_events_per_g_iteration": len(on_device) / iterations,
-                "launches_per_g_iteration": {name: n for name, n in launches.items() if n},
-                "top": heaviest_names(heaviest, iterations, top, self_time=not cuda),
-                "top_is": "device kernels and copies" if cuda else "CPU ops by self time"}
-    except Exception as error:  # noqa: BLE001: a profiler that cannot run here costs only this record
-        return {"error": f"{type(error).__name__}: {error}"}
-
-
-def busy_us(spans: list[tuple[float, float]]) -> float:
-    """Length of the union of sorted [start, end) intervals (kernels on several streams may overlap)."""
-    total, reach = 0.0, float("-inf")
-    for start, end in spans:
-        total += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
-    return total
-
-
-def heaviest_names(events: list, iterations: int, top: int, self_time: bool) -> list[dict]:
-    """The ``top`` names by time, with calls and ms per G-iteration."""
-    by_name: dict[str, list[float]] = {}
-    for event in events:
-        spent = event.self_cpu_time_total if self_time else event.time_range.elapsed_us()
-        calls_and_us = by_name.setdefault(event.name, [0, 0.0])
-        calls_and_us[0] += 1
-        calls_and_us[1] += spent
-    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
-    return [{"name": name[:120], "calls": calls / iterations, "ms": us / 1e3 / iterations}
-            for name, (calls, us) in ranked]
 
 
 def sr_call_seconds(dis, device) -> dict:

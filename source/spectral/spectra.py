@@ -119,7 +119,7 @@ def singular_values(matrices: torch.Tensor) -> torch.Tensor:
 
     Squaring W costs absolute accuracy only at the level sqrt(eps) * s_1 (about 1e-8 * s_1 in float64),
     far below anything a spectrum plot or the collapse score resolves, and it is cheaper than an
-    SVD: 1.8 s against 2.4 s for the ImageNet D's 17 convs on one CPU core (benchmarks/bench_spectral.py).
+    SVD: 1.2 s against 2.5 s for the ImageNet D's 17 convs on one CPU core (benchmarks/bench_spectral.py).
     """
     m, n = matrices.shape[-2:]
     gram = matrices @ matrices.mT if m <= n else matrices.mT @ matrices

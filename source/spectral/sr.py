@@ -23,6 +23,7 @@ from torch import nn
 
 from source.spectral.spectra import (
     raw_weight,
+    singular_values,
     spectral_norm_layers,
     stack_by_shape,
     weight_matrix,
@@ -31,21 +32,21 @@ from source.spectral.spectra import (
 
 MODES = ("dynamic", "static", "rescale")
 
-# float32 SVDs rebuild W with a relative error of ~1e-6 (tests/test_spectral.py measures both against
+# float32 solvers rebuild W with a relative error of ~1e-6 (tests/test_spectral.py measures both against
 # numpy float64), the size of a genuine per-step change of W, and float32 gesdd once failed to
 # converge on the near-degenerate spectra that SR itself creates (benchmark run). float64 makes the
-# edit exact up to the float32 storage of W for ~1.8x the CPU time (10.2 s against 5.7 s for the
+# edit exact up to the float32 storage of W for ~2x the CPU time (2.8 s against 1.4 s for the
 # ImageNet D's 17 convs on one core, benchmarks/results/spectral_cpu.json), paid once per 5 iterations.
 SVD_DTYPE = torch.float64
 
 
 # SR's edits need U and s of each weight W, not V: U diag(s') V^T = U diag(s'/s) U^T W, where U and s^2 are the
 # eigenvectors and eigenvalues of the Gram matrix of W's short side (m x m, m = min of W's shape). One eigh of that
-# and two products replace W's SVD: the same W' to float64 rounding (5e-15 relative on the ImageNet D's convs,
-# tests/test_spectral.py checks it against numpy's SVD), 2.4x faster on one CPU core (benchmarks/bench_spectral.py),
-# and GPU solvers' symmetric eigensolvers are quicker than their SVDs (section (b) of the GPU benchmark times
-# both). Squaring W keeps singular values accurate relative to s_1 only: a stack whose smallest is below
-# GRAM_FLOOR * s_1 (relative error up to 1e-8 there in float64) takes the SVD instead.
+# and two products replace W's SVD: the same W' to float64 rounding (tests/test_spectral.py: numpy's SVD edit to
+# 1e-12), 2.1x faster on one CPU core (2.8 s against 6.0 s for the ImageNet D's 17 convs,
+# benchmarks/results/spectral_cpu.json); section (b) of the GPU benchmark times both solvers on a GPU. Squaring W
+# keeps singular values accurate relative to s_1 only: a stack whose smallest is below GRAM_FLOOR * s_1 (relative
+# error up to 1e-8 there in float64) takes the SVD instead.
 GRAM_FLOOR = 1e-4
 
 
@@ -85,9 +86,8 @@ def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def normalized_spectrum(matrices: torch.Tensor) -> torch.Tensor:
-    """s / s_1 for a batch of matrices (..., m, n)."""
-    tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    s = torch.linalg.svdvals(tall)
+    """s / s_1 for a batch of matrices (..., m, n), from the short side's Gram matrix as the edits' spectra are."""
+    s = singular_values(matrices)
     return s / s[..., :1]
 
 
