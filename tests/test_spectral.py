@@ -320,26 +320,42 @@ def test_float64_svd_is_needed_for_exact_edits():
 @pytest.mark.parametrize("shape", [(2, 64, 576), (1, 128, 64), (1, 3, 64)])
 def test_gram_solver_edits_as_numpy_svd_does(shape):
     """SR's edits from the short side's Gram matrix (eigh, then U diag(s'/s) U^T W) equal numpy's SVD edits in
-    float64, wide and tall weights alike, and the SVD solver's too; a weight with a singular value below
-    GRAM_FLOOR * s_1 takes the SVD, whose edit is then numpy's as well."""
+    float64, wide and tall weights alike, and so do the SVD solver's."""
     generator = torch.Generator().manual_seed(1)
     matrices = torch.randn(*shape, generator=generator, dtype=torch.float64)
-    singular = matrices.clone()
-    short_side = singular[0, 0] if shape[1] <= shape[2] else singular[0, :, 0]
-    short_side.mul_(1e-6)  # a nearly dead output channel (wide) or input (tall): s_min about 1e-7 s_1
-    for stack in (matrices, singular):
-        rank = min(shape[1:])
-        envelope = torch.rand(shape[0], rank, generator=generator, dtype=torch.float64).sort(descending=True).values
-        reference = NumpyDynamicSR()
-        reference.envelope = {str(i): envelope[i].numpy() for i in range(shape[0])}
-        expected = np.stack(list(reference.step({str(i): stack[i].numpy() for i in range(shape[0])}).values()))
-        for solver in ("gram", "svd"):
-            edited, raised = dynamic_compensation(stack, envelope, solver)
-            np.testing.assert_allclose(edited.numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
-            np.testing.assert_allclose(raised.numpy(), np.stack(list(reference.envelope.values())), atol=1e-12)
-            static = np.stack([numpy_static_sr(w) for w in stack.numpy()])
-            np.testing.assert_allclose(static_compensation(stack, solver).numpy(), static, atol=1e-12)
-    assert Factors(matrices).vh is None and Factors(singular).vh is not None  # which solver each one took
+    rank = min(shape[1:])
+    envelope = torch.rand(shape[0], rank, generator=generator, dtype=torch.float64).sort(descending=True).values
+    reference = NumpyDynamicSR()
+    reference.envelope = {str(i): envelope[i].numpy() for i in range(shape[0])}
+    expected = np.stack(list(reference.step({str(i): matrices[i].numpy() for i in range(shape[0])}).values()))
+    static = np.stack([numpy_static_sr(w) for w in matrices.numpy()])
+    for solver in ("gram", "svd"):
+        edited, raised = dynamic_compensation(matrices, envelope, solver)
+        np.testing.assert_allclose(edited.numpy(), expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+        np.testing.assert_allclose(raised.numpy(), np.stack(list(reference.envelope.values())), atol=1e-12)
+        np.testing.assert_allclose(static_compensation(matrices, solver).numpy(), static, atol=1e-12)
+    assert Factors(matrices).vh is None and Factors(matrices, "svd").vh is not None  # each took its own solver
+
+
+def test_gram_solver_raises_tiny_singular_values_as_closely_as_float64_squaring_allows():
+    """A weight with one direction nearly dead (s_min about 1e-5 s_1, collapse-like): dynamic SR raises it to
+    s_1 R; by the Gram matrix the raised value is off by about eps64 (s_1 / s_min)^2 (1e-6), as the module says,
+    and the rest of the spectrum and the static edit (which scales all small values alike) stay exact."""
+    generator = torch.Generator().manual_seed(2)
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(576, 64, generator=generator, dtype=torch.float64))
+    s = torch.linspace(1.0, 0.2, 64, dtype=torch.float64)
+    s[-1] = 1e-5
+    matrix = (u * s) @ v.T
+    envelope = torch.full((1, 64), 0.1, dtype=torch.float64)  # raises the last value to 0.1 s_1, keeps the others
+    edited, _ = dynamic_compensation(matrix[None], envelope)
+    target = torch.maximum(s, torch.tensor(0.1, dtype=torch.float64))
+    np.testing.assert_allclose(torch.linalg.svdvals(edited[0]).numpy(), target.sort(descending=True).values.numpy(),
+                               rtol=1e-5)
+    raised = (u[:, -1] @ edited[0] @ v[:, -1]).item()  # the dead direction's new singular value, along its vectors
+    assert abs(raised / 0.1 - 1) < 1e-5
+    static = static_compensation(matrix[None])[0].numpy()
+    np.testing.assert_allclose(static, numpy_static_sr(matrix.numpy()), rtol=0, atol=1e-12)
 
 
 def _ddp_worker(rank: int, store: str, out_dir: str) -> None:

@@ -42,14 +42,12 @@ SVD_DTYPE = torch.float64
 
 # SR's edits need U and s of each weight W, not V: U diag(s') V^T = U diag(s'/s) U^T W, where U and s^2 are the
 # eigenvectors and eigenvalues of the Gram matrix of W's short side (m x m, m = min of W's shape). One eigh of that
-# and two products replace W's SVD: the same W' to float64 rounding (tests/test_spectral.py: numpy's SVD edit to
-# 1e-12), 2.1x faster on one CPU core (2.8 s against 6.0 s for the ImageNet D's 17 convs,
-# benchmarks/results/spectral_cpu.json); section (b) of the GPU benchmark times both solvers on a GPU. Squaring W
-# keeps singular values accurate relative to s_1 only: a stack whose smallest is below GRAM_FLOOR * s_1 (relative
-# error up to 1e-8 there in float64) takes the SVD instead.
-GRAM_FLOOR = 1e-4
-
-
+# and two products replace W's SVD, and ask the device nothing: the same W' to float64 rounding where the spectrum
+# is well resolved (tests/test_spectral.py: numpy's SVD edit to 1e-12), 2.1x faster on one CPU core (2.8 s against
+# 6.0 s for the ImageNet D's 17 convs, benchmarks/results/spectral_cpu.json); section (b) of the GPU benchmark times
+# both solvers on a GPU. Squaring W resolves a singular value s_i to a relative error of about
+# eps64 (s_1 / s_i)^2: 1e-6 at s_i = 1e-5 s_1, which is what a value raised from there is off by. The original's
+# float32 SVD was off by eps32 s_1 / s_i (1e-2 there), and below 1e-7 s_1 the float32 storage of W holds noise.
 class Factors:
     """s (descending) and what rebuilding W with another spectrum needs, for a batch of matrices (..., m, n)."""
 
@@ -60,14 +58,14 @@ class Factors:
         if solver == "gram":
             eigenvalues, u = torch.linalg.eigh(self.short @ self.short.mT)
             self.s, self.u = eigenvalues.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
-            if bool((self.s[..., -1] >= GRAM_FLOOR * self.s[..., 0]).all()):
-                return
-        self.u, self.s, self.vh = thin_svd(self.short)
+        else:
+            self.u, self.s, self.vh = thin_svd(self.short)
 
     def rebuild(self, spectrum: torch.Tensor) -> torch.Tensor:
         """The matrices with singular values ``spectrum`` (descending positions as ``s``) and the same vectors."""
-        if self.vh is None:
-            rebuilt = (self.u * (spectrum / self.s).unsqueeze(-2)) @ (self.u.mT @ self.short)
+        if self.vh is None:  # a zero singular value has no direction in W to scale: its ratio is 0, not 0/0
+            ratio = torch.where(self.s > 0, spectrum / self.s.clamp_min(torch.finfo(self.s.dtype).tiny), 0)
+            rebuilt = (self.u * ratio.unsqueeze(-2)) @ (self.u.mT @ self.short)
         else:
             rebuilt = (self.u * spectrum.unsqueeze(-2)) @ self.vh
         return rebuilt if self.wide else rebuilt.mT
