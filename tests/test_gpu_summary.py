@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.gpu import summary
-from benchmarks.gpu.small import agreement_limits
+from benchmarks.gpu.small import agreement_limits, fastest_agreeing
 
 H200 = summary.RESULTS / "gpu_nvidia-h200.json"
 
@@ -73,6 +73,18 @@ def test_agreement_is_judged_by_the_rounding_yardstick_the_run_recorded(h200):
     assert "step-graphs 62.1 (agrees with eager as closely as eager-fused-adam does)" in cells(later)[row]
     small["warmup_losses_difference_to_eager"]["step-graphs"][2] = 0.02  # beyond 10x the yardstick's 1e-5 and 1e-2
     assert "(**differs from eager** (losses up to 0.093; by eager-fused-adam's spread))" in cells(later)[row]
+
+
+def test_an_unmeasured_yardstick_is_not_named_and_a_nan_loss_never_agrees():
+    """A yardstick skipped for budget leaves the plain 1e-2 limits, unnamed; a run whose second loss diverged (NaN)
+    beside a first that matches differs from eager whatever the limits."""
+    eager = {"warmup_losses": [{"loss_dis": 1.0, "loss_gen": 2.0}] * 3, "warmup_travel": {"gen": 1.0},
+             "g_iterations_per_s": 10.0}
+    limits = agreement_limits({"eager": eager, "eager-fused-adam": {"status": "skipped"}})
+    assert limits == {"losses": [0.01] * 3, "travel": 0.01, "yardstick": None}
+    diverged = dict(eager, warmup_losses=[{"loss_dis": 1.0, "loss_gen": float("nan")}] * 3, g_iterations_per_s=60.0)
+    singles = {"eager": eager, "step-graphs": diverged}
+    assert fastest_agreeing(singles, agreement_limits(singles)) == "eager"
 
 
 def test_quick_runs_are_not_results(tmp_path, h200):

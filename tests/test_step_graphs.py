@@ -164,8 +164,8 @@ def test_a_step_asks_the_device_nothing():
                                                                 "updater.ema.start_iteration=1", "bn_batchsize=2"]])
 def test_an_eager_iteration_leaves_its_losses_on_the_device_and_asks_it_nothing(extra):
     """Between log lines the host only queues work (the small models keep a GPU busy only that way): a whole
-    iteration, latents, data, SR (static: dynamic SR's SVD on a GPU synchronises), LeCam and the EMA included, asks
-    the device nothing, and its losses come back as device tensors for the trainer to read later."""
+    iteration, latents, data, SR, LeCam and the EMA included, asks the device nothing of ours (torch's eigh checks
+    its own result on CUDA, below what this sees), and its losses come back as device tensors to read later."""
     Syncs.found = []
     updater, _ = build_tiny_updater(*RECIPE, "performance.fused_adam=true", *extra)
     losses = [updater.update()]  # outside: the first batch starts the loader (its seed is drawn on the CPU)

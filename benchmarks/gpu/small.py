@@ -83,7 +83,7 @@ def loss_differences(losses: list[dict] | None, reference: list[dict] | None) ->
     max(|reference loss|, 1): a relative difference that a loss near 0 does not inflate (null: not measured)."""
     if not (losses and reference):
         return None
-    return [max(abs(mine[key] - theirs[key]) / max(abs(theirs[key]), 1.0) for key in theirs)
+    return [float(np.max([abs(mine[key] - theirs[key]) / max(abs(theirs[key]), 1.0) for key in theirs]))  # NaN wins
             for mine, theirs in zip(losses, reference)]
 
 
@@ -167,10 +167,11 @@ def agreement_limits(singles: dict) -> dict:
     """Per warm-up iteration, the largest loss difference to eager that still agrees, and the travel's: ``AGREEMENT``,
     or ``SPREAD`` times the yardstick's difference where that is more (``AGREEMENT`` alone without a yardstick)."""
     count = len(singles.get("eager", {}).get("warmup_losses") or [])
-    losses = eager_differences(singles).get(YARDSTICK) or [0.0] * count
+    measured = eager_differences(singles).get(YARDSTICK)
+    losses = measured or [0.0] * count
     travel = travel_differences(singles).get(YARDSTICK) or 0.0
     return {"losses": [max(AGREEMENT, SPREAD * d) for d in losses], "travel": max(AGREEMENT, SPREAD * travel),
-            "yardstick": YARDSTICK if YARDSTICK in singles and losses else None}
+            "yardstick": YARDSTICK if measured else None}
 
 
 def agrees(section: dict, variant: str) -> bool | None:

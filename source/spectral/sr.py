@@ -32,18 +32,20 @@ from source.spectral.spectra import (
 
 MODES = ("dynamic", "static", "rescale")
 
-# float32 solvers rebuild W with a relative error of ~1e-6 (tests/test_spectral.py measures both against
-# numpy float64), the size of a genuine per-step change of W, and float32 gesdd once failed to
-# converge on the near-degenerate spectra that SR itself creates (benchmark run). float64 makes the
-# edit exact up to the float32 storage of W for ~2x the CPU time (2.8 s against 1.4 s for the
-# ImageNet D's 17 convs on one core, benchmarks/results/spectral_cpu.json), paid once per 5 iterations.
+# In float32 an edit of a well-conditioned W is off by ~1e-6 (tests/test_spectral.py measures both against
+# numpy float64), the size of a genuine per-step change of W, and far more where the spectrum falls (by the Gram
+# matrix, 5e-3 with values down to 1e-3 s_1); float32 gesdd once failed to converge on the near-degenerate spectra
+# that SR itself creates (benchmark run). float64 makes the edit exact up to the float32 storage of W for ~2x the
+# CPU time (2.8 s against 1.4 s for the ImageNet D's 17 convs on one core, benchmarks/results/spectral_cpu.json),
+# paid once per 5 iterations.
 SVD_DTYPE = torch.float64
 
 
 # SR's edits need U and s of each weight W, not V: U diag(s') V^T = U diag(s'/s) U^T W, where U and s^2 are the
 # eigenvectors and eigenvalues of the Gram matrix of W's short side (m x m, m = min of W's shape). One eigh of that
-# and two products replace W's SVD, and ask the device nothing: the same W' to float64 rounding where the spectrum
-# is well resolved (tests/test_spectral.py: numpy's SVD edit to 1e-12), 2.1x faster on one CPU core (2.8 s against
+# and two products replace W's SVD, with no check of ours that waits for the device (torch's eigh, like its SVD,
+# checks its own result on CUDA and waits for that): the same W' to float64 rounding where the spectrum is well
+# resolved (tests/test_spectral.py: numpy's SVD edit to 1e-12), 2.1x faster on one CPU core (2.8 s against
 # 6.0 s for the ImageNet D's 17 convs, benchmarks/results/spectral_cpu.json); section (b) of the GPU benchmark times
 # both solvers on a GPU. Squaring W resolves a singular value s_i to a relative error of about
 # eps64 (s_1 / s_i)^2: 1e-6 at s_i = 1e-5 s_1, which is what a value raised from there is off by. The original's
@@ -63,7 +65,10 @@ class Factors:
 
     def rebuild(self, spectrum: torch.Tensor) -> torch.Tensor:
         """The matrices with singular values ``spectrum`` (descending positions as ``s``) and the same vectors."""
-        if self.vh is None:  # a zero singular value has no direction in W to scale: its ratio is 0, not 0/0
+        # a zero singular value has no direction in W to scale: its ratio is 0, not 0/0, so an exactly rank-deficient
+        # W keeps its zeros where an SVD would raise them along an arbitrary null direction (and the envelope still
+        # records the raise)
+        if self.vh is None:
             ratio = torch.where(self.s > 0, spectrum / self.s.clamp_min(torch.finfo(self.s.dtype).tiny), 0)
             rebuilt = (self.u * ratio.unsqueeze(-2)) @ (self.u.mT @ self.short)
         else:
