@@ -288,3 +288,16 @@ def test_merging_a_file_that_is_not_such_results_is_a_one_line_error(tmp_path, c
         err = capsys.readouterr().err
         assert err.startswith("merge: ") and expected in err and err.count("\n") == 1, err
     assert broken.read_text() == "{" and not foreign.with_suffix(".md").exists()
+
+
+def test_the_fast_settings_micro_batches_can_be_chosen_and_bad_ones_are_one_line_errors(capsys):
+    """--fast-micro 512,256: (a)'s fast setting tries 512 first (more work per kernel, for the MFU goal)."""
+    from benchmarks.gpu import bench as script
+
+    plans = script.plans(script.parse(["--fast-micro", "512,256"]), on_gpu=True)
+    assert plans["a_fast"]["micro_batches"] == [512, 256] and plans["a_faithful"]["micro_batches"] == [32]
+    assert script.plans(script.parse([]), on_gpu=True)["a_fast"]["micro_batches"] == [256, 128, 64]
+    for bad in ("500", "256,x", "4096", ""):
+        with pytest.raises(SystemExit):
+            script.parse(["--fast-micro", bad])
+        assert "multiple of 32 that divides 2048" in capsys.readouterr().err

@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 
 from benchmarks.gpu.common import (MINIMUM_S, ROOT, Partial, environment, pick_device, progress,  # noqa: E402
                                    run_child, slug)
-from benchmarks.gpu.imagenet import FAITHFUL, FAST  # noqa: E402
+from benchmarks.gpu.imagenet import FAITHFUL, FAST, GLOBAL_BATCH  # noqa: E402
 from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 from source.files import atomic_write_text  # noqa: E402
 
@@ -103,7 +103,8 @@ def small_variants(cpu_quick: bool) -> tuple[list[str], dict]:
 
 
 def plans(args, on_gpu: bool) -> dict:
-    size, cpu_quick = SIZES[args.quick], args.quick and not on_gpu
+    size, cpu_quick = dict(SIZES[args.quick], fast_micro=args.fast_micro or SIZES[args.quick]["fast_micro"]), \
+        args.quick and not on_gpu
     variants, skipped = small_variants(cpu_quick)
     return dict(imagenet_plans(size, cpu_quick), **{
         "c_fid": {"width": size["width"], "n_images": args.fid_images or size["fid_images"],
@@ -194,6 +195,16 @@ def write(result: dict, out: Path, name: str) -> None:
     progress("bench", f"wrote {out / name}.json and .md")
 
 
+def micro_batches(text: str) -> list[int]:
+    """--fast-micro's value: micro-batches the ImageNet recipe can run (ghost BN groups of 32, batch 2048)."""
+    sizes = [int(item) for item in text.split(",") if item.strip().isdigit()]
+    bn = SIZES[False]["bn"]
+    if not sizes or len(sizes) != len(text.split(",")) or any(m % bn or GLOBAL_BATCH % m for m in sizes):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated micro-batches, each a multiple of {bn} "
+                                         f"that divides {GLOBAL_BATCH} (e.g. 512,256)")
+    return sizes
+
+
 def parse(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
@@ -203,6 +214,9 @@ def parse(argv):
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS")
     parser.add_argument("--total-budget", type=float, help="seconds for all sections (the sum of the sections' budgets; 540 with --quick)")
     parser.add_argument("--fid-images", type=int, help="N for (c); default 50000, 2 with --quick")
+    parser.add_argument("--fast-micro", type=micro_batches, metavar="M,M,...",
+                        help="(a)'s fast setting: micro-batches tried in order until one fits in memory (default "
+                             "256,128,64): each a multiple of the BN group, 32, dividing the global batch, 2048")
     parser.add_argument("--inception-weights", default="auto",
                         help="auto (fid-helper if installed, else random weights: times only), fid-helper, random, "
                              "or a path to a torch-fidelity .pth or fid-helper's TorchScript default_1.pt")
