@@ -126,6 +126,8 @@ def test_each_section_measured_its_numbers(bench):
     biggan = sections["e_biggan"]
     for setting in ("faithful", "bf16"):
         assert biggan[setting]["iteration_s"] == statistics.median(biggan[setting]["iterations_s"]) > 0
+        assert biggan[setting]["kernel_profile"]["iterations"] == 1  # where its time goes, after the timing
+        assert biggan[setting]["kernel_profile"]["wall_ms_per_g_iteration"] > 0
 
 
 def test_a_g_iteration_counts_every_d_step_forward_and_backward(bench):

@@ -245,7 +245,8 @@ def biggan_lines(biggan: dict) -> list[str]:
              "DiffAugment, gSR, EMA)", ""]
     rows = [[name, biggan.get(name, {}).get("iteration_s"), seconds_list(biggan.get(name, {}).get("iterations_s"))]
             for name in ("faithful", "bf16")]
-    return lines + table(["setting", "seconds per iteration (median)", "timed iterations"], rows) + [""]
+    lines += table(["setting", "seconds per iteration (median)", "timed iterations"], rows) + [""]
+    return lines + profile_lines({name: biggan.get(name, {}) for name in ("faithful", "bf16")}, "one iteration")
 
 
 def loader_lines(loaders: dict) -> list[str]:
