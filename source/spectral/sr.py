@@ -1,7 +1,8 @@
 """Spectral Regularization (Liu et al., ICCV 2019): compensation of D's singular values (srgan.md §2).
 
 SR is not a loss. After the D optimizer step, every `interval` iterations, it rewrites the raw weight
-of each spectrally normalized conv of D through its thin SVD, W <- U diag(s') V^T:
+of each spectrally normalized conv of D through its thin SVD, W <- U diag(s') V^T (computed as
+U diag(s'/s) U^T W from the eigendecomposition of a Gram matrix: ``Factors``):
     dynamic (ImageNet): s' = s_1 * R with R = max(R, s / s_1), R being the running envelope of the
                         normalized spectrum; the first call only records R. s_1 and the singular
                         vectors are kept, lower singular values can only be raised.
