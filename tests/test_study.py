@@ -50,6 +50,15 @@ def test_study_file_problems_are_one_line_errors(tmp_path, arms, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_study_that_multiplies_into_too_many_runs_is_refused_before_any_config_is_built(tmp_path):
+    path = write_study(tmp_path, 9, **{f"arm{index}": {} for index in range(11)})
+    study = yaml.safe_load(path.read_text())
+    study.update(settings={f"s{index}": [] for index in range(10)}, seeds=list(range(10)))
+    path.write_text(yaml.safe_dump(study))
+    with pytest.raises(ConfigError, match="10 settings x 11 arms x 10 seeds = 1100 runs; a study holds at most 1000"):
+        load_study(path)
+
+
 def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever_chunk_stops_left(tmp_path):
     path = write_study(tmp_path, 50000, sn={}, resumed={"branch": "sn", "at": "collapse"})
     study_file = yaml.safe_load(path.read_text())

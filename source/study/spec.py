@@ -28,6 +28,7 @@ from source.config import Config, ConfigError, load_config
 from source.typed import read_yaml, reject_unknown, validate_dataclass, validate_value
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+MOST_RUNS = 1000  # settings x arms x seeds: the GPU study has 2 x 6 x 3
 
 
 @dataclass
@@ -109,6 +110,10 @@ def load_study(path: str | Path) -> Study:
 def _check_names(arms: dict[str, ArmSpec], settings: dict, seeds: list[int], source: str) -> None:
     if not arms or not settings or not seeds:
         raise ConfigError(f"{source}: arms, settings and seeds must each name at least one")
+    runs = len(settings) * len(arms) * len(seeds)
+    if runs > MOST_RUNS:  # each is a training run whose config is built now: a file from elsewhere could ask millions
+        raise ConfigError(f"{source}: {len(settings)} settings x {len(arms)} arms x {len(seeds)} seeds = {runs} runs; "
+                          f"a study holds at most {MOST_RUNS}")
     for key, names in (("arms", arms), ("settings", settings)):
         for name in names:
             if not NAME.fullmatch(str(name)):
