@@ -31,6 +31,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from figures.common import command_line, plt, require_run_folder, run_names, save_figure
+from source.files import run_figures
 from source.training.runlog import read_jsonl
 
 FILE = "class_spectra.jsonl"
@@ -249,7 +250,7 @@ def output_path(runs: list[ClassSpectra], first_run: Path, out: Path | None, lay
     pair = "_" + "_vs_".join(run.name.replace("/", "-") for run in runs) if len(runs) > 1 else ""
     name = f"class_spectra{tag}{pair}.png"
     if out is None:
-        return first_run / "figures" / name
+        return run_figures(first_run) / name
     return out if out.suffix.lower() in IMAGE_SUFFIXES else out / name
 
 

@@ -21,6 +21,7 @@ import torch
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, require_run_folder, save_figure
 from source.config import ConfigError
 from source.datasets import DatasetError, build_dataset
+from source.files import run_figures
 from source.metrics.generate import generate_uint8, sample_inputs
 from source.metrics.modes import mode_report
 from source.training.evaluate import load_generator
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"--per-class must be at least 1, got {args.per_class}")
     for run in args.runs:
         check_run(run)
-    out = args.out or args.runs[0] / "figures" / "collapse.png"
+    out = args.out or run_figures(args.runs[0]) / "collapse.png"
     save_figure(collapse_figure(args.runs, labels, args.per_class), out)
     print(f"wrote {out}")
     return out

@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from source.files import refuse_link  # noqa: E402
+
 # OSError: a missing run folder or file, an --out that is a file, a read-only disk.
 USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
 
@@ -18,7 +20,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
 def save_figure(figure: Figure, path: Path, pdf: bool = False) -> list[Path]:
     """Write ``path`` (and a PDF beside it on request), then free the figure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [path, path.with_suffix(".pdf")] if pdf else [path]
+    paths = [refuse_link(target) for target in ([path, path.with_suffix(".pdf")] if pdf else [path])]
     for target in paths:
         figure.savefig(target, dpi=150)
     plt.close(figure)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from figures.common import command_line, plt, require_run_folder, save_figure
+from source.files import run_figures
 from source.training.runlog import events, read_jsonl, sr_start
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     labels = args.labels or [run.resolve().name for run in args.runs]
     runs = [read_run(run, label) for run, label in zip(args.runs, labels)]
-    written = save_figure(curves_figure(runs), (args.out or args.runs[0] / "figures") / "curves.png", args.pdf)
+    written = save_figure(curves_figure(runs), (args.out or run_figures(args.runs[0])) / "curves.png", args.pdf)
     for path in written:
         print(path)
     return written

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from source.files import refuse_link
 from source.metrics.generate import check_classes
 
 PADDING = 2  # pixels between tiles
@@ -55,6 +56,8 @@ def titled(grid: torch.Tensor, title: str) -> Image.Image:
 def check_overwrite(paths: list[Path], force: bool) -> None:
     """Refuse before drawing anything: the names carry no seed or size, so another --seed or --rows would
     silently replace grids someone may have kept (and fresh names would pile up unnoticed instead)."""
+    for path in paths:
+        refuse_link(path)  # even with --force: it would overwrite whatever file the link names
     existing = [path for path in paths if path.exists()]
     if existing and not force:
         more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""

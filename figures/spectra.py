@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from figures.common import command_line, plt, require_run_folder, save_figure
+from source.files import run_figures
 from source.training.runlog import sr_start
 import numpy as np
 from matplotlib.figure import Figure
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     first_record = next(iter(runs[0].records.values()))
     layer, index = resolve_layer(first_record, args.net, args.layer)
     iterations = choose_iterations(runs, args.iterations)
-    out_dir = args.out or args.runs[0] / "figures"
+    out_dir = args.out or run_figures(args.runs[0])
     spectra_name, heatmap_name = output_names(runs, args.net, f"layer{index}" if index is not None else layer)
     written = save_figure(spectra_figure(runs, args.net, layer, index, iterations), out_dir / spectra_name, args.pdf)
     written += save_figure(collapse_heatmap_figure(runs, args.net), out_dir / heatmap_name, args.pdf)

@@ -34,6 +34,21 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(directory)
 
 
+def run_figures(run: Path) -> Path:
+    """RUN/figures, where figures and grids go by default, refused when it is a symbolic link: a run folder from
+    elsewhere could hold one that points a figure's write into any folder of the user's."""
+    folder = Path(run) / "figures"
+    refuse_link(folder)
+    return folder
+
+
+def refuse_link(path: Path) -> Path:
+    """``path``, unless it is a symbolic link (ValueError): writing would follow it to whatever file it names."""
+    if Path(path).is_symlink():
+        raise ValueError(f"{path} is a symbolic link; nothing is written through it (remove it, or give --out)")
+    return Path(path)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

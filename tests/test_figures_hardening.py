@@ -137,3 +137,22 @@ def test_grids_refuse_to_overwrite_unless_forced(snapshot, tmp_path, capsys):
     assert not (tmp_path / "class_1.png").exists(), "refused before drawing anything"
     assert evaluation.main(grid_argv(snapshot, tmp_path, "--classes", "1", "0", "--seed", "3", "--force")) == 0
     assert (tmp_path / "class_0.png").read_bytes() != first and (tmp_path / "class_1.png").exists()
+
+
+def test_links_planted_in_a_run_folder_are_not_written_through(tmp_path, capsys):
+    """A run folder from elsewhere may hold symbolic links: its figures folder pointing into the user's files, or
+    a figure's name pointing at one. Nothing is written through either; each is a one-line error."""
+    victim = tmp_path / "home"
+    victim.mkdir()
+    precious = victim / "notes.txt"
+    precious.write_text("keep me")
+    folder_link = make_run(tmp_path, "folder_link", [1000, 2000])
+    (folder_link / "figures").symlink_to(victim, target_is_directory=True)
+    file_link = make_run(tmp_path, "file_link", [1000, 2000])
+    (file_link / "figures").mkdir()
+    (file_link / "figures" / "spectra_layer2.png").symlink_to(precious)
+    for run, expected in ((folder_link, "figures is a symbolic link"), (file_link, "spectra_layer2.png is a symbolic link")):
+        assert command_line(fig.main, [str(run), "--layer", "2"]) == 2
+        assert expected in one_line_error(capsys.readouterr().err)
+    assert sorted(path.name for path in victim.iterdir()) == ["notes.txt"] and precious.read_text() == "keep me"
+    assert command_line(fig.main, [str(file_link), "--layer", "2", "--out", str(tmp_path / "mine")]) == 0  # --out: the user's
