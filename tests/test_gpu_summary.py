@@ -91,3 +91,16 @@ def test_quick_runs_are_not_results(tmp_path, h200):
     (tmp_path / "gpu_nvidia-h200.json").write_text(json.dumps(h200))
     (tmp_path / "gpu_amd-epyc-x2-quick.json").write_text(json.dumps(dict(h200, quick=True)))
     assert [r["protocol"]["device"] for r in summary.load_results(tmp_path)] == ["NVIDIA H200"]
+
+
+def test_strings_from_a_results_file_cannot_break_the_table_or_the_readme(h200):
+    """A device name (or any string a results file carries) with '|', a line break or the table's end marker stays
+    inside its cell: one line per row, the same number of cells, no marker that would cut the README."""
+    hostile = copy.deepcopy(h200)
+    hostile["protocol"]["device"] = f"GPU | x\n{summary.END}\n<script>"
+    block = summary.table([hostile])
+    lines = block.splitlines()
+    assert len(lines) == len(summary.ROWS) + 2 and summary.END not in block and "<script>" not in block
+    assert all(line.replace("\\|", "").count("|") == 3 for line in lines)
+    readme = summary.with_table(f"a\n{summary.START}\nold\n{summary.END}\nb", block)
+    assert readme.startswith("a\n") and readme.endswith(f"{summary.END}\nb")

@@ -169,9 +169,15 @@ def load_results(folder: Path = RESULTS) -> list[dict]:
 
 def table(all_results: list[dict]) -> str:
     devices = [f"{r['protocol']['device']}, torch {r['protocol']['torch'].split('+')[0]}" for r in all_results]
-    lines = ["| measured | " + " | ".join(devices) + " |", "|---|" + "---|" * len(devices)]
-    lines += [f"| {label} | " + " | ".join(cell(r) for r in all_results) + " |" for label, cell in ROWS]
+    lines = ["| measured | " + " | ".join(map(escaped, devices)) + " |", "|---|" + "---|" * len(devices)]
+    lines += [f"| {label} | " + " | ".join(escaped(cell(r)) for r in all_results) + " |" for label, cell in ROWS]
     return "\n".join(lines)
+
+
+def escaped(text: str) -> str:
+    """A cell's text as one markdown table cell: a results file's strings (a device name, an error) may hold '|',
+    line breaks, markup or the README's table markers, which would break the table or the README around it."""
+    return " ".join(str(text).split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def with_table(readme: str, block: str) -> str:
