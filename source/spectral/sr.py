@@ -117,9 +117,7 @@ def static_compensation(matrices: torch.Tensor, solver: str = "gram") -> torch.T
 
 def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
     """The rescale-only control on a batch: W / s_1, the normalized spectrum and singular vectors unchanged."""
-    tall = matrices if matrices.shape[-2] >= matrices.shape[-1] else matrices.mT
-    s_1 = torch.linalg.matrix_norm(tall, ord=2, keepdim=True)
-    return matrices / s_1
+    return matrices / singular_values(matrices)[..., :1].unsqueeze(-1)  # s_1 from the Gram matrix, as the edits
 
 
 def _distributed() -> bool:
