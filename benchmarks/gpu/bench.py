@@ -103,8 +103,9 @@ def small_variants(cpu_quick: bool) -> tuple[list[str], dict]:
 
 
 def plans(args, on_gpu: bool) -> dict:
-    size, cpu_quick = dict(SIZES[args.quick], fast_micro=args.fast_micro or SIZES[args.quick]["fast_micro"]), \
-        args.quick and not on_gpu
+    size, cpu_quick = SIZES[args.quick], args.quick and not on_gpu
+    if args.fast_micro:
+        size = dict(size, fast_micro=args.fast_micro)
     variants, skipped = small_variants(cpu_quick)
     return dict(imagenet_plans(size, cpu_quick), **{
         "c_fid": {"width": size["width"], "n_images": args.fid_images or size["fid_images"],

@@ -70,7 +70,7 @@ class Factors:
         # W keeps its zeros where an SVD would raise them along an arbitrary null direction (and the envelope still
         # records the raise)
         if self.vh is None:
-            ratio = torch.where(self.s > 0, spectrum / self.s.clamp_min(torch.finfo(self.s.dtype).tiny), 0)
+            ratio = torch.where(self.s > 0, spectrum / self.s, 0)  # 0/0 is computed, then not taken
             rebuilt = (self.u * ratio.unsqueeze(-2)) @ (self.u.mT @ self.short)
         else:
             rebuilt = (self.u * spectrum.unsqueeze(-2)) @ self.vh
