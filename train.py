@@ -74,11 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SnapshotError) as error:
         report(f"error: {error}")
         return 2
+    finished = False
     try:
         with ExitStack() as stack:
             trainer = start(args, config, snapshot, world, stack)
             if trainer is not None:
                 trainer.run()
+        finished = True
         return 0
     except Exception as error:
         status = failure_status(error, world)
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return status
     finally:
-        shutdown_world()
+        shutdown_world(finished)
 
 
 def read_settings(args: argparse.Namespace) -> tuple[dict | None, Config]:

@@ -2,6 +2,7 @@
 
 Expected architectures are written out from docs/reference/srgan.md §6 rather than read from the modules.
 """
+import copy
 import math
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from source.links import CategoricalConditionalBatchNorm2d
+from source.links import CategoricalConditionalBatchNorm2d, spectral_normed
 from source.models import MODELS, ResNetGenerator, SNResNetProjectionDiscriminator, build_model
 from source.models.resblocks import DiscriminatorBlock, GeneratorBlock, OptimizedBlock, class_norm, glorot_conv
 
@@ -190,6 +191,55 @@ def test_sn_power_iteration_runs_only_in_train_mode():
     dis.train()
     dis(x)
     assert not torch.equal(u, before)
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(5, 7, 3), lambda: nn.Linear(9, 4), lambda: nn.Embedding(6, 8)],
+                         ids=["conv", "linear", "embedding"])
+def test_sn_matches_torch_spectral_norm_in_values_gradients_and_vectors(make):
+    """Our SN takes sigma from the power step and has its own backward: torch's parametrization, float64, agrees in
+    the normalized weight, the raw weight's gradient and u, v over training steps, eval-mode forwards included."""
+    torch.manual_seed(0)
+    ours = spectral_normed(make().double())
+    torch.manual_seed(0)
+    reference = torch.nn.utils.parametrizations.spectral_norm(make().double())
+    ours_sn, reference_sn = ours.parametrizations.weight[0], reference.parametrizations.weight[0]
+    assert torch.equal(ours_sn._u, reference_sn._u) and torch.equal(ours_sn._v, reference_sn._v)
+    for step, training in enumerate([True, True, False, True]):
+        for module in (ours, reference):
+            module.train(training)
+            module.parametrizations.weight.original.grad = None
+        upstream = torch.randn(ours.parametrizations.weight.original.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        weights = [module.weight for module in (ours, reference)]
+        torch.testing.assert_close(weights[0], weights[1], rtol=1e-12, atol=1e-14)
+        for weight in weights:
+            (weight * upstream).sum().backward()
+        torch.testing.assert_close(ours.parametrizations.weight.original.grad,
+                                   reference.parametrizations.weight.original.grad, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(ours_sn._u, reference_sn._u, rtol=0, atol=1e-14)
+        torch.testing.assert_close(ours_sn._v, reference_sn._v, rtol=0, atol=1e-14)
+        with torch.no_grad():  # an optimizer step, so that the next power step has something to follow
+            for module in (ours, reference):
+                module.parametrizations.weight.original.sub_(0.1 * module.parametrizations.weight.original.grad)
+
+
+def test_sn_gradient_of_a_channels_last_conv_matches_contiguous():
+    torch.manual_seed(1)
+    conv = spectral_normed(nn.Conv2d(4, 6, 3)).double()
+    twin = copy.deepcopy(conv).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    for module, images in ((conv, x), (twin, x.contiguous(memory_format=torch.channels_last))):
+        module(images).square().sum().backward()
+    torch.testing.assert_close(twin.parametrizations.weight.original.grad,
+                               conv.parametrizations.weight.original.grad, rtol=1e-12, atol=1e-14)
+
+
+def test_sn_refuses_a_backward_after_a_later_power_step():
+    """u, v are not copied for the backward: a power step before it must stop it, not change the gradient."""
+    layer = spectral_normed(nn.Linear(5, 3))
+    first = layer.weight.sum()
+    layer.weight  # another training-mode forward: a power step, in place
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        first.backward()
 
 
 # -------------------------------------------------------------------------------------- initialisation

@@ -22,15 +22,58 @@ SN_POWER_ITERATIONS = 1
 SN_EPS = 1e-12
 
 
+class _DividedBySigma(torch.autograd.Function):
+    """``weight / sigma`` where sigma = u^T W v with u, v held constant, as torch's SN differentiates it: the
+    gradient (g - <g, W / sigma> u v^T) / sigma in four kernels, where autograd's graph of torch's expression
+    launches about eleven (the 32 px models are launch-bound on a GPU, and SN was over half of their kernels).
+
+    u and v are saved without copies: a power step before this backward (which our updater never makes) bumps
+    their version and autograd then refuses the backward, rather than using the new vectors."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        normalized = weight / sigma
+        ctx.save_for_backward(normalized, sigma, u, v)
+        return normalized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        normalized, sigma, u, v = ctx.saved_tensors
+        along = torch.vdot(grad.reshape(-1), normalized.reshape(-1))  # <g, W> / sigma
+        grad_matrix = torch.addr(grad.reshape(len(u), -1), u, v * along, alpha=-1)
+        return (grad_matrix / sigma).view(grad.shape), None, None, None
+
+
 class FP32SpectralNorm(_SpectralNorm):
-    """torch's spectral norm, kept in fp32 under mixed-precision autocast: a bf16 power iteration would
-    estimate sigma to 2-3 digits, and every forward divides the weight by it."""
+    """torch's spectral norm (same buffers, power step and values), in fewer kernels, and kept in fp32 under
+    mixed-precision autocast: a bf16 power iteration would estimate sigma to 2-3 digits, and every forward divides
+    the weight by it.
+
+    torch computes sigma = u^T W v by a further product after the power step; that equals ||W^T u||, the norm the
+    step has just divided v by (v = W^T u / ||W^T u||), so it is taken from there (equal up to rounding), and the
+    stored u, v are not copied (see ``_DividedBySigma``)."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.device.type == "meta":  # shapes only (a file's model checked before it is built): no autocast there
             return super().forward(weight)
         with torch.autocast(weight.device.type, enabled=False):
-            return super().forward(weight)
+            matrix = self._reshape_weight_to_matrix(weight)
+            with torch.no_grad():
+                if self.training:
+                    sigma = self._power_step(matrix)
+                else:
+                    sigma = torch.vdot(self._u, torch.mv(matrix, self._v))
+            return _DividedBySigma.apply(weight, sigma, self._u, self._v)
+
+    def _power_step(self, matrix: torch.Tensor) -> torch.Tensor:
+        """torch's power iteration (u from v, then v from u, in place); returns ||W^T u||."""
+        for _ in range(self.n_power_iterations):
+            u = torch.mv(matrix, self._v)
+            torch.div(u, torch.linalg.vector_norm(u).clamp_min_(self.eps), out=self._u)
+            v = torch.mv(matrix.H, self._u)
+            norm = torch.linalg.vector_norm(v)
+            torch.div(v, norm.clamp_min(self.eps), out=self._v)
+        return norm
 
 
 def spectral_normed(module: nn.Module, eps: float = SN_EPS) -> nn.Module:

@@ -52,8 +52,13 @@ def init_world(device: str = "auto") -> World:
     return World(rank=rank, local_rank=local_rank, size=size, device=resolved)
 
 
-def shutdown_world() -> None:
+def shutdown_world(finished: bool) -> None:
+    """Leave the process group. After a run that ``finished`` on every rank, wait for all of them first: a rank
+    that tears gloo down while another still finishes its last collective can abort that one's process. After a
+    failure, no wait (the other ranks may never arrive)."""
     if dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 
