@@ -76,7 +76,7 @@ def main() -> None:
     params = {"batch": 64, "n_dis": 5, "width": 32, "variant": "step-graphs"}  # step graphs fall back to eager here
     result = {"what": "32 px models (ch 32, batch 64, n_dis 5), fp32, fused Adam, eager on the CPU",
               "machine": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "iterations_timed": args.iterations,
+              "torch_version": torch.__version__, "iterations_timed": args.iterations,
               "ours": measure("ours", args.iterations, params), "torch": measure("torch", args.iterations, params)}
     result["ratios"] = {
         "operations_ours_over_torch": result["ours"]["operations_per_g_iteration"]
