@@ -233,6 +233,15 @@ def test_sn_gradient_of_a_channels_last_conv_matches_contiguous():
                                conv.parametrizations.weight.original.grad, rtol=1e-12, atol=1e-14)
 
 
+def test_sn_refuses_second_derivatives_through_the_weight():
+    """Its backward holds sigma constant: differentiating it again would be wrong, so it is refused."""
+    layer = spectral_normed(nn.Linear(5, 3))
+    raw = layer.parametrizations.weight.original
+    (first,) = torch.autograd.grad(layer.weight.pow(3).sum(), raw, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.square().sum().backward()
+
+
 def test_sn_refuses_a_backward_after_a_later_power_step():
     """u, v are not copied for the backward: a power step before it must stop it, not change the gradient."""
     layer = spectral_normed(nn.Linear(5, 3))

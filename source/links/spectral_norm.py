@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
@@ -28,7 +29,9 @@ class _DividedBySigma(torch.autograd.Function):
     launches about eleven (the 32 px models are launch-bound on a GPU, and SN was over half of their kernels).
 
     u and v are saved without copies: a power step before this backward (which our updater never makes) bumps
-    their version and autograd then refuses the backward, rather than using the new vectors."""
+    their version and autograd then refuses the backward, rather than using the new vectors. The gradient holds
+    sigma constant, so it cannot be differentiated again (nothing here needs second derivatives through D's
+    weights): once_differentiable refuses, rather than returning wrong ones."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, sigma: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -37,6 +40,7 @@ class _DividedBySigma(torch.autograd.Function):
         return normalized
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
         normalized, sigma, u, v = ctx.saved_tensors
         along = torch.vdot(grad.reshape(-1), normalized.reshape(-1))  # <g, W> / sigma
@@ -50,13 +54,21 @@ class FP32SpectralNorm(_SpectralNorm):
     the weight by it.
 
     torch computes sigma = u^T W v by a further product after the power step; that equals ||W^T u||, the norm the
-    step has just divided v by (v = W^T u / ||W^T u||), so it is taken from there (equal up to rounding), and the
-    stored u, v are not copied (see ``_DividedBySigma``)."""
+    step has just divided v by (v = W^T u / ||W^T u||), so it is taken from there (equal up to rounding while that
+    norm is above ``eps``), and the stored u, v are not copied (see ``_DividedBySigma``). Output dimension 0 only
+    (what ``spectral_normed`` registers): the gradient is formed in that layout."""
+
+    def __init__(self, weight: torch.Tensor, n_power_iterations: int = 1, dim: int = 0, eps: float = 1e-12) -> None:
+        if dim != 0:
+            raise ValueError(f"spectral norm: output dimension 0 only, not {dim}")
+        super().__init__(weight, n_power_iterations, dim, eps)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if weight.device.type == "meta":  # shapes only (a file's model checked before it is built): no autocast there
             return super().forward(weight)
         with torch.autocast(weight.device.type, enabled=False):
+            if weight.ndim == 1:  # torch's case for a vector: normalized, no power step
+                return super().forward(weight)
             matrix = self._reshape_weight_to_matrix(weight)
             with torch.no_grad():
                 if self.training:

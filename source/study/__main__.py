@@ -145,15 +145,19 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     if (args.carry / transfer.STATE).is_file():
         transfer.extract(args.carry / transfer.STATE, root)
     before = transfer.listing(root) if root.is_dir() else {}
+    unpacked = time.time()
     try:
         run_chunk(args, study, root, runs)
     finally:  # also when a signal stopped the chunk: its runs' snapshots are what the call must return
+        chunk_end = time.time()
         state.prune(study, root)
         parts = transfer.pack_changed(root, before, args.out, args.parts)
         table = state.progress_table(study, root, runs)
         (args.out / "progress.json").write_text(json.dumps(table, indent=1))
         show_status(args, study, root, runs)
-        print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all")
+        # the phases apart: what a call must keep for unpacking, stopping and packing (measure_then_study.sh)
+        print(f"{len(parts)} part(s) in {args.out}; {time.time() - started:.0f} s in all: unpacking "
+              f"{unpacked - started:.0f} s, the chunk {chunk_end - unpacked:.0f} s, packing {time.time() - chunk_end:.0f} s")
     return 0
 
 

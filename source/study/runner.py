@@ -249,7 +249,8 @@ def _stop(active: dict, grace: float, echo) -> None:
     for process in {id(process): process for process, _ in active.values()}.values():  # once: a second means "now"
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    end = time.time() + grace
+    signalled = time.time()
+    end = signalled + grace
     for name, (process, _) in active.items():
         try:
             process.wait(timeout=max(0.0, end - time.time()))
@@ -257,6 +258,8 @@ def _stop(active: dict, grace: float, echo) -> None:
             echo(f"{name}: no snapshot within {grace:.0f} s of SIGTERM; killed (it continues from its last one)")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    if active:
+        echo(f"{len(active)} run(s) stopped {time.time() - signalled:.1f} s after SIGTERM")
 
 
 def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:

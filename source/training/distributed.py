@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
@@ -10,7 +11,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from source.config import ConfigError
+from source.config import ConfigError, first_line
 
 
 @dataclass(frozen=True)
@@ -53,12 +54,19 @@ def init_world(device: str = "auto") -> World:
 
 
 def shutdown_world(finished: bool) -> None:
-    """Leave the process group. After a run that ``finished`` on every rank, wait for all of them first: a rank
-    that tears gloo down while another still finishes its last collective can abort that one's process. After a
-    failure, no wait (the other ranks may never arrive)."""
-    if dist.is_initialized():
+    """Leave the process group. After a run that ``finished`` here, wait for the other ranks first: a rank that
+    tears gloo down while another still finishes its last collective can abort that one's process. After a
+    failure here, no wait (the others may never arrive); a rank that failed after the last collective (its final
+    snapshot unwritten) leaves the others' barrier to fail, which changes nothing of their finished run."""
+    if not dist.is_initialized():
+        return
+    try:
         if finished:
             dist.barrier()
+    except RuntimeError as error:  # gloo: "Connection closed by peer"
+        print(f"rank {dist.get_rank()}: another rank left before the final barrier ({first_line(error)})",
+              file=sys.stderr)
+    finally:
         dist.destroy_process_group()
 
 
