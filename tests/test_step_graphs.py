@@ -21,8 +21,8 @@ RECIPE = ["gen_batchsize=16", "updater.n_dis=2", "iteration_decay_start=1"]
 
 
 def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
-    """Static input buffers, gradients in stable buffers, data fetched before the step: the same 6 iterations as
-    eager, also when the graphed run is stopped at 3 and resumed."""
+    """Static input buffers, data fetched before the step: the same 6 iterations as eager, also when the graphed run
+    is stopped at 3 and resumed."""
     eager, graphed = tmp_path / "eager", tmp_path / "graphed"
     assert train.main(tiny_argv(eager, 6, *RECIPE)) == 0
     assert train.main(tiny_argv(graphed, 6, *RECIPE, *GRAPHS, "snapshot_interval=3")) == 0

@@ -37,15 +37,15 @@ def grad_scaler(settings: PerformanceConfig, device: torch.device) -> torch.amp.
     return torch.amp.GradScaler(device.type, enabled=settings.amp == "fp16")
 
 
-def cuda_graphs(settings: PerformanceConfig) -> bool:
-    """G and D run as CUDA graphs: step_graphs, and compile modes reduce-overhead and max-autotune (on a CPU they
-    run without graphs)."""
-    return settings.step_graphs or (settings.compile and settings.compile_mode != "default")
+def compiled_graphs(settings: PerformanceConfig) -> bool:
+    """G's and D's compiled forwards and backwards run as CUDA graphs of their own: compile modes reduce-overhead
+    and max-autotune (on a CPU they run without graphs)."""
+    return settings.compile and settings.compile_mode != "default"
 
 
 def zero_grad(optimizer: torch.optim.Optimizer, stable: bool) -> None:
-    """No gradients before a step: None, or (``stable``) zeroed buffers that outlive CUDA graphs, which reuse their
-    outputs' memory at the next replay (0 + g is g, so both give the same sums)."""
+    """No gradients before a step: None, or (``stable``) zeroed buffers that outlive compile's CUDA graphs, which
+    reuse their outputs' memory at the next replay (0 + g is g, so both give the same sums)."""
     if not stable:
         optimizer.zero_grad(set_to_none=True)
         return
