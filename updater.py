@@ -85,9 +85,8 @@ class Updater:
         self.scaler_dis = performance.grad_scaler(config.performance, world.device)
         self.scaler_gen = performance.grad_scaler(config.performance, world.device)
         self.memory_format = performance.memory_format(config.performance)
-        # compile's CUDA graphs reuse their outputs' memory at the next replay: a .grad that a compiled backward handed
-        # over would be overwritten by the next micro-batch's, so gradients accumulate into buffers kept outside them.
-        # A step graph holds the whole step, zeroing to Adam: its gradients are its own (step_graphs.py).
+        # compile's CUDA graphs reuse their outputs' memory at the next replay, so gradients accumulate into buffers
+        # kept outside them (a step graph holds the whole step, zeroing to Adam: its gradients are its own)
         self.stable_grads = performance.compiled_graphs(config.performance)
         self.graphs = StepGraphs(world.device) if config.performance.step_graphs else None
         self.draws = PhaseDraws(config.seed, world.device, self.terms.augment, self.terms.label_prior)
