@@ -1,8 +1,9 @@
 """Whole optimizer steps as CUDA graphs (``performance.step_graphs``): for the small, launch-bound 32 px models.
 
-One D step (zeroing, every micro-batch's forward and backward, Adam) is some 500 kernels of a few
-microseconds each; launched one by one from Python, the launches cost more than the arithmetic. Here D's
-step and G's step are each captured once as a CUDA graph and then replayed: one launch per step.
+One D step of the study's 32 px models (every micro-batch's forward and backward, Adam) is some 270 kernels, its
+G step some 480 (operations dispatched, counted on the CPU), of a few microseconds each; launched one by one from
+Python, the launches cost more than the arithmetic. Here D's step and G's step are each captured once as a CUDA
+graph and then replayed: one launch per step.
 
 What stays outside the graphs, eager as before: the latents and DiffAugment's draws (seeded generators, made
 per phase), the data, SR between D steps, the EMA, the logging. The graphs read their inputs from static
