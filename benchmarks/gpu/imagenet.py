@@ -25,7 +25,7 @@ from benchmarks.gpu.common import (ROOT, median, peak_memory, pick_device, progr
 from benchmarks.gpu.profiling import kernel_profile
 from source.config import PerformanceConfig, first_line, load_config
 from source.spectral.spectra import compute_spectra, spectral_norm_layers, weight_matrix
-from source.spectral.sr import SVD_DTYPE
+from source.spectral.sr import SOLVE_DTYPE
 from source.training import build, performance
 from source.training.distributed import World
 from source.training.trainer import read_losses
@@ -178,7 +178,7 @@ def run_spectral(params: dict, partial) -> None:
                    sr_record_call_s=record_s, sr_edit_calls_s=edits, sr_dynamic_edit_s=median(edits))
     # the edit's arithmetic alone by each solver (the SR call above uses sr.Factors' default, the Gram matrix's eigh)
     matrices = {name: weight_matrix(layer).detach() for name, layer in spectral_norm_layers(models.dis, sr.kinds).items()}
-    solvers = {solver: median([timed(lambda: dynamic_edit_math(matrices, SVD_DTYPE, solver), device)
+    solvers = {solver: median([timed(lambda: dynamic_edit_math(matrices, SOLVE_DTYPE, solver), device)
                                for _ in range(repeats)]) for solver in ("gram", "svd")}
     partial.record(sr_edit_math_s=solvers)
     snapshot = lambda: (compute_spectra(models.gen), compute_spectra(models.dis))  # noqa: E731

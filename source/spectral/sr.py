@@ -39,7 +39,7 @@ MODES = ("dynamic", "static", "rescale")
 # that SR itself creates (benchmark run). float64 makes the edit exact up to the float32 storage of W for ~2x the
 # CPU time (2.8 s against 1.4 s for the ImageNet D's 17 convs on one core, benchmarks/results/spectral_cpu.json),
 # paid once per 5 iterations.
-SVD_DTYPE = torch.float64
+SOLVE_DTYPE = torch.float64
 
 
 # SR's edits need U and s of each weight W, not V: U diag(s') V^T = U diag(s'/s) U^T W, where U and s^2 are the
@@ -183,11 +183,11 @@ class SpectralRegularizer:
     def _dynamic(self, matrices: dict[str, torch.Tensor], home: dict[str, torch.device]) -> dict[str, torch.Tensor]:
         # Layers without an envelope (fresh start, rebase, or newly included) only record this time.
         fresh = {name: matrix for name, matrix in matrices.items() if name not in self.ratios}
-        for names, stack in stack_by_shape(fresh, SVD_DTYPE):
+        for names, stack in stack_by_shape(fresh, SOLVE_DTYPE):
             self._keep(names, normalized_spectrum(stack), home)
         known = {name: matrix for name, matrix in matrices.items() if name not in fresh}
         edited = {}
-        for names, stack in stack_by_shape(known, SVD_DTYPE):
+        for names, stack in stack_by_shape(known, SOLVE_DTYPE):
             envelope = torch.stack([self._envelope(name, stack) for name in names])
             rebuilt, envelope = dynamic_compensation(stack, envelope)
             self._keep(names, envelope, home)
@@ -214,7 +214,7 @@ class SpectralRegularizer:
         """Static SR or the rescale control: each call acts on its own, with no envelope."""
         compensation = static_compensation if self.mode == "static" else rescale_compensation
         edited = {}
-        for names, stack in stack_by_shape(matrices, SVD_DTYPE):
+        for names, stack in stack_by_shape(matrices, SOLVE_DTYPE):
             edited.update(zip(names, compensation(stack)))
         return edited
 
@@ -242,7 +242,7 @@ class SpectralRegularizer:
         if self.rebase_on_resume:
             self.ratios = {}
         else:
-            self.ratios = {name: torch.as_tensor(r, dtype=SVD_DTYPE).clone() for name, r in state["ratios"].items()}
+            self.ratios = {name: torch.as_tensor(r, dtype=SOLVE_DTYPE).clone() for name, r in state["ratios"].items()}
 
 
 def _check_rank(name: str, envelope: torch.Tensor, rank: int) -> None:
