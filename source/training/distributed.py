@@ -61,8 +61,8 @@ def shutdown_world(finished: bool) -> None:
     if not dist.is_initialized():
         return
     try:
-        if finished:
-            dist.barrier()
+        if finished:  # NCCL's barrier is told this rank's GPU (else it guesses one, with a warning)
+            dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
     except RuntimeError as error:  # gloo: "Connection closed by peer"
         print(f"rank {dist.get_rank()}: another rank left before the final barrier ({first_line(error)})",
               file=sys.stderr)
