@@ -114,6 +114,14 @@ def test_gradients_kept_in_stable_buffers_for_cuda_graphs_give_the_same_training
     assert all(p.grad is not None for p in models.dis.parameters()), "the buffers stay between steps"
 
 
+def test_only_compiles_own_cuda_graphs_keep_gradients_in_stable_buffers():
+    """A step graph holds the whole step, zeroing included, so its gradients start as None (no zeroing kernels);
+    compile's reduce-overhead graphs hand over gradients that their next replay overwrites, so they need buffers."""
+    assert not build_tiny_updater("performance.step_graphs=true")[0].stable_grads
+    assert not build_tiny_updater()[0].stable_grads
+    assert build_tiny_updater("performance.compile=true", "performance.compile_mode=reduce-overhead")[0].stable_grads
+
+
 def test_fp16_scales_its_loss_and_skips_overflowing_steps(tmp_path):
     """fp16 (a GPU setting, exercised on CPU): D's first loss, before any step, is fp32's to fp16 precision; the
     scaler starts at 2^16 and halves at each overflowing step, which it skips, so the trajectories part there."""

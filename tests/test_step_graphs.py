@@ -186,7 +186,7 @@ BN_CANCELLED_BIAS = re.compile(r"block\d+\.(c1|c2|c_sc)\.bias$")
 def test_captured_steps_train_as_eager_on_a_gpu(adam):
     """The capture itself (a CPU cannot run it): 8 iterations, D accumulating 2 and G 4, dynamic SR editing D between
     replays, a decaying learning rate read by capturable (or fused) Adam; every step replays from its 4th call. The
-    reference runs the same optimizer, learning-rate tensors and gradient buffers eagerly, so only the capture
+    reference runs the same optimizer, learning-rate tensors and gradients (None at each step's start) eagerly, so only the capture
     differs: the same losses and weights to float tolerance, and the weights kept moving after the capture (a graph
     that did nothing would leave them)."""
     from source.training import build, performance

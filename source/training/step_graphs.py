@@ -10,9 +10,11 @@ per phase), the data, SR between D steps, the EMA, the logging. The graphs read 
 buffers that each call refills, and the learning rate from a device tensor that the schedule fills in place
 (a Python float would be frozen into the graph), so a replay does what an eager call with the same inputs
 does. Each step sets its gradients to None first, as PyTorch's whole-network capture recipe does: the capture
-allocates them in the graphs' pool, and each replay rewrites them there (no zeroing or accumulating kernels;
-nothing outside a step reads them). Weights, optimizer states and SN's vectors are updated in place, and SR
-edits the weights in place: nothing else a graph reads is ever rebound. The first calls of each step run eagerly, on a side stream, as CUDA's capture requires
+allocates them in the graphs' pool, and each replay rewrites them there (no zeroing or accumulating kernels).
+Between steps a parameter's ``.grad`` may therefore hold the other graph's scratch memory, not its last
+gradient: nothing outside a step may read it (nothing does: SR, the EMA, logging and snapshots use weights).
+Weights, optimizer states and SN's vectors are updated in place, and SR edits the weights in place: nothing else
+a graph reads is ever rebound. The first calls of each step run eagerly, on a side stream, as CUDA's capture requires
 (cuDNN/cuBLAS handles, the optimizer state's allocation); they are real training steps, so the sequence of
 updates is that of an eager run. The graph is then recorded without running, and replayed at once.
 
