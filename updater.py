@@ -145,7 +145,8 @@ class Updater:
                  for _ in range(self.accumulation))  # read as the micro-batches go (a graph needs them all first)
         inputs = {"z": z, "labels": labels,  # DiffAugment's draws: the reals at 0..B-1, the fakes at B..2B-1
                   "augmentation": self.draws.augmentation(self.iteration, step, 2 * self.config.batchsize),
-                  "reals": reals if self.graphs is None else list(reals)}
+                  "reals": reals if self.graphs is None else list(reals),
+                  "iteration": torch.full((), self.iteration, device=self.world.device) if self.terms.lecam else None}
         losses = self._run("dis", self._dis_update, inputs)
         if self.terms.lecam is not None:
             self.terms.lecam.end_step(self.iteration, self.world)
@@ -172,7 +173,8 @@ class Updater:
                     logits = self._discriminate(self.dis, images, labels, halves=2)
                 logits_real, logits_fake = logits.float().chunk(2)
                 loss = self.loss_dis(logits_real, logits_fake)
-                penalty = lecam.penalty(logits_real, logits_fake, part, self.iteration) if lecam else loss.new_zeros(())
+                penalty = (lecam.penalty(logits_real, logits_fake, part, inputs["iteration"]) if lecam
+                           else loss.new_zeros(()))
                 self.scaler_dis.scale((loss + penalty) / self.accumulation).backward()
             total += torch.stack([loss.detach(), penalty.detach()])
         self._step(self.opt_dis, self.scaler_dis, "dis")

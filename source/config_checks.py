@@ -106,13 +106,10 @@ def check_step_graphs(config: Config, source: str, world_size: int) -> None:
     """What a step captured as one CUDA graph cannot hold: per-step host work, other graphs, other processes."""
     if not config.performance.step_graphs:
         return
-    updater = config.updater
     conflicts = [(world_size > 1, f"world size {world_size} (DDP)"),
                  (config.performance.amp == "fp16", "performance.amp fp16 (its loss scaler decides on the host)"),
                  (config.performance.compile and config.performance.compile_mode != "default",
-                  f"compile_mode {config.performance.compile_mode} (CUDA graphs of its own)"),
-                 (updater.lecam.weight > 0, "LeCam"), (updater.gsr.enabled, "gSR"),
-                 (bool(updater.diffaugment), "DiffAugment")]
+                  f"compile_mode {config.performance.compile_mode} (CUDA graphs of its own)")]
     found = [what for conflict, what in conflicts if conflict]
     if found:
         raise ConfigError(f"{source}: performance.step_graphs: not with {', '.join(found)}")

@@ -222,7 +222,7 @@ def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
                                capture_output=True, text=True, timeout=300)  # the sections: the fixture's run
     assert completed.returncode == 0, completed.stdout[-2000:]
     tests_log = (tmp_path / "gpu_tests.log").read_text()
-    expected = "8 passed" if torch.cuda.is_available() else "8 skipped"
+    expected = "9 passed" if torch.cuda.is_available() else "9 skipped"
     assert expected in tests_log, tests_log[-500:]
     (result,) = tmp_path.glob("gpu_*-quick.json")
     result = json.loads(result.read_text())

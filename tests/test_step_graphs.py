@@ -13,11 +13,14 @@ from source.config import ConfigError, load_config
 from source.training.checkpoint import load_snapshot
 from source.training.step_graphs import StepGraphs
 from source.training.trainer import read_losses
+from test_gsr_training import ALL_TERMS
 from test_training import CONFIGS, TINY, build_tiny_updater, tensors_equal, tiny_argv
 
 GRAPHS = ["performance.step_graphs=true"]
 # D accumulates 2 micro-batches, G 4; dynamic SR every 2 iterations; the learning rate decays from iteration 1
 RECIPE = ["gen_batchsize=16", "updater.n_dis=2", "iteration_decay_start=1"]
+# the gSR recipe's terms; LeCam starts at iteration 2, after D's capture in iteration 0 (a frozen switch would show)
+GSR_TERMS = [t for t in ALL_TERMS if not t.startswith("updater.n_dis")] + ["updater.lecam.start_iteration=2"]
 
 
 def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
@@ -35,6 +38,26 @@ def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
         for key in ("opt_gen", "opt_dis"):
             assert all(tensors_equal(a[key]["state"][p], b[key]["state"][p]) for p in a[key]["state"])
     assert (eager / "log.jsonl").read_text().count("loss_dis") == 6
+
+
+@pytest.mark.parametrize("lecam_form", ["gsr", "lecam"])
+def test_step_graphs_with_gsr_lecam_and_diffaugment_train_bit_for_bit_as_eager(tmp_path, lecam_form):
+    """The gSR recipe's terms inside the steps: LeCam's switches by iteration come in as a device tensor (its
+    start_iteration 2 falls after the captures would have happened), gSR's vectors and sigmas are written in place,
+    DiffAugment's draws are step inputs; 6 iterations as eager, also stopped at 3 and resumed."""
+    terms = GSR_TERMS + [f"updater.lecam.form={lecam_form}", *RECIPE]
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert train.main(tiny_argv(eager, 6, *terms)) == 0
+    assert train.main(tiny_argv(graphed, 6, *terms, *GRAPHS, "snapshot_interval=3")) == 0
+    assert train.main(tiny_argv(tmp_path / "resumed", 6, *terms, *GRAPHS, "snapshot_interval=3")
+                      + ["--resume", str(graphed / "snapshots" / "snapshot_iter_3.pt")]) == 0
+    a = load_snapshot(eager / "snapshots" / "snapshot_iter_6.pt", training_state=True)
+    for run in (graphed, tmp_path / "resumed"):
+        b = load_snapshot(run / "snapshots" / "snapshot_iter_6.pt", training_state=True)
+        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), run.name
+        assert tensors_equal(a["updater"]["lecam"], b["updater"]["lecam"]), run.name
+        for layer, vectors in a["updater"]["gsr"]["vectors"].items():
+            assert tensors_equal(vectors, b["updater"]["gsr"]["vectors"][layer]), (run.name, layer)
 
 
 def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_after_it(tmp_path, monkeypatch):
@@ -91,10 +114,10 @@ def test_the_schedule_fills_a_tensor_learning_rate_in_place():
 
 
 @pytest.mark.parametrize("extra, world_size, message", [
-    (["updater.lecam.weight=0.3"], 1, "performance.step_graphs: not with LeCam"),
-    (["performance.amp=fp16", "updater.diffaugment=translation"], 1, "not with performance.amp fp16 (its loss scaler "
-                                                                     "decides on the host), DiffAugment"),
-    ([], 2, "not with world size 2 (DDP)"),
+    (["performance.amp=fp16"], 1, "performance.step_graphs: not with performance.amp fp16 (its loss scaler decides "
+                                  "on the host)"),
+    (["performance.compile=true", "performance.compile_mode=reduce-overhead"], 2,
+     "not with world size 2 (DDP), compile_mode reduce-overhead (CUDA graphs of its own)"),
 ])
 def test_what_a_step_graph_cannot_hold_is_a_config_error(extra, world_size, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -182,20 +205,21 @@ BN_CANCELLED_BIAS = re.compile(r"block\d+\.(c1|c2|c_sc)\.bias$")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="captures CUDA graphs: run it on a GPU machine")
-@pytest.mark.parametrize("adam", [[], ["performance.fused_adam=true"]], ids=["capturable-adam", "fused-adam"])
-def test_captured_steps_train_as_eager_on_a_gpu(adam):
+@pytest.mark.parametrize("extra", [[], ["performance.fused_adam=true"], ["performance.fused_adam=true", *GSR_TERMS]],
+                         ids=["capturable-adam", "fused-adam", "gsr-lecam-diffaugment"])
+def test_captured_steps_train_as_eager_on_a_gpu(extra):
     """The capture itself (a CPU cannot run it): 8 iterations, D accumulating 2 and G 4, dynamic SR editing D between
     replays, a decaying learning rate read by capturable (or fused) Adam; every step replays from its 4th call. The
-    reference runs the same optimizer, learning-rate tensors and gradients (None at each step's start) eagerly, so only the capture
-    differs: the same losses and weights to float tolerance, and the weights kept moving after the capture (a graph
-    that did nothing would leave them)."""
+    reference runs the same optimizer, learning-rate tensors and gradients (None at each step's start) eagerly, so
+    only the capture differs: the same losses and weights to float tolerance, and the weights kept moving after the
+    capture (a graph that did nothing would leave them). With the gSR recipe's terms, also LeCam's anchors."""
     from source.training import build, performance
     from source.training.distributed import World
 
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cuda"))
     runs = []
     for captured in (False, True):
-        config = load_config(CONFIGS / "demo.yaml", TINY + RECIPE + ["iteration=8", *GRAPHS, *adam])
+        config = load_config(CONFIGS / "demo.yaml", TINY + RECIPE + ["iteration=8", *GRAPHS, *extra])
         performance.configure_backends(config.performance, config.deterministic)
         models = build.build_models(config, world.device)
         updater = build.build_updater(config, world, models, build.build_batches(config, world))
@@ -214,3 +238,8 @@ def test_captured_steps_train_as_eager_on_a_gpu(adam):
             walks = net == "gen" and BN_CANCELLED_BIAS.search(name)
             torch.testing.assert_close(p, q, rtol=1e-3, atol=4e-3 if walks else 1e-4, msg=f"{net} {name}")
     assert any(not torch.equal(p, start) for p, start in zip(graphed_models.dis.parameters(), middle))
+    lecams = (updater.terms.lecam, runs[0][3].terms.lecam)
+    if lecams[0] is not None:  # anchors that a frozen switch never started would stay at zero
+        for name in ("anchor_real", "anchor_fake"):
+            torch.testing.assert_close(getattr(lecams[0], name), getattr(lecams[1], name), rtol=1e-3, atol=1e-4)
+        assert lecams[0].anchor_real.abs().sum() > 0

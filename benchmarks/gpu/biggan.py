@@ -1,6 +1,8 @@
 """Section (e): one training iteration of the CIFAR-10-LT BigGAN with every gSR term (configs/gsr/cifar10_lt_biggan.yaml:
 batch 64, n_dis 5, LeCam, DiffAugment, gSR, EMA), through the real Updater on one synthetic batch held on the
-device, at the faithful fp32 setting and with bf16 autocast + TF32 (no compile). Medians after warm-up iterations,
+device, at the faithful fp32 setting, with bf16 autocast + TF32 (no compile), and with step graphs (the faithful
+arithmetic, each D and G step one CUDA graph; its warm-up losses beside the faithful ones show that it agrees). Medians
+after warm-up iterations,
 then one iteration of each under torch.profiler (``kernel_profile``: the H200 run took 0.24 s per iteration at
 both precisions, which suggests the host, not the arithmetic, sets the pace).
 """
@@ -15,7 +17,10 @@ from source.training.distributed import World
 from source.training.trainer import read_losses
 
 CONFIG = ROOT / "configs/gsr/cifar10_lt_biggan.yaml"
-SETTINGS = {"faithful": FAITHFUL, "bf16": dict(FAITHFUL, **{"performance.amp": "bf16", "performance.tf32": True})}
+SETTINGS = {"faithful": FAITHFUL, "bf16": dict(FAITHFUL, **{"performance.amp": "bf16", "performance.tf32": True}),
+            # the faithful arithmetic with each D and G step one CUDA graph (G's is captured at its 4th call)
+            "step-graphs": dict(FAITHFUL, **{"performance.step_graphs": True, "performance.fused_adam": True})}
+GRAPH_WARMUP = 5  # iterations: D's step is captured in the first, G's in the fourth
 
 
 def run(params: dict, partial) -> None:
@@ -35,10 +40,14 @@ def time_setting(name: str, setting: dict, params: dict, world: World, partial) 
     updater = build.build_updater(config, world, models, build.build_batches(config, world))  # gSR's class counts
     updater.batches = resident_batches(config, world)
     reset_peak_memory(device)
-    warmup = [timed(updater.update, device) for _ in range(params["warmup"])]
+    warmup_iterations = max(params["warmup"], GRAPH_WARMUP) if setting.get("performance.step_graphs") else params["warmup"]
+    losses, warmup = [], []
+    for _ in range(warmup_iterations):  # the same seed and data in every setting: the losses compare
+        warmup.append(timed(lambda: losses.append(updater.update()), device))
     times = [timed(updater.update, device) for _ in range(params["timed"])]
     progress("e", f"{name}: {median(times):.3f} s per iteration")
     record = {"iteration_s": median(times), "iterations_s": times, "warmup_s": warmup,
-              "config_overrides": overrides(params["width"], items), **peak_memory(device)}
+              "warmup_losses": read_losses(losses), "config_overrides": overrides(params["width"], items),
+              **peak_memory(device)}
     partial.record(**{name: record})  # before the profile: a budget that ends there keeps the times
     partial.record(**{name: dict(record, kernel_profile=kernel_profile(updater.update, read_losses, device, 1))})

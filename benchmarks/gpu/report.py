@@ -38,6 +38,8 @@ RATIOS = {
                                               "G-iterations/s, one run: compiled, each step one CUDA graph, fp32"),
     "biggan_bf16_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.bf16.iteration_s"],
                             "CIFAR-10-LT BigGAN: faithful / bf16 seconds per iteration"),
+    "biggan_step_graphs_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.step-graphs.iteration_s"],
+                                   "CIFAR-10-LT BigGAN: faithful / step-graphs seconds per iteration"),
 }
 
 
@@ -243,10 +245,17 @@ def profile_lines(single: dict, over: str = "iterations") -> list[str]:
 def biggan_lines(biggan: dict) -> list[str]:
     lines = ["## (e) CIFAR-10-LT BigGAN iteration (configs/gsr/cifar10_lt_biggan.yaml: batch 64, n_dis 5, LeCam, "
              "DiffAugment, gSR, EMA)", ""]
-    rows = [[name, biggan.get(name, {}).get("iteration_s"), seconds_list(biggan.get(name, {}).get("iterations_s"))]
-            for name in ("faithful", "bf16")]
-    lines += table(["setting", "seconds per iteration (median)", "timed iterations"], rows) + [""]
-    return lines + profile_lines({name: biggan.get(name, {}) for name in ("faithful", "bf16")}, "one iteration")
+    settings = ("faithful", "bf16", "step-graphs")
+    rows = [[name, biggan.get(name, {}).get("iteration_s"), seconds_list(biggan.get(name, {}).get("iterations_s")),
+             losses_list(biggan.get(name, {}).get("warmup_losses"))] for name in settings]
+    lines += table(["setting", "seconds per iteration (median)", "timed iterations", "warm-up losses (D, G)"], rows)
+    return lines + [""] + profile_lines({name: biggan.get(name, {}) for name in settings}, "one iteration")
+
+
+def losses_list(losses: list | None) -> str | None:
+    if not losses:
+        return None
+    return ", ".join(f"{step['loss_dis']:.4f}/{step['loss_gen']:.4f}" for step in losses)
 
 
 def loader_lines(loaders: dict) -> list[str]:

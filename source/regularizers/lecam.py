@@ -29,24 +29,27 @@ class LeCam:
         self._sums = torch.zeros(3, device=device)  # lecam form: sum of real, sum of fake outputs, count
         self._own = torch.zeros(size, dtype=torch.bool, device=device)  # gsr form: positions this rank updated
 
-    def penalty(self, real: torch.Tensor, fake: torch.Tensor, part: slice, iteration: int) -> torch.Tensor:
-        """The weighted penalty for one micro-batch (its outputs are global positions ``part`` of the batch)."""
+    def penalty(self, real: torch.Tensor, fake: torch.Tensor, part: slice,
+                iteration: int | torch.Tensor) -> torch.Tensor:
+        """The weighted penalty for one micro-batch (its outputs are global positions ``part`` of the batch).
+
+        ``iteration`` may be a 0-d tensor on the device: the switches by iteration are then device arithmetic, which
+        a CUDA graph replays as it runs them (a Python branch would be frozen at the capture)."""
         real, fake = real.reshape(-1), fake.reshape(-1)
+        iteration = torch.as_tensor(iteration, device=real.device)
         if self.form == "gsr":
-            return self.weight * self._gsr_penalty(real, fake, part, iteration)
+            return self.weight * self._gsr_penalty(real, fake, part, iteration > 0)
         with torch.no_grad():
             self._sums += torch.stack([real.sum(), fake.sum(), real.new_full((), float(len(real)))])
-        if iteration < self.start_iteration:
-            return real.new_zeros(())
-        return self.weight * (F.relu(real - self.anchor_fake).square().mean()
-                              + F.relu(self.anchor_real - fake).square().mean())
+        penalty = F.relu(real - self.anchor_fake).square().mean() + F.relu(self.anchor_real - fake).square().mean()
+        return torch.where(iteration >= self.start_iteration, self.weight * penalty, 0.0)  # before: only tracking
 
-    def _gsr_penalty(self, real: torch.Tensor, fake: torch.Tensor, part: slice, iteration: int) -> torch.Tensor:
-        if iteration > 0:  # the release's anchors are 0 during its first iteration (step_count 0)
-            with torch.no_grad():
-                self.anchor_real[part] = self.decay * self.anchor_real[part] + (1 - self.decay) * real
-                self.anchor_fake[part] = self.decay * self.anchor_fake[part] + (1 - self.decay) * fake
-                self._own[part] = True
+    def _gsr_penalty(self, real: torch.Tensor, fake: torch.Tensor, part: slice, started: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # the release's anchors are 0 during its first iteration (step_count 0)
+            for anchor, outputs in ((self.anchor_real, real), (self.anchor_fake, fake)):
+                anchor[part] = torch.where(started, self.decay * anchor[part] + (1 - self.decay) * outputs,
+                                           anchor[part])
+            self._own[part] |= started
         return (F.relu(real - self.anchor_fake[part]).square().mean()
                 + F.relu(fake - self.anchor_real[part]).square().mean())
 

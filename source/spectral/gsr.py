@@ -111,10 +111,19 @@ class GroupSpectralRegularizer:
         for name, module in layers:
             gains, biases = module.class_gains_and_biases()
             sigma_gain, sigma_bias = self._sigmas(name, group(gains.float()), group(biases.float()))
-            self.last_sigmas[name] = (sigma_gain.detach(), sigma_bias.detach())
-            lambdas = self.lambdas.to(sigma_gain)
-            total = total + (lambdas * (sigma_gain.square() + sigma_bias.square())).sum()
+            self._record(name, sigma_gain.detach(), sigma_bias.detach())
+            if self.lambdas.device != sigma_gain.device or self.lambdas.dtype != sigma_gain.dtype:
+                self.lambdas = self.lambdas.to(sigma_gain)  # once: a copy from the host each call would stop a capture
+            total = total + (self.lambdas * (sigma_gain.square() + sigma_bias.square())).sum()
         return total / (len(layers) * len(self.lambdas))
+
+    def _record(self, name: str, sigma_gain: torch.Tensor, sigma_bias: torch.Tensor) -> None:
+        """Keep this call's sigmas in tensors of our own, written in place: a step graph's outputs are its
+        memory, which other replays may reuse."""
+        if name not in self.last_sigmas:
+            self.last_sigmas[name] = (sigma_gain.clone(), sigma_bias.clone())
+        for kept, value in zip(self.last_sigmas[name], (sigma_gain, sigma_bias)):
+            kept.copy_(value)
 
     def _sigmas(self, name: str, gain: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fresh = name not in self.vectors
@@ -124,10 +133,13 @@ class GroupSpectralRegularizer:
         iterations = self.iterations * (FIRST_CALL_FACTOR if fresh else 1)
         right = None
         if self.released_beta_estimate:  # the release's bias branch steps u with the gain's v of each step
-            state["u_gain"], state["v_gain"], right = self._gain_steps(gain, state, iterations)
+            u_gain, v_gain, right = self._gain_steps(gain, state, iterations)
         else:
-            state["u_gain"], state["v_gain"] = power_iterate(gain, state["u_gain"], state["v_gain"], iterations)
-        state["u_bias"], state["v_bias"] = power_iterate(bias, state["u_bias"], state["v_bias"], iterations, right)
+            u_gain, v_gain = power_iterate(gain, state["u_gain"], state["v_gain"], iterations)
+        u_bias, v_bias = power_iterate(bias, state["u_bias"], state["v_bias"], iterations, right)
+        # in place, never rebound: a step graph reads and writes the tensors it was captured with
+        for key, value in (("u_gain", u_gain), ("v_gain", v_gain), ("u_bias", u_bias), ("v_bias", v_bias)):
+            state[key].copy_(value)
         return sigma(gain, state["u_gain"], state["v_gain"]), sigma(bias, state["u_bias"], state["v_bias"])
 
     @staticmethod
