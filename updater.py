@@ -146,7 +146,8 @@ class Updater:
         inputs = {"z": z, "labels": labels,  # DiffAugment's draws: the reals at 0..B-1, the fakes at B..2B-1
                   "augmentation": self.draws.augmentation(self.iteration, step, 2 * self.config.batchsize),
                   "reals": reals if self.graphs is None else list(reals),
-                  "iteration": torch.full((), self.iteration, device=self.world.device) if self.terms.lecam else None}
+                  "iteration": torch.full((), self.iteration, device=self.world.device)
+                  if self.terms.lecam is not None else None}
         losses = self._run("dis", self._dis_update, inputs)
         if self.terms.lecam is not None:
             self.terms.lecam.end_step(self.iteration, self.world)

@@ -102,6 +102,7 @@ class GroupSpectralRegularizer:
         self.seed = seed
         self.vectors: dict[str, dict[str, torch.Tensor]] = {}
         self.last_sigmas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._lambdas_here: torch.Tensor | None = None
 
     def __call__(self, gen: nn.Module) -> torch.Tensor:
         layers = conditional_layers(gen)
@@ -112,10 +113,17 @@ class GroupSpectralRegularizer:
             gains, biases = module.class_gains_and_biases()
             sigma_gain, sigma_bias = self._sigmas(name, group(gains.float()), group(biases.float()))
             self._record(name, sigma_gain.detach(), sigma_bias.detach())
-            if self.lambdas.device != sigma_gain.device or self.lambdas.dtype != sigma_gain.dtype:
-                self.lambdas = self.lambdas.to(sigma_gain)  # once: a copy from the host each call would stop a capture
-            total = total + (self.lambdas * (sigma_gain.square() + sigma_bias.square())).sum()
+            lambdas = self._lambdas_like(sigma_gain)
+            total = total + (lambdas * (sigma_gain.square() + sigma_bias.square())).sum()
         return total / (len(layers) * len(self.lambdas))
+
+    def _lambdas_like(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """The class weights on the sigmas' device and dtype, converted once (a copy from the host at every call
+        would stop a step graph's capture)."""
+        if self._lambdas_here is None or (self._lambdas_here.device, self._lambdas_here.dtype) != (sigmas.device,
+                                                                                                   sigmas.dtype):
+            self._lambdas_here = self.lambdas.to(sigmas)
+        return self._lambdas_here
 
     def _record(self, name: str, sigma_gain: torch.Tensor, sigma_bias: torch.Tensor) -> None:
         """Keep this call's sigmas in tensors of our own, written in place: a step graph's outputs are its
