@@ -28,18 +28,24 @@ GSR_TERMS_GAN_FORM = [*GSR_TERMS, "updater.lecam.form=lecam"]
 def test_step_graphs_train_bit_for_bit_as_eager_and_resume_exactly(tmp_path):
     """Static input buffers, data fetched before the step: the same 6 iterations as eager, also when the graphed run
     is stopped at 3 and resumed."""
-    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
-    assert train.main(tiny_argv(eager, 6, *RECIPE)) == 0
-    assert train.main(tiny_argv(graphed, 6, *RECIPE, *GRAPHS, "snapshot_interval=3")) == 0
-    assert train.main(tiny_argv(tmp_path / "resumed", 6, *RECIPE, *GRAPHS, "snapshot_interval=3")
-                      + ["--resume", str(graphed / "snapshots" / "snapshot_iter_3.pt")]) == 0
-    a = load_snapshot(eager / "snapshots" / "snapshot_iter_6.pt", training_state=True)
-    for run in (graphed, tmp_path / "resumed"):
-        b = load_snapshot(run / "snapshots" / "snapshot_iter_6.pt", training_state=True)
-        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), run.name
+    a, graphed = eager_and_graphed_snapshots(tmp_path, RECIPE)
+    for name, b in graphed.items():
+        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), name
         for key in ("opt_gen", "opt_dis"):
             assert all(tensors_equal(a[key]["state"][p], b[key]["state"][p]) for p in a[key]["state"])
-    assert (eager / "log.jsonl").read_text().count("loss_dis") == 6
+    assert (tmp_path / "eager" / "log.jsonl").read_text().count("loss_dis") == 6
+
+
+def eager_and_graphed_snapshots(tmp_path, overrides: list[str]) -> tuple[dict, dict[str, dict]]:
+    """The final snapshot of 6 eager iterations, and those of 6 with step graphs, straight and resumed at 3."""
+    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
+    assert train.main(tiny_argv(eager, 6, *overrides)) == 0
+    assert train.main(tiny_argv(graphed, 6, *overrides, *GRAPHS, "snapshot_interval=3")) == 0
+    assert train.main(tiny_argv(tmp_path / "resumed", 6, *overrides, *GRAPHS, "snapshot_interval=3")
+                      + ["--resume", str(graphed / "snapshots" / "snapshot_iter_3.pt")]) == 0
+    final = {run.name: load_snapshot(run / "snapshots" / "snapshot_iter_6.pt", training_state=True)
+             for run in (eager, graphed, tmp_path / "resumed")}
+    return final.pop("eager"), final
 
 
 @pytest.mark.parametrize("lecam_form", ["gsr", "lecam"])
@@ -47,19 +53,12 @@ def test_step_graphs_with_gsr_lecam_and_diffaugment_train_bit_for_bit_as_eager(t
     """The gSR recipe's terms inside the steps: LeCam's switches by iteration come in as a device tensor (its
     start_iteration 2 falls after the captures would have happened), gSR's vectors and sigmas are written in place,
     DiffAugment's draws are step inputs; 6 iterations as eager, also stopped at 3 and resumed."""
-    terms = GSR_TERMS + [f"updater.lecam.form={lecam_form}", *RECIPE]
-    eager, graphed = tmp_path / "eager", tmp_path / "graphed"
-    assert train.main(tiny_argv(eager, 6, *terms)) == 0
-    assert train.main(tiny_argv(graphed, 6, *terms, *GRAPHS, "snapshot_interval=3")) == 0
-    assert train.main(tiny_argv(tmp_path / "resumed", 6, *terms, *GRAPHS, "snapshot_interval=3")
-                      + ["--resume", str(graphed / "snapshots" / "snapshot_iter_3.pt")]) == 0
-    a = load_snapshot(eager / "snapshots" / "snapshot_iter_6.pt", training_state=True)
-    for run in (graphed, tmp_path / "resumed"):
-        b = load_snapshot(run / "snapshots" / "snapshot_iter_6.pt", training_state=True)
-        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), run.name
-        assert tensors_equal(a["updater"]["lecam"], b["updater"]["lecam"]), run.name
+    a, graphed = eager_and_graphed_snapshots(tmp_path, GSR_TERMS + [f"updater.lecam.form={lecam_form}", *RECIPE])
+    for name, b in graphed.items():
+        assert tensors_equal(a["gen"], b["gen"]) and tensors_equal(a["dis"], b["dis"]), name
+        assert tensors_equal(a["updater"]["lecam"], b["updater"]["lecam"]), name
         for layer, vectors in a["updater"]["gsr"]["vectors"].items():
-            assert tensors_equal(vectors, b["updater"]["gsr"]["vectors"][layer]), (run.name, layer)
+            assert tensors_equal(vectors, b["updater"]["gsr"]["vectors"][layer]), (name, layer)
 
 
 def test_the_resume_artefacts_iteration_runs_eagerly_and_the_graphs_take_over_after_it(tmp_path, monkeypatch):

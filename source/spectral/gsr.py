@@ -120,17 +120,15 @@ class GroupSpectralRegularizer:
     def _lambdas_like(self, sigmas: torch.Tensor) -> torch.Tensor:
         """The class weights on the sigmas' device and dtype, converted once (a copy from the host at every call
         would stop a step graph's capture)."""
-        if self._lambdas_here is None or (self._lambdas_here.device, self._lambdas_here.dtype) != (sigmas.device,
-                                                                                                   sigmas.dtype):
+        if self._lambdas_here is None or self._lambdas_here.device != sigmas.device:  # sigmas are float32
             self._lambdas_here = self.lambdas.to(sigmas)
         return self._lambdas_here
 
     def _record(self, name: str, sigma_gain: torch.Tensor, sigma_bias: torch.Tensor) -> None:
         """Keep this call's sigmas in tensors of our own, written in place: a step graph's outputs are its
         memory, which other replays may reuse."""
-        if name not in self.last_sigmas:
-            self.last_sigmas[name] = (sigma_gain.clone(), sigma_bias.clone())
-        for kept, value in zip(self.last_sigmas[name], (sigma_gain, sigma_bias)):
+        kept_pair = self.last_sigmas.setdefault(name, (torch.empty_like(sigma_gain), torch.empty_like(sigma_bias)))
+        for kept, value in zip(kept_pair, (sigma_gain, sigma_bias)):
             kept.copy_(value)
 
     def _sigmas(self, name: str, gain: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
