@@ -21,39 +21,23 @@ prepared (``source/training/step_graphs.py``).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from source.config import Config
-from source.links import no_power_iteration
+from source.links import power_iteration
 from source.regularizers import DiffAugment, GeneratorEMA, LeCam
 from source.regularizers.losses import LOSSES
 from source.spectral.gsr import GroupSpectralRegularizer
 from source.training import performance
-from source.training.distributed import World, all_reduce_mean, broadcast_buffers
+from source.training.distributed import World, all_reduce_mean, broadcast_buffers, ddp_sync, unwrap
 from source.training.phases import G_PHASE, PhaseDraws
 from source.training.resume_artefact import ResumeArtefact
 from source.training.schedule import linear_shift, set_learning_rate
 from source.training.step_graphs import StepGraphs
-
-
-def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
-    """Let spectral norm advance its power iteration only when ``enabled``.
-
-    The updater enables it on the first micro-batch of each phase only, so one optimizer step does
-    one power step whatever the accumulation and world size: the same global batch then gives the
-    same update on 1 or N processes (sngan_projection, 1 forward per step, did one per step too).
-    """
-    return nullcontext() if enabled else no_power_iteration(*models)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 @dataclass
@@ -167,7 +151,7 @@ class Updater:
             positions = self._positions(part)  # of the reals; the fakes' are B further
             images = self._augment(torch.cat([real.to(fake.dtype), fake]), inputs["augmentation"],
                                    torch.cat([positions, positions + batchsize]))
-            with self._sync(self.dis, micro, self.accumulation), \
+            with ddp_sync(self.dis, micro == self.accumulation - 1), \
                     power_iteration((self.dis_module,), enabled=micro == 0):
                 # One D call on real+fake: one SN power step; D has no BatchNorm, so it equals two calls.
                 with self._autocast():
@@ -200,7 +184,7 @@ class Updater:
                 part = self._micro_slice(micro)
                 labels = None if inputs["labels"] is None else inputs["labels"][part]
                 last = micro == self.gen_accumulation - 1
-                with self._sync(self.gen, micro, self.gen_accumulation), \
+                with ddp_sync(self.gen, last), \
                         power_iteration((self.gen_module, dis), enabled=micro == 0):
                     with self._autocast():
                         fake = self._augment(self._generate(self.gen, inputs["z"][part], labels),
@@ -268,13 +252,6 @@ class Updater:
         """Rank r's micro-batch k holds global samples (k*W + r)*m ... +m, like the data iterator's shards."""
         start = (micro * self.world.size + self.world.rank) * self.config.micro_batchsize
         return slice(start, start + self.config.micro_batchsize)
-
-    def _sync(self, model: nn.Module, micro: int, accumulation: int):
-        """DDP all-reduces gradients only on the last micro-batch of the accumulation."""
-        last = micro == accumulation - 1
-        if isinstance(model, DistributedDataParallel) and not last:
-            return model.no_sync()
-        return nullcontext()
 
     def _set_learning_rates(self) -> None:
         for optimizer, adam in ((self.opt_gen, self.config.adam_G), (self.opt_dis, self.config.adam_D)):

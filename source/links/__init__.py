@@ -18,6 +18,7 @@ from source.links.spectral_norm import (
     linear,
     no_power_iteration,
     orthogonal_init_,
+    power_iteration,
     spectral_normed,
 )
 
@@ -38,5 +39,6 @@ __all__ = [
     "linear",
     "no_power_iteration",
     "orthogonal_init_",
+    "power_iteration",
     "spectral_normed",
 ]

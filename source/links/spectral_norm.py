@@ -11,7 +11,7 @@ power iterations at registration, and never updates ``u`` in eval mode, whereas 
 SNLinear/SNEmbedID also update it in eval mode.
 """
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -110,6 +110,16 @@ def no_power_iteration(*models: nn.Module) -> Iterator[None]:
     finally:
         for layer, mode in zip(layers, modes):
             layer.training = mode
+
+
+def power_iteration(models: tuple[nn.Module, ...], enabled: bool):
+    """Let spectral norm of ``models`` advance its power iteration only when ``enabled``.
+
+    The updater enables it on the first micro-batch of each phase only, so one optimizer step does
+    one power step whatever the accumulation and world size: the same global batch then gives the
+    same update on 1 or N processes (sngan_projection, 1 forward per step, did one per step too).
+    """
+    return nullcontext() if enabled else no_power_iteration(*models)
 
 
 def glorot_init_(module: nn.Module, gain: float) -> nn.Module:

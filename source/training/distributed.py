@@ -4,12 +4,14 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from source.config import ConfigError, first_line
 
@@ -51,6 +53,18 @@ def init_world(device: str = "auto") -> World:
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend, rank=rank, world_size=size)
     return World(rank=rank, local_rank=local_rank, size=size, device=resolved)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def ddp_sync(model: nn.Module, enabled: bool):
+    """Let DDP all-reduce the gradients of the backwards inside only when ``enabled``: on the last micro-batch
+    of a gradient accumulation (no_sync before it). A model without DDP: nothing to do."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    return nullcontext()
 
 
 def shutdown_world(finished: bool) -> None:
