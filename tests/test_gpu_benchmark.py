@@ -216,15 +216,19 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
 
 
 def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
-    """The device call's one command: on a CPU the GPU-only tests skip (on a GPU they run), then bench.py writes."""
+    """The device call's one command: on a CPU the GPU-only tests skip (on a GPU they run), then bench.py writes,
+    and leaves its results on the machine too, for the next call while it is warm (measure_then_study.sh 0)."""
+    measured_here = tmp_path.parent / f"{tmp_path.name}-measured"
     completed = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--gpu-tests", "--quick", "--sections",
-                                ""], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path)},
+                                ""], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path),
+                                                    "MEASURED_HERE": str(measured_here)},
                                capture_output=True, text=True, timeout=300)  # the sections: the fixture's run
     assert completed.returncode == 0, completed.stdout[-2000:]
     tests_log = (tmp_path / "gpu_tests.log").read_text()
     expected = "9 passed" if torch.cuda.is_available() else "9 skipped"
     assert expected in tests_log, tests_log[-500:]
     (result,) = tmp_path.glob("gpu_*-quick.json")
+    assert (measured_here / result.name).read_bytes() == result.read_bytes()
     result = json.loads(result.read_text())
     assert result["complete"] and result["sections"] == {} and (tmp_path / "gpu_bench.log").is_file()
     tests = result["protocol"]["gpu_tests"]  # what study_settings.py requires before it uses what they test

@@ -136,3 +136,53 @@ def test_without_results_named_the_machines_own_file_is_read(tmp_path, capsys):
     (tmp_path / "gpu_third-gpu.json").unlink()  # one file alone: whichever GPU measured it
     assert main(["--dir", str(tmp_path)]) == 0 and "section (d) of" in capsys.readouterr().err
     assert main(["--dir"]) == 2 and main(["a.json", "b.json"]) == 2
+
+
+def test_a_later_run_whose_gpu_only_tests_failed_withdraws_an_earlier_runs_numbers(tmp_path, capsys):
+    """merge.py keeps an earlier (d) when the later run's is not ok; the later run's failing tests (``protocol``)
+    still decide: the code and machine that (d) measured no longer passed them."""
+    from benchmarks.gpu.study_settings import main
+
+    failed = {"exit": 1, "summary": "1 failed, 8 passed in 50s", "passed": False}
+    merged = tmp_path / "gpu_merged.json"
+    merged.write_text(json.dumps({"protocol": {"gpu_tests": failed},
+                                  "sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
+    assert main([str(merged)]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "" and "1 failed, 8 passed" in printed.err
+    merged.write_text(json.dumps({"protocol": {"gpu_tests": PASSED},
+                                  "sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
+    assert main([str(merged)]) == 0 and capsys.readouterr().out.split() == STEP_GRAPHS
+    merged.write_text("[1, 2]")
+    assert main([str(merged)]) == 0 and "base settings" in capsys.readouterr().err
+
+
+def test_a_warm_machines_own_measurements_come_first_and_the_chunk_budget_is_read_leniently(tmp_path):
+    """measure_then_study.sh 0 in the call after run.sh's, on the same machine: its results (MEASURED_HERE), not the
+    committed ones; CHUNK_BUDGET "auto" or with a fraction is accepted, anything else refused before anything runs."""
+    from benchmarks.gpu.common import device_name, pick_device, slug
+
+    study_file = write_study(tmp_path, 2, a={})
+    measured, committed = tmp_path / "measured", tmp_path / "committed"
+    for folder, variant in ((measured, "step-graphs"), (committed, "eager")):
+        folder.mkdir()
+        own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
+        own.write_text(json.dumps({"sections": {"d_small_models": dict(section(variant=variant), gpu_tests=PASSED)}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "MEASURED_HERE": str(measured),
+           "RESULTS_DIR": str(committed), "CALL_S": "100"}
+
+    def call(chunk: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), chunk],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    for chunk in ("auto", "150.7"):
+        completed = call(chunk)
+        assert completed.returncode == 0, completed.stderr[-2000:]
+        assert f"section (d) of {measured}" in completed.stderr and "none started" in completed.stdout
+    (measured / own.name).unlink()  # a fresh machine: nothing measured here yet
+    assert f"section (d) of {committed}" in call("auto").stderr
+    refused = call("soon")
+    assert refused.returncode == 2 and "must be seconds or auto" in refused.stderr
+    assert not list(out.iterdir())

@@ -4,25 +4,33 @@
 # (study_settings.py: step graphs, runs per process, SR on the CPU; each only where measured better and agreeing).
 #   bash benchmarks/gpu/measure_then_study.sh D_BUDGET STUDY CHUNK_BUDGET [source.study device options]
 # e.g. 240 configs/collapse/gpu_study.yaml 150 --setting b64, with carry [".study_carry", "benchmarks/gpu/carry/wheels"]
-# D_BUDGET 0: nothing measured, the settings from the committed results (RESULTS=; by default the file of this
-# machine's GPU in RESULTS_DIR, default benchmarks/results, else the only one there), the whole call for the chunk.
-# Either way study_settings.py uses only what the same benchmark run recorded as measured better, with the GPU-only
-# tests passed. The chunk trains CHUNK_BUDGET seconds at most, less where the call (CALL_S, default 590 s: the device
-# tool's timeout_s) would otherwise end before it has packed.
+# D_BUDGET 0: nothing measured, the settings from results measured before (RESULTS=; else what an earlier call of
+# this session measured on this machine, while it is still warm (run.sh leaves its results in MEASURED_HERE); else
+# the file of this machine's GPU in RESULTS_DIR, default benchmarks/results, else the only one there), the whole call
+# for the chunk. Either way study_settings.py uses only what the same benchmark run recorded as measured better, with
+# the GPU-only tests passed. The chunk trains CHUNK_BUDGET seconds at most ("auto": as long as the call allows;
+# fractions are dropped), less where the call (CALL_S, default 590 s: give the device tool's timeout_s) would
+# otherwise end before it has packed. Its console goes to $OUT/chunk.log too (with D_BUDGET: to gpu_bench.log).
 # STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
 # (a test's stand-in).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 3 ] || { echo "usage: $0 D_BUDGET STUDY CHUNK_BUDGET [source.study device options]" >&2; exit 2; }
-D_BUDGET=$1 STUDY=$2 CHUNK_BUDGET=$3
+D_BUDGET=$1 STUDY=$2 ASKED=$3 CHUNK_BUDGET=${3%.*}
 shift 3
+[ "$CHUNK_BUDGET" = auto ] && CHUNK_BUDGET=100000
+case "$CHUNK_BUDGET" in ''|*[!0-9]*) echo "$0: CHUNK_BUDGET must be seconds or auto, not $ASKED" >&2; exit 2;; esac
+MEASURED_HERE=${MEASURED_HERE:-/tmp/srgan-gpu-bench-measured}
 STARTED=$(date +%s)
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 PARTS=4  # the chunk's share of the 8 files a call returns
+CHUNK_LOG=${OUT:-.}/chunk.log
 if [ "$D_BUDGET" = 0 ]; then
     RESULT=(--dir "${RESULTS_DIR:-benchmarks/results}")  # study_settings.py picks the file of this machine's GPU
+    ls "$MEASURED_HERE"/gpu_*.json >/dev/null 2>&1 && RESULT=(--dir "$MEASURED_HERE")
     [ -n "${RESULTS:-}" ] && RESULT=("$RESULTS")
+    echo "measure_then_study: the settings from ${RESULT[*]}"
 else
     bash "${RUN_SH:-benchmarks/gpu/run.sh}" --gpu-tests --sections d_small_models --budget d_small_models="$D_BUDGET"
     MEASURED=$(ls "$OUT"/gpu_*.json 2>/dev/null | head -1)
@@ -33,6 +41,7 @@ else
         cat "$OUT/gpu_tests.log" >> "$OUT/gpu_bench.log" && rm "$OUT/gpu_tests.log"
     fi
     PARTS=2
+    CHUNK_LOG=$OUT/gpu_bench.log  # the 8 files are taken
 fi
 SETTINGS=$("$PYTHON" -m benchmarks.gpu.study_settings "${RESULT[@]}")
 LEFT=$(( ${CALL_S:-590} - ($(date +%s) - STARTED) - 150 ))  # 150: the grace, unpacking and packing
@@ -44,4 +53,5 @@ fi
 echo "measure_then_study: the chunk trains ${BUDGET} s with: ${SETTINGS:-its base settings}"
 # shellcheck disable=SC2086  # the settings are words to split
 PYTHONUNBUFFERED=1 "$PYTHON" -m source.study device "$STUDY" --carry "${STUDY_CARRY:-.study_carry}" --out "$OUT" \
-    --budget "$BUDGET" --grace 60 --parts "$PARTS" $SETTINGS "$@"
+    --budget "$BUDGET" --grace 60 --parts "$PARTS" $SETTINGS "$@" 2>&1 | (trap '' TERM INT HUP; exec tee -a "$CHUNK_LOG")  # a signal to
+exit "${PIPESTATUS[0]}"  # the call must not end tee first: the chunk still prints while it stops and packs

@@ -11,6 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 CARRY=benchmarks/gpu/carry
 STASH=/tmp/srgan-gpu-bench-stash
+MEASURED_HERE=${MEASURED_HERE:-/tmp/srgan-gpu-bench-measured}  # this machine's results, for its next call
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 
@@ -27,17 +28,33 @@ if ! "$PYTHON" -c "$INSTALLED" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/nul
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi
 
+# Every process left in session $1 (by /proc: the GPU image may lack pkill).
+kill_session() {
+    local stat line
+    for stat in /proc/[0-9]*/stat; do
+        line=$(cat "$stat" 2>/dev/null) || continue
+        read -r _state _ppid _group session _ <<< "${line##*) }"
+        [ "$session" = "$1" ] && kill -KILL "${stat//[^0-9]/}" 2>/dev/null
+    done
+    return 0
+}
+
 RESULTS=${OUT:-benchmarks/results}
 TESTS=()
 if [ "${1:-}" = "--gpu-tests" ]; then
     shift
     TESTS_LOG=${OUT:-$RESULTS}/gpu_tests.log  # beside the results it vouches for
     mkdir -p "$(dirname "$TESTS_LOG")"
-    # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one)
-    timeout -k 5 "${GPU_TESTS_S:-180}" "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=120 -k gpu \
+    # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one); in a
+    # session of their own, so that what they started in process groups of its own (the study's train.py runs) ends
+    # with them instead of loading the GPU during the benchmark
+    SESSION=/tmp/srgan-gpu-tests.sid
+    setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 5 "$1" "${@:2}"' "$SESSION" "${GPU_TESTS_S:-120}" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=90 -k gpu \
         tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py 2>&1 \
         | tee "$TESTS_LOG"
     echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$TESTS_LOG"  # bench.py records it; 124: the timeout ended them
+    kill_session "$(cat "$SESSION")"
     TESTS=(--gpu-tests-log "$TESTS_LOG")
 fi
 
@@ -56,3 +73,10 @@ LOG=/dev/null
 mkdir -p "$RESULTS"
 PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu/bench.py --out "$RESULTS" ${WEIGHTS[@]+"${WEIGHTS[@]}"} \
     ${TESTS[@]+"${TESTS[@]}"} "$@" 2>&1 | tee "$LOG"
+STATUS=${PIPESTATUS[0]}
+# On the device machine the results stay there too: a next call of the same session, sent while the machine is
+# still warm, finds them (measure_then_study.sh 0 takes its settings from them, nothing to fold in first)
+if [ -n "${OUT:-}" ] && ls "$OUT"/gpu_*.json >/dev/null 2>&1; then
+    mkdir -p "$MEASURED_HERE" && cp "$OUT"/gpu_*.json "$MEASURED_HERE"/
+fi
+exit "$STATUS"

@@ -82,15 +82,25 @@ def results_of_this_gpu(folder: Path) -> Path | None:
     return None
 
 
-def read_section(path: Path) -> dict:
-    """Section (d) of a benchmark's results ({} when there is none or the file is not such results)."""
+def read_results(path: Path) -> dict:
+    """A benchmark's results ({} when the file is not such results: the chunk then runs as the study's base sets)."""
     try:
-        small = json.loads(path.read_text())["sections"].get("d_small_models") or {}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        results = json.loads(path.read_text())
+        if not isinstance(results, dict) or not isinstance(results["sections"], dict):
+            raise TypeError("not a benchmark's results")
+    except (OSError, ValueError, KeyError, TypeError) as error:
         print(f"study_settings: {path}: {error}; the chunk runs as the study's base sets", file=sys.stderr)
         return {}
     print(f"study_settings: section (d) of {path}", file=sys.stderr)
-    return small
+    return results
+
+
+def tests_vouching(results: dict, small: dict) -> dict | None:
+    """The GPU-only tests' outcome that (d)'s numbers stand on: those of the run that measured (d), unless the file's
+    latest run (merged in later, ``protocol.gpu_tests``) recorded them failing: on that machine and code, the paths
+    (d) measured may no longer hold, whatever an earlier run found."""
+    latest = (results.get("protocol") or {}).get("gpu_tests")
+    return latest if latest and not latest.get("passed") else small.get("gpu_tests")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m benchmarks.gpu.study_settings RESULTS.json | --dir FOLDER", file=sys.stderr)
         return 2
     path = results_of_this_gpu(Path(argv[1])) if argv[0] == "--dir" else Path(argv[0])
-    small = read_section(path) if path else {}
-    arguments, reasons = choose(small, small.get("gpu_tests"))
+    results = read_results(path) if path else {}
+    small = (results.get("sections") or {}).get("d_small_models") or {}
+    arguments, reasons = choose(small, tests_vouching(results, small))
     for reason in reasons:
         print(f"study_settings: {reason}", file=sys.stderr)
     print(" ".join(arguments))

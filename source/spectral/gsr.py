@@ -127,8 +127,9 @@ class GroupSpectralRegularizer:
     def _record(self, name: str, sigma_gain: torch.Tensor, sigma_bias: torch.Tensor) -> None:
         """Keep this call's sigmas in tensors of our own, written in place: a step graph's outputs are its
         memory, which other replays may reuse."""
-        kept_pair = self.last_sigmas.setdefault(name, (torch.empty_like(sigma_gain), torch.empty_like(sigma_bias)))
-        for kept, value in zip(kept_pair, (sigma_gain, sigma_bias)):
+        if name not in self.last_sigmas:  # the first call (eager, before any capture) makes them
+            self.last_sigmas[name] = (torch.empty_like(sigma_gain), torch.empty_like(sigma_bias))
+        for kept, value in zip(self.last_sigmas[name], (sigma_gain, sigma_bias)):
             kept.copy_(value)
 
     def _sigmas(self, name: str, gain: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
