@@ -231,10 +231,16 @@ def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changes: li
     return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], bool(recipe_changes(changes)), default)
 
 
+DATA_LOCATIONS = ("dataset.args.root", "dataset.args.path")  # where the data set lies, not which one it is
+
+
 def recipe_changes(changes: list[str]) -> list[str]:
     """The changes that make a resume a branch: all but ``performance.*``, which changes how the arithmetic runs,
-    not the recipe (a run may continue in place with compile or TF32 switched; the log's resume event says so)."""
-    return [line for line in changes if not line.startswith("performance.")]
+    and the data's location (the same files on another machine), which change nothing of the recipe: a run may
+    continue in place with compile or TF32 switched, or moved to a machine that keeps its data elsewhere (the log's
+    resume event lists every change)."""
+    return [line for line in changes
+            if not line.startswith("performance.") and line.partition(":")[0] not in DATA_LOCATIONS]
 
 
 def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:

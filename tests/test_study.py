@@ -282,6 +282,41 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     assert "done" in capsys.readouterr().out
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(), reason="make data")
+def test_where_the_data_cannot_go_to_the_configs_folder_the_runs_are_told_where_it_went(tmp_path):
+    """A lent machine whose system folders are read-only: the chunk unpacks the data into the carry folder and gives
+    every run that folder (a location: a run resumed with it continues in place, tests/test_training.py)."""
+    import gzip
+    import lzma
+
+    blocked = tmp_path / "read-only"
+    blocked.write_text("a file where the data's folder would have to be made")
+    carry, out, there = tmp_path / "carry", tmp_path / "out", tmp_path / "there"
+    (carry / "data").mkdir(parents=True)
+    out.mkdir()
+    for path in FASHION_MNIST.glob("*-ubyte.gz"):  # what `carry` packs, at a faster preset
+        (carry / "data" / f"{path.name.removesuffix('.gz')}.xz").write_bytes(
+            lzma.compress(gzip.decompress(path.read_bytes()), preset=0))
+    study_file = write_study(tmp_path, 2, sn={})
+    spec = yaml.safe_load(study_file.read_text())
+    spec["set"] = [item for item in spec["set"] if not item.startswith("dataset.")] + [
+        "dataset.name=fashion_mnist", f"dataset.args={{root: {blocked / 'data'}, split: train}}"]
+    study_file.write_text(yaml.safe_dump(spec))
+    assert study_cli.main(["device", str(study_file), "--root", str(there), "--carry", str(carry), "--out", str(out),
+                           "--budget", "120"]) == 0
+    unpacked = (carry / "unpacked").resolve()
+    assert (unpacked / "train-images-idx3-ubyte").is_file()
+    chunk = json.loads((there / "chunks.jsonl").read_text().splitlines()[-1])
+    assert chunk["data_root"] == str(unpacked) and chunk["runs"]["tiny/sn_s0"]["returncode"] == 0
+    assert yaml.safe_load((there / "tiny" / "sn_s0" / "config.yaml").read_text())["dataset"]["args"]["root"] == \
+        str(unpacked)
+    assert runner.chunk_sets(runner.Chunk("budget", 1, performance=("performance.amp=fp32",), data_root="/d")) == \
+        ("performance.amp=fp32", "dataset.args.root=/d")
+
+
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):
     root = tmp_path / "root"
     (root / "a").mkdir(parents=True)

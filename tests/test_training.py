@@ -114,6 +114,37 @@ def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, ca
     assert {"iteration": 2, "event": "sr_start", "mode": "dynamic"} in events
 
 
+@pytest.mark.skipif(not FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist (make data)")
+def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_it_would_have(tmp_path, capsys):
+    """The data's location is not the recipe: a resume that changes only ``dataset.args.root`` continues the run in
+    place (the change printed and logged) and computes what the run computed; any other change still branches."""
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for path in FASHION_MNIST.parent.iterdir():
+        (moved / path.name).symlink_to(path)
+    run = tmp_path / "run"
+    argv = ["--config", str(CONFIGS / "demo.yaml"), "--out", str(run)] + [
+        a for o in ("models.generator.args.ch=8", "models.discriminator.args.ch=8", "batchsize=8",
+                    "micro_batchsize=8", "num_workers=0", "deterministic=true", "iteration=4", "snapshot_interval=2",
+                    "preview_interval=1000") for a in ("--set", o)]
+    assert train.main(argv) == 0
+    straight = load_snapshot(run / "snapshots" / "snapshot_iter_4.pt")
+    for path in (run / "snapshots").glob("*_iter_4.pt"):
+        path.unlink()  # the run as a stop after iteration 2 left it, now on a machine with the data in `moved`
+    capsys.readouterr()
+    resume = ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", f"dataset.args.root={moved}"]
+    assert train.main(argv + resume) == 0
+    assert f"dataset.args.root: {FASHION_MNIST.parent} -> {moved}" in capsys.readouterr().out
+    continued = load_snapshot(run / "snapshots" / "snapshot_iter_4.pt")
+    assert tensors_equal(continued["gen"], straight["gen"]) and tensors_equal(continued["dis"], straight["dis"])
+    assert continued["data"] == straight["data"] and not list(tmp_path.glob("run-*"))
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any(e.get("event") == "resumed" and f"{moved}" in " ".join(e["changes"]) for e in events)
+    argv = [a for a in argv if a not in ("--out", str(run))]
+    assert train.main(argv + resume + ["--set", "adam_D.alpha=0.001"]) == 0  # a recipe change too: a branch
+    assert (tmp_path / "run-resume2" / "snapshots" / "snapshot_iter_4.pt").is_file()
+
+
 def test_resume_from_a_snapshot_outside_its_run_folder_branches_into_results(tmp_path, monkeypatch):
     """Even with the config unchanged (which would continue RUN in place): the copy's run is unknown."""
     run = tmp_path / "run"

@@ -102,7 +102,8 @@ def chunk_performance(study: Study, sets: list[str]) -> tuple[list[str], bool]:
 
 def run_chunk(args, study: Study, root: Path, runs: list[Run]) -> runner.Chunk:
     return runner.run_chunk(study, root, args.parallel, runs, runner.budget(args.budget), grace=args.grace,
-                            performance=tuple(args.performance), compiled=args.compiled, per_process=args.per_process)
+                            performance=tuple(args.performance), compiled=args.compiled, per_process=args.per_process,
+                            data_root=getattr(args, "data_root", None) or study.data_root())
 
 
 def run(args, study: Study, root: Path, runs: list[Run]) -> int:
@@ -141,7 +142,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     started = time.time()
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
-        transfer.unpack_data(args.carry, study.data_root())
+        args.data_root = transfer.unpack_data(args.carry, study.data_root())
     if (args.carry / transfer.STATE).is_file():
         transfer.extract(args.carry / transfer.STATE, root)
     before = transfer.listing(root) if root.is_dir() else {}

@@ -36,11 +36,11 @@ REPORT_SECONDS = 60.0
 LEAD_SECONDS = 600.0  # the longest the other runs wait for a compiling lead run's first logged iteration
 
 
-def command(study: Study, root: Path, run: Run, python: str, performance: tuple[str, ...] = ()) -> list[str]:
-    """The run's train.py command; ``performance``: this chunk's ``performance.*`` overrides, given to every run
-    (they change how the arithmetic runs, not the recipe, so a run continues in place with them)."""
+def command(study: Study, root: Path, run: Run, python: str, local: tuple[str, ...] = ()) -> list[str]:
+    """The run's train.py command; ``local``: this chunk's overrides for every run (``chunk_sets``: how the arithmetic
+    runs, where the data lies; not the recipe, so a run continues in place with them)."""
     folder = run_folder(root, run)
-    chunk = [arg for override in performance for arg in ("--set", override)]
+    chunk = [arg for override in local for arg in ("--set", override)]
     sets = [arg for override in run.overrides for arg in ("--set", override)] + chunk
     state = status(study, root, run)
     if state == "started":
@@ -56,6 +56,7 @@ class Chunk:
     parallel: int
     per_process: int = 1  # runs sharing one process
     performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
+    data_root: str | None = None       # the data's folder here, told to every run (a snapshot may name another's)
     lead: str | None = None            # with compile on: the run that compiles first, alone
     lead_offset: int = 0               # where the lead's output of this chunk starts in its console log
     started: float = field(default_factory=time.time)
@@ -70,19 +71,29 @@ def budget(seconds: float | None) -> Callable[[], bool] | None:
     return lambda: time.time() >= deadline
 
 
+def chunk_sets(chunk: Chunk) -> tuple[str, ...]:
+    """What every run of ``chunk`` is given besides its own settings: how the arithmetic runs (``performance.*``) and
+    where the data lies here; neither is the recipe, so runs continue in place with them (``train.recipe_changes``)."""
+    return chunk.performance + ((f"dataset.args.root={chunk.data_root}",) if chunk.data_root else ())
+
+
 def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = None,
               stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
-              echo=print, performance: tuple[str, ...] = (), compiled: bool = False, per_process: int = 1) -> Chunk:
+              echo=print, performance: tuple[str, ...] = (), compiled: bool = False, per_process: int = 1,
+              data_root: str | Path | None = None) -> Chunk:
     """One chunk (see the module docstring) of ``runs`` (None: the study's) until ``stop()`` or all are done.
 
     ``performance``: ``performance.*`` overrides for every run of the chunk. ``compiled`` (the runs compile G
     and D): the first run compiles alone, with all the compile threads, until it logs an iteration; the others
     then find most of its compiled kernels in inductor's on-disk cache and compile with one thread each.
     ``per_process``: runs started together, up to this many, share one process (``train.py --group``).
+    ``data_root``: the data's folder on this machine, given to every run: a run continued from another machine's
+    snapshot would otherwise look for it where that machine kept it.
     """
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
-    chunk = Chunk("budget" if stop else "until done", parallel, per_process, tuple(performance))
+    chunk = Chunk("budget" if stop else "until done", parallel, per_process, tuple(performance),
+                  None if data_root is None else str(data_root))
     active = {}  # run name -> (its process, when it started); a group's runs share theirs
     # the same in every chunk with these --parallel and --per-process (CPU results depend on the thread count)
     threads = str(max(1, (os.cpu_count() or 1) // math.ceil(parallel / per_process)))
@@ -112,7 +123,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                     chunk.lead, log = group[0].name, console_log(root, group[0])
                     chunk.lead_offset = log.stat().st_size if log.is_file() else 0
                     echo(f"{chunk.lead} compiles first, alone; the others start once it logs an iteration")
-                process = _launch(study, root, group, python, threads, echo, chunk.performance, compile_threads)
+                process = _launch(study, root, group, python, threads, echo, chunk_sets(chunk), compile_threads)
                 active.update({run.name: (process, time.time()) for run in group})
                 _record_pids(root, active)
             if not active:
@@ -205,7 +216,7 @@ def _stop_leftovers(root: Path, grace: float, echo) -> None:
 
 
 def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str, echo,
-            performance: tuple[str, ...], compile_threads: str | None) -> subprocess.Popen:
+            local: tuple[str, ...], compile_threads: str | None) -> subprocess.Popen:
     """One process: ``train.py`` for a single run, ``train.py --group`` for several."""
     for run in runs:
         folder = run_folder(root, run)
@@ -214,10 +225,10 @@ def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str
         exit_status(root, run).unlink(missing_ok=True)
         console_log(root, run).parent.mkdir(parents=True, exist_ok=True)
     if len(runs) == 1:
-        args, log = command(study, root, runs[0], python, performance), console_log(root, runs[0])
+        args, log = command(study, root, runs[0], python, local), console_log(root, runs[0])
         echo(f"start {runs[0].name}: {' '.join(args[2:6])} ...")
     else:
-        specs = [{"args": command(study, root, run, python, performance)[2:], "log": str(console_log(root, run)),
+        specs = [{"args": command(study, root, run, python, local)[2:], "log": str(console_log(root, run)),
                   "status": str(exit_status(root, run))} for run in runs]
         group = root / "groups" / f"{runs[0].setting}_{runs[0].arm}_s{runs[0].seed}.json"
         group.parent.mkdir(parents=True, exist_ok=True)
@@ -298,7 +309,7 @@ def _append_history(root: Path, chunk: Chunk) -> None:
     root.mkdir(parents=True, exist_ok=True)
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
               "parallel": chunk.parallel, "per_process": chunk.per_process, "performance": list(chunk.performance),
-              "lead": chunk.lead,
+              "lead": chunk.lead, **({"data_root": chunk.data_root} if chunk.data_root else {}),
               "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
     with open(root / "chunks.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")

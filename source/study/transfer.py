@@ -171,11 +171,24 @@ def pack_data(dataset_root: Path, carry: Path) -> list[Path]:
     return written
 
 
-def unpack_data(carry: Path, dataset_root: Path) -> None:
-    """Restore the carried data files into ``dataset_root``, where the study's configs read them."""
-    Path(dataset_root).mkdir(parents=True, exist_ok=True)
+def unpack_data(carry: Path, dataset_root: Path) -> Path:
+    """Restore the carried data files into ``dataset_root``, where the study's configs read them, and return that
+    folder; where it cannot be written (a system folder of the lent machine), into ``carry``'s ``unpacked`` and
+    return that one: the chunk then tells its runs where the data is (a location, not a change of the recipe)."""
+    try:
+        _unpack_into(carry, Path(dataset_root))
+        return Path(dataset_root)
+    except OSError as error:
+        elsewhere = (carry / "unpacked").resolve()
+        print(f"study: the data cannot go to {dataset_root} ({error}); it goes to {elsewhere}", file=sys.stderr)
+        _unpack_into(carry, elsewhere)
+        return elsewhere
+
+
+def _unpack_into(carry: Path, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     for path in sorted((carry / "data").glob("*.xz")):
-        target = Path(dataset_root) / path.name.removesuffix(".xz")
+        target = folder / path.name.removesuffix(".xz")
         if not target.is_file() and not target.with_name(target.name + ".gz").is_file():
             target.write_bytes(lzma.decompress(path.read_bytes()))
 
