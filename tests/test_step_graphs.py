@@ -164,11 +164,12 @@ class Syncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_a_step_asks_the_device_nothing():
+@pytest.mark.parametrize("terms", [["bn_batchsize=2"], GSR_TERMS_GAN_FORM], ids=["recipe", "gsr-lecam-diffaugment"])
+def test_a_step_asks_the_device_nothing(terms):
     """A CUDA graph cannot hold a host synchronisation (an .item(), a data-dependent shape): D's and G's steps,
-    SN's power steps, ghost BN and Adam included, must run without one."""
+    SN's power steps, ghost BN and Adam included, and the gSR recipe's terms, must run without one."""
     Syncs.found = []
-    updater, _ = build_tiny_updater(*RECIPE, *GRAPHS, "bn_batchsize=2", "performance.fused_adam=true")
+    updater, _ = build_tiny_updater(*RECIPE, *GRAPHS, *terms, "performance.fused_adam=true")
     run = updater.graphs.run
     calls = []
 
@@ -178,9 +179,9 @@ def test_a_step_asks_the_device_nothing():
             return run(name, update, inputs)
 
     updater.graphs.run = watched
-    for _ in range(2):
+    for _ in range(3):  # LeCam's GAN form is on from iteration 2
         updater.update()
-    assert calls.count("dis") == 4 and calls.count("gen") == 2
+    assert calls.count("dis") == 6 and calls.count("gen") == 3
     assert Syncs.found == []
 
 
