@@ -307,3 +307,19 @@ def test_the_fast_settings_micro_batches_can_be_chosen_and_bad_ones_are_one_line
         with pytest.raises(SystemExit):
             script.parse(["--fast-micro", bad])
         assert "multiple of 32 that divides 2048" in capsys.readouterr().err
+
+
+def test_the_kernel_alternatives_compute_what_the_models_kernels_compute(tmp_path):
+    """benchmarks/gpu/kernels.py (--quick: the CPU's code path; on a GPU, graphs): pooling, up-sampling and SN's power
+    steps in their candidate forms give the models' values, so that only their times differ."""
+    from benchmarks.gpu import kernels
+
+    assert kernels.main(["--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("kernels_*-quick.json")
+    result = json.loads(path.read_text())
+    for row in result["avg_pool_2x2"] + result["nearest_upsample_x2"]:
+        assert row["output_max_difference"] <= 1e-6 and row["gradient_max_difference"] <= 1e-6
+        assert row["native_us"] > 0 and row["candidate_us"] > 0
+    assert result["nearest_upsample_x2"][0]["output_max_difference"] == 0  # a copy: bit for bit
+    steps = result["sn_power_steps_study_dis"]
+    assert steps["layers"] == 11 and 1 < steps["shapes"] < 11 and steps["max_difference"] <= 1e-5

@@ -1,0 +1,200 @@
+"""Kernel alternatives for the launch-bound 32 px models, timed side by side where step graphs run them.
+
+    python -m benchmarks.gpu.kernels [--quick] [--out DIR]      # on the device machine: --out $OUT, ~20 s
+
+The H200's step-graphs profile of the collapse study's model (benchmarks/results/gpu_nvidia-h200.json, section (d))
+spent 0.70 ms per G-iteration in 23 calls of CUDA's ``avg_pool2d`` backward and 0.56 ms in 12 of nearest
+up-sampling's backward, some 10x the time their memory traffic needs, and about half of its ~3000 kernels were
+spectral norm's power steps on tiny vectors. Before the models change, this measures the candidates on the GPU:
+- 2x2 average pooling as a mean over a reshaped view, and nearest x2 up-sampling as an expanded view, forward and
+  backward, against torch's kernels, at the study's shapes and the 128 px models' (the same values to the rounding
+  of a 4-term sum: pooling's forward, up-sampling's backward);
+- one power step of every SN layer of the study's D, layer by layer (``FP32SpectralNorm._power_step``), against
+  the layers of one weight shape stacked into batched products (the same u, v and sigma to rounding).
+On a GPU each case is captured once as a CUDA graph and replayed (as step graphs run it), timed with CUDA events;
+on a CPU it runs eagerly. Writes ``kernels_<device>.json`` into --out (the committed copies: benchmarks/results/).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, slug
+from benchmarks.results_io import save_result
+from source.config import load_config
+from source.models import build_model
+from source.spectral.spectra import raw_weight, spectral_norm_layers, spectral_norm_of
+
+STUDY_CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
+# (batch, channels, height, width) of the inputs: the study's D pools 32 -> 16 -> 8 (64 real + 64 fake), its G
+# up-samples 4 -> 8 -> 16 (micro-batch 64); the 128 px models' at micro-batch 32
+POOL_SHAPES = {False: [(128, 32, 32, 32), (128, 32, 16, 16), (32, 64, 128, 128), (32, 256, 32, 32)],
+               True: [(4, 2, 8, 8)]}
+UPSAMPLE_SHAPES = {False: [(64, 32, 4, 4), (64, 32, 8, 8), (64, 32, 16, 16), (32, 1024, 8, 8), (32, 128, 64, 64)],
+                   True: [(4, 2, 4, 4)]}
+
+
+def pool_native(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2)
+
+
+def pool_reshaped(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.view(n, c, h // 2, 2, w // 2, 2).mean(dim=(3, 5))
+
+
+def upsample_native(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
+def upsample_expanded(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+
+
+def forward_backward(function, x: torch.Tensor, grad: torch.Tensor):
+    """The function's output and its input's gradient (what one use inside a training step costs)."""
+    def step():
+        y = function(x)
+        return y, torch.autograd.grad(y, x, grad)[0]
+    return step
+
+
+def microseconds(step, device: torch.device, repeats: int) -> float:
+    """Per call: replays of a CUDA graph of ``step`` on a GPU (warmed up on a side stream first), eager on a CPU."""
+    if device.type != "cuda":
+        step()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        return 1e6 * (time.perf_counter() - start) / repeats
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1e3 * begin.elapsed_time(end) / repeats
+
+
+def compare(native, candidate, shapes: list[tuple], device: torch.device, repeats: int) -> list[dict]:
+    rows = []
+    for shape in shapes:
+        generator = torch.Generator(device).manual_seed(0)
+        x = torch.randn(shape, device=device, generator=generator).requires_grad_()
+        grad = torch.randn(native(x.detach()).shape, device=device, generator=generator)
+        (y_native, g_native), (y_candidate, g_candidate) = (forward_backward(f, x, grad)() for f in (native, candidate))
+        times = [microseconds(forward_backward(f, x, grad), device, repeats) for f in (native, candidate)]
+        rows.append({"shape": list(shape), "native_us": round(times[0], 2), "candidate_us": round(times[1], 2),
+                     "candidate_over_native": round(times[1] / times[0], 3),
+                     "output_max_difference": float((y_native - y_candidate).detach().abs().max()),
+                     "gradient_max_difference": float((g_native - g_candidate).abs().max())})
+    return rows
+
+
+def study_discriminator(device: torch.device, quick: bool) -> tuple[list, list[torch.Tensor]]:
+    """The SN parametrizations of the study's D (ch 8 with --quick) and their raw weights as matrices."""
+    config = load_config(STUDY_CONFIG, ["models.discriminator.args.ch=8"] if quick else [])
+    spec = config.models.discriminator
+    dis = build_model(spec.name, spec.args).to(device).train()
+    layers = spectral_norm_layers(dis).values()
+    return ([spectral_norm_of(layer) for layer in layers],
+            [spectral_norm_of(layer)._reshape_weight_to_matrix(raw_weight(layer)).detach() for layer in layers])
+
+
+def power_steps_layer_by_layer(layers: list, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [sn._power_step(matrix) for sn, matrix in zip(layers, matrices)]
+
+
+class StackedPowerSteps:
+    """The same steps with the layers of one weight shape stacked into batched products, their u and v held stacked
+    (in a model built so, each layer's buffers would be views into these): u = W v / |W v|, v = W^T u / |W^T u|,
+    sigma = |W^T u|. Only the weights are stacked per call (a copy: they are separate parameters)."""
+
+    def __init__(self, layers: list, matrices: list[torch.Tensor]):
+        groups = defaultdict(list)
+        for index, matrix in enumerate(matrices):
+            groups[tuple(matrix.shape)].append(index)
+        self.groups = list(groups.values())
+        self.eps = layers[0].eps
+        self.u = [torch.stack([layers[i]._u for i in group]) for group in self.groups]
+        self.v = [torch.stack([layers[i]._v for i in group]) for group in self.groups]
+
+    def __call__(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
+        sigmas = []
+        for group, u, v in zip(self.groups, self.u, self.v):
+            w = torch.stack([matrices[i] for i in group])
+            product = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
+            torch.div(product, torch.linalg.vector_norm(product, dim=1, keepdim=True).clamp_min_(self.eps), out=u)
+            product = torch.bmm(w.mT, u.unsqueeze(-1)).squeeze(-1)
+            norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
+            torch.div(product, norm.clamp_min(self.eps), out=v)
+            sigmas.append(norm)
+        return sigmas
+
+    def values(self, sigmas: list[torch.Tensor], count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(u, v, sigma) of each layer, in the layers' order."""
+        found = [None] * count
+        for group, u, v, sigma in zip(self.groups, self.u, self.v, sigmas):
+            for row, index in enumerate(group):
+                found[index] = (u[row], v[row], sigma[row, 0])
+        return found
+
+
+def sn_power_steps(device: torch.device, quick: bool, repeats: int) -> dict:
+    layers, matrices = study_discriminator(device, quick)
+    with torch.no_grad():
+        stacked = StackedPowerSteps(layers, matrices)
+        expected = [(sn._u, sn._v, sigma) for sn, sigma in zip(layers, power_steps_layer_by_layer(layers, matrices))]
+        found = stacked.values(stacked(matrices), len(layers))
+        difference = max(float((a - b).abs().max()) for mine, theirs in zip(found, expected)
+                         for a, b in zip(mine, theirs))
+        times = [microseconds(step, device, repeats) for step in
+                 (lambda: power_steps_layer_by_layer(layers, matrices), lambda: stacked(matrices))]
+    return {"layers": len(layers), "shapes": len(stacked.groups),
+            "layer_by_layer_us": round(times[0], 2), "stacked_us": round(times[1], 2),
+            "stacked_over_layer_by_layer": round(times[1] / times[0], 3), "max_difference": difference}
+
+
+def run(quick: bool, device: torch.device) -> dict:
+    repeats = 3 if quick else 200 if device.type == "cuda" else 10
+    torch.backends.cudnn.benchmark = False
+    return {"what": __doc__.splitlines()[0], "quick": quick, "environment": environment(device),
+            "repeats": repeats, "avg_pool_2x2": compare(pool_native, pool_reshaped, POOL_SHAPES[quick], device, repeats),
+            "nearest_upsample_x2": compare(upsample_native, upsample_expanded, UPSAMPLE_SHAPES[quick], device,
+                                           repeats),
+            "sn_power_steps_study_dis": sn_power_steps(device, quick, repeats)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 3 repeats (the test)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
+    args = parser.parse_args(argv)
+    device = pick_device()
+    result = run(args.quick, device)
+    name = f"kernels_{slug(device_name(device))}{'-quick' if args.quick else ''}.json"
+    save_result(result, args.out / name)
+    print(f"{args.out / name}: pooling {[row['candidate_over_native'] for row in result['avg_pool_2x2']]}, "
+          f"up-sampling {[row['candidate_over_native'] for row in result['nearest_upsample_x2']]}, SN power steps "
+          f"{result['sn_power_steps_study_dis']['stacked_over_layer_by_layer']} (candidate / native time)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
