@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from source.config import Config, ConfigError, config_from_dict, load_config, save_config
-from source.datasets import DatasetError
+from source.datasets import STANDARD_FILES, DatasetError
 from source.training import build, checkpoint, group, performance, runfolder
 from source.training.summary import batch_summary, dry_run
 from source.typed import config_differences
@@ -173,7 +173,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     """Everything up to the first iteration: the models, the run folder (locked until ``stack`` closes), the data,
     the trainer, the resumed state. None after a dry run, which only prints what would run."""
     changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
-    plan = plan_run_folder(args, snapshot, changes)
+    plan = plan_run_folder(args, snapshot, bool(recipe_changes(changes, config.dataset.name)))
     performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
@@ -222,25 +222,22 @@ def resume_artefact(config: Config, models: build.Models, branch: bool) -> Resum
     return None
 
 
-def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changes: list[str]) -> runfolder.Plan:
+def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bool) -> runfolder.Plan:
     """A new run gets a new (or empty) folder; a resume continues its run in place only from the run's latest
     snapshot with unchanged settings, otherwise it branches (the SN run whose 40k snapshot is resumed with SR is kept)."""
     default = Path("results") / Path(args.config or "resumed").stem
     if snapshot is None:
         return runfolder.plan_fresh(args.out, default)
-    return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], bool(recipe_changes(changes)), default)
+    return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], changed, default)
 
 
-DATA_LOCATIONS = ("dataset.args.root", "dataset.args.path")  # where the data set lies, not which one it is
-
-
-def recipe_changes(changes: list[str]) -> list[str]:
+def recipe_changes(changes: list[str], dataset: str) -> list[str]:
     """The changes that make a resume a branch: all but ``performance.*``, which changes how the arithmetic runs,
-    and the data's location (the same files on another machine), which change nothing of the recipe: a run may
-    continue in place with compile or TF32 switched, or moved to a machine that keeps its data elsewhere (the log's
-    resume event lists every change)."""
-    return [line for line in changes
-            if not line.startswith("performance.") and line.partition(":")[0] not in DATA_LOCATIONS]
+    and, for a standard data set (``STANDARD_FILES``: its name fixes its images), ``dataset.args.root``, where its
+    files lie: a run may continue in place with compile or TF32 switched, or moved to a machine that keeps the files
+    elsewhere (the log's resume event lists every change). A folder of images' root says which images: a branch."""
+    moved = "dataset.args.root" if dataset in STANDARD_FILES else None
+    return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] != moved]
 
 
 def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:

@@ -199,6 +199,31 @@ def test_a_cached_reference_of_another_setup_is_refused_with_the_differing_field
     assert "extra.n_classes: cached 3, expected 4" in message and "\n" not in message
 
 
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").exists(), reason="make data")
+def test_a_standard_data_sets_files_moved_elsewhere_keep_its_cached_reference(tmp_path, monkeypatch):
+    """Fashion-MNIST's root says where its files lie, not what they hold: a run moved to a machine that keeps them
+    elsewhere (it continues in place, tests/test_training.py) finds its reference, also one cached when the key
+    still named the root, instead of a mismatch that would end its evaluations."""
+    from source.metrics import reference
+
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for path in FASHION_MNIST.iterdir():
+        (moved / path.name).symlink_to(path)
+    here, there = (load_config(CONFIGS / "demo.yaml", [f"evaluation.cache_dir={tmp_path / 'cache'}", *root])
+                   for root in ([], [f"dataset.args.root={moved}"]))
+    with monkeypatch.context() as before:
+        before.setattr(reference, "LOCATION", ())  # the key as this version's predecessors wrote it
+        written = dataset_reference(here, reference_data(here), PixelBackbone(), 8)
+    assert written.key["extra"]["root"] == str(FASHION_MNIST)
+    found = dataset_reference(there, reference_data(there), PixelBackbone(), 8)
+    assert found.path == written.path and np.array_equal(found.stats.mu, written.stats.mu)
+    assert "root" not in found.key["extra"]
+
+
 def test_intra_fid_is_zero_against_the_generators_own_class_statistics():
     gen, backbone = tiny_generator(), PixelBackbone()
 

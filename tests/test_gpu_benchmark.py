@@ -217,8 +217,11 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
 
 def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
     """The device call's one command: on a CPU the GPU-only tests skip (on a GPU they run), then bench.py writes,
-    and leaves its results on the machine too, for the next call while it is warm (measure_then_study.sh 0)."""
+    and leaves results that hold section (d) on the machine too, for the next call while it is warm
+    (measure_then_study.sh 0); others it leaves alone."""
     measured_here = tmp_path.parent / f"{tmp_path.name}-measured"
+    with_d = tmp_path / "gpu_earlier.json"  # as an earlier run of this call would have left it
+    with_d.write_text(json.dumps({"sections": {"d_small_models": {"status": "ok"}}}))
     completed = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--gpu-tests", "--quick", "--sections",
                                 ""], cwd=ROOT, env={**os.environ, "OUT": str(tmp_path),
                                                     "MEASURED_HERE": str(measured_here)},
@@ -228,7 +231,7 @@ def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
     expected = "9 passed" if torch.cuda.is_available() else "9 skipped"
     assert expected in tests_log, tests_log[-500:]
     (result,) = tmp_path.glob("gpu_*-quick.json")
-    assert (measured_here / result.name).read_bytes() == result.read_bytes()
+    assert [path.name for path in measured_here.iterdir()] == [with_d.name]  # this run's (no (d)) stays in $OUT
     result = json.loads(result.read_text())
     assert result["complete"] and result["sections"] == {} and (tmp_path / "gpu_bench.log").is_file()
     tests = result["protocol"]["gpu_tests"]  # what study_settings.py requires before it uses what they test

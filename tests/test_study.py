@@ -313,8 +313,24 @@ def test_where_the_data_cannot_go_to_the_configs_folder_the_runs_are_told_where_
     assert chunk["data_root"] == str(unpacked) and chunk["runs"]["tiny/sn_s0"]["returncode"] == 0
     assert yaml.safe_load((there / "tiny" / "sn_s0" / "config.yaml").read_text())["dataset"]["args"]["root"] == \
         str(unpacked)
-    assert runner.chunk_sets(runner.Chunk("budget", 1, performance=("performance.amp=fp32",), data_root="/d")) == \
-        ("performance.amp=fp32", "dataset.args.root=/d")
+    study = load_study(study_file)
+    (run,) = study.runs
+    assert runner.command(study, tmp_path / "fresh", run, "python", ("performance.amp=fp32",), "/x #1: y")[-4:] == \
+        ["--set", "performance.amp=fp32", "--set", 'dataset.args.root="/x #1: y"']  # a YAML value, quoted
+    assert load_config(study.spec.base, ['dataset.args.root="/x #1: y"']).dataset.args.root == "/x #1: y"
+
+
+def test_a_setting_with_data_of_its_own_keeps_it_when_the_chunk_names_the_studys_folder(tmp_path):
+    """The study's data (its first run's, what `carry` packs) is where the chunk says; another setting's stays its own."""
+    study_file = write_study(tmp_path, 2, sn={})
+    spec = yaml.safe_load(study_file.read_text())
+    spec["set"] = [item for item in spec["set"] if not item.startswith("dataset.")] + ["dataset.name=fashion_mnist"]
+    spec["settings"] = {"tiny": [], "cifar": ["dataset.name=cifar10", "dataset.args.root=/data/my_cifar"]}
+    study_file.write_text(yaml.safe_dump(spec))
+    study = load_study(study_file)
+    commands = {run.setting: runner.command(study, tmp_path, run, "python", (), "/here") for run in study.runs}
+    assert study.data_root() == Path("/data/my_cifar")  # the settings in sorted order: cifar's run is the first
+    assert 'dataset.args.root="/here"' in commands["cifar"] and not any("/here" in a for a in commands["tiny"])
 
 
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):

@@ -116,8 +116,9 @@ def test_resume_with_changed_config_branches_and_prints_differences(tmp_path, ca
 
 @pytest.mark.skipif(not FASHION_MNIST.exists(), reason="apt-get install dataset-fashion-mnist (make data)")
 def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_it_would_have(tmp_path, capsys):
-    """The data's location is not the recipe: a resume that changes only ``dataset.args.root`` continues the run in
-    place (the change printed and logged) and computes what the run computed; any other change still branches."""
+    """A standard data set's location is not the recipe: a resume that changes only its ``dataset.args.root``
+    continues the run in place (the change printed and logged) and computes what the run computed; any other change
+    still branches, and so does a folder of images' root."""
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     for path in FASHION_MNIST.parent.iterdir():
@@ -143,6 +144,8 @@ def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_
     argv = [a for a in argv if a not in ("--out", str(run))]
     assert train.main(argv + resume + ["--set", "adam_D.alpha=0.001"]) == 0  # a recipe change too: a branch
     assert (tmp_path / "run-resume2" / "snapshots" / "snapshot_iter_4.pt").is_file()
+    moving = ["dataset.args.root: /data/a -> /data/b"]  # a folder of images: its root says which images
+    assert train.recipe_changes(moving, "imagenet") == moving and train.recipe_changes(moving, "cifar10") == []
 
 
 def test_resume_from_a_snapshot_outside_its_run_folder_branches_into_results(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ D_BUDGET=$1 STUDY=$2 ASKED=$3 CHUNK_BUDGET=${3%.*}
 shift 3
 [ "$CHUNK_BUDGET" = auto ] && CHUNK_BUDGET=100000
 case "$CHUNK_BUDGET" in ''|*[!0-9]*) echo "$0: CHUNK_BUDGET must be seconds or auto, not $ASKED" >&2; exit 2;; esac
+CHUNK_BUDGET=$((10#$CHUNK_BUDGET))  # 0600 is 600 s, not octal
 MEASURED_HERE=${MEASURED_HERE:-/tmp/srgan-gpu-bench-measured}
 STARTED=$(date +%s)
 PYTHON=${PYTHON:-python3}

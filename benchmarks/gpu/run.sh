@@ -28,13 +28,15 @@ if ! "$PYTHON" -c "$INSTALLED" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/nul
         "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 fi
 
-# Every process left in session $1 (by /proc: the GPU image may lack pkill).
+# Every process left in session $1 (by /proc: the GPU image may lack pkill); twice, for any started meanwhile.
 kill_session() {
-    local stat line
-    for stat in /proc/[0-9]*/stat; do
-        line=$(cat "$stat" 2>/dev/null) || continue
-        read -r _state _ppid _group session _ <<< "${line##*) }"
-        [ "$session" = "$1" ] && kill -KILL "${stat//[^0-9]/}" 2>/dev/null
+    local stat line pass
+    for pass in 1 2; do
+        for stat in /proc/[0-9]*/stat; do
+            line=$(cat "$stat" 2>/dev/null) || continue
+            read -r _state _ppid _group session _ <<< "${line##*) }"
+            [ "$session" = "$1" ] && kill -KILL "${stat//[^0-9]/}" 2>/dev/null
+        done
     done
     return 0
 }
@@ -48,13 +50,17 @@ if [ "${1:-}" = "--gpu-tests" ]; then
     # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one); in a
     # session of their own, so that what they started in process groups of its own (the study's train.py runs) ends
     # with them instead of loading the GPU during the benchmark
+    # (killed before tee can end: what is left may hold the pipe)
     SESSION=/tmp/srgan-gpu-tests.sid
-    setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 5 "$1" "${@:2}"' "$SESSION" "${GPU_TESTS_S:-120}" \
-        "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=90 -k gpu \
-        tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py 2>&1 \
-        | tee "$TESTS_LOG"
-    echo "pytest exit ${PIPESTATUS[0]}" | tee -a "$TESTS_LOG"  # bench.py records it; 124: the timeout ended them
-    kill_session "$(cat "$SESSION")"
+    rm -f "$SESSION"
+    {
+        setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 5 "$1" "${@:2}"' "$SESSION" "${GPU_TESTS_S:-120}" \
+            "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=90 -k gpu \
+            tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py
+        STATUS=$?
+        [ -s "$SESSION" ] && kill_session "$(cat "$SESSION")"
+        echo "pytest exit $STATUS"  # bench.py records it; 124: the timeout ended them
+    } 2>&1 | tee "$TESTS_LOG"
     TESTS=(--gpu-tests-log "$TESTS_LOG")
 fi
 
@@ -76,7 +82,10 @@ PYTHONUNBUFFERED=1 "$PYTHON" benchmarks/gpu/bench.py --out "$RESULTS" ${WEIGHTS[
 STATUS=${PIPESTATUS[0]}
 # On the device machine the results stay there too: a next call of the same session, sent while the machine is
 # still warm, finds them (measure_then_study.sh 0 takes its settings from them, nothing to fold in first)
-if [ -n "${OUT:-}" ] && ls "$OUT"/gpu_*.json >/dev/null 2>&1; then
-    mkdir -p "$MEASURED_HERE" && cp "$OUT"/gpu_*.json "$MEASURED_HERE"/
-fi
+# (only results that hold section (d), what that call needs: a later run of other sections does not replace them)
+for RESULT in "${OUT:-/nonexistent}"/gpu_*.json; do
+    if [ -f "$RESULT" ] && "$PYTHON" -c 'import json, sys; sys.exit("d_small_models" not in json.load(open(sys.argv[1]))["sections"])' "$RESULT" 2>/dev/null; then
+        mkdir -p "$MEASURED_HERE" && cp "$RESULT" "$MEASURED_HERE"/
+    fi
+done
 exit "$STATUS"

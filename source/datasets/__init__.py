@@ -55,6 +55,10 @@ _DOWNLOADS: dict[str, Callable[[Any], bool]] = {
     "cifar10": cifar10_download_pending,
 }
 
+# data sets that a name and a split fix (the standard files, which their loaders check): ``root`` says only where
+# the files lie, so a run may move (train.recipe_changes) and a reference keep its cache (metrics/reference.py)
+STANDARD_FILES = ("fashion_mnist", "cifar10")
+
 # the values of each data set's ``split`` arg; the first is the training split
 SPLITS: dict[str, tuple[str, ...]] = {
     "imagenet": ("train", "val"),
@@ -140,7 +144,7 @@ def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
             f"max {largest}, median {np.median(counts):g}, min {smallest} ({rho})")
 
 
-__all__ = ["DATASETS", "SPLITS", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
+__all__ = ["DATASETS", "SPLITS", "STANDARD_FILES", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
            "check_dataset_args", "class_counts", "describe_class_counts", "download_pending", "reference_args",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
            "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",

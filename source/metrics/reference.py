@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from source.config import Config, ConfigError, first_line
-from source.datasets import build_dataset, reference_args
+from source.datasets import STANDARD_FILES, build_dataset, reference_args
 from source.files import torch_load
 from source.training import checkpoint
 
@@ -39,6 +39,9 @@ SUBSET_SEED = 0  # a reference of n < all images takes the first n of this permu
 BACKBONE_TAG = "tfinception"
 REAL_PREPROCESSING = "uint8 CHW as the dataset loads it, no dequantization noise, gray replicated to RGB"
 NOT_CONTENT_ARGS = ("split", "size", "download", "dequantize")  # in the key elsewhere, or irrelevant to uint8 images
+# where a standard data set's files lie says nothing of its images (STANDARD_FILES): a run that moved keeps its
+# cache, also one written when the key still held it
+LOCATION = ("root",)
 
 
 class ReferenceUnavailable(RuntimeError):
@@ -84,7 +87,8 @@ def _long_tail(content: dict) -> dict | None:
 def dataset_reference_key(data: ReferenceData, n_images: int, per_class: bool,
                           groups: dict[str, list[int]] | None = None) -> dict:
     args = dataclasses.asdict(data.args)
-    content = {name: value for name, value in args.items() if name not in NOT_CONTENT_ARGS}
+    ignored = NOT_CONTENT_ARGS + (LOCATION if data.name in STANDARD_FILES else ())
+    content = {name: value for name, value in args.items() if name not in ignored}
     if _long_tail(content) is None:
         content.pop("long_tail", None)
     dataset = data.dataset
@@ -180,9 +184,10 @@ def dataset_reference(
         raise ReferenceUnavailable(f"a reference needs at least 2 images, the dataset offers {n_images}")
     key = dataset_reference_key(data, n_images, per_class, groups)
     path = path or reference_cache_path(config.evaluation.cache_dir, key)
-    cached = load_cached_reference(path, key)
+    moved = tuple(f"extra.{name}" for name in LOCATION) if data.name in STANDARD_FILES else ()
+    cached = load_cached_reference(path, key, moved)
     if cached is not None:
-        return Reference(path, key, cached, _load_features(features_path(path), key))
+        return Reference(path, key, cached, _load_features(features_path(path), key, moved))
     what = f"{data.name} {'training' if data.split is None else data.split}"
     tqdm.write(f"computing reference statistics of {n_images} {what} images -> {path}")
     dataset = data.dataset if groups is None else _Relabelled(data.dataset, label_to_group(groups))
@@ -193,7 +198,7 @@ def dataset_reference(
     return Reference(path, key, stats, features)
 
 
-def _load_features(path: str, key: dict) -> np.ndarray | None:
+def _load_features(path: str, key: dict, ignored: tuple[str, ...] = ()) -> np.ndarray | None:
     if not os.path.isfile(path):
         return None
     try:
@@ -202,7 +207,7 @@ def _load_features(path: str, key: dict) -> np.ndarray | None:
     except Exception as error:  # noqa: BLE001: damaged or not ours, in whatever way: one message
         raise StatsMismatch(f"reference features {path} are not readable ({first_line(error)}); delete it and its "
                             f"statistics file to recompute them") from None
-    differences = key_differences(recorded, key) if isinstance(recorded, dict) else ["the key is not a mapping"]
+    differences = key_differences(recorded, key, ignored) if isinstance(recorded, dict) else ["the key is not a mapping"]
     if differences:
         raise StatsMismatch(f"reference features {path} belong to another setup ({'; '.join(differences)}); "
                             "delete it and its statistics file to recompute them")

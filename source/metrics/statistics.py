@@ -196,14 +196,15 @@ def _flatten(key: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def key_differences(cached: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """'field: cached X, expected Y' for every field where two keys differ."""
+def key_differences(cached: Mapping[str, Any], expected: Mapping[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
+    """'field: cached X, expected Y' for every field where two keys differ (fields named in ``ignored`` aside,
+    e.g. ``extra.root``)."""
     cached, expected = _flatten(cached), _flatten(json.loads(json.dumps(expected)))
     missing = "<missing>"
     return [
         f"{name}: cached {cached.get(name, missing)!r}, expected {expected.get(name, missing)!r}"
         for name in sorted(set(cached) | set(expected))
-        if cached.get(name, missing) != expected.get(name, missing)
+        if name not in ignored and cached.get(name, missing) != expected.get(name, missing)
     ]
 
 
@@ -213,12 +214,14 @@ def save_reference(path: str, reference: ReferenceStats, key: Mapping[str, Any])
     save_stats(path, reference.mu, reference.sigma, key, reference.per_class)
 
 
-def load_cached_reference(path: str, expected_key: Mapping[str, Any]) -> ReferenceStats | None:
-    """The cached reference at `path`, None when there is none, StatsMismatch when it is for another setup."""
+def load_cached_reference(path: str, expected_key: Mapping[str, Any],
+                          ignored: tuple[str, ...] = ()) -> ReferenceStats | None:
+    """The cached reference at `path`, None when there is none, StatsMismatch when it is for another setup (the key
+    fields in ``ignored`` aside)."""
     if not os.path.exists(path):
         return None
     mu, sigma, meta = load_stats(path)
-    differences = key_differences(meta, expected_key)
+    differences = key_differences(meta, expected_key, ignored)
     if differences:
         raise StatsMismatch(
             f"cached reference statistics {path} were computed for another setup ({'; '.join(differences)}); "

@@ -36,10 +36,16 @@ REPORT_SECONDS = 60.0
 LEAD_SECONDS = 600.0  # the longest the other runs wait for a compiling lead run's first logged iteration
 
 
-def command(study: Study, root: Path, run: Run, python: str, local: tuple[str, ...] = ()) -> list[str]:
-    """The run's train.py command; ``local``: this chunk's overrides for every run (``chunk_sets``: how the arithmetic
-    runs, where the data lies; not the recipe, so a run continues in place with them)."""
+def command(study: Study, root: Path, run: Run, python: str, performance: tuple[str, ...] = (),
+            data_root: str | None = None) -> list[str]:
+    """The run's train.py command; ``performance``: this chunk's ``performance.*`` overrides, given to every run;
+    ``data_root``: where the study's data lies on this machine, given to every run that reads the study's data (a
+    snapshot may name another machine's folder). Neither is the recipe: a run continues in place with them
+    (``train.recipe_changes``)."""
     folder = run_folder(root, run)
+    local = performance
+    if data_root is not None and study.configured_root(run) == study.data_root():
+        local += (f"dataset.args.root={json.dumps(str(data_root))}",)  # quoted: a YAML value
     chunk = [arg for override in local for arg in ("--set", override)]
     sets = [arg for override in run.overrides for arg in ("--set", override)] + chunk
     state = status(study, root, run)
@@ -56,7 +62,7 @@ class Chunk:
     parallel: int
     per_process: int = 1  # runs sharing one process
     performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
-    data_root: str | None = None       # the data's folder here, told to every run (a snapshot may name another's)
+    data_root: str | None = None       # the study's data folder here, told to its runs (``command``)
     lead: str | None = None            # with compile on: the run that compiles first, alone
     lead_offset: int = 0               # where the lead's output of this chunk starts in its console log
     started: float = field(default_factory=time.time)
@@ -71,12 +77,6 @@ def budget(seconds: float | None) -> Callable[[], bool] | None:
     return lambda: time.time() >= deadline
 
 
-def chunk_sets(chunk: Chunk) -> tuple[str, ...]:
-    """What every run of ``chunk`` is given besides its own settings: how the arithmetic runs (``performance.*``) and
-    where the data lies here; neither is the recipe, so runs continue in place with them (``train.recipe_changes``)."""
-    return chunk.performance + ((f"dataset.args.root={chunk.data_root}",) if chunk.data_root else ())
-
-
 def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = None,
               stop: Callable[[], bool] | None = None, python: str = sys.executable, grace: float = 120.0,
               echo=print, performance: tuple[str, ...] = (), compiled: bool = False, per_process: int = 1,
@@ -87,8 +87,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     and D): the first run compiles alone, with all the compile threads, until it logs an iteration; the others
     then find most of its compiled kernels in inductor's on-disk cache and compile with one thread each.
     ``per_process``: runs started together, up to this many, share one process (``train.py --group``).
-    ``data_root``: the data's folder on this machine, given to every run: a run continued from another machine's
-    snapshot would otherwise look for it where that machine kept it.
+    ``data_root``: the study's data folder on this machine, given to the runs that read it (``command``).
     """
     root = Path(root)
     runs = list(study.runs if runs is None else runs)
@@ -123,7 +122,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                     chunk.lead, log = group[0].name, console_log(root, group[0])
                     chunk.lead_offset = log.stat().st_size if log.is_file() else 0
                     echo(f"{chunk.lead} compiles first, alone; the others start once it logs an iteration")
-                process = _launch(study, root, group, python, threads, echo, chunk_sets(chunk), compile_threads)
+                process = _launch(study, root, group, python, threads, echo, chunk, compile_threads)
                 active.update({run.name: (process, time.time()) for run in group})
                 _record_pids(root, active)
             if not active:
@@ -216,7 +215,7 @@ def _stop_leftovers(root: Path, grace: float, echo) -> None:
 
 
 def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str, echo,
-            local: tuple[str, ...], compile_threads: str | None) -> subprocess.Popen:
+            chunk: Chunk, compile_threads: str | None) -> subprocess.Popen:
     """One process: ``train.py`` for a single run, ``train.py --group`` for several."""
     for run in runs:
         folder = run_folder(root, run)
@@ -225,10 +224,12 @@ def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str
         exit_status(root, run).unlink(missing_ok=True)
         console_log(root, run).parent.mkdir(parents=True, exist_ok=True)
     if len(runs) == 1:
-        args, log = command(study, root, runs[0], python, local), console_log(root, runs[0])
+        args = command(study, root, runs[0], python, chunk.performance, chunk.data_root)
+        log = console_log(root, runs[0])
         echo(f"start {runs[0].name}: {' '.join(args[2:6])} ...")
     else:
-        specs = [{"args": command(study, root, run, python, local)[2:], "log": str(console_log(root, run)),
+        specs = [{"args": command(study, root, run, python, chunk.performance, chunk.data_root)[2:],
+                  "log": str(console_log(root, run)),
                   "status": str(exit_status(root, run))} for run in runs]
         group = root / "groups" / f"{runs[0].setting}_{runs[0].arm}_s{runs[0].seed}.json"
         group.parent.mkdir(parents=True, exist_ok=True)

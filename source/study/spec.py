@@ -85,9 +85,15 @@ class Study:
                 if all(values is None or getattr(run, key) in values for key, values in asked.items())]
 
     def data_root(self) -> Path | None:
-        """The folder the runs read their data from (None for data without one, e.g. synthetic)."""
-        first = next(run for run in self.runs if run.parent is None)
-        root = getattr(load_config(self.spec.base, list(first.overrides)).dataset.args, "root", None)
+        """The folder the study's data lies in, which ``carry`` packs: its first run's (None for data without one,
+        e.g. synthetic)."""
+        return self.configured_root(next(run for run in self.runs if run.parent is None))
+
+    def configured_root(self, run: Run) -> Path | None:
+        """The folder ``run``'s config reads its data from (a branch: its parent's, unless its own items move it)."""
+        parent = next((other for other in self.runs if other.name == run.parent), None)
+        items = [*parent.overrides, *run.overrides] if parent else list(run.overrides)
+        root = getattr(load_config(self.spec.base, items).dataset.args, "root", None)
         return None if root is None else Path(root)
 
 
