@@ -13,7 +13,8 @@ import yaml
 
 from source.config import ConfigError, load_config
 from source.study import __main__ as study_cli
-from source.study import runner, state, transfer
+from source.study import processes, runner, state, transfer
+from source.study.state import PIDS
 from source.study.spec import load_study
 from source.training.checkpoint import load_snapshot, snapshots_of
 from source.training.runlog import read_jsonl
@@ -110,7 +111,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline and state.logged_iteration(folder) < 3:
             time.sleep(0.5)
-        ((pid, _),) = json.loads((root / runner.PIDS).read_text()).values()
+        ((pid, _),) = json.loads((root / PIDS).read_text()).values()
         # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not
         # reach it), in the runner's session: the device machine ends it with the call that started it
         assert os.getpgid(pid) == pid and os.getsid(pid) == os.getsid(runner_process.pid)
@@ -119,14 +120,14 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     finally:  # nothing left training for the rest of the suite
         if runner_process.poll() is None:
             runner_process.kill()
-        for pid, _ in json.loads((root / runner.PIDS).read_text()).values() if (root / runner.PIDS).is_file() else ():
+        for pid, _ in json.loads((root / PIDS).read_text()).values() if (root / PIDS).is_file() else ():
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
     assert runner_process.returncode == 130 and "stopped by SIGTERM" in err
     assert state.latest_iteration(folder) >= 3  # the run wrote its snapshot on the way out
-    pids = json.loads((root / runner.PIDS).read_text())
+    pids = json.loads((root / PIDS).read_text())
     assert pids == {}  # and nothing is left running
     assert json.loads((out / "progress.json").read_text())[0]["iteration"] == state.latest_iteration(folder)
     names = transfer.take_back(out, tmp_path / "back")
@@ -150,7 +151,7 @@ def test_a_signal_just_after_a_run_starts_still_stops_that_run(tmp_path, monkeyp
         with pytest.raises(runner.ChunkInterrupted, match=signal.Signals(signum).name):
             runner.run_chunk(study, tmp_path / "runs", parallel=1, echo=lambda _: 0)
         assert len(started) == 1 and started[0].poll() is not None  # stopped and waited for
-        assert json.loads((tmp_path / "runs" / runner.PIDS).read_text()) == {}
+        assert json.loads((tmp_path / "runs" / PIDS).read_text()) == {}
     finally:
         for process in started:
             if process.poll() is None:
@@ -163,15 +164,15 @@ def test_a_chunk_stops_what_an_earlier_one_left_running_and_nothing_else_with_it
     ours, other = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "train.py"])
                    for _ in range(2))
     try:
-        started = runner._started(ours.pid)
-        (tmp_path / runner.PIDS).write_text(json.dumps({"b64/sn_s0": [ours.pid, started],
-                                                        "b64/sr_s0": [other.pid, runner._started(other.pid) - 1],
+        started = processes.start_time(ours.pid)
+        (tmp_path / PIDS).write_text(json.dumps({"b64/sn_s0": [ours.pid, started],
+                                                        "b64/sr_s0": [other.pid, processes.start_time(other.pid) - 1],
                                                         "old/format": other.pid}))
         lines = []
-        runner._stop_leftovers(tmp_path, grace=10, echo=lines.append)
+        processes.stop_leftovers(tmp_path, grace=10, echo=lines.append)
         assert ours.wait(timeout=10) == -signal.SIGTERM and other.poll() is None
         assert lines == [f"b64/sn_s0: still running from an earlier chunk (pid {ours.pid}); stopping it"]
-        assert not (tmp_path / runner.PIDS).exists()
+        assert not (tmp_path / PIDS).exists()
     finally:
         for process in (ours, other):
             process.kill()
@@ -389,9 +390,9 @@ def test_an_archive_with_a_link_or_a_name_outside_the_study_unpacks_nothing(tmp_
 
 
 def test_an_archive_unpacks_within_a_size_and_never_another_machines_process_ids(tmp_path, monkeypatch):
-    members = [("b64/sn_s0/log.jsonl", b"{}", None), (runner.PIDS, b'{"b64/sn_s0": [1, 1]}', None)]
+    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None)]
     assert transfer.extract(xz_tar(members), tmp_path) == ["b64/sn_s0/log.jsonl"]
-    assert not (tmp_path / runner.PIDS).exists()
+    assert not (tmp_path / PIDS).exists()
     monkeypatch.setattr(transfer, "MOST_UNPACKED", 10)
     with pytest.raises(transfer.TransferError, match="unpacks to 0 MiB, over the 0 MiB"):
         transfer.extract(xz_tar([("b64/big.bin", b"x" * 11, None)]), tmp_path / "other")

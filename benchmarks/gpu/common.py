@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from source.study.runner import own_process_group
+from source.study.processes import own_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMUM_S = 10.0  # no section or run is started with less time than this left

@@ -50,7 +50,8 @@ if [ "${1:-}" = "--gpu-tests" ]; then
     # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one); in a
     # session of their own, so that what they started in process groups of its own (the study's train.py runs) ends
     # with them instead of loading the GPU during the benchmark
-    # (killed before tee can end: what is left may hold the pipe)
+    # (killed before tee can end: what is left may hold the pipe; a call that the device tool ends meanwhile leaves
+    # them no longer than GPU_TESTS_S: timeout still ends pytest, and its runs are a few iterations long)
     SESSION=/tmp/srgan-gpu-tests.sid
     rm -f "$SESSION"
     {

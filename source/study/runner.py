@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from source.study.processes import own_process_group, record_pids, stop_leftovers
 from source.study.spec import Run, Study
-from source.study.state import (PIDS, branch_snapshot, console_log, failure_marker, latest_iteration,
+from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
                                 logged_iteration, run_folder, status)
 from source.training.checkpoint import snapshots_of
 
@@ -97,7 +98,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     # the same in every chunk with these --parallel and --per-process (CPU results depend on the thread count)
     threads = str(max(1, (os.cpu_count() or 1) // math.ceil(parallel / per_process)))
     next_report = time.time() + REPORT_SECONDS
-    _stop_leftovers(root, grace, echo)
+    stop_leftovers(root, grace, echo)
     signalled = _Signalled()
     previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
@@ -124,7 +125,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                     echo(f"{chunk.lead} compiles first, alone; the others start once it logs an iteration")
                 process = _launch(study, root, group, python, threads, echo, chunk, compile_threads)
                 active.update({run.name: (process, time.time()) for run in group})
-                _record_pids(root, active)
+                record_pids(root, active)
             if not active:
                 break
             if time.time() >= next_report:
@@ -139,7 +140,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
         _stop(active, grace, echo)
         for name in list(active):
             _finish(chunk, root, study.run(name), active.pop(name), echo)
-        _record_pids(root, active)
+        record_pids(root, active)
         _append_history(root, chunk)
     return chunk
 
@@ -178,42 +179,6 @@ class _Signalled:
         self.name = signal.Signals(signum).name
 
 
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat's 22nd field), None once it has ended
-    (gone, or a zombie). With the pid, it tells a chunk's process from a later one that was given the same number."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return None if fields[0] == "Z" else int(fields[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _record_pids(root: Path, active: dict) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    processes = {name: [process.pid, _started(process.pid)] for name, (process, _) in active.items()}
-    (root / PIDS).write_text(json.dumps(processes))
-
-
-def _stop_leftovers(root: Path, grace: float, echo) -> None:
-    """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own): those
-    recorded whose pid still names a process started when it was recorded, not another one with that number."""
-    path = root / PIDS
-    recorded = json.loads(path.read_text()).items() if path.is_file() else []
-    leftovers = {tuple(entry): name for name, entry in recorded  # a group's runs share their process: stop it once
-                 if isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, int) for n in entry)}
-    for (pid, started), name in leftovers.items():
-        if _started(pid) != started:
-            continue
-        echo(f"{name}: still running from an earlier chunk (pid {pid}); stopping it")
-        os.kill(pid, signal.SIGTERM)
-        end = time.time() + grace
-        while _started(pid) == started and time.time() < end:
-            time.sleep(0.5)
-        if _started(pid) == started:
-            os.kill(pid, signal.SIGKILL)
-    path.unlink(missing_ok=True)
-
-
 def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str, echo,
             chunk: Chunk, compile_threads: str | None) -> subprocess.Popen:
     """One process: ``train.py`` for a single run, ``train.py --group`` for several."""
@@ -241,14 +206,6 @@ def _launch(study: Study, root: Path, runs: list[Run], python: str, threads: str
         env["TORCHINDUCTOR_COMPILE_THREADS"] = compile_threads
     with open(log, "a") as handle:
         return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env=env, **own_process_group())
-
-
-def own_process_group() -> dict:
-    """Popen's arguments for a child in a process group of its own: Ctrl-C at a terminal does not reach it (its
-    parent stops it) and ``os.killpg`` ends it with what it started. Not a session of its own: the device machine
-    ends a call's processes with the call, except those that started a new session, which would load the GPU of
-    the next call."""
-    return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
 
 
 def exit_status(root: Path, run: Run) -> Path:

@@ -1,0 +1,56 @@
+"""The study runner's processes: each ``train.py`` leads a process group of its own, and a chunk records their ids
+(``state.PIDS``) so that a later chunk can stop what a killed one left running, and nothing else."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from source.study.state import PIDS
+
+
+def own_process_group() -> dict:
+    """Popen's arguments for a child in a process group of its own: Ctrl-C at a terminal does not reach it (its
+    parent stops it) and ``os.killpg`` ends it with what it started. Not a session of its own: the device machine
+    ends a call's processes with the call, except those that started a new session, which would load the GPU of
+    the next call."""
+    return {"process_group": 0} if sys.version_info >= (3, 11) else {"preexec_fn": os.setpgrp}
+
+
+def start_time(pid: int) -> int | None:
+    """When process ``pid`` started (clock ticks after boot: /proc/PID/stat's 22nd field), None once it has ended
+    (gone, or a zombie). With the pid, it tells a chunk's process from a later one that was given the same number."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def record_pids(root: Path, active: dict) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    processes = {name: [process.pid, start_time(process.pid)] for name, (process, _) in active.items()}
+    (root / PIDS).write_text(json.dumps(processes))
+
+
+def stop_leftovers(root: Path, grace: float, echo) -> None:
+    """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own): those
+    recorded whose pid still names a process started when it was recorded, not another one with that number."""
+    path = root / PIDS
+    recorded = json.loads(path.read_text()).items() if path.is_file() else []
+    leftovers = {tuple(entry): name for name, entry in recorded  # a group's runs share their process: stop it once
+                 if isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, int) for n in entry)}
+    for (pid, started), name in leftovers.items():
+        if start_time(pid) != started:
+            continue
+        echo(f"{name}: still running from an earlier chunk (pid {pid}); stopping it")
+        os.kill(pid, signal.SIGTERM)
+        end = time.time() + grace
+        while start_time(pid) == started and time.time() < end:
+            time.sleep(0.5)
+        if start_time(pid) == started:
+            os.kill(pid, signal.SIGKILL)
+    path.unlink(missing_ok=True)
