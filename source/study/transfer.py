@@ -21,6 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from source.files import atomic_write
 from source.study.state import PIDS
 
 CARRY_LIMIT = 64 * 2**20
@@ -189,8 +190,8 @@ def _unpack_into(carry: Path, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for path in sorted((carry / "data").glob("*.xz")):
         target = folder / path.name.removesuffix(".xz")
-        if not target.is_file() and not target.with_name(target.name + ".gz").is_file():
-            target.write_bytes(lzma.decompress(path.read_bytes()))
+        if not target.is_file() and not target.with_name(target.name + ".gz").is_file():  # whole or absent
+            atomic_write(target, lambda handle, path=path: handle.write(lzma.decompress(path.read_bytes())))
 
 
 def download_wheels(carry: Path) -> None:
