@@ -44,6 +44,11 @@ NOT_CONTENT_ARGS = ("split", "size", "download", "dequantize")  # in the key els
 LOCATION = ("root",)
 
 
+def location_args(dataset: str) -> tuple[str, ...]:
+    """The args of ``dataset`` that say only where its files lie: left out of its key, and of old keys compared."""
+    return LOCATION if dataset in STANDARD_FILES else ()
+
+
 class ReferenceUnavailable(RuntimeError):
     """A reference statistics file is missing or lacks what a metric needs."""
 
@@ -87,8 +92,7 @@ def _long_tail(content: dict) -> dict | None:
 def dataset_reference_key(data: ReferenceData, n_images: int, per_class: bool,
                           groups: dict[str, list[int]] | None = None) -> dict:
     args = dataclasses.asdict(data.args)
-    ignored = NOT_CONTENT_ARGS + (LOCATION if data.name in STANDARD_FILES else ())
-    content = {name: value for name, value in args.items() if name not in ignored}
+    content = {name: value for name, value in args.items() if name not in NOT_CONTENT_ARGS + location_args(data.name)}
     if _long_tail(content) is None:
         content.pop("long_tail", None)
     dataset = data.dataset
@@ -184,7 +188,7 @@ def dataset_reference(
         raise ReferenceUnavailable(f"a reference needs at least 2 images, the dataset offers {n_images}")
     key = dataset_reference_key(data, n_images, per_class, groups)
     path = path or reference_cache_path(config.evaluation.cache_dir, key)
-    moved = tuple(f"extra.{name}" for name in LOCATION) if data.name in STANDARD_FILES else ()
+    moved = tuple(f"extra.{name}" for name in location_args(data.name))
     cached = load_cached_reference(path, key, moved)
     if cached is not None:
         return Reference(path, key, cached, _load_features(features_path(path), key, moved))
