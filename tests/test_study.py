@@ -84,6 +84,35 @@ def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever
     assert state.status(study, tmp_path, branch) == "never"
 
 
+def test_status_says_how_much_of_the_study_is_trained_and_how_long_the_rest_takes_at_the_last_chunks_rate(
+        tmp_path, capsys):
+    path = write_study(tmp_path, 50000, sn={}, resumed={"branch": "sn", "at": "collapse"}, lr={})
+    study_file = yaml.safe_load(path.read_text())
+    study_file["set"].append("spectra_interval=1000")
+    path.write_text(yaml.safe_dump(study_file, sort_keys=False))
+    study = load_study(path)
+    folder = state.run_folder(tmp_path, study.run("tiny/sn_s0"))
+    (folder / "snapshots").mkdir(parents=True)
+    for iteration in (12000, 14000):
+        (folder / "snapshots" / f"snapshot_iter_{iteration}.pt").write_bytes(b"")
+    (folder / "log.jsonl").write_text(json.dumps({"iteration": 14000, "event": "collapse", "layers": ["x"]}) + "\n")
+    chunks = [{"runs": {"tiny/sn_s0": {"from": 0, "to": 14000}, "tiny/lr_s0": {"from": 0, "to": 0}}, "wall_s": 200},
+              {"runs": {"tiny/lr_s0": {"from": 0}}, "wall_s": 5}, {"runs": "torn"}]  # the last two: no rate
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    assert state.start_iteration(study, tmp_path, study.run("tiny/resumed_s0")) == 12000  # the last healthy check
+    outlook = state.outlook(study, tmp_path)
+    # sn 14000 of 50000, lr 0 of 50000, the branch 0 of 50000 - 12000; 14000 iterations in 200 s
+    assert (outlook["trained"], outlook["planned"], outlook["last_chunk_rate"]) == (14000, 138000, 70.0)
+    assert outlook["counts"] == {"started": 1, "ready": 1, "fresh": 1}
+    assert study_cli.main(["status", str(path), "--root", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "14000 of 138000 iterations trained (10 %); at the last chunk's 70.0 iterations/s in all, the rest takes "
+        "about 30 min of chunks")
+    (folder / "log.jsonl").write_text("")  # no collapse: the branch waits and is not counted
+    line = study_cli.outlook_line(state.outlook(study, tmp_path))
+    assert line.startswith("14000 of 100000 iterations trained (14 %); runs 1 waiting")
+
+
 def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path):
     study = load_study(write_study(tmp_path, 4, sn={"set": ["updater.collapse.threshold=0.5"]}))
     run = study.runs[0]
@@ -187,7 +216,8 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     sn, resumed = study.runs
     sn_folder, branch_folder = state.run_folder(root, sn), state.run_folder(root, resumed)
     # chunk 1: stopped (SIGTERM) once the parent has a snapshot past the branch point; the branch may have started
-    runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(sn_folder) >= 4, echo=lambda _: 0)
+    first = runner.run_chunk(study, root, parallel=2, stop=lambda: state.latest_iteration(sn_folder) >= 4,
+                             echo=lambda _: 0)
     stopped = state.latest_iteration(sn_folder)
     assert 4 <= stopped < 40 and state.logged_iteration(sn_folder) == stopped
     assert any(r.get("event") == "interrupted" for r in read_jsonl(sn_folder / "log.jsonl"))
@@ -199,6 +229,8 @@ def test_chunks_stopped_anywhere_continue_in_place_and_end_as_straight_runs_do(t
     chunk = runner.run_chunk(study, root, parallel=2, echo=lines.append)
     assert any(" running, iterations " in line for line in lines)
     assert chunk.runs["tiny/sn_s0"]["from"] == stopped and chunk.runs["tiny/sn_s0"]["to"] == 40
+    started_branch = first if "tiny/resumed_s0" in first.runs else chunk
+    assert started_branch.runs["tiny/resumed_s0"]["from"] == 2  # where it left its parent, not its empty folder
     assert [row["status"] for row in state.progress_table(study, root)] == ["done", "done"]
     events = [r for r in read_jsonl(sn_folder / "log.jsonl") if r.get("event") == "resumed"]
     assert events[-1]["iteration"] == stopped and events[-1]["changes"] == []

@@ -116,7 +116,24 @@ def show_status(args, study: Study, root: Path, runs: list[Run]) -> int:
     for row in state.progress_table(study, root, runs):
         collapse = f"collapse at {row['collapse']}" if row["collapse"] is not None else ""
         print(f"{row['run']:<32} {row['status']:<8} {row['iteration']:>7} / {row['target']:<7} {collapse}")
+    print(outlook_line(state.outlook(study, root, runs)))
     return 0
+
+
+def outlook_line(outlook: dict) -> str:
+    """One line on the whole: the iterations trained of those planned, the runs that cannot go now, and at the
+    last chunk's rate how long the rest would take (runs still waiting for their parent's collapse not counted)."""
+    counts, trained, planned = outlook["counts"], outlook["trained"], outlook["planned"]
+    share = f" ({100 * trained / planned:.0f} %)" if planned else ""
+    line = f"{trained} of {planned} iterations trained{share}"
+    others = [f"{counts[kind]} {kind}" for kind in ("waiting", "never", "failed") if counts.get(kind)]
+    if others:
+        line += f"; runs {', '.join(others)} (a waiting branch's iterations count once it can start)"
+    rate = outlook["last_chunk_rate"]
+    if rate and planned > trained:
+        line += (f"; at the last chunk's {rate:.1f} iterations/s in all, the rest takes about "
+                 f"{(planned - trained) / rate / 60:.0f} min of chunks")
+    return line
 
 
 def carry(args, study: Study, root: Path, runs: list[Run]) -> int:

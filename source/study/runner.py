@@ -28,7 +28,7 @@ from typing import Callable
 from source.study.processes import own_process_group, record_pids, stop_leftovers
 from source.study.spec import Run, Study
 from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
-                                logged_iteration, run_folder, status)
+                                logged_iteration, run_folder, start_iteration, status)
 from source.training.checkpoint import snapshots_of
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
@@ -117,7 +117,8 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
             starting = ready[:free]
             for group in balanced_groups(starting, per_process):
                 for run in group:
-                    chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))}
+                    chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))
+                                            or start_iteration(study, root, run)}  # a branch: where it leaves
                 compile_threads = None if chunk.lead is None else "1"
                 if compiled and chunk.lead is None:  # free was 1: a group of one
                     chunk.lead, log = group[0].name, console_log(root, group[0])

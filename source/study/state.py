@@ -117,6 +117,47 @@ def prune(study: Study, root: Path) -> list[Path]:
     return removed
 
 
+def start_iteration(study: Study, root: Path, run: Run) -> int | None:
+    """Where a run's training starts: 0, or for a branch the parent's iteration it left at (its first resume;
+    before it starts, its branch snapshot's); None while unknown (a branch waiting for its parent)."""
+    if run.parent is None:
+        return 0
+    resumed = events(run_folder(root, run), "resumed")
+    if resumed:
+        return int(resumed[0]["iteration"])
+    snapshot = branch_snapshot(study, root, run)
+    return None if snapshot is None else snapshot_iteration(snapshot)
+
+
+def outlook(study: Study, root: Path, runs: list[Run] | None = None) -> dict:
+    """The study as a whole: how many of its runs' iterations are trained of those it will train (runs that can
+    still go or are done: their own part, a branch's from where it left its parent), how many runs wait or will
+    never start or failed, and the last chunk's iterations per second of training in all (None: no chunk yet)."""
+    counts, trained, planned = {}, 0, 0
+    for run in study.runs if runs is None else runs:
+        kind = status(study, root, run)
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind in ("done", "started", "fresh", "ready"):
+            start = start_iteration(study, root, run)
+            trained += max(0, min(latest_iteration(run_folder(root, run)), run.iteration) - start)
+            planned += run.iteration - start
+    return {"counts": counts, "trained": trained, "planned": planned, "last_chunk_rate": last_chunk_rate(root)}
+
+
+def last_chunk_rate(root: Path) -> float | None:
+    """Iterations per second in all of the last chunk that trained any (its runs' advances over its wall time,
+    starting and stopping included: what a chunk of that kind gets done)."""
+    for record in reversed(read_jsonl(Path(root) / "chunks.jsonl")):
+        try:
+            advanced = sum(max(0, int(r.get("to", r["from"])) - int(r["from"])) for r in record["runs"].values())
+            seconds = float(record["wall_s"])
+        except (KeyError, TypeError, ValueError, AttributeError):  # not a record the runner wrote: no rate from it
+            continue
+        if advanced and seconds > 0:
+            return advanced / seconds
+    return None
+
+
 def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
     """Per run (default: all): status, latest snapshot's iteration, target, first detected collapse."""
     return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
