@@ -7,7 +7,8 @@ Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's st
 - ``gpu_study_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
   iterations, every seed of every arm (a branch drawn from its branch point, its parent's part before it);
 - ``data/gpu_study_summary.json``: per run its series and landmarks; per arm the seeds' collapse iterations
-  (or none), and mean ± sample std over seeds of the measures at the end and just before the collapse;
+  (or none), and mean ± sample std over its started seeds of the measures at the last iteration all of them
+  reached and just before each collapse;
 and prints the summary as a markdown table. Runs still going are summarized as far as they got.
 """
 from __future__ import annotations
@@ -54,51 +55,73 @@ def run_series(study: Study, root: Path, run: Run) -> dict:
     return own
 
 
-def landmarks(data: dict) -> dict:
-    """The measures at the end, and at the last record before the first collapse (when there was one)."""
+def landmarks(data: dict, common: int | None) -> dict:
+    """The measures at the arm's common iteration (the last record at or before it), and at the last record
+    before the first collapse (when there was one)."""
     measures = data["measures"]
+    at = [m for m in measures if common is not None and m["iteration"] <= common]
     before = [m for m in measures if data["collapse"] is not None and m["iteration"] < data["collapse"]]
-    return {"end": measures[-1] if measures else None, "before_collapse": before[-1] if before else None}
+    return {"at_common": at[-1] if at else None, "before_collapse": before[-1] if before else None}
 
 
-def mean_std(values: list[float]) -> list[float] | None:
-    """[mean, sample std] (std 0 for one value); None for none."""
+def mean_std(values: list[float]) -> dict | None:
+    """Mean, sample std (None below two values: one seed has no spread) and how many values; None for none."""
     if not values:
         return None
-    return [float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0]
+    return {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else None,
+            "n": len(values)}
+
+
+def common_iteration(seeds: list[dict]) -> int | None:
+    """The last measured iteration that every started seed of an arm has reached: seeds compared at one point of
+    their training, not a finished seed's end beside a running one's."""
+    ends = [d["measures"][-1]["iteration"] for d in seeds if d["reached"] and d["measures"]]
+    return min(ends) if ends else None
 
 
 def summarize(study: Study, root: Path) -> dict:
     runs, arms = {}, {}
     for run in study.runs:
-        data = run_series(study, root, run)
-        data.update(landmarks(data))
-        runs[run.name] = data
-        arms.setdefault(f"{run.setting}/{run.arm}", []).append(data)
+        runs[run.name] = run_series(study, root, run)
+        arms.setdefault(f"{run.setting}/{run.arm}", []).append(runs[run.name])
     summary = {}
     for name, seeds in arms.items():
-        collapses = [d["collapse"] for d in seeds if d["collapse"] is not None]
-        row = {"seeds": len(seeds), "reached": [d["reached"] for d in seeds], "collapses": [d["collapse"] for d in seeds],
-               "collapse_iteration": mean_std(collapses)}
-        for when in ("end", "before_collapse"):
-            row[when] = {m: mean_std([d[when][m] for d in seeds if d[when]]) for m in MEASURES}
+        common = common_iteration(seeds)
+        for data in seeds:
+            data.update(landmarks(data, common))
+        started = [d for d in seeds if d["reached"]]
+        collapses = [d["collapse"] for d in started if d["collapse"] is not None]
+        row = {"seeds": len(seeds), "started": len(started), "reached": [d["reached"] for d in seeds],
+               "collapses": [d["collapse"] for d in seeds], "collapse_iteration": mean_std(collapses),
+               "common_iteration": common}
+        for when in ("at_common", "before_collapse"):
+            row[when] = {m: mean_std([d[when][m] for d in started if d[when]]) for m in MEASURES}
         summary[name] = row
     return {"study": str(study.path), "arms": summary, "runs": runs}
 
 
-def _cell(value: list[float] | None, digits: int = 2) -> str:
-    return "–" if value is None else f"{value[0]:.{digits}f} ± {value[1]:.{digits}f}"
+def _cell(value: dict | None, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    spread = "" if value["std"] is None else f" ± {value['std']:.{digits}f}"
+    return f"{value['mean']:.{digits}f}{spread} (n={value['n']})"
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| setting/arm | iterations reached | collapsed (iteration) | modes (end) | diversity (end) | "
-             "classifier FID (end) |", "|---|---|---|---|---|---|"]
+    lines = ["Measures over an arm's started seeds at the last iteration all of them reached (mean ± sample std, n "
+             "seeds), and just before each collapse (the seeds that collapsed); collapsed: of the seeds that started.",
+             "", "| setting/arm | iterations reached | collapsed (iteration) | compared at | modes | diversity | "
+             "classifier FID | modes before collapse | diversity before collapse |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary["arms"].items():
         collapsed = [c for c in row["collapses"] if c is not None]
-        shown = f"{len(collapsed)} of {row['seeds']}" + (f" ({', '.join(map(str, collapsed))})" if collapsed else "")
-        end = row["end"]
-        lines.append(f"| {name} | {', '.join(map(str, row['reached']))} | {shown} | {_cell(end['modes'], 1)} | "
-                     f"{_cell(end['diversity'])} | {_cell(end['classifier_FID'], 1)} |")
+        shown = f"{len(collapsed)} of {row['started']}" + (f" ({', '.join(map(str, collapsed))})" if collapsed else "")
+        if row["started"] < row["seeds"]:
+            shown += f"; {row['seeds'] - row['started']} not started"
+        at, before = row["at_common"], row["before_collapse"]
+        lines.append(f"| {name} | {', '.join(map(str, row['reached']))} | {shown} | "
+                     f"{'–' if row['common_iteration'] is None else row['common_iteration']} | {_cell(at['modes'], 1)} | "
+                     f"{_cell(at['diversity'])} | {_cell(at['classifier_FID'], 1)} | {_cell(before['modes'], 1)} | "
+                     f"{_cell(before['diversity'])} |")
     return "\n".join(lines)
 
 
@@ -118,7 +141,7 @@ def curves_figure(study: Study, summary: dict, setting: str) -> plt.Figure:
         for marker in (data["collapse"], data.get("branched_at")):
             if marker is not None:
                 axes[0].axvline(marker, color=color, linestyle=":", linewidth=1)
-    titles = ["D collapse score (mean $s_i/s_1$, $i \\geq 2$)", "modes (classes >= 2 % of samples)",
+    titles = ["D collapse score (mean over convs of mean $s_i/s_1$, $i \\geq 2$)", "modes (classes >= 2 % of samples)",
               "diversity (generated / real, classifier features)", "classifier FID"]
     finish_iteration_axes(figure, axes, [f"{setting}: {title}" for title in titles], fontsize=10)
     return figure

@@ -34,7 +34,7 @@ def study(tmp_path):
     write(runs / "sn_s0", "classifier_modes.jsonl", [measures(10, 10, 0.9, 50), measures(20, 9, 0.8, 60),
                                           measures(30, 3, 0.3, 200), measures(40, 2, 0.2, 300)])
     write(runs / "sn_s1", "log.jsonl", losses + scores([0.8, 0.82, 0.84, 0.85]))
-    write(runs / "sn_s1", "classifier_modes.jsonl", [measures(40, 10, 1.0, 40)])
+    write(runs / "sn_s1", "classifier_modes.jsonl", [measures(20, 10, 1.0, 40)])  # a seed still running
     write(runs / "sr_resumed_s0", "log.jsonl", [{"iteration": 20, "event": "resumed"},
                                                 {"iteration": 20, "event": "sr_start", "mode": "dynamic"},
                                                 {"iteration": 30, "loss_dis": 1.0}, {"iteration": 40, "loss_dis": 1.0},
@@ -47,16 +47,20 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     out = tmp_path / "report"
     summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(out)])
     sn = summary["arms"]["b64/sn"]
-    assert sn["collapses"] == [30, None] and sn["collapse_iteration"] == [30.0, 0.0]
-    assert sn["reached"] == [40, 40]
-    assert sn["end"]["modes"] == pytest.approx([6.0, (2 * 4 ** 2) ** 0.5])  # seeds end at 2 and 10 modes
-    assert sn["before_collapse"]["modes"] == [9.0, 0.0]  # seed 0's last record before its collapse at 30
+    assert sn["collapses"] == [30, None] and sn["collapse_iteration"] == {"mean": 30.0, "std": None, "n": 1}
+    assert sn["reached"] == [40, 40] and sn["common_iteration"] == 20  # seed 1 measured up to 20 so far
+    assert sn["at_common"]["modes"] == {"mean": 9.5, "std": pytest.approx(0.5 ** 0.5), "n": 2}  # 9 and 10, at 20
+    assert sn["before_collapse"]["modes"] == {"mean": 9.0, "std": None, "n": 1}  # seed 0 before its collapse at 30
     resumed = summary["runs"]["b64/sr_resumed_s0"]
     assert resumed["branched_at"] == 20 and resumed["sr_start"] == 20
     assert [m["iteration"] for m in resumed["measures"]] == [10, 20, 30, 40]  # the parent's 10 and 20 in front
     assert summary["runs"]["b64/sr_resumed_s1"]["reached"] == 0  # never started: its parent did not collapse
+    branch = summary["arms"]["b64/sr_resumed"]
+    assert (branch["started"], branch["common_iteration"], branch["at_common"]["modes"]["n"]) == (1, 40, 1)
     table = capsys.readouterr().out
-    assert "| b64/sn | 40, 40 | 1 of 2 (30) | 6.0 ± 5.7 |" in table
+    assert "| b64/sn | 40, 40 | 1 of 2 (30) | 20 | 9.5 ± 0.7 (n=2) | 0.90 ± 0.14 (n=2) | 50.0 ± 14.1 (n=2) | " \
+           "9.0 (n=1) | 0.80 (n=1) |" in table
+    assert "| b64/sr_resumed | 40, 0 | 0 of 1; 1 not started | 40 | 9.0 (n=1) |" in table
     assert (out / "study_b64_curves.png").stat().st_size > 10_000
     assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
 
