@@ -76,8 +76,12 @@ def _protocol_key(protocol: dict, metric: str) -> str:
         described = {"dataset", "split", "n_images"} <= key.keys()
         reference = f"{key['dataset']} {key['split']} {key['n_images']} imgs" if described else protocol["reference"]
         parts.append(f"ref {reference}")
+    if metric == "KID" and "kid_subset_size" in protocol:
+        parts.append(f"subsets of {protocol['kid_subset_size']}")
     if protocol.get("g_batchnorm", "running") != "running":  # records without it: running statistics
         parts.append(f"G BN {protocol['g_batchnorm']} statistics")
+    if protocol.get("generator", "raw") != "raw":  # EMA and raw weights' numbers do not compare
+        parts.append(f"G's {protocol['generator'].upper()} weights")
     return ", ".join(parts)
 
 

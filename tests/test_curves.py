@@ -91,6 +91,16 @@ def test_is_panel_with_std_band_and_protocol_mismatch_flag(tmp_path):
     assert len(ax.collections) == 1, "only the run with a nonzero std gets a band"
 
 
+def test_an_ema_run_beside_a_raw_run_is_flagged_and_a_lone_ema_run_says_so(tmp_path):
+    raw, ema = tmp_path / "raw", tmp_path / "ema"
+    write_jsonl(raw / "metrics.jsonl", [metric_record(i, 50.0 - i) for i in (1, 2)])
+    write_jsonl(ema / "metrics.jsonl", [metric_record(i, 40.0 - i, protocol={**PROTOCOL, "generator": "ema"})
+                                        for i in (1, 2)])
+    runs = [curves.read_run(raw, "raw"), curves.read_run(ema, "ema")]
+    assert curves.protocol_label(runs, "FID") == "different protocols: not comparable"
+    assert curves.protocol_label(runs[1:], "FID").endswith("G's EMA weights")
+
+
 def test_half_written_last_line_is_skipped_and_missing_metrics_is_a_clear_error(tmp_path):
     run = tmp_path / "run"
     write_jsonl(run / "metrics.jsonl", [metric_record(5, 10.0)])

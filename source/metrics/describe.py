@@ -6,6 +6,7 @@ from .groups import GROUPS
 from .repeats import plus_minus
 
 PUBLISHED_N = 50000  # generated images behind published IS/FID (IS over 10 splits of 5000; gSR: 3 x 50k)
+PUBLISHED_PER_CLASS = 5000  # generated images per class behind sngan's intra-FID (calc_intra_FID.py)
 
 
 def describe(record: dict) -> str:
@@ -14,15 +15,16 @@ def describe(record: dict) -> str:
     repeats = protocol.get("repeats", 1)
     values = []
     if "IS" in record:
-        if repeats == 1:
-            values.append(f"IS {record['IS']:.3f} ± {record['IS_std']:.3f} over {protocol['splits']} split(s)")
+        if repeats == 1 and protocol["splits"] == 1:
+            values.append(f"IS {record['IS']:.3f} over 1 split (no spread)")
+        elif repeats == 1:
+            values.append(f"IS {record['IS']:.3f} ± {record['IS_std']:.3f} over {protocol['splits']} splits")
         else:
             values.append(f"IS {plus_minus(record, 'IS')} ({protocol['splits']} split(s) each)")
     if "FID" in record:
         values.append(f"FID {plus_minus(record, 'FID')}")
     if "KID" in record:
-        kid = f"{record['KID']:.5f} ± {record['KID_std']:.5f}" if repeats == 1 else plus_minus(record, "KID", 5)
-        values.append(f"KID {kid} ({protocol['kid_subsets']} subsets of {protocol['kid_subset_size']})")
+        values.append(describe_kid(record, repeats))
     if "intra_FID" in record:
         values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over {len(record['intra_FID_per_class'])} "
                       f"classes of {protocol['samples_per_class']} samples")
@@ -33,6 +35,21 @@ def describe(record: dict) -> str:
     return (f"{', '.join(values)} | {spread}N={protocol['n_samples']} generated vs {describe_reference(protocol)} | "
             f"G: {describe_generator(protocol)} | TF-Inception, weights {protocol['weights']} | "
             f"{comparability(protocol)}")
+
+
+def describe_kid(record: dict, repeats: int) -> str:
+    """KID with its spread over subsets, saying what that spread holds where the subset size was clipped to a set:
+    every subset then holds the whole generated set (the spread is the reference draw's alone), or both whole
+    sets (no spread). ``--repeats`` measures the generated samples' part."""
+    protocol = record["protocol"]
+    size, reference = protocol["kid_subset_size"], protocol.get("kid_reference_features")
+    whole_generated = size == protocol["n_samples"]
+    if repeats > 1:
+        return f"KID {plus_minus(record, 'KID', 5)} ({protocol['kid_subsets']} subsets of {size} each)"
+    if whole_generated and size == reference:
+        return f"KID {record['KID']:.5f} (every subset both whole sets of {size}: no spread)"
+    note = f"; each holds all {size} generated: ± the reference draw's spread only" if whole_generated else ""
+    return f"KID {record['KID']:.5f} ± {record['KID_std']:.5f} ({protocol['kid_subsets']} subsets of {size}{note})"
 
 
 def describe_groups(record: dict) -> str:
@@ -75,7 +92,10 @@ def describe_reference(protocol: dict) -> str:
 def comparability(protocol: dict) -> str:
     reasons = []
     if protocol["n_samples"] < PUBLISHED_N:
-        reasons.append(f"N={protocol['n_samples']} < {PUBLISHED_N}, FID biased upward")
+        reasons.append(f"N={protocol['n_samples']} < {PUBLISHED_N} generated images")
+    if protocol.get("intra_fid") == "classes" and protocol["samples_per_class"] < PUBLISHED_PER_CLASS:
+        reasons.append(f"intra-FID over {protocol['samples_per_class']} < {PUBLISHED_PER_CLASS} samples per class "
+                       f"(sngan's), biased upward")
     # gSR scores against a balanced reference split with IS over 1 split; SNGAN/SRGANs against training data, 10
     paper, published = ("gSR", 1) if protocol.get("reference_split") else ("SNGAN/SRGANs", 10)
     if protocol.get("splits", published) != published:

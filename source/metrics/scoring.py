@@ -151,7 +151,8 @@ def protocol_record(
         record.update(splits=splits, inception_score=IS_CONVENTION)
     if "kid" in metrics:
         subset_size = min(KID_SUBSET_SIZE, n_samples, len(reference.features))
-        record.update(kid_subsets=KID_SUBSETS, kid_subset_size=subset_size)
+        record.update(kid_subsets=KID_SUBSETS, kid_subset_size=subset_size,
+                      kid_reference_features=len(reference.features))
     if seeds is not None and len(seeds) > 1:
         record.update(repeats=len(seeds), seeds=seeds, repeat_std=STD_KIND)
     return record
