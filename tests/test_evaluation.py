@@ -36,6 +36,7 @@ from source.metrics.reference import (
     SUBSET_SEED,
     Reference,
     dataset_reference,
+    features_path,
     reference_data,
     require_reference_before_distributed_training,
 )
@@ -176,6 +177,11 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     cached = dataset_reference(config, reference_data(config, dataset), PixelBackbone(), n_images=12)
     np.testing.assert_array_equal(cached.stats.sigma, reference.stats.sigma)
     np.testing.assert_array_equal(cached.features, reference.features)
+    monkeypatch.undo()
+    Path(features_path(reference.path)).unlink()  # statistics without their features: KID would be lost
+    again = dataset_reference(config, reference_data(config, dataset), PixelBackbone(), n_images=12)
+    np.testing.assert_array_equal(again.features, reference.features)
+    assert Path(features_path(reference.path)).is_file()
 
 
 def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path):

@@ -190,10 +190,12 @@ def dataset_reference(
     path = path or reference_cache_path(config.evaluation.cache_dir, key)
     moved = tuple(f"extra.{name}" for name in location_args(data.name))
     cached = load_cached_reference(path, key, moved)
-    if cached is not None:
-        return Reference(path, key, cached, _load_features(features_path(path), key, moved))
+    features = _load_features(features_path(path), key, moved) if cached is not None else None
+    if features is not None:
+        return Reference(path, key, cached, features)
     what = f"{data.name} {'training' if data.split is None else data.split}"
-    tqdm.write(f"computing reference statistics of {n_images} {what} images -> {path}")
+    again = f" again: its features file {features_path(path)} is missing (KID needs it)" if cached is not None else ""
+    tqdm.write(f"computing reference statistics of {n_images} {what} images -> {path}{again}")
     dataset = data.dataset if groups is None else _Relabelled(data.dataset, label_to_group(groups))
     stats, features = compute_dataset_reference(dataset, backbone, n_images, per_class or groups is not None,
                                                 config.evaluation.batch_size, config.num_workers)

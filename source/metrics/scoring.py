@@ -20,7 +20,7 @@ from .inception import FID_HELPER, LOGITS_UNAVAILABLE, PROTOCOL, WEIGHTS_FILE, I
 from .inception import WeightsUnavailable
 from .inception_score import inception_score
 from .kid import kernel_inception_distance
-from .reference import Reference, ReferenceUnavailable
+from .reference import Reference, ReferenceUnavailable, features_path
 from .repeats import STD_KIND
 from .statistics import FeatureMoments
 
@@ -73,8 +73,9 @@ def available_metrics(
             notes.append(f"IS skipped: {LOGITS_UNAVAILABLE}; to get it, pass the full weights file {WEIGHTS_FILE} "
                          "(--inception-weights PATH or evaluation.inception_weights)")
         elif metric == "kid" and reference.features is None:
-            notes.append(f"KID skipped: the reference {reference.path} holds moments only and KID needs features; "
-                         "use a dataset reference (evaluation.reference_stats: null)")
+            notes.append(f"KID skipped: the reference {reference.path} holds moments only (no features file "
+                         f"{features_path(reference.path)} beside it) and KID needs features; use a dataset reference "
+                         "(evaluation.reference_stats: null), which keeps them")
         else:
             available.append(metric)
     return available, notes
