@@ -39,7 +39,9 @@ def imagenet(setting: str) -> Callable[[dict], str]:
         if seconds is None:
             bound = get(results, f"a_{setting}.seconds_per_2048_iteration_upper_bound_extrapolated")
             return missing(results, f"a_{setting}") + (f"; upper bound {bound:.2f} s" if bound else "")
-        return f"{seconds:.2f} s (extrapolated), MFU {get(results, f'a_{setting}.mfu.value'):.2f}"
+        mfu = get(results, f"a_{setting}.mfu.value")
+        known = f"MFU {100 * mfu:.0f} %" if mfu is not None else "MFU not known (no datasheet peak for this device)"
+        return f"{seconds:.2f} s (extrapolated), {known}"
     return cell
 
 
@@ -47,18 +49,30 @@ def ratio_value(results: dict, name: str) -> float | None:
     return results["ratios"].get(name, {}).get("value")
 
 
-def ratio(name: str, unit: str = "x", scale: float = 1.0, digits: int = 2) -> Callable[[dict], str]:
+def share(name: str, what: Callable[[dict], str] = lambda results: "") -> Callable[[dict], str]:
+    """A ratio in percent, with what the results file says it covers and whether its inputs were extrapolated."""
     def cell(results: dict) -> str:
         value = ratio_value(results, name)
-        return "not measured" if value is None else f"{value * scale:.{digits}f}{unit}"
+        if value is None:
+            return "not measured"
+        notes = [note for note in (what(results), "extrapolated" if name.endswith("_extrapolated") else "") if note]
+        return f"{100 * value:.1f} %" + (f" ({', '.join(notes)})" if notes else "")
     return cell
+
+
+def sr_convs(results: dict) -> str:
+    return f"{get(results, 'b_sr_spectra.convs')} convs"
+
+
+def sr_every(results: dict) -> str:
+    return f"every {get(results, 'b_sr_spectra.sr_interval')} iterations"
 
 
 def speedup(results: dict) -> str:
     """Fast over faithful; where fast's accumulation 2 was not measured, the least speed-up its upper bound gives."""
     measured = ratio_value(results, "imagenet128_fast_speedup_extrapolated")
     if measured is not None:
-        return f"{measured:.2f}x"
+        return f"{measured:.2f}x (extrapolated)"
     least = ratio_value(results, "imagenet128_fast_speedup_lower_bound")
     return "not measured" if least is None else f"not measured; at least {least:.2f}x (against fast's upper bound)"
 
@@ -68,7 +82,7 @@ def fid(results: dict) -> str:
     if ours is None or theirs is None:
         return missing(results, "c_fid")
     weights = " (random Inception weights: times only)" if get(results, "c_fid.random_weights") else ""
-    return f"{ours:.1f} s against {theirs:.1f} s{weights}"
+    return f"{ours:.1f} s against {theirs:.1f} s for {get(results, 'c_fid.n_images')} images{weights}"
 
 
 def agreement(results: dict, variant: str) -> str:
@@ -148,13 +162,12 @@ ROWS = [
     ("ImageNet-128 SR recipe, faithful fp32: s per batch-2048 iteration", imagenet("faithful")),
     ("the same, fast (bf16, channels_last, compile, ghost BN)", imagenet("fast")),
     ("fast over faithful (goal >= 1.5x at >= 35 % MFU)", speedup),
-    ("one dynamic SR call (17 convs), share of a faithful iteration", ratio(
-        "sr_call_fraction_of_faithful_iteration_extrapolated", " %", 100, 1)),
-    ("SR every 5 iterations, share of a fast iteration (goal <= 2 %)", ratio(
-        "sr_amortised_fraction_of_fast_iteration_extrapolated", " %", 100, 1)),
-    ("one spectra snapshot, share of a faithful iteration", ratio(
-        "spectra_fraction_of_faithful_iteration_extrapolated", " %", 100, 1)),
-    ("FID of 50k images end to end: ours against torch-fidelity", fid),
+    ("one dynamic SR call on D's convs, share of a faithful iteration",
+     share("sr_call_fraction_of_faithful_iteration_extrapolated", sr_convs)),
+    ("SR at its interval, share of a fast iteration (goal <= 2 %)",
+     share("sr_amortised_fraction_of_fast_iteration_extrapolated", sr_every)),
+    ("one spectra snapshot, share of a faithful iteration", share("spectra_fraction_of_faithful_iteration_extrapolated")),
+    ("FID end to end (generation, TF-Inception, statistics): ours against torch-fidelity", fid),
     ("32 px study model (ch 32, batch 64, n_dis 5), one run: G-iterations/s", small_models),
     ("the same, several runs at once as processes: G-iterations/s in all", concurrent),
     ("the same, several runs in one process (one CUDA stream each): G-iterations/s in all", in_one_process),
