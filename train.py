@@ -270,6 +270,7 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
             print(f"  config change: {line}")
         for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
             truncate_after(trainer.out / name, trainer.iteration)
+        trainer.log.purge_after(trainer.iteration)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 
 

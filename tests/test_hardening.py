@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboardX.proto import event_pb2
 
 import evaluation
 import train
@@ -159,6 +160,22 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]
     assert [r.get("event") for r in records[-2:]] == ["resumed", "sr_start"], "appended after the torn line was dropped"
+    # TensorBoard hides what the interrupted session logged past the snapshot too: a purge marker at 4 + 1
+    starts = [event.step for event in tensorboard_events(run / "tb") if event.HasField("session_log")
+              and event.session_log.status == event_pb2.SessionLog.START]
+    assert starts == [5]
+
+
+def tensorboard_events(folder: Path) -> list:
+    """Every event of the TFRecord files in ``folder`` (length, its CRC, the event, its CRC)."""
+    events = []
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        while data:
+            length = int.from_bytes(data[:8], "little")
+            events.append(event_pb2.Event.FromString(data[12:12 + length]))
+            data = data[16 + length:]
+    return events
 
 
 def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_path, trained):

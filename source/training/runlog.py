@@ -29,6 +29,20 @@ class RunLog:
     def event(self, iteration: int, name: str, **fields) -> None:
         self.write({"iteration": iteration, "event": name, **fields})
 
+    def purge_after(self, iteration: int) -> None:
+        """A run continued in place at ``iteration``: TensorBoard hides the scalars past it that the interrupted
+        session wrote (its reader drops earlier events at or after a writer's purge step), as ``truncate_after``
+        drops them from the jsonl files; the new session's values are then the only ones shown."""
+        if not self.enabled:
+            return
+        self.close()
+        self._tb = self._writer(purge_step=iteration + 1)
+
+    def _writer(self, purge_step: int | None = None):
+        from tensorboardX import SummaryWriter
+        self.out.mkdir(parents=True, exist_ok=True)
+        return SummaryWriter(str(self.out / "tb"), purge_step=purge_step)
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
@@ -38,8 +52,7 @@ class RunLog:
         if "iteration" not in record or "event" in record:
             return
         if self._tb is None:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.out / "tb"))
+            self._tb = self._writer()
         for key, value in record.items():
             if key != "iteration" and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self._tb.add_scalar(key, value, record["iteration"])
