@@ -100,6 +100,8 @@ def test_status_says_how_much_of_the_study_is_trained_and_how_long_the_rest_take
               {"runs": {"tiny/lr_s0": {"from": 0}}, "wall_s": 5}, {"runs": "torn"}]  # the last two: no rate
     (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
     assert state.start_iteration(study, tmp_path, study.run("tiny/resumed_s0")) == 12000  # the last healthy check
+    rows = {row["run"]: row for row in state.progress_table(study, tmp_path)}
+    assert (rows["tiny/resumed_s0"]["status"], rows["tiny/resumed_s0"]["iteration"]) == ("ready", 12000)
     outlook = state.outlook(study, tmp_path)
     # sn 14000 of 50000, lr 0 of 50000, the branch 0 of 50000 - 12000; 14000 iterations in 200 s
     assert (outlook["trained"], outlook["planned"], outlook["last_chunk_rate"]) == (14000, 138000, 70.0)

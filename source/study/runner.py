@@ -131,7 +131,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 break
             if time.time() >= next_report:
                 next_report += REPORT_SECONDS
-                echo(_progress_line(chunk, root, [study.run(name) for name in active]))
+                echo(_progress_line(chunk, study, root, [study.run(name) for name in active]))
             time.sleep(POLL_SECONDS)
         if signalled.name is not None:
             raise ChunkInterrupted(signalled.name)
@@ -256,9 +256,10 @@ def _own_returncode(status: Path, process: subprocess.Popen) -> int | None:
         status.unlink(missing_ok=True)
 
 
-def _progress_line(chunk: Chunk, root: Path, runs: list[Run]) -> str:
+def _progress_line(chunk: Chunk, study: Study, root: Path, runs: list[Run]) -> str:
     """One line every REPORT_SECONDS: how far the running runs are (their last logged iteration)."""
-    reached = {run.name: logged_iteration(run_folder(root, run)) for run in runs}
+    reached = {run.name: logged_iteration(run_folder(root, run)) or start_iteration(study, root, run) or 0
+               for run in runs}  # a branch that has logged nothing yet: where it left its parent
     slowest = min(reached, key=reached.get)
     return (f"{time.time() - chunk.started:.0f} s: {len(runs)} running, iterations {min(reached.values())} "
             f"({slowest}) to {max(reached.values())}")

@@ -159,7 +159,9 @@ def last_chunk_rate(root: Path) -> float | None:
 
 
 def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
-    """Per run (default: all): status, latest snapshot's iteration, target, first detected collapse."""
-    return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run)),
+    """Per run (default: all): status, latest snapshot's iteration (a branch yet to start: where it will leave
+    its parent, once known), target, first detected collapse."""
+    return [{"run": run.name, "status": status(study, root, run), "iteration": latest_iteration(run_folder(root, run))
+             or start_iteration(study, root, run) or 0,
              "target": run.iteration, "collapse": first_collapse(run_folder(root, run))}
             for run in (study.runs if runs is None else runs)]
