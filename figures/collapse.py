@@ -73,19 +73,23 @@ def class_samples(gen: torch.nn.Module, per_class: int, n_classes: int, seed: in
 
 
 def mode_history(run: Path, per_class: int) -> list[dict]:
-    cached = {r["iteration"]: r for r in read_jsonl(run / CACHE)}
+    """The mode measures of every generator export at ``per_class`` samples per class, cached per (iteration,
+    samples per class): a call with another count measures again rather than plotting the other count's numbers
+    (records of older versions, without the count or the class counts, are measured again too)."""
+    cached = {(r["iteration"], r.get("per_class")): r for r in read_jsonl(run / CACHE) if "class_counts" in r}
     real = None
     for iteration, path in generator_snapshots(run):
-        if "class_counts" in cached.get(iteration, {}):  # records of older versions lack the counts: redo
+        if (iteration, per_class) in cached:
             continue
         loaded = load_generator(str(path), torch.device("cpu"))
         if real is None:
             real = real_images(loaded.config)
         samples, labels = class_samples(loaded.gen, per_class, n_classes=int(real[1].max()) + 1)
-        cached[iteration] = {"iteration": iteration, **mode_report(samples, labels, *real).to_dict()}
+        record = {"iteration": iteration, "per_class": per_class, **mode_report(samples, labels, *real).to_dict()}
+        cached[iteration, per_class] = record
         with open(run / CACHE, "a") as handle:
-            handle.write(json.dumps(cached[iteration]) + "\n")
-    return [cached[i] for i in sorted(cached)]
+            handle.write(json.dumps(record) + "\n")
+    return [cached[key] for key in sorted(cached) if key[1] == per_class]
 
 
 def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.Figure:
@@ -103,8 +107,9 @@ def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.
         if start is not None:
             for axis in axes:
                 axis.axvline(start, color=line.get_color(), linestyle="--", linewidth=1)
-    titles = ["D collapse score (mean $s_i/s_1$, $i \\geq 2$)", "intra-class diversity (generated / real)",
-              "nearest-class modes (of 10)"]
+    classes = len(modes[-1]["class_counts"]) if modes else "?"
+    titles = ["D collapse score (mean over convs of mean $s_i/s_1$, $i \\geq 2$)",
+              "intra-class diversity (generated / real)", f"nearest-class modes (of {classes})"]
     finish_iteration_axes(figure, axes, titles)
     return figure
 
@@ -119,8 +124,8 @@ def main(argv: list[str] | None = None) -> Path:
     labels = args.labels or [run.name for run in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
-    if args.per_class < 1:
-        parser.error(f"--per-class must be at least 1, got {args.per_class}")
+    if args.per_class < 2:  # diversity compares pairs of samples of a class
+        parser.error(f"--per-class must be at least 2, got {args.per_class}")
     for run in args.runs:
         check_run(run)
     out = args.out or run_figures(args.runs[0]) / "collapse.png"

@@ -70,3 +70,6 @@ def test_collapse_figure_cli_scores_every_generator_snapshot_once(tmp_path):
     assert all(sum(r["class_counts"]) == 3 * 3 and len(r["class_counts"]) == 3 for r in records)
     collapse.main([str(run), "--per-class", "3", "--out", str(tmp_path / "again.png")])
     assert len(read_jsonl(run / collapse.CACHE)) == 2, "cached measures are reused"
+    history = collapse.mode_history(run, 2)  # another count: measured again, not the 3 per class read back
+    assert [sum(r["class_counts"]) for r in history] == [3 * 2, 3 * 2] and len(read_jsonl(run / collapse.CACHE)) == 4
+    assert [sum(r["class_counts"]) for r in collapse.mode_history(run, 3)] == [9, 9]
