@@ -484,6 +484,28 @@ def test_log_lines_have_an_eta(tmp_path, capsys):
     assert [r["eta_s"] for r in records if "loss_dis" in r][-1] == 0
 
 
+def test_the_eta_counts_evaluations_as_often_as_they_came_not_one_intervals_rate(monkeypatch):
+    from types import SimpleNamespace
+
+    from source.training import extensions
+    clock = iter([0.0, 10.0, 20.0, 50.0, 60.0])  # made; then reports after 10 s, 10 s, 30 s (an evaluation), 10 s
+    monkeypatch.setattr(extensions.time, "perf_counter", lambda: next(clock))
+    records = []
+    trainer = SimpleNamespace(iteration=0, stop=1000, elapsed=0.0, world=SimpleNamespace(is_main=False),
+                              log=SimpleNamespace(write=records.append),
+                              updater=SimpleNamespace(batches=SimpleNamespace(epoch=0, dataset=None),
+                                                      learning_rates=dict))
+    report = extensions.LogReport(100)
+    for _ in range(4):
+        for _ in range(100):
+            report.observe({"loss_dis": 1.0})
+        trainer.iteration += 100
+        report(trainer)
+    assert [r["it_per_s"] for r in records] == [10.0, 10.0, 100 / 30, 10.0]  # each interval's own rate
+    # the first interval (warm-up) alone, then this process's rate since: 300 iterations in 50 s
+    assert [r["eta_s"] for r in records] == [90.0, 80.0, 700 / (200 / 40), 600 / (300 / 50)]
+
+
 # --- 8. Ctrl-C under torchrun -----------------------------------------------------------------------
 
 def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path):

@@ -20,7 +20,11 @@ from source.training.trainer import Extension, Trainer
 
 
 class LogReport(Extension):
-    """Mean of the losses since the last report -> console, ``log.jsonl`` and tensorboardX."""
+    """Mean of the losses since the last report -> console, ``log.jsonl`` and tensorboardX.
+
+    ``it_per_s`` is the rate since the last report, whatever ran in between (an evaluation or a snapshot slows the
+    line after it); ``eta_s`` extrapolates the rate of this process so far, in which they count as often as they
+    came, rather than one interval's."""
 
     at_end = True
 
@@ -30,6 +34,8 @@ class LogReport(Extension):
         self._count = 0  # iterations in the sums (restored on resume)
         self._timed = 0  # iterations run by this process since _last_time (the speed's numerator)
         self._last_time = time.perf_counter()
+        self._first_time: float | None = None  # this process's first report: the ETA's rate counts from there
+        self._since_first = 0  # iterations since then
 
     def observe(self, observation: dict[str, float]) -> None:
         for key, value in observation.items():
@@ -42,11 +48,16 @@ class LogReport(Extension):
             return
         now = time.perf_counter()
         speed = self._timed / max(now - self._last_time, 1e-9)
+        if self._first_time is None:  # its interval holds the first iterations' warm-up: not for the ETA
+            self._first_time, mean_speed = now, speed
+        else:
+            self._since_first += self._timed
+            mean_speed = self._since_first / max(now - self._first_time, 1e-9)
         record = {"iteration": trainer.iteration, "epoch": trainer.updater.batches.epoch,
                   "elapsed": round(trainer.elapsed, 2),
                   **{k: v / self._count for k, v in self._sums.items()},
                   **trainer.updater.learning_rates(),
-                  "it_per_s": speed, "eta_s": round((trainer.stop - trainer.iteration) / max(speed, 1e-9), 1)}
+                  "it_per_s": speed, "eta_s": round((trainer.stop - trainer.iteration) / max(mean_speed, 1e-9), 1)}
         unreadable = getattr(trainer.updater.batches.dataset, "n_unreadable", 0)
         if unreadable:  # images skipped so far (by this rank's loader), also warned about one by one
             record["unreadable_images"] = unreadable
