@@ -290,13 +290,13 @@ def test_printed_scores_state_their_protocol_and_comparability():
     small = protocol_record(PixelBackbone(), ["is", "fid", "kid"], 5000, 1, reference)
     line = describe({"IS": 20.0, "IS_std": 0.0, "FID": 71.0, "KID": 0.05, "KID_std": 0.01, "protocol": small})
     assert "IS 20.000 over 1 split (no spread)" in line and "FID 71.000" in line
-    assert "KID 0.05000 ± 0.01000 (100 subsets of 1000)" in line
+    assert "KID 0.05000 ± 0.01000 (100 subsets of 1000; reference features of 20000 of its 1281167 images)" in line
     assert "N=5000 generated vs imagenet all 128px, 1281167 images (ref.npz)" in line and "weights pixels" in line
     assert "not comparable" in line and "N=5000 < 50000" in line and "IS over 1 split(s)" in line
     # subsets clipped to the generated set hold all of it in each: their spread is the reference draw's alone
     clipped = protocol_record(PixelBackbone(), ["kid"], 250, 1, Reference("ref.npz", key, None, np.zeros((1000, 2))))
     line = describe({"KID": 0.05, "KID_std": 0.003, "protocol": clipped})
-    assert "(100 subsets of 250; each holds all 250 generated: ± the reference draw's spread only)" in line
+    assert "(100 subsets of 250; each holds all 250 generated: ± the reference draw's spread only;" in line
     whole = protocol_record(PixelBackbone(), ["kid"], 250, 1, Reference("ref.npz", key, None, np.zeros((250, 2))))
     assert "KID 0.05000 (every subset both whole sets of 250: no spread)" in describe(
         {"KID": 0.05, "KID_std": 1e-16, "protocol": whole})

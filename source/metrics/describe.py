@@ -49,6 +49,9 @@ def describe_kid(record: dict, repeats: int) -> str:
     if whole_generated and size == reference:
         return f"KID {record['KID']:.5f} (every subset both whole sets of {size}: no spread)"
     note = f"; each holds all {size} generated: ± the reference draw's spread only" if whole_generated else ""
+    images = protocol["reference_key"].get("n_images")
+    if reference and images and reference < images:  # a data set reference keeps the features of only so many
+        note += f"; reference features of {reference} of its {images} images"
     return f"KID {record['KID']:.5f} ± {record['KID_std']:.5f} ({protocol['kid_subsets']} subsets of {size}{note})"
 
 
