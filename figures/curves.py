@@ -51,11 +51,22 @@ def parent_record(run_dir: Path, event: dict) -> dict | None:
     snapshot = event.get("snapshot")
     if not snapshot:
         return None
-    parent = Path(snapshot).resolve().parent.parent
-    if parent == run_dir.resolve():
+    parent = snapshot_run(run_dir, Path(snapshot))
+    if parent is None or parent == run_dir.resolve():
         return None
     matches = [r for r in read_jsonl(parent / "metrics.jsonl") if r.get("iteration") == event["iteration"]]
     return matches[-1] if matches else None
+
+
+def snapshot_run(run_dir: Path, snapshot: Path) -> Path | None:
+    """The run folder of a resumed snapshot. train.py records the path as given, which may be relative to where
+    it ran: tried from here, then from each folder above the resumed run (a branch lies beside its parent)."""
+    bases = [Path.cwd()] + list(run_dir.resolve().parents) if not snapshot.is_absolute() else [Path("/")]
+    for base in bases:
+        folder = (base / snapshot).resolve().parent.parent
+        if (folder / "metrics.jsonl").is_file():
+            return folder
+    return None
 
 
 def protocol_label(runs: list[RunCurves], metric: str) -> str:

@@ -68,6 +68,16 @@ def test_resumed_run_starts_at_the_parents_value_and_marks_resume_and_sr_start(s
     assert event_lines[0].get_linestyle() == "--"
 
 
+def test_a_snapshot_path_relative_to_where_training_ran_finds_its_parent_from_elsewhere(tmp_path, monkeypatch):
+    sn, sr = tmp_path / "results" / "sn", tmp_path / "results" / "sn-resume40"
+    write_jsonl(sn / "metrics.jsonl", [metric_record(i, 100.0 - i) for i in (20, 40)])
+    write_jsonl(sr / "metrics.jsonl", [metric_record(50, 45.0)])
+    write_jsonl(sr / "log.jsonl", [{"iteration": 40, "event": "resumed", "snapshot": "results/sn/snapshots/"
+                                    "snapshot_iter_40.pt", "changes": []}])  # as train.py got it, run from tmp_path
+    monkeypatch.chdir(sn)  # somewhere the relative path does not lead
+    assert curves.read_run(sr, "SR").resumes[40]["FID"] == 60.0
+
+
 def test_main_writes_a_non_empty_png_and_pdf(sn_and_sr_runs, tmp_path):
     sn, sr = sn_and_sr_runs
     written = curves.main([str(sn), str(sr), "--labels", "SNGAN", "SRGAN", "--pdf"])
