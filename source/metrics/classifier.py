@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from source.files import torch_load
+from source.training.checkpoint import non_finite
 from source.typed import first_line
 
 from .fid import feature_statistics, frechet_distance
@@ -109,6 +110,9 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
         model.load_state_dict(state)
     except Exception as error:  # unpickling refusals, wrong shapes, not a state dict: all one message
         raise ClassifierUnavailable(f"{path} is not a SmallClassifier state dict ({first_line(error)})") from None
+    broken = non_finite(state)
+    if broken:  # a NaN head bias read as 100 % accuracy for one class, a NaN BN statistic as FID nan
+        raise ClassifierUnavailable(f"{path}: NaN or infinite values in {', '.join(broken[:3])}")
     return model.to(device).eval(), record
 
 

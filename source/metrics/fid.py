@@ -80,7 +80,11 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
+    traces = np.trace(sigma1) + np.trace(sigma2)
+    distance = float(diff @ diff + traces - 2.0 * trace_sqrt_product(sigma1, sigma2))
+    if not np.isfinite(distance) or distance < -1e-6 * max(traces, 1.0):  # beyond rounding: not covariances
+        raise ValueError(f"FID of statistics that are not a mean and covariance came out as {distance:g}")
+    return distance
 
 
 def intra_fid(

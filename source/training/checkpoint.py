@@ -214,7 +214,8 @@ def optimizer_mismatch(name: str, optimizer: torch.optim.Optimizer, saved: dict)
 
 def non_finite_weights(snapshot: dict) -> list[str]:
     """The NaN/Inf tensors among a snapshot's weights and optimizer states (what a good snapshot never holds)."""
-    return non_finite({key: snapshot[key] for key in ("gen", "dis", "opt_gen", "opt_dis")})
+    keys = ("gen", "dis", "opt_gen", "opt_dis", "gen_ema")
+    return non_finite({key: snapshot[key] for key in keys if key in snapshot})
 
 
 def capture_rng(device: torch.device) -> dict:

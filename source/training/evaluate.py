@@ -75,6 +75,10 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     misfit = checkpoint.weights_misfit(entry, spec, snapshot[entry])  # before G's memory is allocated
     if misfit:
         raise ValueError(f"{path}: the generator weights '{entry}' do not fit {spec.name}({spec.args}): {misfit}")
+    broken = checkpoint.non_finite(snapshot[entry])
+    if broken:  # its images would be NaN, quantized to black, and scored as if G had drawn them
+        raise ValueError(f"{path}: the generator weights '{entry}' hold NaN or infinite values ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''})")
     gen = build_model(spec.name, spec.args)
     gen.load_state_dict(snapshot[entry])
     return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights)
