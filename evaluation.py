@@ -30,7 +30,7 @@ from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, PADD
                            tile, titled, to_image)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
-from source.files import run_figures
+from source.files import refuse_link, run_figures
 from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
 from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
@@ -174,7 +174,8 @@ def grids(args: argparse.Namespace) -> None:
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
     batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
-    out = Path(args.out) if args.out else run_figures(run_folder(args.snapshot)) / f"grids_iter_{loaded.iteration}"
+    out = Path(args.out) if args.out else refuse_link(
+        run_figures(run_folder(args.snapshot)) / f"grids_iter_{loaded.iteration}")  # a received run may hold links
     targets = grid_targets(args.classes, gen.n_classes, out)
     check_overwrite([path for _, path in targets], args.force)
     out.mkdir(parents=True, exist_ok=True)

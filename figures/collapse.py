@@ -21,7 +21,7 @@ import torch
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, require_run_folder, save_figure
 from source.config import ConfigError
 from source.datasets import DatasetError, build_dataset
-from source.files import run_figures
+from source.files import refuse_link, run_figures
 from source.metrics.generate import generate_uint8, sample_inputs
 from source.metrics.modes import mode_report
 from source.training.evaluate import load_generator
@@ -87,7 +87,7 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
         samples, labels = class_samples(loaded.gen, per_class, n_classes=int(real[1].max()) + 1)
         record = {"iteration": iteration, "per_class": per_class, **mode_report(samples, labels, *real).to_dict()}
         cached[iteration, per_class] = record
-        with open(run / CACHE, "a") as handle:
+        with open(refuse_link(run / CACHE), "a") as handle:  # a run folder from elsewhere may hold a link
             handle.write(json.dumps(record) + "\n")
     return [cached[key] for key in sorted(cached) if key[1] == per_class]
 

@@ -139,6 +139,20 @@ def test_grids_refuse_to_overwrite_unless_forced(snapshot, tmp_path, capsys):
     assert (tmp_path / "class_0.png").read_bytes() != first and (tmp_path / "class_1.png").exists()
 
 
+def test_a_grids_folder_planted_as_a_link_is_not_written_through(snapshot, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(Path(snapshot).parents[1], run, ignore=shutil.ignore_patterns(".lock"))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (run / "figures").mkdir(exist_ok=True)
+    (run / "figures" / "grids_iter_1").symlink_to(victim, target_is_directory=True)
+    argv = ["grids", "--snapshot", str(run / "snapshots" / "snapshot_iter_1.pt"), "--rows", "1", "--columns", "2"]
+    assert evaluation.main(argv + ["--classes", "0"]) == 2
+    assert "grids_iter_1 is a symbolic link" in one_line_error(capsys.readouterr().err)
+    assert not any(victim.iterdir())
+
+
 def test_links_planted_in_a_run_folder_are_not_written_through(tmp_path, capsys):
     """A run folder from elsewhere may hold symbolic links: its figures folder pointing into the user's files, or
     a figure's name pointing at one. Nothing is written through either; each is a one-line error."""

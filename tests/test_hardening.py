@@ -178,6 +178,27 @@ def tensorboard_events(folder: Path) -> list:
     return events
 
 
+@pytest.mark.parametrize("name", [runfolder.LOCK_FILE, "log.jsonl", "snapshots/generator_iter_6.pt"])
+def test_a_received_run_folder_with_a_link_is_not_written_through(tmp_path, trained, capsys, name):
+    run = copy_run(trained, tmp_path / "run")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (run / name).unlink(missing_ok=True)
+    (run / name).symlink_to(victim)
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 2
+    one_line_error(capsys, "is a symbolic link; a run writes only into files of its own folder")
+    assert victim.read_text() == "keep me\n"
+
+
+def test_a_branch_folder_placed_as_a_link_is_passed_over(tmp_path, trained):
+    run = copy_run(trained, tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "run-resume2").symlink_to(elsewhere)
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", "iteration=3"]) == 0
+    assert not any(elsewhere.iterdir()) and (tmp_path / "run-resume2-2" / "snapshots" / "snapshot_iter_3.pt").is_file()
+
+
 def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     latest = str(run / "snapshots" / "snapshot_iter_4.pt")

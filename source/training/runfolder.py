@@ -91,12 +91,19 @@ def plan_resume(out: str | None, snapshot_file: str, iteration: int, changed: bo
 def claim(plan: Plan) -> RunFolder:
     """Lock the first usable candidate: in place, the run's own folder; otherwise one that is new or empty."""
     for path in plan.candidates():
+        if path.is_symlink() and not plan.only:  # a numbered folder (a branch's) that a received bundle placed
+            continue
         folder = _lock(path)
         if folder is None:
             if plan.only:
                 raise RunFolderError(f"{path} is in use by another run ({_holder(path)}); choose another --out")
             continue
         if plan.in_place or is_empty(path):
+            link = first_link(path)
+            if link is not None:
+                folder.release()
+                raise RunFolderError(f"{link} is a symbolic link; a run writes only into files of its own folder "
+                                     "(a folder from elsewhere could point a log or snapshot write at any file)")
             remove_stale_temp_files(path)  # of writes killed in an earlier run of this folder; we hold the lock
             return folder
         folder.release()
@@ -113,8 +120,11 @@ def _lock(path: Path) -> RunFolder | None:
     created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        handle = open(path / LOCK_FILE, "a+")
+        handle = os.fdopen(os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
     except OSError as error:
+        if (path / LOCK_FILE).is_symlink():
+            raise RunFolderError(f"{path / LOCK_FILE} is a symbolic link; a run writes only into files of its own "
+                                 "folder (remove it)") from None
         raise RunFolderError(f"cannot create the run folder {path} ({error.strerror or error}); choose another "
                              "--out") from None
     try:
@@ -127,6 +137,19 @@ def _lock(path: Path) -> RunFolder | None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     return RunFolder(path, handle, created)
+
+
+def first_link(path: Path) -> Path | None:
+    """A symbolic link among the folder's entries and its subfolders' (logs, snapshots, spectra, samples, tb),
+    which a run would write through; None when there is none."""
+    for entry in path.iterdir():
+        if entry.is_symlink():
+            return entry
+        if entry.is_dir():
+            link = next((inner for inner in entry.iterdir() if inner.is_symlink()), None)
+            if link is not None:
+                return link
+    return None
 
 
 def _holder(path: Path) -> str:
