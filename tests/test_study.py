@@ -424,9 +424,14 @@ def test_an_archive_with_a_link_or_a_name_outside_the_study_unpacks_nothing(tmp_
 
 
 def test_an_archive_unpacks_within_a_size_and_never_another_machines_process_ids(tmp_path, monkeypatch):
-    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None)]
+    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None),
+               (f"./{PIDS}", b'{"b64/sn_s0": [1, 1]}', None)]  # the same name, spelled otherwise
     assert transfer.extract(xz_tar(members), tmp_path) == ["b64/sn_s0/log.jsonl"]
     assert not (tmp_path / PIDS).exists()
+    monkeypatch.setattr(transfer, "MOST_MEMBERS", 3)  # many empty files: a small archive, a flood of them
+    with pytest.raises(transfer.TransferError, match="more than 3 members"):
+        transfer.extract(xz_tar([(f"b64/{index}", b"", None) for index in range(4)]), tmp_path / "many")
+    assert not (tmp_path / "many").exists()
     monkeypatch.setattr(transfer, "MOST_UNPACKED", 10)
     with pytest.raises(transfer.TransferError, match="unpacks to 0 MiB, over the 0 MiB"):
         transfer.extract(xz_tar([("b64/big.bin", b"x" * 11, None)]), tmp_path / "other")

@@ -28,6 +28,7 @@ CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
 RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, manifest, progress, left_out
 MOST_UNPACKED = 2**30  # what an archive may unpack to (snapshots barely compress: a return holds some 100 MiB)
+MOST_MEMBERS = 50_000  # files and folders it may hold (a chunk of 36 runs returns a few thousand)
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
@@ -87,7 +88,10 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
             raise TransferError(f"archive member {member.name!r}: only files and folders inside the study's root "
                                 f"are unpacked (no links, nothing outside); nothing was unpacked")
         total += member.size
-        if member.name != PIDS:
+        if len(members) >= MOST_MEMBERS:
+            raise TransferError(f"the archive holds more than {MOST_MEMBERS} members, more than a study's chunk "
+                                "returns; nothing was unpacked")
+        if os.path.normpath(member.name) != PIDS:  # "./running.json" too
             members.append(member)
     if total > MOST_UNPACKED:
         raise TransferError(f"the archive unpacks to {total / 2**20:.0f} MiB, over the {MOST_UNPACKED // 2**20} MiB "
