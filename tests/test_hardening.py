@@ -444,7 +444,10 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
 @pytest.mark.parametrize("damage, message", [
     (lambda s: s.pop("config"), "has no 'config' entry"),
     (lambda s: s.update(data={"epoch": "x"}), "its data.epoch is 'x', not a count"),
-    (lambda s: s.update(data={"epoch": 0, "batch_in_epoch": 0, "global_batch_size": "x"}), "'data' entry is damaged"),
+    (lambda s: s.update(data={"epoch": 0, "batch_in_epoch": 0, "global_batch_size": "x"}),
+     "its data.global_batch_size is 'x', not a count"),
+    (lambda s: s["data"].update(batch_in_epoch=2**32 - 1, global_batch_size="xxxx"),  # was multiplied first: 16 GB
+     "its data.global_batch_size is 'xxxx', not a count"),
     (lambda s: s.update(rng=[{"torch": 1}]), "'rng' entry is damaged"),
     (lambda s: s.update(iteration=-1), "iteration -1 is negative"),
     (lambda s: s["opt_dis"].update(state=[1, 2]), "'list' object has no attribute"),

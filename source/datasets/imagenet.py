@@ -50,7 +50,10 @@ MAX_IMAGE_PIXELS = 64 * 2**20
 # the decoders tried, whatever the suffix says: ImageNet's JPEGs (one is a PNG), LSUN's WebPs, TIFF for 32-bit integer
 # images. Not Pillow's other forty: EPS, for one, runs Ghostscript on the file's PostScript where it is installed
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF")
-LABEL = re.compile(r"[0-9]{1,9}")  # not str.isdigit(): it accepts "²", which int() rejects; below 10^9 classes
+# not str.isdigit(): it accepts "²", which int() rejects. Below 10^5 classes (ImageNet-21k has 21841): a label
+# sets n_classes, and per-class tables (counts, embeddings) are that long
+LABEL = re.compile(r"[0-9]{1,5}")
+MAX_PATH_BYTES = 4096  # the paths are held in one fixed-width array: one long path would widen every line
 SPLITS = ("train", "val")
 
 
@@ -196,7 +199,10 @@ def read_list_file(list_file: str) -> tuple[list[str], list[int]]:
         fields = line.rsplit(maxsplit=1)
         if len(fields) != 2 or not LABEL.fullmatch(fields[1]):
             raise DatasetError(f"{list_file}:{number}: expected 'relative/path.JPEG label' with a label of 0 to "
-                               f"999999999, got {line.strip()[:200]!r}")
+                               f"99999, got {line.strip()[:200]!r}")
+        if len(os.fsencode(fields[0])) > MAX_PATH_BYTES:
+            raise DatasetError(f"{list_file}:{number}: a path of {len(os.fsencode(fields[0]))} bytes, over the "
+                               f"{MAX_PATH_BYTES} a file system allows")
         if os.path.isabs(fields[0]) or ".." in fields[0].replace("\\", "/").split("/"):
             raise DatasetError(f"{list_file}:{number}: {fields[0][:200]!r}: a list file names images inside the "
                                f"root, relative to it and without '..'")

@@ -130,7 +130,8 @@ def check_training_entries(snapshot: dict, path: Path) -> None:
                             f"snapshot")
     counters = {"updater.iteration": (snapshot["updater"].get("iteration"), snapshot["iteration"]),
                 "data.epoch": (snapshot["data"].get("epoch"), None),
-                "data.batch_in_epoch": (snapshot["data"].get("batch_in_epoch"), None)}
+                "data.batch_in_epoch": (snapshot["data"].get("batch_in_epoch"), None),
+                "data.global_batch_size": (snapshot["data"].get("global_batch_size", 1), None)}  # older: none
     for name, (value, expected) in counters.items():
         if not (type(value) is int and 0 <= value < 2**32 and expected in (None, value)):
             raise SnapshotError(f"{path}: its {name} is {value!r}, not a count" + (
