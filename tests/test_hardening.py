@@ -338,6 +338,21 @@ def test_a_snapshot_of_shared_or_deeply_nested_dicts_is_refused_or_walked_once(t
     one_line_error(capsys, "nested deeper than 32 levels")
 
 
+def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign_rng(tmp_path, trained, capsys):
+    shared = [np.float64(1.0)]
+    for _ in range(40):  # 2^40 paths, 41 containers
+        shared = [shared, shared]
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")
+    old = tmp_path / "old.pt"
+    torch.save(dict(snapshot, extra=shared), old)
+    assert convert_snapshot.main([str(old)]) == 0
+    converted = load_snapshot(old)["extra"]
+    assert converted[0] is converted[1]  # still shared, not copied 2^40 times
+    torch.save(dict(snapshot, rng={"torch": torch.zeros(1)}), old)
+    assert convert_snapshot.main([str(old)]) == 2
+    one_line_error(capsys, "its 'rng' entry is not a list of each rank's states")
+
+
 def recompressed(source: Path, to: Path, compression: int) -> Path:
     """``source``'s zip members written again with ``compression`` (what neither torch.save nor np.savez does)."""
     import zipfile
@@ -357,6 +372,8 @@ def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, 
     snapshot = recompressed(trained / "snapshots" / "snapshot_iter_4.pt", tmp_path / "deflated.pt", zipfile.ZIP_DEFLATED)
     with pytest.raises(checkpoint.SnapshotError, match="not as torch.save writes"):
         load_snapshot(snapshot)
+    assert convert_snapshot.main([str(snapshot)]) == 2  # the converter loads with the same check
+    one_line_error(capsys, "not as torch.save writes")
     ours = tmp_path / "ref.npz"
     save_stats(str(ours), np.zeros(4), np.eye(4), {"n_images": 1})
     assert file_reference(str(recompressed(ours, tmp_path / "deflated.npz", zipfile.ZIP_DEFLATED)))  # as numpy writes

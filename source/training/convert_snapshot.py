@@ -22,20 +22,27 @@ import numpy as np
 import torch
 
 from source.config import first_line
+from source.files import zip_expansion
 from source.training.checkpoint import SnapshotError, atomic_save, load_snapshot
 
 
-def plain(value: Any) -> Any:
-    """numpy arrays -> tensors, numpy scalars -> Python numbers, containers converted recursively."""
+def plain(value: Any, done: dict | None = None) -> Any:
+    """numpy arrays -> tensors, numpy scalars -> Python numbers, containers converted recursively. Each container
+    once (``done``, by identity): a file can share one list many times over, which a walk of every path would
+    convert exponentially often (40 levels of [x, x] in 1.5 KB)."""
+    done = {} if done is None else done
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value.astype(np.int64) if value.dtype == np.uint32 else value.copy())
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, dict):
-        return {key: plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(plain(item) for item in value)
-    return value
+    if not isinstance(value, (dict, list, tuple)):
+        return value
+    if id(value) not in done:
+        if isinstance(value, dict):
+            done[id(value)] = {key: plain(item, done) for key, item in value.items()}
+        else:
+            done[id(value)] = type(value)(plain(item, done) for item in value)
+    return done[id(value)]
 
 
 def legacy_numpy_rng(state: Any) -> Any:
@@ -58,6 +65,9 @@ def numpy_globals() -> list:
 
 def convert(path: Path) -> Path:
     """Rewrite ``path`` in the safe format; returns where the original was kept."""
+    problem = zip_expansion(path, stored_only=True)  # what torch_load checks: no member inflating past its size
+    if problem:
+        raise SnapshotError(f"{problem}; not converted")
     try:
         with torch.serialization.safe_globals(numpy_globals()):
             snapshot = torch.load(path, map_location="cpu", weights_only=True)
@@ -66,7 +76,10 @@ def convert(path: Path) -> Path:
                             "toolkit's old format; not converted, nothing run") from None
     if not isinstance(snapshot, dict):
         raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
-    for rank_state in snapshot.get("rng", []):
+    states = snapshot.get("rng", [])
+    if not (isinstance(states, list) and all(isinstance(state, dict) for state in states)):
+        raise SnapshotError("its 'rng' entry is not a list of each rank's states: not a snapshot of this toolkit")
+    for rank_state in states:
         rank_state["numpy"] = legacy_numpy_rng(rank_state.get("numpy"))
     backup = path.with_name(path.name + ".orig")
     shutil.copy2(path, backup)
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         try:
             backup = convert(path)
-        except (SnapshotError, RuntimeError, OSError, EOFError) as error:
+        except (SnapshotError, RuntimeError, OSError, EOFError) as error:  # RecursionError: a RuntimeError
             print(f"error: {path}: {first_line(error)}", file=sys.stderr)
             return 2
         print(f"converted {path} (original kept as {backup})")
