@@ -578,3 +578,16 @@ def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path)
     resume_line = next(line for line in console.splitlines() if "resume with --resume" in line)
     snapshot = load_snapshot(resume_line.split("--resume ")[1].strip(), training_state=True)
     assert len(snapshot["rng"]) == 2
+
+
+def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_names(tmp_path, trained):
+    import argparse
+
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    chosen = str(tmp_path / "chosen_by_sender")
+    snapshot["config"]["dataset"] = {"name": "cifar10", "args": {"root": chosen, "download": True}}
+    for overrides, expected in (([], False), (["dataset.args.download=true"], True)):
+        args = argparse.Namespace(resume="received.pt", overrides=overrides, config=None)
+        assert train.resume_config(args, snapshot).dataset.args.download is expected
+    # whether to fetch the files is not the recipe: switched off, the run still continues in place
+    assert train.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []

@@ -69,7 +69,7 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     if "config" not in snapshot:
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
     config = config_from_dict(snapshot["config"], list(overrides), source=f"{path} (config)")
-    _no_download_unless_asked(config, overrides)
+    no_download_unless_asked(config, overrides)
     entry, weights = generator_weights(snapshot, str(path), raw)
     spec = config.models.generator
     misfit = checkpoint.weights_misfit(entry, spec, snapshot[entry])  # before G's memory is allocated
@@ -84,9 +84,10 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights)
 
 
-def _no_download_unless_asked(config: Config, overrides: list[str]) -> None:
+def no_download_unless_asked(config: Config, overrides: list[str]) -> None:
     """A snapshot may come from someone else: its config's `download: true` (CIFAR-10's default) does not make
-    this machine download a data set into the folder it names; the user's own --set can."""
+    this machine download a data set into the folder it names (evaluating or resuming it); the user's own --set
+    can."""
     asked = any(override.partition("=")[0].strip() == "dataset.args.download" for override in overrides)
     if hasattr(config.dataset.args, "download") and not asked:
         config.dataset.args.download = False
