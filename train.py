@@ -33,7 +33,7 @@ from source.training.extensions import (ClassSpectra, LogReport, Preview, Progre
                                          WatchWeights)
 from source.training.modes import Modes
 from source.training.resume_artefact import ResumeArtefact
-from source.training.runlog import truncate_after
+from source.training.runlog import DamagedLog, truncate_after
 from source.training.step_graphs import StepGraphError
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -272,7 +272,10 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
         for line in changes:
             print(f"  config change: {line}")
         for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
-            truncate_after(trainer.out / name, trainer.iteration)
+            try:
+                truncate_after(trainer.out / name, trainer.iteration)
+            except DamagedLog as error:
+                raise SnapshotError(f"{error}; the run's log is damaged (delete or mend that line)") from None
         trainer.log.purge_after(trainer.iteration)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 

@@ -591,3 +591,11 @@ def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_
         assert train.resume_config(args, snapshot).dataset.args.download is expected
     # whether to fetch the files is not the recipe: switched off, the run still continues in place
     assert train.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []
+
+
+def test_a_log_line_that_is_not_a_record_stops_a_resume_in_one_line(tmp_path, trained, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    with open(run / "log.jsonl", "a") as log:
+        log.write('{"iteration": "5", "loss_dis": 1.0}\n')
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 2
+    one_line_error(capsys, "log.jsonl:")

@@ -500,3 +500,31 @@ def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
     code = f"import sys; sys.modules.update(dict.fromkeys({blocked!r})); import train, source.study.__main__"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_path, capsys):
+    """Files a chunk returns, or a study root from elsewhere, may be damaged or crafted (a hostile-input review:
+    each of these was a traceback)."""
+    path = write_study(tmp_path, 4)
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / f"{transfer.PARTS}00").write_bytes(b"not xz")
+    for manifest in ("{not json", "[1, 2]", json.dumps({"parts": 1, "sha256": __import__("hashlib").sha256(
+            b"not xz").hexdigest()})):
+        (parts / transfer.MANIFEST).write_text(manifest)
+        assert study_cli.main(["take-back", str(path), str(parts), "--root", str(tmp_path / "root")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    root = tmp_path / "root"
+    (root / PIDS).parent.mkdir(parents=True, exist_ok=True)
+    (root / PIDS).write_text("[1, 2]")  # not what a chunk writes: nothing stopped, no AttributeError
+    processes.stop_leftovers(root, 1.0, print)
+    assert not (root / PIDS).exists()
+    folder = root / "tiny" / "sn_s0"
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text('{"iteration": "5", "event": "collapse"}\n{"iteration": 6}\n')
+    (root / "chunks.jsonl").write_text('{"runs": {"tiny/sn_s0": {"from": 0, "to": Infinity}}, "wall_s": 1}\n')
+    assert study_cli.main(["status", str(path), "--root", str(root)]) == 2
+    assert "log.jsonl:1 is not a log record (a mapping with an integer iteration)" in capsys.readouterr().err
+    (folder / "log.jsonl").write_text("")
+    assert state.last_chunk_rate(root) is None  # an infinite advance is no rate

@@ -25,6 +25,7 @@ from pathlib import Path
 from source.config import ConfigError, load_config
 from source.study import runner, state, transfer
 from source.study.spec import Run, Study, load_study
+from source.training.runlog import DamagedLog
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
                                   "give performance.step_graphs=true instead, or one run per process")
         return COMMANDS[args.command](args, study, root, runs)
-    except (ConfigError, transfer.TransferError) as error:
+    except (ConfigError, transfer.TransferError, DamagedLog) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except runner.ChunkInterrupted as error:

@@ -40,9 +40,13 @@ def stop_leftovers(root: Path, grace: float, echo) -> None:
     """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own): those
     recorded whose pid still names a process started when it was recorded, not another one with that number."""
     path = root / PIDS
-    recorded = json.loads(path.read_text()).items() if path.is_file() else []
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else {}
+    except (ValueError, RecursionError):  # not what a chunk writes: nothing in it is stopped
+        recorded = {}
+    recorded = recorded.items() if isinstance(recorded, dict) else []
     leftovers = {tuple(entry): name for name, entry in recorded  # a group's runs share their process: stop it once
-                 if isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, int) for n in entry)}
+                 if isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and 0 < n < 2**63 for n in entry)}
     for (pid, started), name in leftovers.items():
         if start_time(pid) != started:
             continue

@@ -32,7 +32,7 @@ def latest_iteration(folder: Path) -> int:
 
 def first_collapse(folder: Path) -> int | None:
     """The iteration of the first collapse the run's detector logged (None: none yet)."""
-    return next((r["iteration"] for r in events(folder, "collapse")), None)
+    return next((r["iteration"] for r in events(folder, "collapse") if type(r.get("iteration")) is int), None)
 
 
 def branch_point(study: Study, root: Path, run: Run) -> int | None:
@@ -94,7 +94,7 @@ def status(study: Study, root: Path, run: Run) -> str:
 
 def logged_iteration(folder: Path) -> int:
     """The last iteration the run's log.jsonl reports losses of (0: none; events such as ``resumed`` do not count)."""
-    return max([r["iteration"] for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
+    return max([r.get("iteration", 0) for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
 
 
 def prune(study: Study, root: Path) -> list[Path]:
@@ -122,9 +122,9 @@ def start_iteration(study: Study, root: Path, run: Run) -> int | None:
     before it starts, its branch snapshot's); None while unknown (a branch waiting for its parent)."""
     if run.parent is None:
         return 0
-    resumed = events(run_folder(root, run), "resumed")
+    resumed = [r["iteration"] for r in events(run_folder(root, run), "resumed") if type(r.get("iteration")) is int]
     if resumed:
-        return int(resumed[0]["iteration"])
+        return resumed[0]
     snapshot = branch_snapshot(study, root, run)
     return None if snapshot is None else snapshot_iteration(snapshot)
 
@@ -151,7 +151,7 @@ def last_chunk_rate(root: Path) -> float | None:
         try:
             advanced = sum(max(0, int(r.get("to", r["from"])) - int(r["from"])) for r in record["runs"].values())
             seconds = float(record["wall_s"])
-        except (KeyError, TypeError, ValueError, AttributeError):  # not a record the runner wrote: no rate from it
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # not the runner's: no rate
             continue
         if advanced and seconds > 0:
             return advanced / seconds

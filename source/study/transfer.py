@@ -21,6 +21,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+from source.config import first_line
 from source.files import atomic_write
 from source.study.state import PIDS
 
@@ -69,10 +70,13 @@ def extract(data: bytes | Path, root: Path) -> list[str]:
     """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``); returns the names
     unpacked."""
     source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
-    with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
-        members = _checked_members(archive, Path(root))
-        archive.extractall(root, members=members, filter="data")
-        return [member.name for member in members]
+    try:
+        with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
+            members = _checked_members(archive, Path(root))
+            archive.extractall(root, members=members, filter="data")
+            return [member.name for member in members]
+    except (tarfile.TarError, lzma.LZMAError, EOFError) as error:
+        raise TransferError(f"the archive is not an xz tar as a device call writes it ({first_line(error)})") from None
 
 
 def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarInfo]:
@@ -149,8 +153,14 @@ def take_back(parts_dir: Path, root: Path) -> list[str]:
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
     manifest = Path(parts_dir) / MANIFEST
-    expected = json.loads(manifest.read_text()) if manifest.is_file() else None
-    numbers = [int(p.name[len(PARTS):]) for p in parts]
+    try:
+        expected = json.loads(manifest.read_text()) if manifest.is_file() else None
+        numbers = [int(p.name[len(PARTS):]) for p in parts]
+    except (ValueError, RecursionError) as error:
+        raise TransferError(f"{parts_dir}: {MANIFEST} or a part's name is not as a device call writes it "
+                            f"({first_line(error)}); nothing unpacked") from None
+    if not (expected is None or isinstance(expected, dict) and {"parts", "sha256"} <= expected.keys()):
+        raise TransferError(f"{parts_dir}: {MANIFEST} is not a manifest of parts; nothing unpacked")
     if numbers != list(range(len(parts))) or (expected and expected["parts"] != len(parts)):
         raise TransferError(f"{parts_dir}: parts {numbers} of {expected['parts'] if expected else '?'}; "
                             "one did not come back")

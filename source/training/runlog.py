@@ -59,9 +59,14 @@ class RunLog:
         self._tb.flush()
 
 
+class DamagedLog(ValueError):
+    """A log line that is not a record this toolkit writes (one line: file, line number, why)."""
+
+
 def read_jsonl(path: Path, note_torn: bool = False) -> list[dict]:
     """The records of ``path`` ([] when missing); a half-written last line (training still running) is skipped,
-    with a note on stderr when ``note_torn``."""
+    with a note on stderr when ``note_torn``. Every record is a mapping whose iteration, where it has one, is an
+    int (what the readers rely on); anything else, or a broken line before the last, is a ``DamagedLog``."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -71,14 +76,19 @@ def read_jsonl(path: Path, note_torn: bool = False) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             if number == len(lines):
                 if note_torn:
                     print(f"note: {path}:{number} is cut off (a crash or a run still writing it); skipped",
                           file=sys.stderr)
                 break
-            raise ValueError(f"{path}:{number} is not valid JSON ({error})") from error
+            raise DamagedLog(f"{path}:{number} is not valid JSON ({error})") from None
+        except RecursionError:
+            raise DamagedLog(f"{path}:{number} is nested too deeply to be a log record") from None
+        if not isinstance(record, dict) or type(record.get("iteration", 0)) is not int:
+            raise DamagedLog(f"{path}:{number} is not a log record (a mapping with an integer iteration)")
+        records.append(record)
     return records
 
 
