@@ -248,6 +248,8 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         value = text
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"--set {key}: {first_line(error)}") from None
     node = raw
     parts = key.split(".")
     for depth, part in enumerate(parts[:-1]):

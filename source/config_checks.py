@@ -68,9 +68,10 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
                               f"alpha={adam.alpha}, beta1={adam.beta1}, beta2={adam.beta2}, eps={adam.eps}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
         raise ConfigError(f"{source}: device: expected auto, cpu, cuda or cuda:N, got {config.device!r}")
-    for name in ("seed", "num_workers"):
-        if getattr(config, name) < 0:
-            raise ConfigError(f"{source}: {name}: must be >= 0, got {getattr(config, name)}")
+    if not 0 <= config.seed < 2**32:  # numpy's and the phase draws' seeds are 32-bit
+        raise ConfigError(f"{source}: seed: must be in [0, 2^32), got {config.seed}")
+    if config.num_workers < 0:
+        raise ConfigError(f"{source}: num_workers: must be >= 0, got {config.num_workers}")
     updater = config.updater
     if updater.resume_artefact != "never" and (updater.resume_artefact_devices < 2 or world_size > 1
                                              or config.micro_batchsize % updater.resume_artefact_devices):

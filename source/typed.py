@@ -73,6 +73,8 @@ def read_yaml(path: Path, source: str) -> Any:
         raise ConfigError(f"{source}: not valid YAML ({first_line(error)})") from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{source}: cannot be read ({first_line(error)})") from None
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{source}: a value cannot be read ({first_line(error)})") from None
     check_expansion(raw, source)
     return raw
 

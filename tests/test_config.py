@@ -41,6 +41,7 @@ def write_config(tmp_path, mutate) -> Path:
     (lambda c: c.update(micro_batchsize=0), "micro_batchsize: must be positive, got 0"),
     (lambda c: c["updater"].update(collapse={"threshold": 1.5}), "updater.collapse: threshold must be in (0, 1)"),
     (lambda c: c.update(num_workers=-1), "num_workers: must be >= 0, got -1"),
+    (lambda c: c.update(seed=2**65), "seed: must be in [0, 2^32), got 36893488147419103232"),
     (lambda c: c["updater"]["sr"].update(mode="dynamc"), "updater.sr.mode: expected 'dynamic' or 'static'"),
     (lambda c: c.pop("models"), "models: missing required key"),
 ])
@@ -50,6 +51,16 @@ def test_config_errors_are_one_line_naming_file_and_key(tmp_path, capsys, mutate
     assert code == 2
     assert err.count("\n") == 1 and "Traceback" not in err
     assert str(path) in err and expected in err
+
+
+def test_an_integer_of_more_digits_than_python_reads_is_a_one_line_error(tmp_path, capsys):
+    path = write_config(tmp_path, lambda c: c.update(iteration=12345))
+    path.write_text(path.read_text().replace("12345", "9" * 5000))
+    code, _, err = run_train(["--config", str(path), "--dry-run"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "a value cannot be read (Exceeds the limit" in err
+    code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "seed=" + "9" * 5000, "--dry-run"],
+                             capsys)
+    assert code == 2 and err.count("\n") == 1 and "--set seed: Exceeds the limit" in err
 
 
 @pytest.mark.parametrize("rank, reported", [(0, True), (1, False)])

@@ -184,6 +184,17 @@ def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path, header, b
         read_idx(str(path))
 
 
+def test_a_broken_deflate_stream_behind_a_good_gzip_header_is_a_dataset_error(tmp_path):
+    from source.datasets.fashion_mnist import read_idx
+
+    packed = bytearray(gzip.compress(struct.pack(">BBBBI", 0, 0, 8, 1, 100) + bytes(range(100))))
+    packed[12:20] = b"\xff" * 8  # past the 10-byte gzip header: the deflate data (zlib.error, not an OSError)
+    path = tmp_path / "labels.gz"
+    path.write_bytes(bytes(packed))
+    with pytest.raises(DatasetError, match="cannot read"):
+        read_idx(str(path))
+
+
 @pytest.mark.skipif(not os.path.isfile(f"{DEBIAN_FASHION_MNIST}/t10k-images-idx3-ubyte.gz"),
                     reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_debian_files():

@@ -477,6 +477,9 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
     (lambda s: s["updater"].update(iteration="x"), "its updater.iteration is 'x', not a count equal to its iteration 2"),
     (lambda s: s["data"].update(batch_in_epoch=-5), "its data.batch_in_epoch is -5, not a count"),
     (lambda s: s.update(elapsed="x"), "its 'elapsed' entry is a str, not seconds"),
+    (lambda s: s.update(elapsed=10**400), "its 'elapsed' entry 1000000000000000000000000000000000000000 is not a run"),
+    (lambda s: s["extensions"].update(LogReport={"sums": {"loss_dis": "a"}, "count": 1}),
+     "'extensions' entry is damaged (ValueError: LogReport's sums and count are not finite loss sums and a count)"),
     (lambda s: s["updater"]["sr"]["ratios"].update({"block1.c1": torch.ones(1)}),
      "SR envelope of layer 'block1.c1' has 1 values but the layer has 8 singular values"),
 ])

@@ -75,3 +75,13 @@ def test_a_classifier_with_nan_weights_is_refused(tmp_path):
     torch.save(state, tmp_path / "nan.pt")
     with pytest.raises(ClassifierUnavailable, match=f"NaN or infinite values in {bias}"):
         load_classifier(tmp_path / "nan.pt")
+
+
+def test_inception_weights_that_are_tensors_of_another_network_are_one_line(tmp_path, capsys):
+    import train
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 2, "evaluation.metrics=[]")) == 0
+    argv = ["metrics", "--snapshot", str(run / "snapshots" / "generator_iter_2.pt"), "--n-samples", "8",
+            "--device", "cpu", "--inception-weights", str(ROOT / DEFAULT_WEIGHTS)]  # the classifier's: tensors
+    assert evaluation.main(argv) == 2
+    one_line_error(capsys, "does not hold the Inception network's weights")

@@ -55,6 +55,8 @@ def read_results(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not JSON ({error})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be benchmark results") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         merged = merge(*(read_results(path) for path in (args.earlier, args.later)))
+        text = json.dumps(merged, indent=2, default=str) + "\n"  # NaN stays: a diverged run's difference
     except (OSError, ValueError) as error:
         print(f"merge: {error}", file=sys.stderr)
         return 2
-    except (KeyError, TypeError, AttributeError) as error:  # a hand-edited or foreign file
+    except (KeyError, TypeError, AttributeError, OverflowError) as error:  # a hand-edited or foreign file
         print(f"merge: not this benchmark's results ({type(error).__name__}: {error})", file=sys.stderr)
         return 2
-    args.earlier.write_text(json.dumps(merged, indent=2, default=str) + "\n")
+    args.earlier.write_text(text)
     write_markdown(merged, args.earlier.with_suffix(".md"))
     print(f"merge: {args.earlier} now holds {', '.join(f'{s} ({d})' for s, d in merged['protocol']['section_dates'].items())}")
     return 0

@@ -14,6 +14,7 @@ import gzip
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -87,7 +88,7 @@ def read_idx(path: str) -> np.ndarray:
             if not 0 <= count <= MAX_IDX_VALUES:
                 raise DatasetError(f"{path}: an idx header for {shape or 'a cut-off shape'}: not Fashion-MNIST's")
             data = file.read(count + 1)
-    except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError
+    except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError; a bad deflate stream is not
         raise DatasetError(f"{path}: cannot read ({error})") from None
     if len(data) != count:
         raise DatasetError(f"{path}: expected {count} values for shape {shape}, found {len(data)}"

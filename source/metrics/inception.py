@@ -249,9 +249,13 @@ class InceptionBackbone:
             raise WeightsUnavailable(f"torch-fidelity, which builds the Inception network, cannot be imported "
                                      f"({first_line(error)}); `pip install -e .` installs it") from None
 
-        self.network = FeatureExtractorInceptionV3(
-            "inception-v3-compat", feature_names, feature_extractor_weights_path=source
-        ).to(self.device)
+        try:
+            self.network = FeatureExtractorInceptionV3(
+                "inception-v3-compat", feature_names, feature_extractor_weights_path=source
+            ).to(self.device)
+        except RuntimeError as error:  # tensors, but not the Inception network's (load_state_dict's long message)
+            raise WeightsUnavailable(f"{self.weights} does not hold the Inception network's weights "
+                                     f"({first_line(error)[:160]})") from None
 
     def features(self, images: torch.Tensor) -> InceptionFeatures:
         """Features of a uint8 NCHW batch (any size; 1-channel images are replicated to RGB)."""

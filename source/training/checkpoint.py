@@ -136,9 +136,12 @@ def check_training_entries(snapshot: dict, path: Path) -> None:
         if not (type(value) is int and 0 <= value < 2**32 and expected in (None, value)):
             raise SnapshotError(f"{path}: its {name} is {value!r}, not a count" + (
                 f" equal to its iteration {expected}" if expected is not None else "") + "; the file is damaged")
-    if not isinstance(snapshot.get("elapsed", 0.0), (int, float)):
-        raise SnapshotError(f"{path}: its 'elapsed' entry is a {type(snapshot['elapsed']).__name__}, not seconds; "
+    elapsed = snapshot.get("elapsed", 0.0)
+    if not isinstance(elapsed, (int, float)):
+        raise SnapshotError(f"{path}: its 'elapsed' entry is a {type(elapsed).__name__}, not seconds; "
                             f"the file is damaged")
+    if not 0 <= elapsed < 1e12:  # a century is 3e9 s; also NaN and inf, and ints too large for a float
+        raise SnapshotError(f"{path}: its 'elapsed' entry {elapsed!r:.40} is not a run's seconds; the file is damaged")
 
 
 def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:

@@ -71,8 +71,13 @@ class LogReport(Extension):
         return {"sums": dict(self._sums), "count": self._count}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            self._sums, self._count = dict(state["sums"]), state["count"]
+        if not state:
+            return
+        sums, count = dict(state["sums"]), state["count"]
+        if not (type(count) is int and count >= 0 and all(
+                isinstance(key, str) and type(value) is float and math.isfinite(value) for key, value in sums.items())):
+            raise ValueError("LogReport's sums and count are not finite loss sums and a count")
+        self._sums, self._count = sums, count
 
 
 class ProgressBar(Extension):
