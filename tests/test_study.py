@@ -528,3 +528,16 @@ def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_p
     assert "log.jsonl:1 is not a log record (a mapping with an integer iteration)" in capsys.readouterr().err
     (folder / "log.jsonl").write_text("")
     assert state.last_chunk_rate(root) is None  # an infinite advance is no rate
+
+
+def test_a_study_root_with_a_planted_link_runs_no_chunk(tmp_path, capsys):
+    path = write_study(tmp_path, 4)
+    root = tmp_path / "root"
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    (root / "tiny" / "console").mkdir(parents=True)
+    (root / "tiny" / "console" / "sn_s0.log").symlink_to(victim)  # where train.py's console would be appended
+    assert study_cli.main(["run", str(path), "--root", str(root), "--budget", "5"]) == 2
+    assert "sn_s0.log is a symbolic link; a chunk writes only into the study root's own files" in \
+        capsys.readouterr().err
+    assert victim.read_text() == "keep me\n"

@@ -25,9 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from source.config import ConfigError
 from source.study.processes import own_process_group, record_pids, stop_leftovers
 from source.study.spec import Run, Study
-from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
+from source.study.state import (branch_snapshot, console_log, failure_marker, first_link, latest_iteration,
                                 logged_iteration, run_folder, start_iteration, status)
 from source.training.checkpoint import snapshots_of
 
@@ -91,6 +92,10 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     ``data_root``: the study's data folder on this machine, given to the runs that read it (``command``).
     """
     root = Path(root)
+    link = first_link(root)
+    if link is not None:
+        raise ConfigError(f"{link} is a symbolic link; a chunk writes only into the study root's own files "
+                          "(remove it)")
     runs = list(study.runs if runs is None else runs)
     chunk = Chunk("budget" if stop else "until done", parallel, per_process, tuple(performance),
                   None if data_root is None else str(data_root))

@@ -2,6 +2,7 @@
 leaves its parent, what a later chunk needs (``prune`` deletes the rest). Pure reads, except ``prune``."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from source.study.spec import Run, Study
@@ -90,6 +91,16 @@ def status(study: Study, root: Path, run: Run) -> str:
     parent = study.run(run.parent)
     parent_done = latest_iteration(run_folder(root, parent)) >= parent.iteration
     return "never" if parent_done or branch_point(study, root, run) is not None else "waiting"
+
+
+def first_link(root: Path) -> Path | None:
+    """A symbolic link anywhere under the study's root (None: none): a chunk writes its runs' logs, markers and
+    records there, and a root from elsewhere could point one of those writes at any file (take-back refuses links)."""
+    for folder, names, files in os.walk(root):
+        for name in names + files:
+            if os.path.islink(os.path.join(folder, name)):
+                return Path(folder) / name
+    return None
 
 
 def logged_iteration(folder: Path) -> int:
