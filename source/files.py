@@ -49,6 +49,16 @@ def refuse_link(path: Path) -> Path:
     return Path(path)
 
 
+def first_link(root: Path) -> Path | None:
+    """A symbolic link anywhere under ``root`` (None: none): a run folder or study root from elsewhere could point
+    one of the writes that go there (logs, snapshots, markers) at any file of the user's."""
+    for folder, names, files in os.walk(root):
+        for name in names + files:
+            if os.path.islink(os.path.join(folder, name)):
+                return Path(folder) / name
+    return None
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

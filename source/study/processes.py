@@ -46,7 +46,8 @@ def stop_leftovers(root: Path, grace: float, echo) -> None:
         recorded = {}
     recorded = recorded.items() if isinstance(recorded, dict) else []
     leftovers = {tuple(entry): name for name, entry in recorded  # a group's runs share their process: stop it once
-                 if isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and 0 < n < 2**63 for n in entry)}
+                 if isinstance(entry, list) and len(entry) == 2 and all(type(n) is int and 0 < n < 2**63
+                                                                         for n in entry)}
     for (pid, started), name in leftovers.items():
         if start_time(pid) != started:
             continue

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Callable
 
 from source.config import ConfigError
+from source.files import first_link
 from source.study.processes import own_process_group, record_pids, stop_leftovers
 from source.study.spec import Run, Study
-from source.study.state import (branch_snapshot, console_log, failure_marker, first_link, latest_iteration,
+from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
                                 logged_iteration, run_folder, start_iteration, status)
 from source.training.checkpoint import snapshots_of
 

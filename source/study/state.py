@@ -2,7 +2,6 @@
 leaves its parent, what a later chunk needs (``prune`` deletes the rest). Pure reads, except ``prune``."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from source.study.spec import Run, Study
@@ -33,7 +32,7 @@ def latest_iteration(folder: Path) -> int:
 
 def first_collapse(folder: Path) -> int | None:
     """The iteration of the first collapse the run's detector logged (None: none yet)."""
-    return next((r["iteration"] for r in events(folder, "collapse") if type(r.get("iteration")) is int), None)
+    return next((r["iteration"] for r in events(folder, "collapse") if "iteration" in r), None)
 
 
 def branch_point(study: Study, root: Path, run: Run) -> int | None:
@@ -93,16 +92,6 @@ def status(study: Study, root: Path, run: Run) -> str:
     return "never" if parent_done or branch_point(study, root, run) is not None else "waiting"
 
 
-def first_link(root: Path) -> Path | None:
-    """A symbolic link anywhere under the study's root (None: none): a chunk writes its runs' logs, markers and
-    records there, and a root from elsewhere could point one of those writes at any file (take-back refuses links)."""
-    for folder, names, files in os.walk(root):
-        for name in names + files:
-            if os.path.islink(os.path.join(folder, name)):
-                return Path(folder) / name
-    return None
-
-
 def logged_iteration(folder: Path) -> int:
     """The last iteration the run's log.jsonl reports losses of (0: none; events such as ``resumed`` do not count)."""
     return max([r.get("iteration", 0) for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
@@ -133,7 +122,7 @@ def start_iteration(study: Study, root: Path, run: Run) -> int | None:
     before it starts, its branch snapshot's); None while unknown (a branch waiting for its parent)."""
     if run.parent is None:
         return 0
-    resumed = [r["iteration"] for r in events(run_folder(root, run), "resumed") if type(r.get("iteration")) is int]
+    resumed = [r["iteration"] for r in events(run_folder(root, run), "resumed") if "iteration" in r]
     if resumed:
         return resumed[0]
     snapshot = branch_snapshot(study, root, run)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
-from source.files import remove_stale_temp_files
+from source.files import first_link, remove_stale_temp_files
 from source.training import checkpoint
 
 LOCK_FILE = ".lock"
@@ -137,19 +137,6 @@ def _lock(path: Path) -> RunFolder | None:
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     handle.flush()
     return RunFolder(path, handle, created)
-
-
-def first_link(path: Path) -> Path | None:
-    """A symbolic link among the folder's entries and its subfolders' (logs, snapshots, spectra, samples, tb),
-    which a run would write through; None when there is none."""
-    for entry in path.iterdir():
-        if entry.is_symlink():
-            return entry
-        if entry.is_dir():
-            link = next((inner for inner in entry.iterdir() if inner.is_symlink()), None)
-            if link is not None:
-                return link
-    return None
 
 
 def _holder(path: Path) -> str:
