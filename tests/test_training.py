@@ -409,6 +409,20 @@ def test_sr_imagenet_config_trains_two_iterations_on_a_jpeg_folder(tmp_path):
     assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 1000
 
 
+def test_ddp_log_counts_unreadable_images_of_every_rank(tmp_path, ranks_threads):
+    """At seed 2 the corrupt JPEG falls in rank 1's shard: rank 0, which writes the log, never meets it."""
+    root, out = tmp_path / "imagenet", tmp_path / "run"
+    make_jpeg_folder(root)
+    overrides = [f"dataset.args.root={root}", "models.generator.args.ch=2", "models.discriminator.args.ch=2",
+                 "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0", "snapshot_interval=2",
+                 "evaluation.metrics=[]", "seed=2"]
+    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--out", str(out)] + [
+        a for o in overrides for a in ("--set", o)]
+    mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)
+    losses = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "loss_dis" in r]
+    assert losses[-1]["unreadable_images"] == 1
+
+
 def test_cifar_config_trains_with_static_SR_on_a_cifar_folder(tmp_path):
     from test_datasets import write_cifar_standin
 

@@ -117,11 +117,18 @@ def all_reduce_mean(values: torch.Tensor, world: World) -> torch.Tensor:
 
 def any_rank(flag: bool, world: World) -> bool:
     """True on every rank when ``flag`` is True on some rank (keeps ranks in lock step on stop requests)."""
-    if not world.distributed:
-        return flag
-    tensor = torch.tensor([int(flag)], device=world.device if world.device.type == "cuda" else "cpu")
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+    return bool(_reduce_int(int(flag), dist.ReduceOp.MAX, world)) if world.distributed else flag
+
+
+def sum_over_ranks(count: int, world: World) -> int:
+    """``count`` summed over the ranks, on every rank (a collective: every rank must call it)."""
+    return _reduce_int(count, dist.ReduceOp.SUM, world) if world.distributed else count
+
+
+def _reduce_int(value: int, op: dist.ReduceOp, world: World) -> int:
+    tensor = torch.tensor([value], dtype=torch.int64, device=world.device if world.device.type == "cuda" else "cpu")
+    dist.all_reduce(tensor, op=op)
+    return int(tensor.item())
 
 
 def gather_objects(obj, world: World) -> list:

@@ -16,6 +16,7 @@ from source.metrics.generate import eval_mode
 from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
 from source.spectral.gsr import class_sigmas
 from source.spectral.spectra import compute_spectra, save_spectra
+from source.training.distributed import sum_over_ranks
 from source.training.trainer import Extension, Trainer
 
 
@@ -58,8 +59,10 @@ class LogReport(Extension):
                   **{k: v / self._count for k, v in self._sums.items()},
                   **trainer.updater.learning_rates(),
                   "it_per_s": speed, "eta_s": round((trainer.stop - trainer.iteration) / max(mean_speed, 1e-9), 1)}
-        unreadable = getattr(trainer.updater.batches.dataset, "n_unreadable", 0)
-        if unreadable:  # images skipped so far (by this rank's loader), also warned about one by one
+        # images skipped so far by every rank's loader (each warns about its own one by one); a file met by two
+        # ranks counts twice
+        unreadable = sum_over_ranks(getattr(trainer.updater.batches.dataset, "n_unreadable", 0), trainer.world)
+        if unreadable:
             record["unreadable_images"] = unreadable
         trainer.log.write(record)
         if trainer.world.is_main:
