@@ -22,7 +22,7 @@ import numpy as np
 
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, save_figure
 from source.config import ConfigError
-from source.study.state import first_collapse, run_folder
+from source.study.state import first_collapse, latest_iteration, logged_iteration, run_folder
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import events, read_jsonl, sr_start
 
@@ -39,7 +39,8 @@ def series(folder: Path) -> dict:
             "collapse": first_collapse(folder),
             "sr_start": sr_start(folder),
             "resumed": next((r["iteration"] for r in events(folder, "resumed")), None),
-            "reached": max([r["iteration"] for r in log if "loss_dis" in r], default=0)}
+            # as the study's status: a chunk's stop leaves a snapshot between log lines (every display_interval)
+            "reached": max(logged_iteration(folder), latest_iteration(folder))}
 
 
 def run_series(study: Study, root: Path, run: Run) -> dict:

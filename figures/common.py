@@ -33,7 +33,8 @@ def finish_iteration_axes(figure: Figure, axes, titles: list[str], fontsize: flo
         axis.set_title(title, fontsize=fontsize)
         axis.set_xlabel("iteration")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
+        if axis.get_legend_handles_labels()[0]:  # a panel with nothing drawn yet (a study just begun) has none
+            axis.legend(fontsize=8)
     figure.tight_layout()
 
 

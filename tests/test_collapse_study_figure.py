@@ -68,3 +68,14 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
 def test_a_missing_study_folder_is_a_one_line_error(study, tmp_path, capsys):
     assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "nowhere")]) == 2
     assert "does not exist; run the study first" in capsys.readouterr().err
+
+
+def test_a_run_stopped_before_its_first_log_line_counts_as_started(study, tmp_path, capsys):
+    """A chunk that stops a run at iteration 7 leaves a snapshot there and no loss line yet (every 100): the report
+    says 7, as the study's status does, not 'not started'."""
+    snapshots = tmp_path / "runs" / "b64" / "sr_resumed_s1" / "snapshots"
+    snapshots.mkdir(parents=True)
+    (snapshots / "snapshot_iter_7.pt").write_bytes(b"")  # only its name is read
+    summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert summary["arms"]["b64/sr_resumed"]["reached"] == [40, 7]
+    assert "| b64/sr_resumed | 40, 7 | 0 of 2 | 40 | 9.0 (n=1) |" in capsys.readouterr().out
