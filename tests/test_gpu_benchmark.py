@@ -326,3 +326,5 @@ def test_the_kernel_alternatives_compute_what_the_models_kernels_compute(tmp_pat
     assert result["nearest_upsample_x2"][0]["output_max_difference"] == 0  # a copy: bit for bit
     steps = result["sn_power_steps_study_dis"]
     assert steps["layers"] == 11 and 1 < steps["shapes"] < 11 and steps["max_difference"] <= 1e-5
+    (stacked,) = result["stacked_runs_conv3x3"]  # one grouped conv computes the K runs' separate convs
+    assert stacked["runs"] == 2 and stacked["max_relative_difference"] <= 1e-6 and stacked["grouped_us"] > 0

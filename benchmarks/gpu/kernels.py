@@ -11,6 +11,10 @@ spectral norm's power steps on tiny vectors. Before the models change, this meas
   of a 4-term sum: pooling's forward, up-sampling's backward);
 - one power step of every SN layer of the study's D, layer by layer (``FP32SpectralNorm._power_step``), against
   the layers of one weight shape stacked into batched products (the same u, v and sigma to rounding).
+- the study's 3x3 convs of K runs (forward and both gradients): K separate convs, one after another as runs sharing
+  a stream issue them, against one grouped conv (groups = K over the runs' channels side by side), which is what
+  training K seeds as one stacked model would launch (the same values to rounding): whether the convs of these
+  small models get cheaper per run when K runs share each kernel (fp32 without TF32, the study's arithmetic).
 On a GPU each case is captured once as a CUDA graph and replayed (as step graphs run it), timed with CUDA events;
 on a CPU it runs eagerly. Writes ``kernels_<device>.json`` into --out (the committed copies: benchmarks/results/).
 """
@@ -35,6 +39,10 @@ STUDY_CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
 # up-samples 4 -> 8 -> 16 (micro-batch 64); the 128 px models' at micro-batch 32
 POOL_SHAPES = {False: [(128, 32, 32, 32), (128, 32, 16, 16), (32, 64, 128, 128), (32, 256, 32, 32)],
                True: [(4, 2, 8, 8)]}
+# (batch, channels, side) at the study's 3x3 convs: D's at 32, 16 and 8 px on 64 real + 64 fake, G's at 8, 16, 32 on 64
+CONV_SHAPES = {False: [(128, 32, 32), (128, 32, 16), (128, 32, 8), (64, 32, 8), (64, 32, 16), (64, 32, 32)],
+               True: [(4, 2, 8)]}
+STACKED_RUNS = {False: (4, 12), True: (2,)}  # K: 12 = the study's starting runs of one setting
 UPSAMPLE_SHAPES = {False: [(64, 32, 4, 4), (64, 32, 8, 8), (64, 32, 16, 16), (32, 1024, 8, 8), (32, 128, 64, 64)],
                    True: [(4, 2, 4, 4)]}
 
@@ -171,6 +179,48 @@ def sn_power_steps(device: torch.device, quick: bool, repeats: int) -> dict:
             "stacked_over_layer_by_layer": round(times[1] / times[0], 3), "max_difference": difference}
 
 
+def stacked_convs(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    """As the study runs them: fp32 without TF32 (which may be the default), cuDNN autotuned (in the warm-up)."""
+    default = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = "ieee", True
+    try:
+        return [stacked_conv(shape, runs, device, repeats)
+                for shape in CONV_SHAPES[quick] for runs in STACKED_RUNS[quick]]
+    finally:
+        torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = default, False
+
+
+def stacked_conv(shape: tuple[int, int, int], runs: int, device: torch.device, repeats: int) -> dict:
+    batch, channels, side = shape
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(batch, runs * channels, side, side, device=device, generator=generator)
+    weight = torch.randn(runs * channels, channels, 3, 3, device=device, generator=generator) / (3 * channels)
+    grad = torch.randn(x.shape, device=device, generator=generator)
+    grouped = conv_step([x.requires_grad_()], [weight.requires_grad_()], [grad], runs)
+    separate = conv_step([part.detach().requires_grad_() for part in x.chunk(runs, 1)],
+                         [part.detach().requires_grad_() for part in weight.chunk(runs)], grad.chunk(runs, 1), 1)
+    difference = max(relative_difference(torch.cat(a, dim=d), torch.cat(b, dim=d))
+                     for a, b, d in zip(grouped(), separate(), (1, 1, 0)))  # outputs, input and weight gradients
+    times = [microseconds(step, device, repeats) for step in (separate, grouped)]
+    return {"batch": batch, "channels_per_run": channels, "side": side, "runs": runs,
+            "separate_us": round(times[0], 2), "grouped_us": round(times[1], 2),
+            "grouped_over_separate": round(times[1] / times[0], 3), "max_relative_difference": difference}
+
+
+def relative_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
+    """The largest difference relative to the largest value: sums of 10^5 products differ in their last bits."""
+    return float((found - expected).detach().abs().max() / expected.detach().abs().max())
+
+
+def conv_step(inputs: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor], groups: int):
+    """3x3 convs of ``inputs`` by ``weights`` (pairwise) and their gradients: (outputs, input grads, weight grads)."""
+    def step():
+        outputs = [F.conv2d(x, w, padding=1, groups=groups) for x, w in zip(inputs, weights)]
+        found = torch.autograd.grad(outputs, inputs + weights, grads)
+        return outputs, found[:len(inputs)], found[len(inputs):]
+    return step
+
+
 def run(quick: bool, device: torch.device) -> dict:
     repeats = 3 if quick else 200 if device.type == "cuda" else 10
     torch.backends.cudnn.benchmark = False
@@ -178,7 +228,8 @@ def run(quick: bool, device: torch.device) -> dict:
             "repeats": repeats, "avg_pool_2x2": compare(pool_native, pool_reshaped, POOL_SHAPES[quick], device, repeats),
             "nearest_upsample_x2": compare(upsample_native, upsample_expanded, UPSAMPLE_SHAPES[quick], device,
                                            repeats),
-            "sn_power_steps_study_dis": sn_power_steps(device, quick, repeats)}
+            "sn_power_steps_study_dis": sn_power_steps(device, quick, repeats),
+            "stacked_runs_conv3x3": stacked_convs(device, quick, repeats)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     save_result(result, args.out / name)
     print(f"{args.out / name}: pooling {[row['candidate_over_native'] for row in result['avg_pool_2x2']]}, "
           f"up-sampling {[row['candidate_over_native'] for row in result['nearest_upsample_x2']]}, SN power steps "
-          f"{result['sn_power_steps_study_dis']['stacked_over_layer_by_layer']} (candidate / native time)")
+          f"{result['sn_power_steps_study_dis']['stacked_over_layer_by_layer']}, K runs' convs grouped "
+          f"{[(row['runs'], row['grouped_over_separate']) for row in result['stacked_runs_conv3x3']]} "
+          "(candidate / native time)")
     return 0
 
 
