@@ -223,8 +223,9 @@ def install_wheels(carry: Path, target: Path = Path("/tmp/study-site")) -> None:
     wheels = sorted((carry / "wheels").glob("*.whl"))
     if not wheels:
         return
+    # --upgrade: a second chunk on a machine still warm replaces the first's copies instead of warning about each
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--target", str(target), *map(str, wheels)], check=True)
+                    "--upgrade", "--target", str(target), *map(str, wheels)], check=True)
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
 
 
