@@ -308,8 +308,11 @@ def test_printed_scores_state_their_protocol_and_comparability():
     published = protocol_record(PixelBackbone(), ["is", "fid"], 50000, 10, Reference("ttur.npz", {}, None, None))
     line = describe({"IS": 20.0, "IS_std": 0.3, "FID": 71.0, "protocol": published})
     assert "published protocol of SNGAN/SRGANs" in line and "ttur.npz (external statistics)" in line
-    balanced = dict(key, dataset="cifar10", split="test")  # gSR: a balanced reference split, IS over 1 split
-    for splits, expected in ((1, "published protocol of gSR"), (10, "IS over 10 split(s), gSR published over 1")):
+    # gSR: a balanced reference split of 10000 images, IS over 1 split
+    for splits, images, expected in ((1, 10000, "published protocol of gSR"),
+                                     (10, 10000, "IS over 10 split(s), gSR published over 1"),
+                                     (1, 2000, "(a reference of 2000 images, gSR's of 10000)")):
+        balanced = dict(key, dataset="cifar10", split="test", n_images=images)
         gsr = protocol_record(PixelBackbone(), ["is", "fid"], 50000, splits, Reference("ref.npz", balanced, None, None),
                               reference_split="test")
         assert expected in describe({"IS": 8.0, "IS_std": 0.0, "FID": 30.0, "protocol": gsr})

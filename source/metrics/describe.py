@@ -7,6 +7,9 @@ from .repeats import plus_minus
 
 PUBLISHED_N = 50000  # generated images behind published IS/FID (IS over 10 splits of 5000; gSR: 3 x 50k)
 PUBLISHED_PER_CLASS = 5000  # generated images per class behind sngan's intra-FID (calc_intra_FID.py)
+# gSR's balanced references (StudioGAN's num_eval['test'] = 10000): CIFAR-10's test split, LSUN's 2000 per category
+# of 5; iNaturalist's is not stated (its validation list holds fewer)
+GSR_REFERENCE_IMAGES = {"cifar10": 10000, "lsun": 10000}
 
 
 def describe(record: dict) -> str:
@@ -103,7 +106,11 @@ def comparability(protocol: dict) -> str:
     paper, published = ("gSR", 1) if protocol.get("reference_split") else ("SNGAN/SRGANs", 10)
     if protocol.get("splits", published) != published:
         reasons.append(f"IS over {protocol['splits']} split(s), {paper} published over {published}")
-    if protocol["reference_key"].get("extra", {}).get("long_tail"):
+    key = protocol["reference_key"]
+    published_images = GSR_REFERENCE_IMAGES.get(key.get("dataset")) if paper == "gSR" else None
+    if published_images and key.get("n_images") != published_images:
+        reasons.append(f"a reference of {key.get('n_images')} images, gSR's of {published_images}")
+    if key.get("extra", {}).get("long_tail"):
         reasons.append("the reference is long-tailed training data; gSR scores against the balanced test split")
     if reasons:
         return f"not comparable with published numbers ({'; '.join(reasons)})"
