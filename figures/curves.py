@@ -40,7 +40,8 @@ def read_run(run_dir: Path, label: str) -> RunCurves:
     metrics_path = run_dir / "metrics.jsonl"
     records = {int(r["iteration"]): r for r in read_jsonl(metrics_path) if any(m in r for m in METRICS)}
     if not records:
-        raise ValueError(f"{metrics_path} holds no IS/FID/KID records; training writes them every "
+        holds = "holds no IS/FID/KID records" if metrics_path.is_file() else "does not exist (no evaluation yet)"
+        raise ValueError(f"{metrics_path} {holds}; training writes them every "
                          "evaluation_interval iterations (evaluation.metrics must not be empty)")
     resumes = {int(e["iteration"]): parent_record(run_dir, e) for e in events(run_dir, "resumed")}
     return RunCurves(label, dict(sorted(records.items())), resumes, sr_start(run_dir))

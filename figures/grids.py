@@ -77,3 +77,8 @@ def default_grid_classes(n_classes: int) -> list[int]:
     if n_classes == IMAGENET_CLASSES:
         return IMAGENET_GRID_CLASSES
     return list(range(min(n_classes, MAX_DEFAULT_GRID_CLASSES)))
+
+
+if __name__ == "__main__":  # the drawing only; the command line is evaluation.py's
+    raise SystemExit("figures/grids.py draws the grids of `python evaluation.py grids --snapshot FILE`: run that "
+                     "(its --help lists the options)")

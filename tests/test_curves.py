@@ -119,6 +119,9 @@ def test_half_written_last_line_is_skipped_and_missing_metrics_is_a_clear_error(
     assert list(curves.read_run(run, "run").records) == [5]
     empty = tmp_path / "empty"
     write_jsonl(empty / "log.jsonl", [{"iteration": 1, "loss_dis": 1.0}])
+    with pytest.raises(ValueError, match=r"metrics.jsonl does not exist \(no evaluation yet\)"):
+        curves.main([str(empty)])
+    write_jsonl(empty / "metrics.jsonl", [{"iteration": 1, "classifier_modes": 3}])
     with pytest.raises(ValueError, match="metrics.jsonl holds no IS/FID/KID records"):
         curves.main([str(empty)])
     with pytest.raises(SystemExit):

@@ -60,7 +60,7 @@ def test_runs_without_data_are_one_line_errors(tmp_path, capsys):
     corrupt = make_run(tmp_path, "corrupt", [1000])
     next((corrupt / "spectra").iterdir()).write_bytes(b"not an npz")
     cases = [(fig.main, [tmp_path / "missing"], "run folder"), (fig.main, [empty], "holds no spectra_iter"), (fig.main, [corrupt], "is not a readable spectra file"),
-             (curves.main, [empty], "holds no IS/FID/KID"), (collapse.main, [empty], "nothing to plot")]
+             (curves.main, [empty], "metrics.jsonl does not exist (no evaluation yet)"), (collapse.main, [empty], "nothing to plot")]
     for main, args, expected in cases:
         assert command_line(main, [str(a) for a in args]) == 2
         assert expected in one_line_error(capsys.readouterr().err)

@@ -75,7 +75,10 @@ def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
     Read with weights_only=True: tensors and plain data only, whatever the file holds."""
     path = Path(path)
     if path.is_dir():
-        raise SnapshotError(f"{path} is a directory; give a snapshot file such as {path}/snapshot_iter_N.pt")
+        run = path.parent if path.name == SNAPSHOT_FOLDER else path
+        newest = snapshots_of(run)[-1:] or [run / SNAPSHOT_FOLDER / "snapshot_iter_N.pt"]
+        raise SnapshotError(f"{path} is a directory; give a snapshot file such as {newest[0]}"
+                            f"{' (its newest)' if newest[0].is_file() else ''}")
     if not path.is_file():
         raise SnapshotError(f"snapshot {path} does not exist")
     try:
