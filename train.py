@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -75,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SnapshotError) as error:
         report(f"error: {error}")
         return 2
-    finished = False
+    except KeyboardInterrupt:
+        return stopped_at_once(None)
+    finished, trainer = False, None
     try:
         with ExitStack() as stack:
             trainer = start(args, config, snapshot, world, stack)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.run()
         finished = True
         return 0
+    except KeyboardInterrupt:  # a second Ctrl-C or SIGTERM (the first stops after the iteration, with a snapshot)
+        return stopped_at_once(trainer)
     except Exception as error:
         status = failure_status(error, world)
         if status is None:
@@ -90,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         return status
     finally:
         shutdown_world(finished)
+
+
+def stopped_at_once(trainer: Trainer | None) -> int:
+    """Said in one line when a stop signal ends the run at once (nothing written): where it can resume from."""
+    if trainer is None:
+        report("stopped before training began; nothing was written")
+        return 128 + signal.SIGINT
+    latest = checkpoint.snapshots_of(trainer.out)[-1:]
+    where = f"resume with --resume {latest[0]}" if latest else f"{trainer.out} holds no snapshot to resume from"
+    report(f"stopped at once at iteration {trainer.iteration}, without writing a snapshot; {where}")
+    return 128 + (trainer.stop_signal or signal.SIGINT)
 
 
 def read_settings(args: argparse.Namespace) -> tuple[dict | None, Config]:

@@ -380,6 +380,45 @@ def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys)
     assert "--resume" in capsys.readouterr().out
 
 
+def test_a_second_stop_signal_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    original = updater_module.Updater.update
+
+    def interrupted_twice(self):
+        observation = original(self)
+        if self.iteration == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # stop after this iteration, with a snapshot ...
+            os.kill(os.getpid(), signal.SIGINT)  # ... no: now
+        return observation
+
+    monkeypatch.setattr(updater_module.Updater, "update", interrupted_twice)
+    assert train.main(tiny_argv(out, 100, "snapshot_interval=2")) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"stopped at once at iteration 3, without writing a snapshot; resume with --resume "
+        f"{out / 'snapshots' / 'snapshot_iter_2.pt'}")
+    assert not (out / "snapshots" / "snapshot_iter_3.pt").exists()
+
+
+def test_a_stop_signal_during_a_long_extension_says_it_waits_for_it(tmp_path, monkeypatch, capfd):
+    """Ctrl-C while an evaluation runs: the run finishes that (minutes, maybe), not another iteration."""
+    from source.training.extensions import Preview
+
+    original = Preview.__call__
+
+    def signalled(self, trainer):
+        os.kill(os.getpid(), signal.SIGINT)
+        original(self, trainer)
+
+    monkeypatch.setattr(Preview, "__call__", signalled)
+    monkeypatch.setattr(Preview, "takes_long", "the preview")
+    assert train.main(tiny_argv(tmp_path / "run", 100, "preview_interval=3", "snapshot_interval=2")) == 0
+    err = capfd.readouterr().err
+    assert (f"SIGINT received: finishing the preview at iteration 3 (it can take minutes), then writing a snapshot "
+            f"(a second one stops at once, without; the latest is {tmp_path / 'run/snapshots/snapshot_iter_2.pt'})"
+            in err)
+
+
 def make_jpeg_folder(root: Path) -> None:
     rng = np.random.default_rng(0)
     for synset in ("n01440764", "n01443537"):

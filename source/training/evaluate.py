@@ -161,6 +161,8 @@ class Evaluate(Extension):
     of a run (as the original's trigger): the Trainer's tests and short runs stay cheap.
     """
 
+    takes_long = "the evaluation"
+
     def __init__(self, interval: int, config: Config, world_size: int):
         check_settings(config.evaluation, world_size)
         check_reference_split(config)

@@ -37,6 +37,7 @@ class Extension:
     interval: int = 1
     at_end: bool = False
     reads_losses: bool = True
+    takes_long: str | None = None  # what it is, when it may keep a stop signal waiting for minutes (an evaluation)
 
     def __call__(self, trainer: "Trainer") -> None:
         raise NotImplementedError
@@ -76,6 +77,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._start = time.perf_counter()
         self._stop_signal: int | None = None
+        self._running_extension: str | None = None  # the takes_long of the extension running now
         self._closed = False
 
     @property
@@ -132,7 +134,9 @@ class Trainer:
         if any(extension.reads_losses for extension in due):
             self._read_losses()
         for extension in due:
+            self._running_extension = extension.takes_long
             extension(self)
+        self._running_extension = None
 
     def _read_losses(self) -> None:
         """Read the unread iterations' losses (one host synchronisation), stop at the first that is not finite, and
@@ -170,6 +174,11 @@ class Trainer:
     def stop_requested(self) -> bool:
         return self._stop_signal is not None
 
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that asked the run to stop (None: none did)."""
+        return self._stop_signal
+
     def request_stop(self, signum: int) -> None:
         """Stop after the current iteration and write a snapshot (what Ctrl-C and SIGTERM do)."""
         self._stop_signal = signum
@@ -180,8 +189,13 @@ class Trainer:
         descriptor: a print from a handler that interrupted a print to the same file fails ("reentrant call"), an
         error raised in whatever the run was doing. Without a descriptor (captured output) ``advance`` says it."""
         if self.world.is_main:
-            text = (f"\n{signal.Signals(self._stop_signal).name} received: finishing iteration {self.iteration + 1}, "
-                    f"then writing a snapshot (a second one stops at once, without)\n")
+            running = self._running_extension
+            doing = (f"iteration {self.iteration + 1}" if running is None else
+                     f"{running} at iteration {self.iteration} (it can take minutes)")
+            latest = checkpoint.snapshots_of(self.out)[-1:]
+            text = (f"\n{signal.Signals(self._stop_signal).name} received: finishing {doing}, then writing a "
+                    f"snapshot (a second one stops at once, without; the latest is "
+                    f"{latest[0] if latest else 'none yet'})\n")
             try:
                 os.write(stream.fileno(), text.encode())
             except (OSError, ValueError):  # no descriptor, or closed
