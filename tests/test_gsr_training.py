@@ -180,3 +180,16 @@ def test_gsr_configs_dry_run(name, capsys, tmp_path, monkeypatch):
     baseline = train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run", *empty,
                            "--set", "updater.gsr.enabled=false"])
     assert baseline == 0 and "gSR" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["fmnist_lt.yaml", "fmnist_lt_biggan.yaml"])
+def test_fashion_mnist_lt_configs_group_its_classes_into_three_nonempty_groups(name):
+    """gSR's > 100 / <= 40 thresholds leave Fashion-MNIST-LT's few group empty; the configs scale them to its data."""
+    from source.config import load_config
+    from source.datasets import build_dataset
+    from source.metrics.groups import class_groups
+
+    config = load_config(CONFIGS / "gsr" / name)
+    counts = np.bincount(build_dataset(config.dataset.name, config.dataset.args).labels, minlength=10)
+    groups = class_groups(counts.tolist(), config.evaluation.many_above, config.evaluation.few_at_most)
+    assert groups == {"many": [0, 1, 2, 3], "medium": [4, 5, 6], "few": [7, 8, 9]}
