@@ -149,13 +149,15 @@ def test_default_folders_are_numbered_and_resume_branches_never_overwrite(tmp_pa
     assert not (first / "snapshots" / "snapshot_iter_3.pt").exists()
 
 
-def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, trained):
+def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, trained, capsys):
     run = copy_run(trained, tmp_path / "run")
     stale = run / "snapshots" / ".snapshot_iter_6.pt.x1y2.tmp"  # left by a write that was killed
     stale.write_bytes(b"partial")
     with open(run / "log.jsonl", "a") as log:
         log.write('{"iteration": 5, "epoch": 0, "ela')  # a line cut by a crash (disk full, power loss)
     assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # unchanged: nothing to do
+    assert "the run has trained its 4 iterations: nothing to do (to train longer: --set iteration=N" in \
+        capsys.readouterr().out
     assert not stale.exists()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]
