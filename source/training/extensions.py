@@ -49,16 +49,17 @@ class LogReport(Extension):
             return
         now = time.perf_counter()
         speed = self._timed / max(now - self._last_time, 1e-9)
-        if self._first_time is None:  # its interval holds the first iterations' warm-up: not for the ETA
-            self._first_time, mean_speed = now, speed
+        left = trainer.stop - trainer.iteration
+        if self._first_time is None:  # its interval holds the start-up and warm-up: no rate for an ETA yet (null)
+            self._first_time, eta = now, 0.0 if left <= 0 else None
         else:
             self._since_first += self._timed
-            mean_speed = self._since_first / max(now - self._first_time, 1e-9)
+            eta = round(left / max(self._since_first / max(now - self._first_time, 1e-9), 1e-9), 1)
         record = {"iteration": trainer.iteration, "epoch": trainer.updater.batches.epoch,
                   "elapsed": round(trainer.elapsed, 2),
                   **{k: v / self._count for k, v in self._sums.items()},
                   **trainer.updater.learning_rates(),
-                  "it_per_s": speed, "eta_s": round((trainer.stop - trainer.iteration) / max(mean_speed, 1e-9), 1)}
+                  "it_per_s": speed, "eta_s": eta}
         # images skipped so far by every rank's loader (each warns about its own one by one); a file met by two
         # ranks counts twice
         unreadable = sum_over_ranks(getattr(trainer.updater.batches.dataset, "n_unreadable", 0), trainer.world)
@@ -269,7 +270,7 @@ class WatchWeights(Extension):
 
 def _format(key: str, value) -> str:
     if key == "eta_s":
-        return f"eta={_duration(value)}"
+        return f"eta={'(from the next line)' if value is None else _duration(value)}"
     if isinstance(value, float):
         return f"{key}={value:.4g}"
     return f"{key}={value}"
