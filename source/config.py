@@ -234,9 +234,23 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
     for override in overrides:
         apply_override(raw, override, source)
     _adapt_dataset_args(raw, file_name, file_args)
-    config = validate(raw, Config, "", source, _refine)
+    try:
+        config = validate(raw, Config, "", source, _refine)
+    except ConfigError as error:
+        raise blame_overrides(error, source, overrides) from None
     check_consistency(config, source, world_size)
     return config
+
+
+def blame_overrides(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
+    """A validation error ("SOURCE: KEY: why") about a value that ``--set`` gave names the command line, not the
+    file: "--set KEY: why"."""
+    text = str(error).removeprefix(f"{source}: ")
+    key = text.split(":", 1)[0]
+    given = [override.partition("=")[0] for override in overrides]
+    if any(key == name or key.startswith(name + ".") for name in given):
+        return ConfigError(f"--set {text}")
+    return error
 
 
 def apply_override(raw: dict, override: str, source: str = "--set") -> None:

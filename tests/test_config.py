@@ -75,6 +75,12 @@ def test_under_torchrun_only_rank_0_reports_a_config_error(tmp_path, capsys, mon
 def test_override_errors_and_yaml_typing(capsys):
     code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis", "--dry-run"], capsys)
     assert code == 2 and "expected KEY=VALUE" in err
+    # a bad value that --set gave is the command line's, not the file's
+    for override, expected in (("iteration=abc", "error: --set iteration: expected int, got str 'abc'"),
+                               ("models.generator.args={ch: x}", "error: --set models.generator.args.ch: expected int"),
+                               ("updater.n_dsi=3", "error: --set updater.n_dsi: unknown key (did you mean 'n_dis'?)")):
+        code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", override, "--dry-run"], capsys)
+        assert code == 2 and err.startswith(expected), err
     config = load_config(CONFIGS / "demo.yaml", ["adam_D.alpha=1e-3", "updater.apply_SR=auto", "seed=7"])
     assert config.adam_D.alpha == 1e-3 and config.updater.apply_SR == "auto" and config.seed == 7
 
