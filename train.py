@@ -249,14 +249,21 @@ def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bo
     return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], changed, default)
 
 
+# how often a run reports, evaluates, draws its grid and keeps a snapshot: what it records, not what it trains (none
+# draws from the training's random streams). spectra_interval is not among them: the collapse detector, which may
+# switch SR on, checks at its iterations.
+RECORDING = ("display_interval", "evaluation_interval", "preview_interval", "snapshot_interval")
+
+
 def recipe_changes(changes: list[str], dataset: str) -> list[str]:
     """The changes that make a resume a branch: all but ``performance.*``, which changes how the arithmetic runs,
-    and, for a standard data set (``STANDARD_FILES``: its name fixes its images), ``dataset.args.root``, where its
-    files lie: a run may continue in place with compile or TF32 switched, or moved to a machine that keeps the files
-    elsewhere (the log's resume event lists every change). A folder of images' root says which images: a branch.
-    ``dataset.args.download`` only says whether to fetch the files: a resume leaves it off unless --set asks."""
-    moved = ("dataset.args.root" if dataset in STANDARD_FILES else None, "dataset.args.download")
-    return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] not in moved]
+    ``RECORDING``'s intervals and, for a standard data set (``STANDARD_FILES``: its name fixes its images),
+    ``dataset.args.root``, where its files lie: a run may continue in place with compile or TF32 switched, evaluated
+    less often, or moved to a machine that keeps the files elsewhere (the log's resume event lists every change). A
+    folder of images' root says which images: a branch. ``dataset.args.download`` only says whether to fetch the
+    files: a resume leaves it off unless --set asks."""
+    kept = (*RECORDING, "dataset.args.root" if dataset in STANDARD_FILES else None, "dataset.args.download")
+    return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] not in kept]
 
 
 def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:

@@ -201,7 +201,7 @@ def test_a_branch_folder_placed_as_a_link_is_passed_over(tmp_path, trained):
     assert not any(elsewhere.iterdir()) and (tmp_path / "run-resume2-2" / "snapshots" / "snapshot_iter_3.pt").is_file()
 
 
-def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_path, trained):
+def test_a_resume_changing_only_how_the_arithmetic_runs_or_how_often_it_records_continues_in_place(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     latest = str(run / "snapshots" / "snapshot_iter_4.pt")
     assert train.main(["--resume", latest, "--set", "performance.channels_last=false"]) == 0  # the demo's: true
@@ -209,6 +209,9 @@ def test_a_resume_changing_only_how_the_arithmetic_runs_continues_in_place(tmp_p
     resumed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()][-2]
     assert resumed["event"] == "resumed" and resumed["changes"] == ["performance.channels_last: true -> false"]
     assert "channels_last: false" in (run / "config.yaml").read_text()
+    assert train.main(["--resume", latest, "--set", "evaluation_interval=1000", "--set", "display_interval=7"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"], "evaluating less often is no branch either"
+    assert "evaluation_interval: 1000" in (run / "config.yaml").read_text()
     assert train.main(["--resume", latest, "--set", "updater.apply_SR=false"]) == 0  # the recipe: a branch
     assert (tmp_path / "run-resume4").is_dir()
 
