@@ -315,9 +315,10 @@ def make_extensions(config: Config, world: World, class_counts: list[int]) -> li
             Preview(config.preview_interval, seed=config.seed),
             Spectra(config.spectra_interval, detector, auto_sr=config.updater.apply_SR == "auto"),
             *([ClassSpectra(config.spectra_interval, class_counts)] if class_counts else []),
+            # before the evaluations, which may take minutes: a crash or a second Ctrl-C in one loses no training
+            Snapshot(config.snapshot_interval),
             *([Evaluate(config.evaluation_interval, config, world.size)] if config.evaluation.metrics else []),
-            *([Modes(config.evaluation.modes_interval, config)] if config.evaluation.modes_interval else []),
-            Snapshot(config.snapshot_interval)]
+            *([Modes(config.evaluation.modes_interval, config)] if config.evaluation.modes_interval else [])]
 
 
 if __name__ == "__main__":

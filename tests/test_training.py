@@ -400,6 +400,21 @@ def test_a_second_stop_signal_stops_at_once_in_one_line(tmp_path, monkeypatch, c
     assert not (out / "snapshots" / "snapshot_iter_3.pt").exists()
 
 
+def test_a_crash_during_an_evaluation_loses_no_training(tmp_path, monkeypatch):
+    """The snapshot due at an evaluation's iteration is written before it (an evaluation can take minutes and run out
+    of memory)."""
+    from source.training.evaluate import Evaluate
+
+    def out_of_memory(self, trainer):
+        raise RuntimeError("CUDA out of memory (a stand-in)")
+
+    monkeypatch.setattr(Evaluate, "__call__", out_of_memory)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train.main(tiny_argv(out, 4, "evaluation_interval=2", "snapshot_interval=2"))
+    assert (out / "snapshots" / "snapshot_iter_2.pt").is_file()
+
+
 def test_a_stop_signal_during_a_long_extension_says_it_waits_for_it(tmp_path, monkeypatch, capfd):
     """Ctrl-C while an evaluation runs: the run finishes that (minutes, maybe), not another iteration."""
     from source.training.extensions import Preview
