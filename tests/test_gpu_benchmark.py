@@ -328,3 +328,17 @@ def test_the_kernel_alternatives_compute_what_the_models_kernels_compute(tmp_pat
     assert steps["layers"] == 11 and 1 < steps["shapes"] < 11 and steps["max_difference"] <= 1e-5
     (stacked,) = result["stacked_runs_conv3x3"]  # one grouped conv computes the K runs' separate convs
     assert stacked["runs"] == 2 and stacked["max_relative_difference"] <= 1e-6 and stacked["grouped_us"] > 0
+
+
+def test_a_kernel_case_that_fails_on_the_device_keeps_the_others_numbers(tmp_path, monkeypatch):
+    from benchmarks.gpu import kernels
+
+    def refused(*_):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore")
+
+    monkeypatch.setattr(kernels, "stacked_conv", refused)
+    assert kernels.main(["--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("kernels_*-quick.json")
+    result = json.loads(path.read_text())
+    assert result["stacked_runs_conv3x3"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
+    assert result["sn_power_steps_study_dis"]["layers"] == 11
