@@ -400,6 +400,23 @@ def test_a_second_stop_signal_stops_at_once_in_one_line(tmp_path, monkeypatch, c
     assert not (out / "snapshots" / "snapshot_iter_3.pt").exists()
 
 
+def test_a_stop_during_an_evaluation_right_after_a_snapshot_does_not_write_it_again(tmp_path, monkeypatch, capsys):
+    from source.training.evaluate import Evaluate
+
+    def signalled(self, trainer):
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Evaluate, "__call__", signalled)
+    out = tmp_path / "run"
+    assert train.main(tiny_argv(out, 100, "evaluation_interval=2", "snapshot_interval=2")) == 0
+    snapshot = out / "snapshots" / "snapshot_iter_2.pt"
+    console = capsys.readouterr().out
+    assert console.count(f"snapshot -> {snapshot}") == 1
+    assert "stopping on SIGINT: its snapshot is written at iteration 2" in console
+    assert console.strip().splitlines()[-1] == f"stopped at iteration 2; resume with --resume {snapshot}"
+    assert load_snapshot(snapshot, training_state=True)["iteration"] == 2
+
+
 def test_a_crash_during_an_evaluation_loses_no_training(tmp_path, monkeypatch):
     """The snapshot due at an evaluation's iteration is written before it (an evaluation can take minutes and run out
     of memory)."""

@@ -78,6 +78,7 @@ class Trainer:
         self._start = time.perf_counter()
         self._stop_signal: int | None = None
         self._running_extension: str | None = None  # the takes_long of the extension running now
+        self._saved_at: int | None = None  # the iteration of this process's last snapshot
         self._closed = False
 
     @property
@@ -202,10 +203,12 @@ class Trainer:
                 pass
 
     def _stop_cleanly(self) -> None:
+        written = self._saved_at == self.iteration  # by the Snapshot extension, before this iteration's evaluation
         if self.world.is_main:
             why = f"on {signal.Signals(self._stop_signal).name}" if self._stop_signal else "as another rank does"
-            print(f"\nstopping {why}: writing a snapshot at iteration {self.iteration}", flush=True)
-        path = self.save_snapshot()
+            doing = "its snapshot is written" if written else "writing a snapshot"
+            print(f"\nstopping {why}: {doing} at iteration {self.iteration}", flush=True)
+        path = checkpoint.snapshot_path(self.out, self.iteration) if written else self.save_snapshot()
         self.log.event(self.iteration, "interrupted", snapshot=str(path))
         if self.world.is_main:
             print(f"stopped at iteration {self.iteration}; resume with --resume {path}", flush=True)
@@ -229,6 +232,7 @@ class Trainer:
                 raise SnapshotWriteError(
                     f"could not write {path} ({error.strerror or first_line(error)}); nothing was lost: the earlier "
                     f"snapshots are intact (latest: {self.latest_good_snapshot() or 'none'})") from None
+        self._saved_at = self.iteration
         return path
 
     @staticmethod
