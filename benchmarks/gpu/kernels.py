@@ -66,10 +66,14 @@ def upsample_expanded(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(function, x: torch.Tensor, grad: torch.Tensor):
-    """The function's output and its input's gradient (what one use inside a training step costs)."""
+    """The function's output and its input's gradient (what one use inside a training step costs), on a leaf of its
+    own: autograd ties a leaf to the stream of its first use, and a leaf first used on the default stream breaks a
+    later CUDA graph capture of its backward (the H200's first run of this script)."""
+    leaf = x.detach().requires_grad_()
+
     def step():
-        y = function(x)
-        return y, torch.autograd.grad(y, x, grad)[0]
+        y = function(leaf)
+        return y, torch.autograd.grad(y, leaf, grad)[0]
     return step
 
 
@@ -104,8 +108,8 @@ def compare(native, candidate, shapes: list[tuple], device: torch.device, repeat
     rows = []
     for shape in shapes:
         generator = torch.Generator(device).manual_seed(0)
-        x = torch.randn(shape, device=device, generator=generator).requires_grad_()
-        grad = torch.randn(native(x.detach()).shape, device=device, generator=generator)
+        x = torch.randn(shape, device=device, generator=generator)
+        grad = torch.randn(native(x).shape, device=device, generator=generator)
         (y_native, g_native), (y_candidate, g_candidate) = (forward_backward(f, x, grad)() for f in (native, candidate))
         times = [microseconds(forward_backward(f, x, grad), device, repeats) for f in (native, candidate)]
         rows.append({"shape": list(shape), "native_us": round(times[0], 2), "candidate_us": round(times[1], 2),
@@ -196,12 +200,16 @@ def stacked_conv(shape: tuple[int, int, int], runs: int, device: torch.device, r
     x = torch.randn(batch, runs * channels, side, side, device=device, generator=generator)
     weight = torch.randn(runs * channels, channels, 3, 3, device=device, generator=generator) / (3 * channels)
     grad = torch.randn(x.shape, device=device, generator=generator)
-    grouped = conv_step([x.requires_grad_()], [weight.requires_grad_()], [grad], runs)
-    separate = conv_step([part.detach().requires_grad_() for part in x.chunk(runs, 1)],
-                         [part.detach().requires_grad_() for part in weight.chunk(runs)], grad.chunk(runs, 1), 1)
+
+    parts = [[part.contiguous() for part in whole.chunk(runs, dim)] for whole, dim in ((x, 1), (weight, 0), (grad, 1))]
+
+    def steps():  # fresh leaves for each use (see forward_backward); each run's tensors its own, as separate runs'
+        return conv_step(*parts, 1), conv_step([x], [weight], [grad], runs)
+
+    separate, grouped = steps()
     difference = max(relative_difference(torch.cat(a, dim=d), torch.cat(b, dim=d))
                      for a, b, d in zip(grouped(), separate(), (1, 1, 0)))  # outputs, input and weight gradients
-    times = [microseconds(step, device, repeats) for step in (separate, grouped)]
+    times = [microseconds(step, device, repeats) for step in steps()]
     return {"batch": batch, "channels_per_run": channels, "side": side, "runs": runs,
             "separate_us": round(times[0], 2), "grouped_us": round(times[1], 2),
             "grouped_over_separate": round(times[1] / times[0], 3), "max_relative_difference": difference}
@@ -213,7 +221,11 @@ def relative_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def conv_step(inputs: list[torch.Tensor], weights: list[torch.Tensor], grads: list[torch.Tensor], groups: int):
-    """3x3 convs of ``inputs`` by ``weights`` (pairwise) and their gradients: (outputs, input grads, weight grads)."""
+    """3x3 convs of ``inputs`` by ``weights`` (pairwise) and their gradients: (outputs, input grads, weight grads),
+    on leaves of its own."""
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    weights = [w.detach().requires_grad_() for w in weights]
+
     def step():
         outputs = [F.conv2d(x, w, padding=1, groups=groups) for x, w in zip(inputs, weights)]
         found = torch.autograd.grad(outputs, inputs + weights, grads)
