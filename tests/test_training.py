@@ -364,17 +364,22 @@ def test_a_nan_that_breaks_sr_before_its_loss_is_read_is_still_reported_as_diver
     assert err.count("\n") == 0 and "training diverged: loss_dis=nan" in err and "at iteration 3" in err
 
 
-def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "run"
+def interrupt_after_iteration(monkeypatch, iteration: int, signals: int) -> None:
+    """``signals`` SIGINTs (Ctrl-C) right after training iteration ``iteration``."""
     original = updater_module.Updater.update
 
     def interrupted(self):
         observation = original(self)
-        if self.iteration == 3:
+        for _ in range(signals if self.iteration == iteration else 0):
             os.kill(os.getpid(), signal.SIGINT)
         return observation
 
     monkeypatch.setattr(updater_module.Updater, "update", interrupted)
+
+
+def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    interrupt_after_iteration(monkeypatch, 3, signals=1)
     assert train.main(tiny_argv(out, 100)) == 0
     assert (out / "snapshots" / "snapshot_iter_3.pt").is_file()
     assert "--resume" in capsys.readouterr().out
@@ -382,16 +387,7 @@ def test_sigint_writes_snapshot_and_exits_cleanly(tmp_path, monkeypatch, capsys)
 
 def test_a_second_stop_signal_stops_at_once_in_one_line(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    original = updater_module.Updater.update
-
-    def interrupted_twice(self):
-        observation = original(self)
-        if self.iteration == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # stop after this iteration, with a snapshot ...
-            os.kill(os.getpid(), signal.SIGINT)  # ... no: now
-        return observation
-
-    monkeypatch.setattr(updater_module.Updater, "update", interrupted_twice)
+    interrupt_after_iteration(monkeypatch, 3, signals=2)  # a second Ctrl-C right after the first
     assert train.main(tiny_argv(out, 100, "snapshot_interval=2")) == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
