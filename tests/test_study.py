@@ -310,11 +310,19 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     assert len((back / "chunks.jsonl").read_text().splitlines()) == 2  # here's chunk and the device's came back
     # the untouched state did not
     assert not (back / "tiny" / "sn_s0" / "snapshots").exists()
+    # a second call on the machine while warm, with the same carry, continues there (not the carry's older state)
+    again = tmp_path / "again"
+    again.mkdir()
+    assert study_cli.main(["device", str(study_file), "--root", str(there), "--carry", str(carry), "--out", str(again),
+                           "--budget", "60"]) == 0
+    captured = capsys.readouterr()
+    assert "earlier chunk with this carry continues" in captured.err and "done" in captured.out
+    assert transfer.take_back(again, back) == ["chunks.jsonl"]
+    assert (back / "chunks.jsonl").read_text() == (there / "chunks.jsonl").read_text()  # 3 chunks, in order
     parts[-1].rename(out / "elsewhere")
     if len(parts) == 1:
         with pytest.raises(transfer.TransferError, match="no study.tar.xz.partNN"):
             transfer.take_back(out, back)
-    assert "done" in capsys.readouterr().out
 
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -366,6 +374,34 @@ def test_a_setting_with_data_of_its_own_keeps_it_when_the_chunk_names_the_studys
     commands = {run.setting: runner.command(study, tmp_path, run, "python", (), "/here") for run in study.runs}
     assert study.data_root() == Path("/data/my_cifar")  # the settings in sorted order: cifar's run is the first
     assert 'dataset.args.root="/here"' in commands["cifar"] and not any("/here" in a for a in commands["tiny"])
+
+
+def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tmp_path):
+    """Call 1 killed before it packed, call 2 packs, call 3 continues: each returns what the local copy lacks; a carry
+    made anew (after a take-back) is unpacked."""
+    made, carry, root, out = (tmp_path / name for name in ("made", "carry", "root", "out"))
+    (made / "a").mkdir(parents=True)
+    (made / "a" / "log").write_text("carried")
+    transfer.reset(carry)
+    transfer.write_archive([made / "a" / "log"], made, carry / transfer.STATE)
+    assert transfer.restore(carry, root)[1] is False and (root / "a" / "log").read_text() == "carried"
+    (root / "a" / "log").write_text("carried, call 1")
+    (root / "a" / "snapshot_1").write_bytes(b"1")  # ... and the call is killed at its limit: nothing returned
+    before, continued = transfer.restore(carry, root)
+    assert continued and (root / "a" / "log").read_text() == "carried, call 1"
+    (root / "a" / "snapshot_2").write_bytes(b"2")
+    out.mkdir()
+    transfer.pack_changed(root, before, out)
+    transfer.packed(root)
+    assert sorted(transfer.take_back(out, tmp_path / "here")) == ["a/log", "a/snapshot_1", "a/snapshot_2"]
+    before, continued = transfer.restore(carry, root)  # call 3
+    (root / "a" / "snapshot_3").write_bytes(b"3")
+    transfer.pack_changed(root, before, out)
+    assert continued and transfer.take_back(out, tmp_path / "here") == ["a/snapshot_3"]
+    assert transfer.SINCE not in transfer.listing(root)
+    (made / "a" / "log").write_text("carried anew")
+    transfer.write_archive([made / "a" / "log"], made, carry / transfer.STATE)
+    assert transfer.restore(carry, root)[1] is False and (root / "a" / "log").read_text() == "carried anew"
 
 
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):

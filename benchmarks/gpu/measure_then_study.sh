@@ -10,7 +10,7 @@
 # for the chunk. Either way study_settings.py uses only what the same benchmark run recorded as measured better, with
 # the GPU-only tests passed. The chunk trains CHUNK_BUDGET seconds at most ("auto": as long as the call allows;
 # fractions are dropped), less where the call (CALL_S, default 590 s: give the device tool's timeout_s) would
-# otherwise end before it has packed. Its console goes to $OUT/chunk.log too (with D_BUDGET: to gpu_bench.log).
+# otherwise end before it has packed (90 s kept back). Its console goes to $OUT/chunk.log too (with D_BUDGET: to gpu_bench.log).
 # STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
 # (a test's stand-in).
 set -uo pipefail
@@ -45,7 +45,10 @@ else
     CHUNK_LOG=$OUT/gpu_bench.log  # the 8 files are taken
 fi
 SETTINGS=$("$PYTHON" -m benchmarks.gpu.study_settings "${RESULT[@]}")
-LEFT=$(( ${CALL_S:-590} - ($(date +%s) - STARTED) - 150 ))  # 150: the grace, unpacking and packing
+# kept back: the runs' grace to stop (they stopped 1.9 s after SIGTERM in the first H200 chunk), unpacking (3 s),
+# packing (15 s for 12 runs) and 40 s of margin
+GRACE=30
+LEFT=$(( ${CALL_S:-590} - ($(date +%s) - STARTED) - GRACE - 60 ))
 BUDGET=$(( LEFT < CHUNK_BUDGET ? LEFT : CHUNK_BUDGET ))
 if [ "$BUDGET" -lt 30 ]; then
     echo "measure_then_study: ${BUDGET} s left for the chunk; none started (the measurements are in \$OUT)"
@@ -54,5 +57,5 @@ fi
 echo "measure_then_study: the chunk trains ${BUDGET} s with: ${SETTINGS:-its base settings}"
 # shellcheck disable=SC2086  # the settings are words to split
 PYTHONUNBUFFERED=1 "$PYTHON" -m source.study device "$STUDY" --carry "${STUDY_CARRY:-.study_carry}" --out "$OUT" \
-    --budget "$BUDGET" --grace 60 --parts "$PARTS" $SETTINGS "$@" 2>&1 | (trap '' TERM INT HUP; exec tee -a "$CHUNK_LOG")  # a signal to
+    --budget "$BUDGET" --grace "$GRACE" --parts "$PARTS" $SETTINGS "$@" 2>&1 | (trap '' TERM INT HUP; exec tee -a "$CHUNK_LOG")  # a signal to
 exit "${PIPESTATUS[0]}"  # the call must not end tee first: the chunk still prints while it stops and packs

@@ -161,9 +161,10 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
         args.data_root = transfer.unpack_data(args.carry, study.data_root())
-    if (args.carry / transfer.STATE).is_file():
-        transfer.extract(args.carry / transfer.STATE, root)
-    before = transfer.listing(root) if root.is_dir() else {}
+    before, continued = transfer.restore(args.carry, root)
+    if continued:
+        print("study: this machine's earlier chunk with this carry continues (its state is newer than the carry's); "
+              "take each call's files back in order", file=sys.stderr)
     unpacked = time.time()
     try:
         run_chunk(args, study, root, runs)
@@ -171,6 +172,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
         chunk_end = time.time()
         state.prune(study, root)
         parts = transfer.pack_changed(root, before, args.out, args.parts)
+        transfer.packed(root)
         table = state.progress_table(study, root, runs)
         (args.out / "progress.json").write_text(json.dumps(table, indent=1))
         show_status(args, study, root, runs)

@@ -22,7 +22,7 @@ import tarfile
 from pathlib import Path
 
 from source.config import first_line
-from source.files import atomic_write
+from source.files import atomic_write, atomic_write_text
 from source.study.state import PIDS
 
 CARRY_LIMIT = 64 * 2**20
@@ -106,7 +106,41 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
 def listing(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.relative_to(root) != Path(SINCE)}
+
+
+SINCE = ".device-since.json"  # on the lent machine, in the study's root: see ``restore``
+
+
+def restore(carry: Path, root: Path) -> tuple[dict[str, tuple[int, int]], bool]:
+    """Unpack the carried state into ``root``; return what a chunk's pack compares against (``listing``), and
+    whether this call's state is an earlier call's rather than the carry's.
+
+    A later call on a machine still warm, with the same carry, finds a newer state there (an earlier call's chunk):
+    unpacking the carry would put older logs beside newer snapshots. That state continues instead, and the chunk
+    returns what changed since what the earlier call returned (``packed``), or, where that call did not get to
+    pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here."""
+    state, since = Path(carry) / STATE, Path(root) / SINCE
+    carried = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else "no state carried"
+    try:
+        record = json.loads(since.read_text()) if since.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        record = {}
+    if isinstance(record, dict) and record.get("carry") == carried and isinstance(record.get("listing"), dict):
+        return {name: tuple(stamp) for name, stamp in record["listing"].items()}, True
+    if state.is_file():
+        extract(state, root)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    before = listing(root)
+    atomic_write_text(since, json.dumps({"carry": carried, "listing": before}))
+    return before, False
+
+
+def packed(root: Path) -> None:
+    """Record that everything under ``root`` has now been returned (``restore``: a next call's pack starts here)."""
+    since = Path(root) / SINCE
+    record = json.loads(since.read_text())
+    atomic_write_text(since, json.dumps({"carry": record["carry"], "listing": listing(root)}))
 
 
 def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None) -> list[Path]:
