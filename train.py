@@ -28,7 +28,7 @@ from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
-from source.training.evaluate import (Evaluate, no_download_unless_asked,
+from source.training.evaluate import (Evaluate, for_this_machine,
                                       require_reference_before_distributed_training)
 from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
@@ -169,7 +169,9 @@ def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
     """The run's own settings with ``--set`` on top; a ``--config`` file given too is only compared, not used."""
     config = config_from_dict(snapshot["config"], args.overrides, source=f"{args.resume} (its config)",
                               world_size=world_size_from_env())
-    no_download_unless_asked(config, args.overrides)
+    note = for_this_machine(config, args.overrides)
+    if note and rank_from_env() == 0:
+        print(note)
     if args.config:
         file_differs = config_differences(snapshot_config(snapshot), load_config(args.config).to_dict())
         if file_differs and rank_from_env() == 0:
@@ -261,8 +263,10 @@ def recipe_changes(changes: list[str], dataset: str) -> list[str]:
     ``dataset.args.root``, where its files lie: a run may continue in place with compile or TF32 switched, evaluated
     less often, or moved to a machine that keeps the files elsewhere (the log's resume event lists every change). A
     folder of images' root says which images: a branch. ``dataset.args.download`` only says whether to fetch the
-    files: a resume leaves it off unless --set asks."""
-    kept = (*RECORDING, "dataset.args.root" if dataset in STANDARD_FILES else None, "dataset.args.download")
+    files: a resume leaves it off unless --set asks; ``evaluation.cache_dir`` only where references are cached
+    (each checked against its key when read)."""
+    kept = (*RECORDING, "dataset.args.root" if dataset in STANDARD_FILES else None, "dataset.args.download",
+            "evaluation.cache_dir")
     return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] not in kept]
 
 

@@ -604,6 +604,27 @@ def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_
     assert train.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []
 
 
+def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp_path, trained, capsys):
+    """Its evaluation.cache_dir names a folder of the sender's machine: where this one lacks it, references are
+    cached in the default folder (said in one note), the run continuing in place; --set or an existing folder keep it."""
+    import argparse
+
+    from source.config import EvaluationConfig
+
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    theirs = tmp_path / "their" / "refs"
+    snapshot["config"]["evaluation"]["cache_dir"] = str(theirs)
+    resume = lambda *overrides: train.resume_config(argparse.Namespace(resume="r.pt", overrides=list(overrides),
+                                                                       config=None), snapshot).evaluation.cache_dir
+    assert resume() == EvaluationConfig.cache_dir
+    out = capsys.readouterr().out
+    assert f"evaluation.cache_dir {theirs} does not exist here" in out and out.count("\n") == 1
+    assert resume(f"evaluation.cache_dir={theirs}") == str(theirs) and not theirs.exists()
+    theirs.mkdir(parents=True)
+    assert resume() == str(theirs) and capsys.readouterr().out == ""
+    assert train.recipe_changes([f"evaluation.cache_dir: {theirs} -> data/reference_stats"], "fashion_mnist") == []
+
+
 def test_a_log_line_that_is_not_a_record_stops_a_resume_in_one_line(tmp_path, trained, capsys):
     run = copy_run(trained, tmp_path / "run")
     with open(run / "log.jsonl", "a") as log:

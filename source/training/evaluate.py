@@ -9,6 +9,7 @@ BatchNorm normalized while generating (`"g_batchnorm"`, `evaluation.g_batchnorm`
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -69,7 +70,9 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     if "config" not in snapshot:
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
     config = config_from_dict(snapshot["config"], list(overrides), source=f"{path} (config)")
-    no_download_unless_asked(config, overrides)
+    note = for_this_machine(config, overrides)
+    if note:
+        print(note, file=sys.stderr)
     entry, weights = generator_weights(snapshot, str(path), raw)
     spec = config.models.generator
     misfit = checkpoint.weights_misfit(entry, spec, snapshot[entry])  # before G's memory is allocated
@@ -84,13 +87,20 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
     return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights)
 
 
-def no_download_unless_asked(config: Config, overrides: list[str]) -> None:
-    """A snapshot may come from someone else: its config's `download: true` (CIFAR-10's default) does not make
-    this machine download a data set into the folder it names (evaluating or resuming it); the user's own --set
-    can."""
-    asked = any(override.partition("=")[0].strip() == "dataset.args.download" for override in overrides)
-    if hasattr(config.dataset.args, "download") and not asked:
+def for_this_machine(config: Config, overrides: list[str]) -> str | None:
+    """A snapshot may come from someone else. Its config's `download: true` (CIFAR-10's default) does not make this
+    machine download a data set into the folder it names (evaluating or resuming it), and its evaluation.cache_dir,
+    a folder of the machine it was trained on, is used only where it exists here; else references are cached in
+    the default folder, not in folders a file chose (a note says so: returned). The user's own --set decides both."""
+    asked = {override.partition("=")[0].strip() for override in overrides}
+    if hasattr(config.dataset.args, "download") and "dataset.args.download" not in asked:
         config.dataset.args.download = False
+    default, cache_dir = EvaluationConfig.cache_dir, config.evaluation.cache_dir
+    if "evaluation.cache_dir" in asked or cache_dir == default or os.path.isdir(cache_dir):
+        return None
+    config.evaluation.cache_dir = default
+    return (f"note: the snapshot's evaluation.cache_dir {cache_dir} does not exist here: reference statistics are "
+            f"cached in {default} (--set evaluation.cache_dir=DIR to choose)")
 
 
 # --- during training ---------------------------------------------------------------------------
