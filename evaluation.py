@@ -111,6 +111,7 @@ def metrics(args: argparse.Namespace) -> None:
     print_notes(group_notes(request.groups, settings) if request.groups else [])  # before the slow part
     seed = config.seed if args.seed is None else args.seed
     seeds = [seed + repeat for repeat in range(args.repeats)]
+    print_notes([loaded.cache_note] if loaded.cache_note and not settings.reference_stats else [])
     backbone, note = load_backbone(settings.inception_weights, device)
     reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)
     request.metrics, skipped = available_metrics(settings.metrics, backbone, reference)

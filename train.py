@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 def stopped_at_once(trainer: Trainer | None) -> int:
     """Said in one line when a stop signal ends the run at once (nothing written): where it can resume from."""
     if trainer is None:
-        report("stopped before training began; nothing was written")
+        report("stopped before training began; no iteration was trained")
         return 128 + signal.SIGINT
     latest = checkpoint.snapshots_of(trainer.out)[-1:]
     where = f"resume with --resume {latest[0]}" if latest else f"{trainer.out} holds no snapshot to resume from"
@@ -170,8 +170,8 @@ def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
     config = config_from_dict(snapshot["config"], args.overrides, source=f"{args.resume} (its config)",
                               world_size=world_size_from_env())
     note = for_this_machine(config, args.overrides)
-    if note and rank_from_env() == 0:
-        print(note)
+    if note and config.evaluation.metrics and rank_from_env() == 0:
+        print(f"note: {note}")
     if args.config:
         file_differs = config_differences(snapshot_config(snapshot), load_config(args.config).to_dict())
         if file_differs and rank_from_env() == 0:
@@ -231,6 +231,8 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
+    if snapshot and not branch:
+        trainer.catch_up()  # an evaluation that a stop or crash interrupted at the snapshot's iteration
     return trainer
 
 
@@ -307,6 +309,8 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
             except DamagedLog as error:
                 raise SnapshotError(f"{error}; the run's log is damaged (delete or mend that line)") from None
         trainer.log.purge_after(trainer.iteration)
+        for orphan in checkpoint.exports_after(trainer.out, trainer.iteration):  # of the timeline this one replaces
+            orphan.unlink(missing_ok=True)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -228,7 +229,7 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     check_expansion(raw, source)
-    raw = copy.deepcopy(raw)  # only now: a deep one would exhaust the recursion
+    given, raw = raw, copy.deepcopy(raw)  # only now: a deep one would exhaust the recursion
     file_dataset = _mapping(raw, "dataset")
     file_name, file_args = file_dataset.get("name"), dict(_mapping(file_dataset, "args"))  # before overrides
     for override in overrides:
@@ -236,21 +237,37 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
     _adapt_dataset_args(raw, file_name, file_args)
     try:
         config = validate(raw, Config, "", source, _refine)
+        check_consistency(config, source, world_size)
     except ConfigError as error:
-        raise blame_overrides(error, source, overrides) from None
-    check_consistency(config, source, world_size)
+        raise blame_overrides(error, source, given, raw) from None
     return config
 
 
-def blame_overrides(error: ConfigError, source: str, overrides: list[str]) -> ConfigError:
-    """A validation error ("SOURCE: KEY: why") about a value that ``--set`` gave names the command line, not the
-    file: "--set KEY: why"."""
+def blame_overrides(error: ConfigError, source: str, given: dict, changed: dict) -> ConfigError:
+    """A validation error ("SOURCE: KEY: why") names the command line ("--set KEY: why"), not the file, where the
+    value at KEY (a mapping holding the faulty argument, an item of a list) is not the file's: --set made it."""
     text = str(error).removeprefix(f"{source}: ")
     key = text.split(":", 1)[0]
-    given = [override.partition("=")[0] for override in overrides]
-    if any(key == name or key.startswith(name + ".") for name in given):
+    if _value_at(given, key) != _value_at(changed, key):
         return ConfigError(f"--set {text}")
     return error
+
+
+def _value_at(raw: Any, key: str) -> Any:
+    """The value at a dotted key with list indices (``evaluation.metrics[0]``); ``_ABSENT`` where there is none."""
+    node = raw
+    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
+        index = int(part[1:-1]) if part.startswith("[") else None
+        if index is not None and isinstance(node, list) and index < len(node):
+            node = node[index]
+        elif index is None and isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return _ABSENT
+    return node
+
+
+_ABSENT = object()
 
 
 def apply_override(raw: dict, override: str, source: str = "--set") -> None:

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 import train
-from source.config import ConfigError, load_config
+from source.config import ConfigError, config_from_dict, load_config
 from source.typed import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -78,9 +78,19 @@ def test_override_errors_and_yaml_typing(capsys):
     # a bad value that --set gave is the command line's, not the file's
     for override, expected in (("iteration=abc", "error: --set iteration: expected int, got str 'abc'"),
                                ("models.generator.args={ch: x}", "error: --set models.generator.args.ch: expected int"),
-                               ("updater.n_dsi=3", "error: --set updater.n_dsi: unknown key (did you mean 'n_dis'?)")):
+                               ("updater.n_dsi=3", "error: --set updater.n_dsi: unknown key (did you mean 'n_dis'?)"),
+                               # the faulty key above the override, a list's item, an argument checked with its
+                               # neighbours, a consistency check across keys
+                               ("updater.srr.mode=static", "error: --set updater.srr: unknown key"),
+                               ("evaluation.metrics=[1]", "error: --set evaluation.metrics[0]: expected"),
+                               ("models.generator.args.ch=-3", "error: --set models.generator.args: ResNetGenerator"),
+                               ("batchsize=7", "error: --set batchsize: 7 is not divisible")):
         code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", override, "--dry-run"], capsys)
         assert code == 2 and err.startswith(expected), err
+    # the file's own fault stays the file's, whatever else --set changed
+    with pytest.raises(ConfigError, match=r"^.*bad\.yaml: batchsize: 7 is not divisible"):
+        config_from_dict({**yaml.safe_load((CONFIGS / "demo.yaml").read_text()), "batchsize": 7}, ["seed=3"],
+                         source="bad.yaml")
     config = load_config(CONFIGS / "demo.yaml", ["adam_D.alpha=1e-3", "updater.apply_SR=auto", "seed=7"])
     assert config.adam_D.alpha == 1e-3 and config.updater.apply_SR == "auto" and config.seed == 7
 

@@ -497,6 +497,19 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
         assert expected in err and err.startswith("error: ") and err.count("\n") == 1, err
 
 
+def test_a_received_snapshots_cache_folder_is_not_made_here(evaluated_run, tmp_path, capsys, monkeypatch):
+    """Its evaluation.cache_dir names a folder of the machine it came from: the reference goes to the default one."""
+    snapshot = load_snapshot(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    theirs = tmp_path / "their" / "cache"
+    snapshot["config"]["evaluation"]["cache_dir"] = str(theirs)
+    foreign = tmp_path / "snapshot_iter_2.pt"
+    torch.save(snapshot, foreign)
+    monkeypatch.chdir(tmp_path)  # the default folder is relative: data/reference_stats
+    assert evaluation.main(["metrics", "--snapshot", str(foreign), "--device", "cpu", "--metrics", "fid"]) == 0
+    assert f"note: the snapshot's evaluation.cache_dir {theirs} does not exist here" in capsys.readouterr().out
+    assert not theirs.parent.exists() and list((tmp_path / "data" / "reference_stats").glob("*.npz"))
+
+
 def test_a_snapshots_config_never_makes_evaluation_download_a_data_set(evaluated_run, tmp_path, capsys, monkeypatch):
     """A snapshot may come from someone else: its `download: true` and root do not make this machine fetch
     CIFAR-10 into the folder it names; the user's own --set does."""

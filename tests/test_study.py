@@ -127,6 +127,18 @@ def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path
     assert state.status(study, tmp_path, run) == "fresh"
 
 
+def test_a_run_that_a_second_signal_stopped_at_once_is_not_marked_failed(tmp_path):
+    """train.py exits 128 + N when a second signal stops it at once: a stop, continued in the next chunk."""
+    study = load_study(write_study(tmp_path, 4, sn={}))
+    stopped = tmp_path / "stopped_at_once"
+    stopped.write_text("#!/bin/sh\nexit 143\n")
+    stopped.chmod(0o755)
+    lines = []
+    chunk = runner.run_chunk(study, tmp_path, parallel=1, python=str(stopped), echo=lines.append)
+    assert chunk.runs[study.runs[0].name]["returncode"] == 143 and not any("not relaunched" in line for line in lines)
+    assert state.status(study, tmp_path, study.runs[0]) == "fresh"
+
+
 def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     """On the device machine too: the chunk that a signal stopped still packs its runs' snapshots for the way back."""
     study_file = write_study(tmp_path, 100000, sn={})

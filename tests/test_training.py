@@ -3,6 +3,7 @@ import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,12 +133,15 @@ def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_
     straight = load_snapshot(run / "snapshots" / "snapshot_iter_4.pt")
     for path in (run / "snapshots").glob("*_iter_4.pt"):
         path.unlink()  # the run as a stop after iteration 2 left it, now on a machine with the data in `moved`
+    orphan = run / "snapshots" / "generator_iter_3.pt"  # as a second signal while a stop at 3 wrote its snapshot
+    shutil.copy(run / "snapshots" / "generator_iter_2.pt", orphan)
     capsys.readouterr()
     resume = ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", f"dataset.args.root={moved}"]
     assert train.main(argv + resume) == 0
     assert f"dataset.args.root: {FASHION_MNIST.parent} -> {moved}" in capsys.readouterr().out
     continued = load_snapshot(run / "snapshots" / "snapshot_iter_4.pt")
     assert tensors_equal(continued["gen"], straight["gen"]) and tensors_equal(continued["dis"], straight["dis"])
+    assert not orphan.exists()  # the export of a timeline the resume replaced
     assert continued["data"] == straight["data"] and not list(tmp_path.glob("run-*"))
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" and f"{moved}" in " ".join(e["changes"]) for e in events)
@@ -423,9 +427,22 @@ def test_a_crash_during_an_evaluation_loses_no_training(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Evaluate, "__call__", out_of_memory)
     out = tmp_path / "run"
+    argv = tiny_argv(out, 4, "evaluation_interval=2", "snapshot_interval=2")
     with pytest.raises(RuntimeError, match="out of memory"):
-        train.main(tiny_argv(out, 4, "evaluation_interval=2", "snapshot_interval=2"))
+        train.main(argv)
     assert (out / "snapshots" / "snapshot_iter_2.pt").is_file()
+    # continued in place, the run measures iteration 2 first, which the crash left without a row; a finished run
+    # resumed again measures nothing twice
+    evaluated = []
+
+    def evaluation(self, trainer):
+        evaluated.append(trainer.iteration)
+        trainer.log.write({"iteration": trainer.iteration}, file="metrics.jsonl")
+
+    monkeypatch.setattr(Evaluate, "__call__", evaluation)
+    assert train.main(argv + ["--resume", str(out / "snapshots" / "snapshot_iter_2.pt")]) == 0
+    assert train.main(argv + ["--resume", str(out / "snapshots" / "snapshot_iter_4.pt")]) == 0
+    assert evaluated == [2, 4]
 
 
 def test_a_stop_signal_during_a_long_extension_says_it_waits_for_it(tmp_path, monkeypatch, capfd):
@@ -445,6 +462,36 @@ def test_a_stop_signal_during_a_long_extension_says_it_waits_for_it(tmp_path, mo
     assert (f"SIGINT received: finishing the preview at iteration 3 (it can take minutes), then writing a snapshot "
             f"(a second one stops at once, without; the latest is {tmp_path / 'run/snapshots/snapshot_iter_2.pt'})"
             in err)
+
+
+def test_a_stop_signal_while_the_snapshot_is_written_names_the_evaluation_still_to_come(tmp_path, monkeypatch, capfd):
+    """The snapshot due at an evaluation's iteration comes first: a signal while it is written waits for the evaluation
+    of that iteration (not a next iteration), and the snapshot is not written again."""
+    from source.training.extensions import Snapshot
+    from source.training.trainer import Extension
+
+    class Evaluation(Extension):
+        interval, takes_long, reads_losses = 2, "the evaluation", False
+        done = []
+
+        def __call__(self, trainer):
+            self.done.append(trainer.iteration)
+
+    written = Snapshot.__call__
+
+    def signalled(self, trainer):
+        written(self, trainer)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Snapshot, "__call__", signalled)
+    make_extensions = train.make_extensions
+    monkeypatch.setattr(train, "make_extensions", lambda *args: [*make_extensions(*args), Evaluation()])
+    assert train.main(tiny_argv(tmp_path / "run", 100, "snapshot_interval=2")) == 0
+    snapshot = tmp_path / "run" / "snapshots" / "snapshot_iter_2.pt"
+    err = capfd.readouterr().err
+    assert (f"SIGINT received: finishing the evaluation at iteration 2 (it can take minutes); its snapshot is written "
+            f"({snapshot}; a second one stops at once)") in err
+    assert Evaluation.done == [2]
 
 
 def make_jpeg_folder(root: Path) -> None:

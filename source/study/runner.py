@@ -238,13 +238,18 @@ def _stop(active: dict, grace: float, echo) -> None:
         echo(f"{len(active)} run(s) stopped {time.time() - signalled:.1f} s after SIGTERM")
 
 
+# train.py's exit statuses when a second signal stopped it at once (train.stopped_at_once): a stop, as a negative
+# status (killed by the signal) is, not a failure; it continues from its last snapshot
+STOPPED_AT_ONCE = {128 + signal.SIGINT, 128 + signal.SIGTERM}
+
+
 def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     process, started = entry
     record = chunk.runs[run.name]
     returncode = _own_returncode(exit_status(root, run), process)
     record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
                   returncode=returncode)
-    if returncode and returncode > 0:  # an error (a diverged run: 1), not a stop by a signal
+    if returncode and returncode > 0 and returncode not in STOPPED_AT_ONCE:  # an error (a diverged run: 1)
         failure_marker(root, run).write_text(json.dumps({"returncode": returncode, "iteration": record["to"]}))
         echo(f"{run.name}: train.py exited with {returncode}; not relaunched until "
              f"{failure_marker(root, run)} is deleted (see {console_log(root, run)})")

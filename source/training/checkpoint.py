@@ -58,6 +58,14 @@ def snapshots_of(run: Path) -> list[Path]:
     return sorted(paths, key=snapshot_iteration)
 
 
+def exports_after(run: Path, iteration: int) -> list[Path]:
+    """RUN/snapshots/generator_iter_M.pt for M > ``iteration``: a run resumed at ``iteration`` never wrote them
+    (a stop interrupted between an export and its snapshot leaves one)."""
+    prefix = "generator_iter_"
+    return [path for path in (Path(run) / SNAPSHOT_FOLDER).glob(f"{prefix}*.pt")
+            if path.stem[len(prefix):].isdecimal() and int(path.stem[len(prefix):]) > iteration]
+
+
 def run_folder_of(path: str | Path) -> Path | None:
     """RUN for RUN/snapshots/<file>; None for a snapshot kept anywhere else."""
     path = Path(path).resolve()

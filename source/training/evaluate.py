@@ -9,7 +9,6 @@ BatchNorm normalized while generating (`"g_batchnorm"`, `evaluation.g_batchnorm`
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -47,6 +46,7 @@ class LoadedGenerator:
     iteration: int
     path: str
     weights: str = "raw"  # "ema": G's exponential moving average; "raw": the trained weights
+    cache_note: str | None = None  # for_this_machine's, for a command that caches references
 
 
 def generator_weights(snapshot: dict, path: str, raw: bool) -> tuple[str, str]:
@@ -71,8 +71,6 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
         raise ValueError(f"{path} has no 'config'; it was not written by this toolkit")
     config = config_from_dict(snapshot["config"], list(overrides), source=f"{path} (config)")
     note = for_this_machine(config, overrides)
-    if note:
-        print(note, file=sys.stderr)
     entry, weights = generator_weights(snapshot, str(path), raw)
     spec = config.models.generator
     misfit = checkpoint.weights_misfit(entry, spec, snapshot[entry])  # before G's memory is allocated
@@ -84,7 +82,7 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
                          f"{', ...' if len(broken) > 3 else ''})")
     gen = build_model(spec.name, spec.args)
     gen.load_state_dict(snapshot[entry])
-    return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights)
+    return LoadedGenerator(gen.to(device).eval(), config, int(snapshot["iteration"]), str(path), weights, note)
 
 
 def for_this_machine(config: Config, overrides: list[str]) -> str | None:
@@ -99,8 +97,8 @@ def for_this_machine(config: Config, overrides: list[str]) -> str | None:
     if "evaluation.cache_dir" in asked or cache_dir == default or os.path.isdir(cache_dir):
         return None
     config.evaluation.cache_dir = default
-    return (f"note: the snapshot's evaluation.cache_dir {cache_dir} does not exist here: reference statistics are "
-            f"cached in {default} (--set evaluation.cache_dir=DIR to choose)")
+    return (f"the snapshot's evaluation.cache_dir {cache_dir} does not exist here: reference statistics are cached "
+            f"in {default} (--set evaluation.cache_dir=DIR to choose)")
 
 
 # --- during training ---------------------------------------------------------------------------
@@ -172,6 +170,7 @@ class Evaluate(Extension):
     """
 
     takes_long = "the evaluation"
+    record_file = "metrics.jsonl"
 
     def __init__(self, interval: int, config: Config, world_size: int):
         check_settings(config.evaluation, world_size)
@@ -199,7 +198,7 @@ class Evaluate(Extension):
                   "protocol": protocol_record(self._backbone, self._metrics, n_samples, splits, self._reference,
                                               self._weights, self.settings.reference_split,
                                               batchnorm=self._batchnorm)}
-        trainer.log.write(record, file="metrics.jsonl")
+        trainer.log.write(record, file=self.record_file)
         tqdm.write(f"evaluation at iteration {trainer.iteration} ({time.perf_counter() - started:.0f} s): "
                    f"{describe(record)}")
 

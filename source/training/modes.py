@@ -27,7 +27,7 @@ MODES_ERRORS = (ClassifierUnavailable, DatasetError, OSError)
 class Modes(Extension):
     at_end = True
     takes_long = "the classifier's mode measures"
-    FILE = "classifier_modes.jsonl"
+    FILE = record_file = "classifier_modes.jsonl"
 
     def __init__(self, interval: int, config: Config):
         self.interval = interval

@@ -17,7 +17,7 @@ import torch
 from source.config import first_line
 from source.training import checkpoint
 from source.training.distributed import World, any_rank, assert_replicas_identical, gather_objects
-from source.training.runlog import RunLog
+from source.training.runlog import RunLog, read_jsonl
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,6 +38,7 @@ class Extension:
     at_end: bool = False
     reads_losses: bool = True
     takes_long: str | None = None  # what it is, when it may keep a stop signal waiting for minutes (an evaluation)
+    record_file: str | None = None  # the run folder's JSONL file of its rows (``Trainer.catch_up``)
 
     def __call__(self, trainer: "Trainer") -> None:
         raise NotImplementedError
@@ -77,7 +78,7 @@ class Trainer:
         self.elapsed_before = 0.0
         self._start = time.perf_counter()
         self._stop_signal: int | None = None
-        self._running_extension: str | None = None  # the takes_long of the extension running now
+        self._pending: list[Extension] | None = None  # while an iteration's extensions run: those not yet done
         self._saved_at: int | None = None  # the iteration of this process's last snapshot
         self._closed = False
 
@@ -130,14 +131,35 @@ class Trainer:
         finally:
             self.log.close()
 
+    def catch_up(self) -> None:
+        """After a resume in place: each extension due at this iteration that keeps rows (an evaluation, the mode
+        measures) runs now if its file has no row for it. The snapshot is written before them, so a crash or a second
+        signal during one left the iteration unmeasured (a finished run its last measure)."""
+        for extension in self._due(final=self.iteration == self.stop):
+            if extension.record_file is None:
+                continue
+            rows = read_jsonl(self.out / extension.record_file) if self.world.is_main else []
+            unmeasured = self.world.is_main and all(row.get("iteration") != self.iteration for row in rows)
+            if any_rank(unmeasured, self.world):  # rank 0's files decide: an evaluation is collective
+                extension(self)
+
+    def _due(self, final: bool) -> list[Extension]:
+        return [e for e in self.extensions if self.iteration % e.interval == 0 or (final and e.at_end)]
+
     def _fire_extensions(self, final: bool) -> None:
-        due = [e for e in self.extensions if self.iteration % e.interval == 0 or (final and e.at_end)]
+        due = self._due(final)
         if any(extension.reads_losses for extension in due):
             self._read_losses()
-        for extension in due:
-            self._running_extension = extension.takes_long
-            extension(self)
-        self._running_extension = None
+        self._pending = list(due)
+        try:
+            for extension in due:
+                saved = self._saved_at == self.iteration
+                extension(self)
+                if saved and extension.state_dict():  # state the snapshot just written lacks: a stop writes anew
+                    self._saved_at = None
+                self._pending.pop(0)
+        finally:
+            self._pending = None
 
     def _read_losses(self) -> None:
         """Read the unread iterations' losses (one host synchronisation), stop at the first that is not finite, and
@@ -189,18 +211,26 @@ class Trainer:
         can take minutes: a second Ctrl-C would stop it without a snapshot). Straight to ``stream``'s file
         descriptor: a print from a handler that interrupted a print to the same file fails ("reentrant call"), an
         error raised in whatever the run was doing. Without a descriptor (captured output) ``advance`` says it."""
-        if self.world.is_main:
-            running = self._running_extension
-            doing = (f"iteration {self.iteration + 1}" if running is None else
-                     f"{running} at iteration {self.iteration} (it can take minutes)")
+        if not self.world.is_main:
+            return
+        pending, name = self._pending, signal.Signals(self._stop_signal).name
+        if pending is None:  # in an iteration's update
+            doing = f"iteration {self.iteration + 1}"
+        else:  # in iteration N's extensions: those still to run, e.g. a due evaluation, come first
+            long = [extension.takes_long for extension in pending if extension.takes_long]
+            doing = (f"{' and '.join(long)} at iteration {self.iteration} (it can take minutes)" if long else
+                     f"iteration {self.iteration}")
+        try:
             latest = checkpoint.snapshots_of(self.out)[-1:]
-            text = (f"\n{signal.Signals(self._stop_signal).name} received: finishing {doing}, then writing a "
-                    f"snapshot (a second one stops at once, without; the latest is "
-                    f"{latest[0] if latest else 'none yet'})\n")
-            try:
-                os.write(stream.fileno(), text.encode())
-            except (OSError, ValueError):  # no descriptor, or closed
-                pass
+            if pending is not None and self._saved_at == self.iteration:
+                text = (f"\n{name} received: finishing {doing}; its snapshot is written ({latest[0]}; a second one "
+                        f"stops at once)\n")
+            else:
+                text = (f"\n{name} received: finishing {doing}, then writing a snapshot (a second one stops at once, "
+                        f"without; the latest is {latest[0] if latest else 'none yet'})\n")
+            os.write(stream.fileno(), text.encode())
+        except (OSError, ValueError, IndexError):  # no descriptor, or closed; a folder that cannot be listed now
+            pass
 
     def _stop_cleanly(self) -> None:
         written = self._saved_at == self.iteration  # by the Snapshot extension, before this iteration's evaluation
