@@ -6,6 +6,9 @@ Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's st
 (the classifier measures) and writes, in --out:
 - ``gpu_study_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
   iterations, every seed of every arm (a branch drawn from its branch point, its parent's part before it);
+- ``gpu_study_<setting>_spectra.png``: the SRGANs fig3/fig4 analogue, D's last conv's normalized spectra over
+  iterations for the first seed's baseline (the study's first arm) and, beside it, its first branch once that has
+  started (SR's curves dashed), else its run of the second arm (``spectra_runs``);
 - ``data/gpu_study_summary.json``: per run its series and landmarks; per arm the seeds' collapse iterations
   (or none), and mean ± sample std over its started seeds of the measures at the last iteration all of them
   reached and just before each collapse;
@@ -21,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, save_figure
+from figures.spectra import choose_iterations, read_run, resolve_layer, spectra_figure
 from source.config import ConfigError
 from source.study.state import first_collapse, latest_iteration, logged_iteration, run_folder
+from source.spectral.spectra import list_spectra
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import events, read_jsonl, sr_start
 
@@ -126,6 +131,23 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def spectra_runs(study: Study, root: Path, setting: str) -> list[Path]:
+    """The run folders of the fig3/fig4 analogue that hold spectra: the first seed's run of the study's first arm
+    and that seed's first branch of it where the branch started, else its run of the next arm that is not a
+    branch."""
+    seed = study.spec.seeds[0]
+    base, *others = [run for run in study.runs if run.setting == setting and run.seed == seed]
+    branch = next((r for r in others if r.parent == base.name and list_spectra(run_folder(root, r))), None)
+    beside = branch or next((r for r in others if r.parent is None), None)
+    return [run_folder(root, r) for r in (base, beside) if r is not None and list_spectra(run_folder(root, r))]
+
+
+def spectra_figure_of(folders: list[Path]) -> plt.Figure:
+    runs = [read_run(folder) for folder in folders]
+    layer, index = resolve_layer(next(iter(runs[0].records.values())), "dis", None)  # D's last conv
+    return spectra_figure(runs, "dis", layer, index, choose_iterations(runs, None))
+
+
 def curves_figure(study: Study, summary: dict, setting: str) -> plt.Figure:
     figure, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     arms = list(dict.fromkeys(run.arm for run in study.runs if run.setting == setting))
@@ -161,6 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(study, root)
     for setting in dict.fromkeys(run.setting for run in study.runs):
         save_figure(curves_figure(study, summary, setting), args.out / f"{study.path.stem}_{setting}_curves.png")
+        folders = spectra_runs(study, root, setting)
+        if folders:
+            save_figure(spectra_figure_of(folders), args.out / f"{study.path.stem}_{setting}_spectra.png")
     (args.out / "data").mkdir(parents=True, exist_ok=True)
     (args.out / "data" / f"{study.path.stem}_summary.json").write_text(json.dumps(summary, indent=1))
     print(markdown(summary))

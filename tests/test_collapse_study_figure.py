@@ -65,6 +65,31 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
 
 
+def test_the_spectra_figure_sets_the_baseline_beside_its_branch_once_started(study, tmp_path, monkeypatch):
+    """The fig3/fig4 analogue: seed 0's baseline and its SR branch (not seed 1's runs); only the baseline while the
+    branch has no spectra; none without spectra."""
+    import numpy as np
+
+    from source.spectral.spectra import LayerSpectrum, save_spectra
+
+    runs, out = tmp_path / "runs" / "b64", tmp_path / "report"
+    drawn = []
+    monkeypatch.setattr(collapse_study, "spectra_figure", lambda runs, *rest: drawn.append(
+        [run.name for run in runs]) or collapse_study.plt.figure())
+    collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(out)])
+    assert drawn == [] and not (out / "study_b64_spectra.png").exists()
+    conv = {"block1.c1": LayerSpectrum("conv", np.array([2.0, 1.0, 0.5]), 2.0)}
+    for folder, iterations in (("sn_s0", (10, 20, 30)), ("sn_s1", (10,)), ("sr_resumed_s0", (30, 40))):
+        for iteration in iterations:
+            save_spectra(runs / folder, iteration, {}, conv)
+    collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(out)])
+    assert drawn == [["sn_s0", "sr_resumed_s0"]] and (out / "study_b64_spectra.png").is_file()
+    for path in (runs / "sr_resumed_s0" / "spectra").iterdir():
+        path.unlink()
+    collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(out)])
+    assert drawn[-1] == ["sn_s0"]
+
+
 def test_a_missing_study_folder_is_a_one_line_error(study, tmp_path, capsys):
     assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "nowhere")]) == 2
     assert "does not exist; run the study first" in capsys.readouterr().err
