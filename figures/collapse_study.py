@@ -177,17 +177,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("docs/collapse"))
     args = parser.parse_args(argv)
     study = load_study(args.study)
-    root = args.root or Path("results") / study.path.stem
+    root = args.root or Path("results") / study.name
     if not root.is_dir():
         raise FileNotFoundError(f"study folder {root} does not exist; run the study first (python -m source.study)")
     summary = summarize(study, root)
     for setting in dict.fromkeys(run.setting for run in study.runs):
-        save_figure(curves_figure(study, summary, setting), args.out / f"{study.path.stem}_{setting}_curves.png")
+        save_figure(curves_figure(study, summary, setting), args.out / f"{study.name}_{setting}_curves.png")
         folders = spectra_runs(study, root, setting)
         if folders:
-            save_figure(spectra_figure_of(folders), args.out / f"{study.path.stem}_{setting}_spectra.png")
+            save_figure(spectra_figure_of(folders), args.out / f"{study.name}_{setting}_spectra.png")
     (args.out / "data").mkdir(parents=True, exist_ok=True)
-    (args.out / "data" / f"{study.path.stem}_summary.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "data" / f"{study.name}_summary.json").write_text(json.dumps(summary, indent=1))
     print(markdown(summary))
     return summary
 

@@ -239,18 +239,24 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
         config = validate(raw, Config, "", source, _refine)
         check_consistency(config, source, world_size)
     except ConfigError as error:
-        raise blame_overrides(error, source, given, raw) from None
+        raise blame_overrides(error, source, list(overrides), given, raw) from None
     return config
 
 
-def blame_overrides(error: ConfigError, source: str, given: dict, changed: dict) -> ConfigError:
-    """A validation error ("SOURCE: KEY: why") names the command line ("--set KEY: why"), not the file, where the
-    value at KEY (a mapping holding the faulty argument, an item of a list) is not the file's: --set made it."""
+def blame_overrides(error: ConfigError, source: str, overrides: list[str], given: dict, changed: dict) -> ConfigError:
+    """Whose a validation error ("SOURCE: KEY: why") is: "--set KEY: why" where --set gave the value at KEY (KEY is an
+    override's key or lies under one, or --set made it); else, with overrides, "SOURCE with --set K1, K2: KEY: why",
+    since a check of KEY may read values beside it that --set changed (a model's arguments together, the batch
+    sizes against each other); the file's alone without --set."""
+    names = [override.partition("=")[0].strip() for override in overrides]
+    if not names or not str(error).startswith(f"{source}: "):
+        return error
     text = str(error).removeprefix(f"{source}: ")
     key = text.split(":", 1)[0]
-    if _value_at(given, key) != _value_at(changed, key):
+    if any(key == name or key.startswith((f"{name}.", f"{name}[")) for name in names) or (
+            _value_at(given, key) is _ABSENT and _value_at(changed, key) is not _ABSENT):
         return ConfigError(f"--set {text}")
-    return error
+    return ConfigError(f"{source} with --set {', '.join(names)}: {text}")
 
 
 def _value_at(raw: Any, key: str) -> Any:

@@ -83,14 +83,19 @@ def test_override_errors_and_yaml_typing(capsys):
                                # neighbours, a consistency check across keys
                                ("updater.srr.mode=static", "error: --set updater.srr: unknown key"),
                                ("evaluation.metrics=[1]", "error: --set evaluation.metrics[0]: expected"),
-                               ("models.generator.args.ch=-3", "error: --set models.generator.args: ResNetGenerator"),
-                               ("batchsize=7", "error: --set batchsize: 7 is not divisible")):
+                               ("models.generator.args.ch=-3", f"error: {CONFIGS / 'demo.yaml'} with --set "
+                                "models.generator.args.ch: models.generator.args: ResNetGenerator"),
+                               ("batchsize=7", "error: --set batchsize: 7 is not divisible"),
+                               ("micro_batchsize=48", f"error: {CONFIGS / 'demo.yaml'} with --set micro_batchsize: "
+                                "batchsize: 32 is not divisible")):
         code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", override, "--dry-run"], capsys)
         assert code == 2 and err.startswith(expected), err
-    # the file's own fault stays the file's, whatever else --set changed
-    with pytest.raises(ConfigError, match=r"^.*bad\.yaml: batchsize: 7 is not divisible"):
-        config_from_dict({**yaml.safe_load((CONFIGS / "demo.yaml").read_text()), "batchsize": 7}, ["seed=3"],
-                         source="bad.yaml")
+    # the file's own fault is named with the file, and with what --set changed beside it; without --set, the file's
+    demo = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    with pytest.raises(ConfigError, match=r"^bad\.yaml with --set adam_G\.alpha: adam_G: "):
+        config_from_dict({**demo, "adam_G": {**demo["adam_G"], "beta1": 1.5}}, ["adam_G.alpha=1e-3"], source="bad.yaml")
+    with pytest.raises(ConfigError, match=r"^bad\.yaml: iteration: "):
+        config_from_dict({**demo, "iteration": float("nan")}, source="bad.yaml")
     config = load_config(CONFIGS / "demo.yaml", ["adam_D.alpha=1e-3", "updater.apply_SR=auto", "seed=7"])
     assert config.adam_D.alpha == 1e-3 and config.updater.apply_SR == "auto" and config.seed == 7
 

@@ -620,7 +620,8 @@ def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp
     out = capsys.readouterr().out
     assert f"evaluation.cache_dir {theirs} does not exist here" in out and out.count("\n") == 1
     assert resume(f"evaluation.cache_dir={theirs}") == str(theirs) and not theirs.exists()
-    theirs.mkdir(parents=True)
+    assert resume("evaluation={cache_dir: " + str(theirs) + "}") == str(theirs)  # a mapping set with it
+    theirs.parent.mkdir(parents=True)  # a folder this machine can hold: the user's own, maybe not made yet
     assert resume() == str(theirs) and capsys.readouterr().out == ""
     assert train.recipe_changes([f"evaluation.cache_dir: {theirs} -> data/reference_stats"], "fashion_mnist") == []
 

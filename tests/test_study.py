@@ -1,6 +1,7 @@
 """Studies in chunks (python -m source.study): the file, stops and continuation, branches, pruning, transfer."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,18 @@ def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path
     assert runner.run_chunk(study, tmp_path, parallel=1, echo=lines.append).runs == {}
     state.failure_marker(tmp_path, run).unlink()
     assert state.status(study, tmp_path, run) == "fresh"
+
+
+def test_a_run_whose_snapshots_are_gone_says_it_starts_over(tmp_path):
+    study = load_study(write_study(tmp_path, 2, sn={}))
+    (run,) = study.runs
+    runner.run_chunk(study, tmp_path, parallel=1, echo=lambda line: None)
+    for path in (state.run_folder(tmp_path, run) / "snapshots").iterdir():
+        path.unlink()
+    lines = []
+    runner.run_chunk(study, tmp_path, parallel=1, echo=lines.append)
+    assert "tiny/sn_s0: its folder holds no snapshot; it starts over from iteration 0" in lines
+    assert state.status(study, tmp_path, run) == "done"
 
 
 def test_a_run_that_a_second_signal_stopped_at_once_is_not_marked_failed(tmp_path):
@@ -317,11 +330,18 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     assert [row["status"] for row in progress] == ["done", "done"]
     parts = sorted(out.glob(transfer.PARTS + "*"))
     assert parts and all(p.stat().st_size <= transfer.PART_BYTES for p in parts)
-    back = tmp_path / "back"
+    back = tmp_path / "back"  # here, as it was when carried
+    shutil.copytree(here, back)
+    returned = transfer.extract(b"".join(part.read_bytes() for part in parts), tmp_path / "peek_back")
+    assert "chunks.jsonl" in returned and "tiny/sn_s0/snapshots/snapshot_iter_6.pt" not in returned  # not the untouched
+    with pytest.raises(transfer.TransferError, match="holds 0: take the earlier calls' files back first"):
+        transfer.take_back(out, tmp_path / "empty")  # not the study these files continue
     assert study_cli.main(["take-back", str(study_file), "--root", str(back), str(out)]) == 0
-    assert len((back / "chunks.jsonl").read_text().splitlines()) == 2  # here's chunk and the device's came back
-    # the untouched state did not
-    assert not (back / "tiny" / "sn_s0" / "snapshots").exists()
+    assert len((back / "chunks.jsonl").read_text().splitlines()) == 2  # here's chunk and the device's
+    with pytest.raises(transfer.TransferError, match="they were taken back before"):
+        transfer.take_back(out, back)  # twice: it would roll the logs back
+    with pytest.raises(transfer.TransferError, match="of the study 'study', not 'other'"):
+        transfer.take_back(out, back, "other")  # another study's, with runs of the same names
     # a second call on the machine while warm, with the same carry, continues there (not the carry's older state)
     again = tmp_path / "again"
     again.mkdir()
@@ -388,32 +408,62 @@ def test_a_setting_with_data_of_its_own_keeps_it_when_the_chunk_names_the_studys
     assert 'dataset.args.root="/here"' in commands["cifar"] and not any("/here" in a for a in commands["tiny"])
 
 
-def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tmp_path):
-    """Call 1 killed before it packed, call 2 packs, call 3 continues: each returns what the local copy lacks; a carry
-    made anew (after a take-back) is unpacked."""
-    made, carry, root, out = (tmp_path / name for name in ("made", "carry", "root", "out"))
-    (made / "a").mkdir(parents=True)
-    (made / "a" / "log").write_text("carried")
+def test_one_command_at_a_time_writes_a_studys_folder_and_a_carry_serves_its_own_study(tmp_path, capsys):
+    """A second chunk would stop the first one's runs as leftovers: refused while the folder's lock is held (status
+    reads on); a carry made for another study is refused before anything is unpacked."""
+    study_file = write_study(tmp_path, 2, sn={})
+    root, carry, out = tmp_path / "root", tmp_path / "carry", tmp_path / "out"
+    with processes.root_lock(root):
+        assert study_cli.main(["run", str(study_file), "--root", str(root), "--budget", "30"]) == 2
+        assert study_cli.main(["status", str(study_file), "--root", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert f"error: {root} is in use by pid {os.getpid()}" in captured.err and "fresh" in captured.out
+    assert processes.ROOT_LOCK not in transfer.listing(root)  # the machine's own, never returned
     transfer.reset(carry)
-    transfer.write_archive([made / "a" / "log"], made, carry / transfer.STATE)
-    assert transfer.restore(carry, root)[1] is False and (root / "a" / "log").read_text() == "carried"
-    (root / "a" / "log").write_text("carried, call 1")
-    (root / "a" / "snapshot_1").write_bytes(b"1")  # ... and the call is killed at its limit: nothing returned
-    before, continued = transfer.restore(carry, root)
-    assert continued and (root / "a" / "log").read_text() == "carried, call 1"
-    (root / "a" / "snapshot_2").write_bytes(b"2")
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "another"}))
     out.mkdir()
-    transfer.pack_changed(root, before, out)
-    transfer.packed(root)
-    assert sorted(transfer.take_back(out, tmp_path / "here")) == ["a/log", "a/snapshot_1", "a/snapshot_2"]
-    before, continued = transfer.restore(carry, root)  # call 3
-    (root / "a" / "snapshot_3").write_bytes(b"3")
-    transfer.pack_changed(root, before, out)
-    assert continued and transfer.take_back(out, tmp_path / "here") == ["a/snapshot_3"]
+    assert study_cli.main(["device", str(study_file), "--root", str(root), "--carry", str(carry), "--out", str(out),
+                           "--budget", "30"]) == 2
+    assert "was made for the study 'another', not 'study'" in capsys.readouterr().err and not list(out.iterdir())
+
+
+def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tmp_path, monkeypatch):
+    """Call 1 killed before it packed, call 2 packs, call 3 continues: each returns what the local copy lacks (also
+    what a pack left out for room); a carry made anew replaces the state its runs have there; so does a damaged
+    record of the earlier calls."""
+    made, carry, root, out = (tmp_path / name for name in ("made", "carry", "root", "out"))
+    run = Path("s") / "run"
+    (made / run).mkdir(parents=True)
+    (made / run / "log").write_text("carried")
+    transfer.reset(carry)
+    transfer.write_archive([made / run / "log"], made, carry / transfer.STATE)
+    assert not transfer.restore(carry, root).continued and (root / run / "log").read_text() == "carried"
+    (root / run / "log").write_text("carried, call 1")
+    (root / run / "snapshot_1").write_bytes(b"1")  # ... and the call is killed at its limit: nothing returned
+    since = transfer.restore(carry, root)
+    assert since.continued and (root / run / "log").read_text() == "carried, call 1"
+    (root / run / "snapshot_2").write_bytes(b"2")
+    (root / run / "spectra").mkdir()
+    (root / run / "spectra" / "big").write_bytes(os.urandom(3000))
+    out.mkdir()
+    with monkeypatch.context() as patch:
+        patch.setattr(transfer, "RETURN_LIMIT", 2000)  # room for all but the spectra
+        transfer.pack_changed(root, since.listing, out)
+    transfer.packed(root, out)
+    assert sorted(transfer.take_back(out, tmp_path / "here")) == ["s/run/log", "s/run/snapshot_1", "s/run/snapshot_2"]
+    since = transfer.restore(carry, root)  # call 3
+    (root / run / "snapshot_3").write_bytes(b"3")
+    transfer.pack_changed(root, since.listing, out)
+    assert since.continued and sorted(transfer.take_back(out, tmp_path / "here")) == [
+        "s/run/snapshot_3", "s/run/spectra/big"]  # the spectra left out before come now
     assert transfer.SINCE not in transfer.listing(root)
-    (made / "a" / "log").write_text("carried anew")
-    transfer.write_archive([made / "a" / "log"], made, carry / transfer.STATE)
-    assert transfer.restore(carry, root)[1] is False and (root / "a" / "log").read_text() == "carried anew"
+    (made / run / "log").write_text("carried anew")  # e.g. after call 3 was killed too: what is here goes again
+    transfer.write_archive([made / run / "log"], made, carry / transfer.STATE)
+    assert not transfer.restore(carry, root).continued and (root / run / "log").read_text() == "carried anew"
+    assert sorted(p.name for p in (root / run).iterdir()) == ["log"]  # no snapshot the carry does not hold
+    (root / run / "snapshot_4").write_bytes(b"4")
+    (root / transfer.SINCE).write_text('{"carry": 1, "listing": {"s/run/log": 5}, "chunks": 0}')  # damaged
+    assert not transfer.restore(carry, root).continued and not (root / run / "snapshot_4").exists()
 
 
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@
       [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
                                                            the study base's performance block where not given)
   status STUDY                                             each run's progress
-  carry STUDY --setting NAME --to DIR                      what a device call needs, in DIR (git-ignored)
+  carry STUDY --to DIR [--setting NAME] [--arm NAME]      what a device call needs, in DIR (git-ignored)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
   take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import nullcontext
 from dataclasses import asdict
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from source.config import ConfigError, load_config
-from source.study import runner, state, transfer
+from source.study import processes, runner, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         study = load_study(args.study)
-        root = Path(args.root or Path("results") / study.path.stem)
+        root = Path(args.root or Path("results") / study.name)
         runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None), getattr(args, "arm", None))
         counts = (getattr(args, "parallel", 1), getattr(args, "per_process", 1), getattr(args, "budget", None) or 1)
         if min(counts) <= 0:
@@ -80,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.compiled and args.per_process > 1:
                 raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
                                   "give performance.step_graphs=true instead, or one run per process")
-        return COMMANDS[args.command](args, study, root, runs)
-    except (ConfigError, transfer.TransferError, DamagedLog) as error:
+        with nullcontext() if args.command == "status" else processes.root_lock(root):
+            return COMMANDS[args.command](args, study, root, runs)
+    except (ConfigError, transfer.TransferError, DamagedLog, processes.StudyBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except runner.ChunkInterrupted as error:
@@ -141,6 +143,7 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
     state.prune(study, root)
     transfer.reset(args.to)
+    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name}))
     folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
                                                  state.failure_marker(root, run))]
     transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
@@ -158,11 +161,12 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
 def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     """On the lent machine: install wheels, restore data and state, run one chunk, pack what changed into --out."""
     started = time.time()
+    transfer.check_carry_study(args.carry, study.name)
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
         args.data_root = transfer.unpack_data(args.carry, study.data_root())
-    before, continued = transfer.restore(args.carry, root)
-    if continued:
+    since = transfer.restore(args.carry, root)
+    if since.continued:
         print("study: this machine's earlier chunk with this carry continues (its state is newer than the carry's); "
               "take each call's files back in order", file=sys.stderr)
     unpacked = time.time()
@@ -171,8 +175,9 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     finally:  # also when a signal stopped the chunk: its runs' snapshots are what the call must return
         chunk_end = time.time()
         state.prune(study, root)
-        parts = transfer.pack_changed(root, before, args.out, args.parts)
-        transfer.packed(root)
+        parts = transfer.pack_changed(root, since.listing, args.out, args.parts,
+                                      {"study": study.name, "since_chunks": since.chunks})
+        transfer.packed(root, args.out)
         table = state.progress_table(study, root, runs)
         (args.out / "progress.json").write_text(json.dumps(table, indent=1))
         show_status(args, study, root, runs)
@@ -183,7 +188,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
 
 
 def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
-    names = transfer.take_back(args.files, root)
+    names = transfer.take_back(args.files, root, study.name)
     removed = state.prune(study, root)
     print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
     return show_status(args, study, root, runs)

@@ -1,13 +1,17 @@
 """The study runner's processes: each ``train.py`` leads a process group of its own, and a chunk records their ids
-(``state.PIDS``) so that a later chunk can stop what a killed one left running, and nothing else."""
+(``state.PIDS``) so that a later chunk can stop what a killed one left running, and nothing else; one command at a
+time writes a study's folder (``root_lock``)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from source.study.state import PIDS
 
@@ -59,3 +63,29 @@ def stop_leftovers(root: Path, grace: float, echo) -> None:
         if start_time(pid) == started:
             os.kill(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
+
+
+ROOT_LOCK = ".chunk.lock"  # in the study's root, flock-ed while a command writes there
+
+
+class StudyBusy(RuntimeError):
+    """Another command (a chunk, a take-back, a carry's pruning) is writing the study's folder."""
+
+
+@contextmanager
+def root_lock(root: Path) -> Iterator[None]:
+    """Hold the study folder's lock, or refuse: a second chunk would stop the first one's runs as if a killed chunk had
+    left them, and a take-back during a chunk would unpack older files under its runs. Released when the process
+    ends, however it ends."""
+    root.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(os.open(root / ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = handle.read().strip() or "another process"
+            raise StudyBusy(f"{root} is in use by {holder} (a chunk, take-back or carry of this study); wait for it "
+                            "to end, or stop it") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        yield

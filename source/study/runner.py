@@ -125,6 +125,9 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 for run in group:
                     chunk.runs[run.name] = {"from": latest_iteration(run_folder(root, run))
                                             or start_iteration(study, root, run)}  # a branch: where it leaves
+                    if run.parent is None and not chunk.runs[run.name]["from"] and logged_iteration(
+                            run_folder(root, run)):  # its snapshots are gone (deleted by hand?)
+                        echo(f"{run.name}: its folder holds no snapshot; it starts over from iteration 0")
                 compile_threads = None if chunk.lead is None else "1"
                 if compiled and chunk.lead is None:  # free was 1: a group of one
                     chunk.lead, log = group[0].name, console_log(root, group[0])

@@ -69,6 +69,12 @@ class Study:
     spec: StudySpec
     runs: tuple[Run, ...]
 
+    @property
+    def name(self) -> str:
+        """The study file's name without its suffix: its default folder, results/NAME, and what carries and returned
+        files are made for."""
+        return self.path.stem
+
     def run(self, name: str) -> Run:
         return next(run for run in self.runs if run.name == name)
 

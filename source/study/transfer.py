@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from source.config import first_line
@@ -104,51 +105,96 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(Path(root).rglob("*")) if p.is_file() and p.relative_to(root) != Path(SINCE)}
+    """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against. The root's
+    own dot files (the chunk lock, ``restore``'s record) are this machine's, never returned."""
+    files = (p for p in sorted(Path(root).rglob("*")) if p.is_file())
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files
+            if not (p.parent == Path(root) and p.name.startswith("."))}
 
 
 SINCE = ".device-since.json"  # on the lent machine, in the study's root: see ``restore``
 
 
-def restore(carry: Path, root: Path) -> tuple[dict[str, tuple[int, int]], bool]:
-    """Unpack the carried state into ``root``; return what a chunk's pack compares against (``listing``), and
-    whether this call's state is an earlier call's rather than the carry's.
+@dataclass
+class Since:
+    """What a device call's pack is relative to: the files' listing, and how many chunks the study had then."""
+    listing: dict[str, tuple[int, int]]
+    chunks: int
+    continued: bool  # the state an earlier call on this machine left, not the carry's
+
+
+def restore(carry: Path, root: Path) -> Since:
+    """Unpack the carried state into ``root``; return what a chunk's pack compares against.
 
     A later call on a machine still warm, with the same carry, finds a newer state there (an earlier call's chunk):
     unpacking the carry would put older logs beside newer snapshots. That state continues instead, and the chunk
     returns what changed since what the earlier call returned (``packed``), or, where that call did not get to
-    pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here."""
-    state, since = Path(carry) / STATE, Path(root) / SINCE
+    pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here.
+    Another carry (made anew here) replaces the folders of the runs it holds: it is the state to continue, and
+    what an earlier call left there and never returned must not be mistaken for it."""
+    state, record_path = Path(carry) / STATE, Path(root) / SINCE
     carried = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else "no state carried"
-    try:
-        record = json.loads(since.read_text()) if since.is_file() else {}
-    except (OSError, ValueError, RecursionError):
-        record = {}
-    if isinstance(record, dict) and record.get("carry") == carried and isinstance(record.get("listing"), dict):
-        return {name: tuple(stamp) for name, stamp in record["listing"].items()}, True
+    record = _since_record(record_path)
+    if record is not None and record["carry"] == carried:
+        return Since(record["listing"], record["chunks"], True)
     if state.is_file():
+        if record_path.exists():  # an earlier call's state, of another carry (or its record is damaged)
+            _remove_carried_runs(state, Path(root))
         extract(state, root)
     Path(root).mkdir(parents=True, exist_ok=True)
-    before = listing(root)
-    atomic_write_text(since, json.dumps({"carry": carried, "listing": before}))
-    return before, False
+    since = Since(listing(root), chunk_count(root), False)
+    atomic_write_text(record_path, json.dumps({"carry": carried, "listing": since.listing, "chunks": since.chunks}))
+    return since
 
 
-def packed(root: Path) -> None:
-    """Record that everything under ``root`` has now been returned (``restore``: a next call's pack starts here)."""
-    since = Path(root) / SINCE
-    record = json.loads(since.read_text())
-    atomic_write_text(since, json.dumps({"carry": record["carry"], "listing": listing(root)}))
+def _since_record(path: Path) -> dict | None:
+    """``restore``'s record, checked; None where there is none or it is not as ``restore`` writes it."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+        listing_ = {name: (stamp[0], stamp[1]) for name, stamp in record["listing"].items()
+                    if len(stamp) == 2 and all(type(value) is int for value in stamp)}
+        if len(listing_) != len(record["listing"]) or type(record["chunks"]) is not int:
+            return None
+        return {"carry": str(record["carry"]), "listing": listing_, "chunks": record["chunks"]}
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        return None
 
 
-def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None) -> list[Path]:
+def _remove_carried_runs(state: Path, root: Path) -> None:
+    """The folders of the runs (``SETTING/RUN/...``) the carried state holds, as they are under ``root``."""
+    with tarfile.open(state, "r:xz") as archive:
+        folders = {tuple(name.split("/")[:2]) for name in archive.getnames() if len(name.split("/")) >= 3}
+    for setting, run in folders:
+        if run != "console" and ".." not in (setting, run):
+            shutil.rmtree(root / setting / run, ignore_errors=True)
+
+
+def packed(root: Path, out: Path) -> None:
+    """Record that the files under ``root`` have now been returned (``restore``: a next call's pack starts here),
+    except those the pack left out for room (``out/left_out.txt``), which stay due."""
+    record_path = Path(root) / SINCE
+    record = json.loads(record_path.read_text())
+    left_out = Path(out) / "left_out.txt"
+    unsent = set(left_out.read_text().splitlines()) if left_out.is_file() else set()
+    returned = {name: stamp for name, stamp in listing(root).items() if name not in unsent}
+    atomic_write_text(record_path, json.dumps({"carry": record["carry"], "listing": returned,
+                                               "chunks": chunk_count(root)}))
+
+
+def chunk_count(root: Path) -> int:
+    """The chunks the study in ``root`` has run (lines of chunks.jsonl): which state returned files continue."""
+    history = Path(root) / "chunks.jsonl"
+    return sum(1 for line in history.read_text().splitlines() if line.strip()) if history.is_file() else 0
+
+
+def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None,
+                 origin: dict | None = None) -> list[Path]:
     """Every file under ``root`` that is new or changed since ``listing`` gave ``before`` (generator exports
     aside: the snapshots hold G), as parts of one xz tar in ``out``. (A listing, not a time: a file's mtime
     can lag the clock by a timer tick.) Over RETURN_LIMIT (or ``parts`` parts, where other files share the call's
     8), tensorboard files, then sample grids, then spectra are left out, and named in ``out/left_out.txt``, rather
-    than losing the chunk."""
+    than losing the chunk. ``origin``: the study's name and its chunks at ``before`` (``Since``), for the manifest:
+    ``take_back`` checks them against the study it unpacks into."""
     limit = RETURN_LIMIT if parts is None else min(RETURN_LIMIT, parts * PART_BYTES)
     for stale in [*Path(out).glob(f"{PARTS}*"), Path(out) / "left_out.txt"]:  # an earlier pack's, into this folder
         stale.unlink(missing_ok=True)
@@ -166,7 +212,8 @@ def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, part
         left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
         (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
-    (Path(out) / MANIFEST).write_text(json.dumps({"parts": len(parts), "sha256": hashlib.sha256(data).hexdigest()}))
+    manifest = {"parts": len(parts), "sha256": hashlib.sha256(data).hexdigest(), **(origin or {})}
+    (Path(out) / MANIFEST).write_text(json.dumps(manifest))
     paths = []
     for number, part in enumerate(parts):
         paths.append(Path(out) / f"{PARTS}{number:02d}")
@@ -181,8 +228,8 @@ def _archive_bytes(files: list[Path], root: Path, out: Path) -> bytes:
     return data
 
 
-def take_back(parts_dir: Path, root: Path) -> list[str]:
-    """Unpack the parts a chunk returned (``pack_changed``) into the study's ``root``."""
+def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str]:
+    """Unpack the parts a chunk returned (``pack_changed``) into the root of ``study`` (its name)."""
     parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
@@ -201,7 +248,29 @@ def take_back(parts_dir: Path, root: Path) -> list[str]:
     data = b"".join(p.read_bytes() for p in parts)
     if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise TransferError(f"{parts_dir}: the parts do not match {MANIFEST} (missing or damaged); nothing unpacked")
+    made_for = expected.get("study")
+    if study is not None and made_for is not None and made_for != study:
+        raise TransferError(f"{parts_dir}: these files are of the study {made_for!r}, not {study!r}; nothing unpacked")
+    _check_continues(parts_dir, expected.get("since_chunks"), Path(root))
     return extract(data, Path(root))
+
+
+def _check_continues(parts_dir: Path, since: object, root: Path) -> None:
+    """Returned files continue the study as it stood after ``since`` chunks (a manifest without it predates the
+    check): taken back twice, or after a later call's, they would roll its logs back behind its snapshots; before
+    an earlier call's, they would lack what that call changed."""
+    if since is None:
+        return
+    here = chunk_count(root)
+    if type(since) is not int or since < 0:
+        raise TransferError(f"{parts_dir}: {MANIFEST}'s since_chunks {since!r} is not a count; nothing unpacked")
+    if here > since:
+        raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
+                            f"{here} chunks: they were taken back before, or a later call's were (take each call's "
+                            "files back once, in order); nothing unpacked")
+    if here < since:
+        raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
+                            f"{here}: take the earlier calls' files back first; nothing unpacked")
 
 
 def pack_data(dataset_root: Path, carry: Path) -> list[Path]:
@@ -273,6 +342,19 @@ def carry_size(carry: Path, tree_bytes: int) -> int:
 
 
 CARRY_MARK = ".study-carry"
+CARRY_STUDY = "study.json"  # the name of the study a carry was made for
+
+
+def check_carry_study(carry: Path, study: str) -> None:
+    """A carry made for another study is refused (its runs would start or continue under this study's name)."""
+    path = Path(carry) / CARRY_STUDY
+    try:
+        made_for = json.loads(path.read_text()).get("study") if path.is_file() else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        made_for = "unknown (its study.json is not readable)"
+    if made_for is not None and made_for != study:
+        raise TransferError(f"{carry} was made for the study {made_for!r}, not {study!r}: make it with "
+                            f"`python -m source.study carry` and this study's file")
 
 
 def reset(carry: Path) -> None:
