@@ -3,13 +3,13 @@
     python -m figures.collapse_study configs/collapse/gpu_study.yaml [--root results/gpu_study] [--out docs/collapse]
 
 Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's start) and ``classifier_modes.jsonl``
-(the classifier measures) and writes, in --out:
-- ``gpu_study_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
+(the classifier measures) and writes, in --out, named after the study file (STUDY: ``gpu_study`` here):
+- ``STUDY_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
   iterations, every seed of every arm (a branch drawn from its branch point, its parent's part before it);
-- ``gpu_study_<setting>_spectra.png``: the SRGANs fig3/fig4 analogue, D's last conv's normalized spectra over
+- ``STUDY_<setting>_spectra.png``: the SRGANs fig3/fig4 analogue, D's last conv's normalized spectra over
   iterations for the first seed's baseline (the study's first arm) and, beside it, its first branch once that has
   started (SR's curves dashed), else its run of the second arm (``spectra_runs``);
-- ``data/gpu_study_summary.json``: per run its series and landmarks; per arm the seeds' collapse iterations
+- ``data/STUDY_summary.json``: per run its series and landmarks; per arm the seeds' collapse iterations
   (or none), and mean ± sample std over its started seeds of the measures at the last iteration all of them
   reached and just before each collapse;
 and prints the summary as a markdown table. Runs still going are summarized as far as they got.
