@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except runner.ChunkInterrupted as error:
-        print(f"stopped by {error}: every run wrote a snapshot and continues in the next chunk", file=sys.stderr)
+        print(f"stopped by {error}: every run stopped and continues in the next chunk from its latest snapshot",
+              file=sys.stderr)
         return 130
 
 
