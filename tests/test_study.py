@@ -14,7 +14,7 @@ import yaml
 
 from source.config import ConfigError, load_config
 from source.study import __main__ as study_cli
-from source.study import processes, runner, state, transfer
+from source.study import continuation, processes, runner, state, transfer
 from source.study.state import PIDS
 from source.study.spec import load_study
 from source.training.checkpoint import load_snapshot, snapshots_of
@@ -437,10 +437,10 @@ def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tm
     (made / run / "log").write_text("carried")
     transfer.reset(carry)
     transfer.write_archive([made / run / "log"], made, carry / transfer.STATE)
-    assert not transfer.restore(carry, root).continued and (root / run / "log").read_text() == "carried"
+    assert not continuation.restore(carry, root).continued and (root / run / "log").read_text() == "carried"
     (root / run / "log").write_text("carried, call 1")
     (root / run / "snapshot_1").write_bytes(b"1")  # ... and the call is killed at its limit: nothing returned
-    since = transfer.restore(carry, root)
+    since = continuation.restore(carry, root)
     assert since.continued and (root / run / "log").read_text() == "carried, call 1"
     (root / run / "snapshot_2").write_bytes(b"2")
     (root / run / "spectra").mkdir()
@@ -449,21 +449,21 @@ def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tm
     with monkeypatch.context() as patch:
         patch.setattr(transfer, "RETURN_LIMIT", 2000)  # room for all but the spectra
         transfer.pack_changed(root, since.listing, out)
-    transfer.packed(root, out)
+    continuation.packed(root, out)
     assert sorted(transfer.take_back(out, tmp_path / "here")) == ["s/run/log", "s/run/snapshot_1", "s/run/snapshot_2"]
-    since = transfer.restore(carry, root)  # call 3
+    since = continuation.restore(carry, root)  # call 3
     (root / run / "snapshot_3").write_bytes(b"3")
     transfer.pack_changed(root, since.listing, out)
     assert since.continued and sorted(transfer.take_back(out, tmp_path / "here")) == [
         "s/run/snapshot_3", "s/run/spectra/big"]  # the spectra left out before come now
-    assert transfer.SINCE not in transfer.listing(root)
+    assert continuation.SINCE not in transfer.listing(root)
     (made / run / "log").write_text("carried anew")  # e.g. after call 3 was killed too: what is here goes again
     transfer.write_archive([made / run / "log"], made, carry / transfer.STATE)
-    assert not transfer.restore(carry, root).continued and (root / run / "log").read_text() == "carried anew"
+    assert not continuation.restore(carry, root).continued and (root / run / "log").read_text() == "carried anew"
     assert sorted(p.name for p in (root / run).iterdir()) == ["log"]  # no snapshot the carry does not hold
     (root / run / "snapshot_4").write_bytes(b"4")
-    (root / transfer.SINCE).write_text('{"carry": 1, "listing": {"s/run/log": 5}, "chunks": 0}')  # damaged
-    assert not transfer.restore(carry, root).continued and not (root / run / "snapshot_4").exists()
+    (root / continuation.SINCE).write_text('{"carry": 1, "listing": {"s/run/log": 5}, "chunks": 0}')  # damaged
+    assert not continuation.restore(carry, root).continued and not (root / run / "snapshot_4").exists()
 
 
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):

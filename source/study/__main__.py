@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from source.config import ConfigError, load_config
-from source.study import processes, runner, state, transfer
+from source.study import continuation, processes, runner, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
 
@@ -166,7 +166,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
         args.data_root = transfer.unpack_data(args.carry, study.data_root())
-    since = transfer.restore(args.carry, root)
+    since = continuation.restore(args.carry, root)
     if since.continued:
         print("study: this machine's earlier chunk with this carry continues (its state is newer than the carry's); "
               "take each call's files back in order", file=sys.stderr)
@@ -178,7 +178,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
         state.prune(study, root)
         parts = transfer.pack_changed(root, since.listing, args.out, args.parts,
                                       {"study": study.name, "since_chunks": since.chunks})
-        transfer.packed(root, args.out)
+        continuation.packed(root, args.out)
         table = state.progress_table(study, root, runs)
         (args.out / "progress.json").write_text(json.dumps(table, indent=1))
         show_status(args, study, root, runs)

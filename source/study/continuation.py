@@ -1,0 +1,86 @@
+"""A lent GPU machine's study folder across the calls of one lending (``source.study device``): a later call on the
+still-warm machine continues what the earlier call left there, and returns what no call has returned yet.
+
+Each call's pack is relative to a listing recorded in the folder (``SINCE``): at the carry's unpacking, then after
+every pack that completed. Taken back in order (``transfer.take_back`` checks the chunk count they continue), the
+calls' files rebuild here the state the machine has there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from source.files import atomic_write_text
+from source.study.transfer import STATE, chunk_count, extract, listing
+
+SINCE = ".device-since.json"  # on the lent machine, in the study's root: see ``restore``
+
+
+@dataclass
+class Since:
+    """What a device call's pack is relative to: the files' listing, and how many chunks the study had then."""
+    listing: dict[str, tuple[int, int]]
+    chunks: int
+    continued: bool  # the state an earlier call on this machine left, not the carry's
+
+
+def restore(carry: Path, root: Path) -> Since:
+    """Unpack the carried state into ``root``; return what a chunk's pack compares against.
+
+    A later call on a machine still warm, with the same carry, finds a newer state there (an earlier call's chunk):
+    unpacking the carry would put older logs beside newer snapshots. That state continues instead, and the chunk
+    returns what changed since what the earlier call returned (``packed``), or, where that call did not get to
+    pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here.
+    Another carry (made anew here) replaces the folders of the runs it holds: it is the state to continue, and
+    what an earlier call left there and never returned must not be mistaken for it."""
+    state, record_path = Path(carry) / STATE, Path(root) / SINCE
+    carried = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else "no state carried"
+    record = _since_record(record_path)
+    if record is not None and record["carry"] == carried:
+        return Since(record["listing"], record["chunks"], True)
+    if state.is_file():
+        if record_path.exists():  # an earlier call's state, of another carry (or its record is damaged)
+            _remove_carried_runs(state, Path(root))
+        extract(state, root)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    since = Since(listing(root), chunk_count(root), False)
+    atomic_write_text(record_path, json.dumps({"carry": carried, "listing": since.listing, "chunks": since.chunks}))
+    return since
+
+
+def _since_record(path: Path) -> dict | None:
+    """``restore``'s record, checked; None where there is none or it is not as ``restore`` writes it."""
+    try:
+        record = json.loads(path.read_text()) if path.is_file() else None
+        listing_ = {name: (stamp[0], stamp[1]) for name, stamp in record["listing"].items()
+                    if len(stamp) == 2 and all(type(value) is int for value in stamp)}
+        if len(listing_) != len(record["listing"]) or type(record["chunks"]) is not int:
+            return None
+        return {"carry": str(record["carry"]), "listing": listing_, "chunks": record["chunks"]}
+    except (OSError, ValueError, RecursionError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _remove_carried_runs(state: Path, root: Path) -> None:
+    """The folders of the runs (``SETTING/RUN/...``) the carried state holds, as they are under ``root``."""
+    with tarfile.open(state, "r:xz") as archive:
+        folders = {tuple(name.split("/")[:2]) for name in archive.getnames() if len(name.split("/")) >= 3}
+    for setting, run in folders:
+        if run != "console" and ".." not in (setting, run):
+            shutil.rmtree(root / setting / run, ignore_errors=True)
+
+
+def packed(root: Path, out: Path) -> None:
+    """Record that the files under ``root`` have now been returned (``restore``: a next call's pack starts here),
+    except those the pack left out for room (``out/left_out.txt``), which stay due."""
+    record_path = Path(root) / SINCE
+    record = json.loads(record_path.read_text())
+    left_out = Path(out) / "left_out.txt"
+    unsent = set(left_out.read_text().splitlines()) if left_out.is_file() else set()
+    returned = {name: stamp for name, stamp in listing(root).items() if name not in unsent}
+    atomic_write_text(record_path, json.dumps({"carry": record["carry"], "listing": returned,
+                                               "chunks": chunk_count(root)}))
