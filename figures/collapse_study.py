@@ -98,6 +98,7 @@ def summarize(study: Study, root: Path) -> dict:
         started = [d for d in seeds if d["reached"]]
         collapses = [d["collapse"] for d in started if d["collapse"] is not None]
         row = {"seeds": len(seeds), "started": len(started), "reached": [d["reached"] for d in seeds],
+               "branched_at": [d.get("branched_at") for d in seeds],
                "collapses": [d["collapse"] for d in seeds], "collapse_iteration": mean_std(collapses),
                "common_iteration": common}
         for when in ("at_common", "before_collapse"):
@@ -115,7 +116,8 @@ def _cell(value: dict | None, digits: int = 2) -> str:
 
 def markdown(summary: dict) -> str:
     lines = ["Measures over an arm's started seeds at the last iteration all of them reached (mean ± sample std, n "
-             "seeds), and just before each collapse (the seeds that collapsed); collapsed: of the seeds that started.",
+             "seeds), and just before each collapse (the seeds that collapsed); collapsed: of the seeds that started; "
+             "a branch's iterations reached with where it left its parent.",
              "", "| setting/arm | iterations reached | collapsed (iteration) | compared at | modes | diversity | "
              "classifier FID | modes before collapse | diversity before collapse |", "|---|---|---|---|---|---|---|---|---|"]
     for name, row in summary["arms"].items():
@@ -124,7 +126,8 @@ def markdown(summary: dict) -> str:
         if row["started"] < row["seeds"]:
             shown += f"; {row['seeds'] - row['started']} not started"
         at, before = row["at_common"], row["before_collapse"]
-        lines.append(f"| {name} | {', '.join(map(str, row['reached']))} | {shown} | "
+        reached = [f"{r} (from {b})" if b is not None else str(r) for r, b in zip(row["reached"], row["branched_at"])]
+        lines.append(f"| {name} | {', '.join(reached)} | {shown} | "
                      f"{'–' if row['common_iteration'] is None else row['common_iteration']} | {_cell(at['modes'], 1)} | "
                      f"{_cell(at['diversity'])} | {_cell(at['classifier_FID'], 1)} | {_cell(before['modes'], 1)} | "
                      f"{_cell(before['diversity'])} |")

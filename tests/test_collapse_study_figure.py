@@ -60,7 +60,7 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     table = capsys.readouterr().out
     assert "| b64/sn | 40, 40 | 1 of 2 (30) | 20 | 9.5 ± 0.7 (n=2) | 0.90 ± 0.14 (n=2) | 50.0 ± 14.1 (n=2) | " \
            "9.0 (n=1) | 0.80 (n=1) |" in table
-    assert "| b64/sr_resumed | 40, 0 | 0 of 1; 1 not started | 40 | 9.0 (n=1) |" in table
+    assert "| b64/sr_resumed | 40 (from 20), 0 | 0 of 1; 1 not started | 40 | 9.0 (n=1) |" in table
     assert (out / "study_b64_curves.png").stat().st_size > 10_000
     assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
 
@@ -103,4 +103,4 @@ def test_a_run_stopped_before_its_first_log_line_counts_as_started(study, tmp_pa
     (snapshots / "snapshot_iter_7.pt").write_bytes(b"")  # only its name is read
     summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert summary["arms"]["b64/sr_resumed"]["reached"] == [40, 7]
-    assert "| b64/sr_resumed | 40, 7 | 0 of 2 | 40 | 9.0 (n=1) |" in capsys.readouterr().out
+    assert "| b64/sr_resumed | 40 (from 20), 7 | 0 of 2 | 40 | 9.0 (n=1) |" in capsys.readouterr().out
