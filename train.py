@@ -232,7 +232,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
     if snapshot and not branch:
-        trainer.catch_up()  # an evaluation that a stop or crash interrupted at the snapshot's iteration
+        trainer.catch_up()  # an evaluation that a stop or crash interrupted at the snapshot's iteration, first
     return trainer
 
 

@@ -80,6 +80,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._pending: list[Extension] | None = None  # while an iteration's extensions run: those not yet done
         self._saved_at: int | None = None  # the iteration of this process's last snapshot
+        self._catching_up = False  # see catch_up
         self._closed = False
 
     @property
@@ -105,6 +106,8 @@ class Trainer:
         """One iteration and the extensions due after it; False once the run is done or has stopped on a signal
         (then its snapshot is written). ``run`` loops over it; a group of runs in one process
         (``source.training.group``) interleaves several trainers' calls."""
+        if self._catching_up:
+            self._catch_up()
         if self.iteration >= self.stop:
             return False
         try:
@@ -132,9 +135,14 @@ class Trainer:
             self.log.close()
 
     def catch_up(self) -> None:
-        """After a resume in place: each extension due at this iteration that keeps rows (an evaluation, the mode
-        measures) runs now if its file has no row for it. The snapshot is written before them, so a crash or a second
-        signal during one left the iteration unmeasured (a finished run its last measure)."""
+        """After a resume in place: the first ``advance`` (where a stop signal is handled as in training) first runs
+        each extension due at this iteration that keeps rows (an evaluation, the mode measures) whose file has no
+        row for it. The snapshot is written before them, so a crash or a second signal during one left the
+        iteration unmeasured (a finished run its last measure)."""
+        self._catching_up = True
+
+    def _catch_up(self) -> None:
+        self._catching_up = False
         for extension in self._due(final=self.iteration == self.stop):
             if extension.record_file is None:
                 continue
