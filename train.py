@@ -11,6 +11,7 @@ change is printed. ``--config`` is not needed then.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -34,7 +35,7 @@ from source.training.extensions import (ClassSpectra, LogReport, Preview, Progre
                                          WatchWeights)
 from source.training.modes import Modes
 from source.training.resume_artefact import ResumeArtefact
-from source.training.runlog import DamagedLog, truncate_after
+from source.training.runlog import DamagedLog, events, truncate_after
 from source.training.step_graphs import StepGraphError
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -309,6 +310,9 @@ def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], worl
             except DamagedLog as error:
                 raise SnapshotError(f"{error}; the run's log is damaged (delete or mend that line)") from None
         trainer.log.purge_after(trainer.iteration)
+        stops = [e["elapsed"] for e in events(trainer.out, "interrupted") if e.get("iteration") == trainer.iteration
+                 and type(e.get("elapsed")) in (int, float) and 0 <= e["elapsed"] < math.inf]
+        trainer.elapsed_before = max([trainer.elapsed_before, *stops[-1:]])  # with what ran after its snapshot
         for orphan in checkpoint.exports_after(trainer.out, trainer.iteration):  # of the timeline this one replaces
             orphan.unlink(missing_ok=True)
     trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)

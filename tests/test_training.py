@@ -2,10 +2,11 @@
 import json
 import os
 import signal
-import socket
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from source.models import build_model
 from source.training import build
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
+from source.training.runlog import read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
@@ -476,6 +478,7 @@ def test_a_stop_signal_while_the_snapshot_is_written_names_the_evaluation_still_
 
         def __call__(self, trainer):
             self.done.append(trainer.iteration)
+            time.sleep(0.5 if trainer.iteration == 2 else 0)
 
     written = Snapshot.__call__
 
@@ -486,12 +489,20 @@ def test_a_stop_signal_while_the_snapshot_is_written_names_the_evaluation_still_
     monkeypatch.setattr(Snapshot, "__call__", signalled)
     make_extensions = train.make_extensions
     monkeypatch.setattr(train, "make_extensions", lambda *args: [*make_extensions(*args), Evaluation()])
-    assert train.main(tiny_argv(tmp_path / "run", 100, "snapshot_interval=2")) == 0
+    argv = tiny_argv(tmp_path / "run", 4, "snapshot_interval=2")
+    assert train.main(argv) == 0
     snapshot = tmp_path / "run" / "snapshots" / "snapshot_iter_2.pt"
     err = capfd.readouterr().err
     assert (f"SIGINT received: finishing the evaluation at iteration 2 (it can take minutes); its snapshot is written "
             f"({snapshot}; a second one stops at once)") in err
     assert Evaluation.done == [2]
+    # resumed, the run's elapsed time keeps the evaluation's half second that ran after the snapshot
+    monkeypatch.setattr(Snapshot, "__call__", written)
+    assert train.main(argv + ["--resume", str(snapshot)]) == 0
+    log = read_jsonl(tmp_path / "run" / "log.jsonl")
+    stopped = next(r["elapsed"] for r in log if r.get("event") == "interrupted")
+    assert load_snapshot(snapshot)["elapsed"] < stopped - 0.4 and stopped < next(
+        r["elapsed"] for r in log if r.get("iteration") == 3 and "loss_dis" in r)
 
 
 def make_jpeg_folder(root: Path) -> None:

@@ -137,7 +137,9 @@ def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, part
             break
     else:
         raise TransferError(f"the chunk's snapshots and logs take {len(data) / 2**20:.0f} MiB compressed, over the "
-                            f"{limit // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed)")
+                            f"{limit // 2**20} MiB a call returns; run fewer runs per chunk (--setting, --seed, "
+                            "--arm), from a carry made anew for them (a later call on this machine with this carry "
+                            "would return at least as much)")
     if dropped:
         left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
         (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))

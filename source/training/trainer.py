@@ -247,7 +247,8 @@ class Trainer:
             doing = "its snapshot is written" if written else "writing a snapshot"
             print(f"\nstopping {why}: {doing} at iteration {self.iteration}", flush=True)
         path = checkpoint.snapshot_path(self.out, self.iteration) if written else self.save_snapshot()
-        self.log.event(self.iteration, "interrupted", snapshot=str(path))
+        # the time of the evaluations after a snapshot written before them, which a resume adds back
+        self.log.event(self.iteration, "interrupted", snapshot=str(path), elapsed=round(self.elapsed, 2))
         if self.world.is_main:
             print(f"stopped at iteration {self.iteration}; resume with --resume {path}", flush=True)
 
