@@ -315,6 +315,10 @@ def test_lsun_errors_are_one_line(lsun_root, monkeypatch):
     assert error_of(split="val") == "dataset.args.split: must be 'train' or 'eval', got 'val'"
     with pytest.raises(DatasetError, match="dataset 'lsun' has no split 'test'; its splits: train, eval"):
         reference_args("lsun", LSUNArgs(root=str(lsun_root)), "test")
+    with monkeypatch.context() as patch:  # a database whose count is more than its cursor walks
+        patch.setattr("source.datasets.lsun.entry_count", lambda env: PER_CATEGORY + 5)
+        assert error_of(eval_images=2) == ("dataset.args.root: the bedroom LMDB counts 17 entries, but its cursor gave 12 of "
+                              "positions 0..14; the database is damaged (rebuild or download it again)")
     monkeypatch.setitem(__import__("sys").modules, "lmdb", None)
     assert error_of() == ("dataset 'lsun' reads LMDB folders with the lmdb package, which is not installed: "
                           "pip install lmdb")

@@ -192,6 +192,11 @@ class LSUN(SkipsUnreadable):
             keys = [read_keys(env, start, stop, count) for env, (start, stop), count in zip(envs, ranges, counts)]
         except import_lmdb().Error as error:  # a damaged database, not one bad image
             raise DatasetError(f"dataset.args.root: cannot list the LSUN LMDBs in {args.root} ({error})") from None
+        for category, count, (start, stop), listed in zip(self.classes, counts, ranges, keys):
+            if len(listed) != stop - start:  # the split would silently shrink, or a backward walk overlap another
+                raise DatasetError(f"dataset.args.root: the {category} LMDB counts {count} entries, but its cursor "
+                                   f"gave {len(listed)} of positions {start}..{stop - 1}; the database is damaged "
+                                   "(rebuild or download it again)")
         self.labels = np.repeat(np.arange(self.n_classes, dtype=np.int64), [len(k) for k in keys])
         self._keys, self._offsets = pack_keys([key for class_keys in keys for key in class_keys])
         self._unreadable = multiprocessing.RawArray(ctypes.c_bool, len(self.labels))
