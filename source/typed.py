@@ -70,7 +70,10 @@ def read_yaml(path: Path, source: str) -> Any:
     try:
         raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: not valid YAML ({first_line(error)})") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{source}: not valid YAML{where} ({getattr(error, 'problem', None) or first_line(error)})"
+                          ) from None
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(f"{source}: cannot be read ({first_line(error)})") from None
     except ValueError as error:  # e.g. an integer of more digits than Python converts

@@ -131,3 +131,11 @@ def test_config_differences_lists_changed_leaves():
     old = {"updater": {"apply_SR": False, "n_dis": 1}, "seed": 0}
     new = {"updater": {"apply_SR": True, "n_dis": 1}, "seed": 0}
     assert config_differences(old, new) == ["updater.apply_SR: false -> true"]
+
+
+def test_broken_yaml_names_where_it_breaks(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("iteration: 10\nupdater:\n  n_dis: 5\n   apply_SR: true\n")
+    code, _, err = run_train(["--config", str(path), "--dry-run"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{path}: not valid YAML at line 4, column " in err and "mapping values are not allowed here" in err

@@ -40,7 +40,7 @@ def write_study(tmp_path: Path, iterations: int, **arms) -> Path:
 
 @pytest.mark.parametrize("arms, message", [
     ({"sn": {"sett": []}}, "arms.sn.sett: unknown key"),
-    ({"sn": {}, "b": {"branch": "sm"}}, "arms.b.branch.sm: unknown key"),
+    ({"sn": {}, "b": {"branch": "sm"}}, "arms.b.branch: 'sm' is not another arm of the study .did you mean 'sn'"),
     ({"sn": {}, "b": {"branch": "sn"}, "c": {"branch": "b"}}, "b is itself a branch"),
     ({"sn": {"set": ["adam_G.alpah=1"]}}, "arm sn, seed 0.*adam_G.alpah"),
     ({"sn": {}, "b": {"branch": "sn", "at": 9}}, "arms.b.at: 9 is not before the run's end"),

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 from source.config import Config, ConfigError, load_config
-from source.typed import read_yaml, reject_unknown, validate_dataclass, validate_value
+from source.typed import read_yaml, suggest, validate_dataclass, validate_value
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 MOST_RUNS = 1000  # settings x arms x seeds: the GPU study has 2 x 6 x 3
@@ -134,7 +134,10 @@ def _check_names(arms: dict[str, ArmSpec], settings: dict, seeds: list[int], sou
         raise ConfigError(f"{source}: seeds: need distinct seeds >= 0, got {seeds}")
     for name, arm in arms.items():
         if arm.branch is not None:
-            reject_unknown({arm.branch: None}, [a for a in arms if a != name], f"arms.{name}.branch", source)
+            others = [a for a in arms if a != name]
+            if arm.branch not in others:
+                raise ConfigError(f"{source}: arms.{name}.branch: {arm.branch!r} is not another arm of the study"
+                                  f"{suggest(arm.branch, others)}")
             if arms[arm.branch].branch is not None:
                 raise ConfigError(f"{source}: arms.{name}.branch: {arm.branch} is itself a branch; branch from an "
                                   "arm that starts from scratch")
