@@ -225,9 +225,10 @@ def exit_status(root: Path, run: Run) -> Path:
 
 def _stop(active: dict, grace: float, echo) -> None:
     """SIGTERM: each run finishes its iteration and writes a snapshot; SIGKILL after ``grace`` seconds."""
-    for process in {id(process): process for process, _ in active.values()}.values():  # once: a second means "now"
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
+    running = {id(process): process for process, _ in active.values() if process.poll() is None}
+    for process in running.values():  # once: a second means "now"
+        process.send_signal(signal.SIGTERM)
+    stopping = [name for name, (process, _) in active.items() if id(process) in running]  # not those that ended
     signalled = time.time()
     end = signalled + grace
     for name, (process, _) in active.items():
@@ -237,8 +238,8 @@ def _stop(active: dict, grace: float, echo) -> None:
             echo(f"{name}: no snapshot within {grace:.0f} s of SIGTERM; killed (it continues from its last one)")
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    if active:
-        echo(f"{len(active)} run(s) stopped {time.time() - signalled:.1f} s after SIGTERM")
+    if stopping:
+        echo(f"{len(stopping)} run(s) stopped {time.time() - signalled:.1f} s after SIGTERM")
 
 
 # train.py's exit statuses when a second signal stopped it at once (train.stopped_at_once): a stop, as a negative
