@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  help="only this arm's runs (repeatable); e.g. the baseline first, so that the "
                                       "branches waiting for its collapse can start sooner")
         if name in ("run", "device"):
-            command.add_argument("--budget", type=float, help="seconds of training before every run is stopped")
+            command.add_argument("--budget", type=float, help="seconds before every run is stopped, counted from the "
+                                 "chunk's start: the runs' start-up (seconds each) is in it")
             command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
             command.add_argument("--per-process", type=int, default=1,
                                  help="runs sharing one process at most, each on its own CUDA stream, the groups "
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  help="for every run of this chunk, e.g. performance.compile=true (repeatable; "
                                       "the rest as the study's base sets them); only performance.*: the recipe "
                                       "is the study file's")
-    sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored)")
+    sub.choices["carry"].add_argument("--to", required=True, type=Path, help="folder to fill (git-ignored); the "
+                                      "wheels the GPU image lacks are downloaded with pip (a package index must be "
+                                      "reachable)")
     sub.choices["device"].add_argument("--carry", required=True, type=Path, help="the folder `carry` filled")
     sub.choices["device"].add_argument("--out", required=True, type=Path, help="where the results go ($OUT)")
     sub.choices["device"].add_argument("--parts", type=int, choices=range(1, 5), metavar="1-4",
