@@ -21,7 +21,7 @@ from source.config import load_config
 from source.spectral.spectra import compute_spectra
 from source.training import build
 from source.training.distributed import World
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 
 ROOT = Path(__file__).resolve().parents[1]
 

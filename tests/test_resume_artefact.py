@@ -11,7 +11,7 @@ from source.training import build, performance
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.resume_artefact import ResumeArtefact, routed
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 from test_training import CONFIGS, TINY, tiny_argv
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -12,7 +12,7 @@ import train
 from source.config import ConfigError, load_config
 from source.training.checkpoint import load_snapshot
 from source.training.step_graphs import StepGraphs
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 from test_gsr_training import ALL_TERMS
 from test_training import CONFIGS, TINY, build_tiny_updater, tensors_equal, tiny_argv
 

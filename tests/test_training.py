@@ -470,7 +470,7 @@ def test_a_stop_signal_while_the_snapshot_is_written_names_the_evaluation_still_
     """The snapshot due at an evaluation's iteration comes first: a signal while it is written waits for the evaluation
     of that iteration (not a next iteration), and the snapshot is not written again."""
     from source.training.extensions import Snapshot
-    from source.training.trainer import Extension
+    from source.training.extension import Extension
 
     class Evaluation(Extension):
         interval, takes_long, reads_losses = 2, "the evaluation", False

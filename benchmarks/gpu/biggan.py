@@ -14,7 +14,7 @@ from benchmarks.gpu.profiling import kernel_profile
 from source.config import load_config
 from source.training import build, performance
 from source.training.distributed import World
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 
 CONFIG = ROOT / "configs/gsr/cifar10_lt_biggan.yaml"
 SETTINGS = {"faithful": FAITHFUL, "bf16": dict(FAITHFUL, **{"performance.amp": "bf16", "performance.tf32": True}),

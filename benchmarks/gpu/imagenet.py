@@ -28,7 +28,7 @@ from source.spectral.spectra import compute_spectra, spectral_norm_layers, weigh
 from source.spectral.sr import SOLVE_DTYPE
 from source.training import build, performance
 from source.training.distributed import World
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 from updater import Updater
 
 CONFIG = ROOT / "configs/sr_imagenet.yaml"

@@ -21,7 +21,7 @@ from source.config import load_config
 from source.spectral.sr import MODES, SpectralRegularizer
 from source.training import build, performance
 from source.training.distributed import World
-from source.training.trainer import read_losses
+from source.training.extension import read_losses
 
 CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
 GRAPHS = {"performance.compile": True, "performance.compile_mode": "reduce-overhead", "performance.fused_adam": True}

@@ -30,7 +30,8 @@ from source.metrics.scoring import METRICS, available_metrics, load_backbone, pr
 from source.models import build_model
 from source.training import checkpoint
 from source.training.distributed import World, gather_objects
-from source.training.trainer import Extension, Trainer
+from source.training.extension import Extension
+from source.training.trainer import Trainer
 
 __all__ = ["EVALUATION_ERRORS", "Evaluate", "LoadedGenerator", "check_reference_split", "check_settings",
            "gather_features", "generator_weights", "load_generator",

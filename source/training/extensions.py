@@ -17,7 +17,8 @@ from source.spectral.collapse import CollapseDetector, effective_rank, layer_sco
 from source.spectral.gsr import class_sigmas
 from source.spectral.spectra import compute_spectra, save_spectra
 from source.training.distributed import sum_over_ranks
-from source.training.trainer import Extension, Trainer
+from source.training.extension import Extension
+from source.training.trainer import Trainer
 
 
 class LogReport(Extension):

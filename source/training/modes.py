@@ -19,7 +19,8 @@ from source.metrics.class_table import classifier_real_data
 from source.metrics.classifier import DEFAULT_WEIGHTS, ClassifierUnavailable, check_generator, load_classifier
 from source.metrics.classifier_modes import MIN_SHARE, RealReference, generator_modes
 from source.metrics.generate import g_batchnorm, generation_mode
-from source.training.trainer import Extension, Trainer
+from source.training.extension import Extension
+from source.training.trainer import Trainer
 
 MODES_ERRORS = (ClassifierUnavailable, DatasetError, OSError)
 

@@ -12,11 +12,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from source.config import first_line
 from source.training import checkpoint
 from source.training.distributed import World, any_rank, assert_replicas_identical, gather_objects
+from source.training.extension import Extension, read_losses
 from source.training.runlog import RunLog, read_jsonl
 
 
@@ -26,42 +25,6 @@ class TrainingDiverged(RuntimeError):
 
 class SnapshotWriteError(RuntimeError):
     """A snapshot could not be written (disk full, folder gone); the earlier snapshots are intact."""
-
-
-class Extension:
-    """Something done every ``interval`` iterations (and, if ``at_end``, after the last one).
-
-    Before an extension that ``reads_losses`` fires, the trainer reads the losses of the iterations since the last
-    such moment (one host synchronisation for all) and hands each iteration's to every extension's ``observe``."""
-
-    interval: int = 1
-    at_end: bool = False
-    reads_losses: bool = True
-    takes_long: str | None = None  # what it is, when it may keep a stop signal waiting for minutes (an evaluation)
-    record_file: str | None = None  # the run folder's JSONL file of its rows (``Trainer.catch_up``)
-
-    def __call__(self, trainer: "Trainer") -> None:
-        raise NotImplementedError
-
-    def observe(self, observation: dict[str, float]) -> None:
-        pass
-
-    def finalize(self, trainer: "Trainer") -> None:
-        pass
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def read_losses(observations: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
-    """Iterations' losses (the updater's 0-d device tensors) as numbers, with one host synchronisation for all."""
-    if not observations:
-        return []
-    rows = torch.stack([torch.stack(list(observation.values())) for observation in observations]).tolist()
-    return [dict(zip(observation, row)) for observation, row in zip(observations, rows)]
 
 
 class Trainer:
