@@ -7,8 +7,6 @@ single ``ConfigError`` line naming the file and the dotted key, before any work 
 from __future__ import annotations
 
 import copy
-import dataclasses
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -17,6 +15,7 @@ import yaml
 
 from source.config_checks import check_consistency, validate_dataset_args, validate_model_args
 from source.files import atomic_write_text
+from source.overrides import adapt_dataset_args, apply_override, blame_overrides, mapping
 # first_line: re-exported for the modules that import it from here
 from source.typed import ConfigError, check_expansion, first_line, read_yaml, to_plain, validate  # noqa: F401
 
@@ -230,104 +229,17 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
         raise ConfigError(f"{source}: the top level must be a mapping")
     check_expansion(raw, source)
     given, raw = raw, copy.deepcopy(raw)  # only now: a deep one would exhaust the recursion
-    file_dataset = _mapping(raw, "dataset")
-    file_name, file_args = file_dataset.get("name"), dict(_mapping(file_dataset, "args"))  # before overrides
+    file_dataset = mapping(raw, "dataset")
+    file_name, file_args = file_dataset.get("name"), dict(mapping(file_dataset, "args"))  # before overrides
     for override in overrides:
         apply_override(raw, override, source)
-    _adapt_dataset_args(raw, file_name, file_args)
+    adapt_dataset_args(raw, file_name, file_args)
     try:
         config = validate(raw, Config, "", source, _refine)
         check_consistency(config, source, world_size)
     except ConfigError as error:
         raise blame_overrides(error, source, list(overrides), given, raw) from None
     return config
-
-
-def blame_overrides(error: ConfigError, source: str, overrides: list[str], given: dict, changed: dict) -> ConfigError:
-    """Whose a validation error ("SOURCE: KEY: why") is: "--set KEY: why" where --set gave the value at KEY (KEY is an
-    override's key or lies under one, or --set made it); else, with overrides, "SOURCE with --set K1, K2: KEY: why",
-    since a check of KEY may read values beside it that --set changed (a model's arguments together, the batch
-    sizes against each other); the file's alone without --set."""
-    names = [override.partition("=")[0].strip() for override in overrides]
-    if not names or not str(error).startswith(f"{source}: "):
-        return error
-    text = str(error).removeprefix(f"{source}: ")
-    key = text.split(":", 1)[0]
-    if any(key == name or key.startswith((f"{name}.", f"{name}[")) for name in names) or (
-            _value_at(given, key) is _ABSENT and _value_at(changed, key) is not _ABSENT):
-        return ConfigError(f"--set {text}")
-    return ConfigError(f"{source} with --set {', '.join(names)}: {text}")
-
-
-def _value_at(raw: Any, key: str) -> Any:
-    """The value at a dotted key with list indices (``evaluation.metrics[0]``); ``_ABSENT`` where there is none."""
-    node = raw
-    for part in re.findall(r"\[\d+\]|[^.\[\]]+", key):
-        index = int(part[1:-1]) if part.startswith("[") else None
-        if index is not None and isinstance(node, list) and index < len(node):
-            node = node[index]
-        elif index is None and isinstance(node, dict) and part in node:
-            node = node[part]
-        else:
-            return _ABSENT
-    return node
-
-
-_ABSENT = object()
-
-
-def apply_override(raw: dict, override: str, source: str = "--set") -> None:
-    """Apply ``a.b.c=value`` to the nested dict; the value is parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. updater.apply_SR=true")
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
-    except ValueError as error:  # e.g. an integer of more digits than Python converts
-        raise ConfigError(f"--set {key}: {first_line(error)}") from None
-    node = raw
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{source}: --set {key}: '{'.'.join(parts[:depth + 1])}' is not a mapping")
-        node = child
-    node[parts[-1]] = value
-
-
-def _mapping(parent: Any, key: str) -> dict:
-    """``parent[key]`` when both are mappings, else {} (wrong types are reported by validation, later)."""
-    child = parent.get(key) if isinstance(parent, dict) else None
-    return child if isinstance(child, dict) else {}
-
-
-def _adapt_dataset_args(raw: dict, file_name: Any, file_args: dict) -> None:
-    """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
-
-    When the name changes, the file's args belong to another data set (ImageNet's ``root`` and
-    ``size``) and are dropped unless ``--set`` gave them; the synthetic data take resolution,
-    channels and classes from the generator.
-    """
-    from source.datasets import DATASETS
-
-    dataset = raw.get("dataset")
-    if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
-        return
-    args = dataset.setdefault("args", {}) or {}
-    if not isinstance(args, dict):
-        return
-    dataset["args"] = args
-    if file_name is not None and dataset["name"] != file_name:
-        valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
-        for key in [k for k in args if k not in valid or (k in file_args and args[k] == file_args[k])]:
-            del args[key]
-    if dataset["name"] == "synthetic":
-        gen_args = _mapping(_mapping(_mapping(raw, "models"), "generator"), "args")
-        args.setdefault("size", gen_args.get("resolution", 32))
-        args.setdefault("channels", gen_args.get("channels", 3))
-        args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
 
 
 # ---------------------------------------------------------------------------------------------
