@@ -334,6 +334,7 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     shutil.copytree(here, back)
     returned = transfer.extract(b"".join(part.read_bytes() for part in parts), tmp_path / "peek_back")
     assert "chunks.jsonl" in returned and "tiny/sn_s0/snapshots/snapshot_iter_6.pt" not in returned  # not the untouched
+    assert not [name for name in returned if Path(name).name.startswith(".")]  # the machine's locks stay there
     with pytest.raises(transfer.TransferError, match="holds 0: take the earlier calls' files back first"):
         transfer.take_back(out, tmp_path / "empty")  # not the study these files continue
     assert study_cli.main(["take-back", str(study_file), "--root", str(back), str(out)]) == 0
@@ -464,6 +465,50 @@ def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tm
     (root / run / "snapshot_4").write_bytes(b"4")
     (root / continuation.SINCE).write_text('{"carry": 1, "listing": {"s/run/log": 5}, "chunks": 0}')  # damaged
     assert not continuation.restore(carry, root).continued and not (root / run / "snapshot_4").exists()
+
+
+def test_take_back_accepts_files_that_extend_the_history_here_and_refuses_the_rest(tmp_path):
+    """Files continue the study after the chunk their manifest names, and their chunks.jsonl extends the one here: a
+    call's whose predecessor was killed between packing and recording it holds all since the carry (accepted);
+    files needing an earlier call's first, taken back twice, or of another history are refused."""
+    calls = iter(range(100))
+
+    def returned(lines: int, since: int, first: str = "a") -> Path:
+        call = next(calls)
+        made, folder = tmp_path / f"made{call}", tmp_path / f"out{call}"
+        made.mkdir()
+        folder.mkdir()
+        (made / "chunks.jsonl").write_text("".join(f'{{"chunk": "{first if i == 0 else i}"}}\n' for i in range(lines)))
+        transfer.pack_changed(made, {}, folder, origin={"study": "s", "since_chunks": since})
+        return folder
+
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "chunks.jsonl").write_text('{"chunk": "a"}\n')
+    with pytest.raises(transfer.TransferError, match="take the earlier calls' files back first"):
+        transfer.take_back(returned(3, 2), here, "s")
+    transfer.take_back(returned(2, 1), here, "s")
+    with pytest.raises(transfer.TransferError, match="they were taken back before"):
+        transfer.take_back(returned(2, 1), here, "s")
+    transfer.take_back(returned(4, 1), here, "s")  # all since chunk 1, where the record said so
+    assert transfer.chunk_count(here) == 4
+    with pytest.raises(transfer.TransferError, match="they were taken back before"):
+        transfer.take_back(returned(5, 4, first="b"), here, "s")  # another history
+
+
+def test_a_carry_made_anew_is_checked_before_the_state_it_replaces_goes(tmp_path):
+    made, carry, root = tmp_path / "made", tmp_path / "carry", tmp_path / "root"
+    (made / "s" / "run").mkdir(parents=True)
+    (made / "s" / "run" / "log").write_text("carried")
+    transfer.reset(carry)
+    transfer.write_archive([made / "s" / "run" / "log"], made, carry / transfer.STATE)
+    continuation.restore(carry, root)
+    (root / "s" / "run" / "snapshot_1").write_bytes(b"1")
+    (made / "link").symlink_to("/etc")
+    transfer.write_archive([made / "s" / "run" / "log", made / "link"], made, carry / transfer.STATE)
+    with pytest.raises(transfer.TransferError, match="only files and folders"):
+        continuation.restore(carry, root)
+    assert (root / "s" / "run" / "snapshot_1").is_file()  # nothing went
 
 
 def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import nullcontext
 from dataclasses import asdict
 import subprocess
 import sys
@@ -84,9 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.compiled and args.per_process > 1:
                 raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
                                   "give performance.step_graphs=true instead, or one run per process")
-        with nullcontext() if args.command == "status" else processes.root_lock(root):
+        if args.command == "status":
+            return show_status(args, study, root, runs)
+        with processes.root_lock(root):
+            # train.py runs a killed command left writing here stop before anything here changes
+            processes.stop_leftovers(root, getattr(args, "grace", 120.0), print)
             return COMMANDS[args.command](args, study, root, runs)
-    except (ConfigError, transfer.TransferError, DamagedLog, processes.StudyBusy) as error:
+    except (ConfigError, transfer.TransferError, DamagedLog, processes.StudyFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except runner.ChunkInterrupted as error:

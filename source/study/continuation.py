@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,16 +34,16 @@ def restore(carry: Path, root: Path) -> Since:
     unpacking the carry would put older logs beside newer snapshots. That state continues instead, and the chunk
     returns what changed since what the earlier call returned (``packed``), or, where that call did not get to
     pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here.
-    Another carry (made anew here) replaces the folders of the runs it holds: it is the state to continue, and
-    what an earlier call left there and never returned must not be mistaken for it."""
+    Another carry (made anew here) replaces the state there: it is the state to continue (``_empty``)."""
     state, record_path = Path(carry) / STATE, Path(root) / SINCE
     carried = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else "no state carried"
     record = _since_record(record_path)
     if record is not None and record["carry"] == carried:
         return Since(record["listing"], record["chunks"], True)
     if state.is_file():
-        if record_path.exists():  # an earlier call's state, of another carry (or its record is damaged)
-            _remove_carried_runs(state, Path(root))
+        extract(state, root, unpack=False)  # checked before anything here goes
+        if record_path.exists():  # an earlier call's state, of another carry (or its record is damaged): it goes
+            _empty(Path(root))
         extract(state, root)
     Path(root).mkdir(parents=True, exist_ok=True)
     since = Since(listing(root), chunk_count(root), False)
@@ -65,13 +64,12 @@ def _since_record(path: Path) -> dict | None:
         return None
 
 
-def _remove_carried_runs(state: Path, root: Path) -> None:
-    """The folders of the runs (``SETTING/RUN/...``) the carried state holds, as they are under ``root``."""
-    with tarfile.open(state, "r:xz") as archive:
-        folders = {tuple(name.split("/")[:2]) for name in archive.getnames() if len(name.split("/")) >= 3}
-    for setting, run in folders:
-        if run != "console" and ".." not in (setting, run):
-            shutil.rmtree(root / setting / run, ignore_errors=True)
+def _empty(root: Path) -> None:
+    """Everything under ``root`` but its dot files (the folder's lock): what earlier calls left and never returned
+    must not be mistaken for the carry's state, nor linger beside it (a run's spectra, a failure marker)."""
+    for path in root.iterdir():
+        if not path.name.startswith("."):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def packed(root: Path, out: Path) -> None:

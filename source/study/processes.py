@@ -68,8 +68,8 @@ def stop_leftovers(root: Path, grace: float, echo) -> None:
 ROOT_LOCK = ".chunk.lock"  # in the study's root, flock-ed while a command writes there
 
 
-class StudyBusy(RuntimeError):
-    """Another command (a chunk, a take-back, a carry's pruning) is writing the study's folder."""
+class StudyFolderError(RuntimeError):
+    """Another command (a chunk, a take-back, a carry's pruning) is writing the study's folder, or it cannot be."""
 
 
 @contextmanager
@@ -77,13 +77,17 @@ def root_lock(root: Path) -> Iterator[None]:
     """Hold the study folder's lock, or refuse: a second chunk would stop the first one's runs as if a killed chunk had
     left them, and a take-back during a chunk would unpack older files under its runs. Released when the process
     ends, however it ends."""
-    root.mkdir(parents=True, exist_ok=True)
-    with os.fdopen(os.open(root / ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+") as handle:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = os.fdopen(os.open(root / ROOT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666), "r+")
+    except OSError as error:
+        raise StudyFolderError(f"{root}: cannot be written ({error.strerror or error})") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = handle.read().strip() or "another process"
-            raise StudyBusy(f"{root} is in use by {holder} (a chunk, take-back or carry of this study); wait for it "
+            raise StudyFolderError(f"{root} is in use by {holder} (a chunk, take-back or carry of this study); wait for it "
                             "to end, or stop it") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -66,17 +66,29 @@ def write_archive(files: list[Path], base: Path, destination: Path) -> Path:
     return destination
 
 
-def extract(data: bytes | Path, root: Path) -> list[str]:
+def extract(data: bytes | Path, root: Path, unpack: bool = True) -> list[str]:
     """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``); returns the names
-    unpacked."""
+    unpacked (``unpack`` False: only checks them)."""
     source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
     try:
         with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
             members = _checked_members(archive, Path(root))
-            archive.extractall(root, members=members, filter="data")
+            if unpack:
+                archive.extractall(root, members=members, filter="data")
             return [member.name for member in members]
     except (tarfile.TarError, lzma.LZMAError, EOFError) as error:
         raise TransferError(f"the archive is not an xz tar as a device call writes it ({first_line(error)})") from None
+
+
+def member_text(data: bytes, name: str) -> str | None:
+    """The text of one file of an xz tar already checked (None where it has none)."""
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as archive:
+        try:
+            member = archive.getmember(name)
+        except KeyError:
+            return None
+        handle = archive.extractfile(member)
+        return None if handle is None else handle.read().decode("utf-8", "replace")
 
 
 def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarInfo]:
@@ -104,17 +116,21 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against. The root's
-    own dot files (the chunk lock, ``restore``'s record) are this machine's, never returned."""
-    files = (p for p in sorted(Path(root).rglob("*")) if p.is_file())
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files
-            if not (p.parent == Path(root) and p.name.startswith("."))}
+    """Every file under ``root`` with its size and mtime (ns): what ``pack_changed`` compares against. Dot files (the
+    folder's lock, ``restore``'s record, each run folder's lock) are this machine's, never returned."""
+    files = (p for p in sorted(Path(root).rglob("*")) if p.is_file() and not p.name.startswith("."))
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in files}
 
 
 def chunk_count(root: Path) -> int:
     """The chunks the study in ``root`` has run (lines of chunks.jsonl): which state returned files continue."""
-    history = Path(root) / "chunks.jsonl"
-    return sum(1 for line in history.read_text().splitlines() if line.strip()) if history.is_file() else 0
+    return len(chunk_history(Path(root) / "chunks.jsonl"))
+
+
+def chunk_history(path: Path | None, text: str | None = None) -> list[bytes]:
+    """The lines of a chunks.jsonl (a file, or its text), blank ones aside."""
+    data = text.encode() if text is not None else path.read_bytes() if path is not None and path.is_file() else b""
+    return [line for line in data.splitlines() if line.strip()]
 
 
 def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None,
@@ -183,26 +199,31 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     made_for = expected.get("study")
     if study is not None and made_for is not None and made_for != study:
         raise TransferError(f"{parts_dir}: these files are of the study {made_for!r}, not {study!r}; nothing unpacked")
-    _check_continues(parts_dir, expected.get("since_chunks"), Path(root))
-    return extract(data, Path(root))
+    names = extract(data, Path(root), unpack=False)
+    _check_continues(parts_dir, expected.get("since_chunks"), Path(root), member_text(data, "chunks.jsonl"))
+    extract(data, Path(root))
+    return names
 
 
-def _check_continues(parts_dir: Path, since: object, root: Path) -> None:
-    """Returned files continue the study as it stood after ``since`` chunks (a manifest without it predates the
-    check): taken back twice, or after a later call's, they would roll its logs back behind its snapshots; before
-    an earlier call's, they would lack what that call changed."""
+def _check_continues(parts_dir: Path, since: object, root: Path, returned: str | None) -> None:
+    """Returned files hold what changed after the study's chunk ``since`` (a manifest without it predates the check),
+    and their chunks.jsonl the history up to their own chunk. Refused: files that need an earlier call's taken back
+    first (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
+    after a later call's: they would roll logs back behind snapshots). A call's files that hold more than the last
+    return (its predecessor killed between packing and recording it) extend the history here: accepted."""
     if since is None:
         return
-    here = chunk_count(root)
+    here = chunk_history(root / "chunks.jsonl")
     if type(since) is not int or since < 0:
         raise TransferError(f"{parts_dir}: {MANIFEST}'s since_chunks {since!r} is not a count; nothing unpacked")
-    if here > since:
+    if len(here) < since:
         raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
-                            f"{here} chunks: they were taken back before, or a later call's were (take each call's "
-                            "files back once, in order); nothing unpacked")
-    if here < since:
-        raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
-                            f"{here}: take the earlier calls' files back first; nothing unpacked")
+                            f"{len(here)}: take the earlier calls' files back first; nothing unpacked")
+    history = chunk_history(None, returned or "")
+    if len(history) <= len(here) or history[:len(here)] != here:
+        raise TransferError(f"{parts_dir}: these files end the study's history at chunk {len(history)}, and {root} "
+                            f"holds {len(here)} chunks: they were taken back before, or a later call's were (take "
+                            "each call's files back once, in order); nothing unpacked")
 
 
 def pack_data(dataset_root: Path, carry: Path) -> list[Path]:
