@@ -41,10 +41,8 @@ def restore(carry: Path, root: Path) -> Since:
     if record is not None and record["carry"] == carried:
         return Since(record["listing"], record["chunks"], True)
     if state.is_file():
-        extract(state, root, unpack=False)  # checked before anything here goes
-        if record_path.exists():  # an earlier call's state, of another carry (or its record is damaged): it goes
-            _empty(Path(root))
-        extract(state, root)
+        # an earlier call's state there, of another carry (or its record is damaged), goes once the carry is checked
+        extract(state, root, (lambda _: _empty(Path(root))) if record_path.exists() else None)
     Path(root).mkdir(parents=True, exist_ok=True)
     since = Since(listing(root), chunk_count(root), False)
     atomic_write_text(record_path, json.dumps({"carry": carried, "listing": since.listing, "chunks": since.chunks}))

@@ -87,8 +87,8 @@ def root_lock(root: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = handle.read().strip() or "another process"
-            raise StudyFolderError(f"{root} is in use by {holder} (a chunk, take-back or carry of this study); wait for it "
-                            "to end, or stop it") from None
+            raise StudyFolderError(f"{root} is in use by {holder} (a chunk, take-back or carry of this study); wait "
+                                   "for it to end, or stop it") from None
         handle.truncate(0)
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()

@@ -27,7 +27,7 @@ from typing import Callable
 
 from source.config import ConfigError
 from source.files import first_link
-from source.study.processes import own_process_group, record_pids, stop_leftovers
+from source.study.processes import own_process_group, record_pids
 from source.study.spec import Run, Study
 from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
                                 logged_iteration, run_folder, start_iteration, status)
@@ -104,7 +104,6 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     # the same in every chunk with these --parallel and --per-process (CPU results depend on the thread count)
     threads = str(max(1, (os.cpu_count() or 1) // math.ceil(parallel / per_process)))
     next_report = time.time() + REPORT_SECONDS
-    stop_leftovers(root, grace, echo)
     signalled = _Signalled()
     previous = {sig: signal.signal(sig, signalled) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Callable
 
 from source.config import first_line
 from source.files import atomic_write
@@ -66,29 +67,28 @@ def write_archive(files: list[Path], base: Path, destination: Path) -> Path:
     return destination
 
 
-def extract(data: bytes | Path, root: Path, unpack: bool = True) -> list[str]:
-    """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``); returns the names
-    unpacked (``unpack`` False: only checks them)."""
+def extract(data: bytes | Path, root: Path, before: Callable[[tarfile.TarFile], None] | None = None) -> list[str]:
+    """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``) and ``before`` (given the
+    open archive) has not refused it; returns the names unpacked."""
     source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
     try:
         with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
             members = _checked_members(archive, Path(root))
-            if unpack:
-                archive.extractall(root, members=members, filter="data")
+            if before is not None:
+                before(archive)
+            archive.extractall(root, members=members, filter="data")
             return [member.name for member in members]
     except (tarfile.TarError, lzma.LZMAError, EOFError) as error:
         raise TransferError(f"the archive is not an xz tar as a device call writes it ({first_line(error)})") from None
 
 
-def member_text(data: bytes, name: str) -> str | None:
-    """The text of one file of an xz tar already checked (None where it has none)."""
-    with tarfile.open(fileobj=io.BytesIO(data), mode="r:xz") as archive:
-        try:
-            member = archive.getmember(name)
-        except KeyError:
-            return None
-        handle = archive.extractfile(member)
-        return None if handle is None else handle.read().decode("utf-8", "replace")
+def _member_bytes(archive: tarfile.TarFile, name: str) -> bytes:
+    """One file of a checked archive (b"" where it has none)."""
+    try:
+        handle = archive.extractfile(name)
+    except KeyError:
+        return b""
+    return b"" if handle is None else handle.read()
 
 
 def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarInfo]:
@@ -124,12 +124,14 @@ def listing(root: Path) -> dict[str, tuple[int, int]]:
 
 def chunk_count(root: Path) -> int:
     """The chunks the study in ``root`` has run (lines of chunks.jsonl): which state returned files continue."""
-    return len(chunk_history(Path(root) / "chunks.jsonl"))
+    return len(chunk_history(root))
 
 
-def chunk_history(path: Path | None, text: str | None = None) -> list[bytes]:
-    """The lines of a chunks.jsonl (a file, or its text), blank ones aside."""
-    data = text.encode() if text is not None else path.read_bytes() if path is not None and path.is_file() else b""
+def chunk_history(root: Path, data: bytes | None = None) -> list[bytes]:
+    """The lines of ``root``'s chunks.jsonl (or of ``data``, another copy of it), blank ones aside."""
+    if data is None:
+        history = Path(root) / "chunks.jsonl"
+        data = history.read_bytes() if history.is_file() else b""
     return [line for line in data.splitlines() if line.strip()]
 
 
@@ -199,13 +201,12 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     made_for = expected.get("study")
     if study is not None and made_for is not None and made_for != study:
         raise TransferError(f"{parts_dir}: these files are of the study {made_for!r}, not {study!r}; nothing unpacked")
-    names = extract(data, Path(root), unpack=False)
-    _check_continues(parts_dir, expected.get("since_chunks"), Path(root), member_text(data, "chunks.jsonl"))
-    extract(data, Path(root))
-    return names
+    since = expected.get("since_chunks")
+    return extract(data, Path(root), lambda archive: _check_continues(
+        parts_dir, since, Path(root), _member_bytes(archive, "chunks.jsonl")))
 
 
-def _check_continues(parts_dir: Path, since: object, root: Path, returned: str | None) -> None:
+def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes) -> None:
     """Returned files hold what changed after the study's chunk ``since`` (a manifest without it predates the check),
     and their chunks.jsonl the history up to their own chunk. Refused: files that need an earlier call's taken back
     first (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
@@ -213,13 +214,13 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: str |
     return (its predecessor killed between packing and recording it) extend the history here: accepted."""
     if since is None:
         return
-    here = chunk_history(root / "chunks.jsonl")
+    here = chunk_history(root)
     if type(since) is not int or since < 0:
         raise TransferError(f"{parts_dir}: {MANIFEST}'s since_chunks {since!r} is not a count; nothing unpacked")
     if len(here) < since:
         raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
                             f"{len(here)}: take the earlier calls' files back first; nothing unpacked")
-    history = chunk_history(None, returned or "")
+    history = chunk_history(root, returned)
     if len(history) <= len(here) or history[:len(here)] != here:
         raise TransferError(f"{parts_dir}: these files end the study's history at chunk {len(history)}, and {root} "
                             f"holds {len(here)} chunks: they were taken back before, or a later call's were (take "
