@@ -85,7 +85,7 @@ def test_each_section_measured_its_numbers(bench):
     assert limits["losses"] == [max(1e-2, 10 * d) for d in differences["eager-fused-adam"]]
     assert small["concurrent_variant"] in ("eager", "eager-fused-adam", "step-graphs")
     assert set(small["skipped"]) == {"compiled-step-graphs", "fp32-graphs", "tf32-step-graphs", "bf16-step-graphs",
-                                     "fast", "fast-reduce-overhead"}
+                                     "fast-step-graphs", "fast", "fast-reduce-overhead"}
     sr = small["single"]["eager"]["sr_call_s"]  # one SR call on the study's D, per mode, on the device and the CPU
     assert all(sr[f"{mode}_{where}"] > 0 for mode in ("static", "rescale", "dynamic") for where in ("device", "cpu"))
     assert "sr_call_s" not in small["single"]["step-graphs"]

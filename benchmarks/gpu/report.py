@@ -36,6 +36,8 @@ RATIOS = {
                                      "G-iterations/s, one run: each step one CUDA graph, faithful fp32"),
     "small_compiled_step_graphs_over_eager": ("d_small_models.single.compiled-step-graphs.g_iterations_per_s", [EAGER],
                                               "G-iterations/s, one run: compiled, each step one CUDA graph, fp32"),
+    "small_fast_step_graphs_over_eager": ("d_small_models.single.fast-step-graphs.g_iterations_per_s", [EAGER],
+                                          "G-iterations/s, one run: bf16, channels_last, TF32, compiled, step graphs"),
     "biggan_bf16_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.bf16.iteration_s"],
                             "CIFAR-10-LT BigGAN: faithful / bf16 seconds per iteration"),
     "biggan_step_graphs_speedup": ("e_biggan.faithful.iteration_s", ["e_biggan.step-graphs.iteration_s"],

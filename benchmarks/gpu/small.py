@@ -9,7 +9,8 @@ micro-batches of 64, so G accumulates 2, n_dis 5) on synthetic data held on the 
 default mode: fewer, fused kernels in the graphs), ``fp32-graphs`` (the same arithmetic compiled with
 ``performance.compile_mode`` reduce-overhead: CUDA graphs of the forwards and backwards, and fused Adam; these fp32
 variants are the collapse study's candidates, docs/collapse.md); not fp32: ``tf32-step-graphs`` (step graphs with
-TF32 tensor cores), ``bf16-step-graphs`` (step graphs with bf16 autocast, channels_last and TF32), ``fast`` (bf16 +
+TF32 tensor cores), ``bf16-step-graphs`` (step graphs with bf16 autocast, channels_last and TF32),
+``fast-step-graphs`` (those step graphs compiled: the candidate for the issue's 200 G-iterations/s), ``fast`` (bf16 +
 channels_last + compile + tf32) and ``fast-reduce-overhead`` (``fast`` with CUDA graphs and fused Adam).
 
 Each run is a worker process (``small_worker.py``), or shares one with others, each on its own CUDA stream
@@ -33,9 +34,9 @@ expect, not only the models', is measured; and once more through the loader (``l
 and dequantized per sample in the training process, ``num_workers: 0``, about 1 ms per batch of 64 on one CPU core
 here), the path that ``data_on_device`` replaces. The eager run also times one SR call per mode on its D, on the
 device and on the CPU (``sr_call_s``; the CPU's is what ``performance.sr_on_cpu`` runs, less two small copies): the
-cost the study's SR arms add. Eager, step graphs, TF32 step graphs and fp32-graphs, alone, are profiled after their window
-(``kernel_profile``: the device's busy time against the wall, launches, the heaviest kernels): where the time
-the rate leaves goes.
+cost the study's SR arms add. Eager, step graphs, TF32 step graphs, fast step graphs and fp32-graphs, alone, are
+profiled after their window (``kernel_profile``: the device's busy time against the wall, launches, the heaviest
+kernels): where the time the rate leaves goes.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ import numpy as np
 
 from benchmarks.gpu.common import (MINIMUM_S, datasheet_peak, finish_child, pick_device, progress, read_result,
                                    remaining, run_child, start_child)
-from benchmarks.gpu.small_worker import COMPILED, FP32, g_iteration_flops
+from benchmarks.gpu.small_worker import COMPILED, FP32, LAST, g_iteration_flops
 
 RESERVE_S = 3.0  # a worker's deadline ends this much before the section's, so the section can still record
 # largest difference to eager of a variant that agrees: warm-up losses (in units of max(|eager's|, 1)) and the
@@ -210,16 +211,16 @@ def within(differences: list | None, limits: list) -> bool:
 def run(params: dict, partial) -> None:
     """Section (d), in the parent process, in the order that a tight budget cuts from the end: eager, its yardstick
     and step graphs alone; the fastest of them that agrees with eager on the study's data path, as N runs in one
-    process (one CUDA stream each) and as N processes; TF32 and bf16 step graphs alone; the compiled candidates
-    alone; the loader's data path; the compiled fast variants."""
+    process (one CUDA stream each) and as N processes; TF32 and bf16 step graphs alone; the compiled step graphs
+    alone (fp32, then bf16); the loader's data path; reduce-overhead and compile without graphs (``LAST``)."""
     partial.record(batch=params["batch"], n_dis=params["n_dis"], width=params["width"] or 32,
                    warmup_iterations=params["warmup"], window_s=params["window_s"], skipped=params["skipped"],
                    agreement=AGREEMENT)
     peak = datasheet_peak(pick_device(), "fp32")  # the faithful runs' ceiling: fp32, without tensor cores
     partial.record(arithmetic={"flops_per_g_iteration": g_iteration_flops(params), **peak})
-    kinds = ((True, False), (False, False), (True, True), (False, True))  # (fp32, compiled): the order measured
-    candidates, uncompiled_others, compiled, compiled_others = [
-        [name for name in params["variants"] if (name in FP32, name in COMPILED) == kind] for kind in kinds]
+    candidates = [name for name in params["variants"] if name in FP32 and name not in COMPILED]
+    others = [name for name in params["variants"] if name not in candidates and name not in LAST]
+    last = [name for name in params["variants"] if name in LAST]
     with tempfile.TemporaryDirectory() as name:
         directory = Path(name)
         singles = {}
@@ -245,8 +246,8 @@ def run(params: dict, partial) -> None:
         for parties in params["concurrency"][1:]:
             levels[str(parties)] = concurrent(params, chosen, parties, directory, losses)
             partial.record(concurrent=levels)
-        for variant in uncompiled_others + compiled:
+        for variant in others:
             alone(variant)
         partial.record(loader_data_path=with_data(params, chosen, singles[chosen], directory, on_device=False))
-        for variant in compiled_others:
+        for variant in last:
             alone(variant)
