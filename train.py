@@ -11,7 +11,6 @@ change is printed. ``--config`` is not needed then.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import sys
@@ -20,22 +19,18 @@ from pathlib import Path
 
 import torch
 
-from source.config import Config, ConfigError, config_from_dict, load_config, save_config
-from source.datasets import STANDARD_FILES, DatasetError
-from source.training import build, checkpoint, group, performance, runfolder
+from source.config import Config, ConfigError, load_config, save_config
+from source.datasets import DatasetError
+from source.training import build, checkpoint, group, performance, resume, runfolder
 from source.training.summary import batch_summary, dry_run
-from source.typed import config_differences
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
-from source.training.evaluate import (Evaluate, for_this_machine,
-                                      require_reference_before_distributed_training)
+from source.training.evaluate import Evaluate, require_reference_before_distributed_training
 from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
 from source.training.modes import Modes
-from source.training.resume_artefact import ResumeArtefact
-from source.training.runlog import DamagedLog, events, truncate_after
 from source.training.step_graphs import StepGraphError
 from source.training.trainer import SnapshotWriteError, Trainer, TrainingDiverged
 
@@ -112,7 +107,7 @@ def stopped_at_once(trainer: Trainer | None) -> int:
 def read_settings(args: argparse.Namespace) -> tuple[dict | None, Config]:
     """The snapshot to resume (None for a new run) and the run's config."""
     snapshot = checkpoint.load_snapshot(args.resume, training_state=True) if args.resume else None
-    config = resume_config(args, snapshot) if snapshot else \
+    config = resume.settings(args, snapshot) if snapshot else \
         load_config(args.config, args.overrides, world_size=world_size_from_env())
     return snapshot, config
 
@@ -166,45 +161,19 @@ def report(message: str, world: World | None = None) -> None:
         print(f"[rank {world.rank}] {message}" if world.distributed else message, file=sys.stderr)
 
 
-def resume_config(args: argparse.Namespace, snapshot: dict) -> Config:
-    """The run's own settings with ``--set`` on top; a ``--config`` file given too is only compared, not used."""
-    config = config_from_dict(snapshot["config"], args.overrides, source=f"{args.resume} (its config)",
-                              world_size=world_size_from_env())
-    note = for_this_machine(config, args.overrides)
-    if note and config.evaluation.metrics and rank_from_env() == 0:
-        print(f"note: {note}")
-    if args.config:
-        file_differs = config_differences(snapshot_config(snapshot), load_config(args.config).to_dict())
-        if file_differs and rank_from_env() == 0:
-            print(f"note: resuming with the run's own settings, not those of {args.config} ({len(file_differs)} "
-                  f"differ, e.g. {file_differs[0]}); change settings with --set KEY=VALUE")
-    return config
-
-
-def snapshot_config(snapshot: dict) -> dict:
-    """The snapshot's config with today's defaults filled in: keys added to the format since are no change."""
-    try:
-        return config_from_dict(snapshot["config"], source="snapshot").to_dict()
-    except ConfigError:  # a config this version no longer accepts: compare it as written
-        return snapshot["config"]
-
-
 def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World,
           stack: ExitStack) -> Trainer | None:
     """Everything up to the first iteration: the models, the run folder (locked until ``stack`` closes), the data,
     the trainer, the resumed state. None after a dry run, which only prints what would run."""
-    changes = config_differences(snapshot_config(snapshot), config.to_dict()) if snapshot else []
-    plan = plan_run_folder(args, snapshot, bool(recipe_changes(changes, config.dataset.name)))
+    changes = resume.changes(snapshot, config) if snapshot else []
+    plan = plan_run_folder(args, snapshot, bool(resume.recipe_changes(changes, config.dataset.name)))
     performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    for key, spec in (("gen", config.models.generator), ("dis", config.models.discriminator)) if snapshot else ():
-        misfit = checkpoint.weights_misfit(key, spec, snapshot[key])  # before the models' memory is taken
-        if misfit:
-            raise ConfigError(f"{args.resume} does not fit the configured models ({misfit}); a resume may change "
-                              "training settings, not the networks")
+    if snapshot:
+        resume.check_networks(snapshot, config, args.resume)  # before the models' memory is taken
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
@@ -223,8 +192,8 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     if snapshot:
         # the original's replicas were copied before the snapshot was loaded: they hold the initial models
         branch = Path(out).resolve() != checkpoint.run_folder_of(args.resume)
-        trainer.updater.artefact = resume_artefact(config, models, branch)
-        resume(trainer, snapshot, args.resume, changes, world)
+        trainer.updater.artefact = resume.artefact(config, models, branch)
+        resume.restore(trainer, snapshot, args.resume, changes, world)
         if trainer.updater.artefact is not None:
             trainer.log.event(trainer.iteration, "resume_artefact", devices=config.updater.resume_artefact_devices)
     if world.is_main:
@@ -237,14 +206,6 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     return trainer
 
 
-def resume_artefact(config: Config, models: build.Models, branch: bool) -> ResumeArtefact | None:
-    """The original's first-iteration-after-a-resume artefact, when ``updater.resume_artefact`` asks for it here."""
-    setting = config.updater.resume_artefact
-    if setting == "every" or (setting == "branch" and branch):
-        return ResumeArtefact(models.gen, models.dis, config.updater.resume_artefact_devices, config.bn_batch)
-    return None
-
-
 def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bool) -> runfolder.Plan:
     """A new run gets a new (or empty) folder; a resume continues its run in place only from the run's latest
     snapshot with unchanged settings, otherwise it branches (the SN run whose 40k snapshot is resumed with SR is kept)."""
@@ -252,25 +213,6 @@ def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bo
     if snapshot is None:
         return runfolder.plan_fresh(args.out, default)
     return runfolder.plan_resume(args.out, args.resume, snapshot["iteration"], changed, default)
-
-
-# how often a run reports, evaluates, draws its grid and keeps a snapshot: what it records, not what it trains (none
-# draws from the training's random streams). spectra_interval is not among them: the collapse detector, which may
-# switch SR on, checks at its iterations.
-RECORDING = ("display_interval", "evaluation_interval", "preview_interval", "snapshot_interval")
-
-
-def recipe_changes(changes: list[str], dataset: str) -> list[str]:
-    """The changes that make a resume a branch: all but ``performance.*``, which changes how the arithmetic runs,
-    ``RECORDING``'s intervals and, for a standard data set (``STANDARD_FILES``: its name fixes its images),
-    ``dataset.args.root``, where its files lie: a run may continue in place with compile or TF32 switched, evaluated
-    less often, or moved to a machine that keeps the files elsewhere (the log's resume event lists every change). A
-    folder of images' root says which images: a branch. ``dataset.args.download`` only says whether to fetch the
-    files: a resume leaves it off unless --set asks; ``evaluation.cache_dir`` only where references are cached
-    (each checked against its key when read)."""
-    kept = (*RECORDING, "dataset.args.root" if dataset in STANDARD_FILES else None, "dataset.args.download",
-            "evaluation.cache_dir")
-    return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] not in kept]
 
 
 def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolder.RunFolder | None]:
@@ -287,35 +229,6 @@ def claim_run_folder(plan: runfolder.Plan, world: World) -> tuple[Path, runfolde
     if world.is_main and path != plan.first:
         print(f"{plan.first} is taken (another run's folder, or in use); this run writes to {path}")
     return path, folder
-
-
-def resume(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
-    try:
-        trainer.load_state_dict(snapshot)
-    except checkpoint.SnapshotMismatch as error:
-        raise ConfigError(f"{path} does not fit the configured models ({error}); a resume may change "
-                          "training settings, not the networks") from None
-    except SnapshotError as error:
-        raise SnapshotError(f"{path}: {error}") from None
-    if world.is_main:
-        print(f"resumed from {path} at iteration {trainer.iteration}")
-        for line in changes:
-            print(f"  config change: {line}")
-        if trainer.iteration >= trainer.stop:
-            print(f"the run has trained its {trainer.stop} iterations: nothing to do (to train longer: --set "
-                  f"iteration=N, which continues in a folder of its own)")
-        for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
-            try:
-                truncate_after(trainer.out / name, trainer.iteration)
-            except DamagedLog as error:
-                raise SnapshotError(f"{error}; the run's log is damaged (delete or mend that line)") from None
-        trainer.log.purge_after(trainer.iteration)
-        stops = [e["elapsed"] for e in events(trainer.out, "interrupted") if e.get("iteration") == trainer.iteration
-                 and type(e.get("elapsed")) in (int, float) and 0 <= e["elapsed"] < math.inf]
-        trainer.elapsed_before = max([trainer.elapsed_before, *stops[-1:]])  # with what ran after its snapshot
-        for orphan in checkpoint.exports_after(trainer.out, trainer.iteration):  # of the timeline this one replaces
-            orphan.unlink(missing_ok=True)
-    trainer.log.event(trainer.iteration, "resumed", snapshot=str(path), changes=changes)
 
 
 def make_extensions(config: Config, world: World, class_counts: list[int]) -> list:

@@ -17,7 +17,7 @@ import evaluation
 import train
 import updater as updater_module
 from source.config import ConfigError, load_config
-from source.training import checkpoint, convert_snapshot, runfolder
+from source.training import checkpoint, convert_snapshot, resume, runfolder
 from source.training.checkpoint import load_snapshot
 from test_training import CONFIGS, tiny_argv
 
@@ -599,9 +599,9 @@ def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_
     snapshot["config"]["dataset"] = {"name": "cifar10", "args": {"root": chosen, "download": True}}
     for overrides, expected in (([], False), (["dataset.args.download=true"], True)):
         args = argparse.Namespace(resume="received.pt", overrides=overrides, config=None)
-        assert train.resume_config(args, snapshot).dataset.args.download is expected
+        assert resume.settings(args, snapshot).dataset.args.download is expected
     # whether to fetch the files is not the recipe: switched off, the run still continues in place
-    assert train.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []
+    assert resume.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []
 
 
 def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp_path, trained, capsys):
@@ -614,16 +614,16 @@ def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp
     snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
     theirs = tmp_path / "their" / "refs"
     snapshot["config"]["evaluation"]["cache_dir"] = str(theirs)
-    resume = lambda *overrides: train.resume_config(argparse.Namespace(resume="r.pt", overrides=list(overrides),
-                                                                       config=None), snapshot).evaluation.cache_dir
-    assert resume() == EvaluationConfig.cache_dir
+    cache_dir = lambda *overrides: resume.settings(argparse.Namespace(resume="r.pt", overrides=list(overrides),
+                                                                          config=None), snapshot).evaluation.cache_dir
+    assert cache_dir() == EvaluationConfig.cache_dir
     out = capsys.readouterr().out
     assert f"evaluation.cache_dir {theirs} does not exist here" in out and out.count("\n") == 1
-    assert resume(f"evaluation.cache_dir={theirs}") == str(theirs) and not theirs.exists()
-    assert resume("evaluation={cache_dir: " + str(theirs) + "}") == str(theirs)  # a mapping set with it
+    assert cache_dir(f"evaluation.cache_dir={theirs}") == str(theirs) and not theirs.exists()
+    assert cache_dir("evaluation={cache_dir: " + str(theirs) + "}") == str(theirs)  # a mapping set with it
     theirs.parent.mkdir(parents=True)  # a folder this machine can hold: the user's own, maybe not made yet
-    assert resume() == str(theirs) and capsys.readouterr().out == ""
-    assert train.recipe_changes([f"evaluation.cache_dir: {theirs} -> data/reference_stats"], "fashion_mnist") == []
+    assert cache_dir() == str(theirs) and capsys.readouterr().out == ""
+    assert resume.recipe_changes([f"evaluation.cache_dir: {theirs} -> data/reference_stats"], "fashion_mnist") == []
 
 
 def test_a_log_line_that_is_not_a_record_stops_a_resume_in_one_line(tmp_path, trained, capsys):

@@ -7,7 +7,7 @@ from torch import nn
 
 import train
 from source.config import ConfigError, load_config
-from source.training import build, performance
+from source.training import build, performance, resume
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.resume_artefact import ResumeArtefact, routed
@@ -87,7 +87,7 @@ def test_a_branch_resume_takes_one_artefact_update_and_an_in_place_resume_none(t
 def test_which_resumes_take_the_artefact(setting, branch, applies):
     config = load_config(CONFIGS / "demo.yaml", [*TINY, f"updater.resume_artefact={setting}"])
     models = build.build_models(config, torch.device("cpu"))
-    artefact = train.resume_artefact(config, models, branch)
+    artefact = resume.artefact(config, models, branch)
     assert (artefact is not None) == applies
     if applies:  # copies of the models as they are now, i.e. before a snapshot is loaded into them
         replica = artefact.replicas["dis"][0]
@@ -100,7 +100,7 @@ def test_a_compiled_run_gets_replicas_that_run_their_own_weights_eagerly(monkeyp
     models = build.build_models(config, torch.device("cpu"))
     for model in (models.gen, models.dis):
         performance.prepare_model(model, config.performance)
-    artefact = train.resume_artefact(config, models, branch=True)
+    artefact = resume.artefact(config, models, branch=True)
     replica = artefact.replicas["dis"][0]
     assert models.dis._compiled_call_impl is not None and replica._compiled_call_impl is None
 

@@ -19,7 +19,7 @@ import train
 import updater as updater_module
 from source.config import load_config
 from source.models import build_model
-from source.training import build
+from source.training import build, resume
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.runlog import read_jsonl
@@ -138,8 +138,8 @@ def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_
     orphan = run / "snapshots" / "generator_iter_3.pt"  # as a second signal while a stop at 3 wrote its snapshot
     shutil.copy(run / "snapshots" / "generator_iter_2.pt", orphan)
     capsys.readouterr()
-    resume = ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", f"dataset.args.root={moved}"]
-    assert train.main(argv + resume) == 0
+    resuming = ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", f"dataset.args.root={moved}"]
+    assert train.main(argv + resuming) == 0
     assert f"dataset.args.root: {FASHION_MNIST.parent} -> {moved}" in capsys.readouterr().out
     continued = load_snapshot(run / "snapshots" / "snapshot_iter_4.pt")
     assert tensors_equal(continued["gen"], straight["gen"]) and tensors_equal(continued["dis"], straight["dis"])
@@ -148,10 +148,10 @@ def test_a_run_moved_to_a_machine_with_its_data_elsewhere_continues_in_place_as_
     events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert any(e.get("event") == "resumed" and f"{moved}" in " ".join(e["changes"]) for e in events)
     argv = [a for a in argv if a not in ("--out", str(run))]
-    assert train.main(argv + resume + ["--set", "adam_D.alpha=0.001"]) == 0  # a recipe change too: a branch
+    assert train.main(argv + resuming + ["--set", "adam_D.alpha=0.001"]) == 0  # a recipe change too: a branch
     assert (tmp_path / "run-resume2" / "snapshots" / "snapshot_iter_4.pt").is_file()
     moving = ["dataset.args.root: /data/a -> /data/b"]  # a folder of images: its root says which images
-    assert train.recipe_changes(moving, "imagenet") == moving and train.recipe_changes(moving, "cifar10") == []
+    assert resume.recipe_changes(moving, "imagenet") == moving and resume.recipe_changes(moving, "cifar10") == []
 
 
 def test_resume_from_a_snapshot_outside_its_run_folder_branches_into_results(tmp_path, monkeypatch):

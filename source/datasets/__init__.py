@@ -56,7 +56,8 @@ _DOWNLOADS: dict[str, Callable[[Any], bool]] = {
 }
 
 # data sets that a name and a split fix (the standard files, which their loaders check): ``root`` says only where
-# the files lie, so a run may move (train.recipe_changes) and a reference keep its cache (metrics/reference.py)
+# the files lie, so a run may move (source/training/resume.py: recipe_changes) and a reference keep its cache
+# (metrics/reference.py)
 STANDARD_FILES = ("fashion_mnist", "cifar10")
 
 # the values of each data set's ``split`` arg; the first is the training split

@@ -44,7 +44,7 @@ def command(study: Study, root: Path, run: Run, python: str, performance: tuple[
     """The run's train.py command; ``performance``: this chunk's ``performance.*`` overrides, given to every run;
     ``data_root``: where the study's data lies on this machine, given to every run that reads the study's data (a
     snapshot may name another machine's folder). Neither is the recipe: a run continues in place with them
-    (``train.recipe_changes``)."""
+    (``source.training.resume.recipe_changes``)."""
     folder = run_folder(root, run)
     local = performance
     if data_root is not None and study.configured_root(run) == study.data_root():
