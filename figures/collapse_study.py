@@ -11,7 +11,8 @@ Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's st
   started (SR's curves dashed), else its run of the second arm (``spectra_runs``);
 - ``data/STUDY_summary.json``: per run its series and landmarks; per arm the seeds' collapse iterations
   (or none), and mean ± sample std over its started seeds of the measures at the last iteration all of them
-  reached and just before each collapse;
+  reached and just before each collapse; per chunk run so far (``chunks.jsonl``) its wall time, runs and the
+  iterations they trained in it (the study's measured pace);
 and prints the summary as a markdown table. Runs still going are summarized as far as they got.
 """
 from __future__ import annotations
@@ -104,7 +105,22 @@ def summarize(study: Study, root: Path) -> dict:
         for when in ("at_common", "before_collapse"):
             row[when] = {m: mean_std([d[when][m] for d in started if d[when]]) for m in MEASURES}
         summary[name] = row
-    return {"study": str(study.path), "arms": summary, "runs": runs}
+    return {"study": str(study.path), "arms": summary, "runs": runs, "chunks": chunk_paces(root)}
+
+
+def chunk_paces(root: Path) -> list[dict]:
+    """Per chunk of ``chunks.jsonl``: when, how long, how its runs shared the machine, and their iterations."""
+    paces = []
+    for chunk in read_jsonl(root / "chunks.jsonl"):
+        runs = chunk.get("runs") if isinstance(chunk.get("runs"), dict) else {}
+        trained = {name: run["to"] - run["from"] for name, run in runs.items()
+                   if isinstance(run, dict) and isinstance(run.get("to"), int) and isinstance(run.get("from"), int)}
+        wall = chunk.get("wall_s") if isinstance(chunk.get("wall_s"), (int, float)) else None
+        paces.append({"started": chunk.get("started"), "wall_s": wall, "per_process": chunk.get("per_process"),
+                      "performance": chunk.get("performance"), "runs": len(trained),
+                      "iterations": sum(trained.values()),
+                      "iterations_per_s": round(sum(trained.values()) / wall, 1) if wall else None})
+    return paces
 
 
 def _cell(value: dict | None, digits: int = 2) -> str:
@@ -131,6 +147,9 @@ def markdown(summary: dict) -> str:
                      f"{'–' if row['common_iteration'] is None else row['common_iteration']} | {_cell(at['modes'], 1)} | "
                      f"{_cell(at['diversity'])} | {_cell(at['classifier_FID'], 1)} | {_cell(before['modes'], 1)} | "
                      f"{_cell(before['diversity'])} |")
+    for chunk in summary["chunks"]:
+        lines.append(f"\nchunk of {chunk['started']}: {chunk['runs']} runs trained {chunk['iterations']} iterations in "
+                     f"{chunk['wall_s']} s ({chunk['iterations_per_s']} iterations/s in all)")
     return "\n".join(lines)
 
 

@@ -40,6 +40,10 @@ def study(tmp_path):
                                                 {"iteration": 30, "loss_dis": 1.0}, {"iteration": 40, "loss_dis": 1.0},
                                                 *scores([0.8, 0.8, 0.8, 0.8])[2:]])
     write(runs / "sr_resumed_s0", "classifier_modes.jsonl", [measures(30, 9, 0.8, 70), measures(40, 9, 0.85, 65)])
+    write(tmp_path / "runs", "chunks.jsonl", [  # a chunk the two sn runs ran in; a later one whose runs did not start
+        {"started": "2026-11-28T05:59:38", "wall_s": 12.5, "per_process": 2,
+         "runs": {"b64/sn_s0": {"from": 0, "to": 30, "seconds": 12.0}, "b64/sn_s1": {"from": 0, "to": 20}}},
+        {"started": "2026-11-28T06:10:00", "wall_s": 3.0, "runs": {"b64/sr_resumed_s0": {"from": 20}}}])
     return path
 
 
@@ -63,6 +67,9 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     assert "| b64/sr_resumed | 40 (from 20), 0 | 0 of 1; 1 not started | 40 | 9.0 (n=1) |" in table
     assert (out / "study_b64_curves.png").stat().st_size > 10_000
     assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
+    assert [(c["runs"], c["iterations"], c["iterations_per_s"]) for c in summary["chunks"]] == [(2, 50, 4.0),
+                                                                                            (0, 0, 0.0)]
+    assert "chunk of 2026-11-28T05:59:38: 2 runs trained 50 iterations in 12.5 s (4.0 iterations/s in all)" in table
 
 
 def test_the_spectra_figure_sets_the_baseline_beside_its_branch_once_started(study, tmp_path, monkeypatch):
