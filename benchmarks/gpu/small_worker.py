@@ -42,8 +42,8 @@ VARIANTS = {  # measured in this order (small.run), the study's uncompiled fp32 
 FP32 = ("eager", "eager-fused-adam", "step-graphs", "compiled-step-graphs", "fp32-graphs")  # the study's candidates
 # minutes of compiling on a cold cache
 COMPILED = ("compiled-step-graphs", "fast-step-graphs", "fp32-graphs", "fast", "fast-reduce-overhead")
-# measured last, after the loader's data path: reduce-overhead's compile passed a worker's 75 s on the H200, and
-# compile without graphs leaves the launches that make these models slow
+# measured last, after the loader's data path: reduce-overhead compiles longest (the H200's section budget ended
+# during fp32-graphs' compile), and compile without graphs leaves the launches that make these models slow
 LAST = ("fp32-graphs", "fast", "fast-reduce-overhead")
 
 # a few seconds each on a GPU (the profiler starting up)
