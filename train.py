@@ -165,7 +165,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
           stack: ExitStack) -> Trainer | None:
     """Everything up to the first iteration: the models, the run folder (locked until ``stack`` closes), the data,
     the trainer, the resumed state. None after a dry run, which only prints what would run."""
-    changes = resume.changes(snapshot, config) if snapshot else []
+    changes = resume.config_changes(snapshot, config) if snapshot else []
     plan = plan_run_folder(args, snapshot, bool(resume.recipe_changes(changes, config.dataset.name)))
     performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:

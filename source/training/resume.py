@@ -44,7 +44,7 @@ def snapshot_config(snapshot: dict) -> dict:
         return snapshot["config"]
 
 
-def changes(snapshot: dict, config: Config) -> list[str]:
+def config_changes(snapshot: dict, config: Config) -> list[str]:
     """What the resume changes of the snapshot's settings, one ``key: old -> new`` line each."""
     return config_differences(snapshot_config(snapshot), config.to_dict())
 
