@@ -111,6 +111,8 @@ def test_status_says_how_much_of_the_study_is_trained_and_how_long_the_rest_take
     assert capsys.readouterr().out.splitlines()[-1] == (
         "14000 of 138000 iterations trained (10 %); at the last chunk's 70.0 iterations/s in all, the rest takes "
         "about 30 min of chunks")
+    assert study_cli.main(["status", str(path), "--root", str(tmp_path), "--arm", "sn"]) == 0  # the chosen runs only
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["tiny/sn_s0", "14000"]
     (folder / "log.jsonl").write_text("")  # no collapse: the branch waits and is not counted
     line = study_cli.outlook_line(state.outlook(study, tmp_path))
     assert line.startswith("14000 of 100000 iterations trained (14 %); runs 1 waiting")

@@ -5,7 +5,7 @@
       [--seed N] [--arm NAME]                              --setting, --seed, --arm choose runs (repeatable)
       [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
                                                            the study base's performance block where not given)
-  status STUDY                                             each run's progress
+  status STUDY [--setting NAME] [--arm NAME] [--seed N]   each run's progress (of the chosen runs)
   carry STUDY --to DIR [--setting NAME] [--arm NAME]      what a device call needs, in DIR (git-ignored)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
   take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command = sub.add_parser(name)
         command.add_argument("study", help="study YAML, e.g. configs/collapse/gpu_study.yaml")
         command.add_argument("--root", help="the study's runs (default results/<study name>)")
-        if name in ("run", "device", "carry"):
+        if name in ("run", "device", "carry", "status"):
             command.add_argument("--setting", action="append", help="only this setting's runs (repeatable)")
             command.add_argument("--seed", action="append", type=int, help="only this seed's runs (repeatable)")
             command.add_argument("--arm", action="append",
