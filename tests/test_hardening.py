@@ -604,9 +604,10 @@ def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_
     assert resume.recipe_changes(["dataset.args.download: true -> false"], "cifar10") == []
 
 
-def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp_path, trained, capsys):
-    """Its evaluation.cache_dir names a folder of the sender's machine: where this one lacks it, references are
-    cached in the default folder (said in one note), the run continuing in place; --set or an existing folder keep it."""
+def test_a_received_snapshots_cache_folder_is_used_only_where_it_can_be_here(tmp_path, trained, capsys, monkeypatch):
+    """Its evaluation.cache_dir names a folder of the sender's machine: where this one lacks it (or could not make
+    it), references are cached in the default folder (said in one note), the run continuing in place; --set or an
+    existing folder keep it."""
     import argparse
 
     from source.config import EvaluationConfig
@@ -623,6 +624,11 @@ def test_a_received_snapshots_cache_folder_is_used_only_where_it_exists_here(tmp
     assert cache_dir("evaluation={cache_dir: " + str(theirs) + "}") == str(theirs)  # a mapping set with it
     theirs.parent.mkdir(parents=True)  # a folder this machine can hold: the user's own, maybe not made yet
     assert cache_dir() == str(theirs) and capsys.readouterr().out == ""
+    writable = os.access  # a parent this user cannot write into (the tests may run as root, who can write anywhere)
+    monkeypatch.setattr(os, "access", lambda path, mode: path != str(theirs.parent) and writable(path, mode))
+    assert cache_dir() == EvaluationConfig.cache_dir and "cannot be made" in capsys.readouterr().out
+    theirs.mkdir()  # a cache folder that exists here is used as it is (it may hold the references, read only)
+    assert cache_dir() == str(theirs)
     assert resume.recipe_changes([f"evaluation.cache_dir: {theirs} -> data/reference_stats"], "fashion_mnist") == []
 
 

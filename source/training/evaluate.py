@@ -89,20 +89,21 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
 def for_this_machine(config: Config, overrides: list[str]) -> str | None:
     """A snapshot may come from someone else. Its config's `download: true` (CIFAR-10's default) does not make this
     machine download a data set into the folder it names (evaluating or resuming it), and its evaluation.cache_dir,
-    a folder of the machine it was trained on, is used only where it or the folder that would hold it exists here;
-    else references are cached in the default folder, not in folders a file chose (a note says so: returned). The
-    user's own --set (of the key or a mapping above it) decides both."""
+    a folder of the machine it was trained on, is used only where it exists here or the folder that would hold it
+    exists and is writable; else references are cached in the default folder, not in folders a file chose (a note
+    says so: returned). The user's own --set (of the key or a mapping above it) decides both."""
     asked = [override.partition("=")[0].strip() for override in overrides]
     given = lambda key: any(key == name or key.startswith(f"{name}.") for name in asked)  # noqa: E731
     if hasattr(config.dataset.args, "download") and not given("dataset.args.download"):
         config.dataset.args.download = False
     default, cache_dir = EvaluationConfig.cache_dir, config.evaluation.cache_dir
-    if given("evaluation.cache_dir") or cache_dir == default or os.path.isdir(os.path.dirname(
-            os.path.abspath(cache_dir))):
+    parent = os.path.dirname(os.path.abspath(cache_dir))
+    if given("evaluation.cache_dir") or cache_dir == default or os.path.isdir(cache_dir) or (
+            os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         return None
     config.evaluation.cache_dir = default
-    return (f"the snapshot's evaluation.cache_dir {cache_dir} does not exist here: reference statistics are cached "
-            f"in {default} (--set evaluation.cache_dir=DIR to choose)")
+    return (f"the snapshot's evaluation.cache_dir {cache_dir} does not exist here (or cannot be made): reference "
+            f"statistics are cached in {default} (--set evaluation.cache_dir=DIR to choose)")
 
 
 # --- during training ---------------------------------------------------------------------------
