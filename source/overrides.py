@@ -71,14 +71,16 @@ def mapping(parent: Any, key: str) -> dict:
     return child if isinstance(child, dict) else {}
 
 
-def adapt_dataset_args(raw: dict, file_name: Any, file_args: dict) -> None:
+def adapt_dataset_args(raw: dict, file_name: Any, file_args: dict, file_reference_split: Any) -> None:
     """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
 
-    When the name changes, the file's args belong to another data set (ImageNet's ``root`` and
-    ``size``) and are dropped unless ``--set`` gave them; the synthetic data take resolution,
-    channels and classes from the generator.
+    When the name changes, the file's args belong to another data set (ImageNet's ``root`` and ``size``) and are
+    dropped unless ``--set`` gave them, except its long tail's ratio and seed (the recipe's class imbalance, which any
+    data set that takes one keeps; its ``n_max`` counts the file's images); so is the file's
+    ``evaluation.reference_split`` where the new data set has no such split (its reference is then its training
+    data). The synthetic data take resolution, channels and classes from the generator.
     """
-    from source.datasets import DATASETS
+    from source.datasets import DATASETS, SPLITS
 
     dataset = raw.get("dataset")
     if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
@@ -89,8 +91,16 @@ def adapt_dataset_args(raw: dict, file_name: Any, file_args: dict) -> None:
     dataset["args"] = args
     if file_name is not None and dataset["name"] != file_name:
         valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
-        for key in [k for k in args if k not in valid or (k in file_args and args[k] == file_args[k])]:
+        for key in [k for k in args if k not in valid or (k != "long_tail" and k in file_args
+                                                            and args[k] == file_args[k])]:
             del args[key]
+        tail, file_tail = mapping(args, "long_tail"), mapping(file_args, "long_tail")
+        if tail.get("n_max") is not None and tail.get("n_max") == file_tail.get("n_max"):
+            del tail["n_max"]  # a head class's image count in the file's data set
+        evaluation = mapping(raw, "evaluation")
+        if file_reference_split is not None and evaluation.get("reference_split") == file_reference_split \
+                and file_reference_split not in SPLITS.get(dataset["name"], ()):
+            del evaluation["reference_split"]
     if dataset["name"] == "synthetic":
         gen_args = mapping(mapping(mapping(raw, "models"), "generator"), "args")
         args.setdefault("size", gen_args.get("resolution", 32))

@@ -127,6 +127,20 @@ def test_synthetic_override_adapts_to_the_models():
     assert (args.size, args.channels, args.n_classes) == (128, 3, 1000)
 
 
+def test_synthetic_stand_in_data_keep_the_recipes_long_tail_and_take_nested_sets():
+    """A gSR config on synthetic data stays long-tailed (ratio and seed; n_max counted the file's images), a nested
+    --set under dataset.args is the user's (it used to share the file's mapping and be dropped as the file's), and
+    the file's evaluation.reference_split stays where the synthetic data have that split."""
+    lsun = load_config(CONFIGS / "gsr/lsun_lt_sngan.yaml", ["dataset.name=synthetic"])
+    assert (lsun.dataset.args.long_tail.ratio, lsun.dataset.args.long_tail.n_max) == (100, None)
+    assert lsun.evaluation.reference_split is None  # LSUN's 'eval' split: none in the synthetic data
+    chosen = load_config(CONFIGS / "gsr/lsun_lt_sngan.yaml", ["dataset.name=synthetic", "dataset.args.long_tail.n_max=50",
+                                                               "dataset.args.long_tail.ratio=10"])
+    assert (chosen.dataset.args.long_tail.ratio, chosen.dataset.args.long_tail.n_max) == (10, 50)
+    cifar = load_config(CONFIGS / "gsr/cifar10_lt_sngan.yaml", ["dataset.name=synthetic"])
+    assert (cifar.dataset.args.long_tail.ratio, cifar.evaluation.reference_split) == (100, "test")
+
+
 def test_config_differences_lists_changed_leaves():
     old = {"updater": {"apply_SR": False, "n_dis": 1}, "seed": 0}
     new = {"updater": {"apply_SR": True, "n_dis": 1}, "seed": 0}
