@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -105,6 +106,10 @@ def metrics(args: argparse.Namespace) -> None:
         g_batchnorm=args.g_batchnorm or config.evaluation.g_batchnorm,
     )
     check_settings(settings, world_size=1)
+    if not settings.metrics and not args.intra_fid:  # before minutes of reference statistics
+        raise ValueError("no metrics requested: the snapshot's evaluation.metrics is [] (a Fashion-MNIST recipe's "
+                         "runs are scored by the classifier: evaluation.py classes); pass --metrics fid kid, or "
+                         "--intra-fid")
     config = dataclasses.replace(config, evaluation=settings)
     check_reference_split(config)
     request = score_request(config, loaded.gen.n_classes, args.intra_fid, args.classes, args.samples_per_class)
@@ -113,6 +118,9 @@ def metrics(args: argparse.Namespace) -> None:
     seeds = [seed + repeat for repeat in range(args.repeats)]
     print_notes([loaded.cache_note] if loaded.cache_note and not settings.reference_stats else [])
     backbone, note = load_backbone(settings.inception_weights, device)
+    if not args.intra_fid and settings.metrics == ["is"] and not backbone.has_logits:  # before the reference's work
+        print_notes(([note] if note else []) + available_metrics(settings.metrics, backbone, None)[1])
+        raise ValueError("none of the requested metrics can be computed (see the notes above)")
     reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)
     request.metrics, skipped = available_metrics(settings.metrics, backbone, reference)
     print_notes(([note] if note else []) + skipped)
@@ -320,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # each reference file is written whole (a temp file renamed) or not at all
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

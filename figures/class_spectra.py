@@ -257,7 +257,7 @@ def output_path(runs: list[ClassSpectra], first_run: Path, out: Path | None, lay
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m figures.class_spectra", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
-                        help="a run folder with class_spectra.jsonl, or two to compare side by side (e.g. gSR, baseline)")
+                        help="a run folder with class_spectra.jsonl, or two to compare side by side, left to right (e.g. baseline, gSR)")
     parser.add_argument("--classes", nargs="+", metavar="Y",
                         help=f"class indices to draw, or 'all'; default: every class up to {MAX_ALL_CLASSES}, "
                         f"otherwise the {DEFAULT_PER_END} most and {DEFAULT_PER_END} least frequent")

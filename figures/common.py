@@ -1,6 +1,7 @@
 """What every figure module shares: the Agg backend, how figures are written and how user errors are reported."""
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,9 @@ def command_line(main: Callable[[list[str] | None], object], argv: list[str] | N
     except errors as error:
         print("error: " + " ".join(str(error).splitlines()), file=sys.stderr)  # one line even if the message is not
         return 2
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 

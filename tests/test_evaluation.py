@@ -490,11 +490,31 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
         (["grids", "--snapshot", str(bad)], "is not a readable snapshot"),
         (["metrics", "--snapshot", snapshot, "--inception-weights", "/nonexistent.pth"], "no file at /nonexistent"),
         (["metrics", "--snapshot", snapshot, "--reference", str(tmp_path / "none.npz")], "none.npz"),
+        # nothing to score: said before the reference statistics' minutes (their cache folder stays unmade)
+        (["metrics", "--snapshot", snapshot, "--metrics", "--set", f"evaluation.cache_dir={tmp_path / 'refs'}"],
+         "no metrics requested"),
+        (["metrics", "--snapshot", snapshot, "--metrics", "is", "--set", f"evaluation.cache_dir={tmp_path / 'refs'}"],
+         "none of the requested metrics can be computed"),  # IS of the pool3-only weights
     ]
     for argv, expected in cases:
         assert evaluation.main(argv) == 2
         err = capsys.readouterr().err
         assert expected in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "refs").exists()
+
+
+def test_ctrl_c_ends_evaluation_and_the_figures_with_one_line(evaluated_run, capsys, monkeypatch):
+    """A KeyboardInterrupt during the minutes of Inception passes (or a figure): one line and status 130."""
+    from figures.common import command_line
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluation, "load_backbone", interrupted)
+    snapshot = str(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    assert evaluation.main(["metrics", "--snapshot", snapshot]) == 130
+    assert capsys.readouterr().err == "stopped (Ctrl-C)\n"
+    assert command_line(interrupted) == 130 and capsys.readouterr().err == "stopped (Ctrl-C)\n"
 
 
 def test_a_received_snapshots_cache_folder_is_not_made_here(evaluated_run, tmp_path, capsys, monkeypatch):

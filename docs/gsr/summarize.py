@@ -1,7 +1,7 @@
 """Measures of the Fashion-MNIST-LT gSR experiment (docs/gsr.md), from the run folders only.
 
     python docs/gsr/summarize.py RUN [RUN ...] [--iterations 1000 2000 3000] [--samples-per-class 200] \
-        [--out docs/gsr/data/fmnist_lt.json]
+        [--out runs/gsr_summary.json]
 
 For every run and snapshot iteration:
 - sigma: from RUN/class_spectra.jsonl, the exact sigma_max of each class's grouped gain deviation and bias,
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--iterations", nargs="+", type=int, default=[1000, 2000, 3000])
     parser.add_argument("--samples-per-class", type=int, default=200)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs/gsr/data/fmnist_lt.json")
+    parser.add_argument("--out", type=Path, default=Path("runs/gsr_summary.json"))  # the committed: docs/gsr/data/
     args = parser.parse_args()
     torch.set_num_threads(1)
     classifier, _ = load_classifier()
