@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+from source.typed import first_line
 
 TEMP_SUFFIX = ".tmp"
 
@@ -130,6 +134,16 @@ def torch_load(path: str | Path) -> Any:
     if problem:
         raise RuntimeError(f"{problem}; refused")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_refusal(error: Exception) -> str:
+    """Why ``torch_load`` refused a file, in a few words. torch's own message for a pickle it will not load advises
+    loading it with weights_only=False, which would run whatever code the file holds: never for a received file."""
+    if isinstance(error, pickle.UnpicklingError):
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights_only names the first object it refused
+        return (f"it holds pickled Python objects ({found.group(1)}), never loaded" if found
+                else "not a file written by torch.save, or damaged")
+    return first_line(error)
 
 
 def open_npz(path: str | Path):

@@ -67,6 +67,16 @@ def test_damaged_or_replaced_weights_are_refused_in_one_line(tmp_path):
         record_path(copy).write_text(record)
         with pytest.raises(ClassifierUnavailable, match=message):
             load_classifier(copy)
+    # no record: garbage, or a pickle of Python objects; the message never passes on torch's advice to load such a
+    # file with weights_only=False (which would run its code)
+    record_path(copy).unlink()
+    torch.save({"weight": Path("x")}, tmp_path / "objects.pt")
+    for content, message in ((b"garbage", "not a file written by torch.save"),
+                             ((tmp_path / "objects.pt").read_bytes(), r"pickled Python objects \(pathlib")):
+        copy.write_bytes(content)
+        with pytest.raises(ClassifierUnavailable, match=message) as refused:
+            load_classifier(copy)
+        assert "weights_only" not in str(refused.value)
 
 
 class Replay(nn.Module):

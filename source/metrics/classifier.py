@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from source.files import torch_load
+from source.files import load_refusal, torch_load
 from source.training.checkpoint import non_finite
 from source.typed import first_line
 
@@ -109,7 +109,7 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
         model = SmallClassifier()
         model.load_state_dict(state)
     except Exception as error:  # unpickling refusals, wrong shapes, not a state dict: all one message
-        raise ClassifierUnavailable(f"{path} is not a SmallClassifier state dict ({first_line(error)})") from None
+        raise ClassifierUnavailable(f"{path} is not a SmallClassifier state dict ({load_refusal(error)})") from None
     broken = non_finite(state)
     if broken:  # a NaN head bias read as 100 % accuracy for one class, a NaN BN statistic as FID nan
         raise ClassifierUnavailable(f"{path}: NaN or infinite values in {', '.join(broken[:3])}")

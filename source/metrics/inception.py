@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from source.files import torch_load
+from source.files import load_refusal, torch_load
 from source.training.checkpoint import non_finite
 from source.typed import first_line
 
@@ -213,7 +213,7 @@ def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
         state = torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise WeightsUnavailable(f"{path} is not a usable weights file (it must hold tensors only; "
-                                 f"{first_line(error)[:160]})") from None
+                                 f"{load_refusal(error)[:160]})") from None
     broken = non_finite(state) if isinstance(state, dict) else []
     if broken:
         raise WeightsUnavailable(f"{path}: NaN or infinite values in {', '.join(broken[:3])}")
