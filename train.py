@@ -100,7 +100,7 @@ def stopped_at_once(trainer: Trainer | None) -> int:
         return 128 + signal.SIGINT
     latest = checkpoint.snapshots_of(trainer.out)[-1:]
     where = f"resume with --resume {latest[0]}" if latest else f"{trainer.out} holds no snapshot to resume from"
-    report(f"stopped at once at iteration {trainer.iteration}, without writing a snapshot; {where}")
+    report(f"stopped at once with {trainer.iteration} iterations done, without writing a snapshot; {where}")
     return 128 + (trainer.stop_signal or signal.SIGINT)
 
 
@@ -167,6 +167,9 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     the trainer, the resumed state. None after a dry run, which only prints what would run."""
     changes = resume.config_changes(snapshot, config) if snapshot else []
     plan = plan_run_folder(args, snapshot, bool(resume.recipe_changes(changes, config.dataset.name)))
+    if snapshot and not plan.in_place and snapshot["iteration"] >= config.iteration:  # before a folder is made
+        raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration {snapshot['iteration']}: "
+                          f"a branch from it would train nothing (--set iteration=N with N > {snapshot['iteration']})")
     performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).

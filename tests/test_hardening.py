@@ -117,7 +117,9 @@ def test_the_converter_refuses_an_old_looking_snapshot_that_would_run_a_command(
 def test_a_fresh_run_refuses_a_folder_that_holds_a_run(tmp_path, trained, capsys):
     before = sorted(p.name for p in (trained / "snapshots").iterdir())
     assert train.main(tiny_argv(trained, 2)) == 2
-    one_line_error(capsys, "already holds a run")
+    err = one_line_error(capsys, "already holds a run (")
+    assert err.endswith(f"; choose another --out, delete it, or continue it with --resume {trained}/snapshots/"
+                        f"snapshot_iter_4.pt\n")
     assert sorted(p.name for p in (trained / "snapshots").iterdir()) == before
 
 
@@ -127,6 +129,14 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys):
     try:
         assert train.main(tiny_argv(out, 2)) == 2
         one_line_error(capsys, f"pid {os.getpid()}")
+    finally:
+        holder.release()
+    run = tmp_path / "run"
+    assert train.main(tiny_argv(run, 2)) == 0
+    holder = runfolder.claim(runfolder.Plan(run, only=True, in_place=True))  # the run still training
+    try:
+        assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_2.pt")]) == 2  # in place
+        one_line_error(capsys, "the run is still going; stop it first (Ctrl-C writes a snapshot), or branch")
     finally:
         holder.release()
     assert not out.exists(), "a folder claimed and never written is removed again"
@@ -158,6 +168,9 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
     assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # unchanged: nothing to do
     assert "the run has trained its 4 iterations: nothing to do (to train longer: --set iteration=N" in \
         capsys.readouterr().out
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt"), "--set", "iteration=3"]) == 2
+    one_line_error(capsys, "a branch from it would train nothing (--set iteration=N with N > 4)")
+    assert not list(tmp_path.glob("run-*")), "no branch folder made for nothing"
     assert not stale.exists()
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]

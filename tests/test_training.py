@@ -397,7 +397,7 @@ def test_a_second_stop_signal_stops_at_once_in_one_line(tmp_path, monkeypatch, c
     assert train.main(tiny_argv(out, 100, "snapshot_interval=2")) == 128 + signal.SIGINT
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.strip().splitlines()[-1] == (
-        f"stopped at once at iteration 3, without writing a snapshot; resume with --resume "
+        f"stopped at once with 3 iterations done, without writing a snapshot; resume with --resume "
         f"{out / 'snapshots' / 'snapshot_iter_2.pt'}")
     assert not (out / "snapshots" / "snapshot_iter_3.pt").exists()
 

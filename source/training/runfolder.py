@@ -96,6 +96,9 @@ def claim(plan: Plan) -> RunFolder:
             continue
         folder = _lock(path)
         if folder is None:
+            if plan.in_place:
+                raise RunFolderError(f"{path} is in use by another run ({_holder(path)}): the run is still going; "
+                                     "stop it first (Ctrl-C writes a snapshot), or branch with another --out")
             if plan.only:
                 raise RunFolderError(f"{path} is in use by another run ({_holder(path)}); choose another --out")
             continue
@@ -109,8 +112,10 @@ def claim(plan: Plan) -> RunFolder:
             return folder
         folder.release()
         if plan.only:
+            latest = checkpoint.snapshots_of(path)[-1:]
+            resume = f"continue it with --resume {latest[0]}" if latest else "it holds no snapshot to continue from"
             raise RunFolderError(f"{path} already holds a run ({', '.join(_contents(path))}); choose another --out, "
-                                 "delete it, or continue it with --resume RUN/snapshots/snapshot_iter_N.pt")
+                                 f"delete it, or {resume}")
     raise AssertionError("numbered() never ends")
 
 
