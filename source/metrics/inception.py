@@ -43,7 +43,12 @@ LOGITS_UNAVAILABLE = (
 
 
 class WeightsUnavailable(RuntimeError):
-    """The Inception weights cannot be found or downloaded, or lack a layer a metric needs."""
+    """The Inception weights cannot be found or downloaded, or lack a layer a metric needs; ``reason``: why, in a
+    few words, where the message around it says what to do."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason or message
 
 
 class InceptionFeatures(NamedTuple):
@@ -195,7 +200,8 @@ def standard_weights_path() -> str:
         try:
             _download_weights(URL_INCEPTION_V3, path)
         except OSError as error:  # URLError, DNS and socket errors are all OSErrors
-            raise WeightsUnavailable(_unavailable_message(f"download failed: {error}")) from error
+            reason = f"download failed: {error}"
+            raise WeightsUnavailable(_unavailable_message(reason), reason) from error
     return path
 
 

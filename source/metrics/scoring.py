@@ -8,6 +8,8 @@ reference file with its cache key and the reference split, and with repeats thei
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from torch import nn
@@ -52,12 +54,14 @@ def _load_backbone(weights: str | None, device: torch.device) -> tuple[Inception
     try:
         return InceptionBackbone(None, device), None
     except WeightsUnavailable as error:
-        standard_problem = str(error)
+        standard = error
     try:
         backbone = InceptionBackbone(FID_HELPER, device)
     except WeightsUnavailable as error:
-        raise WeightsUnavailable(f"{standard_problem}; the offline copy failed too: {error}") from None
-    return backbone, f"{standard_problem}; using the offline pool3-only copy '{FID_HELPER}' (FID and KID, no IS)"
+        raise WeightsUnavailable(f"{standard}; the offline copy failed too: {error}") from None
+    return backbone, (f"Inception weights {WEIGHTS_FILE} unavailable ({standard.reason}); using the offline pool3-only "
+                      f"copy '{FID_HELPER}' (FID and KID, no IS; for IS put that file into "
+                      f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/)")
 
 
 # --- scores ------------------------------------------------------------------------------------
