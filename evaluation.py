@@ -107,7 +107,8 @@ def metrics(args: argparse.Namespace) -> None:
     )
     check_settings(settings, world_size=1)
     if not settings.metrics and not args.intra_fid:  # before minutes of reference statistics
-        raise ValueError("no metrics requested: the snapshot's evaluation.metrics is [] (a Fashion-MNIST recipe's "
+        raise ValueError("no metrics requested: --metrics names none" if args.metrics is not None else
+                         "no metrics requested: the snapshot's evaluation.metrics is [] (a Fashion-MNIST recipe's "
                          "runs are scored by the classifier: evaluation.py classes); pass --metrics fid kid, or "
                          "--intra-fid")
     config = dataclasses.replace(config, evaluation=settings)
@@ -118,7 +119,7 @@ def metrics(args: argparse.Namespace) -> None:
     seeds = [seed + repeat for repeat in range(args.repeats)]
     print_notes([loaded.cache_note] if loaded.cache_note and not settings.reference_stats else [])
     backbone, note = load_backbone(settings.inception_weights, device)
-    if not args.intra_fid and settings.metrics == ["is"] and not backbone.has_logits:  # before the reference's work
+    if not args.intra_fid and set(settings.metrics) == {"is"} and not backbone.has_logits:  # before the reference
         print_notes(([note] if note else []) + available_metrics(settings.metrics, backbone, None)[1])
         raise ValueError("none of the requested metrics can be computed (see the notes above)")
     reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)

@@ -167,9 +167,6 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     the trainer, the resumed state. None after a dry run, which only prints what would run."""
     changes = resume.config_changes(snapshot, config) if snapshot else []
     plan = plan_run_folder(args, snapshot, bool(resume.recipe_changes(changes, config.dataset.name)))
-    if snapshot and not plan.in_place and snapshot["iteration"] >= config.iteration:  # before a folder is made
-        raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration {snapshot['iteration']}: "
-                          f"a branch from it would train nothing (--set iteration=N with N > {snapshot['iteration']})")
     performance.configure_backends(config.performance, config.deterministic)
     if config.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; read when its first handle is made (first matmul).
@@ -177,6 +174,9 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         torch.use_deterministic_algorithms(True)
     if snapshot:
         resume.check_networks(snapshot, config, args.resume)  # before the models' memory is taken
+    if snapshot and not plan.in_place and snapshot["iteration"] >= config.iteration:  # before a folder is made
+        raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration {snapshot['iteration']}: "
+                          f"a branch from it would train nothing (--set iteration=N with N > {snapshot['iteration']})")
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:

@@ -1,9 +1,9 @@
 """Per-class spectral norms of G's class-conditional BatchNorm over training (gSR's "spectral explosion" figure).
 
-    python -m figures.class_spectra RUN [RUN_BASELINE] [--classes all | Y ...] [--layer-reduce max|mean | --layer NAME]
+    python -m figures.class_spectra [RUN_BASELINE] RUN [--classes all | Y ...] [--layer-reduce max|mean | --layer NAME]
                                     [--out PATH] [--pdf] [--logy] [--json]
 
-One column per run (two runs, e.g. gSR and its baseline, side by side on shared y axes), rows: the
+One column per run (two runs, e.g. a baseline and its gSR run, left to right on shared y axes), rows: the
 gain (sigma_max of gamma_y - 1) and the bias (sigma_max of beta_y), each against the iteration, one
 line per class. With at most 10 classes every class is drawn, otherwise the 3 most and the 3 least
 frequent (by the run's class_counts) unless --classes says otherwise. Classes are coloured by their
@@ -257,7 +257,8 @@ def output_path(runs: list[ClassSpectra], first_run: Path, out: Path | None, lay
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m figures.class_spectra", description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN",
-                        help="a run folder with class_spectra.jsonl, or two to compare side by side, left to right (e.g. baseline, gSR)")
+                        help="a run folder with class_spectra.jsonl, or two to compare side by side, left to "
+                             "right (e.g. baseline, gSR)")
     parser.add_argument("--classes", nargs="+", metavar="Y",
                         help=f"class indices to draw, or 'all'; default: every class up to {MAX_ALL_CLASSES}, "
                         f"otherwise the {DEFAULT_PER_END} most and {DEFAULT_PER_END} least frequent")

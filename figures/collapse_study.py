@@ -113,8 +113,9 @@ def chunk_paces(root: Path) -> list[dict]:
     paces = []
     for chunk in read_jsonl(root / "chunks.jsonl"):
         runs = chunk.get("runs") if isinstance(chunk.get("runs"), dict) else {}
-        trained = {name: run["to"] - run["from"] for name, run in runs.items()
-                   if isinstance(run, dict) and isinstance(run.get("to"), int) and isinstance(run.get("from"), int)}
+        trained = {name: run["to"] - run["from"] for name, run in runs.items()  # a branch that failed before its
+                   if isinstance(run, dict) and isinstance(run.get("to"), int)  # first snapshot ends below its start
+                   and isinstance(run.get("from"), int) and run["to"] > run["from"]}
         wall = chunk.get("wall_s") if isinstance(chunk.get("wall_s"), (int, float)) else None
         paces.append({"started": chunk.get("started"), "wall_s": wall, "per_process": chunk.get("per_process"),
                       "performance": chunk.get("performance"), "runs": len(trained),
@@ -147,7 +148,7 @@ def markdown(summary: dict) -> str:
                      f"{'–' if row['common_iteration'] is None else row['common_iteration']} | {_cell(at['modes'], 1)} | "
                      f"{_cell(at['diversity'])} | {_cell(at['classifier_FID'], 1)} | {_cell(before['modes'], 1)} | "
                      f"{_cell(before['diversity'])} |")
-    for chunk in summary["chunks"]:
+    for chunk in (c for c in summary["chunks"] if c["iterations_per_s"] is not None):
         lines.append(f"\nchunk of {chunk['started']}: {chunk['runs']} runs trained {chunk['iterations']} iterations in "
                      f"{chunk['wall_s']} s ({chunk['iterations_per_s']} iterations/s in all)")
     return "\n".join(lines)

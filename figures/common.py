@@ -42,7 +42,7 @@ def finish_iteration_axes(figure: Figure, axes, titles: list[str], fontsize: flo
 def require_run_folder(run: Path) -> None:
     """Checked first, so a typo in RUN is named as such and no RUN/figures folder is created for it."""
     if run.is_file():
-        raise FileNotFoundError(f"{run} is a file; give its run folder (the one holding log.jsonl)")
+        raise FileNotFoundError(f"{run} is a file; give the run's folder")
     if not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
 

@@ -126,7 +126,7 @@ def check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:
         (0 < gsr.effective_number_beta < 1, "gsr.effective_number_beta", "must be in (0, 1)", gsr.effective_number_beta),
         (gsr.power_iterations >= 1, "gsr.power_iterations", "must be >= 1", gsr.power_iterations),
         (not gsr.enabled or n_classes > 0, "gsr.enabled", "gSR regularizes class-conditional BN: needs a generator "
-         "with n_classes > 0 (models.generator.args.n_classes)", n_classes),
+         f"with n_classes > 0 (models.generator.args.n_classes is {n_classes})", gsr.enabled),
         (not (updater.fake_labels == "data" and n_classes == 0), "fake_labels", "'data' needs a class-conditional "
                                                                               "generator", updater.fake_labels),
         (lecam.weight >= 0, "lecam.weight", "must be >= 0 (0 is off)", lecam.weight),

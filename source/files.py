@@ -140,10 +140,16 @@ def load_refusal(error: Exception) -> str:
     """Why ``torch_load`` refused a file, in a few words. torch's own message for a pickle it will not load advises
     loading it with weights_only=False, which would run whatever code the file holds: never for a received file."""
     if isinstance(error, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights_only names the first object it refused
-        return (f"it holds pickled Python objects ({found.group(1)}), never loaded" if found
+        found = refused_object(error)
+        return (f"it holds pickled Python objects ({found}), never loaded" if found
                 else "not a file written by torch.save, or damaged")
     return first_line(error)
+
+
+def refused_object(error: pickle.UnpicklingError) -> str | None:
+    """The first object torch's weights-only loader refused (its message names it), None for no pickle at all."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(error))
+    return found.group(1) if found else None
 
 
 def open_npz(path: str | Path):

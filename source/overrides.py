@@ -71,16 +71,22 @@ def mapping(parent: Any, key: str) -> dict:
     return child if isinstance(child, dict) else {}
 
 
-def adapt_dataset_args(raw: dict, file_name: Any, file_args: dict, file_reference_split: Any) -> None:
+def overridden(overrides: list[str], key: str) -> bool:
+    """Whether one of ``overrides`` (``KEY=VALUE``) sets ``key`` or a mapping above it."""
+    names = [override.partition("=")[0].strip() for override in overrides]
+    return any(key == name or key.startswith(f"{name}.") for name in names)
+
+
+def adapt_dataset_args(raw: dict, file_name: Any, file_reference_split: Any, overrides: list[str]) -> None:
     """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
 
     When the name changes, the file's args belong to another data set (ImageNet's ``root`` and ``size``) and are
     dropped unless ``--set`` gave them, except its long tail's ratio and seed (the recipe's class imbalance, which any
-    data set that takes one keeps; its ``n_max`` counts the file's images); so is the file's
-    ``evaluation.reference_split`` where the new data set has no such split (its reference is then its training
-    data). The synthetic data take resolution, channels and classes from the generator.
+    data set that takes one keeps; its ``n_max`` counts the file's images). The file's
+    ``evaluation.reference_split`` becomes the new data set's held-out split where that lacks it (CIFAR-10's test is
+    LSUN's eval). The synthetic data take resolution, channels and classes from the generator.
     """
-    from source.datasets import DATASETS, SPLITS
+    from source.datasets import DATASETS
 
     dataset = raw.get("dataset")
     if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
@@ -90,19 +96,31 @@ def adapt_dataset_args(raw: dict, file_name: Any, file_args: dict, file_referenc
         return
     dataset["args"] = args
     if file_name is not None and dataset["name"] != file_name:
-        valid = {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}
-        for key in [k for k in args if k not in valid or (k != "long_tail" and k in file_args
-                                                            and args[k] == file_args[k])]:
-            del args[key]
-        tail, file_tail = mapping(args, "long_tail"), mapping(file_args, "long_tail")
-        if tail.get("n_max") is not None and tail.get("n_max") == file_tail.get("n_max"):
-            del tail["n_max"]  # a head class's image count in the file's data set
-        evaluation = mapping(raw, "evaluation")
-        if file_reference_split is not None and evaluation.get("reference_split") == file_reference_split \
-                and file_reference_split not in SPLITS.get(dataset["name"], ()):
-            del evaluation["reference_split"]
+        _drop_the_files_args(args, DATASETS[dataset["name"]][0], overrides)
+        if file_reference_split is not None and not overridden(overrides, "evaluation.reference_split"):
+            _held_out_split(mapping(raw, "evaluation"), dataset["name"])
     if dataset["name"] == "synthetic":
         gen_args = mapping(mapping(mapping(raw, "models"), "generator"), "args")
         args.setdefault("size", gen_args.get("resolution", 32))
         args.setdefault("channels", gen_args.get("channels", 3))
         args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
+
+
+def _drop_the_files_args(args: dict, args_type: type, overrides: list[str]) -> None:
+    valid = {f.name for f in dataclasses.fields(args_type)}
+    for key in list(args):
+        if key not in valid or (key != "long_tail" and not overridden(overrides, f"dataset.args.{key}")):
+            del args[key]
+    tail = mapping(args, "long_tail")
+    if "n_max" in tail and not overridden(overrides, "dataset.args.long_tail.n_max"):
+        del tail["n_max"]  # a head class's image count in the file's data set
+
+
+def _held_out_split(evaluation: dict, name: str) -> None:
+    """The file's reference split where the data set has it, else the data set's one held-out split."""
+    from source.datasets import SPLITS
+
+    splits = SPLITS.get(name, ())
+    held_out = [split for split in splits if split != "train"]
+    if evaluation.get("reference_split") not in splits and len(held_out) == 1:
+        evaluation["reference_split"] = held_out[0]

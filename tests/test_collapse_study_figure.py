@@ -43,7 +43,8 @@ def study(tmp_path):
     write(tmp_path / "runs", "chunks.jsonl", [  # a chunk the two sn runs ran in; a later one whose runs did not start
         {"started": "2026-11-28T05:59:38", "wall_s": 12.5, "per_process": 2,
          "runs": {"b64/sn_s0": {"from": 0, "to": 30, "seconds": 12.0}, "b64/sn_s1": {"from": 0, "to": 20}}},
-        {"started": "2026-11-28T06:10:00", "wall_s": 3.0, "runs": {"b64/sr_resumed_s0": {"from": 20}}}])
+        {"started": "2026-11-28T06:10:00", "wall_s": 3.0, "runs": {"b64/sr_resumed_s0": {"from": 20},
+                                                                   "b64/sr_resumed_s1": {"from": 20, "to": 0}}}])
     return path
 
 

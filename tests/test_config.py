@@ -6,6 +6,7 @@ import yaml
 
 import train
 from source.config import ConfigError, config_from_dict, load_config
+from source.training.evaluate import check_reference_split
 from source.typed import config_differences
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -128,17 +129,23 @@ def test_synthetic_override_adapts_to_the_models():
 
 
 def test_synthetic_stand_in_data_keep_the_recipes_long_tail_and_take_nested_sets():
-    """A gSR config on synthetic data stays long-tailed (ratio and seed; n_max counted the file's images), a nested
-    --set under dataset.args is the user's (it used to share the file's mapping and be dropped as the file's), and
-    the file's evaluation.reference_split stays where the synthetic data have that split."""
-    lsun = load_config(CONFIGS / "gsr/lsun_lt_sngan.yaml", ["dataset.name=synthetic"])
+    """A gSR config on synthetic data stays long-tailed (ratio and seed; n_max counted the file's images); what --set
+    names under dataset.args is the user's, whatever its value (a nested one used to share the file's mapping and be
+    dropped as the file's); the file's evaluation.reference_split becomes the new data set's held-out split."""
+    def load(name: str, *overrides: str):
+        return load_config(CONFIGS / name, ["dataset.name=synthetic", *overrides])
+
+    lsun = load("gsr/lsun_lt_sngan.yaml")
     assert (lsun.dataset.args.long_tail.ratio, lsun.dataset.args.long_tail.n_max) == (100, None)
-    assert lsun.evaluation.reference_split is None  # LSUN's 'eval' split: none in the synthetic data
-    chosen = load_config(CONFIGS / "gsr/lsun_lt_sngan.yaml", ["dataset.name=synthetic", "dataset.args.long_tail.n_max=50",
-                                                               "dataset.args.long_tail.ratio=10"])
-    assert (chosen.dataset.args.long_tail.ratio, chosen.dataset.args.long_tail.n_max) == (10, 50)
-    cifar = load_config(CONFIGS / "gsr/cifar10_lt_sngan.yaml", ["dataset.name=synthetic"])
-    assert (cifar.dataset.args.long_tail.ratio, cifar.evaluation.reference_split) == (100, "test")
+    assert lsun.evaluation.reference_split == "test"  # LSUN's eval: the synthetic data's held-out split is test
+    chosen = load("gsr/lsun_lt_sngan.yaml", "dataset.args.long_tail.n_max=50000",
+                  "dataset.args.long_tail.ratio=10")
+    assert (chosen.dataset.args.long_tail.ratio, chosen.dataset.args.long_tail.n_max) == (10, 50000)
+    assert load("gsr/cifar10_lt_sngan.yaml").dataset.args.long_tail.ratio == 100
+    with pytest.raises(ConfigError, match="evaluation.reference_split"):  # the user's own choice is checked, not moved
+        check_reference_split(load("gsr/lsun_lt_sngan.yaml", "evaluation.reference_split=eval"))
+    moved = load_config(CONFIGS / "gsr/cifar10_lt_sngan.yaml", ["dataset.name=lsun", "dataset.args.root=/x"])
+    assert moved.evaluation.reference_split == "eval" and moved.dataset.args.long_tail.ratio == 100
 
 
 def test_config_differences_lists_changed_leaves():

@@ -485,15 +485,17 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a snapshot")
     snapshot = str(evaluated_run / "snapshots" / "snapshot_iter_2.pt")
+    elsewhere = ["--set", f"evaluation.cache_dir={tmp_path / 'refs'}"]
     cases = [
         (["metrics", "--snapshot", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
         (["grids", "--snapshot", str(bad)], "is not a readable snapshot"),
         (["metrics", "--snapshot", snapshot, "--inception-weights", "/nonexistent.pth"], "no file at /nonexistent"),
         (["metrics", "--snapshot", snapshot, "--reference", str(tmp_path / "none.npz")], "none.npz"),
         # nothing to score: said before the reference statistics' minutes (their cache folder stays unmade)
-        (["metrics", "--snapshot", snapshot, "--metrics", "--set", f"evaluation.cache_dir={tmp_path / 'refs'}"],
-         "no metrics requested"),
-        (["metrics", "--snapshot", snapshot, "--metrics", "is", "--set", f"evaluation.cache_dir={tmp_path / 'refs'}"],
+        (["metrics", "--snapshot", snapshot, "--metrics", *elsewhere], "no metrics requested: --metrics names none"),
+        (["metrics", "--snapshot", snapshot, "--set", "evaluation.metrics=[]", *elsewhere],
+         "the snapshot's evaluation.metrics is []"),
+        (["metrics", "--snapshot", snapshot, "--metrics", "is", "is", *elsewhere],
          "none of the requested metrics can be computed"),  # IS of the pool3-only weights
     ]
     for argv, expected in cases:

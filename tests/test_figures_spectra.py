@@ -107,7 +107,7 @@ def test_clear_errors(tmp_path):
         fig.main([str(run), "--layer", "block9.c1"])
     with pytest.raises(FileNotFoundError, match="run folder .*empty does not exist"):
         fig.main([str(tmp_path / "empty")])
-    with pytest.raises(FileNotFoundError, match="log.jsonl is a file; give its run folder"):  # a file of the run
+    with pytest.raises(FileNotFoundError, match="log.jsonl is a file; give the run's folder"):  # a file of the run
         fig.main([str(run / "log.jsonl")])
     (run / "log.jsonl").write_text('{"broken\n{"iteration": 1, "event": "sr_start"}\n')
     with pytest.raises(ValueError, match="log.jsonl:1 is not valid JSON"):

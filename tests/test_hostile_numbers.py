@@ -82,6 +82,6 @@ def test_inception_weights_that_are_tensors_of_another_network_are_one_line(tmp_
     run = tmp_path / "run"
     assert train.main(tiny_argv(run, 2, "evaluation.metrics=[]")) == 0
     argv = ["metrics", "--snapshot", str(run / "snapshots" / "generator_iter_2.pt"), "--n-samples", "8",
-            "--device", "cpu", "--inception-weights", str(ROOT / DEFAULT_WEIGHTS)]  # the classifier's: tensors
+            "--device", "cpu", "--metrics", "fid", "--inception-weights", str(ROOT / DEFAULT_WEIGHTS)]  # tensors
     assert evaluation.main(argv) == 2
     one_line_error(capsys, "does not hold the Inception network's weights")

@@ -86,7 +86,7 @@ def main() -> None:
     real = dataset_features(classifier, test)
     rows = [row for run in args.runs for it in args.iterations
             if (row := measure(run, it, classifier, test, real, args.samples_per_class)) is not None]
-    if not rows:  # nothing written: the committed results stay
+    if not rows:  # nothing written: an earlier summary at --out stays
         found = {run.name: sorted(r["iteration"] for r in read_jsonl(run / "class_spectra.jsonl")) for run in args.runs}
         sys.exit(f"error: no run has a generator export and class spectra at iterations {args.iterations} (class "
                  f"spectra at: {found}); give --iterations")

@@ -214,7 +214,7 @@ def _weights_source(weights: str | None) -> tuple[io.BytesIO, bool]:
         return _serialized(convert_fid_helper_weights()), False
     path = standard_weights_path() if weights is None else weights
     if not os.path.isfile(path):
-        raise WeightsUnavailable(_unavailable_message(f"no file at {path}"))
+        raise WeightsUnavailable(_unavailable_message(f"no file at {path}"), f"no file at {path}")
     try:
         state = torch_load(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:

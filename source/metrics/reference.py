@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from source.config import Config, ConfigError, first_line
 from source.datasets import STANDARD_FILES, build_dataset, reference_args
-from source.files import torch_load
+from source.files import load_refusal, torch_load
 from source.training import checkpoint
 
 from .groups import GROUPS, label_to_group
@@ -214,7 +214,7 @@ def _load_features(path: str, key: dict, ignored: tuple[str, ...] = ()) -> np.nd
             raise ValueError(f"{pool3.shape} features, NaN or infinite values among them" if pool3.ndim == 2
                              else f"features of shape {pool3.shape}, not (N, D)")
     except Exception as error:  # noqa: BLE001: damaged or not ours, in whatever way: one message
-        raise StatsMismatch(f"reference features {path} are not readable ({first_line(error)}); delete it and its "
+        raise StatsMismatch(f"reference features {path} are not readable ({load_refusal(error)}); delete it and its "
                             f"statistics file to recompute them") from None
     differences = key_differences(recorded, key, ignored) if isinstance(recorded, dict) else ["the key is not a mapping"]
     if differences:

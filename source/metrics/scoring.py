@@ -19,7 +19,7 @@ from .fid import feature_statistics, frechet_distance, intra_fid
 from .generate import RUNNING, GBatchNorm, generated_features, sample_inputs
 from .groups import GROUPS
 from .inception import FID_HELPER, LOGITS_UNAVAILABLE, PROTOCOL, WEIGHTS_FILE, InceptionBackbone, InceptionFeatures
-from .inception import WeightsUnavailable
+from .inception import URL_INCEPTION_V3, WeightsUnavailable
 from .inception_score import inception_score
 from .kid import kernel_inception_distance
 from .reference import Reference, ReferenceUnavailable, features_path
@@ -60,7 +60,7 @@ def _load_backbone(weights: str | None, device: torch.device) -> tuple[Inception
     except WeightsUnavailable as error:
         raise WeightsUnavailable(f"{standard}; the offline copy failed too: {error}") from None
     return backbone, (f"Inception weights {WEIGHTS_FILE} unavailable ({standard.reason}); using the offline pool3-only "
-                      f"copy '{FID_HELPER}' (FID and KID, no IS; for IS put that file into "
+                      f"copy '{FID_HELPER}' (FID and KID, no IS; IS needs that file, from {URL_INCEPTION_V3}, in "
                       f"{os.path.join(torch.hub.get_dir(), 'checkpoints')}/)")
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import re
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from source.config import ModelSpec, first_line
-from source.files import atomic_write, torch_load
+from source.files import atomic_write, refused_object, torch_load
 
 
 class SnapshotError(ValueError):
@@ -92,11 +91,11 @@ def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
     try:
         snapshot = torch_load(path)
     except pickle.UnpicklingError as error:
-        found = re.search(r"GLOBAL ([\w.]+)", str(error))  # weights_only names the first object it refused
+        found = refused_object(error)
         if found is None:  # not a pickle at all
             raise SnapshotError(f"{path} is not a readable snapshot (not a file written by torch.save, or damaged)") from None
         raise SnapshotError(
-            f"{path} was not loaded: it holds pickled Python objects ({found.group(1)}), and loading them could run "
+            f"{path} was not loaded: it holds pickled Python objects ({found}), and loading them could run "
             f"code. Snapshots written by this toolkit before safe loading hold numpy RNG states; convert such a "
             f"file (numpy objects only: anything else is refused) with: {CONVERT_COMMAND} {path}") from None
     except (RuntimeError, EOFError, OSError) as error:

@@ -27,6 +27,7 @@ from source.metrics.inception import WEIGHTS_FILE
 from source.metrics.reference import (Reference, ReferenceUnavailable, require_reference_before_distributed_training,
                                       resolve_reference)
 from source.metrics.scoring import METRICS, available_metrics, load_backbone, protocol_record, score
+from source.overrides import overridden
 from source.models import build_model
 from source.training import checkpoint
 from source.training.distributed import World, gather_objects
@@ -92,8 +93,7 @@ def for_this_machine(config: Config, overrides: list[str]) -> str | None:
     a folder of the machine it was trained on, is used only where it exists here or the folder that would hold it
     exists and is writable; else references are cached in the default folder, not in folders a file chose (a note
     says so: returned). The user's own --set (of the key or a mapping above it) decides both."""
-    asked = [override.partition("=")[0].strip() for override in overrides]
-    given = lambda key: any(key == name or key.startswith(f"{name}.") for name in asked)  # noqa: E731
+    given = lambda key: overridden(overrides, key)  # noqa: E731
     if hasattr(config.dataset.args, "download") and not given("dataset.args.download"):
         config.dataset.args.download = False
     default, cache_dir = EvaluationConfig.cache_dir, config.evaluation.cache_dir

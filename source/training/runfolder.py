@@ -2,8 +2,8 @@
 
 A lock (``RUN/.lock``, flock) is held while a run writes into the folder, so a second run started with
 the same ``--out`` stops at once. A fresh run never writes into a folder that holds anything; a resume
-continues a run in place only from that run's own latest snapshot with unchanged settings (changes of
-``performance.*``, how the arithmetic runs, and of a standard data set's location aside:
+continues a run in place only from that run's own latest snapshot with unchanged settings (changes of how the
+arithmetic runs, how often it records and where a standard data set's files lie aside:
 ``source.training.resume.recipe_changes``), and otherwise branches into a folder of its own (``RUN-resumeN``,
 ``RUN-resumeN-2``, ...), so no snapshot, config or log of another run is ever overwritten.
 """
