@@ -117,10 +117,10 @@ def chunk_paces(root: Path) -> list[dict]:
                    if isinstance(run, dict) and isinstance(run.get("to"), int)  # first snapshot ends below its start
                    and isinstance(run.get("from"), int) and run["to"] > run["from"]}
         wall = chunk.get("wall_s") if isinstance(chunk.get("wall_s"), (int, float)) else None
+        iterations = sum(trained.values())
         paces.append({"started": chunk.get("started"), "wall_s": wall, "per_process": chunk.get("per_process"),
-                      "performance": chunk.get("performance"), "runs": len(trained),
-                      "iterations": sum(trained.values()),
-                      "iterations_per_s": round(sum(trained.values()) / wall, 1) if wall else None})
+                      "performance": chunk.get("performance"), "runs": len(trained), "iterations": iterations,
+                      "iterations_per_s": round(iterations / wall, 1) if wall else None})
     return paces
 
 

@@ -231,10 +231,9 @@ def config_from_dict(raw: dict, overrides: list[str] = (), source: str = "<dict>
     given, raw = raw, copy.deepcopy(raw)  # only now: a deep one would exhaust the recursion
     file_dataset = mapping(raw, "dataset")
     file_name = file_dataset.get("name")  # before overrides
-    file_reference_split = mapping(raw, "evaluation").get("reference_split")
     for override in overrides:
         apply_override(raw, override, source)
-    adapt_dataset_args(raw, file_name, file_reference_split, list(overrides))
+    adapt_dataset_args(raw, file_name, list(overrides))
     try:
         config = validate(raw, Config, "", source, _refine)
         check_consistency(config, source, world_size)

@@ -77,7 +77,7 @@ def overridden(overrides: list[str], key: str) -> bool:
     return any(key == name or key.startswith(f"{name}.") for name in names)
 
 
-def adapt_dataset_args(raw: dict, file_name: Any, file_reference_split: Any, overrides: list[str]) -> None:
+def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
     """Let ``--set dataset.name=synthetic`` (or any other data set) work on any config.
 
     When the name changes, the file's args belong to another data set (ImageNet's ``root`` and ``size``) and are
@@ -97,7 +97,7 @@ def adapt_dataset_args(raw: dict, file_name: Any, file_reference_split: Any, ove
     dataset["args"] = args
     if file_name is not None and dataset["name"] != file_name:
         _drop_the_files_args(args, DATASETS[dataset["name"]][0], overrides)
-        if file_reference_split is not None and not overridden(overrides, "evaluation.reference_split"):
+        if not overridden(overrides, "evaluation.reference_split"):
             _held_out_split(mapping(raw, "evaluation"), dataset["name"])
     if dataset["name"] == "synthetic":
         gen_args = mapping(mapping(mapping(raw, "models"), "generator"), "args")
@@ -117,10 +117,11 @@ def _drop_the_files_args(args: dict, args_type: type, overrides: list[str]) -> N
 
 
 def _held_out_split(evaluation: dict, name: str) -> None:
-    """The file's reference split where the data set has it, else the data set's one held-out split."""
+    """The file's reference split where the data set has it, else the data set's one held-out split (none set:
+    the training data, whatever the data set)."""
     from source.datasets import SPLITS
 
     splits = SPLITS.get(name, ())
     held_out = [split for split in splits if split != "train"]
-    if evaluation.get("reference_split") not in splits and len(held_out) == 1:
+    if evaluation.get("reference_split") not in (None, *splits) and len(held_out) == 1:
         evaluation["reference_split"] = held_out[0]

@@ -93,12 +93,11 @@ def for_this_machine(config: Config, overrides: list[str]) -> str | None:
     a folder of the machine it was trained on, is used only where it exists here or the folder that would hold it
     exists and is writable; else references are cached in the default folder, not in folders a file chose (a note
     says so: returned). The user's own --set (of the key or a mapping above it) decides both."""
-    given = lambda key: overridden(overrides, key)  # noqa: E731
-    if hasattr(config.dataset.args, "download") and not given("dataset.args.download"):
+    if hasattr(config.dataset.args, "download") and not overridden(overrides, "dataset.args.download"):
         config.dataset.args.download = False
     default, cache_dir = EvaluationConfig.cache_dir, config.evaluation.cache_dir
     parent = os.path.dirname(os.path.abspath(cache_dir))
-    if given("evaluation.cache_dir") or cache_dir == default or os.path.isdir(cache_dir) or (
+    if overridden(overrides, "evaluation.cache_dir") or cache_dir == default or os.path.isdir(cache_dir) or (
             os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         return None
     config.evaluation.cache_dir = default
