@@ -5,6 +5,7 @@ import pickle
 import re
 import struct
 import urllib.error
+import warnings
 
 import numpy as np
 import pytest
@@ -501,6 +502,19 @@ def test_iterator_workers_match_main_process_and_leave_global_rng_alone():
     in_process = draw(InfiniteBatchIterator(dataset, batch_size=8, seed=0), 7)
     assert torch.equal(torch.get_rng_state(), rng_state)
     assert_same_batches(draw(InfiniteBatchIterator(dataset, batch_size=8, seed=0, num_workers=2), 7), in_process)
+
+
+def test_iterator_uses_at_most_one_worker_per_usable_cpu(monkeypatch):
+    """num_workers 4 on a 2-CPU machine (the demo's default on our CI): 2 workers, the same batches, and no
+    DataLoader warning about too many workers."""
+    dataset = build_dataset("synthetic", SyntheticArgs(n_classes=3, size=8, count=40, dequantize=True))
+    in_process = draw(InfiniteBatchIterator(dataset, batch_size=8, seed=0), 5)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    capped = InfiniteBatchIterator(dataset, batch_size=8, seed=0, num_workers=4)
+    assert capped.num_workers == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_same_batches(draw(capped, 5), in_process)
 
 
 def test_iterator_resume_with_other_global_batch_keeps_position():

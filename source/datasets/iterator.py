@@ -16,6 +16,7 @@ accumulates k micro-batches per iteration calls ``next()`` k times. With ``num_w
 makes each whole micro-batch (reading, flips, noise, conversion), so the training process only receives it.
 """
 import logging
+import os
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
@@ -25,6 +26,16 @@ from source.datasets.streams import (FLIP_STREAM, dequantization_noise, epoch_pe
 from source.datasets.transforms import DatasetError
 
 logger = logging.getLogger(__name__)
+
+
+def usable_workers(requested: int) -> int:
+    """``requested`` loader workers, at most one per CPU this process may use: more only contend for the cores (and
+    torch warns). The batches do not depend on the worker count (module doc), so capping changes no value."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if requested > cpus:
+        logger.info("num_workers %d: %d loader workers, one per CPU available", requested, cpus)
+    return min(requested, cpus)
+
 
 class InfiniteBatchIterator:
     """Endless (x: float32 N x C x H x W, y: int64 N) micro-batches for one rank; see the module doc."""
@@ -43,7 +54,7 @@ class InfiniteBatchIterator:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
-        self.num_workers = num_workers
+        self.num_workers = usable_workers(num_workers)
         self._epoch = 0
         self._batch_in_epoch = 0
         self._batches = None  # the current epoch's DataLoader iterator, made on demand
