@@ -25,6 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from figures.common import command_line, require_run_folder  # noqa: E402
 from source.datasets import FashionMNISTArgs, build_dataset  # noqa: E402
 from source.metrics.classifier import class_report, class_samples, dataset_features, load_classifier  # noqa: E402
 from source.metrics.fid import feature_statistics, frechet_distance  # noqa: E402
@@ -73,13 +74,15 @@ def measure(run: Path, iteration: int, classifier, test, real, samples_per_class
             "group_classes": groups}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--iterations", nargs="+", type=int, default=[1000, 2000, 3000])
     parser.add_argument("--samples-per-class", type=int, default=200)
     parser.add_argument("--out", type=Path, default=Path("runs/gsr_summary.json"))  # the committed: docs/gsr/data/
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        require_run_folder(run)
     torch.set_num_threads(1)
     classifier, _ = load_classifier()
     test = build_dataset("fashion_mnist", FashionMNISTArgs(split="test", dequantize=False))
@@ -106,4 +109,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(command_line(main))  # a user error or Ctrl-C: one line
