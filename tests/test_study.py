@@ -52,6 +52,15 @@ def test_study_file_problems_are_one_line_errors(tmp_path, arms, message):
     assert "\n" not in str(error.value)
 
 
+def test_runs_at_a_time_default_to_the_cores_without_a_gpu_and_16_with_one(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study_cli.parse_args(["run", "study.yaml"]).parallel == 2
+    assert study_cli.parse_args(["device", "s.yaml", "--carry", "c", "--out", "o", "--parallel", "5"]).parallel == 5
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert study_cli.parse_args(["run", "study.yaml"]).parallel == 16
+
+
 def test_a_study_that_multiplies_into_too_many_runs_is_refused_before_any_config_is_built(tmp_path):
     path = write_study(tmp_path, 9, **{f"arm{index}": {} for index in range(11)})
     study = yaml.safe_load(path.read_text())

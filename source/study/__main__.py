@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import asdict
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import torch
+
 from source.config import ConfigError, load_config
 from source.study import continuation, processes, runner, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
+
+
+def default_parallel() -> int:
+    """A GPU overlaps many small runs; on a CPU, runs beyond the cores only contend for them (and their memory)."""
+    return 16 if torch.cuda.is_available() else os.cpu_count() or 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if name in ("run", "device"):
             command.add_argument("--budget", type=float, help="seconds before every run is stopped, counted from the "
                                  "chunk's start: the runs' start-up (seconds each) is in it")
-            command.add_argument("--parallel", type=int, default=16, help="runs at a time (default 16)")
+            command.add_argument("--parallel", type=int, default=default_parallel(),
+                                 help="runs at a time (default: 16 where CUDA is available, else one per CPU core)")
             command.add_argument("--per-process", type=int, default=1,
                                  help="runs sharing one process at most, each on its own CUDA stream, the groups "
                                       "as equal as can be (default 1): on one GPU, separate processes' kernels "
