@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.files import atomic_write_text
-from source.study.transfer import STATE, chunk_count, extract, listing
+from source.study.archive import extract
+from source.study.transfer import STATE, chunk_count, listing
 
 SINCE = ".device-since.json"  # on the lent machine, in the study's root: see ``restore``
 

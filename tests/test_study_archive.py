@@ -1,0 +1,131 @@
+"""A study's archives from another machine (source/study/archive.py, transfer.take_back): nothing is unpacked
+until every member is checked, within bounds of memory, members and bytes."""
+import hashlib
+import io
+import json
+import tarfile
+import tracemalloc
+
+import pytest
+
+from source.study import archive, transfer
+from source.study.state import PIDS
+
+
+def xz_tar(members: list[tuple[str, bytes | None, str | None]], form: int = tarfile.PAX_FORMAT) -> bytes:
+    """An xz tar of (name, content, link target): a file when content is given, a folder when the target is "/",
+    else a symbolic link."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz", format=form, preset=0) as archive:
+        for name, content, target in members:
+            info = tarfile.TarInfo(name)
+            if content is None:
+                info.type, info.linkname = (tarfile.DIRTYPE, "") if target == "/" else (tarfile.SYMTYPE, target)
+                archive.addfile(info)
+            else:
+                info.size = len(content)
+                archive.addfile(info, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("members", [
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("b64/link", None, "/etc")],  # a link, even one that leads nowhere used
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("../outside.txt", b"x", None)],
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("/tmp/absolute.txt", b"x", None)],
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("planted/through_a_link.txt", b"x", None)],  # root/planted -> elsewhere
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("b64/" + "x" * 300, b"x", None)],  # a name no file system takes
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("/".join(["d"] * (archive.MOST_DEPTH + 1)), b"x", None)],
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("b64/new\nline", b"x", None)],
+    [("b64/sn_s0/log.jsonl", b"{}", None), ("b64/caf\u00e9", b"x", None)],
+])
+def test_an_archive_with_a_link_or_a_name_outside_the_study_unpacks_nothing(tmp_path, members):
+    root, elsewhere = tmp_path / "root", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "planted").symlink_to(elsewhere)
+    with pytest.raises(transfer.TransferError, match="only files and folders inside the study's root"):
+        transfer.extract(xz_tar(members), root)
+    assert not (root / "b64").exists() and not list(elsewhere.iterdir()) and not (tmp_path / "outside.txt").exists()
+
+
+def test_an_archive_unpacks_within_a_size_and_never_another_machines_process_ids(tmp_path, monkeypatch):
+    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None),
+               (f"./{PIDS}", b'{"b64/sn_s0": [1, 1]}', None)]  # the same name, spelled otherwise
+    assert transfer.extract(xz_tar(members), tmp_path) == ["b64/sn_s0/log.jsonl"]
+    assert not (tmp_path / PIDS).exists()
+    monkeypatch.setattr(archive, "MOST_MEMBERS", 3)  # many empty files: a small archive, a flood of them
+    with pytest.raises(transfer.TransferError, match="more than 3 members"):
+        transfer.extract(xz_tar([(f"b64/{index}", b"", None) for index in range(4)]), tmp_path / "many")
+    assert not (tmp_path / "many").exists()
+    monkeypatch.setattr(archive, "MOST_UNPACKED", 10)
+    with pytest.raises(transfer.TransferError, match="unpacks to over 0 MiB"):
+        transfer.extract(xz_tar([("b64/big.bin", b"x" * 11, None)]), tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("form", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_a_long_name_record_is_refused_before_tarfile_reads_it(tmp_path, form):
+    """tarfile reads a GNU long-name or pax record whole, whatever it claims (a 78 KB archive claimed 512 MiB and
+    took 4.8 GB): refused at its header. Were the header hook no longer called, the name check would still refuse
+    it, but only after the record was in memory: the peak tells the two apart."""
+    data = xz_tar([("b64/" + "a" * 2**23, b"x", None)], form)
+    assert len(data) < 2**16
+    tracemalloc.start()
+    try:
+        with pytest.raises(transfer.TransferError, match="only files and folders"):
+            transfer.extract(data, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**21 and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("members, here", [
+    ([("b64", b"file", None), ("b64/sn_s0/log.jsonl", b"{}", None)], None),  # a file, then a folder of that name
+    ([("b64/sn_s0/log.jsonl", b"{}", None), ("chunks.jsonl", None, "/")], "chunks.jsonl"),  # over the history file
+    ([("b64/sn_s0/log.jsonl", b"{}", None), ("b64", b"file", None)], "b64/"),  # a file over a folder here
+])
+def test_a_member_of_the_other_kind_than_the_archive_or_the_study_has_there_unpacks_nothing(tmp_path, members, here):
+    if here:
+        (tmp_path / here).mkdir() if here.endswith("/") else (tmp_path / here).write_text("{}\n")
+    with pytest.raises(transfer.TransferError, match="nothing was unpacked"):
+        transfer.extract(xz_tar(members), tmp_path)
+    assert not (tmp_path / "b64" / "sn_s0").exists()
+
+
+def test_unpacking_that_fails_after_the_checks_says_the_study_may_hold_part_of_it(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(tarfile.TarFile, "extractall", full_disk)
+    with pytest.raises(transfer.TransferError, match="stopped part-way .*No space left.* may hold part"):
+        transfer.extract(xz_tar([("b64/sn_s0/log.jsonl", b"{}", None)]), tmp_path)
+
+
+def returned(folder, members, since=0):
+    """A device call's returned files as pack_changed writes them: one part and its manifest."""
+    data = xz_tar(members)
+    folder.mkdir()
+    (folder / f"{transfer.PARTS}00").write_bytes(data)
+    (folder / transfer.MANIFEST).write_text(json.dumps(
+        {"parts": 1, "sha256": hashlib.sha256(data).hexdigest(), "study": "s", "since_chunks": since}))
+    return folder
+
+
+def test_take_back_bounds_the_parts_and_the_history_and_reads_only_chunk_records(tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    good = [("chunks.jsonl", b'{"chunk": 1}\n', None), ("b64/sn_s0/log.jsonl", b"{}", None)]
+    assert transfer.take_back(returned(tmp_path / "good", good), root, "s") == ["chunks.jsonl", "b64/sn_s0/log.jsonl"]
+    (tmp_path / "good" / transfer.MANIFEST).unlink()
+    unpacked = (root / "chunks.jsonl").read_bytes()
+    for name, history in (("garbage", b'{"chunk": 1}\n{"chunk": 2}\nnot json\n'), ("list", b'{"chunk": 1}\n[2]\n')):
+        with pytest.raises(transfer.TransferError, match="not a chunk's record; nothing unpacked"):
+            transfer.take_back(returned(tmp_path / name, [("chunks.jsonl", history, None)], since=1), root, "s")
+    monkeypatch.setattr(transfer, "MOST_HISTORY", 20)
+    with pytest.raises(transfer.TransferError, match="chunks.jsonl holds 26 bytes, over the 20"):
+        transfer.take_back(returned(tmp_path / "long", [("chunks.jsonl", b'{"chunk": 1}\n{"chunk": 2}\n', None)],
+                                    since=1), root, "s")
+    monkeypatch.setattr(transfer, "RETURN_LIMIT", 100)
+    with pytest.raises(transfer.TransferError, match="over the 0 MiB a device call returns; nothing unpacked"):
+        transfer.take_back(returned(tmp_path / "big", [("b64/x", bytes(range(256)) * 40, None)], since=1), root, "s")
+    assert (root / "chunks.jsonl").read_bytes() == unpacked and not (root / "b64" / "x").exists()
