@@ -133,7 +133,43 @@ def torch_load(path: str | Path) -> Any:
     problem = zip_expansion(path, stored_only=True)
     if problem:
         raise RuntimeError(f"{problem}; refused")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        raise
+    except Exception as error:  # torch's unpickler meets bytes that are no pickle with whatever error they cause
+        raise pickle.UnpicklingError(f"not a pickle ({type(error).__name__})") from None
+    problem = tensor_problem(loaded)
+    if problem:
+        raise RuntimeError(f"it holds {problem}, which torch.save never writes of a model; refused")
+    return loaded
+
+
+def tensor_problem(loaded: Any) -> str | None:
+    """Why the tensors in a loaded object are not what torch.save writes of models and optimizers, else None: a
+    tensor must be dense, on the CPU, real, and not larger than its storage (torch rebuilds whatever view a file
+    names, so a 2 KB file's tensor can repeat one stored number into gigabytes, which the first check of its values
+    would allocate). Walked once per object, without recursion."""
+    import torch
+
+    pending, seen = [loaded], set()
+    while pending:
+        item = pending.pop()
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif torch.is_tensor(item):
+            if item.layout != torch.strided or item.device.type != "cpu" or item.is_complex() or item.is_quantized:
+                kind = str(item.dtype).removeprefix("torch.")
+                return f"a {kind} tensor ({str(item.layout).removeprefix('torch.')}, on {item.device.type})"
+            if item.numel() * item.element_size() > item.untyped_storage().nbytes():
+                return (f"a tensor of shape {tuple(item.shape)} over {item.untyped_storage().nbytes():,} stored "
+                        "bytes")
+    return None
 
 
 def load_refusal(error: Exception) -> str:

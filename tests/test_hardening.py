@@ -501,6 +501,17 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
      "'extensions' entry is damaged (ValueError: LogReport's sums and count are not finite loss sums and a count)"),
     (lambda s: s["updater"]["sr"]["ratios"].update({"block1.c1": torch.ones(1)}),
      "SR envelope of layer 'block1.c1' has 1 values but the layer has 8 singular values"),
+    # the second campaign's: a view repeating one stored number into gigabytes (which checking its values would
+    # allocate), tensors torch.save never writes of a model, and types a load would cast silently
+    (lambda s: s["opt_gen"]["state"][0].update(exp_avg=torch.zeros(1).expand(2**15, 2**15)),
+     "it holds a tensor of shape (32768, 32768) over 4 stored bytes, which torch.save never writes of a model"),
+    (lambda s: s["gen"].update({"l1.bias": torch.empty(8, device="meta")}), "it holds a float32 tensor (strided, on meta)"),
+    (lambda s: s["gen"].update({"l1.bias": s["gen"]["l1.bias"].to_sparse()}), "it holds a float32 tensor (sparse_coo"),
+    (lambda s: s["gen"].update({"l1.bias": s["gen"]["l1.bias"].to(torch.complex64)}), "it holds a complex64 tensor"),
+    (lambda s: s["gen"].update({"l1.bias": s["gen"]["l1.bias"].double() * 1e300}),
+     "(gen: 1 of another type (first: l1.bias is torch.float64 in the snapshot, torch.float32 here))"),
+    (lambda s: s["opt_dis"]["state"][0].update(exp_avg=s["opt_dis"]["state"][0]["exp_avg"].long()),
+     "(opt_dis: exp_avg of parameter 0 is torch.int64, the parameter torch.float32"),
 ])
 def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage, message):
     snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")
@@ -510,6 +521,19 @@ def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage
     argv = tiny_argv(tmp_path / "out", 4) + ["--resume", str(path)]
     assert train.main(argv) == 2
     one_line_error(capsys, message)
+
+
+@pytest.mark.parametrize("content", [b"hi\n", b"abcdefgh"])
+def test_a_small_file_of_other_bytes_is_one_line_as_a_snapshot_or_as_inception_weights(tmp_path, trained, capsys,
+                                                                                         content):
+    """torch's unpickler meets such bytes with KeyError or IndexError, not the errors a damaged file gives."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    assert train.main(["--resume", str(path)]) == 2
+    one_line_error(capsys, f"{path} is not a readable snapshot (not a file written by torch.save, or damaged)")
+    snapshot = str(trained / "snapshots" / "generator_iter_4.pt")
+    assert evaluation.main(["metrics", "--snapshot", snapshot, "--inception-weights", str(path)]) == 2
+    one_line_error(capsys, "not a file written by torch.save, or damaged")
 
 
 def test_a_model_mismatch_names_the_first_tensor_and_its_shapes(tmp_path, trained, capsys):

@@ -155,14 +155,18 @@ def check_training_entries(snapshot: dict, path: Path) -> None:
 
 
 def state_mismatch(name: str, expected: dict, saved: dict) -> str | None:
-    """The first differences between a model's state_dict and a saved one (names and shapes), or None."""
+    """The first differences between a model's state_dict and a saved one (names, shapes, types), or None."""
     missing = [key for key in expected if key not in saved]
     unexpected = [key for key in saved if key not in expected]
     reshaped = [f"{key} is {tuple(saved[key].shape)} in the snapshot, {tuple(value.shape)} here"
                 for key, value in expected.items() if key in saved and saved[key].shape != value.shape]
+    # loading would cast silently: a float64 1e300 becomes inf in float32, integers become weights
+    retyped = [f"{key} is {saved[key].dtype} in the snapshot, {value.dtype} here"
+               for key, value in expected.items() if key in saved and saved[key].dtype != value.dtype]
     problems = ([f"{len(missing)} tensors missing (first: {missing[0]})"] if missing else []) + \
                ([f"{len(unexpected)} unexpected (first: {unexpected[0]})"] if unexpected else []) + \
-               ([f"{len(reshaped)} of another shape (first: {reshaped[0]})"] if reshaped else [])
+               ([f"{len(reshaped)} of another shape (first: {reshaped[0]})"] if reshaped else []) + \
+               ([f"{len(retyped)} of another type (first: {retyped[0]})"] if retyped else [])
     return f"{name}: {'; '.join(problems)}" if problems else None
 
 
@@ -212,8 +216,8 @@ def non_finite(state: dict) -> list[str]:
 
 
 def optimizer_mismatch(name: str, optimizer: torch.optim.Optimizer, saved: dict) -> str | None:
-    """The first saved optimizer state (Adam's moments) whose shape is not its parameter's, or None: torch's load
-    would take it and fail at the first step."""
+    """The first saved optimizer state (Adam's moments) whose shape or type is not its parameter's, or None: torch's
+    load would take it and fail at the first step (or cast it silently)."""
     parameters = [p for group in optimizer.param_groups for p in group["params"]]
     states = saved.get("state")
     for index, entries in (states.items() if isinstance(states, dict) else ()):  # else: torch's load reports it
@@ -223,6 +227,8 @@ def optimizer_mismatch(name: str, optimizer: torch.optim.Optimizer, saved: dict)
             if torch.is_tensor(value) and value.dim() and value.shape != parameters[index].shape:
                 return f"{name}: {key} of parameter {index} is {tuple(value.shape)}, the parameter " \
                        f"{tuple(parameters[index].shape)}"
+            if torch.is_tensor(value) and value.dim() and value.dtype != parameters[index].dtype:
+                return f"{name}: {key} of parameter {index} is {value.dtype}, the parameter {parameters[index].dtype}"
     return None
 
 
