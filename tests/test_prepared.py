@@ -143,6 +143,12 @@ def test_truncated_or_mismatched_files_are_one_line_errors(jpeg_root, tmp_path):
     manifest = manifest_of(out)
     (out / "manifest.json").write_text(json.dumps({**manifest, "images": 10}))
     assert "holds uint8 (9, 3, 8, 8) but the manifest says uint8 (10, 3, 8, 8)" in one_line_error(out)
+    # counts that size tables before any image is read (2*10^8 classes took 5.3 GB in --dry-run), or no count
+    for wrong, message in (({"n_classes": 2 * 10**8}, "lacks valid n_classes"), ({"n_classes": True}, "lacks valid "
+                           "n_classes"), ({"size": 0}, "lacks valid size"), ({"classes": ["one"]}, "names 1 classes "
+                           "for its n_classes 2")):
+        (out / "manifest.json").write_text(json.dumps({**manifest, **wrong}))
+        assert message in one_line_error(out)
     (out / "manifest.json").write_text(json.dumps(manifest))
     labels = out / "labels.npy"
     original_labels = labels.read_bytes()

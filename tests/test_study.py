@@ -168,6 +168,7 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
     study_file = write_study(tmp_path, 100000, sn={})
     root, carry, out = tmp_path / "runs", tmp_path / "carry", tmp_path / "out"
     carry.mkdir()
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
     out.mkdir()
     runner_process = subprocess.Popen([sys.executable, "-m", "source.study", "device", str(study_file), "--root",
                                        str(root), "--grace", "60", "--carry", str(carry), "--out", str(out),
@@ -437,6 +438,10 @@ def test_one_command_at_a_time_writes_a_studys_folder_and_a_carry_serves_its_own
     assert study_cli.main(["device", str(study_file), "--root", str(root), "--carry", str(carry), "--out", str(out),
                            "--budget", "30"]) == 2
     assert "was made for the study 'another', not 'study'" in capsys.readouterr().err and not list(out.iterdir())
+    (carry / transfer.CARRY_STUDY).unlink()
+    assert study_cli.main(["device", str(study_file), "--root", str(root), "--carry", str(carry), "--out", str(out),
+                           "--budget", "30"]) == 2
+    assert "was made for the study 'unknown (it has no study.json)'" in capsys.readouterr().err
 
 
 def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tmp_path, monkeypatch):

@@ -129,3 +129,27 @@ def test_take_back_bounds_the_parts_and_the_history_and_reads_only_chunk_records
     with pytest.raises(transfer.TransferError, match="over the 0 MiB a device call returns; nothing unpacked"):
         transfer.take_back(returned(tmp_path / "big", [("b64/x", bytes(range(256)) * 40, None)], since=1), root, "s")
     assert (root / "chunks.jsonl").read_bytes() == unpacked and not (root / "b64" / "x").exists()
+
+
+def test_take_back_refuses_a_snapshot_that_is_not_what_its_name_says_and_a_manifest_without_its_origin(tmp_path):
+    """Pruning keeps each run's newest snapshot by name: a planted snapshot_iter_999999.pt would delete the real ones
+    and mark the run done. A manifest must name its study and the chunk it continues (removing them skipped the
+    checks that refuse another study's files and files taken back twice)."""
+    root = tmp_path / "root"
+    (root / "b64" / "sn_s0" / "snapshots").mkdir(parents=True)
+    real = root / "b64" / "sn_s0" / "snapshots" / "snapshot_iter_2.pt"
+    real.write_bytes(b"the run's own")
+    history = [("chunks.jsonl", b'{"chunk": 1}\n', None)]
+    planted = returned(tmp_path / "planted", history + [("b64/sn_s0/snapshots/snapshot_iter_999999.pt", b"junk", None)])
+    with pytest.raises(transfer.TransferError, match=r"snapshot_iter_999999.pt is not the snapshot of iteration 999999 "
+                                                     r"its name says \(it is not a readable snapshot"):
+        transfer.take_back(planted, root, "s")
+    assert [p.name for p in real.parent.iterdir()] == ["snapshot_iter_2.pt"]
+    for key in ("study", "since_chunks"):
+        folder = returned(tmp_path / key, history)
+        manifest = json.loads((folder / transfer.MANIFEST).read_text())
+        del manifest[key]
+        (folder / transfer.MANIFEST).write_text(json.dumps(manifest))
+        with pytest.raises(transfer.TransferError, match="is not a manifest of parts as a device call writes it"):
+            transfer.take_back(folder, root, "s")
+    assert not (root / "chunks.jsonl").exists()

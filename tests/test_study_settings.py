@@ -85,6 +85,7 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     out, carry, root = tmp_path / "out", tmp_path / "carry", tmp_path / "runs"
     out.mkdir()
     carry.mkdir()
+    (carry / "study.json").write_text(json.dumps({"study": "study"}))
     env = {**os.environ, "OUT": str(out), "RUN_SH": str(stub), "STUDY_CARRY": str(carry)}
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "60", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -68,10 +68,19 @@ def read_manifest(folder: str) -> dict:
         raise DatasetError(f"dataset.args.path: {path} has format version {manifest.get('format_version')}, this "
                            f"code reads version {FORMAT_VERSION}; prepare the data again with {PREPARE_HINT}")
     required = {"size": int, "images": int, "n_classes": int, "classes": list, "sha256": dict}
-    wrong = [key for key, kind in required.items() if not isinstance(manifest.get(key), kind)]
+    wrong = [key for key, kind in required.items() if not isinstance(manifest.get(key), kind)
+             or kind is int and (type(manifest[key]) is bool or not 0 < manifest[key] < MOST[key])]
     if wrong:
         raise DatasetError(f"dataset.args.path: {path} lacks valid {', '.join(wrong)}; prepare it again")
+    if len(manifest["classes"]) not in (0, manifest["n_classes"]):  # none: labels from a list file
+        raise DatasetError(f"dataset.args.path: {path} names {len(manifest['classes'])} classes for its n_classes "
+                           f"{manifest['n_classes']}; prepare it again")
     return manifest
+
+
+# bounds of a manifest's counts, which size tables before any image is read: below 10^5 classes, as the list files'
+# labels (ImageNet-21k has 21841), 4096 px and 2^31 images
+MOST = {"n_classes": 10**5, "size": 4097, "images": 2**31}
 
 
 def size_mismatch(size: Optional[int], manifest: dict, folder: str) -> list[str]:

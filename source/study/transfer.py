@@ -17,11 +17,14 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
 from pathlib import Path
 
 from source.config import first_line
 from source.files import atomic_write
 from source.study.archive import TransferError, extract, member_bytes, write_archive
+from source.training.checkpoint import SnapshotError, load_snapshot, snapshot_iteration
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
@@ -30,7 +33,8 @@ MOST_HISTORY = 16 * 2**20  # bytes of a returned chunks.jsonl (a chunk's line is
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
-MANIFEST = "study.tar.xz.json"  # the number of parts and the archive's sha256
+MANIFEST = "study.tar.xz.json"  # the number of parts, the archive's sha256, the study and the chunk it continues
+MANIFEST_KEYS = {"parts", "sha256", "study", "since_chunks"}
 # what train.py imports and the GPU image (torch 2.11, torchvision, scipy, tensorboard, ...) lacks: pure Python
 WHEELS = ["tensorboardX", "torch-fidelity"]
 NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch_fidelity", "lmdb": "lmdb",
@@ -125,8 +129,9 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     except (ValueError, RecursionError) as error:
         raise TransferError(f"{parts_dir}: {MANIFEST} or a part's name is not as a device call writes it "
                             f"({first_line(error)}); nothing unpacked") from None
-    if not (expected is None or isinstance(expected, dict) and {"parts", "sha256"} <= expected.keys()):
-        raise TransferError(f"{parts_dir}: {MANIFEST} is not a manifest of parts; nothing unpacked")
+    if not (expected is None or isinstance(expected, dict) and MANIFEST_KEYS <= expected.keys()):
+        raise TransferError(f"{parts_dir}: {MANIFEST} is not a manifest of parts as a device call writes it (with "
+                            f"{', '.join(sorted(MANIFEST_KEYS))}); nothing unpacked")
     if numbers != list(range(len(parts))) or (expected and expected["parts"] != len(parts)):
         raise TransferError(f"{parts_dir}: parts {numbers} of {expected['parts'] if expected else '?'}; "
                             "one did not come back")
@@ -137,17 +142,40 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     data = b"".join(p.read_bytes() for p in parts)
     if expected is None or hashlib.sha256(data).hexdigest() != expected["sha256"]:
         raise TransferError(f"{parts_dir}: the parts do not match {MANIFEST} (missing or damaged); nothing unpacked")
-    made_for = expected.get("study")
-    if study is not None and made_for is not None and made_for != study:
-        raise TransferError(f"{parts_dir}: these files are of the study {made_for!r}, not {study!r}; nothing unpacked")
-    since = expected.get("since_chunks")
-    return extract(data, Path(root), lambda archive: _check_continues(
-        parts_dir, since, Path(root), member_bytes(archive, "chunks.jsonl", MOST_HISTORY)))
+    if study is not None and expected["study"] != study:
+        raise TransferError(f"{parts_dir}: these files are of the study {expected['study']!r}, not {study!r}; nothing "
+                            "unpacked")
+
+    def check(archive: tarfile.TarFile) -> None:
+        _check_snapshots(parts_dir, archive)  # first: the archive's order, which reads it once
+        _check_continues(parts_dir, expected["since_chunks"], Path(root),
+                         member_bytes(archive, "chunks.jsonl", MOST_HISTORY))
+    return extract(data, Path(root), check)
+
+
+def _check_snapshots(parts_dir: Path, archive: tarfile.TarFile) -> None:
+    """Every returned snapshot opens as a snapshot of the iteration its name says. Pruning keeps each run's newest
+    snapshot by its name and deletes the others: a damaged or planted ``snapshot_iter_999999.pt`` taken for the
+    newest would delete the real ones and mark the run done."""
+    for member in archive.getmembers():
+        iteration = snapshot_iteration(Path(member.name))
+        if iteration is None or not member.isfile():
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / Path(member.name).name
+            with archive.extractfile(member) as source, open(path, "wb") as copy:
+                shutil.copyfileobj(source, copy)
+            try:
+                found = load_snapshot(path, training_state=True)["iteration"]
+            except SnapshotError as error:
+                found = str(error).replace(str(path), "it")
+        if found != iteration:
+            raise TransferError(f"{parts_dir}: {member.name} is not the snapshot of iteration {iteration} its name "
+                                f"says ({found if isinstance(found, str) else f'iteration {found}'}); nothing unpacked")
 
 
 def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes) -> None:
-    """Returned files hold what changed after the study's chunk ``since`` (a manifest without it predates the check),
-    and their chunks.jsonl the history up to their own chunk. Refused: files that need an earlier call's taken back
+    """Returned files hold what changed after the study's chunk ``since``, and their chunks.jsonl the history up to their own chunk. Refused: files that need an earlier call's taken back
     first (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
     after a later call's: they would roll logs back behind snapshots). A call's files that hold more than the last
     return (its predecessor killed between packing and recording it) extend the history here: accepted."""
@@ -155,8 +183,6 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes
     if not all(_is_record(line) for line in history):
         raise TransferError(f"{parts_dir}: their chunks.jsonl holds a line that is not a chunk's record; nothing "
                             "unpacked")
-    if since is None:
-        return
     here = chunk_history(root)
     if type(since) is not int or since < 0:
         raise TransferError(f"{parts_dir}: {MANIFEST}'s since_chunks {since!r} is not a count; nothing unpacked")
@@ -249,13 +275,14 @@ CARRY_STUDY = "study.json"  # the name of the study a carry was made for
 
 
 def check_carry_study(carry: Path, study: str) -> None:
-    """A carry made for another study is refused (its runs would start or continue under this study's name)."""
+    """A carry made for another study, or for none it names, is refused (its runs would start or continue under this
+    study's name)."""
     path = Path(carry) / CARRY_STUDY
     try:
-        made_for = json.loads(path.read_text()).get("study") if path.is_file() else None
+        made_for = json.loads(path.read_text()).get("study") if path.is_file() else "unknown (it has no study.json)"
     except (OSError, ValueError, RecursionError, AttributeError):
         made_for = "unknown (its study.json is not readable)"
-    if made_for is not None and made_for != study:
+    if made_for != study:
         raise TransferError(f"{carry} was made for the study {made_for!r}, not {study!r}: make it with "
                             f"`python -m source.study carry` and this study's file")
 
