@@ -63,10 +63,11 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
         raise ConfigError(f"{source}: updater.collapse: threshold must be in (0, 1) and min_layers >= 1, got "
                           f"{collapse.threshold} and {collapse.min_layers}")
     for name, adam in (("adam_G", config.adam_G), ("adam_D", config.adam_D)):
-        if not (adam.alpha >= 0 and 0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1 and adam.eps >= 0):
-            raise ConfigError(f"{source}: {name}: need alpha >= 0, 0 <= beta1 < 1, 0 <= beta2 < 1 and eps >= 0, got "
+        if not (0 <= adam.alpha <= 1 and 0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1 and 0 <= adam.eps <= 1):
+            raise ConfigError(f"{source}: {name}: need 0 <= alpha <= 1, 0 <= beta1 < 1, 0 <= beta2 < 1 and "
+                              f"0 <= eps <= 1, got "
                               f"alpha={adam.alpha}, beta1={adam.beta1}, beta2={adam.beta2}, eps={adam.eps}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", config.device):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", config.device):
         raise ConfigError(f"{source}: device: expected auto, cpu, cuda or cuda:N, got {config.device!r}")
     if not 0 <= config.seed < 2**32:  # numpy's and the phase draws' seeds are 32-bit
         raise ConfigError(f"{source}: seed: must be in [0, 2^32), got {config.seed}")

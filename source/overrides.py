@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from source.typed import ConfigError, first_line
+from source.typed import ConfigError, StrictLoader, first_line
 
 
 def blame_overrides(error: ConfigError, source: str, overrides: list[str], given: dict, changed: dict) -> ConfigError:
@@ -50,7 +50,7 @@ def apply_override(raw: dict, override: str, source: str = "--set") -> None:
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. updater.apply_SR=true")
     try:
-        value = yaml.safe_load(text)
+        value = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError:
         value = text
     except ValueError as error:  # e.g. an integer of more digits than Python converts

@@ -45,14 +45,27 @@ def check_expansion(raw: Any, source: str) -> None:
             pending.extend((item, depth + 1) for item in value)
 
 
-class _Loader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """safe_load without merge keys (``<<``), which PyYAML expands while parsing, before any limit can count:
-    some 850 bytes of merges of merges ask for tens of GB), and at most MAX_CONFIG_DEPTH levels deep."""
+    some 850 bytes of merges of merges ask for tens of GB), at most MAX_CONFIG_DEPTH levels deep, and without two
+    of YAML 1.1's silent readings: a key given twice (the last one won) and base-60 numbers (``10:00`` was 600)."""
 
     def flatten_mapping(self, node) -> None:
         if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
             raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not supported", node.start_mark)
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key.value!r} is given twice",
+                                                        key.start_mark)
+            seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
         super().flatten_mapping(node)
+
+    def construct_yaml_int(self, node):
+        if ":" in str(node.value):
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value} reads as a base-60 number in YAML; "
+                                                    "quote it, or write the number", node.start_mark)
+        return super().construct_yaml_int(node)
 
     def compose_node(self, parent, index):
         self.depth = getattr(self, "depth", 0) + 1
@@ -65,10 +78,13 @@ class _Loader(yaml.SafeLoader):
             self.depth -= 1
 
 
+StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+
+
 def read_yaml(path: Path, source: str) -> Any:
     """A config or study file's content, with one-line errors; refused past the limits above."""
     try:
-        raw = yaml.load(path.read_text(), Loader=_Loader)
+        raw = yaml.load(path.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -447,15 +447,32 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("models.generator.args.ch=0", "ch must be a positive integer, got 0"),
     ("models.discriminator.args.resolution=48", "resolution must be one of [32, 64, 128], got 48"),
     ("models.generator.args.n_classes=-3", "n_classes must be >= 0"),
-    ("adam_G.alpha=-1", "adam_G: need alpha >= 0"),
-    ("adam_D.beta1=2", "adam_D: need alpha >= 0, 0 <= beta1 < 1"),
+    ("adam_G.alpha=-1", "adam_G: need 0 <= alpha <= 1"),
+    ("adam_D.beta1=2", "adam_D: need 0 <= alpha <= 1, 0 <= beta1 < 1"),
+    ("adam_D.alpha=.inf", "adam_D: need 0 <= alpha <= 1"),  # these two trained into the NaN guard or a traceback
+    ("adam_D.eps=1e308", "0 <= eps <= 1, got alpha=0.0004, beta1=0.0, beta2=0.999, eps=1e+308"),
     ("device=banana", "device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+    ("device=cuda:99999999999999999999", "device: expected auto, cpu, cuda or cuda:N"),  # torch: a traceback
+    ("iteration=10:00", "iteration: expected int, got str '10:00'"),  # YAML 1.1's base 60 read it as 600
     ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
 ])
 def test_bad_settings_are_one_line_errors(override, message, capsys):
     assert train.main(tiny_argv(Path("never-created"), 2, override)) == 2
     one_line_error(capsys, message)
     assert not Path("never-created").exists()
+
+
+def test_a_config_giving_a_key_twice_is_refused(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text((CONFIGS / "demo.yaml").read_text() + "\nseed: 7\n")  # demo.yaml has a seed already
+    assert train.main(["--config", str(config), "--dry-run"]) == 2
+    one_line_error(capsys, "(the key 'seed' is given twice)")
+
+
+def test_running_out_of_memory_is_one_line(tmp_path, capsys):
+    """G's batch of 10^12 asked the CPU allocator for 512 TB: torch's RuntimeError, said in one line."""
+    assert train.main(tiny_argv(tmp_path / "run", 2, "gen_batchsize=1000000000000", "evaluation.metrics=[]")) == 1
+    one_line_error(capsys, "error: out of memory (")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -330,6 +330,7 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
     transfer.reset(carry)
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
     transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)
     names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
     assert {"tiny/sn_s0/snapshots/snapshot_iter_6.pt", "tiny/sn_s0/log.jsonl", "chunks.jsonl"} <= set(names)
@@ -388,6 +389,7 @@ def test_where_the_data_cannot_go_to_the_configs_folder_the_runs_are_told_where_
     for path in FASHION_MNIST.glob("*-ubyte.gz"):  # what `carry` packs, at a faster preset
         (carry / "data" / f"{path.name.removesuffix('.gz')}.xz").write_bytes(
             lzma.compress(gzip.decompress(path.read_bytes()), preset=0))
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
     study_file = write_study(tmp_path, 2, sn={})
     spec = yaml.safe_load(study_file.read_text())
     spec["set"] = [item for item in spec["set"] if not item.startswith("dataset.")] + [
@@ -444,6 +446,13 @@ def test_one_command_at_a_time_writes_a_studys_folder_and_a_carry_serves_its_own
     assert "was made for the study 'unknown (it has no study.json)'" in capsys.readouterr().err
 
 
+def chunk_ran(root: Path, chunks: int = 0) -> dict:
+    """What a chunk after ``chunks`` others appends to the study's history, and its returned files' origin."""
+    with open(root / "chunks.jsonl", "a") as history:
+        history.write(json.dumps({"chunk": chunks + 1}) + "\n")
+    return {"study": "s", "since_chunks": chunks}
+
+
 def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tmp_path, monkeypatch):
     """Call 1 killed before it packed, call 2 packs, call 3 continues: each returns what the local copy lacks (also
     what a pack left out for room); a carry made anew replaces the state its runs have there; so does a damaged
@@ -465,14 +474,15 @@ def test_a_later_call_on_a_warm_machine_returns_what_no_earlier_call_returned(tm
     out.mkdir()
     with monkeypatch.context() as patch:
         patch.setattr(transfer, "RETURN_LIMIT", 2000)  # room for all but the spectra
-        transfer.pack_changed(root, since.listing, out)
+        transfer.pack_changed(root, since.listing, out, chunk_ran(root, since.chunks))
     continuation.packed(root, out)
-    assert sorted(transfer.take_back(out, tmp_path / "here")) == ["s/run/log", "s/run/snapshot_1", "s/run/snapshot_2"]
+    assert sorted(transfer.take_back(out, tmp_path / "here")) == ["chunks.jsonl", "s/run/log", "s/run/snapshot_1",
+                                                                 "s/run/snapshot_2"]
     since = continuation.restore(carry, root)  # call 3
     (root / run / "snapshot_3").write_bytes(b"3")
-    transfer.pack_changed(root, since.listing, out)
+    transfer.pack_changed(root, since.listing, out, chunk_ran(root, since.chunks))
     assert since.continued and sorted(transfer.take_back(out, tmp_path / "here")) == [
-        "s/run/snapshot_3", "s/run/spectra/big"]  # the spectra left out before come now
+        "chunks.jsonl", "s/run/snapshot_3", "s/run/spectra/big"]  # the spectra left out before come now
     assert continuation.SINCE not in transfer.listing(root)
     (made / run / "log").write_text("carried anew")  # e.g. after call 3 was killed too: what is here goes again
     transfer.write_archive([made / run / "log"], made, carry / transfer.STATE)
@@ -538,9 +548,9 @@ def test_changed_files_come_back_in_parts_that_reassemble(tmp_path, monkeypatch)
     (root / "a" / "snapshots").mkdir()
     (root / "a" / "snapshots" / "generator_iter_2.pt").write_bytes(b"G")  # the snapshot holds G: stays behind
     monkeypatch.setattr(transfer, "PART_BYTES", 1000)
-    parts = transfer.pack_changed(root, before, out=tmp_path)
+    parts = transfer.pack_changed(root, before, tmp_path, chunk_ran(root))
     assert len(parts) >= 3 and not (tmp_path / "left_out.txt").exists()
-    assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/changed.txt", "a/new.bin"]
+    assert transfer.take_back(tmp_path, tmp_path / "back") == ["a/changed.txt", "a/new.bin", "chunks.jsonl"]
     assert (tmp_path / "back" / "a" / "new.bin").read_bytes() == (root / "a" / "new.bin").read_bytes()
     parts[-1].unlink()  # the last part lost: the numbering has no gap, the manifest tells
     with pytest.raises(transfer.TransferError, match=f"parts .* of {len(parts)}; one did not come back"):
@@ -555,17 +565,18 @@ def test_over_the_return_limit_grids_and_tensorboard_stay_behind_before_anything
         (root / folder / "file").write_bytes(os.urandom(size))
     out.mkdir()
     monkeypatch.setattr(transfer, "RETURN_LIMIT", 6000)
-    transfer.pack_changed(root, {}, out)
+    origin = chunk_ran(root)
+    transfer.pack_changed(root, {}, out, origin)
     assert (out / "left_out.txt").read_text().split() == ["run/samples/file", "run/tb/file"]
-    assert transfer.take_back(out, tmp_path / "back") == ["run/snapshots/file"]
+    assert transfer.take_back(out, tmp_path / "back") == ["chunks.jsonl", "run/snapshots/file"]
     monkeypatch.setattr(transfer, "RETURN_LIMIT", 1000)
     with pytest.raises(transfer.TransferError, match="snapshots and logs take 0 MiB compressed, over the 0 MiB"):
-        transfer.pack_changed(root, {}, out)
+        transfer.pack_changed(root, {}, out, origin)
     # fewer parts where other files share the call's 8 (--parts): the same order of what stays behind
     monkeypatch.setattr(transfer, "RETURN_LIMIT", 10 ** 6)
     monkeypatch.setattr(transfer, "PART_BYTES", 4000)
-    assert len(transfer.pack_changed(root, {}, out, parts=3)) == 3 and not (out / "left_out.txt").exists()
-    assert len(transfer.pack_changed(root, {}, out, parts=2)) == 2
+    assert len(transfer.pack_changed(root, {}, out, origin, parts=3)) == 3 and not (out / "left_out.txt").exists()
+    assert len(transfer.pack_changed(root, {}, out, origin, parts=2)) == 2
     assert (out / "left_out.txt").read_text().split() == ["run/tb/file"]
 
 

@@ -74,8 +74,8 @@ def chunk_history(root: Path, data: bytes | None = None) -> list[bytes]:
     return [line for line in data.splitlines() if line.strip()]
 
 
-def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, parts: int | None = None,
-                 origin: dict | None = None) -> list[Path]:
+def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, origin: dict,
+                 parts: int | None = None) -> list[Path]:
     """Every file under ``root`` that is new or changed since ``listing`` gave ``before`` (generator exports
     aside: the snapshots hold G), as parts of one xz tar in ``out``. (A listing, not a time: a file's mtime
     can lag the clock by a timer tick.) Over RETURN_LIMIT (or ``parts`` parts, where other files share the call's
@@ -101,7 +101,7 @@ def pack_changed(root: Path, before: dict[str, tuple[int, int]], out: Path, part
         left = sorted(str(path.relative_to(root)) for path in set(files) - set(kept))
         (Path(out) / "left_out.txt").write_text("".join(f"{name}\n" for name in left))
     parts = [data[i:i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
-    manifest = {"parts": len(parts), "sha256": hashlib.sha256(data).hexdigest(), **(origin or {})}
+    manifest = {"parts": len(parts), "sha256": hashlib.sha256(data).hexdigest(), **origin}
     (Path(out) / MANIFEST).write_text(json.dumps(manifest))
     paths = []
     for number, part in enumerate(parts):
