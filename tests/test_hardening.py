@@ -205,6 +205,18 @@ def test_a_received_run_folder_with_a_link_is_not_written_through(tmp_path, trai
     assert victim.read_text() == "keep me\n"
 
 
+def test_a_received_snapshot_that_links_to_another_runs_resumes_beside_the_received_run(tmp_path, trained, capsys):
+    """The run folder is the one the snapshot is in, not its target's: the resume used to branch (or continue in
+    place) beside the run the link named."""
+    victim = copy_run(trained, tmp_path / "victim" / "run")
+    received = tmp_path / "received" / "run" / "snapshots"
+    received.mkdir(parents=True)
+    (received / "snapshot_iter_4.pt").symlink_to(victim / "snapshots" / "snapshot_iter_4.pt")
+    assert train.main(["--resume", str(received / "snapshot_iter_4.pt"), "--set", "iteration=5"]) == 0
+    assert (tmp_path / "received" / "run-resume4" / "snapshots" / "snapshot_iter_5.pt").is_file()
+    assert sorted(p.name for p in victim.parent.iterdir()) == ["run"]
+
+
 def test_a_branch_folder_placed_as_a_link_is_passed_over(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     elsewhere = tmp_path / "elsewhere"

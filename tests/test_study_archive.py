@@ -49,8 +49,7 @@ def test_an_archive_with_a_link_or_a_name_outside_the_study_unpacks_nothing(tmp_
 
 
 def test_an_archive_unpacks_within_a_size_and_never_another_machines_process_ids(tmp_path, monkeypatch):
-    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None),
-               (f"./{PIDS}", b'{"b64/sn_s0": [1, 1]}', None)]  # the same name, spelled otherwise
+    members = [("b64/sn_s0/log.jsonl", b"{}", None), (PIDS, b'{"b64/sn_s0": [1, 1]}', None)]
     assert transfer.extract(xz_tar(members), tmp_path) == ["b64/sn_s0/log.jsonl"]
     assert not (tmp_path / PIDS).exists()
     monkeypatch.setattr(archive, "MOST_MEMBERS", 3)  # many empty files: a small archive, a flood of them
@@ -91,6 +90,16 @@ def test_a_member_of_the_other_kind_than_the_archive_or_the_study_has_there_unpa
     with pytest.raises(transfer.TransferError, match="nothing was unpacked"):
         transfer.extract(xz_tar(members), tmp_path)
     assert not (tmp_path / "b64" / "sn_s0").exists()
+
+
+@pytest.mark.parametrize("second", ["chunks.jsonl", "./chunks.jsonl", "b64//../chunks.jsonl"])
+def test_a_path_named_twice_or_spelled_otherwise_unpacks_nothing(tmp_path, second):
+    """The history check reads "chunks.jsonl"; a second member of that path, unpacked after it, rolled the study's
+    history back with every check passing."""
+    members = [("chunks.jsonl", b'{"chunk": 1}\n{"chunk": 2}\n', None), (second, b'{"chunk": "rolled back"}\n', None)]
+    with pytest.raises(transfer.TransferError, match="nothing was unpacked"):
+        transfer.extract(xz_tar(members), tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_unpacking_that_fails_after_the_checks_says_the_study_may_hold_part_of_it(tmp_path, monkeypatch):
@@ -153,3 +162,12 @@ def test_take_back_refuses_a_snapshot_that_is_not_what_its_name_says_and_a_manif
         with pytest.raises(transfer.TransferError, match="is not a manifest of parts as a device call writes it"):
             transfer.take_back(folder, root, "s")
     assert not (root / "chunks.jsonl").exists()
+
+
+def test_a_part_that_is_not_a_plain_file_is_not_read(tmp_path):
+    """A part linked to /dev/zero was read until memory ran out (a FIFO would block for ever)."""
+    folder = returned(tmp_path / "zero", [("chunks.jsonl", b'{"chunk": 1}\n', None)])
+    (folder / f"{transfer.PARTS}00").unlink()
+    (folder / f"{transfer.PARTS}00").symlink_to("/dev/zero")
+    with pytest.raises(transfer.TransferError, match="part00 is not a plain file as a device call returns"):
+        transfer.take_back(folder, tmp_path / "root", "s")

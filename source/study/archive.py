@@ -105,17 +105,23 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
     tarfile's "data" filter alone has been bypassed through chains of links (CVE-2025-4517, Pythons before
     3.11.13). Walked header by header, so a flood of members or bytes stops at the bound. ``running.json`` (another
     machine's process ids: state.PIDS) is left out."""
-    real_root, members, kinds, total, count = os.path.realpath(root), [], {}, 0, 0
+    real_root, members, kinds, names, total, count = os.path.realpath(root), [], {}, set(), 0, 0
     while (member := archive.next()) is not None:
         count += 1
         if count > MOST_MEMBERS:
             raise TransferError(f"the archive holds more than {MOST_MEMBERS} members, more than a study's chunk "
                                 "returns; nothing was unpacked")
-        name = os.path.normpath(member.name)  # "./running.json" is "running.json"
+        # one spelling per path, as tarfile writes it: a check reads a member by its name ("chunks.jsonl"), and
+        # a second one ("./chunks.jsonl", or the same name again) would be unpacked over it
+        name = os.path.normpath(member.name)
         inside = os.path.realpath(os.path.join(real_root, name)).startswith(real_root + os.sep)
         if (not (member.isfile() or member.isdir()) or member.sparse is not None or set(member.pax_headers) - PAX_KEYS
-                or name.startswith("/") or ".." in name.split("/") or not _plain_name(name) or not inside):
+                or name != member.name or name.startswith("/") or ".." in name.split("/") or not _plain_name(name)
+                or not inside):
             raise TransferError(_refusal(member.name))
+        if name in names:
+            raise TransferError(f"archive member {name!r} is in it twice; nothing was unpacked")
+        names.add(name)
         _check_kind(name, member.isdir(), kinds, root)
         total += member.size
         if total > MOST_UNPACKED:

@@ -122,6 +122,9 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
     parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
+    odd = [p.name for p in parts if p.is_symlink() or not p.is_file()]  # a link to /dev/zero, a FIFO: read forever
+    if odd:
+        raise TransferError(f"{parts_dir}: {odd[0]} is not a plain file as a device call returns; nothing unpacked")
     manifest = Path(parts_dir) / MANIFEST
     try:
         expected = json.loads(manifest.read_text()) if manifest.is_file() else None

@@ -66,9 +66,10 @@ def exports_after(run: Path, iteration: int) -> list[Path]:
 
 
 def run_folder_of(path: str | Path) -> Path | None:
-    """RUN for RUN/snapshots/<file>; None for a snapshot kept anywhere else."""
-    path = Path(path).resolve()
-    return path.parent.parent if path.parent.name == SNAPSHOT_FOLDER else None
+    """RUN for RUN/snapshots/<file>; None for a snapshot kept anywhere else. The file's own folder, not its target's
+    where the file is a link: a received run's link would otherwise make a resume write beside another run."""
+    folder = Path(path).absolute().parent.resolve()
+    return folder.parent if folder.name == SNAPSHOT_FOLDER else None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
