@@ -541,6 +541,10 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
      "(gen: 1 of another type (first: l1.bias is torch.float64 in the snapshot, torch.float32 here))"),
     (lambda s: s["opt_dis"]["state"][0].update(exp_avg=s["opt_dis"]["state"][0]["exp_avg"].long()),
      "(opt_dis: exp_avg of parameter 0 is torch.int64, the parameter torch.float32"),
+    (lambda s: s["extensions"].update(Spectra={"detector": {"peaks": {"block1.c1": [1e300, 2]}}}),
+     "the collapse detector's peak of block1.c1 is 1e+300 at iteration 2, not a score of [0, 1]"),  # faked a collapse
+    (lambda s: s["extensions"].update(Spectra={"detector": {"peaks": {"block1.c1": [float("nan"), 2]}}}),
+     "the collapse detector's peak of block1.c1 is nan"),  # stopped every detection
 ])
 def test_damaged_snapshots_are_one_line_errors(tmp_path, trained, capsys, damage, message):
     snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_2.pt")

@@ -82,5 +82,12 @@ class CollapseDetector:
         return {"peaks": {name: list(peak) for name, peak in self.peaks.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the running maxima; threshold, min_layers and layers come from the constructor."""
-        self.peaks = {name: (float(score), int(iteration)) for name, (score, iteration) in state["peaks"].items()}
+        """Restore the running maxima; threshold, min_layers and layers come from the constructor. A score is a mean
+        of s_i / s_1, in [0, 1]: a received snapshot's peak of 1e300 faked a collapse of every layer, and NaN stopped
+        every detection."""
+        peaks = {name: (float(score), int(at)) for name, (score, at) in state["peaks"].items()}
+        for name, (score, at) in peaks.items():
+            if not (0 <= score <= 1 and at >= 0):
+                raise ValueError(f"the collapse detector's peak of {name} is {score} at iteration {at}, not a score of "
+                                 "[0, 1] at an iteration")
+        self.peaks = peaks
