@@ -43,6 +43,7 @@ from source.metrics.reference import ReferenceUnavailable, dataset_reference, re
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
 from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
+from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
                FileNotFoundError, ValueError)
@@ -329,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except RuntimeError as error:
+        if not out_of_memory(error):
+            raise
+        print(f"error: {out_of_memory(error)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # each reference file is written whole (a temp file renamed) or not at all
         print("stopped (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT

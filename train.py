@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
-from source.config import Config, ConfigError, first_line, load_config, save_config
+from source.config import Config, ConfigError, load_config, save_config
 from source.datasets import DatasetError
+from source.typed import out_of_memory
 from source.training import build, checkpoint, group, performance, resume, runfolder
 from source.training.summary import batch_summary, dry_run
 from source.training.checkpoint import SnapshotError
@@ -123,9 +124,8 @@ def failure_status(error: Exception, world: World) -> int | None:
     if isinstance(error, (TrainingDiverged, SnapshotWriteError, StepGraphError)):
         report(f"error: {'training diverged: ' if isinstance(error, TrainingDiverged) else ''}{error}", world)
         return 1
-    if isinstance(error, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(error):  # the CPU's words
-        report(f"error: out of memory ({first_line(error)[:300]}); smaller micro-batches fit in less: "
-               "micro_batchsize (accumulating more of them per iteration), gen_batchsize, evaluation.batch_size", world)
+    if out_of_memory(error):
+        report(f"error: {out_of_memory(error)}", world)
         return 1
     return None
 

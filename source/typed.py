@@ -202,6 +202,14 @@ def first_line(error: Exception) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+def out_of_memory(error: Exception) -> str | None:
+    """One line for running out of memory (torch's CUDA error, or its CPU allocator's RuntimeError), else None."""
+    if type(error).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(error):
+        return (f"out of memory ({first_line(error)[:300]}); smaller batches fit in less: micro_batchsize "
+                "(accumulating more of them per iteration), gen_batchsize, evaluation.batch_size (--batch-size)")
+    return None
+
+
 # --- back to plain structures -----------------------------------------------------------------
 
 def to_plain(value: Any) -> Any:

@@ -466,6 +466,7 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("device=banana", "device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
     ("device=cuda:99999999999999999999", "device: expected auto, cpu, cuda or cuda:N"),  # torch: a traceback
     ("iteration=10:00", "iteration: expected int, got str '10:00'"),  # YAML 1.1's base 60 read it as 600
+    ("evaluation.n_samples=1000001", "evaluation.n_samples: 1000001 is over 1,000,000"),  # latents drawn at once
     ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
 ])
 def test_bad_settings_are_one_line_errors(override, message, capsys):
@@ -481,9 +482,12 @@ def test_a_config_giving_a_key_twice_is_refused(tmp_path, capsys):
     one_line_error(capsys, "(the key 'seed' is given twice)")
 
 
-def test_running_out_of_memory_is_one_line(tmp_path, capsys):
+def test_running_out_of_memory_is_one_line(tmp_path, trained, capsys):
     """G's batch of 10^12 asked the CPU allocator for 512 TB: torch's RuntimeError, said in one line."""
     assert train.main(tiny_argv(tmp_path / "run", 2, "gen_batchsize=1000000000000", "evaluation.metrics=[]")) == 1
+    one_line_error(capsys, "error: out of memory (")
+    snapshot = str(trained / "snapshots" / "generator_iter_4.pt")
+    assert evaluation.main(["samples", "--snapshot", snapshot, "--n", str(10**12), "--out", str(tmp_path / "s")]) == 1
     one_line_error(capsys, "error: out of memory (")
 
 

@@ -111,6 +111,9 @@ def for_this_machine(config: Config, overrides: list[str]) -> str | None:
 EVALUATION_ERRORS = (WeightsUnavailable, StatsMismatch, ReferenceUnavailable, DatasetError, OSError)
 
 
+MOST_SAMPLES = 10**6
+
+
 def check_settings(settings: EvaluationConfig, world_size: int) -> None:
     """Reject impossible evaluation settings before training starts (one-line ConfigError naming the key)."""
     unknown = sorted(set(settings.metrics) - set(METRICS))
@@ -120,6 +123,9 @@ def check_settings(settings: EvaluationConfig, world_size: int) -> None:
     if settings.n_samples < max(2, world_size):
         raise ConfigError(f"evaluation.n_samples: {settings.n_samples} is too few; need at least 2 and one per rank "
                           f"({world_size} ranks)")
+    if settings.n_samples > MOST_SAMPLES:  # latents are drawn at once; a received snapshot's 10^12 was 512 TB
+        raise ConfigError(f"evaluation.n_samples: {settings.n_samples} is over {MOST_SAMPLES:,} (the protocols use "
+                          "50,000); give fewer (evaluation.py: --n-samples)")
     if "is" in settings.metrics and not 1 <= settings.splits <= settings.n_samples:
         raise ConfigError(f"evaluation.splits: {settings.splits} must be between 1 and n_samples={settings.n_samples}")
     if settings.few_at_most >= settings.many_above:
