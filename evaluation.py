@@ -39,7 +39,8 @@ from source.metrics.describe import describe, describe_batchnorm
 from source.metrics.generate import G_BATCHNORM_MODES, g_batchnorm, generate_uint8, generation_mode
 from source.metrics.generate import sample_inputs
 from source.metrics.longtail import INTRA_FID_MODES, group_notes, intra_fid_protocol, score_repeats, score_request
-from source.metrics.reference import ReferenceUnavailable, dataset_reference, reference_data, resolve_reference
+from source.metrics.reference import (ReferenceUnavailable, check_reference_resolution, dataset_reference,
+                                      reference_data, resolve_reference)
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
 from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
@@ -123,7 +124,10 @@ def metrics(args: argparse.Namespace) -> None:
     if not args.intra_fid and set(settings.metrics) == {"is"} and not backbone.has_logits:  # before the reference
         print_notes(([note] if note else []) + available_metrics(settings.metrics, backbone, None)[1])
         raise ValueError("none of the requested metrics can be computed (see the notes above)")
+    if not settings.reference_stats:  # before minutes of reference statistics
+        check_reference_resolution(config, getattr(config.dataset.args, "size", None), "the reference data")
     reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)
+    check_reference_resolution(config, (reference.key or {}).get("resolution"), f"the reference statistics ({reference.path})")
     request.metrics, skipped = available_metrics(settings.metrics, backbone, reference)
     print_notes(([note] if note else []) + skipped)
     if not request.metrics and not args.intra_fid:

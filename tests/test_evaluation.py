@@ -380,6 +380,16 @@ def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_
     assert record["KID"] == pytest.approx(trained["KID"], rel=1e-9)
 
 
+def test_metrics_refuses_a_reference_of_another_resolution_than_the_generators(evaluated_run, capsys):
+    """Inception resizes both to 299 px: 32 px fakes against 16 px reals gave a number, labelled 16px, without a word."""
+    snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
+    argv = ["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--metrics", "fid", "--set",
+            "dataset.args.size=16"]
+    assert evaluation.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "are of 16 px images and the generator makes 32 px ones" in err and err.count("\n") == 1
+
+
 def test_metrics_cli_computes_the_inception_score_with_full_weights(evaluated_run, full_inception_weights, capsys):
     snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
     argv = ["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--inception-weights",
@@ -528,7 +538,8 @@ def test_a_received_snapshots_cache_folder_is_not_made_here(evaluated_run, tmp_p
     torch.save(snapshot, foreign)
     monkeypatch.chdir(tmp_path)  # the default folder is relative: data/reference_stats
     assert evaluation.main(["metrics", "--snapshot", str(foreign), "--device", "cpu", "--metrics", "fid"]) == 0
-    assert f"note: the snapshot's evaluation.cache_dir {theirs} does not exist here" in capsys.readouterr().out
+    note = f"note: the snapshot's evaluation.cache_dir {theirs} holds no reference statistics here"
+    assert note in capsys.readouterr().out
     assert not theirs.parent.exists() and list((tmp_path / "data" / "reference_stats").glob("*.npz"))
 
 

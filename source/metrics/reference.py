@@ -243,6 +243,14 @@ def file_reference(path: str, per_class: bool = False) -> Reference:
     return Reference(path, meta, ReferenceStats(mu, sigma, n_images, classes), features)
 
 
+def check_reference_resolution(config: Config, real: int | None, what: str) -> None:
+    """Inception resizes every image to 299 px, so fakes and reals of two sizes would give numbers without a word."""
+    made = config.models.generator.args.get("resolution", 128)
+    if real not in (None, made):
+        raise ReferenceUnavailable(f"{what} are of {real} px images and the generator makes {made} px ones; give a "
+                                   f"reference of {made} px images (dataset.args.size, --reference)")
+
+
 def resolve_reference(config: Config, backbone: InceptionBackbone, training: Dataset | None = None,
                       per_class: bool = False, groups: dict[str, list[int]] | None = None) -> Reference:
     """`evaluation.reference_stats`, else the cached reference of the configured reference data.

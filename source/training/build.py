@@ -70,9 +70,9 @@ def check_dataset_matches_models(config: Config, dataset, source: str) -> None:
             raise ConfigError(f"{source}: dataset.args: the data have {name} {getattr(dataset, name)} but the "
                               f"generator is built for {value}")
     n_classes = gen.get("n_classes", 0)
-    if n_classes and dataset.n_classes > n_classes:
+    if n_classes and dataset.n_classes != n_classes:  # more: G would draw labels no real image has
         raise ConfigError(f"{source}: models.generator.args.n_classes: {n_classes} but the dataset has "
-                          f"{dataset.n_classes} classes")
+                          f"{dataset.n_classes} classes; set the models' n_classes to {dataset.n_classes}")
 
 
 def wrap_distributed(model: nn.Module, world: World) -> nn.Module:

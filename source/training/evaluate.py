@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,7 @@ from source.metrics.describe import describe
 from source.metrics.generate import (concatenate_features, g_batchnorm, generated_features, generation_mode,
                                      sample_inputs, shard_bounds)
 from source.metrics.inception import WEIGHTS_FILE
-from source.metrics.reference import (Reference, ReferenceUnavailable, require_reference_before_distributed_training,
+from source.metrics.reference import (BACKBONE_TAG, Reference, ReferenceUnavailable, require_reference_before_distributed_training,
                                       resolve_reference)
 from source.metrics.scoring import METRICS, available_metrics, load_backbone, protocol_record, score
 from source.overrides import overridden
@@ -90,19 +91,18 @@ def load_generator(path: str, device: torch.device, overrides: list[str] = (), r
 def for_this_machine(config: Config, overrides: list[str]) -> str | None:
     """A snapshot may come from someone else. Its config's `download: true` (CIFAR-10's default) does not make this
     machine download a data set into the folder it names (evaluating or resuming it), and its evaluation.cache_dir,
-    a folder of the machine it was trained on, is used only where it exists here or the folder that would hold it
-    exists and is writable; else references are cached in the default folder, not in folders a file chose (a note
+    a folder of the machine it was trained on, is used only where it holds reference statistics here; else
+    references are cached in the default folder, never in a folder a file chose (such as ~/.config/autostart; a note
     says so: returned). The user's own --set (of the key or a mapping above it) decides both."""
     if hasattr(config.dataset.args, "download") and not overridden(overrides, "dataset.args.download"):
         config.dataset.args.download = False
     default, cache_dir = EvaluationConfig.cache_dir, config.evaluation.cache_dir
-    parent = os.path.dirname(os.path.abspath(cache_dir))
-    if overridden(overrides, "evaluation.cache_dir") or cache_dir == default or os.path.isdir(cache_dir) or (
-            os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+    if overridden(overrides, "evaluation.cache_dir") or cache_dir == default or (
+            os.path.isdir(cache_dir) and any(Path(cache_dir).glob(f"*_{BACKBONE_TAG}*.npz"))):
         return None
     config.evaluation.cache_dir = default
-    return (f"the snapshot's evaluation.cache_dir {cache_dir} does not exist here (or cannot be made): reference "
-            f"statistics are cached in {default} (--set evaluation.cache_dir=DIR to choose)")
+    return (f"the snapshot's evaluation.cache_dir {cache_dir} holds no reference statistics here: they are cached "
+            f"in {default} (--set evaluation.cache_dir=DIR to choose)")
 
 
 # --- during training ---------------------------------------------------------------------------
