@@ -28,7 +28,8 @@ from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
-from source.training.evaluate import Evaluate, require_reference_before_distributed_training
+from source.training.evaluate import (Evaluate, check_reference_split, check_settings,
+                                      require_reference_before_distributed_training)
 from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
 from source.training.modes import Modes
@@ -184,6 +185,9 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
+        if config.evaluation.metrics:  # what the evaluation checks when the run starts
+            check_settings(config.evaluation, world.size)
+            check_reference_split(config)
         dry_run(config, models, world, plan, args.config or args.resume)
         return None
     out, folder = claim_run_folder(plan, world)

@@ -117,6 +117,17 @@ def test_dry_run_reports_missing_root_without_failing(capsys):
     assert "generator" in out and "parameters" in out
 
 
+def test_dry_run_checks_what_the_run_would_refuse_at_once(capsys):
+    """It passed data smaller than one micro-batch and evaluation settings the run refuses in its first second."""
+    small = ["--config", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", "dataset.name=synthetic", "--set",
+             "dataset.args.count=24"]
+    code, out, _ = run_train(small, capsys)
+    assert code == 0 and "NOT AVAILABLE: 24 images, fewer than one global micro-batch of 32 x 1 ranks" in out
+    code, _, err = run_train(small[:3] + ["--set", "evaluation.metrics=[is]", "--set", "evaluation.n_samples=5", "--set",
+                                          "evaluation.splits=10"], capsys)
+    assert code == 2 and "evaluation.splits: 10 must be between 1 and n_samples=5" in err
+
+
 def test_world_size_enters_divisibility_check():
     with pytest.raises(ConfigError, match="2048 is not divisible by micro_batchsize x world size = 32 x 3 = 96"):
         load_config(CONFIGS / "sr_imagenet.yaml", world_size=3)

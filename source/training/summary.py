@@ -16,7 +16,7 @@ def batch_summary(config: Config, world: World) -> str:
     return split(config.batchsize) if same else f"D {split(config.batchsize)}; G {split(config.gen_batch)}"
 
 
-def describe_data(config: Config, source: str) -> str:
+def describe_data(config: Config, source: str, world_size: int) -> str:
     """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data, and never
     downloads: a data set not yet downloaded is said to be so)."""
     problems = check_dataset_args(config.dataset.name, config.dataset.args)
@@ -26,6 +26,9 @@ def describe_data(config: Config, source: str) -> str:
     try:
         if not problems:
             dataset = build.build_training_data(config, source=source)
+            if len(dataset) < config.micro_batchsize * world_size:
+                raise DatasetError(f"{len(dataset):,} images, fewer than one global micro-batch of "
+                                   f"{config.micro_batchsize} x {world_size} ranks: the run would stop at once")
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
             held = ", held on the device" if config.performance.data_on_device else ""
             return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
@@ -67,7 +70,7 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
             ("terms", describe_terms(config)),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", out)]
-    rows.append(("data", describe_data(config, source)))
+    rows.append(("data", describe_data(config, source, world.size)))
     if world.is_main:
         width = max(len(name) for name, _ in rows)
         print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))
