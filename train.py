@@ -169,7 +169,8 @@ def report(message: str, world: World | None = None) -> None:
 def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world: World,
           stack: ExitStack) -> Trainer | None:
     """Everything up to the first iteration: the models, the run folder (locked until ``stack`` closes), the data,
-    the trainer, the resumed state. None after a dry run, which only prints what would run."""
+    the trainer, the resumed state. None after a dry run, which only prints what would run, and for a finished
+    run."""
     changes = resume.config_changes(snapshot, config) if snapshot else []
     plan = plan_run_folder(args, snapshot, bool(resume.recipe_changes(changes, config.dataset.name)))
     performance.configure_backends(config.performance, config.deterministic)
@@ -179,9 +180,15 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         torch.use_deterministic_algorithms(True)
     if snapshot:
         resume.check_networks(snapshot, config, args.resume)  # before the models' memory is taken
-    if snapshot and not plan.in_place and snapshot["iteration"] >= config.iteration:  # before a folder is made
-        raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration {snapshot['iteration']}: "
-                          f"a branch from it would train nothing (--set iteration=N with N > {snapshot['iteration']})")
+    if snapshot and snapshot["iteration"] >= config.iteration:  # before a folder is claimed or its log written
+        if not plan.in_place:
+            raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration "
+                              f"{snapshot['iteration']}: a branch from it would train nothing (--set iteration=N "
+                              f"with N > {snapshot['iteration']})")
+        if world.is_main:
+            print(f"{args.resume}: the run has trained its {config.iteration} iterations: nothing to do (to train "
+                  "longer: --set iteration=N, which continues in a folder of its own)")
+        return None
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:

@@ -161,24 +161,32 @@ def test_default_folders_are_numbered_and_resume_branches_never_overwrite(tmp_pa
 
 def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, trained, capsys):
     run = copy_run(trained, tmp_path / "run")
+    for name in ("snapshot_iter_4.pt", "generator_iter_4.pt"):  # a run stopped after its snapshot at 2
+        (run / "snapshots" / name).unlink()
     stale = run / "snapshots" / ".snapshot_iter_6.pt.x1y2.tmp"  # left by a write that was killed
     stale.write_bytes(b"partial")
     with open(run / "log.jsonl", "a") as log:
         log.write('{"iteration": 5, "epoch": 0, "ela')  # a line cut by a crash (disk full, power loss)
-    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # unchanged: nothing to do
-    assert "the run has trained its 4 iterations: nothing to do (to train longer: --set iteration=N" in \
-        capsys.readouterr().out
-    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt"), "--set", "iteration=3"]) == 2
-    one_line_error(capsys, "a branch from it would train nothing (--set iteration=N with N > 4)")
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_2.pt"), "--set", "iteration=1"]) == 2
+    one_line_error(capsys, "a branch from it would train nothing (--set iteration=N with N > 2)")
     assert not list(tmp_path.glob("run-*")), "no branch folder made for nothing"
-    assert not stale.exists()
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_2.pt")]) == 0  # unchanged: in place
+    assert not stale.exists() and not list(tmp_path.glob("run-*"))
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records if "loss_dis" in r] == [1, 2, 3, 4]
-    assert [r.get("event") for r in records[-2:]] == ["resumed", "sr_start"], "appended after the torn line was dropped"
-    # TensorBoard hides what the interrupted session logged past the snapshot too: a purge marker at 4 + 1
+    resumed = next(i for i, r in enumerate(records) if r.get("event") == "resumed")
+    assert records[resumed]["iteration"] == 2 and [r.get("iteration") for r in records[resumed:] if "loss_dis" in r
+                                                   ] == [3, 4], "appended after the torn line and 3, 4 were dropped"
+    # TensorBoard hides what the interrupted session logged past the snapshot too: a purge marker at 2 + 1
     starts = [event.step for event in tensorboard_events(run / "tb") if event.HasField("session_log")
               and event.session_log.status == event_pb2.SessionLog.START]
-    assert starts == [5]
+    assert starts == [3]
+    log = (run / "log.jsonl").read_text()
+    capsys.readouterr()
+    assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 0  # finished: nothing to do
+    assert "the run has trained its 4 iterations: nothing to do (to train longer: --set iteration=N" in \
+        capsys.readouterr().out
+    assert (run / "log.jsonl").read_text() == log, "a resume that trains nothing logs nothing (no 'resumed' event)"
 
 
 def tensorboard_events(folder: Path) -> list:

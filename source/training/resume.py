@@ -101,9 +101,6 @@ def restore(trainer: Trainer, snapshot: dict, path: str, changes: list[str], wor
         print(f"resumed from {path} at iteration {trainer.iteration}")
         for line in changes:
             print(f"  config change: {line}")
-        if trainer.iteration >= trainer.stop:
-            print(f"the run has trained its {trainer.stop} iterations: nothing to do (to train longer: --set "
-                  f"iteration=N, which continues in a folder of its own)")
         for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
             try:
                 truncate_after(trainer.out / name, trainer.iteration)
