@@ -673,6 +673,20 @@ def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path)
     assert len(snapshot["rng"]) == 2
 
 
+def test_a_workers_bad_input_under_the_launcher_is_its_line_and_status_without_a_traceback(tmp_path):
+    import subprocess
+
+    from test_training import _free_port
+
+    command = [sys.executable, "-m", "source.training.launch", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "train.py", *tiny_argv(tmp_path / "run", 2, "batchsize=4")]
+    done = subprocess.run(command, cwd=CONFIGS.parent, env={**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "is not divisible by micro_batchsize x world size" in done.stderr and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("launch: worker ")
+
+
 def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_names(tmp_path, trained):
     import argparse
 
