@@ -94,6 +94,10 @@ def test_an_old_snapshot_says_how_to_convert_it_and_resumes_after_conversion(tmp
     one_line_error(capsys, f"python -m source.training.convert_snapshot {old}")
     assert convert_snapshot.main([str(old)]) == 0
     assert (run / "snapshots" / "snapshot_iter_4.pt.orig").is_file()
+    capsys.readouterr()  # a second call leaves both files (it used to replace the true original)
+    orig = (run / "snapshots" / "snapshot_iter_4.pt.orig").read_bytes()
+    assert convert_snapshot.main([str(old)]) == 0 and "loads safely already: nothing to convert" in capsys.readouterr().out
+    assert (run / "snapshots" / "snapshot_iter_4.pt.orig").read_bytes() == orig
     converted = load_snapshot(old, training_state=True)
     assert converted["rng"][0]["numpy"]["state"]["key"].dtype == torch.int64
     assert train.main(["--resume", str(old), "--set", "iteration=5", "--out", str(tmp_path / "continued")]) == 0
@@ -386,7 +390,8 @@ def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign
     assert convert_snapshot.main([str(old)]) == 0
     converted = load_snapshot(old)["extra"]
     assert converted[0] is converted[1]  # still shared, not copied 2^40 times
-    torch.save(dict(snapshot, rng={"torch": torch.zeros(1)}), old)
+    (tmp_path / "old.pt.orig").unlink()
+    torch.save(dict(snapshot, rng={"numpy": np.zeros(1)}), old)  # the old format's numpy, in a foreign layout
     assert convert_snapshot.main([str(old)]) == 2
     one_line_error(capsys, "its 'rng' entry is not a list of each rank's states")
 

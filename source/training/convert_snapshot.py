@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from source.config import first_line
-from source.files import zip_expansion
+from source.files import torch_load, zip_expansion
 from source.training.checkpoint import SnapshotError, atomic_save, load_snapshot
 
 
@@ -63,17 +63,31 @@ def numpy_globals() -> list:
             (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
 
 
-def convert(path: Path) -> Path:
-    """Rewrite ``path`` in the safe format; returns where the original was kept."""
+def convert(path: Path) -> Path | None:
+    """Rewrite ``path`` in the safe format; returns where the original was kept (None: it loads safely already,
+    and is left as it is)."""
     problem = zip_expansion(path, stored_only=True)  # what torch_load checks: no member inflating past its size
     if problem:
         raise SnapshotError(f"{problem}; not converted")
+    try:
+        torch_load(path)
+        return None
+    except (pickle.UnpicklingError, RuntimeError):
+        pass  # numpy objects (the old format), or no snapshot: the load below tells
+    backup = path.with_name(path.name + ".orig")
+    if backup.exists():  # a second conversion would replace the true original with the first one's output
+        raise SnapshotError(f"{backup} exists (an earlier conversion's original?); move it away first")
     try:
         with torch.serialization.safe_globals(numpy_globals()):
             snapshot = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise SnapshotError("it holds Python objects other than numpy arrays and numbers: not a snapshot of this "
                             "toolkit's old format; not converted, nothing run") from None
+    except (OSError, RuntimeError, EOFError):
+        raise
+    except Exception as error:  # bytes that are no pickle, met with whatever error they cause
+        raise SnapshotError(f"not a file written by torch.save, or damaged ({type(error).__name__}); not "
+                            "converted") from None
     if not isinstance(snapshot, dict):
         raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
     states = snapshot.get("rng", [])
@@ -81,7 +95,6 @@ def convert(path: Path) -> Path:
         raise SnapshotError("its 'rng' entry is not a list of each rank's states: not a snapshot of this toolkit")
     for rank_state in states:
         rank_state["numpy"] = legacy_numpy_rng(rank_state.get("numpy"))
-    backup = path.with_name(path.name + ".orig")
     shutil.copy2(path, backup)
     atomic_save(plain(snapshot), path)
     load_snapshot(path)  # proves the result loads safely
@@ -101,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         except (SnapshotError, RuntimeError, OSError, EOFError) as error:  # RecursionError: a RuntimeError
             print(f"error: {path}: {first_line(error)}", file=sys.stderr)
             return 2
-        print(f"converted {path} (original kept as {backup})")
+        print(f"converted {path} (original kept as {backup})" if backup else
+              f"{path} loads safely already: nothing to convert")
     return 0
 
 
