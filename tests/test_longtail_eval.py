@@ -257,3 +257,12 @@ def test_group_fid_with_the_fid_helper_inception(tmp_path, capsys):
     assert record["protocol"]["weights"] == FID_HELPER and record["protocol"]["groups"]["few"] == [0, 1]
     assert np.isfinite(record["group_FID"]["few"]) and record["repeat_std"]["group_FID"]["few"] > 0
     assert len(record["repeats"]) == 2 and "group FID few" in out
+
+
+@pytest.mark.parametrize("mode", ["classes", "groups"])
+def test_intra_fid_of_an_unconditional_generator_is_refused_naming_intra_fid(tmp_path, mode):
+    """A bare --intra-fid used to say "leave out --classes", which the user had not given."""
+    from source.metrics.longtail import score_request
+
+    with pytest.raises(ValueError, match=f"--intra-fid {mode}: this generator is unconditional"):
+        score_request(config_of(tmp_path), 0, mode, None, 5)

@@ -101,12 +101,13 @@ def score_request(config: Config, n_classes: int, intra_fid: str | None, classes
                            samples_per_class=samples_per_class, batchnorm=g_batchnorm(settings))
     if classes and intra_fid != "classes":
         raise ValueError("--classes selects intra-FID classes; it needs --intra-fid classes")
+    if intra_fid and n_classes == 0:
+        raise ValueError(f"--intra-fid {intra_fid}: this generator is unconditional (n_classes=0): it has no classes "
+                         "to score one by one or in groups")
     if intra_fid == "classes":
         request.classes = classes or list(range(n_classes))
         check_classes(request.classes, n_classes)
     if intra_fid == "groups":
-        if n_classes == 0:
-            raise ValueError("this generator is unconditional (n_classes=0): it has no classes to group")
         request.groups = training_groups(config)
     return request
 
