@@ -211,9 +211,11 @@ def samples(args: argparse.Namespace) -> None:
     batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
     seed = loaded.config.seed if args.seed is None else args.seed
     z, labels = sample_inputs(args.n, loaded.gen.dim_z, loaded.gen.n_classes, seed)
+    out = Path(args.out)
+    # before generating: an export of 50k images from another snapshot is easily replaced by mistake
+    check_overwrite([out] if args.format == "npz" else sorted(out.glob("*.png"))[:1], args.force)
     with generation_mode(loaded.gen, batchnorm, device):
         images = generate_all(loaded, z, labels, batchnorm.batch_size, device)
-    out = Path(args.out)
     if args.format == "npz":
         # arr_0 as N x H x W x C uint8: the layout TTUR's fid.py and OpenAI's ImageNet evaluator read.
         arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
@@ -321,7 +323,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--n", type=positive_int, required=True, help="number of images")
     sub.add_argument("--format", choices=("png", "npz"), default="png",
                      help="png: a folder of NNNNNN_classC.png; npz: arr_0 (N x H x W x C uint8) and labels")
-    sub.add_argument("--out", required=True, help="folder (png) or file (npz)")
+    sub.add_argument("--out", required=True, help="folder (png) or file (npz); an existing export is kept unless "
+                                                  "--force")
+    sub.add_argument("--force", action="store_true", help="overwrite an existing export")
     sub.add_argument("--seed", type=int, help="default: the run's seed")
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
     return parser.parse_args(argv)

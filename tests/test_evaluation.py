@@ -489,6 +489,13 @@ def test_samples_export_png_folder_and_npz(evaluated_run, tmp_path):
         assert data["arr_0"].shape == (5, 32, 32, 1) and data["arr_0"].dtype == np.uint8
         assert data["labels"].shape == (5,) and set(data["labels"]) <= {0, 1, 2}
         np.testing.assert_array_equal(np.asarray(Image.open(files[0])), data["arr_0"][0, :, :, 0])
+    kept = npz.read_bytes()  # another snapshot's export into the same place: kept unless --force
+    for out, extra in ((npz, ["--format", "npz"]), (tmp_path / "png", [])):
+        assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--seed", "9", "--out", str(out),
+                                *extra]) == 2
+    assert npz.read_bytes() == kept
+    assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--seed", "9", "--out", str(npz),
+                            "--format", "npz", "--force"]) == 0 and npz.read_bytes() != kept
 
 
 def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
