@@ -50,7 +50,8 @@ def side_by_side(panels: list[Image.Image]) -> Image.Image:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m figures.class_rows", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("snapshots", nargs="+", type=Path, metavar="SNAPSHOT",
                         help="snapshot_iter_N.pt or generator_iter_N.pt, one panel each")
     parser.add_argument("--out", type=Path, required=True, help="image file (.png)")

@@ -20,7 +20,7 @@ import torch
 
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, require_run_folder, save_figure
 from source.config import ConfigError
-from source.datasets import DatasetError, build_dataset
+from source.datasets import DatasetError, build_dataset, check_dataset_args
 from source.files import refuse_link, run_figures
 from source.metrics.generate import generate_uint8, sample_inputs
 from source.metrics.modes import mode_report
@@ -54,6 +54,10 @@ def real_images(config) -> tuple[np.ndarray, np.ndarray]:
     args = config.dataset.args
     if hasattr(args, "split"):
         args = dataclasses.replace(args, split="test")
+        problems = check_dataset_args(config.dataset.name, args)
+        if any("split" in problem for problem in problems):  # e.g. ImageNet's train and val
+            raise ValueError(f"the mode panels compare samples with a data set's test split (Fashion-MNIST, "
+                             f"CIFAR-10); {config.dataset.name} has none, so this figure cannot be drawn for this run")
     dataset = build_dataset(config.dataset.name, args)
     order = list(range(len(dataset)))
     if len(dataset) > MAX_REAL_IMAGES:  # a fixed random subset: the first images of class-sorted data are few classes
@@ -115,7 +119,8 @@ def collapse_figure(runs: list[Path], labels: list[str], per_class: int) -> plt.
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m figures.collapse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--labels", nargs="+")
     parser.add_argument("--per-class", type=int, default=100)

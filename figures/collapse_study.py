@@ -194,7 +194,8 @@ def curves_figure(study: Study, summary: dict, setting: str) -> plt.Figure:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m figures.collapse_study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--root", type=Path, help="the study's runs (default results/<study name>)")
     parser.add_argument("--out", type=Path, default=Path("docs/collapse"))
