@@ -248,7 +248,8 @@ def load_cached_reference(path: str, expected_key: Mapping[str, Any],
     if differences:
         raise StatsMismatch(
             f"cached reference statistics {path} were computed for another setup ({'; '.join(differences)}); "
-            "delete the file to recompute it or point to the matching one"
+            "delete the file to recompute it, or keep both: --set evaluation.cache_dir=ANOTHER_FOLDER for this setup "
+            "(or `evaluation.py ref-stats --out FILE`, then --reference FILE / evaluation.reference_stats)"
         )
     try:
         with open_npz(path) as data:
