@@ -112,3 +112,13 @@ def test_a_run_stopped_before_its_first_log_line_counts_as_started(study, tmp_pa
     summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
     assert summary["arms"]["b64/sr_resumed"]["reached"] == [40, 7]
     assert "| b64/sr_resumed | 40 (from 20), 7 | 0 of 2 | 40 | 9.0 (n=1) |" in capsys.readouterr().out
+
+
+def test_a_collapse_logged_past_what_the_run_reached_is_a_damaged_log(study, tmp_path, capsys):
+    """A received log's collapse at 10^15, for a run at iteration 40, counted in the report (and would start a
+    branch there)."""
+    log = tmp_path / "runs" / "b64" / "sn_s1" / "log.jsonl"
+    log.write_text(log.read_text() + json.dumps({"iteration": 10**15, "event": "collapse", "layers": []}) + "\n")
+    assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "runs"), "--out",
+                                              str(tmp_path / "report")]) == 2
+    assert "a collapse at iteration 1000000000000000, which the run has not reached" in capsys.readouterr().err

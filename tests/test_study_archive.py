@@ -3,6 +3,7 @@ until every member is checked, within bounds of memory, members and bytes."""
 import hashlib
 import io
 import json
+import lzma
 import tarfile
 import tracemalloc
 
@@ -171,3 +172,17 @@ def test_a_part_that_is_not_a_plain_file_is_not_read(tmp_path):
     (folder / f"{transfer.PARTS}00").symlink_to("/dev/zero")
     with pytest.raises(transfer.TransferError, match="part00 is not a plain file as a device call returns"):
         transfer.take_back(folder, tmp_path / "root", "s")
+
+
+def test_a_log_or_a_carried_data_file_past_its_bound_is_refused_without_holding_it(tmp_path, monkeypatch):
+    """A 20 KB archive's 128 MiB log.jsonl took 4 minutes and 3.3 GB in every later status; 78 KB of carried xz
+    unpacked to 512 MiB in memory."""
+    monkeypatch.setattr(archive, "MOST_LOG", 100)
+    with pytest.raises(transfer.TransferError, match="'b64/sn_s0/log.jsonl' holds 101 bytes, over the 100"):
+        transfer.extract(xz_tar([("b64/sn_s0/log.jsonl", b"\n" * 101, None)]), tmp_path / "root")
+    (tmp_path / "carry" / "data").mkdir(parents=True)
+    (tmp_path / "carry" / "data" / "train-images-idx3-ubyte.xz").write_bytes(lzma.compress(bytes(3 * 2**20)))
+    monkeypatch.setattr(transfer, "MOST_DATA", 2 * 2**20)
+    with pytest.raises(transfer.TransferError, match="unpacks to over 2 MiB"):
+        transfer.unpack_data(tmp_path / "carry", tmp_path / "data")
+    assert not list((tmp_path / "data").iterdir())  # nothing half-written

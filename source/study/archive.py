@@ -22,6 +22,7 @@ MOST_COMPRESSED = 64 * 2**20  # an archive as a call carries or returns it
 MOST_UNPACKED = 2**30  # what an archive may unpack to (snapshots barely compress: a return holds some 100 MiB)
 MOST_MEMBERS = 50_000  # files and folders it may hold (a chunk of 36 runs returns a few thousand)
 MOST_DEPTH = 8  # folders deep (setting/run/snapshots/file is 4)
+MOST_LOG = 64 * 2**20  # bytes of a .jsonl log (50k iterations log some 1 MiB)
 MOST_PAX_RECORD = 4096  # bytes of a pax record (an mtime's is some 30)
 PAX_KEYS = {"mtime", "atime", "ctime", "path", "size"}  # what tarfile writes for a study's files
 PLAIN_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE)
@@ -123,6 +124,9 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
             raise TransferError(f"archive member {name!r} is in it twice; nothing was unpacked")
         names.add(name)
         _check_kind(name, member.isdir(), kinds, root)
+        if name.endswith(".jsonl") and member.size > MOST_LOG:  # every status and chunk reads the logs whole
+            raise TransferError(f"archive member {name!r} holds {member.size:,} bytes, over the {MOST_LOG:,} a run's "
+                                "log takes; nothing was unpacked")
         total += member.size
         if total > MOST_UNPACKED:
             raise TransferError(f"the archive unpacks to over {MOST_UNPACKED // 2**20} MiB, more than a study's chunk "

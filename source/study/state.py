@@ -6,7 +6,7 @@ from pathlib import Path
 
 from source.study.spec import Run, Study
 from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
-from source.training.runlog import events, read_jsonl
+from source.training.runlog import DamagedLog, events, read_jsonl
 
 
 PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way, {run: [pid, started]}
@@ -31,8 +31,14 @@ def latest_iteration(folder: Path) -> int:
 
 
 def first_collapse(folder: Path) -> int | None:
-    """The iteration of the first collapse the run's detector logged (None: none yet)."""
-    return next((r["iteration"] for r in events(folder, "collapse") if "iteration" in r), None)
+    """The iteration of the first collapse the run's detector logged (None: none yet); a DamagedLog for one at an
+    iteration the run has not reached (a received log's 10^15 would start a branch, and count in the report)."""
+    found = next((r["iteration"] for r in events(folder, "collapse") if "iteration" in r), None)
+    if found is not None and not (type(found) is int and
+                                  0 <= found <= max(logged_iteration(folder), latest_iteration(folder))):
+        raise DamagedLog(f"{folder / 'log.jsonl'}: a collapse at iteration {found!r:.40}, which the run has not "
+                         "reached; the log is damaged")
+    return found
 
 
 def branch_point(study: Study, root: Path, run: Run) -> int | None:

@@ -30,6 +30,7 @@ CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
 RETURN_LIMIT = 60 * 2**20  # of the 64 MiB a call returns (8 files at most): 4 parts, manifest, progress, left_out
 MOST_HISTORY = 16 * 2**20  # bytes of a returned chunks.jsonl (a chunk's line is some 1.5 KB)
+MOST_DATA = 256 * 2**20  # bytes of one carried data file, unpacked (Fashion-MNIST's largest is 45 MiB)
 LOCAL_ONLY = {"spectra", "samples", "tb"}  # folders a chunk does not read back
 STATE = "state.tar.xz"
 PARTS = "study.tar.xz.part"
@@ -240,7 +241,19 @@ def _unpack_into(carry: Path, folder: Path) -> None:
     for path in sorted((carry / "data").glob("*.xz")):
         target = folder / path.name.removesuffix(".xz")
         if not target.is_file() and not target.with_name(target.name + ".gz").is_file():  # whole or absent
-            atomic_write(target, lambda handle, path=path: handle.write(lzma.decompress(path.read_bytes())))
+            atomic_write(target, lambda handle, path=path: _decompress(path, handle))
+
+
+def _decompress(path: Path, handle) -> None:
+    """``path``'s xz content into ``handle`` a MiB at a time, at most MOST_DATA bytes: 78 KB of xz can hold 512 MiB."""
+    written = 0
+    with lzma.open(path) as source:
+        while chunk := source.read(2**20):
+            written += len(chunk)
+            if written > MOST_DATA:
+                raise TransferError(f"{path} unpacks to over {MOST_DATA // 2**20} MiB, more than a data set's file "
+                                    "here (CIFAR-10's largest is some 30 MiB)")
+            handle.write(chunk)
 
 
 def download_wheels(carry: Path) -> None:
