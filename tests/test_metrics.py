@@ -356,3 +356,16 @@ def test_full_weights_give_fid_helper_pool3_and_logits_with_or_without_bias(full
     assert with_bias.logits.shape == (2, 1008)
     np.testing.assert_allclose(with_bias.logits, with_bias.pool3 @ weight.T + bias, atol=1e-3)
     np.testing.assert_allclose(without_bias.logits, with_bias.pool3 @ weight.T, atol=1e-3)
+
+
+def test_a_reference_key_of_shared_mappings_or_many_fields_is_one_short_difference():
+    """An 84 KB features file whose key shared one mapping at each of 23 levels took 48 s, 4.2 GB and an 80 MB
+    error line."""
+    from source.metrics.statistics import key_differences
+
+    shared = {"a": 1}
+    for _ in range(40):
+        shared = {"x": shared, "y": shared}
+    assert key_differences(shared, {"a": 1}) == ["its key is not a record of fields as this toolkit writes"]
+    many = key_differences({f"f{i}": i for i in range(100)}, {})
+    assert len(many) == 6 and many[-1] == "95 more" and many[0] == "f0: cached 0, expected '<missing>'"

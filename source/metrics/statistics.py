@@ -205,26 +205,43 @@ def reference_key(
     return json.loads(json.dumps(key, sort_keys=True))  # the form it takes after a save/load round trip
 
 
-def _flatten(key: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for name, value in key.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{name}."))
-        else:
-            flat[f"{prefix}{name}"] = value
+MOST_KEY_FIELDS = 1000  # a key has some 20
+SHOWN_DIFFERENCES = 5
+
+
+def _flatten(key: Mapping[str, Any]) -> dict[str, Any] | None:
+    """"a.b": value for every field of a nested key; None for one that is no tree of at most MOST_KEY_FIELDS fields
+    (a file's key can share one mapping at every level, which a walk of every path would visit 2^depth times)."""
+    flat, pending, seen = {}, [("", key)], set()
+    while pending:
+        prefix, mapping = pending.pop()
+        if id(mapping) in seen:
+            return None
+        seen.add(id(mapping))
+        for name, value in mapping.items():
+            if isinstance(value, Mapping):
+                pending.append((f"{prefix}{name}.", value))
+            else:
+                flat[f"{prefix}{name}"] = value
+            if len(flat) + len(pending) > MOST_KEY_FIELDS:
+                return None
     return flat
 
 
 def key_differences(cached: Mapping[str, Any], expected: Mapping[str, Any], ignored: tuple[str, ...] = ()) -> list[str]:
-    """'field: cached X, expected Y' for every field where two keys differ (fields named in ``ignored`` aside,
-    e.g. ``extra.root``)."""
+    """'field: cached X, expected Y' for the first fields where two keys differ (fields named in ``ignored`` aside,
+    e.g. ``extra.root``), and how many more."""
     cached, expected = _flatten(cached), _flatten(json.loads(json.dumps(expected)))
+    if cached is None:
+        return ["its key is not a record of fields as this toolkit writes"]
     missing = "<missing>"
-    return [
-        f"{name}: cached {cached.get(name, missing)!r}, expected {expected.get(name, missing)!r}"
+    differences = [
+        f"{name}: cached {cached.get(name, missing)!r:.200}, expected {expected.get(name, missing)!r:.200}"
         for name in sorted(set(cached) | set(expected))
         if name not in ignored and cached.get(name, missing) != expected.get(name, missing)
     ]
+    more = len(differences) - SHOWN_DIFFERENCES
+    return differences[:SHOWN_DIFFERENCES] + ([f"{more} more"] if more > 0 else [])
 
 
 def save_reference(path: str, reference: ReferenceStats, key: Mapping[str, Any]) -> None:
