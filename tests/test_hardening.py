@@ -136,7 +136,9 @@ def test_a_folder_in_use_is_refused(tmp_path, capsys):
     finally:
         holder.release()
     run = tmp_path / "run"
-    assert train.main(tiny_argv(run, 2)) == 0
+    assert train.main(tiny_argv(run, 4)) == 0
+    for name in ("snapshot_iter_4.pt", "generator_iter_4.pt"):  # as if it were at iteration 3 now
+        (run / "snapshots" / name).unlink()
     holder = runfolder.claim(runfolder.Plan(run, only=True, in_place=True))  # the run still training
     try:
         assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_2.pt")]) == 2  # in place
