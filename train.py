@@ -180,15 +180,9 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         torch.use_deterministic_algorithms(True)
     if snapshot:
         resume.check_networks(snapshot, config, args.resume)  # before the models' memory is taken
-    if snapshot and snapshot["iteration"] >= config.iteration:  # before a folder is claimed or its log written
-        if not plan.in_place:
-            raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration "
-                              f"{snapshot['iteration']}: a branch from it would train nothing (--set iteration=N "
-                              f"with N > {snapshot['iteration']})")
-        if world.is_main:
-            print(f"{args.resume}: the run has trained its {config.iteration} iterations: nothing to do (to train "
-                  "longer: --set iteration=N, which continues in a folder of its own)")
-        return None
+    if snapshot and not plan.in_place and snapshot["iteration"] >= config.iteration:  # before a folder is made
+        raise ConfigError(f"iteration: {config.iteration}, but {args.resume} is at iteration {snapshot['iteration']}: "
+                          f"a branch from it would train nothing (--set iteration=N with N > {snapshot['iteration']})")
     models = build.build_models(config, world.device)  # the same on every rank: seeded from config.seed
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
@@ -200,6 +194,11 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     out, folder = claim_run_folder(plan, world)
     if folder is not None:
         stack.callback(folder.release)
+    if snapshot and snapshot["iteration"] >= config.iteration:  # in place (a branch was refused above); no log line
+        if world.is_main:
+            print(f"{args.resume}: the run has trained its {config.iteration} iterations: nothing to do (to train "
+                  "longer: --set iteration=N, which continues in a folder of its own)")
+        return None
     with main_first(world):  # a data set download happens once, on rank 0
         batches = build.build_batches(config, world, source=args.config or args.resume)
     require_reference_before_distributed_training(config, batches.dataset, world.size)

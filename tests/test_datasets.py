@@ -3,6 +3,7 @@ import logging
 import os
 import pickle
 import re
+import signal
 import struct
 import urllib.error
 import warnings
@@ -530,3 +531,21 @@ def test_iterator_resume_with_other_global_batch_keeps_position():
 def test_iterator_rejects_data_smaller_than_a_global_batch():
     with pytest.raises(DatasetError, match="fewer than one global micro-batch of 8 x 2 ranks"):
         InfiniteBatchIterator(IndexImages(10, dequantize=False), batch_size=8, seed=0, world_size=2)
+
+
+class StopSignalProbe(IndexImages):
+    """Label 1 where the process that read the image ignores Ctrl-C (a loader worker should), else 0."""
+
+    def __getitem__(self, index):
+        return torch.zeros((1, 2, 2), dtype=torch.uint8), int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+
+
+def test_loader_workers_leave_ctrl_c_to_the_training_process():
+    """Forked with the trainer's handler, every worker printed its own stop message on one Ctrl-C."""
+    previous = signal.signal(signal.SIGINT, lambda *_: None)  # as the trainer's, inherited by the workers at fork
+    try:
+        batches = InfiniteBatchIterator(StopSignalProbe(16, dequantize=False), batch_size=4, seed=0, num_workers=2)
+        assert [int(y.min()) for _, y in draw(batches, 3)] == [1, 1, 1]
+        assert signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # the training process keeps its own
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -104,7 +104,8 @@ def test_sr_imagenet_config_switched_to_prepared_data_validates(tmp_path):
 def test_training_on_prepared_data_resumes_bit_exactly_with_two_workers(jpeg_root, tmp_path):
     out = prepared(jpeg_root, tmp_path / "prepared", 128)
     overrides = ["dataset.name=imagenet_prepared", f"dataset.args.path={out}", "models.generator.args.ch=2",
-                 "models.discriminator.args.ch=2", "batchsize=4", "micro_batchsize=2", "iteration=4",
+                 "models.discriminator.args.ch=2", "models.generator.args.n_classes=2",
+                 "models.discriminator.args.n_classes=2", "batchsize=4", "micro_batchsize=2", "iteration=4",
                  "num_workers=2", "snapshot_interval=2", "deterministic=true"]
 
     def argv(run: Path) -> list[str]:

@@ -84,7 +84,7 @@ def test_a_branch_leaves_its_parent_at_the_detectors_last_healthy_check_whatever
             (folder / "snapshots" / f"{kind}_iter_{iteration}.pt").write_bytes(b"")
     assert state.status(study, tmp_path, branch) == "waiting"
     assert [p.name for p in state.prune(study, tmp_path)] == ["snapshot_iter_11000.pt", "generator_iter_11000.pt"]
-    records = [{"iteration": 12000, "loss_dis": 1.0}, {"iteration": 13000, "event": "collapse", "layers": ["x"]},
+    records = [{"iteration": 14000, "loss_dis": 1.0}, {"iteration": 13000, "event": "collapse", "layers": ["x"]},
                {"iteration": 14000, "event": "collapse", "layers": ["y"]}]
     (folder / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert state.branch_snapshot(study, tmp_path, branch).name == "snapshot_iter_12000.pt"  # checked healthy

@@ -505,6 +505,9 @@ def test_a_stop_signal_while_the_snapshot_is_written_names_the_evaluation_still_
         r["elapsed"] for r in log if r.get("iteration") == 3 and "loss_dis" in r)
 
 
+TWO_SYNSETS = ["models.generator.args.n_classes=2", "models.discriminator.args.n_classes=2"]  # make_jpeg_folder's
+
+
 def make_jpeg_folder(root: Path) -> None:
     rng = np.random.default_rng(0)
     for synset in ("n01440764", "n01443537"):
@@ -522,16 +525,19 @@ def test_sr_imagenet_config_trains_two_iterations_on_a_jpeg_folder(tmp_path):
     root, out = tmp_path / "imagenet", tmp_path / "run"
     make_jpeg_folder(root)
     overrides = [f"dataset.args.root={root}", "models.generator.args.ch=2", "models.discriminator.args.ch=2",
-                 "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0", "snapshot_interval=2"]
-    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--out", str(out)] + [
-        a for o in overrides for a in ("--set", o)]
-    assert train.main(argv) == 0
+                 *TWO_SYNSETS, "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0",
+                 "snapshot_interval=2"]
+    config = ["--config", str(CONFIGS / "sr_imagenet.yaml")]
+    thousand = [a for o in overrides if o not in TWO_SYNSETS for a in ("--set", o)]
+    assert train.main(config + ["--out", str(tmp_path / "refused")] + thousand) == 2  # the config's 1000 classes
+    assert not (tmp_path / "refused").exists()  # on 2 synsets: labels no real image has
+    assert train.main(config + ["--out", str(out)] + [a for o in overrides for a in ("--set", o)]) == 0
     snapshot = load_snapshot(out / "snapshots" / "snapshot_iter_2.pt")
     assert snapshot["config"]["dataset"]["args"]["root"] == str(root)
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     losses = [r for r in records if "loss_dis" in r]
     assert losses[-1]["unreadable_images"] == 1, "the corrupt JPEG (all 8 images were read) is counted in the log"
-    assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 1000
+    assert snapshot["gen"]["block2.b1.gamma.weight"].shape[0] == 2
 
 
 def test_ddp_log_counts_unreadable_images_of_every_rank(tmp_path, ranks_threads):
@@ -539,8 +545,8 @@ def test_ddp_log_counts_unreadable_images_of_every_rank(tmp_path, ranks_threads)
     root, out = tmp_path / "imagenet", tmp_path / "run"
     make_jpeg_folder(root)
     overrides = [f"dataset.args.root={root}", "models.generator.args.ch=2", "models.discriminator.args.ch=2",
-                 "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0", "snapshot_interval=2",
-                 "evaluation.metrics=[]", "seed=2"]
+                 *TWO_SYNSETS, "batchsize=4", "micro_batchsize=2", "iteration=2", "num_workers=0",
+                 "snapshot_interval=2", "evaluation.metrics=[]", "seed=2"]
     argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--out", str(out)] + [
         a for o in overrides for a in ("--set", o)]
     mp.spawn(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True)

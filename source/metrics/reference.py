@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from source.config import Config, ConfigError, first_line
 from source.datasets import STANDARD_FILES, build_dataset, reference_args
-from source.datasets.iterator import usable_workers
+from source.datasets.iterator import leave_stops_to_the_trainer, usable_workers
 from source.files import load_refusal, torch_load
 from source.training import checkpoint
 
@@ -160,7 +160,7 @@ def compute_dataset_reference(
     # A private generator: DataLoader would otherwise draw its base seed from the global RNG, and the
     # training streams would depend on whether this run or an earlier one computed the reference.
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, num_workers=usable_workers(num_workers),
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=leave_stops_to_the_trainer)
     keeper = _KeepFeatures(backbone, KID_REFERENCE_FEATURES)
     stats = compute_reference_stats(loader, keeper, per_class=per_class, total=n_images)
     return stats, np.concatenate(keeper.rows)
