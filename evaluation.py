@@ -127,7 +127,8 @@ def metrics(args: argparse.Namespace) -> None:
     if not settings.reference_stats:  # before minutes of reference statistics
         check_reference_resolution(config, getattr(config.dataset.args, "size", None), "the reference data")
     reference = resolve_reference(config, backbone, per_class=args.intra_fid == "classes", groups=request.groups)
-    check_reference_resolution(config, (reference.key or {}).get("resolution"), f"the reference statistics ({reference.path})")
+    check_reference_resolution(config, (reference.key or {}).get("resolution"),
+                               f"the reference statistics ({reference.path})")
     request.metrics, skipped = available_metrics(settings.metrics, backbone, reference)
     print_notes(([note] if note else []) + skipped)
     if not request.metrics and not args.intra_fid:
@@ -339,9 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:
-        if not out_of_memory(error):
+        if not (message := out_of_memory(error)):
             raise
-        print(f"error: {out_of_memory(error)}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # each reference file is written whole (a temp file renamed) or not at all
         print("stopped (Ctrl-C)", file=sys.stderr)

@@ -28,8 +28,7 @@ from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
-from source.training.evaluate import (Evaluate, check_reference_split, check_settings,
-                                      require_reference_before_distributed_training)
+from source.training.evaluate import Evaluate, check_evaluation, require_reference_before_distributed_training
 from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
                                          WatchWeights)
 from source.training.modes import Modes
@@ -125,8 +124,8 @@ def failure_status(error: Exception, world: World) -> int | None:
     if isinstance(error, (TrainingDiverged, SnapshotWriteError, StepGraphError)):
         report(f"error: {'training diverged: ' if isinstance(error, TrainingDiverged) else ''}{error}", world)
         return 1
-    if out_of_memory(error):
-        report(f"error: {out_of_memory(error)}", world)
+    if message := out_of_memory(error):
+        report(f"error: {message}", world)
         return 1
     return None
 
@@ -187,8 +186,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     checkpoint.seed_everything(config.seed + world.rank)
     if args.dry_run:
         if config.evaluation.metrics:  # what the evaluation checks when the run starts
-            check_settings(config.evaluation, world.size)
-            check_reference_split(config)
+            check_evaluation(config, world.size)
         dry_run(config, models, world, plan, args.config or args.resume)
         return None
     out, folder = claim_run_folder(plan, world)

@@ -125,7 +125,7 @@ def _npy_overstated(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str | 
     return None
 
 
-def torch_load(path: str | Path) -> Any:
+def torch_load(path: str | Path, allowed: list = ()) -> Any:
     """``torch.load(weights_only=True)`` on the CPU, once the file is known to hold what it loads to (torch would
     also inflate a crafted file's compressed members); a RuntimeError, as torch's for unreadable files, if not."""
     import torch
@@ -134,7 +134,8 @@ def torch_load(path: str | Path) -> Any:
     if problem:
         raise RuntimeError(f"{problem}; refused")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):  # the converter's numpy types; nothing otherwise
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         raise
     except Exception as error:  # torch's unpickler meets bytes that are no pickle with whatever error they cause

@@ -191,8 +191,8 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     finally:  # also when a signal stopped the chunk: its runs' snapshots are what the call must return
         chunk_end = time.time()
         state.prune(study, root)
-        parts = transfer.pack_changed(root, since.listing, args.out, {"study": study.name, "since_chunks": since.chunks},
-                                      args.parts)
+        origin = {"study": study.name, "since_chunks": since.chunks}
+        parts = transfer.pack_changed(root, since.listing, args.out, origin, args.parts)
         continuation.packed(root, args.out)
         table = state.progress_table(study, root, runs)
         (args.out / "progress.json").write_text(json.dumps(table, indent=1))

@@ -179,8 +179,9 @@ def _check_snapshots(parts_dir: Path, archive: tarfile.TarFile) -> None:
 
 
 def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes) -> None:
-    """Returned files hold what changed after the study's chunk ``since``, and their chunks.jsonl the history up to their own chunk. Refused: files that need an earlier call's taken back
-    first (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
+    """Returned files hold what changed after the study's chunk ``since``, and their chunks.jsonl the history up to
+    their own chunk. Refused: lines that are no chunk's record, files that need an earlier call's taken back first
+    (they lack what it changed), and files whose history does not extend the one here (taken back twice, or
     after a later call's: they would roll logs back behind snapshots). A call's files that hold more than the last
     return (its predecessor killed between packing and recording it) extend the history here: accepted."""
     history = chunk_history(root, returned)

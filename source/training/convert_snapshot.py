@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from source.config import first_line
-from source.files import torch_load, zip_expansion
+from source.files import refused_object, torch_load
 from source.training.checkpoint import SnapshotError, atomic_save, load_snapshot
 
 
@@ -66,9 +66,6 @@ def numpy_globals() -> list:
 def convert(path: Path) -> Path | None:
     """Rewrite ``path`` in the safe format; returns where the original was kept (None: it loads safely already,
     and is left as it is)."""
-    problem = zip_expansion(path, stored_only=True)  # what torch_load checks: no member inflating past its size
-    if problem:
-        raise SnapshotError(f"{problem}; not converted")
     try:
         torch_load(path)
         return None
@@ -78,16 +75,11 @@ def convert(path: Path) -> Path | None:
     if backup.exists():  # a second conversion would replace the true original with the first one's output
         raise SnapshotError(f"{backup} exists (an earlier conversion's original?); move it away first")
     try:
-        with torch.serialization.safe_globals(numpy_globals()):
-            snapshot = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        snapshot = torch_load(path, numpy_globals())
+    except pickle.UnpicklingError as error:
         raise SnapshotError("it holds Python objects other than numpy arrays and numbers: not a snapshot of this "
-                            "toolkit's old format; not converted, nothing run") from None
-    except (OSError, RuntimeError, EOFError):
-        raise
-    except Exception as error:  # bytes that are no pickle, met with whatever error they cause
-        raise SnapshotError(f"not a file written by torch.save, or damaged ({type(error).__name__}); not "
-                            "converted") from None
+                            "toolkit's old format; not converted, nothing run" if refused_object(error) else
+                            "not a file written by torch.save, or damaged; not converted") from None
     if not isinstance(snapshot, dict):
         raise SnapshotError(f"{path} is not a snapshot written by this toolkit")
     states = snapshot.get("rng", [])

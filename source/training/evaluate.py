@@ -25,8 +25,8 @@ from source.metrics.describe import describe
 from source.metrics.generate import (concatenate_features, g_batchnorm, generated_features, generation_mode,
                                      sample_inputs, shard_bounds)
 from source.metrics.inception import WEIGHTS_FILE
-from source.metrics.reference import (BACKBONE_TAG, Reference, ReferenceUnavailable, require_reference_before_distributed_training,
-                                      resolve_reference)
+from source.metrics.reference import (BACKBONE_TAG, Reference, ReferenceUnavailable,
+                                      require_reference_before_distributed_training, resolve_reference)
 from source.metrics.scoring import METRICS, available_metrics, load_backbone, protocol_record, score
 from source.overrides import overridden
 from source.models import build_model
@@ -35,7 +35,8 @@ from source.training.distributed import World, gather_objects
 from source.training.extension import Extension
 from source.training.trainer import Trainer
 
-__all__ = ["EVALUATION_ERRORS", "Evaluate", "LoadedGenerator", "check_reference_split", "check_settings",
+__all__ = ["EVALUATION_ERRORS", "Evaluate", "LoadedGenerator", "check_evaluation", "check_reference_split",
+           "check_settings",
            "gather_features", "generator_weights", "load_generator",
            "require_reference_before_distributed_training"]  # the last one: train.py imports it from here
 
@@ -144,6 +145,12 @@ def check_settings(settings: EvaluationConfig, world_size: int) -> None:
                           "compute one with `python evaluation.py ref-stats` or set null for the dataset's cached one")
 
 
+def check_evaluation(config: Config, world_size: int) -> None:
+    """What a run's evaluation checks before training (also a dry run's): its settings and its reference split."""
+    check_settings(config.evaluation, world_size)
+    check_reference_split(config)
+
+
 def check_reference_split(config: Config) -> None:
     """A reference split the data set does not have is a config error, found before training starts."""
     split = config.evaluation.reference_split
@@ -183,8 +190,7 @@ class Evaluate(Extension):
     record_file = "metrics.jsonl"
 
     def __init__(self, interval: int, config: Config, world_size: int):
-        check_settings(config.evaluation, world_size)
-        check_reference_split(config)
+        check_evaluation(config, world_size)
         self.interval = interval
         self.config = config
         self.settings = config.evaluation
