@@ -189,7 +189,7 @@ def grids(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
-    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
+    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size).for_images(count)
     out = Path(args.out) if args.out else refuse_link(
         run_figures(run_folder(args.snapshot)) / f"grids_iter_{loaded.iteration}")  # a received run may hold links
     targets = grid_targets(args.classes, gen.n_classes, out)
@@ -209,7 +209,7 @@ def grids(args: argparse.Namespace) -> None:
 def samples(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
-    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size)
+    batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size).for_images(args.n)
     seed = loaded.config.seed if args.seed is None else args.seed
     z, labels = sample_inputs(args.n, loaded.gen.dim_z, loaded.gen.n_classes, seed)
     out = Path(args.out)

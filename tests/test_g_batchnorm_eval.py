@@ -219,6 +219,13 @@ def test_the_command_line_flag_overrides_the_config(tmp_path, monkeypatch, capsy
     assert "BN batch statistics (batches of 3)" in capsys.readouterr().out
     assert torch.equal(exported["batch"], generate(loaded.gen, z, labels, 3, "batch"))
     assert torch.equal(exported[None], generate(loaded.gen, z, labels, 3, GBatchNorm("standing", 3, 2)))
+    # fewer images than the batch size: one batch of them, and the message says so (not the configured 50)
+    argv = ["samples", "--snapshot", str(path), "--n", "6", "--format", "npz", "--out", str(tmp_path / "few.npz"),
+            "--batch-size", "50", "--device", "cpu", "--g-batchnorm", "batch"]
+    assert evaluation.main(argv) == 0
+    assert "BN batch statistics (batches of 6)" in capsys.readouterr().out
+    assert torch.equal(torch.from_numpy(np.load(tmp_path / "few.npz")["arr_0"]).permute(0, 3, 1, 2),
+                       exported["batch"]) is False
 
     monkeypatch.setattr(evaluation, "load_backbone", lambda weights, device: (PixelBackbone(), None))
     base = ["metrics", "--snapshot", str(path), "--metrics", "fid", "--n-samples", "6", "--device", "cpu", "--json"]

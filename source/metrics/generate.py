@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -104,6 +104,11 @@ class GBatchNorm:
             return {"g_batchnorm": "standing", "standing_steps": self.standing_steps,
                     "standing_batch_size": self.batch_size, "standing_seed": self.seed}
         return {"g_batchnorm": "running"}
+
+    def for_images(self, n: int) -> GBatchNorm:
+        """This mode for generating n images: in `batch` mode fewer images than the batch size are one batch of n,
+        whose statistics G then uses (and the record says so)."""
+        return replace(self, batch_size=min(self.batch_size, n)) if self.mode == "batch" else self
 
 
 RUNNING = GBatchNorm()

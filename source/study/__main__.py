@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from source.config import ConfigError, load_config
-from source.study import continuation, processes, runner, state, transfer
+from source.study import continuation, processes, runner, saved, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
 
@@ -92,12 +92,21 @@ def main(argv: list[str] | None = None) -> int:
             if args.compiled and args.per_process > 1:
                 raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
                                   "give performance.step_graphs=true instead, or one run per process")
-        if args.command == "status":
-            return show_status(args, study, root, runs)
+        kept = study.saved_folder() if args.root is None and args.command != "device" else None
+        if args.command == "status" and not (kept and saved.newer(root, kept)):
+            return show_status(args, study, root, runs)  # no lock: status reads a chunk under way
         with processes.root_lock(root):
             # train.py runs a killed command left writing here stop before anything here changes
             processes.stop_leftovers(root, getattr(args, "grace", 120.0), print)
-            return COMMANDS[args.command](args, study, root, runs)
+            if kept:
+                restore_kept(study, root, kept)
+            try:
+                code = COMMANDS[args.command](args, study, root, runs)
+            except runner.ChunkInterrupted:
+                save_kept(args, study, root, kept)  # the runs' stop snapshots are the state to continue
+                raise
+            save_kept(args, study, root, kept)
+            return code
     except (ConfigError, transfer.TransferError, DamagedLog, processes.StudyFolderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -105,6 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {error}: every run stopped and continues in the next chunk from its latest snapshot",
               file=sys.stderr)
         return 130
+
+
+def restore_kept(study: Study, root: Path, folder: Path) -> None:
+    """A fresh checkout (or one whose pull brought a newer saved state) continues the study where it was saved."""
+    added = saved.restore(study, root, folder)
+    if added:
+        removed = state.prune(study, root)
+        print(f"{root}: the study's saved state unpacked from {folder} ({added} chunks more than here; "
+              f"{len(removed)} snapshot files no later chunk needs removed)")
+
+
+def save_kept(args, study: Study, root: Path, folder: Path | None) -> None:
+    """After a command that changed the study's state: write it into the saved folder (to commit)."""
+    if folder is not None and args.command in ("run", "take-back"):
+        size = saved.save(study, root, folder)
+        print(f"{folder}: the study's state saved ({size / 2**20:.1f} MiB); commit it, or the next checkout starts "
+              "from the state saved before")
 
 
 def chunk_performance(study: Study, sets: list[str]) -> tuple[list[str], bool]:

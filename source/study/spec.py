@@ -9,6 +9,7 @@ arms:
   sn: {}                                               # the base as it is
   static_sr: {set: [updater.apply_SR=true, updater.sr.mode=static]}
   sr_resumed: {branch: sn, at: collapse, set: [updater.apply_SR=true, updater.sr.mode=dynamic]}
+saved_state: docs/collapse/gpu_study_state   # optional: the state kept with the code (source/study/saved.py)
 ```
 A run is (setting, arm, seed), in the folder ``ROOT/<setting>/<arm>_s<seed>``. A branching arm continues
 its parent arm's run of the same setting and seed from the parent's latest snapshot at or before ``at``: an
@@ -45,6 +46,7 @@ class StudySpec:
     seeds: list[int] = field(default_factory=lambda: [0])
     set: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=lambda: {"default": []})
+    saved_state: Union[str, None] = None  # a folder (relative to the working directory, as `base`)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,10 @@ class Study:
         """The study file's name without its suffix: its default folder, results/NAME, and what carries and returned
         files are made for."""
         return self.path.stem
+
+    def saved_folder(self) -> Path | None:
+        """Where the study's state is kept with the code (``saved.save``), if the study file names a folder."""
+        return None if self.spec.saved_state is None else Path(self.spec.saved_state)
 
     def run(self, name: str) -> Run:
         return next(run for run in self.runs if run.name == name)

@@ -151,14 +151,14 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
                             "unpacked")
 
     def check(archive: tarfile.TarFile) -> None:
-        _check_snapshots(parts_dir, archive)  # first: the archive's order, which reads it once
+        check_snapshots(parts_dir, archive)  # first: the archive's order, which reads it once
         _check_continues(parts_dir, expected["since_chunks"], Path(root),
                          member_bytes(archive, "chunks.jsonl", MOST_HISTORY))
     return extract(data, Path(root), check)
 
 
-def _check_snapshots(parts_dir: Path, archive: tarfile.TarFile) -> None:
-    """Every returned snapshot opens as a snapshot of the iteration its name says. Pruning keeps each run's newest
+def check_snapshots(where: Path, archive: tarfile.TarFile) -> None:
+    """Every returned (or saved) snapshot opens as a snapshot of the iteration its name says. Pruning keeps each run's newest
     snapshot by its name and deletes the others: a damaged or planted ``snapshot_iter_999999.pt`` taken for the
     newest would delete the real ones and mark the run done."""
     for member in archive.getmembers():
@@ -174,7 +174,7 @@ def _check_snapshots(parts_dir: Path, archive: tarfile.TarFile) -> None:
             except SnapshotError as error:
                 found = str(error).replace(str(path), "it")
         if found != iteration:
-            raise TransferError(f"{parts_dir}: {member.name} is not the snapshot of iteration {iteration} its name "
+            raise TransferError(f"{where}: {member.name} is not the snapshot of iteration {iteration} its name "
                                 f"says ({found if isinstance(found, str) else f'iteration {found}'}); nothing unpacked")
 
 
@@ -185,9 +185,7 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes
     after a later call's: they would roll logs back behind snapshots). A call's files that hold more than the last
     return (its predecessor killed between packing and recording it) extend the history here: accepted."""
     history = chunk_history(root, returned)
-    if not all(_is_record(line) for line in history):
-        raise TransferError(f"{parts_dir}: their chunks.jsonl holds a line that is not a chunk's record; nothing "
-                            "unpacked")
+    check_history(history, f"{parts_dir}: their chunks.jsonl")
     here = chunk_history(root)
     if type(since) is not int or since < 0:
         raise TransferError(f"{parts_dir}: {MANIFEST}'s since_chunks {since!r} is not a count; nothing unpacked")
@@ -198,6 +196,12 @@ def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes
         raise TransferError(f"{parts_dir}: these files end the study's history at chunk {len(history)}, and {root} "
                             f"holds {len(here)} chunks: they were taken back before, or a later call's were (take "
                             "each call's files back once, in order); nothing unpacked")
+
+
+def check_history(history: list[bytes], where: str) -> None:
+    """Every line of a chunk history from elsewhere is a chunk's record (a JSON object)."""
+    if not all(_is_record(line) for line in history):
+        raise TransferError(f"{where} holds a line that is not a chunk's record; nothing unpacked")
 
 
 def _is_record(line: bytes) -> bool:

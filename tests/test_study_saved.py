@@ -1,0 +1,106 @@
+"""A study's state kept with the code (the study file's saved_state): saved after a chunk, unpacked into a fresh
+checkout, never over a newer or different history, and checked as a received archive is."""
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from source.study import __main__ as study_cli
+from source.study import saved, transfer
+from source.study.spec import load_study
+from test_study import write_study
+
+
+def study_with_saved_state(tmp_path: Path, iterations: int) -> Path:
+    path = write_study(tmp_path, iterations, sn={})
+    spec = yaml.safe_load(path.read_text())
+    spec["saved_state"] = "kept"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_a_fresh_checkout_continues_the_study_from_its_saved_state(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default root results/study and the saved folder kept/ are relative
+    path = study_with_saved_state(tmp_path, 4)
+    root, kept = tmp_path / "results" / "study", tmp_path / "kept"
+    assert study_cli.main(["run", str(path), "--budget", "600"]) == 0
+    assert "kept: the study's state saved" in capsys.readouterr().out
+    assert (kept / "chunks.jsonl").read_bytes() == (root / "chunks.jsonl").read_bytes()
+    with tarfile.open(kept / "tiny.tar.xz") as archive:
+        names = set(archive.getnames())
+    assert {"tiny/sn_s0/snapshots/snapshot_iter_4.pt", "tiny/sn_s0/log.jsonl", "tiny/console/sn_s0.log"} <= names
+    assert any("/spectra/" in name for name in names)  # what the report reads travels too
+    assert not [name for name in names if "/tb/" in name or "generator_iter" in name or "/." in name]
+    snapshot = (root / "tiny/sn_s0/snapshots/snapshot_iter_4.pt").read_bytes()
+
+    shutil.rmtree(tmp_path / "results")  # a fresh checkout: the saved folder is all there is
+    assert study_cli.main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "the study's saved state unpacked from kept (1 chunks more than here" in out
+    assert "tiny/sn_s0" in out and "done" in out
+    assert (root / "tiny/sn_s0/snapshots/snapshot_iter_4.pt").read_bytes() == snapshot
+    assert study_cli.main(["status", str(path)]) == 0  # as new as the saved state: nothing unpacked again
+    assert "unpacked" not in capsys.readouterr().out
+
+    # a root elsewhere is the user's own: neither unpacked into nor saved from
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path / "other"), "--budget", "600"]) == 0
+    assert "saved" not in capsys.readouterr().out
+    assert len((kept / "chunks.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_saved_state_never_replaces_a_newer_or_different_history(tmp_path):
+    study = load_study(study_with_saved_state(tmp_path, 4))
+    root, kept = tmp_path / "root", tmp_path / "kept"
+    kept.mkdir()
+    record = {"runs": {}, "wall_s": 1}
+    (kept / "chunks.jsonl").write_text(json.dumps(record) + "\n")
+    root.mkdir()
+    (root / "chunks.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({**record, "wall_s": 2}) + "\n")
+    assert saved.restore(study, root, kept) == 0  # here is newer (not yet saved): left as it is
+    assert not saved.newer(root, kept)
+    (root / "chunks.jsonl").write_text(json.dumps({**record, "wall_s": 3}) + "\n")
+    with pytest.raises(transfer.TransferError, match=r"have different histories: continue one of them") as error:
+        saved.restore(study, root, kept)
+    assert "\n" not in str(error.value)
+    assert json.loads((root / "chunks.jsonl").read_text())["wall_s"] == 3
+
+
+def planted(kept: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(kept / "tiny.tar.xz", "w:xz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("members, message", [
+    ({"tiny/sn_s0/snapshots/snapshot_iter_99.pt": b"not a snapshot"}, "is not the snapshot of iteration 99"),
+    ({"other/sn_s0/log.jsonl": b""}, "'other/sn_s0/log.jsonl' is not of the setting tiny"),
+    ({"../outside": b""}, "only files and folders inside the study's root"),
+])
+def test_a_saved_state_from_elsewhere_is_checked_before_anything_is_unpacked(tmp_path, members, message):
+    study = load_study(study_with_saved_state(tmp_path, 4))
+    root, kept = tmp_path / "root", tmp_path / "kept"
+    kept.mkdir()
+    (kept / "chunks.jsonl").write_text(json.dumps({"runs": {}, "wall_s": 1}) + "\n")
+    planted(kept, members)
+    with pytest.raises(transfer.TransferError, match=message):
+        saved.restore(study, root, kept)
+    assert not (root / "chunks.jsonl").exists() and not (tmp_path / "outside").exists()
+    assert not [path for path in root.rglob("*") if path.is_file()]
+
+
+def test_a_saved_history_that_is_no_chunk_record_or_too_long_is_refused(tmp_path, monkeypatch):
+    study = load_study(study_with_saved_state(tmp_path, 4))
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "chunks.jsonl").write_text("[1]\n")
+    with pytest.raises(transfer.TransferError, match="holds a line that is not a chunk's record"):
+        saved.restore(study, tmp_path / "root", kept)
+    monkeypatch.setattr(saved, "MOST_HISTORY", 2)
+    with pytest.raises(transfer.TransferError, match="over the 2 a study's chunk history takes"):
+        saved.newer(tmp_path / "root", kept)
