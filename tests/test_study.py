@@ -329,6 +329,9 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
         set(chunk["performance"]) and chunk["lead"] is None
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
+    (tmp_path / "a_file").write_text("x")
+    assert study_cli.main(["carry", str(study_file), "--root", str(here), "--to", str(tmp_path / "a_file")]) == 2
+    assert "a_file is a file, not a carry folder" in capsys.readouterr().err  # was a FileExistsError traceback
     transfer.reset(carry)
     (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
     transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)

@@ -9,7 +9,7 @@ import tracemalloc
 
 import pytest
 
-from source.study import archive, transfer
+from source.study import archive, processes, transfer
 from source.study.state import PIDS
 
 
@@ -154,6 +154,16 @@ def test_take_back_refuses_a_snapshot_that_is_not_what_its_name_says_and_a_manif
     with pytest.raises(transfer.TransferError, match=r"snapshot_iter_999999.pt is not the snapshot of iteration 999999 "
                                                      r"its name says \(it is not a readable snapshot"):
         transfer.take_back(planted, root, "s")
+    # the third campaign's: a folder of that name (it passed as no file, and pruning kept it as the newest), and
+    # snapshots outside the study's runs or past a run's end (a well-formed one of iteration 4e9 passed)
+    targets = {"b64/sn_s0": 100}
+    for name, form, message in [("b64/sn_s0/snapshots/snapshot_iter_999999.pt", None, "is not a file"),
+                                ("b64/sn_s0/snapshots/snapshot_iter_999999.pt", b"junk", "is no snapshot of the study"),
+                                ("b64/zz_s0/snapshots/snapshot_iter_2.pt", b"junk", "is no snapshot of the study"),
+                                ("b64/sn_s0/snapshot_iter_2.pt", b"junk", "is no snapshot of the study")]:
+        folder = returned(tmp_path / f"planted{len(message)}{len(name)}", history + [(name, form, "/")])
+        with pytest.raises(transfer.TransferError, match=message):
+            transfer.take_back(folder, root, "s", targets)
     assert [p.name for p in real.parent.iterdir()] == ["snapshot_iter_2.pt"]
     for key in ("study", "since_chunks"):
         folder = returned(tmp_path / key, history)
@@ -163,6 +173,15 @@ def test_take_back_refuses_a_snapshot_that_is_not_what_its_name_says_and_a_manif
         with pytest.raises(transfer.TransferError, match="is not a manifest of parts as a device call writes it"):
             transfer.take_back(folder, root, "s")
     assert not (root / "chunks.jsonl").exists()
+
+
+def test_a_folder_where_the_study_keeps_its_process_ids_is_refused(tmp_path, capsys):
+    """Unpacked, every later command ended in IsADirectoryError until it was deleted by hand."""
+    with pytest.raises(transfer.TransferError, match="only files and folders inside the study's root"):
+        transfer.extract(xz_tar([(f"{PIDS}/x", b"", None)]), tmp_path / "root")
+    (tmp_path / "root" / PIDS).mkdir(parents=True)
+    with pytest.raises(processes.StudyFolderError, match="running.json is not a file as a chunk writes it"):
+        processes.stop_leftovers(tmp_path / "root", 1.0, print)
 
 
 def test_a_part_that_is_not_a_plain_file_is_not_read(tmp_path):

@@ -78,7 +78,8 @@ def planted(kept: Path, members: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("members, message", [
-    ({"tiny/sn_s0/snapshots/snapshot_iter_99.pt": b"not a snapshot"}, "is not the snapshot of iteration 99"),
+    ({"tiny/sn_s0/snapshots/snapshot_iter_2.pt": b"not a snapshot"}, "is not the snapshot of iteration 2"),
+    ({"tiny/sn_s0/snapshots/snapshot_iter_99.pt": b"not a snapshot"}, "is no snapshot of the study's runs"),
     ({"other/sn_s0/log.jsonl": b""}, "'other/sn_s0/log.jsonl' is not of the setting tiny"),
     ({"../outside": b""}, "only files and folders inside the study's root"),
 ])

@@ -183,8 +183,8 @@ def outlook_line(outlook: dict) -> str:
 
 def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
+    transfer.reset(args.to)  # first: a --to that is no carry folder changes nothing
     state.prune(study, root)
-    transfer.reset(args.to)
     (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name}))
     folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
                                                  state.failure_marker(root, run))]
@@ -230,7 +230,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
 
 
 def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
-    names = transfer.take_back(args.files, root, study.name)
+    names = transfer.take_back(args.files, root, study.name, study.last_iterations())
     removed = state.prune(study, root)
     print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
     return show_status(args, study, root, runs)

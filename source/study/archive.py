@@ -120,6 +120,8 @@ def _checked_members(archive: tarfile.TarFile, root: Path) -> list[tarfile.TarIn
                 or name != member.name or name.startswith("/") or ".." in name.split("/") or not _plain_name(name)
                 or not inside):
             raise TransferError(_refusal(member.name))
+        if name.split("/")[0] == PIDS and name != PIDS:  # a folder there would break every later command
+            raise TransferError(_refusal(member.name))
         if name in names:
             raise TransferError(f"archive member {name!r} is in it twice; nothing was unpacked")
         names.add(name)

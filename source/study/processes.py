@@ -44,6 +44,8 @@ def stop_leftovers(root: Path, grace: float, echo) -> None:
     """Stop train.py processes a killed earlier chunk left running (each leads a process group of its own): those
     recorded whose pid still names a process started when it was recorded, not another one with that number."""
     path = root / PIDS
+    if path.exists() and not path.is_file():
+        raise StudyFolderError(f"{path} is not a file as a chunk writes it; move it out of the study's folder")
     try:
         recorded = json.loads(path.read_text()) if path.is_file() else {}
     except (ValueError, RecursionError):  # not what a chunk writes: nothing in it is stopped

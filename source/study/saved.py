@@ -76,7 +76,7 @@ def restore(study: Study, root: Path, folder: Path) -> int:
         archive = folder / f"{setting}.tar.xz"
         if archive.is_file():
             extract(archive, root, lambda opened, setting=setting, archive=archive:
-                    _check_archive(opened, setting, archive))
+                    _check_archive(opened, study, setting, archive))
     atomic_write(root / HISTORY, lambda handle: handle.write(data))  # last: an interrupted restore is done again
     return len(saved) - len(here)
 
@@ -96,9 +96,9 @@ def _saved_history(folder: Path) -> bytes:
     return history.read_bytes()
 
 
-def _check_archive(archive: tarfile.TarFile, setting: str, path: Path) -> None:
+def _check_archive(archive: tarfile.TarFile, study: Study, setting: str, path: Path) -> None:
     """A setting's archive holds that setting's runs only, and snapshots of the iterations their names say."""
     stray = next((m.name for m in archive.getmembers() if m.name.split("/")[0] != setting), None)
     if stray is not None:
         raise TransferError(f"{path}: {stray!r} is not of the setting {setting}; nothing was unpacked")
-    check_snapshots(path, archive)
+    check_snapshots(path, archive, study.last_iterations())

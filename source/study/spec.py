@@ -81,6 +81,10 @@ class Study:
         """Where the study's state is kept with the code (``saved.save``), if the study file names a folder."""
         return None if self.spec.saved_state is None else Path(self.spec.saved_state)
 
+    def last_iterations(self) -> dict[str, int]:
+        """Each run's name (its folder under the root) and last iteration: where received snapshots may be."""
+        return {run.name: run.iteration for run in self.runs}
+
     def run(self, name: str) -> Run:
         return next(run for run in self.runs if run.name == name)
 

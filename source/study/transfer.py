@@ -118,8 +118,10 @@ def _archive_bytes(files: list[Path], root: Path, out: Path) -> bytes:
     return data
 
 
-def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str]:
-    """Unpack the parts a chunk returned (``pack_changed``) into the root of ``study`` (its name)."""
+def take_back(parts_dir: Path, root: Path, study: str | None = None, targets: dict[str, int] | None = None
+              ) -> list[str]:
+    """Unpack the parts a chunk returned (``pack_changed``) into the root of ``study`` (its name), whose runs
+    end at ``targets`` (run name -> iteration; ``check_snapshots``)."""
     parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
@@ -151,20 +153,29 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None) -> list[str
                             "unpacked")
 
     def check(archive: tarfile.TarFile) -> None:
-        check_snapshots(parts_dir, archive)  # first: the archive's order, which reads it once
+        check_snapshots(parts_dir, archive, targets)  # first: the archive's order, which reads it once
         _check_continues(parts_dir, expected["since_chunks"], Path(root),
                          member_bytes(archive, "chunks.jsonl", MOST_HISTORY))
     return extract(data, Path(root), check)
 
 
-def check_snapshots(where: Path, archive: tarfile.TarFile) -> None:
-    """Every returned (or saved) snapshot opens as a snapshot of the iteration its name says. Pruning keeps each run's newest
-    snapshot by its name and deletes the others: a damaged or planted ``snapshot_iter_999999.pt`` taken for the
-    newest would delete the real ones and mark the run done."""
+def check_snapshots(where: Path, archive: tarfile.TarFile, targets: dict[str, int] | None = None) -> None:
+    """Every returned (or saved) snapshot is a file that opens as a snapshot of the iteration its name says, and
+    with ``targets`` (run name -> its last iteration) in a run of the study, not past its end. Pruning keeps each
+    run's newest snapshot by its name and deletes the others: a damaged or planted ``snapshot_iter_999999.pt`` (or a
+    folder of that name) taken for the newest would delete the real ones and mark the run done."""
     for member in archive.getmembers():
-        iteration = snapshot_iteration(Path(member.name))
-        if iteration is None or not member.isfile():
+        name = Path(member.name)
+        if name.name.startswith(("snapshot_iter_", "generator_iter_")) and not member.isfile():
+            raise TransferError(f"{where}: {member.name} is not a file; nothing unpacked")
+        iteration = snapshot_iteration(name)
+        if iteration is None:
             continue
+        run = "/".join(name.parts[:2])
+        if targets is not None and (run not in targets or name.parts[2:] != ("snapshots", name.name)
+                                    or iteration > targets[run]):
+            raise TransferError(f"{where}: {member.name} is no snapshot of the study's runs (a run's "
+                                "snapshots/snapshot_iter_N.pt, N at most its last iteration); nothing unpacked")
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / Path(member.name).name
             with archive.extractfile(member) as source, open(path, "wb") as copy:
@@ -312,6 +323,8 @@ def reset(carry: Path) -> None:
     """An empty carry folder, except for the compressed data files, which are kept for the next call. Only a
     folder this made (it holds CARRY_MARK) or an empty one is emptied: a mistyped --to deletes nothing."""
     carry = Path(carry)
+    if carry.exists() and not carry.is_dir():
+        raise TransferError(f"{carry} is a file, not a carry folder; give a new or empty folder, e.g. .study_carry")
     if carry.is_dir() and any(carry.iterdir()) and not (carry / CARRY_MARK).is_file():
         raise TransferError(f"{carry} holds files and is not a carry folder (no {CARRY_MARK}); give a new or empty "
                             "folder, e.g. .study_carry")

@@ -45,15 +45,18 @@ def generator_path(out: Path, iteration: int) -> Path:
 
 
 def snapshot_iteration(path: Path) -> int | None:
-    """N for ``snapshot_iter_N.pt``, None for any other name."""
-    stem = Path(path).stem
-    prefix = "snapshot_iter_"
-    return int(stem[len(prefix):]) if stem.startswith(prefix) and stem[len(prefix):].isdecimal() else None
+    """N for ``snapshot_iter_N.pt`` as the trainer spells it, None for any other name (``snapshot_iter_06.pt``
+    beside ``snapshot_iter_6.pt`` would make "the newest" depend on the listing's order)."""
+    stem, prefix = Path(path).stem, "snapshot_iter_"
+    digits = stem[len(prefix):]
+    valid = Path(path).suffix == ".pt" and stem.startswith(prefix) and digits.isdecimal() and digits.isascii()
+    return int(digits) if valid and digits == str(int(digits)) else None
 
 
 def snapshots_of(run: Path) -> list[Path]:
     """RUN/snapshots/snapshot_iter_N.pt, oldest first."""
-    paths = [p for p in (Path(run) / SNAPSHOT_FOLDER).glob("snapshot_iter_*.pt") if snapshot_iteration(p) is not None]
+    paths = [p for p in (Path(run) / SNAPSHOT_FOLDER).glob("snapshot_iter_*.pt")
+             if snapshot_iteration(p) is not None and p.is_file()]
     return sorted(paths, key=snapshot_iteration)
 
 
