@@ -105,3 +105,38 @@ def test_a_saved_history_that_is_no_chunk_record_or_too_long_is_refused(tmp_path
     monkeypatch.setattr(saved, "MOST_HISTORY", 2)
     with pytest.raises(transfer.TransferError, match="over the 2 a study's chunk history takes"):
         saved.newer(tmp_path / "root", kept)
+
+
+def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path, monkeypatch, capsys):
+    """carry packs no state of its own (the working tree holds it); the device unpacks the tree's saved state;
+    take-back adds the device's chunk, and the saved state with it."""
+    monkeypatch.setattr(transfer, "download_wheels", lambda carry: None)  # no package index needed here
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, 4, sn={}, lr={"set": ["adam_G.alpha=0.001"]})
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "saved_state": "kept"}, sort_keys=False))
+    assert study_cli.main(["run", str(path), "--arm", "sn", "--budget", "600"]) == 0
+    carry = tmp_path / "carry"
+    assert study_cli.main(["carry", str(path), "--to", str(carry)]) == 0
+    assert "the study's state in kept (in the working tree)" in capsys.readouterr().out
+    assert not (carry / transfer.STATE).exists()
+
+    device = tmp_path / "device"  # the lent machine: a copy of the working tree, a root of its own
+    shutil.copytree(tmp_path / "kept", device / "kept")
+    monkeypatch.chdir(device)
+    (device / "out").mkdir()
+    assert study_cli.main(["device", str(path), "--carry", str(carry), "--out", str(device / "out"),
+                           "--budget", "600"]) == 0
+    progress = {row["run"]: row["status"] for row in json.loads((device / "out" / "progress.json").read_text())}
+    assert progress == {"tiny/sn_s0": "done", "tiny/lr_s0": "done"}
+    assert len((device / "kept" / "chunks.jsonl").read_text().splitlines()) == 1  # the device saves nothing
+    parts = b"".join(part.read_bytes() for part in sorted((device / "out").glob(transfer.PARTS + "*")))
+    returned = transfer.extract(parts, tmp_path / "peek")
+    assert "tiny/lr_s0/snapshots/snapshot_iter_4.pt" in returned  # trained there; sn's came from the saved state
+    assert "tiny/sn_s0/snapshots/snapshot_iter_4.pt" not in returned
+
+    monkeypatch.chdir(tmp_path)
+    assert study_cli.main(["take-back", str(path), str(device / "out")]) == 0
+    assert len((tmp_path / "kept" / "chunks.jsonl").read_text().splitlines()) == 2
+    with tarfile.open(tmp_path / "kept" / "tiny.tar.xz") as archive:
+        assert "tiny/lr_s0/snapshots/snapshot_iter_4.pt" in archive.getnames()

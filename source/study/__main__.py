@@ -182,21 +182,27 @@ def outlook_line(outlook: dict) -> str:
 
 
 def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
-    """Fill --to with the state of the chosen runs, the data files and the wheels; check the size."""
+    """Fill --to with the state of the chosen runs, the data files and the wheels; check the size. A study whose
+    state is kept with the code (saved_state, the default root) travels in the working tree instead: the whole
+    study's state, saved now, and nothing of it twice."""
     transfer.reset(args.to)  # first: a --to that is no carry folder changes nothing
     state.prune(study, root)
-    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name}))
-    folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
-                                                 state.failure_marker(root, run))]
-    transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
+    kept = study.saved_folder() if args.root is None else None
+    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name, "saved_state": kept is not None}))
+    if kept is not None:
+        saved.save(study, root, kept)
+    else:
+        folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
+                                                     state.failure_marker(root, run))]
+        transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
         transfer.pack_data(study.data_root(), args.to)
     transfer.download_wheels(args.to)
     tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
                           capture_output=True, text=True).stdout.split()
     total = transfer.carry_size(args.to, int(tree[0]) if tree else 0)
-    print(f"{args.to}: {len(runs)} runs; the call carries {total / 2**20:.1f} MiB of "
-          f"{transfer.CARRY_LIMIT // 2**20}")
+    what = f"the study's state in {kept} (in the working tree)" if kept else f"{len(runs)} runs"
+    print(f"{args.to}: {what}; the call carries {total / 2**20:.1f} MiB of {transfer.CARRY_LIMIT // 2**20}")
     return 0
 
 
@@ -207,7 +213,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
         args.data_root = transfer.unpack_data(args.carry, study.data_root())
-    since = continuation.restore(args.carry, root)
+    since = continuation.restore(args.carry, root, study)
     if since.continued:
         print("study: this machine's earlier chunk with this carry continues (its state is newer than the carry's); "
               "take each call's files back in order", file=sys.stderr)

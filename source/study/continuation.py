@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from source.files import atomic_write_text
-from source.study.archive import extract
-from source.study.transfer import STATE, chunk_count, listing
+from source.study import saved
+from source.study.archive import TransferError, extract
+from source.study.spec import Study
+from source.study.transfer import CARRY_STUDY, STATE, chunk_count, listing
 
 SINCE = ".device-since.json"  # on the lent machine, in the study's root: see ``restore``
 
@@ -28,26 +30,46 @@ class Since:
     continued: bool  # the state an earlier call on this machine left, not the carry's
 
 
-def restore(carry: Path, root: Path) -> Since:
-    """Unpack the carried state into ``root``; return what a chunk's pack compares against.
+def restore(carry: Path, root: Path, study: Study | None = None) -> Since:
+    """Unpack the carried state into ``root`` (or, where the carry says the state travels in the working tree, the
+    study's saved state: ``saved``); return what a chunk's pack compares against.
 
     A later call on a machine still warm, with the same carry, finds a newer state there (an earlier call's chunk):
     unpacking the carry would put older logs beside newer snapshots. That state continues instead, and the chunk
     returns what changed since what the earlier call returned (``packed``), or, where that call did not get to
     pack (killed at its limit), since the carry: taken back in order, the calls' files rebuild this state here.
     Another carry (made anew here) replaces the state there: it is the state to continue (``_empty``)."""
-    state, record_path = Path(carry) / STATE, Path(root) / SINCE
-    carried = hashlib.sha256(state.read_bytes()).hexdigest() if state.is_file() else "no state carried"
+    state, record_path, kept = Path(carry) / STATE, Path(root) / SINCE, saved_state_of(carry, study)
+    carried = (saved.digest(study, kept) if kept else hashlib.sha256(state.read_bytes()).hexdigest()
+               if state.is_file() else "no state carried")
     record = _since_record(record_path)
     if record is not None and record["carry"] == carried:
         return Since(record["listing"], record["chunks"], True)
-    if state.is_file():
+    if kept:
+        if record_path.exists():
+            _empty(Path(root))
+        saved.restore(study, Path(root), kept)
+    elif state.is_file():
         # an earlier call's state there, of another carry (or its record is damaged), goes once the carry is checked
         extract(state, root, (lambda _: _empty(Path(root))) if record_path.exists() else None)
     Path(root).mkdir(parents=True, exist_ok=True)
     since = Since(listing(root), chunk_count(root), False)
     atomic_write_text(record_path, json.dumps({"carry": carried, "listing": since.listing, "chunks": since.chunks}))
     return since
+
+
+def saved_state_of(carry: Path, study: Study | None) -> Path | None:
+    """The study's saved folder where the carry says its state travels in the working tree (``carry``), else None."""
+    path = Path(carry) / CARRY_STUDY
+    try:
+        made = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        made = {}
+    if not (isinstance(made, dict) and made.get("saved_state") is True):
+        return None
+    if study is None or study.saved_folder() is None:
+        raise TransferError(f"{carry} was made for the state a study file names in saved_state, and it names none")
+    return study.saved_folder()
 
 
 def _since_record(path: Path) -> dict | None:

@@ -10,6 +10,7 @@ returned archive (``extract``), every snapshot opened first.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tarfile
 from pathlib import Path
@@ -102,3 +103,11 @@ def _check_archive(archive: tarfile.TarFile, study: Study, setting: str, path: P
     if stray is not None:
         raise TransferError(f"{path}: {stray!r} is not of the setting {setting}; nothing was unpacked")
     check_snapshots(path, archive, study.last_iterations())
+
+
+def digest(study: Study, folder: Path) -> str:
+    """A fingerprint of the saved state (its history and archives), which names it as a carry's state would."""
+    hashed = hashlib.sha256()
+    for path in [folder / HISTORY, *(folder / f"{setting}.tar.xz" for setting in study.spec.settings)]:
+        hashed.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+    return hashed.hexdigest()
