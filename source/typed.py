@@ -48,24 +48,34 @@ def check_expansion(raw: Any, source: str) -> None:
 class StrictLoader(yaml.SafeLoader):
     """safe_load without merge keys (``<<``), which PyYAML expands while parsing, before any limit can count:
     some 850 bytes of merges of merges ask for tens of GB), at most MAX_CONFIG_DEPTH levels deep, and without two
-    of YAML 1.1's silent readings: a key given twice (the last one won) and base-60 numbers (``10:00`` was 600)."""
+    of YAML 1.1's silent readings: a key given twice (the last one won; also spelled otherwise, ``1`` and ``0x1``),
+    base-60 numbers (``10:00`` was 600, ``1:30.0`` 90.0) and octal ones (``020000`` was 8192)."""
 
     def flatten_mapping(self, node) -> None:
         if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
             raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not supported", node.start_mark)
         seen = set()
         for key, _ in node.value:
-            if isinstance(key, yaml.ScalarNode) and key.value in seen:
+            value = self.construct_object(key) if isinstance(key, yaml.ScalarNode) else id(key)
+            if isinstance(key, yaml.ScalarNode) and value in seen:  # as the dict compares them: 1, 0x1, 1.0, true
                 raise yaml.constructor.ConstructorError(None, None, f"the key {key.value!r} is given twice",
                                                         key.start_mark)
-            seen.add(key.value if isinstance(key, yaml.ScalarNode) else id(key))
+            seen.add(value)
         super().flatten_mapping(node)
 
     def construct_yaml_int(self, node):
+        digits = str(node.value).replace("_", "").lstrip("+-")
+        if ":" in digits or len(digits) > 1 and digits[0] == "0" and digits[1].isdigit():
+            kind = "a base-60" if ":" in digits else "an octal"
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value} reads as {kind} number in YAML; "
+                                                    "quote it, or write the number without it", node.start_mark)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
         if ":" in str(node.value):
             raise yaml.constructor.ConstructorError(None, None, f"{node.value} reads as a base-60 number in YAML; "
                                                     "quote it, or write the number", node.start_mark)
-        return super().construct_yaml_int(node)
+        return super().construct_yaml_float(node)
 
     def compose_node(self, parent, index):
         self.depth = getattr(self, "depth", 0) + 1
@@ -79,6 +89,7 @@ class StrictLoader(yaml.SafeLoader):
 
 
 StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+StrictLoader.add_constructor("tag:yaml.org,2002:float", StrictLoader.construct_yaml_float)
 
 
 def read_yaml(path: Path, source: str) -> Any:

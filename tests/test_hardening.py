@@ -391,7 +391,8 @@ def test_a_snapshot_of_shared_or_deeply_nested_dicts_is_refused_or_walked_once(t
     one_line_error(capsys, "nested deeper than 32 levels")
 
 
-def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign_rng(tmp_path, trained, capsys):
+def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign_rng(tmp_path, trained, capsys,
+                                                                                       monkeypatch):
     shared = [np.float64(1.0)]
     for _ in range(40):  # 2^40 paths, 41 containers
         shared = [shared, shared]
@@ -402,6 +403,18 @@ def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign
     converted = load_snapshot(old)["extra"]
     assert converted[0] is converted[1]  # still shared, not copied 2^40 times
     (tmp_path / "old.pt.orig").unlink()
+    array = np.zeros(2**16)  # one array met 3 times is converted once (5000 references to 2 MiB asked 10 GB)
+    torch.save(dict(snapshot, extra=[array] * 3), old)
+    assert convert_snapshot.main([str(old)]) == 0
+    converted = load_snapshot(old)["extra"]
+    assert converted[0].untyped_storage().data_ptr() == converted[2].untyped_storage().data_ptr()
+    (tmp_path / "old.pt.orig").unlink()
+    torch.save(dict(snapshot, extra=[array]), old)
+    monkeypatch.setattr(convert_snapshot, "plain", lambda value: (_ for _ in ()).throw(MemoryError()))
+    assert convert_snapshot.main([str(old)]) == 2  # one line, and no .orig left to refuse the next try
+    one_line_error(capsys, "out of memory converting it")
+    assert not (tmp_path / "old.pt.orig").exists()
+    monkeypatch.undo()
     torch.save(dict(snapshot, rng={"numpy": np.zeros(1)}), old)  # the old format's numpy, in a foreign layout
     assert convert_snapshot.main([str(old)]) == 2
     one_line_error(capsys, "its 'rng' entry is not a list of each rank's states")
@@ -441,6 +454,13 @@ def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, 
     with zipfile.ZipFile(tmp_path / "overstated.npz", "w") as archive:  # 800 TB declared in 128 bytes
         archive.writestr("mu.npy", header.getvalue())
         archive.writestr("sigma.npy", header.getvalue())
+    with pytest.raises(ReferenceUnavailable, match=r"declares \(10000000, 10000000\) of float64, more than it holds"):
+        file_reference(str(tmp_path / "overstated.npz"))
+    small = io.BytesIO()
+    np.lib.format.write_array(small, np.zeros(4))
+    with zipfile.ZipFile(tmp_path / "overstated.npz", "w") as archive:
+        archive.writestr("mu.npy", small.getvalue())
+        archive.writestr("sigma", header.getvalue())  # numpy serves "sigma" as "sigma.npy": checked the same
     with pytest.raises(ReferenceUnavailable, match=r"declares \(10000000, 10000000\) of float64, more than it holds"):
         file_reference(str(tmp_path / "overstated.npz"))
     np.savez(tmp_path / "meta.npz", mu=np.zeros(4), sigma=np.eye(4), meta=np.array("[1]"))
@@ -490,6 +510,8 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("device=banana", "device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
     ("device=cuda:99999999999999999999", "device: expected auto, cpu, cuda or cuda:N"),  # torch: a traceback
     ("iteration=10:00", "iteration: expected int, got str '10:00'"),  # YAML 1.1's base 60 read it as 600
+    ("iteration=020000", "iteration: expected int, got str '020000'"),  # YAML 1.1's octal read it as 8192
+    ("updater.lecam.weight=1:30.0", "updater.lecam.weight: expected float, got str '1:30.0'"),  # base 60: 90.0
     ("evaluation.n_samples=1000001", "evaluation.n_samples: 1000001 is over 1,000,000"),  # latents drawn at once
     ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
 ])
@@ -504,6 +526,11 @@ def test_a_config_giving_a_key_twice_is_refused(tmp_path, capsys):
     config.write_text((CONFIGS / "demo.yaml").read_text() + "\nseed: 7\n")  # demo.yaml has a seed already
     assert train.main(["--config", str(config), "--dry-run"]) == 2
     one_line_error(capsys, "(the key 'seed' is given twice)")
+    for text, message in [("\n0x1: a\n1: b\n", "the key '1' is given twice"),  # both the key 1: the last won
+                          ("\nseed: 010\n", "010 reads as an octal number in YAML")]:  # seed 8
+        config.write_text((CONFIGS / "demo.yaml").read_text().replace("\nseed:", "\nold_seed:") + text)
+        assert train.main(["--config", str(config), "--dry-run"]) == 2
+        one_line_error(capsys, message)
 
 
 def test_running_out_of_memory_is_one_line(tmp_path, trained, capsys):

@@ -10,7 +10,9 @@
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
   take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
 
-Runs live in --root (default results/<study name>); see docs/collapse.md for the collapse study.
+Runs live in --root (default results/<study name>); a study file's saved_state keeps the default folder's state
+with the code (written after run and take-back, unpacked into a checkout that lacks it: source/study/saved.py).
+See docs/collapse.md for the collapse study.
 """
 from __future__ import annotations
 
