@@ -10,7 +10,9 @@ import tracemalloc
 import pytest
 
 from source.study import archive, processes, transfer
+from source.study.spec import load_study
 from source.study.state import PIDS
+from test_study import write_study
 
 
 def xz_tar(members: list[tuple[str, bytes | None, str | None]], form: int = tarfile.PAX_FORMAT) -> bytes:
@@ -156,14 +158,15 @@ def test_take_back_refuses_a_snapshot_that_is_not_what_its_name_says_and_a_manif
         transfer.take_back(planted, root, "s")
     # the third campaign's: a folder of that name (it passed as no file, and pruning kept it as the newest), and
     # snapshots outside the study's runs or past a run's end (a well-formed one of iteration 4e9 passed)
-    targets = {"b64/sn_s0": 100}
-    for name, form, message in [("b64/sn_s0/snapshots/snapshot_iter_999999.pt", None, "is not a file"),
-                                ("b64/sn_s0/snapshots/snapshot_iter_999999.pt", b"junk", "is no snapshot of the study"),
-                                ("b64/zz_s0/snapshots/snapshot_iter_2.pt", b"junk", "is no snapshot of the study"),
-                                ("b64/sn_s0/snapshot_iter_2.pt", b"junk", "is no snapshot of the study")]:
-        folder = returned(tmp_path / f"planted{len(message)}{len(name)}", history + [(name, form, "/")])
+    study = load_study(write_study(tmp_path, 4, sn={}))  # the run tiny/sn_s0, 4 iterations
+    for index, (name, form, message) in enumerate([
+                                ("tiny/sn_s0/snapshots/snapshot_iter_999999.pt", None, "is not a file"),
+                                ("tiny/sn_s0/snapshots/snapshot_iter_5.pt", b"junk", "is no snapshot of the study"),
+                                ("tiny/zz_s0/snapshots/snapshot_iter_2.pt", b"junk", "is no snapshot of the study"),
+                                ("tiny/sn_s0/snapshot_iter_2.pt", b"junk", "is no snapshot of the study")]):
+        folder = returned(tmp_path / f"planted{index}", history + [(name, form, "/")])
         with pytest.raises(transfer.TransferError, match=message):
-            transfer.take_back(folder, root, "s", targets)
+            transfer.take_back(folder, root, "s", study)
     assert [p.name for p in real.parent.iterdir()] == ["snapshot_iter_2.pt"]
     for key in ("study", "since_chunks"):
         folder = returned(tmp_path / key, history)

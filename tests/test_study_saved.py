@@ -7,10 +7,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from source.study import __main__ as study_cli
 from source.study import saved, transfer
+from source.files import torch_load
 from source.study.spec import load_study
 from test_study import write_study
 
@@ -140,3 +142,31 @@ def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path
     assert len((tmp_path / "kept" / "chunks.jsonl").read_text().splitlines()) == 2
     with tarfile.open(tmp_path / "kept" / "tiny.tar.xz") as archive:
         assert "tiny/lr_s0/snapshots/snapshot_iter_4.pt" in archive.getnames()
+
+
+def test_a_returned_snapshot_of_another_recipe_is_refused_and_one_of_other_arithmetic_taken(tmp_path):
+    """A resume continues with its snapshot's config: a returned snapshot with another learning rate or loss would
+    go on under the run's name, silently (found by a hostile review)."""
+    path = write_study(tmp_path, 4, sn={})
+    study = load_study(path)
+    here = tmp_path / "here"
+    assert study_cli.main(["run", str(path), "--root", str(here), "--budget", "600"]) == 0
+    for number, (key, value, refused) in enumerate([("adam_G", {"alpha": 0.9}, True),
+                                                   ("performance", {"compile": True}, False)]):
+        there, out = tmp_path / f"there{number}", tmp_path / f"out{number}"
+        shutil.copytree(here, there)
+        before = transfer.listing(there)
+        snapshot_path = there / "tiny/sn_s0/snapshots/snapshot_iter_4.pt"
+        snapshot = torch_load(snapshot_path)
+        snapshot["config"][key].update(value)
+        torch.save(snapshot, snapshot_path)
+        with open(there / "chunks.jsonl", "a") as history:
+            history.write(json.dumps({"runs": {}, "wall_s": 1}) + "\n")
+        out.mkdir()
+        transfer.pack_changed(there, before, out, {"study": "study", "since_chunks": 1})
+        if refused:
+            with pytest.raises(transfer.TransferError, match=r"was trained with another recipe than its run's \(1 "
+                                                             r"differ, e.g. adam_G.alpha: 0.9 -> 0.0002: the snapshot's, then"):
+                transfer.take_back(out, here, "study", study)
+        else:  # how the arithmetic runs is a chunk's choice
+            assert "tiny/sn_s0/snapshots/snapshot_iter_4.pt" in transfer.take_back(out, here, "study", study)

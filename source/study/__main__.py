@@ -238,7 +238,7 @@ def device(args, study: Study, root: Path, runs: list[Run]) -> int:
 
 
 def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
-    names = transfer.take_back(args.files, root, study.name, study.last_iterations())
+    names = transfer.take_back(args.files, root, study.name, study)
     removed = state.prune(study, root)
     print(f"{len(names)} files into {root}; {len(removed)} snapshot files no later chunk needs removed")
     return show_status(args, study, root, runs)

@@ -102,7 +102,7 @@ def _check_archive(archive: tarfile.TarFile, study: Study, setting: str, path: P
     stray = next((m.name for m in archive.getmembers() if m.name.split("/")[0] != setting), None)
     if stray is not None:
         raise TransferError(f"{path}: {stray!r} is not of the setting {setting}; nothing was unpacked")
-    check_snapshots(path, archive, study.last_iterations())
+    check_snapshots(path, archive, study)
 
 
 def digest(study: Study, folder: Path) -> str:

@@ -81,10 +81,6 @@ class Study:
         """Where the study's state is kept with the code (``saved.save``), if the study file names a folder."""
         return None if self.spec.saved_state is None else Path(self.spec.saved_state)
 
-    def last_iterations(self) -> dict[str, int]:
-        """Each run's name (its folder under the root) and last iteration: where received snapshots may be."""
-        return {run.name: run.iteration for run in self.runs}
-
     def run(self, name: str) -> Run:
         return next(run for run in self.runs if run.name == name)
 
@@ -107,10 +103,13 @@ class Study:
 
     def configured_root(self, run: Run) -> Path | None:
         """The folder ``run``'s config reads its data from (a branch: its parent's, unless its own items move it)."""
-        parent = next((other for other in self.runs if other.name == run.parent), None)
-        items = [*parent.overrides, *run.overrides] if parent else list(run.overrides)
-        root = getattr(load_config(self.spec.base, items).dataset.args, "root", None)
+        root = getattr(self.config(run).dataset.args, "root", None)
         return None if root is None else Path(root)
+
+    def config(self, run: Run) -> Config:
+        """The run's recipe: the base with its items (a branch: its parent's, then its own)."""
+        parent = next((other for other in self.runs if other.name == run.parent), None)
+        return load_config(self.spec.base, [*parent.overrides, *run.overrides] if parent else list(run.overrides))
 
 
 def load_study(path: str | Path) -> Study:

@@ -21,10 +21,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from source.config import first_line
 from source.files import atomic_write
 from source.study.archive import TransferError, extract, member_bytes, write_archive
+from source.config import Config, first_line
+from source.study.spec import Study
 from source.training.checkpoint import SnapshotError, load_snapshot, snapshot_iteration
+from source.training.resume import config_changes, recipe_changes
 
 CARRY_LIMIT = 64 * 2**20
 PART_BYTES = 15 * 2**20
@@ -118,10 +120,9 @@ def _archive_bytes(files: list[Path], root: Path, out: Path) -> bytes:
     return data
 
 
-def take_back(parts_dir: Path, root: Path, study: str | None = None, targets: dict[str, int] | None = None
-              ) -> list[str]:
-    """Unpack the parts a chunk returned (``pack_changed``) into the root of ``study`` (its name), whose runs
-    end at ``targets`` (run name -> iteration; ``check_snapshots``)."""
+def take_back(parts_dir: Path, root: Path, study: str | None = None, runs_of: Study | None = None) -> list[str]:
+    """Unpack the parts a chunk returned (``pack_changed``) into the root of ``study`` (its name), whose runs'
+    snapshots are checked against ``runs_of`` (``check_snapshots``)."""
     parts = sorted(Path(parts_dir).glob(f"{PARTS}*"))
     if not parts:
         raise TransferError(f"{parts_dir}: no {PARTS}NN files; give the folder the device call's files came back in")
@@ -153,17 +154,19 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None, targets: di
                             "unpacked")
 
     def check(archive: tarfile.TarFile) -> None:
-        check_snapshots(parts_dir, archive, targets)  # first: the archive's order, which reads it once
+        check_snapshots(parts_dir, archive, runs_of)  # first: the archive's order, which reads it once
         _check_continues(parts_dir, expected["since_chunks"], Path(root),
                          member_bytes(archive, "chunks.jsonl", MOST_HISTORY))
     return extract(data, Path(root), check)
 
 
-def check_snapshots(where: Path, archive: tarfile.TarFile, targets: dict[str, int] | None = None) -> None:
+def check_snapshots(where: Path, archive: tarfile.TarFile, study: Study | None = None) -> None:
     """Every returned (or saved) snapshot is a file that opens as a snapshot of the iteration its name says, and
-    with ``targets`` (run name -> its last iteration) in a run of the study, not past its end. Pruning keeps each
+    with ``study``, in one of its runs, not past the run's end, of the run's recipe (a resume continues with the
+    snapshot's config: another learning rate or loss would go on silently under the run's name). Pruning keeps each
     run's newest snapshot by its name and deletes the others: a damaged or planted ``snapshot_iter_999999.pt`` (or a
     folder of that name) taken for the newest would delete the real ones and mark the run done."""
+    runs = {run.name: run for run in study.runs} if study else {}
     for member in archive.getmembers():
         name = Path(member.name)
         if name.name.startswith(("snapshot_iter_", "generator_iter_")) and not member.isfile():
@@ -171,9 +174,8 @@ def check_snapshots(where: Path, archive: tarfile.TarFile, targets: dict[str, in
         iteration = snapshot_iteration(name)
         if iteration is None:
             continue
-        run = "/".join(name.parts[:2])
-        if targets is not None and (run not in targets or name.parts[2:] != ("snapshots", name.name)
-                                    or iteration > targets[run]):
+        run = runs.get("/".join(name.parts[:2]))
+        if study and (run is None or name.parts[2:] != ("snapshots", name.name) or iteration > run.iteration):
             raise TransferError(f"{where}: {member.name} is no snapshot of the study's runs (a run's "
                                 "snapshots/snapshot_iter_N.pt, N at most its last iteration); nothing unpacked")
         with tempfile.TemporaryDirectory() as folder:
@@ -181,12 +183,22 @@ def check_snapshots(where: Path, archive: tarfile.TarFile, targets: dict[str, in
             with archive.extractfile(member) as source, open(path, "wb") as copy:
                 shutil.copyfileobj(source, copy)
             try:
-                found = load_snapshot(path, training_state=True)["iteration"]
+                snapshot = load_snapshot(path, training_state=True)
+                found = snapshot["iteration"]
             except SnapshotError as error:
                 found = str(error).replace(str(path), "it")
+        if study and found == iteration:
+            _check_recipe(where, member.name, snapshot, study.config(run))
         if found != iteration:
             raise TransferError(f"{where}: {member.name} is not the snapshot of iteration {iteration} its name "
                                 f"says ({found if isinstance(found, str) else f'iteration {found}'}); nothing unpacked")
+
+
+def _check_recipe(where: Path, name: str, snapshot: dict, recipe: Config) -> None:
+    changes = recipe_changes(config_changes(snapshot, recipe), recipe.dataset.name)
+    if changes:
+        raise TransferError(f"{where}: {name} was trained with another recipe than its run's ({len(changes)} "
+                            f"differ, e.g. {changes[0]}: the snapshot's, then the run's); nothing unpacked")
 
 
 def _check_continues(parts_dir: Path, since: object, root: Path, returned: bytes) -> None:
