@@ -342,3 +342,18 @@ def test_a_kernel_case_that_fails_on_the_device_keeps_the_others_numbers(tmp_pat
     result = json.loads(path.read_text())
     assert result["stacked_runs_conv3x3"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
     assert result["sn_power_steps_study_dis"]["layers"] == 11
+
+
+def test_section_c_runs_with_the_weights_make_setup_installs(tmp_path):
+    """The documented command, without --inception-weights: fid-helper's pool3 copy (its logits are NaN, which our
+    loader refuses: section c failed on every machine `make setup` made), else random weights."""
+    command = [sys.executable, str(ROOT / "benchmarks/gpu/bench.py"), "--quick", "--out", str(tmp_path),
+               "--sections", "c_fid"]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=300)
+    (path,) = tmp_path.glob("gpu_*-quick.json")
+    section = json.loads(path.read_text())["sections"]["c_fid"]
+    assert section["status"] == "ok" and section["fid_abs_difference"] < 1e-2  # both pipelines agree
+    if section["weights"].startswith("fid-helper"):
+        assert not section["with_logits"]
+        for pipeline in ("ours", "torch_fidelity"):
+            assert section[pipeline]["inception_score"] is None and "no logits" in section[pipeline]["inception_score_why"]

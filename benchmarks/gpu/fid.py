@@ -71,9 +71,12 @@ def weights_file(choice: str, directory: Path) -> dict:
     if state is None:  # loaded safely here, and torch-fidelity (which unpickles whatever it is given) gets a copy
         state = torch_load(description)
     path = str(directory / "inception.pth")
+    with_logits = all(bool(torch.isfinite(state[key]).all()) for key in ("fc.weight", "fc.bias"))
+    if not with_logits:  # fid-helper's pool3 copy has NaN logits: zeros load (ours refuses NaN), IS is withheld
+        state = {**state, "fc.weight": torch.zeros_like(state["fc.weight"]), "fc.bias": torch.zeros_like(state["fc.bias"])}
     torch.save(state, path)
     return {"path": path, "weights": description, "random_weights": description.startswith(RANDOM_WEIGHTS),
-            "with_logits": bool(torch.isfinite(state["fc.weight"]).all())}  # fid-helper's fc is NaN
+            "with_logits": with_logits}
 
 
 def withheld(parts: dict, weights: dict) -> dict:
