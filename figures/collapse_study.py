@@ -1,9 +1,11 @@
 """The collapse study's report (docs/collapse.md, "GPU study"): per setting and arm, over seeds.
 
-    python -m figures.collapse_study configs/collapse/gpu_study.yaml [--root results/gpu_study] [--out docs/collapse]
+    python -m figures.collapse_study configs/collapse/gpu_study.yaml [--root results/gpu_study] [--out FOLDER]
+    python -m figures.collapse_study configs/collapse/gpu_study.yaml --out docs/collapse   # the committed report
 
 Reads each run's ``log.jsonl`` (D's collapse scores, detected collapses, SR's start) and ``classifier_modes.jsonl``
-(the classifier measures) and writes, in --out, named after the study file (STUDY: ``gpu_study`` here):
+(the classifier measures) and writes, in --out (default: the study folder's ``figures``), named after the study
+file (STUDY: ``gpu_study`` here):
 - ``STUDY_<setting>_curves.png``: D's mean collapse score, modes, diversity and classifier FID over
   iterations, every seed of every arm (a branch drawn from its branch point, its parent's part before it);
 - ``STUDY_<setting>_spectra.png``: the SRGANs fig3/fig4 analogue, D's last conv's normalized spectra over
@@ -198,12 +200,16 @@ def main(argv: list[str] | None = None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", type=Path)
     parser.add_argument("--root", type=Path, help="the study's runs (default results/<study name>)")
-    parser.add_argument("--out", type=Path, default=Path("docs/collapse"))
+    parser.add_argument("--out", type=Path, help="the report's folder (default ROOT/figures)")
     args = parser.parse_args(argv)
     study = load_study(args.study)
     root = args.root or Path("results") / study.name
     if not root.is_dir():
         raise FileNotFoundError(f"study folder {root} does not exist; run the study first (python -m source.study)")
+    if not (root / "chunks.jsonl").is_file():  # a report of nothing would replace one of something (docs/collapse)
+        raise FileNotFoundError(f"{root} holds no chunk of the study yet; nothing written (a fresh checkout: "
+                                "`python -m source.study status STUDY` unpacks a study's saved state)")
+    args.out = args.out or root / "figures"
     summary = summarize(study, root)
     for setting in dict.fromkeys(run.setting for run in study.runs):
         save_figure(curves_figure(study, summary, setting), args.out / f"{study.name}_{setting}_curves.png")

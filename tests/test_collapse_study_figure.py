@@ -101,6 +101,10 @@ def test_the_spectra_figure_sets_the_baseline_beside_its_branch_once_started(stu
 def test_a_missing_study_folder_is_a_one_line_error(study, tmp_path, capsys):
     assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "nowhere")]) == 2
     assert "does not exist; run the study first" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()  # what a carry's lock leaves: its report of nothing replaced docs/collapse's
+    assert command_line(collapse_study.main, [str(study), "--root", str(tmp_path / "empty")]) == 2
+    assert "holds no chunk of the study yet; nothing written" in capsys.readouterr().err
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_a_run_stopped_before_its_first_log_line_counts_as_started(study, tmp_path, capsys):
@@ -109,7 +113,8 @@ def test_a_run_stopped_before_its_first_log_line_counts_as_started(study, tmp_pa
     snapshots = tmp_path / "runs" / "b64" / "sr_resumed_s1" / "snapshots"
     snapshots.mkdir(parents=True)
     (snapshots / "snapshot_iter_7.pt").write_bytes(b"")  # only its name is read
-    summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    summary = collapse_study.main([str(study), "--root", str(tmp_path / "runs")])  # into the study folder's figures
+    assert [p.name for p in (tmp_path / "runs" / "figures" / "data").iterdir()] == [f"{study.stem}_summary.json"]
     assert summary["arms"]["b64/sr_resumed"]["reached"] == [40, 7]
     assert "| b64/sr_resumed | 40 (from 20), 7 | 0 of 2 | 40 | 9.0 (n=1) |" in capsys.readouterr().out
 

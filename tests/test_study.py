@@ -56,7 +56,8 @@ def test_runs_at_a_time_default_to_the_cores_without_a_gpu_and_16_with_one(monke
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert study_cli.parse_args(["run", "study.yaml"]).parallel == 2
-    assert study_cli.parse_args(["device", "s.yaml", "--carry", "c", "--out", "o", "--parallel", "5"]).parallel == 5
+    assert study_cli.parse_args(["device", "s.yaml", "--carry", "c", "--out", "o", "--parallel", "5",
+                                 "--budget", "9"]).parallel == 5
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert study_cli.parse_args(["run", "study.yaml"]).parallel == 16
 
@@ -135,6 +136,9 @@ def test_a_run_that_fails_is_not_relaunched_until_its_marker_is_deleted(tmp_path
     assert bad.runs[run.name]["returncode"] == 1 and any("not relaunched until" in line for line in lines)
     assert state.status(study, tmp_path, run) == "failed"
     assert runner.run_chunk(study, tmp_path, parallel=1, echo=lines.append).runs == {}
+    path = write_study(tmp_path, 4, sn={})  # the command: exit status 1 while a chosen run has failed, for scripts
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path), "--budget", "60"]) == 1
+    assert study_cli.main(["run", str(path), "--root", str(tmp_path), "--budget", "60", "--arm", "sn"]) == 1
     state.failure_marker(tmp_path, run).unlink()
     assert state.status(study, tmp_path, run) == "fresh"
 
@@ -652,6 +656,18 @@ def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_p
     assert "log.jsonl:1 is not a log record (a mapping with an integer iteration)" in capsys.readouterr().err
     (folder / "log.jsonl").write_text("")
     assert state.last_chunk_rate(root) is None  # an infinite advance is no rate
+    # a new user's walk: a mistyped --root read as a study of fresh runs (take-back made the folder), a missing
+    # carry blamed its study.json, and device without --budget ran until its call's limit killed the packing
+    for argv, message in [(["status", str(path), "--root", str(tmp_path / "typo")], "--root"),
+                          (["take-back", str(path), str(parts), "--root", str(tmp_path / "typo")], "--root"),
+                          (["device", str(path), "--carry", str(tmp_path / "nowhere"), "--out", str(parts),
+                            "--budget", "5"], "--carry")]:
+        assert study_cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {message} ") and "no such" in err, err
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(SystemExit):
+        study_cli.parse_args(["device", str(path), "--carry", str(parts), "--out", str(parts)])
 
 
 def test_a_study_root_with_a_planted_link_runs_no_chunk(tmp_path, capsys):

@@ -8,6 +8,7 @@
   status STUDY [--setting NAME] [--arm NAME] [--seed N]   each run's progress (of the chosen runs)
   carry STUDY --to DIR [--setting NAME] [--arm NAME]      what a device call needs, in DIR (git-ignored)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
+                                                           (--budget required: a call's limit would kill packing)
   take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
 
 Runs live in --root (default results/<study name>); a study file's saved_state keeps the default folder's state
@@ -53,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  help="only this arm's runs (repeatable); e.g. the baseline first, so that the "
                                       "branches waiting for its collapse can start sooner")
         if name in ("run", "device"):
-            command.add_argument("--budget", type=float, help="seconds before every run is stopped, counted from the "
+            command.add_argument("--budget", type=float, required=name == "device",  # a call's limit kills packing
+                                 help="seconds before every run is stopped, counted from the "
                                  "chunk's start: the runs' start-up (seconds each) is in it")
             command.add_argument("--parallel", type=int, default=default_parallel(),
                                  help="runs at a time (default: 16 where CUDA is available, else one per CPU core)")
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.compiled and args.per_process > 1:
                 raise ConfigError("--per-process above 1 runs uncompiled (train.py --group refuses compile): "
                                   "give performance.step_graphs=true instead, or one run per process")
+        if args.root is not None and args.command in ("status", "take-back") and not root.is_dir():
+            raise ConfigError(f"--root {root}: no such study folder")  # a typo read as a study of fresh runs
+        if args.command == "device" and not args.carry.is_dir():
+            raise ConfigError(f"--carry {args.carry}: no such folder (make it with `python -m source.study carry`)")
         kept = study.saved_folder() if args.root is None and args.command != "device" else None
         if args.command == "status" and not (kept and saved.newer(root, kept)):
             return show_status(args, study, root, runs)  # no lock: status reads a chunk under way
@@ -154,9 +160,11 @@ def run_chunk(args, study: Study, root: Path, runs: list[Run]) -> runner.Chunk:
 
 
 def run(args, study: Study, root: Path, runs: list[Run]) -> int:
+    """One chunk; exit status 1 where a chosen run has failed (its marker says how), for scripts."""
     run_chunk(args, study, root, runs)
     state.prune(study, root)
-    return show_status(args, study, root, runs)
+    show_status(args, study, root, runs)
+    return 1 if any(state.status(study, root, run) == "failed" for run in runs) else 0
 
 
 def show_status(args, study: Study, root: Path, runs: list[Run]) -> int:
@@ -175,12 +183,20 @@ def outlook_line(outlook: dict) -> str:
     line = f"{trained} of {planned} iterations trained{share}"
     others = [f"{counts[kind]} {kind}" for kind in ("waiting", "never", "failed") if counts.get(kind)]
     if others:
-        line += f"; runs {', '.join(others)} (a waiting branch's iterations count once it can start)"
+        line += f"; runs {', '.join(others)}"
+        line += " (a waiting branch's iterations count once it can start)" if counts.get("waiting") else ""
     rate = outlook["last_chunk_rate"]
     if rate and planned > trained:
         line += (f"; at the last chunk's {rate:.1f} iterations/s in all, the rest takes about "
-                 f"{(planned - trained) / rate / 60:.0f} min of chunks")
+                 f"{duration((planned - trained) / rate)} of chunks")
     return line
+
+
+def duration(seconds: float) -> str:
+    """40 s, 18 min, 3.6 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 90 * 60 else f"{seconds / 3600:.1f} h"
 
 
 def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
