@@ -214,6 +214,9 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     if world.is_main:
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
+        if config.performance.compile:  # dynamo compiles on the first steps, silently
+            print(f"compiling G and D on their first steps (torch.compile, mode {config.performance.compile_mode}): "
+                  "minutes on a CPU, a minute or more on a GPU, before the first iteration line", flush=True)
     if trainer.updater.apply_SR:
         trainer.log.event(trainer.iteration, "sr_start", mode=config.updater.sr.mode)
     if snapshot and not branch:

@@ -115,6 +115,18 @@ def test_dry_run_reports_missing_root_without_failing(capsys):
     assert code == 0
     assert "NOT AVAILABLE" in out and "2048 = 32 (micro) x 1 (world size) x 64 (accumulation steps)" in out
     assert "generator" in out and "parameters" in out
+    assert "performance  the faithful default (fp32, eager)" in out and "bn_batchsize" not in out
+
+
+def test_dry_run_shows_the_fast_settings_and_ghost_batchnorm(capsys):
+    """A new user could not check the README's fast setting before a run: no row said it."""
+    argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--set", "dataset.args.root=/nonexistent/imagenet",
+            "--dry-run", "--set", "performance.amp=bf16", "--set", "performance.channels_last=true",
+            "--set", "micro_batchsize=256", "--set", "bn_batchsize=32", "--set", "device=cpu"]
+    code, out, _ = run_train(argv, capsys)
+    assert code == 0 and "2048 = 256 (micro) x 1 (world size) x 8 (accumulation steps); G's BatchNorm over " \
+        "groups of 32 (bn_batchsize)" in out
+    assert "performance  amp bf16, channels_last True (note: bf16 autocast on a CPU" in out
 
 
 def test_dry_run_checks_what_the_run_would_refuse_at_once(capsys):

@@ -331,6 +331,7 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     chunk = json.loads((here / "chunks.jsonl").read_text().splitlines()[-1])  # every setting, the base's or --set
     assert {"performance.step_graphs=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
         set(chunk["performance"]) and chunk["lead"] is None
+    assert chunk["stop"] == "every run done, or none could go"  # not "budget": it had 600 s
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
     (tmp_path / "a_file").write_text("x")

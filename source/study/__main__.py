@@ -214,7 +214,9 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
                                                      state.failure_marker(root, run))]
         transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
+        print(f"{args.to}: compressing the data files of {study.data_root()} (xz; a minute the first time, then kept)")
         transfer.pack_data(study.data_root(), args.to)
+    print(f"{args.to}: downloading the wheels the GPU image lacks ({', '.join(transfer.WHEELS)})")
     transfer.download_wheels(args.to)
     tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
                           capture_output=True, text=True).stdout.split()

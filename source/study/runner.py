@@ -61,7 +61,7 @@ def command(study: Study, root: Path, run: Run, python: str, performance: tuple[
 
 @dataclass
 class Chunk:
-    stop: str          # what ends the chunk: a budget, or every run done
+    stop: str          # what ended the chunk: its budget (or an error), every run done (or none could go), a signal
     parallel: int
     per_process: int = 1  # runs sharing one process
     performance: tuple[str, ...] = ()  # the chunk's performance.* overrides
@@ -98,7 +98,7 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
         raise ConfigError(f"{link} is a symbolic link; a chunk writes only into the study root's own files "
                           "(remove it)")
     runs = list(study.runs if runs is None else runs)
-    chunk = Chunk("budget" if stop else "until done", parallel, per_process, tuple(performance),
+    chunk = Chunk("budget", parallel, per_process, tuple(performance),
                   None if data_root is None else str(data_root))
     active = {}  # run name -> (its process, when it started); a group's runs share theirs
     # the same in every chunk with these --parallel and --per-process (CPU results depend on the thread count)
@@ -136,12 +136,14 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
                 active.update({run.name: (process, time.time()) for run in group})
                 record_pids(root, active)
             if not active:
+                chunk.stop = "every run done, or none could go"
                 break
             if time.time() >= next_report:
                 next_report += REPORT_SECONDS
                 echo(_progress_line(chunk, study, root, [study.run(name) for name in active]))
             time.sleep(POLL_SECONDS)
         if signalled.name is not None:
+            chunk.stop = signalled.name
             raise ChunkInterrupted(signalled.name)
     finally:  # the budget, a signal or an error here: every run still writes its snapshot
         for sig, handler in previous.items():

@@ -44,9 +44,9 @@ class Modes(Extension):
         if not trainer.world.is_main or self._disabled:
             return
         gen, device = trainer.updater.eval_generator, trainer.world.device
+        started = time.perf_counter()  # the first call's loading of the classifier and real images included
         if self._reference is None and not self._prepare(trainer, gen):
             return
-        started = time.perf_counter()
         with generation_mode(gen, self._batchnorm, device):  # G comes back unchanged
             record = generator_modes(gen, self._classifier, self._reference, self.settings.modes_samples,
                                      self.config.seed, self.settings.batch_size, device)
