@@ -136,7 +136,7 @@ def test_imagenet_list_file_layout(imagenet_root, tmp_path):
 def test_imagenet_user_errors_are_one_line_and_actionable(tmp_path):
     missing = tmp_path / "x" / "y"
     message = (f"dataset.args.root: {missing} does not exist; download ImageNet ILSVRC2012 train and point root "
-               f"at the folder of nXXXXXXXX class folders (or set list_file)")
+               f"at the folder of nXXXXXXXX class folders (or set dataset.args.list_file)")
     assert check_dataset_args("imagenet", ImageNetArgs(root=str(missing))) == [message]
     with pytest.raises(DatasetError) as error:
         build_dataset("imagenet", ImageNetArgs(root=str(missing)))

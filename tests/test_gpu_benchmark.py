@@ -357,3 +357,14 @@ def test_section_c_runs_with_the_weights_make_setup_installs(tmp_path):
         assert not section["with_logits"]
         for pipeline in ("ours", "torch_fidelity"):
             assert section[pipeline]["inception_score"] is None and "no logits" in section[pipeline]["inception_score_why"]
+
+
+def test_run_sh_quick_without_out_leaves_the_committed_results_alone():
+    """A CPU's quick check wrote gpu_<cpu>-quick.json into benchmarks/results, to be committed or carried by mistake."""
+    before = sorted(path.name for path in (ROOT / "benchmarks" / "results").iterdir())
+    env = {key: value for key, value in os.environ.items() if key != "OUT"}
+    completed = subprocess.run(["bash", str(ROOT / "benchmarks/gpu/run.sh"), "--quick", "--sections", ""], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stdout[-2000:]
+    assert "the results go to /tmp/srgan-gpu-bench-quick" in completed.stdout
+    assert sorted(path.name for path in (ROOT / "benchmarks" / "results").iterdir()) == before

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.gpu.study_settings import FUSED_ADAM, STEP_GRAPHS, choose
 from source.study import state
@@ -118,7 +119,7 @@ def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
 
 
 
-def test_without_results_named_the_machines_own_file_is_read(tmp_path, capsys):
+def test_without_results_named_the_machines_own_file_is_read(tmp_path, capsys, monkeypatch):
     """Several devices' results committed (measure_then_study.sh 0 without RESULTS=: study_settings.py --dir): the
     file of the GPU it runs on, and with none of that GPU's, the study's base settings."""
     from benchmarks.gpu.common import device_name, pick_device, slug
@@ -134,7 +135,14 @@ def test_without_results_named_the_machines_own_file_is_read(tmp_path, capsys):
     assert main(["--dir", str(tmp_path)]) == 0
     printed = capsys.readouterr()
     assert printed.out.strip() == "" and f"is {own.name}" in printed.err and "base settings" in printed.err
-    (tmp_path / "gpu_third-gpu.json").unlink()  # one file alone: whichever GPU measured it
+    (tmp_path / "gpu_third-gpu.json").unlink()  # one file alone: on a GPU, whichever GPU measured it
+    from benchmarks.gpu import study_settings
+    monkeypatch.setattr(study_settings, "pick_device", lambda: torch.device("cpu"))
+    assert main(["--dir", str(tmp_path)]) == 0  # on a machine without one, no GPU's numbers
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "" and "no GPU here, and gpu_other-gpu.json is another device's" in printed.err
+    monkeypatch.setattr(study_settings, "pick_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(study_settings, "device_name", lambda device: "Another GPU")
     assert main(["--dir", str(tmp_path)]) == 0 and "section (d) of" in capsys.readouterr().err
     assert main(["--dir"]) == 2 and main(["a.json", "b.json"]) == 2
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark in one command (README.md beside this file). On the device machine: installs the carried
 # wheels, reassembles the carried Inception weights when both halves arrived, runs bench.py into $OUT and
-# keeps its log there. Elsewhere: the same into benchmarks/results.
+# keeps its log there. Elsewhere: the same into benchmarks/results (with --quick: /tmp/srgan-gpu-bench-quick).
 #   bash benchmarks/gpu/run.sh [bench.py options, e.g. --quick or --sections a_fast]
 #   bash benchmarks/gpu/run.sh --stash    first call of the two-call route: keeps the weights' first half
 #   bash benchmarks/gpu/run.sh --gpu-tests [bench.py options]   first the tests only a GPU runs (CUDA graph capture,
@@ -42,6 +42,10 @@ kill_session() {
 }
 
 RESULTS=${OUT:-benchmarks/results}
+if [ -z "${OUT:-}" ] && [[ " $* " == *" --quick "* ]]; then
+    RESULTS=/tmp/srgan-gpu-bench-quick  # a CPU's quick check is no result to commit (nor to carry to a device)
+    echo "run.sh: --quick without \$OUT: the results go to $RESULTS"
+fi
 TESTS=()
 if [ "${1:-}" = "--gpu-tests" ]; then
     shift

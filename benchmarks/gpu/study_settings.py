@@ -70,14 +70,20 @@ def rate(singles: dict, variant: str) -> str:
 
 
 def results_of_this_gpu(folder: Path) -> Path | None:
-    """The committed results of the GPU this runs on (``gpu_<its name>.json``), else the only ones there, else none:
-    another GPU's numbers are no guide where this GPU's are committed beside them."""
-    own = folder / f"gpu_{slug(device_name(pick_device()))}.json"
+    """The committed results of the GPU this runs on (``gpu_<its name>.json``), else, on a GPU, the only ones there,
+    else none: another GPU's numbers are no guide where this GPU's are committed beside them, and none is for a
+    machine without a GPU (an H200's step graphs made a CPU's chunk several times slower)."""
+    device = pick_device()
+    own = folder / f"gpu_{slug(device_name(device))}.json"
     found = sorted(path for path in folder.glob("gpu_*.json") if "-quick" not in path.name)
     if own.is_file():
         return own
-    if len(found) == 1:
+    if len(found) == 1 and device.type == "cuda":
         return found[0]
+    if len(found) == 1:
+        print(f"study_settings: no GPU here, and {found[0].name} is another device's; the chunk runs as the study's "
+              "base sets", file=sys.stderr)
+        return None
     print(f"study_settings: none of {[path.name for path in found]} is {own.name}", file=sys.stderr)
     return None
 

@@ -88,7 +88,7 @@ def check_imagenet_args(args: ImageNetArgs) -> list[str]:
     if not os.path.exists(root):
         problems.append(
             f"dataset.args.{prefix}root: {root} does not exist; download ImageNet ILSVRC2012 {args.split} and point "
-            f"{prefix}root at the folder of nXXXXXXXX class folders (or set {prefix}list_file)")
+            f"{prefix}root at the folder of nXXXXXXXX class folders (or set dataset.args.{prefix}list_file)")
     elif not os.path.isdir(root):
         problems.append(f"dataset.args.{prefix}root: {root} is a file, not the folder of nXXXXXXXX class folders")
     if list_file is not None and not os.path.isfile(list_file):

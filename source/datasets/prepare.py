@@ -38,12 +38,14 @@ from source.datasets.prepared import (
     FORMAT, FORMAT_VERSION, IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, PreparedImageNet, PreparedImageNetArgs,
     sha256_of)
 from source.datasets.transforms import DatasetError
+from source.models.generator import CHANNEL_MULTIPLIERS
 
 PREPROCESSING = ("source.datasets.imagenet.load_square_rgb: PIL decode; Image.convert('RGB') (16-bit samples keep "
                  "their high byte); centre crop to the short side; PIL bilinear resize to size x size; no min-max "
                  "stretch (docs/reference/srgan.md section 7); uint8, channels first")
 CHUNK = 64  # images per pool task: amortises the inter-process traffic without starving cores at the end
 SYMLINK_REASON = "broken or looping symlink"
+MODEL_RESOLUTIONS = tuple(sorted(CHANNEL_MULTIPLIERS))  # ResNetGenerator's (BigGAN's are the same)
 OPTION_NAMES = {"root": "--root", "list_file": "--list-file", "size": "--size", "path": "OUT"}
 
 
@@ -234,6 +236,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             mismatches = verify(args.folder)
             print(f"{args.folder}: {'; '.join(mismatches) if mismatches else 'all checksums match'}")
             return 1 if mismatches else 0
+        if args.size not in MODEL_RESOLUTIONS:  # said before hours of decoding (small sizes: quick checks)
+            print(f"prepare: note: the models are built for {', '.join(map(str, MODEL_RESOLUTIONS))} px; no "
+                  f"generator trains on {args.size} px images", file=sys.stderr)
         manifest = prepare_imagenet(args.root, args.list_file, args.size, args.out, args.workers, args.force)
     except DatasetError as error:
         print(f"prepare: error: {cli_message(error)}", file=sys.stderr)
