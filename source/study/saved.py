@@ -19,7 +19,8 @@ from source.files import atomic_write
 from source.study import state
 from source.study.archive import TransferError, extract, write_archive
 from source.study.spec import Study
-from source.study.transfer import MOST_HISTORY, chunk_history, check_snapshots, check_history
+from source.study.received import check_history, check_snapshots
+from source.study.transfer import MOST_HISTORY, chunk_history
 
 HISTORY = "chunks.jsonl"
 SKIPPED = {"tb"}  # tensorboard files: the logs hold the same numbers
