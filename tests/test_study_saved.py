@@ -11,14 +11,15 @@ import torch
 import yaml
 
 from source.study import __main__ as study_cli
-from source.study import saved, transfer
+from source.study import saved, state, transfer
 from source.files import torch_load
 from source.study.spec import load_study
+from source.training.runlog import DamagedLog
 from test_study import write_study
 
 
-def study_with_saved_state(tmp_path: Path, iterations: int) -> Path:
-    path = write_study(tmp_path, iterations, sn={})
+def study_with_saved_state(tmp_path: Path, iterations: int, **arms) -> Path:
+    path = write_study(tmp_path, iterations, **(arms or {"sn": {}}))
     spec = yaml.safe_load(path.read_text())
     spec["saved_state"] = "kept"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -26,32 +27,42 @@ def study_with_saved_state(tmp_path: Path, iterations: int) -> Path:
 
 
 def test_a_fresh_checkout_continues_the_study_from_its_saved_state(tmp_path, monkeypatch, capsys):
+    """The baseline done, its branch (at iteration 2) waiting: the saved state holds the branch's snapshot and the
+    baseline's done record, not its last snapshot (2.4 MB a run of the GPU study: the call's 64 MiB carry it); a
+    fresh checkout's next chunk trains the branch from the restored snapshot."""
     monkeypatch.chdir(tmp_path)  # the default root results/study and the saved folder kept/ are relative
-    path = study_with_saved_state(tmp_path, 4)
+    path = study_with_saved_state(tmp_path, 4, sn={}, resumed={"branch": "sn", "at": 2,
+                                                               "set": ["updater.apply_SR=true"]})
     root, kept = tmp_path / "results" / "study", tmp_path / "kept"
-    assert study_cli.main(["run", str(path), "--budget", "600"]) == 0
+    assert study_cli.main(["run", str(path), "--budget", "600", "--arm", "sn"]) == 0
     assert "kept: the study's state saved" in capsys.readouterr().out
     assert (kept / "chunks.jsonl").read_bytes() == (root / "chunks.jsonl").read_bytes()
     with tarfile.open(kept / "tiny.tar.xz") as archive:
         names = set(archive.getnames())
-    assert {"tiny/sn_s0/snapshots/snapshot_iter_4.pt", "tiny/sn_s0/log.jsonl", "tiny/console/sn_s0.log"} <= names
+    assert {"tiny/sn_s0/snapshots/snapshot_iter_2.pt", "tiny/sn_s0/done.json", "tiny/sn_s0/log.jsonl",
+            "tiny/console/sn_s0.log"} <= names
+    assert "tiny/sn_s0/snapshots/snapshot_iter_4.pt" not in names  # done: its record says where it ended
     assert any("/spectra/" in name for name in names)  # what the report reads travels too
     assert not [name for name in names if "/tb/" in name or "generator_iter" in name or "/." in name]
-    snapshot = (root / "tiny/sn_s0/snapshots/snapshot_iter_4.pt").read_bytes()
+    branch_snapshot = (root / "tiny/sn_s0/snapshots/snapshot_iter_2.pt").read_bytes()
 
     shutil.rmtree(tmp_path / "results")  # a fresh checkout: the saved folder is all there is
     assert study_cli.main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert "the study's saved state unpacked from kept (1 chunks more than here" in out
-    assert "tiny/sn_s0" in out and "done" in out
-    assert (root / "tiny/sn_s0/snapshots/snapshot_iter_4.pt").read_bytes() == snapshot
+    assert [line.split()[:3] for line in out.splitlines() if line.startswith("tiny/")] == [
+        ["tiny/sn_s0", "done", "4"], ["tiny/resumed_s0", "ready", "2"]]
+    assert (root / "tiny/sn_s0/snapshots/snapshot_iter_2.pt").read_bytes() == branch_snapshot
     assert study_cli.main(["status", str(path)]) == 0  # as new as the saved state: nothing unpacked again
     assert "unpacked" not in capsys.readouterr().out
+    assert study_cli.main(["run", str(path), "--budget", "600"]) == 0  # the branch, from the restored snapshot
+    assert "tiny/resumed_s0: iteration 2 -> 4" in capsys.readouterr().out
+    assert len((kept / "chunks.jsonl").read_text().splitlines()) == 2
 
     # a root elsewhere is the user's own: neither unpacked into nor saved from
     assert study_cli.main(["run", str(path), "--root", str(tmp_path / "other"), "--budget", "600"]) == 0
     assert "saved" not in capsys.readouterr().out
-    assert len((kept / "chunks.jsonl").read_text().splitlines()) == 1
+    assert len((kept / "chunks.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_saved_state_never_replaces_a_newer_or_different_history(tmp_path):
@@ -84,6 +95,7 @@ def planted(kept: Path, members: dict[str, bytes]) -> None:
     ({"tiny/sn_s0/snapshots/snapshot_iter_99.pt": b"not a snapshot"}, "is no snapshot of the study's runs"),
     ({"other/sn_s0/log.jsonl": b""}, "'other/sn_s0/log.jsonl' is not of the setting tiny"),
     ({"../outside": b""}, "only files and folders inside the study's root"),
+    ({"tiny/sn_s0/done.json": b'{"iteration": 3}'}, "is no done record of the study's runs"),  # it would mark it done
 ])
 def test_a_saved_state_from_elsewhere_is_checked_before_anything_is_unpacked(tmp_path, members, message):
     study = load_study(study_with_saved_state(tmp_path, 4))
@@ -141,7 +153,7 @@ def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path
     assert study_cli.main(["take-back", str(path), str(device / "out")]) == 0
     assert len((tmp_path / "kept" / "chunks.jsonl").read_text().splitlines()) == 2
     with tarfile.open(tmp_path / "kept" / "tiny.tar.xz") as archive:
-        assert "tiny/lr_s0/snapshots/snapshot_iter_4.pt" in archive.getnames()
+        assert "tiny/lr_s0/done.json" in archive.getnames()  # trained there, done
 
 
 def test_a_returned_snapshot_of_another_recipe_is_refused_and_one_of_other_arithmetic_taken(tmp_path):
@@ -170,3 +182,16 @@ def test_a_returned_snapshot_of_another_recipe_is_refused_and_one_of_other_arith
                 transfer.take_back(out, here, "study", study)
         else:  # how the arithmetic runs is a chunk's choice
             assert "tiny/sn_s0/snapshots/snapshot_iter_4.pt" in transfer.take_back(out, here, "study", study)
+
+
+def test_a_done_record_without_its_snapshot_cannot_train_on_and_a_damaged_one_says_so(tmp_path):
+    study = load_study(study_with_saved_state(tmp_path, 6))
+    (run,) = study.runs
+    folder = state.run_folder(tmp_path, run)
+    folder.mkdir(parents=True)
+    (folder / state.DONE).write_text('{"iteration": 4}')  # done at 4 when saved; the study file now says 6
+    with pytest.raises(DamagedLog, match="ended at iteration 4 .done.json. and its last snapshot was not kept"):
+        state.status(study, tmp_path, run)
+    (folder / state.DONE).write_text('{"iteration": "4"}')
+    with pytest.raises(DamagedLog, match="is not a done run's record"):
+        state.latest_iteration(folder)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from source.config import Config
 from source.study.archive import TransferError
-from source.study.spec import Study
+from source.study.spec import Run, Study
+from source.study.state import DONE
 from source.training.checkpoint import SnapshotError, load_snapshot, snapshot_iteration
 from source.training.resume import config_changes, recipe_changes
 
@@ -24,6 +25,8 @@ def check_snapshots(where: Path, archive: tarfile.TarFile, study: Study | None =
     runs = {run.name: run for run in study.runs} if study else {}
     for member in archive.getmembers():
         name = Path(member.name)
+        if name.name == DONE and study:
+            _check_done(where, member, archive, runs.get("/".join(name.parts[:2])))
         if name.name.startswith(("snapshot_iter_", "generator_iter_")) and not member.isfile():
             raise TransferError(f"{where}: {member.name} is not a file; nothing unpacked")
         iteration = snapshot_iteration(name)
@@ -47,6 +50,15 @@ def check_snapshots(where: Path, archive: tarfile.TarFile, study: Study | None =
         if found != iteration:
             raise TransferError(f"{where}: {member.name} is not the snapshot of iteration {iteration} its name "
                                 f"says ({found if isinstance(found, str) else f'iteration {found}'}); nothing unpacked")
+
+
+def _check_done(where: Path, member: tarfile.TarInfo, archive: tarfile.TarFile, run: Run | None) -> None:
+    """A done run's record (``state.DONE``) says the run's last iteration, in the run's folder: a planted one would
+    mark a run done that never ran."""
+    data = archive.extractfile(member).read() if member.isfile() and member.size <= 1024 else b""
+    if run is None or member.name != f"{run.name}/{DONE}" or data != json.dumps({"iteration": run.iteration}).encode():
+        raise TransferError(f"{where}: {member.name} is no done record of the study's runs ({{\"iteration\": N}}, N "
+                            "its last iteration, in its folder); nothing unpacked")
 
 
 def _check_recipe(where: Path, name: str, snapshot: dict, recipe: Config) -> None:

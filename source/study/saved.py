@@ -2,8 +2,10 @@
 fresh checkout continues the study where the last chunk taken back (or run here) left it, instead of starting over.
 
 The folder holds the chunk history (``chunks.jsonl``, plain text) and one xz tar per setting of that setting's run
-folders and console logs: what a chunk continues from (configs, logs, kept snapshots) and what the report reads
-(spectra, sample grids); not tensorboard files or generator exports. Written after every command that changed the
+folders and console logs: what a chunk continues from (configs, logs, the snapshots a later chunk needs) and what
+the report reads (spectra, sample grids); not tensorboard files or generator exports, and not a done run's last
+snapshot (2.4 MB a run of the GPU study, which a device call carries in its 64 MiB): its ``done.json`` record says
+where it ended (``state.DONE``); a branch's snapshot in its parent stays. Written after every command that changed the
 study's default folder (``run``, ``take-back``); read back into that folder when its history is a beginning of the
 saved one (none at all, in a fresh checkout). The files may come from someone else: unpacked with the checks of a
 returned archive (``extract``), every snapshot opened first.
@@ -11,6 +13,7 @@ returned archive (``extract``), every snapshot opened first.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -19,6 +22,7 @@ from source.files import atomic_write
 from source.study import state
 from source.study.archive import TransferError, extract, write_archive
 from source.study.spec import Study
+from source.training.checkpoint import snapshot_iteration, snapshots_of
 from source.study.received import check_history, check_snapshots
 from source.study.transfer import MOST_HISTORY, chunk_history
 
@@ -30,11 +34,16 @@ def save(study: Study, root: Path, folder: Path) -> int:
     """Write ``root``'s state into ``folder`` (each archive whole or not at all, the history last); returns the bytes
     written."""
     folder.mkdir(parents=True, exist_ok=True)
-    written = 0
+    needed, written = state.needed_snapshots(study, root, done_runs_last=False), 0
+    for run in study.runs:  # a done run's last snapshot stays here: its record says where it ended
+        if state.status(study, root, run) == "done" and (last := snapshots_of(state.run_folder(root, run))[-1:]):
+            record = json.dumps({"iteration": snapshot_iteration(last[0])})
+            atomic_write(state.run_folder(root, run) / state.DONE, lambda handle: handle.write(record.encode()))
     for setting in study.spec.settings:
         paths = [path for run in study.runs if run.setting == setting for path in
                  (state.run_folder(root, run), state.console_log(root, run), state.failure_marker(root, run))]
-        files = [file for file in _files(paths) if not SKIPPED & set(file.relative_to(root).parts)]
+        files = [file for file in _files(paths) if not SKIPPED & set(file.relative_to(root).parts)
+                 and (snapshot_iteration(file) is None or file in needed)]
         archive = folder / f"{setting}.tar.xz"
         if not files:
             archive.unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 leaves its parent, what a later chunk needs (``prune`` deletes the rest). Pure reads, except ``prune``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from source.study.spec import Run, Study
@@ -10,6 +11,7 @@ from source.training.runlog import DamagedLog, events, read_jsonl
 
 
 PIDS = "running.json"  # in the study's root: the train.py processes of a chunk under way, {run: [pid, started]}
+DONE = "done.json"  # in a done run's folder: {"iteration": N}, where a saved state leaves its last snapshot out
 
 
 def run_folder(root: Path, run: Run) -> Path:
@@ -26,8 +28,23 @@ def failure_marker(root: Path, run: Run) -> Path:
 
 
 def latest_iteration(folder: Path) -> int:
+    """The newest snapshot's iteration, or where its ``DONE`` record says it ended, if later (0: neither)."""
     snapshots = snapshots_of(folder)
-    return snapshot_iteration(snapshots[-1]) if snapshots else 0
+    return max(snapshot_iteration(snapshots[-1]) if snapshots else 0, done_iteration(folder))
+
+
+def done_iteration(folder: Path) -> int:
+    """A done run's last iteration, from its ``DONE`` record (``saved.save`` writes it): 0 without one."""
+    path = Path(folder) / DONE
+    if not path.is_file():
+        return 0
+    try:
+        record = json.loads(path.read_bytes()[:1024])
+        if isinstance(record, dict) and type(record.get("iteration")) is int and record["iteration"] >= 0:
+            return record["iteration"]
+    except (ValueError, RecursionError):
+        pass
+    raise DamagedLog(f"{path} is not a done run's record ({{\"iteration\": N}}); delete it if the run has snapshots")
 
 
 def first_collapse(folder: Path) -> int | None:
@@ -85,6 +102,9 @@ def status(study: Study, root: Path, run: Run) -> str:
     iteration = latest_iteration(folder)
     if iteration >= run.iteration:
         return "done"
+    if iteration and not snapshots_of(folder):  # a saved state's done run, whose study file now asks for more
+        raise DamagedLog(f"{folder} ended at iteration {iteration} ({DONE}) and its last snapshot was not kept, so "
+                         f"it cannot train on to {run.iteration}; a longer run is a new study")
     if failure_marker(root, run).is_file():
         return "failed"
     if iteration:
@@ -103,14 +123,22 @@ def logged_iteration(folder: Path) -> int:
     return max([r.get("iteration", 0) for r in read_jsonl(folder / "log.jsonl") if "loss_dis" in r], default=0)
 
 
-def prune(study: Study, root: Path) -> list[Path]:
-    """Delete the snapshots (and generator exports) no later chunk needs; returns what went."""
+def needed_snapshots(study: Study, root: Path, done_runs_last: bool = True) -> set[Path]:
+    """The snapshots a later chunk needs: each run's newest (``done_runs_last``: a done run's too, which its status
+    and an evaluation read) and a waiting or ready branch's candidate in its parent."""
     keep = set()
     for run in study.runs:
         snapshots = snapshots_of(run_folder(root, run))
-        keep.update(snapshots[-1:])
+        if done_runs_last or status(study, root, run) != "done":
+            keep.update(snapshots[-1:])
         if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
-            keep.update(filter(None, [branch_candidate(study, root, run)]))  # the parent's latest is kept anyway
+            keep.update(filter(None, [branch_candidate(study, root, run)]))
+    return keep
+
+
+def prune(study: Study, root: Path) -> list[Path]:
+    """Delete the snapshots (and generator exports) no later chunk needs; returns what went."""
+    keep = needed_snapshots(study, root)
     removed = []
     for run in study.runs:
         folder = run_folder(root, run)
