@@ -6,7 +6,9 @@
       [--set performance.KEY=VALUE]                        how this chunk's runs do the arithmetic (run, device;
                                                            the study base's performance block where not given)
   status STUDY [--setting NAME] [--arm NAME] [--seed N]   each run's progress (of the chosen runs)
-  carry STUDY --to DIR [--setting NAME] [--arm NAME]      what a device call needs, in DIR (git-ignored)
+  carry STUDY --to DIR [--setting NAME] [--arm NAME]      what a device call needs, in DIR (git-ignored); the
+                                                           chosen runs' state, or with saved_state all of it, saved
+                                                           (it travels in the working tree)
   device STUDY --carry DIR --out DIR --budget S            on the GPU machine: unpack, one chunk, pack results
                                                            (--budget required: a call's limit would kill packing)
   take-back STUDY FILES_DIR                                unpack what a device call returned, then prune
