@@ -576,7 +576,7 @@ def test_over_the_return_limit_grids_and_tensorboard_stay_behind_before_anything
     origin = chunk_ran(root)
     transfer.pack_changed(root, {}, out, origin)
     assert (out / "left_out.txt").read_text().split() == ["run/samples/file", "run/tb/file"]
-    assert transfer.take_back(out, tmp_path / "back") == ["chunks.jsonl", "run/snapshots/file"]
+    assert transfer.take_back(out, tmp_path / "back") == ["run/snapshots/file", "chunks.jsonl"]
     monkeypatch.setattr(transfer, "RETURN_LIMIT", 1000)
     with pytest.raises(transfer.TransferError, match="snapshots and logs take 0 MiB compressed, over the 0 MiB"):
         transfer.pack_changed(root, {}, out, origin)

@@ -127,7 +127,8 @@ def test_take_back_bounds_the_parts_and_the_history_and_reads_only_chunk_records
     root = tmp_path / "root"
     root.mkdir()
     good = [("chunks.jsonl", b'{"chunk": 1}\n', None), ("b64/sn_s0/log.jsonl", b"{}", None)]
-    assert transfer.take_back(returned(tmp_path / "good", good), root, "s") == ["chunks.jsonl", "b64/sn_s0/log.jsonl"]
+    # the history unpacked last: a take-back cut short (a full disk) is taken back again, not refused as done
+    assert transfer.take_back(returned(tmp_path / "good", good), root, "s") == ["b64/sn_s0/log.jsonl", "chunks.jsonl"]
     (tmp_path / "good" / transfer.MANIFEST).unlink()
     unpacked = (root / "chunks.jsonl").read_bytes()
     for name, history in (("garbage", b'{"chunk": 1}\n{"chunk": 2}\nnot json\n'), ("list", b'{"chunk": 1}\n[2]\n')):

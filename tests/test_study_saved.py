@@ -74,7 +74,7 @@ def test_a_saved_state_never_replaces_a_newer_or_different_history(tmp_path):
     root.mkdir()
     (root / "chunks.jsonl").write_text(json.dumps(record) + "\n" + json.dumps({**record, "wall_s": 2}) + "\n")
     assert saved.restore(study, root, kept) == 0  # here is newer (not yet saved): left as it is
-    assert not saved.newer(root, kept)
+    assert not saved.newer(root, kept, study) and saved.behind(root, kept, study)
     (root / "chunks.jsonl").write_text(json.dumps({**record, "wall_s": 3}) + "\n")
     with pytest.raises(transfer.TransferError, match=r"have different histories: continue one of them") as error:
         saved.restore(study, root, kept)
@@ -118,7 +118,7 @@ def test_a_saved_history_that_is_no_chunk_record_or_too_long_is_refused(tmp_path
         saved.restore(study, tmp_path / "root", kept)
     monkeypatch.setattr(saved, "MOST_HISTORY", 2)
     with pytest.raises(transfer.TransferError, match="over the 2 a study's chunk history takes"):
-        saved.newer(tmp_path / "root", kept)
+        saved.newer(tmp_path / "root", kept, study)
 
 
 def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path, monkeypatch, capsys):
@@ -195,3 +195,43 @@ def test_a_done_record_without_its_snapshot_cannot_train_on_and_a_damaged_one_sa
     (folder / state.DONE).write_text('{"iteration": "4"}')
     with pytest.raises(DamagedLog, match="is not a done run's record"):
         state.latest_iteration(folder)
+
+
+def test_a_restore_replaces_what_the_history_does_not_record_and_a_failed_save_is_made_up(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """From a review: a killed chunk's snapshots (no history line) mixed with a newer saved state, and prune kept the
+    wrong lineage; a save cut short was never made up; a copied study file took another study's state."""
+    monkeypatch.chdir(tmp_path)
+    path = study_with_saved_state(tmp_path, 4)
+    study = load_study(path)
+    root, kept = tmp_path / "results" / "study", tmp_path / "kept"
+    assert study_cli.main(["run", str(path), "--budget", "600"]) == 0
+    archive = (kept / "tiny.tar.xz").read_bytes()
+    (kept / "old.tar.xz").write_bytes(b"a setting the study file no longer names")
+    saved.save(study, root, kept)
+    assert (kept / "tiny.tar.xz").read_bytes() == archive and not (kept / "old.tar.xz").exists()  # nothing new
+
+    with open(kept / "chunks.jsonl", "a") as history:  # another checkout's chunk, pulled
+        history.write(json.dumps({"runs": {}, "wall_s": 1}) + "\n")
+    orphan = root / "tiny/sn_s0/snapshots/snapshot_iter_3.pt"  # a chunk killed here before it was recorded
+    orphan.write_bytes(b"another lineage")
+    (root / "figures").mkdir()
+    assert study_cli.main(["status", str(path)]) == 0
+    assert "1 chunks more than here" in capsys.readouterr().out
+    assert not orphan.exists() and (root / "figures").is_dir()  # the saved runs whole; the rest of the root stays
+    assert (root / "chunks.jsonl").read_bytes() == (kept / "chunks.jsonl").read_bytes()
+
+    with open(root / "chunks.jsonl", "a") as history:  # a chunk whose save failed (say, a full disk)
+        history.write(json.dumps({"runs": {}, "wall_s": 2}) + "\n")
+    assert study_cli.main(["status", str(path)]) == 0
+    assert "which an earlier save did not finish" in capsys.readouterr().out
+    assert (root / "chunks.jsonl").read_bytes() == (kept / "chunks.jsonl").read_bytes()
+
+    shutil.copy(path, tmp_path / "copy.yaml")  # another study (its file's name) with the same saved_state
+    assert study_cli.main(["status", str(tmp_path / "copy.yaml")]) == 2
+    assert "holds the saved state of the study 'study', not 'copy'" in capsys.readouterr().err
+    (tmp_path / "file").write_text("not a folder")
+    spec = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**spec, "saved_state": "file"}))
+    assert study_cli.main(["run", str(path), "--budget", "600"]) == 2  # one line, and the folder keeps the state
+    assert "the study's state was not saved into file" in capsys.readouterr().err

@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "device" and not args.carry.is_dir():
             raise ConfigError(f"--carry {args.carry}: no such folder (make it with `python -m source.study carry`)")
         kept = study.saved_folder() if args.root is None and args.command != "device" else None
-        if args.command == "status" and not (kept and saved.newer(root, kept)):
+        due = kept and (saved.newer(root, kept, study) or saved.behind(root, kept, study))
+        if args.command == "status" and not due:
             return show_status(args, study, root, runs)  # no lock: status reads a chunk under way
         with processes.root_lock(root):
             # train.py runs a killed command left writing here stop before anything here changes
@@ -124,15 +125,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped by {error}: every run stopped and continues in the next chunk from its latest snapshot",
               file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # a save or restore cut short is done again by the next command
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 def restore_kept(study: Study, root: Path, folder: Path) -> None:
-    """A fresh checkout (or one whose pull brought a newer saved state) continues the study where it was saved."""
+    """A fresh checkout (or one whose pull brought a newer saved state) continues the study where it was saved; a
+    folder ahead of the saved state (a save that failed or was cut short) is saved now."""
     added = saved.restore(study, root, folder)
     if added:
         removed = state.prune(study, root)
         print(f"{root}: the study's saved state unpacked from {folder} ({added} chunks more than here; "
               f"{len(removed)} snapshot files no later chunk needs removed)")
+    elif saved.behind(root, folder, study):
+        size = saved.save(study, root, folder)
+        print(f"{folder}: the study's state saved ({size / 2**20:.1f} MiB), which an earlier save did not finish; "
+              "commit it")
 
 
 def save_kept(args, study: Study, root: Path, folder: Path | None) -> None:
@@ -222,7 +231,9 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.download_wheels(args.to)
     tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
                           capture_output=True, text=True).stdout.split()
-    total = transfer.carry_size(args.to, int(tree[0]) if tree else 0)
+    advice = (f"the working tree holds the whole study's saved state ({saved.size(kept) / 2**20:.1f} MiB in {kept}): "
+              "fewer runs under way at once (a done run's last snapshot stays out of it)" if kept else None)
+    total = transfer.carry_size(args.to, int(tree[0]) if tree else 0, advice)
     what = f"the study's state in {kept} (in the working tree)" if kept else f"{len(runs)} runs"
     print(f"{args.to}: {what}; the call carries {total / 2**20:.1f} MiB of {transfer.CARRY_LIMIT // 2**20}")
     return 0

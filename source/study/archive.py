@@ -54,6 +54,9 @@ def extract(data: bytes | Path, root: Path, before: Callable[[tarfile.TarFile], 
             members = _checked_members(archive, Path(root))
             if before is not None:
                 before(archive)
+            # the chunk history last: unpacking cut short (a full disk) leaves it as it was, so the files are taken
+            # back again, not refused as taken back before
+            members.sort(key=lambda member: member.name == "chunks.jsonl")
             try:
                 archive.extractall(root, members=members, filter="data")
             except OSError as error:  # the checks passed: a full disk, say

@@ -1,63 +1,83 @@
 """A study's state kept with the code (the study file's ``saved_state`` folder), so that it outlives the machine: a
 fresh checkout continues the study where the last chunk taken back (or run here) left it, instead of starting over.
 
-The folder holds the chunk history (``chunks.jsonl``, plain text) and one xz tar per setting of that setting's run
-folders and console logs: what a chunk continues from (configs, logs, the snapshots a later chunk needs) and what
-the report reads (spectra, sample grids); not tensorboard files or generator exports, and not a done run's last
-snapshot (2.4 MB a run of the GPU study, which a device call carries in its 64 MiB): its ``done.json`` record says
-where it ended (``state.DONE``); a branch's snapshot in its parent stays. Written after every command that changed the
-study's default folder (``run``, ``take-back``); read back into that folder when its history is a beginning of the
-saved one (none at all, in a fresh checkout). The files may come from someone else: unpacked with the checks of a
-returned archive (``extract``), every snapshot opened first.
+The folder holds the study's name (``study.json``), the chunk history (``chunks.jsonl``) and one xz tar per setting
+of that setting's run folders and console logs: what a chunk continues from (configs, logs, the snapshots a later
+chunk needs) and what the report reads (spectra, sample grids); not tensorboard files or generator exports, and not
+a done run's last snapshot (2.4 MB a run of the GPU study, which a device call carries in its 64 MiB): its
+``done.json`` record says where it ended (``state.DONE``); a branch's snapshot in its parent stays. Written after
+every command that changed the study's default folder (``run``, ``take-back``) and whenever that folder is found
+ahead of it (a save that failed); unpacked in place of the folder's state when the folder's history is a beginning
+of the saved one (none at all, in a fresh checkout). The files may come from someone else: unpacked with the checks
+of a returned archive (``extract``), every snapshot opened first.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
+from source.config import first_line
 from source.files import atomic_write
 from source.study import state
 from source.study.archive import TransferError, extract, write_archive
-from source.study.spec import Study
-from source.training.checkpoint import snapshot_iteration, snapshots_of
 from source.study.received import check_history, check_snapshots
+from source.study.spec import Study
 from source.study.transfer import MOST_HISTORY, chunk_history
+from source.training.checkpoint import snapshot_iteration, snapshots_of
 
 HISTORY = "chunks.jsonl"
+NAME = "study.json"  # {"study": NAME}: a saved state is one study's
 SKIPPED = {"tb"}  # tensorboard files: the logs hold the same numbers
+STAGING = ".restoring"  # in the root, while a restore unpacks (a dot folder: no listing or archive reads it)
 
 
 def save(study: Study, root: Path, folder: Path) -> int:
-    """Write ``root``'s state into ``folder`` (each archive whole or not at all, the history last); returns the bytes
-    written."""
+    """Write ``root``'s state into ``folder``; returns the bytes of the archives. The archives are written under
+    temporary names and renamed together, the history last: a save cut short leaves the history behind the root's,
+    and the next command saves again (``behind``). A TransferError when the folder cannot be written."""
+    try:
+        return _save(study, root, folder)
+    except OSError as error:
+        raise TransferError(f"the study's state was not saved into {folder} ({first_line(error)}); {root} holds it, "
+                            "and the next command on the study saves it once that is mended") from None
+
+
+def _save(study: Study, root: Path, folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
-    needed, written = state.needed_snapshots(study, root, done_runs_last=False), 0
-    for run in study.runs:  # a done run's last snapshot stays here: its record says where it ended
+    _write(folder / NAME, json.dumps({"study": study.name}).encode())
+    needed = state.needed_snapshots(study, root, done_runs_last=False)
+    for run in study.runs:  # a done run's last snapshot stays out: its record says where it ended
         if state.status(study, root, run) == "done" and (last := snapshots_of(state.run_folder(root, run))[-1:]):
-            record = json.dumps({"iteration": snapshot_iteration(last[0])})
-            atomic_write(state.run_folder(root, run) / state.DONE, lambda handle: handle.write(record.encode()))
-    for setting in study.spec.settings:
-        paths = [path for run in study.runs if run.setting == setting for path in
-                 (state.run_folder(root, run), state.console_log(root, run), state.failure_marker(root, run))]
-        files = [file for file in _files(paths) if not SKIPPED & set(file.relative_to(root).parts)
-                 and (snapshot_iteration(file) is None or file in needed)]
-        archive = folder / f"{setting}.tar.xz"
-        if not files:
-            archive.unlink(missing_ok=True)
-            continue
-        partial = folder / f".{setting}.tar.xz.partial"
-        try:
-            os.replace(write_archive(files, root, partial), archive)
-        finally:
-            partial.unlink(missing_ok=True)
-        written += archive.stat().st_size
+            _write(state.run_folder(root, run) / state.DONE, json.dumps({"iteration": snapshot_iteration(last[0])}).encode())
+    written = {}
+    try:
+        for setting in study.spec.settings:
+            paths = [path for run in study.runs if run.setting == setting for path in
+                     (state.run_folder(root, run), state.console_log(root, run), state.failure_marker(root, run))]
+            files = [file for file in _files(paths) if not SKIPPED & set(file.relative_to(root).parts)
+                     and (snapshot_iteration(file) is None or file in needed)]
+            if files:
+                written[setting] = write_archive(files, root, folder / f".{setting}.tar.xz.partial")
+        for stale in set(folder.glob("*.tar.xz")) - {folder / f"{setting}.tar.xz" for setting in written}:
+            stale.unlink()  # a setting with nothing yet, or one the study file no longer names
+        for setting, partial in written.items():
+            os.replace(partial, folder / f"{setting}.tar.xz")
+    finally:
+        for partial in folder.glob(".*.tar.xz.partial"):
+            partial.unlink()
     history = root / HISTORY
-    data = history.read_bytes() if history.is_file() else b""
-    atomic_write(folder / HISTORY, lambda handle: handle.write(data))
-    return written
+    _write(folder / HISTORY, history.read_bytes() if history.is_file() else b"")
+    return sum((folder / f"{setting}.tar.xz").stat().st_size for setting in written)
+
+
+def _write(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` unless it holds them already (an archive of unchanged files stays byte for byte)."""
+    if not (path.is_file() and path.read_bytes() == data):
+        atomic_write(path, lambda handle: handle.write(data))
 
 
 def _files(paths: list[Path]) -> list[Path]:
@@ -71,10 +91,13 @@ def _files(paths: list[Path]) -> list[Path]:
 
 
 def restore(study: Study, root: Path, folder: Path) -> int:
-    """Unpack the saved state into ``root`` where it is newer (``root``'s history a beginning of the saved one);
-    returns the chunks it added (0: ``root`` is as new, or newer and not yet saved). Histories that part ways are
-    a TransferError: neither is thrown away."""
-    data = _saved_history(folder)
+    """Replace ``root``'s state with the saved one where that is newer (``root``'s history a beginning of the saved
+    one); returns the chunks it added (0: ``root`` is as new, or ahead: ``behind``). Histories that part ways are a
+    TransferError: neither is thrown away. The saved state is unpacked beside the root's first, every archive
+    checked; then the root's run folders give way to it whole (files the history does not record, a killed chunk's
+    snapshots, would otherwise mix with it) setting by setting, the history last: a restore cut short is done
+    again."""
+    data = _saved_history(folder, study)
     saved, here = chunk_history(root, data), chunk_history(root)
     if saved[:len(here)] != here[:len(saved)]:
         raise TransferError(f"{root} ({len(here)} chunks) and the saved state in {folder} ({len(saved)} chunks) "
@@ -83,22 +106,45 @@ def restore(study: Study, root: Path, folder: Path) -> int:
     if len(saved) <= len(here):
         return 0
     check_history(saved, f"{folder / HISTORY}")
+    staging = Path(root) / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
     for setting in study.spec.settings:
         archive = folder / f"{setting}.tar.xz"
         if archive.is_file():
-            extract(archive, root, lambda opened, setting=setting, archive=archive:
+            extract(archive, staging, lambda opened, setting=setting, archive=archive:
                     _check_archive(opened, study, setting, archive))
-    atomic_write(root / HISTORY, lambda handle: handle.write(data))  # last: an interrupted restore is done again
+    for setting in study.spec.settings:  # what else the root holds stays (its lock, a report's figures)
+        ours, unpacked = Path(root) / setting, staging / setting
+        if ours.is_dir() and not ours.is_symlink():
+            shutil.rmtree(ours)
+        if unpacked.is_dir():
+            unpacked.rename(ours)
+    shutil.rmtree(staging)
+    atomic_write(Path(root) / HISTORY, lambda handle: handle.write(data))
     return len(saved) - len(here)
 
 
-def newer(root: Path, folder: Path) -> bool:
+def newer(root: Path, folder: Path, study: Study) -> bool:
     """Whether the saved state holds chunks ``root`` lacks (``restore`` would unpack it)."""
-    return len(chunk_history(root, _saved_history(folder))) > len(chunk_history(root))
+    return len(chunk_history(root, _saved_history(folder, study))) > len(chunk_history(root))
 
 
-def _saved_history(folder: Path) -> bytes:
-    history = folder / HISTORY
+def behind(root: Path, folder: Path, study: Study) -> bool:
+    """Whether ``root`` holds chunks the saved state lacks (a save that failed or was cut short: ``save`` again)."""
+    return len(chunk_history(root)) > len(chunk_history(root, _saved_history(folder, study)))
+
+
+def _saved_history(folder: Path, study: Study) -> bytes:
+    """The saved history, once the folder is known to be this study's (a copied study file would take another's)."""
+    history, name = folder / HISTORY, folder / NAME
+    try:
+        made_for = json.loads(name.read_bytes()[:1024]).get("study") if name.is_file() else None
+    except (ValueError, RecursionError, AttributeError):
+        made_for = "unknown (its study.json is damaged)"
+    if made_for is not None and made_for != study.name:
+        raise TransferError(f"{folder} holds the saved state of the study {made_for!r}, not {study.name!r}: give "
+                            "each study file a saved_state folder of its own")
     if not history.is_file():
         return b""
     if history.stat().st_size > MOST_HISTORY:
@@ -121,3 +167,8 @@ def digest(study: Study, folder: Path) -> str:
     for path in [folder / HISTORY, *(folder / f"{setting}.tar.xz" for setting in study.spec.settings)]:
         hashed.update(path.name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
     return hashed.hexdigest()
+
+
+def size(folder: Path) -> int:
+    """Bytes of the saved state's files."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*") if path.is_file())

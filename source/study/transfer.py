@@ -250,12 +250,13 @@ def install_wheels(carry: Path, target: Path = Path("/tmp/study-site")) -> None:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
 
 
-def carry_size(carry: Path, tree_bytes: int) -> int:
-    """Bytes a device call would carry; a TransferError when over the limit."""
+def carry_size(carry: Path, tree_bytes: int, advice: str | None = None) -> int:
+    """Bytes a device call would carry; a TransferError (with ``advice``, else: fewer runs) when over the limit."""
     total = tree_bytes + sum(p.stat().st_size for p in Path(carry).rglob("*") if p.is_file())
     if total > CARRY_LIMIT:
         raise TransferError(f"the call would carry {total / 2**20:.1f} MiB (working tree {tree_bytes / 2**20:.1f} MiB "
-                            f"included), over {CARRY_LIMIT // 2**20} MiB; carry fewer runs per call (--setting, --seed)")
+                            f"included), over {CARRY_LIMIT // 2**20} MiB; "
+                            f"{advice or 'carry fewer runs per call (--setting, --seed)'}")
     return total
 
 
