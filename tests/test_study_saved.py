@@ -227,6 +227,11 @@ def test_a_restore_replaces_what_the_history_does_not_record_and_a_failed_save_i
     assert "which an earlier save did not finish" in capsys.readouterr().out
     assert (root / "chunks.jsonl").read_bytes() == (kept / "chunks.jsonl").read_bytes()
 
+    (kept / "tiny.tar.xz").rename(tmp_path / "uncommitted")  # a history whose runs' archive was left out
+    shutil.rmtree(root)
+    assert study_cli.main(["status", str(path)]) == 2
+    assert "its history trained runs of tiny but holds no tiny.tar.xz (not committed?)" in capsys.readouterr().err
+    (tmp_path / "uncommitted").rename(kept / "tiny.tar.xz")
     shutil.copy(path, tmp_path / "copy.yaml")  # another study (its file's name) with the same saved_state
     assert study_cli.main(["status", str(tmp_path / "copy.yaml")]) == 2
     assert "holds the saved state of the study 'study', not 'copy'" in capsys.readouterr().err

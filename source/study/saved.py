@@ -106,6 +106,7 @@ def restore(study: Study, root: Path, folder: Path) -> int:
     if len(saved) <= len(here):
         return 0
     check_history(saved, f"{folder / HISTORY}")
+    _check_complete(saved, study, folder)
     staging = Path(root) / STAGING
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -151,6 +152,18 @@ def _saved_history(folder: Path, study: Study) -> bytes:
         raise TransferError(f"{history}: {history.stat().st_size:,} bytes, over the {MOST_HISTORY:,} a study's chunk "
                             "history takes; nothing was unpacked")
     return history.read_bytes()
+
+
+def _check_complete(history: list[bytes], study: Study, folder: Path) -> None:
+    """Every setting the history trained runs of has its archive (one left out of a commit would restart them)."""
+    records = [json.loads(line) for line in history]  # each a mapping (check_history)
+    trained = {name.split("/")[0] for record in records if isinstance(record.get("runs"), dict)
+               for name in record["runs"]}
+    missing = sorted(setting for setting in trained & set(study.spec.settings)
+                     if not (folder / f"{setting}.tar.xz").is_file())
+    if missing:
+        raise TransferError(f"{folder}: its history trained runs of {', '.join(missing)} but holds no "
+                            f"{missing[0]}.tar.xz (not committed?); nothing was unpacked")
 
 
 def _check_archive(archive: tarfile.TarFile, study: Study, setting: str, path: Path) -> None:
