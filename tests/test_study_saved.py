@@ -213,7 +213,7 @@ def test_a_restore_replaces_what_the_history_does_not_record_and_a_failed_save_i
 
     with open(kept / "chunks.jsonl", "a") as history:  # another checkout's chunk, pulled
         history.write(json.dumps({"runs": {}, "wall_s": 1}) + "\n")
-    orphan = root / "tiny/sn_s0/snapshots/snapshot_iter_3.pt"  # a chunk killed here before it was recorded
+    orphan = root / "tiny/sn_s0/snapshots/snapshot_iter_5.pt"  # a chunk killed here before it was recorded
     orphan.write_bytes(b"another lineage")
     (root / "figures").mkdir()
     assert study_cli.main(["status", str(path)]) == 0
