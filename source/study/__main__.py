@@ -221,8 +221,7 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     if kept is not None:
         saved.save(study, root, kept)
     else:
-        folders = [path for run in runs for path in (state.run_folder(root, run), state.console_log(root, run),
-                                                     state.failure_marker(root, run))]
+        folders = [path for run in runs for path in state.run_paths(root, run)]
         transfer.write_archive(transfer.state_files(root, folders), root, args.to / transfer.STATE)
     if study.data_root() is not None:
         print(f"{args.to}: compressing the data files of {study.data_root()} (xz; a minute the first time, then kept)")

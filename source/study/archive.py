@@ -83,8 +83,8 @@ def member_bytes(archive: tarfile.TarFile, name: str, most: int) -> bytes:
 
 class _PlainHeader(tarfile.TarInfo):
     """A header tarfile reads, refused before tarfile reads what it announces unless it is a file, a folder or a
-    small pax record. (``_proc_member`` is tarfile's step for each header just read; tests/test_study.py checks that
-    a long-name record claiming megabytes is refused, which would fail if tarfile stopped calling it.)"""
+    small pax record. (``_proc_member`` is tarfile's step for each header just read; tests/test_study_archive.py
+    checks that a long-name record claiming megabytes is refused, which would fail if tarfile stopped calling it.)"""
 
     def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
         if self.type not in PLAIN_TYPES and not (self.type == tarfile.XHDTYPE and self.size <= MOST_PAX_RECORD):

@@ -25,14 +25,14 @@ def check_snapshots(where: Path, archive: tarfile.TarFile, study: Study | None =
     runs = {run.name: run for run in study.runs} if study else {}
     for member in archive.getmembers():
         name = Path(member.name)
+        run = runs.get("/".join(name.parts[:2]))
         if name.name == DONE and study:
-            _check_done(where, member, archive, runs.get("/".join(name.parts[:2])))
+            _check_done(where, member, archive, run)
         if name.name.startswith(("snapshot_iter_", "generator_iter_")) and not member.isfile():
             raise TransferError(f"{where}: {member.name} is not a file; nothing unpacked")
         iteration = snapshot_iteration(name)
         if iteration is None:
             continue
-        run = runs.get("/".join(name.parts[:2]))
         if study and (run is None or name.parts[2:] != ("snapshots", name.name) or iteration > run.iteration):
             raise TransferError(f"{where}: {member.name} is no snapshot of the study's runs (a run's "
                                 "snapshots/snapshot_iter_N.pt, N at most its last iteration); nothing unpacked")

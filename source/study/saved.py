@@ -26,7 +26,7 @@ from source.study import state
 from source.study.archive import TransferError, extract, write_archive
 from source.study.received import check_history, check_snapshots
 from source.study.spec import Study
-from source.study.transfer import MOST_HISTORY, chunk_history
+from source.study.transfer import MOST_HISTORY, chunk_history, run_files
 from source.training.checkpoint import snapshot_iteration, snapshots_of
 
 HISTORY = "chunks.jsonl"
@@ -51,15 +51,15 @@ def _save(study: Study, root: Path, folder: Path) -> int:
     _write(folder / NAME, json.dumps({"study": study.name}).encode())
     needed = state.needed_snapshots(study, root, done_runs_last=False)
     for run in study.runs:  # a done run's last snapshot stays out: its record says where it ended
-        if state.status(study, root, run) == "done" and (last := snapshots_of(state.run_folder(root, run))[-1:]):
-            _write(state.run_folder(root, run) / state.DONE, json.dumps({"iteration": snapshot_iteration(last[0])}).encode())
+        folder_of_run = state.run_folder(root, run)
+        if state.status(study, root, run) == "done" and (last := snapshots_of(folder_of_run)[-1:]):
+            _write(folder_of_run / state.DONE, json.dumps({"iteration": snapshot_iteration(last[0])}).encode())
     written = {}
     try:
         for setting in study.spec.settings:
-            paths = [path for run in study.runs if run.setting == setting for path in
-                     (state.run_folder(root, run), state.console_log(root, run), state.failure_marker(root, run))]
-            files = [file for file in _files(paths) if not SKIPPED & set(file.relative_to(root).parts)
-                     and (snapshot_iteration(file) is None or file in needed)]
+            paths = [path for run in study.runs if run.setting == setting for path in state.run_paths(root, run)]
+            files = [file for file in run_files(root, paths, SKIPPED)
+                     if snapshot_iteration(file) is None or file in needed]
             if files:
                 written[setting] = write_archive(files, root, folder / f".{setting}.tar.xz.partial")
         for stale in set(folder.glob("*.tar.xz")) - {folder / f"{setting}.tar.xz" for setting in written}:
@@ -78,16 +78,6 @@ def _write(path: Path, data: bytes) -> None:
     """``data`` into ``path`` unless it holds them already (an archive of unchanged files stays byte for byte)."""
     if not (path.is_file() and path.read_bytes() == data):
         atomic_write(path, lambda handle: handle.write(data))
-
-
-def _files(paths: list[Path]) -> list[Path]:
-    """The files under ``paths`` (folders or files), generator exports and dot files (locks) aside."""
-    found = []
-    for path in paths:
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []:
-            if file.is_file() and not file.name.startswith(("generator_iter_", ".")):
-                found.append(file)
-    return found
 
 
 def restore(study: Study, root: Path, folder: Path) -> int:

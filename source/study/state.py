@@ -22,6 +22,11 @@ def console_log(root: Path, run: Run) -> Path:
     return Path(root) / run.setting / "console" / f"{run.arm}_s{run.seed}.log"
 
 
+def run_paths(root: Path, run: Run) -> tuple[Path, Path, Path]:
+    """Where a run's state lies: its folder, its console log and its failure marker."""
+    return run_folder(root, run), console_log(root, run), failure_marker(root, run)
+
+
 def failure_marker(root: Path, run: Run) -> Path:
     """Written when a run's train.py exits with an error; the run is not relaunched until it is deleted."""
     return console_log(root, run).with_suffix(".failed")
@@ -128,10 +133,10 @@ def needed_snapshots(study: Study, root: Path, done_runs_last: bool = True) -> s
     and an evaluation read) and a waiting or ready branch's candidate in its parent."""
     keep = set()
     for run in study.runs:
-        snapshots = snapshots_of(run_folder(root, run))
-        if done_runs_last or status(study, root, run) != "done":
+        snapshots, current = snapshots_of(run_folder(root, run)), status(study, root, run)
+        if done_runs_last or current != "done":
             keep.update(snapshots[-1:])
-        if run.parent is not None and status(study, root, run) in ("ready", "waiting"):
+        if run.parent is not None and current in ("ready", "waiting"):
             keep.update(filter(None, [branch_candidate(study, root, run)]))
     return keep
 

@@ -46,13 +46,19 @@ NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch
 def state_files(root: Path, folders: list[Path]) -> list[Path]:
     """The files under ``folders`` (run folders, console logs) a chunk needs to continue (see the module
     docstring), and the study's chunk history."""
-    files = [Path(root) / "chunks.jsonl"] if (Path(root) / "chunks.jsonl").is_file() else []
-    for folder in folders:
-        paths = sorted(folder.rglob("*")) if folder.is_dir() else [folder] if folder.is_file() else []
-        for path in paths:
-            relative = path.relative_to(root).parts
-            if path.is_file() and not LOCAL_ONLY & set(relative) and not path.name.startswith(("generator_iter_", ".")):
-                files.append(path)
+    history = [Path(root) / "chunks.jsonl"] if (Path(root) / "chunks.jsonl").is_file() else []
+    return history + run_files(root, folders, LOCAL_ONLY)
+
+
+def run_files(root: Path, paths: list[Path], left_out: set[str]) -> list[Path]:
+    """The files under ``paths`` (folders or files below ``root``) but those in a ``left_out`` folder, generator
+    exports (the snapshots hold G) and dot files (locks)."""
+    files = []
+    for path in paths:
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []:
+            if (file.is_file() and not left_out & set(file.relative_to(root).parts)
+                    and not file.name.startswith(("generator_iter_", "."))):
+                files.append(file)
     return files
 
 
