@@ -24,11 +24,10 @@ import signal
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, PADDING, check_overwrite, grid_targets,
-                           tile, titled, to_image)
+from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, check_overwrite, draw_grids,
+                           generate_all, grid_targets, save_samples)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
 from source.files import refuse_link, run_figures
@@ -36,14 +35,14 @@ from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
 from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
 from source.metrics.describe import describe, describe_batchnorm
-from source.metrics.generate import G_BATCHNORM_MODES, g_batchnorm, generate_uint8, generation_mode
+from source.metrics.generate import G_BATCHNORM_MODES, g_batchnorm, generation_mode
 from source.metrics.generate import sample_inputs
 from source.metrics.longtail import INTRA_FID_MODES, group_notes, intra_fid_protocol, score_repeats, score_request
 from source.metrics.reference import (ReferenceUnavailable, check_reference_resolution, dataset_reference,
                                       reference_data, resolve_reference)
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
-from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
+from source.training.evaluate import check_reference_split, check_settings, load_generator
 from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
@@ -175,16 +174,6 @@ def classes(args: argparse.Namespace) -> None:
 # --- grids and samples -------------------------------------------------------------------------
 
 
-def save_png(image: torch.Tensor, path: Path) -> None:
-    """A uint8 CHW image (1 or 3 channels) as PNG."""
-    to_image(image).save(path)
-
-
-def generate_all(loaded: LoadedGenerator, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
-                 device: torch.device) -> torch.Tensor:
-    return torch.cat([images.cpu() for images in generate_uint8(loaded.gen, z, labels, batch_size, device)])
-
-
 def grids(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
@@ -198,12 +187,7 @@ def grids(args: argparse.Namespace) -> None:
     # The same latents for every class and every snapshot (per --seed): grids are comparable side by side.
     z, _ = sample_inputs(count, gen.dim_z, 0, args.seed)
     with generation_mode(gen, batchnorm, device):
-        for label, path in targets:
-            labels = None if label is None else torch.full((count,), label)
-            grid = tile(generate_all(loaded, z, labels, batchnorm.batch_size, device), args.rows, args.columns, PADDING)
-            name = "unconditional" if label is None else f"class {label}"
-            titled(grid, f"{name}, iteration {loaded.iteration}").save(path)
-            print(path)
+        draw_grids(gen, z, targets, args.rows, args.columns, batchnorm.batch_size, device, loaded.iteration)
 
 
 def samples(args: argparse.Namespace) -> None:
@@ -216,19 +200,8 @@ def samples(args: argparse.Namespace) -> None:
     # before generating: an export of 50k images from another snapshot is easily replaced by mistake
     check_overwrite([out] if args.format == "npz" else sorted(out.glob("*.png"))[:1], args.force)
     with generation_mode(loaded.gen, batchnorm, device):
-        images = generate_all(loaded, z, labels, batchnorm.batch_size, device)
-    if args.format == "npz":
-        # arr_0 as N x H x W x C uint8: the layout TTUR's fid.py and OpenAI's ImageNet evaluator read.
-        arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
-        if labels is not None:
-            arrays["labels"] = labels.numpy()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(out, **arrays)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            suffix = "" if labels is None else f"_class{int(labels[index])}"
-            save_png(image, out / f"{index:06d}{suffix}.png")
+        images = generate_all(loaded.gen, z, labels, batchnorm.batch_size, device)
+    save_samples(images, labels, out, args.format)
     print(f"wrote {args.n} images from {loaded.path} (iteration {loaded.iteration}, seed {seed}, "
           f"{describe_batchnorm(batchnorm.record())}) to {out}")
 

@@ -1,14 +1,16 @@
-"""Sample grids (``evaluation.py grids``): tiles with padding between them under a title strip."""
+"""Sample grids (``evaluation.py grids``: tiles with padding between them under a title strip) and sample
+files (``evaluation.py samples``)."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from source.files import refuse_link
-from source.metrics.generate import check_classes
+from source.metrics.generate import check_classes, generate_uint8
 
 PADDING = 2  # pixels between tiles
 PADDING_VALUE = 255  # white: black padding would vanish between dark-background samples (Fashion-MNIST)
@@ -79,6 +81,39 @@ def default_grid_classes(n_classes: int) -> list[int]:
     return list(range(min(n_classes, MAX_DEFAULT_GRID_CLASSES)))
 
 
+def generate_all(gen: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """uint8 NCHW images on the CPU (G's BatchNorm as the enclosing ``generation_mode`` says)."""
+    return torch.cat([images.cpu() for images in generate_uint8(gen, z, labels, batch_size, device)])
+
+
+def draw_grids(gen: torch.nn.Module, z: torch.Tensor, targets: list[tuple[int | None, Path]], rows: int,
+               columns: int, batch_size: int, device: torch.device, iteration: int) -> None:
+    """One titled ``rows`` x ``columns`` grid per target, every class from the same latents ``z``."""
+    for label, path in targets:
+        labels = None if label is None else torch.full((len(z),), label)
+        grid = tile(generate_all(gen, z, labels, batch_size, device), rows, columns, PADDING)
+        name = "unconditional" if label is None else f"class {label}"
+        titled(grid, f"{name}, iteration {iteration}").save(path)
+        print(path)
+
+
+def save_samples(images: torch.Tensor, labels: torch.Tensor | None, out: Path, file_format: str) -> None:
+    """uint8 NCHW images as one npz (``arr_0`` N x H x W x C, and ``labels``) or a folder of PNGs."""
+    if file_format == "npz":
+        # arr_0 as N x H x W x C uint8: the layout TTUR's fid.py and OpenAI's ImageNet evaluator read.
+        arrays = {"arr_0": images.permute(0, 2, 3, 1).numpy()}
+        if labels is not None:
+            arrays["labels"] = labels.numpy()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(out, **arrays)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        suffix = "" if labels is None else f"_class{int(labels[index])}"
+        to_image(image).save(out / f"{index:06d}{suffix}.png")
+
+
 if __name__ == "__main__":  # the drawing only; the command line is evaluation.py's
-    raise SystemExit("figures/grids.py draws the grids of `python evaluation.py grids --snapshot FILE`: run that "
-                     "(its --help lists the options)")
+    raise SystemExit("figures/grids.py draws the grids of `python evaluation.py grids --snapshot FILE` and writes "
+                     "the files of `python evaluation.py samples`: run those (their --help lists the options)")

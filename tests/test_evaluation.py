@@ -30,6 +30,7 @@ from source.metrics import (
     feature_statistics,
     inception,
 )
+from figures.grids import tile
 from source.metrics.describe import describe
 from source.metrics.generate import generated_features, sample_inputs, shard_bounds
 from source.metrics.reference import (
@@ -471,7 +472,7 @@ def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run):
 
 def test_tile_places_sample_r_times_columns_plus_c_at_row_r_column_c():
     images = torch.arange(6, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 1, 2, 3).contiguous()
-    grid = evaluation.tile(images, rows=2, columns=3)
+    grid = tile(images, rows=2, columns=3)
     assert grid.shape == (1, 4, 9)
     assert grid[0, ::2, ::3].tolist() == [[0, 1, 2], [3, 4, 5]]
 
