@@ -33,11 +33,11 @@ import torch
 from tqdm import tqdm
 
 from source.datasets.imagenet import (
-    UNREADABLE_ERRORS, FolderScan, ImageNetArgs, check_imagenet_args, index_images, load_square_rgb, some)
+    UNREADABLE_ERRORS, FolderScan, ImageNetArgs, check_imagenet_args, index_images, load_square_rgb)
 from source.datasets.prepared import (
     FORMAT, FORMAT_VERSION, IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, PreparedImageNet, PreparedImageNetArgs,
     sha256_of)
-from source.datasets.transforms import DatasetError
+from source.datasets.transforms import DatasetError, some
 from source.models.generator import CHANNEL_MULTIPLIERS
 
 PREPROCESSING = ("source.datasets.imagenet.load_square_rgb: PIL decode; Image.convert('RGB') (16-bit samples keep "

@@ -5,6 +5,7 @@ float32, and a resumed run sees exactly the same pixels; the float conversion li
 """
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Optional
 
 import numpy as np
 import torch
@@ -67,3 +68,10 @@ def to_chw_uint8(image: Image.Image | np.ndarray) -> torch.Tensor:
 
 def size_problems(size: int) -> list[str]:
     return [] if size >= 1 else [f"dataset.args.size: must be a positive number of pixels, got {size}"]
+
+
+def some(items: list, limit: int = 5, total: Optional[int] = None) -> str:
+    """'a, b, c and 7 more': a one-line sample of a possibly huge list."""
+    total = len(items) if total is None else total
+    shown = ", ".join(str(item) for item in items[:limit])
+    return shown if total <= limit else f"{shown} and {total - limit} more"
