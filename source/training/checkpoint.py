@@ -75,6 +75,26 @@ def run_folder_of(path: str | Path) -> Path | None:
     return folder.parent if folder.name == SNAPSHOT_FOLDER else None
 
 
+def latest_good_snapshot(run: Path) -> Path | None:
+    """The newest snapshot of ``run`` that loads as a resume would (which refuses NaN/Inf weights and optimizer
+    states)."""
+    for path in reversed(snapshots_of(run)):
+        try:
+            load_snapshot(path, training_state=True)
+        except SnapshotError:
+            continue
+        return path
+    return None
+
+
+def generator_export(snapshot: dict) -> dict:
+    """A snapshot's generator-only export: the generator evaluation uses (G's EMA when the run keeps one)."""
+    export = {"iteration": snapshot["iteration"], "config": snapshot["config"]}
+    if "gen_ema" in snapshot:
+        return {**export, "gen": snapshot["gen_ema"], "gen_is_ema": True}
+    return {**export, "gen": snapshot["gen"]}
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save through a temp file, fsync and rename: a crash never leaves a torn file."""
     atomic_write(path, lambda handle: torch.save(obj, handle))

@@ -226,7 +226,7 @@ class Trainer:
             self.diverged(f"{len(bad)} tensors hold NaN/Inf (first: {bad[0]})")
         path = checkpoint.snapshot_path(self.out, self.iteration)
         if self.world.is_main:
-            export = {"iteration": self.iteration, "config": self.config_dict, **self._generator_export(state)}
+            export = checkpoint.generator_export(state)
             try:  # the export first: a snapshot on disk always has its export beside it
                 checkpoint.atomic_save(export, checkpoint.generator_path(self.out, self.iteration))
                 checkpoint.atomic_save(state, path)
@@ -237,23 +237,8 @@ class Trainer:
         self._saved_at = self.iteration
         return path
 
-    @staticmethod
-    def _generator_export(state: dict) -> dict:
-        """The export holds the generator evaluation uses: G's EMA when the run keeps one."""
-        if "gen_ema" in state:
-            return {"gen": state["gen_ema"], "gen_is_ema": True}
-        return {"gen": state["gen"]}
-
     def latest_good_snapshot(self) -> Path | None:
-        """The newest snapshot of this run that loads as a resume would (which refuses NaN/Inf weights and optimizer
-        states)."""
-        for path in reversed(checkpoint.snapshots_of(self.out)):
-            try:
-                checkpoint.load_snapshot(path, training_state=True)
-            except checkpoint.SnapshotError:
-                continue
-            return path
-        return None
+        return checkpoint.latest_good_snapshot(self.out)
 
     def state_dict(self) -> dict:
         updater = self.updater
