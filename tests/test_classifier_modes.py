@@ -1,5 +1,6 @@
 """The collapse study's classifier measures: the pure function, and the Modes extension through train.py."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -55,7 +56,7 @@ def test_modes_count_classes_above_the_share_and_diversity_weights_groups_by_siz
 
 
 @pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Fashion-MNIST is not installed")
-def test_training_writes_the_measures_every_interval(tmp_path):
+def test_training_writes_the_measures_every_interval(tmp_path, capsys):
     out = tmp_path / "run"
     sets = ["models.generator.args.ch=8", "models.discriminator.args.ch=8", "batchsize=8", "micro_batchsize=8",
             "num_workers=0", "evaluation.metrics=[]", "evaluation.modes_interval=2", "evaluation.modes_samples=40",
@@ -68,3 +69,7 @@ def test_training_writes_the_measures_every_interval(tmp_path):
     assert sum(first["class_counts"]) == 40 and 1 <= first["modes"] <= 10 and 0 <= first["accuracy"] <= 1
     assert first["protocol"]["real"] == "the balanced fashion_mnist test split"
     assert first["protocol"]["real_images"] == 10000 and first["protocol"]["samples"] == 40
+    # one console line per measurement, with its time (the first one's includes loading the classifier and data)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("modes at iteration")]
+    assert [line.split(" (")[0] for line in lines] == ["modes at iteration 2", "modes at iteration 4"]
+    assert all(re.search(rf"\([0-9]+\.[0-9] s\): {r['modes']} modes, ", line) for line, r in zip(lines, records))

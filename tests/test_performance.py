@@ -142,3 +142,17 @@ def test_mixed_precision_resumes_exactly(tmp_path, amp):
     for net in ("gen", "dis"):
         assert all(torch.equal(resumed[net][key], value) for key, value in straight[net].items())
     assert resumed["updater"].get("grad_scalers") == straight["updater"].get("grad_scalers")
+
+
+def test_a_compiled_run_says_before_its_silent_first_steps_that_it_compiles(tmp_path, monkeypatch, capsys):
+    """Dynamo compiles on the first steps for minutes without a word: the run says so first. (The compiling itself
+    is replaced by a record of it: the slow test above runs the real one.)"""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, **kwargs: compiled.append(kwargs))
+    assert train.main(tiny_argv(tmp_path / "run", 1, "performance.compile=true")) == 0
+    out = capsys.readouterr().out
+    assert compiled == [{"mode": "default"}, {"mode": "default"}]  # G and D
+    assert "compiling G and D on their first steps (torch.compile, mode default)" in out
+    assert out.index("compiling G and D") < out.index("iteration=1")
+    assert train.main(tiny_argv(tmp_path / "plain", 1)) == 0
+    assert "compiling" not in capsys.readouterr().out
