@@ -42,7 +42,7 @@ from source.metrics.reference import (ReferenceUnavailable, check_reference_reso
                                       reference_data, resolve_reference)
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
-from source.training.evaluate import check_reference_split, check_settings, load_generator
+from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
 from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
@@ -70,6 +70,14 @@ def run_folder(snapshot: str) -> Path:
 def print_notes(notes: list[str]) -> None:
     for note in notes:
         print(f"note: {note}")
+
+
+def print_record(loaded: LoadedGenerator, record: dict, text: str, as_json: bool) -> None:
+    """A score's text under the snapshot it scores, and (--json) the whole record as one JSON line."""
+    print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
+    print(text)
+    if as_json:
+        print(json.dumps(record))
 
 
 # --- ref-stats ---------------------------------------------------------------------------------
@@ -137,10 +145,7 @@ def metrics(args: argparse.Namespace) -> None:
                                loaded.weights, settings.reference_split, seeds, request.batchnorm)
     protocol.update(intra_fid_protocol(request, settings, loaded.gen.n_classes))
     record = {"iteration": loaded.iteration, "snapshot": loaded.path, **scores, "protocol": {**protocol, "seed": seed}}
-    print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
-    print(describe(record))
-    if args.json:
-        print(json.dumps(record))
+    print_record(loaded, record, describe(record), args.json)
 
 
 # --- classes (the small-data classifier) -------------------------------------------------------
@@ -165,10 +170,7 @@ def classes(args: argparse.Namespace) -> None:
                               classifier=args.classifier, classifier_sha256=training.get("sha256"),
                               classifier_test_accuracy=training.get("test_accuracy"))
     record = {"iteration": loaded.iteration, "snapshot": loaded.path, **report}
-    print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
-    print(format_class_table(record))
-    if args.json:
-        print(json.dumps(record))
+    print_record(loaded, record, format_class_table(record), args.json)
 
 
 # --- grids and samples -------------------------------------------------------------------------
