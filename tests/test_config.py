@@ -134,7 +134,7 @@ def test_dry_run_checks_what_the_run_would_refuse_at_once(capsys):
     small = ["--config", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", "dataset.name=synthetic", "--set",
              "dataset.args.count=24"]
     code, out, _ = run_train(small, capsys)
-    assert code == 0 and "NOT AVAILABLE: 24 images, fewer than one global micro-batch of 32 x 1 ranks" in out
+    assert code == 0 and "NOT AVAILABLE: dataset: 24 images, fewer than one global micro-batch of 32 x 1 ranks" in out
     code, _, err = run_train(small[:3] + ["--set", "evaluation.metrics=[is]", "--set", "evaluation.n_samples=5", "--set",
                                           "evaluation.splits=10"], capsys)
     assert code == 2 and "evaluation.splits: 10 must be between 1 and n_samples=5" in err

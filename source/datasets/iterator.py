@@ -46,6 +46,12 @@ def usable_workers(requested: int) -> int:
     return min(requested, cpus)
 
 
+def require_one_global_batch(n_images: int, batch_size: int, world_size: int) -> None:
+    if n_images < batch_size * world_size:
+        raise DatasetError(f"dataset: {n_images:,} images, fewer than one global micro-batch of {batch_size} x "
+                           f"{world_size} ranks: use a larger data set or a smaller micro_batchsize")
+
+
 class InfiniteBatchIterator:
     """Endless (x: float32 N x C x H x W, y: int64 N) micro-batches for one rank; see the module doc."""
 
@@ -55,9 +61,7 @@ class InfiniteBatchIterator:
             raise ValueError(f"InfiniteBatchIterator: need batch_size >= 1, seed >= 0, num_workers >= 0 and 0 <= rank "
                              f"< world_size; got batch_size={batch_size}, seed={seed}, num_workers={num_workers}, "
                              f"rank={rank}, world_size={world_size}")
-        if len(dataset) < batch_size * world_size:
-            raise DatasetError(f"dataset: {len(dataset)} images are fewer than one global micro-batch of "
-                               f"{batch_size} x {world_size} ranks; use a larger data set or a smaller micro_batchsize")
+        require_one_global_batch(len(dataset), batch_size, world_size)
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed

@@ -7,6 +7,7 @@ import torch
 
 from source.config import Config, PerformanceConfig
 from source.datasets import DatasetError, check_dataset_args, describe_class_counts, download_pending
+from source.datasets.iterator import require_one_global_batch
 from source.training import build, runfolder
 from source.training.distributed import World
 
@@ -43,9 +44,7 @@ def describe_data(config: Config, source: str, world_size: int) -> str:
     try:
         if not problems:
             dataset = build.build_training_data(config, source=source)
-            if len(dataset) < config.micro_batchsize * world_size:
-                raise DatasetError(f"{len(dataset):,} images, fewer than one global micro-batch of "
-                                   f"{config.micro_batchsize} x {world_size} ranks: the run would stop at once")
+            require_one_global_batch(len(dataset), config.micro_batchsize, world_size)
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
             held = ", held on the device" if config.performance.data_on_device else ""
             return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
