@@ -125,6 +125,24 @@ def _npy_overstated(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str | 
     return None
 
 
+# how numpy pickles its numeric dtypes (np.dtype(name, False, True)): bool, signed and unsigned ints, floats, complex
+NUMERIC_DTYPE_NAMES = frozenset({"b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "f16",
+                                 "c8", "c16", "c32"})
+
+
+def plain_dtype(name: Any, align: Any = False, copy: Any = False) -> Any:
+    """A pickled numpy dtype, as numpy's own dtype of that numeric type (``copy`` ignored). numpy's pickles ask for
+    a copy, which the pickle's state then fills unchecked: a state naming a Python string as a field's dtype makes
+    numpy's C code read the string as a dtype (a crash, at best). numpy's own dtypes ignore a state (native byte
+    order: the arrays we read are uint8, or this toolkit's own from little-endian machines)."""
+    import numpy as np
+
+    if not isinstance(name, str) or name not in NUMERIC_DTYPE_NAMES or align not in (False, 0):
+        raise pickle.UnpicklingError(f"a numpy dtype {str(name)[:40]!r} (align {str(align)[:10]}) that is not a "
+                                     f"plain number type")
+    return np.dtype(name)
+
+
 def torch_load(path: str | Path, allowed: list = ()) -> Any:
     """``torch.load(weights_only=True)`` on the CPU, once the file is known to hold what it loads to (torch would
     also inflate a crafted file's compressed members); a RuntimeError, as torch's for unreadable files, if not."""

@@ -4,6 +4,8 @@ import os
 import pickle
 import re
 import signal
+import subprocess
+import sys
 import struct
 import urllib.error
 import warnings
@@ -19,6 +21,9 @@ from source.datasets import (
     DATASETS, CIFAR10Args, DatasetError, FashionMNISTArgs, ImageNetArgs, InfiniteBatchIterator, SyntheticArgs,
     build_dataset, check_dataset_args, download_pending)
 from source.datasets.streams import derived_seeds
+from test_training import CONFIGS
+
+ROOT = CONFIGS.parent
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 RNG = np.random.default_rng(0)
@@ -362,8 +367,8 @@ def _shared_nest(depth: int) -> list:
 
 
 @pytest.mark.parametrize("batch, message", [
-    ({"data": _Constructs(np.ndarray, ((50_000_000,), np.dtype(object))), "labels": [0]}, "Python objects"),
-    ({"data": np.array([None] * 3, dtype=object), "labels": [0]}, "Python objects"),
+    ({"data": _Constructs(np.ndarray, ((50_000_000,), np.dtype(object))), "labels": [0]}, "not a plain number type"),
+    ({"data": np.array([None] * 3, dtype=object), "labels": [0]}, "not a plain number type"),
     ({"data": np.zeros((4, 3072), np.uint8), "labels": _shared_nest(12)}, "'labels' (N ints)"),
     ({"data": np.zeros((4, 3071), np.uint8), "labels": [0] * 4}, "N x 3072 uint8"),
     (np.zeros(3, np.uint8), "not a CIFAR-10 batch"),
@@ -374,6 +379,32 @@ def test_a_cifar10_batch_that_would_allocate_without_bound_is_refused(tmp_path, 
     assert len((tmp_path / "cifar-10-batches-py" / "data_batch_5").read_bytes()) < 20000
     with pytest.raises(DatasetError, match=f"data_batch_5: .*{re.escape(message)}"):
         build_dataset("cifar10", CIFAR10Args(root=str(tmp_path)))
+
+
+class _DtypeWithStringField:
+    """np.dtype('V8', False, True) whose pickled state names a Python string as its field's dtype: numpy's C code
+    then read the string as a dtype (a segmentation fault when the array using it was built)."""
+
+    def __reduce__(self):
+        return np.dtype, ("V8", False, True), (3, "|", None, ("a",), {"a": ("O", 0)}, 8, 1, 1)
+
+
+class _ArrayOfDtype:
+    def __reduce__(self):
+        return np.ndarray(0).__reduce__()[0], (np.ndarray, (0,), b"b"), (1, (2,), _DtypeWithStringField(), False,
+                                                                          b"A" * 16)
+
+
+def test_a_cifar10_batch_whose_dtype_state_would_corrupt_memory_is_refused(tmp_path):
+    write_cifar_standin(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_5").write_bytes(
+        pickle.dumps({"data": _ArrayOfDtype(), "labels": [0, 1]}, protocol=2))
+    code = ("import sys; from source.datasets import build_dataset, CIFAR10Args, DatasetError\n"
+            "try: build_dataset('cifar10', CIFAR10Args(root=sys.argv[1]))\n"
+            "except DatasetError as error: print(error)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, f"status {result.returncode}: {result.stderr[-500:]}"  # -11 before the fix
+    assert "data_batch_5: not a readable CIFAR-10 pickle (a numpy dtype 'V8'" in result.stdout
 
 
 # ---------------------------------------------------------------------------------------------

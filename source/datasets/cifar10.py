@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
+from source.files import plain_dtype
 from source.datasets.transforms import DatasetError
 from source.typed import first_line
 
@@ -97,19 +98,11 @@ def _empty_array(subtype, shape, marker) -> np.ndarray:
     return _RECONSTRUCT(np.ndarray, (0,), marker)
 
 
-def _plain_dtype(*args) -> np.dtype:
-    """numbers only: an object array would be filled with Python objects (None for each of billions of items)"""
-    dtype = np.dtype(*args)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("an array of Python objects")
-    return dtype
-
-
 class _BatchUnpickler(pickle.Unpickler):
     """Unpickles what a CIFAR-10 batch holds (dicts, lists, strings, numbers, numpy arrays) and nothing else: a
     pickle names the functions it calls, and a file from someone else could name any (``os.system``)."""
 
-    ALLOWED = {("numpy", "ndarray"): _ARRAY, ("numpy", "dtype"): _plain_dtype, ("_codecs", "encode"): _latin1,
+    ALLOWED = {("numpy", "ndarray"): _ARRAY, ("numpy", "dtype"): plain_dtype, ("_codecs", "encode"): _latin1,
                **{(module, "_reconstruct"): _empty_array  # Python 2's and numpy 1's pickles, numpy 2's
                   for module in ("numpy.core.multiarray", "numpy._core.multiarray")},
                **{(module, "_frombuffer"): _FROMBUFFER  # pickle protocol 5: as long as its buffer

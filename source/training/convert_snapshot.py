@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from source.config import first_line
-from source.files import refused_object, torch_load
+from source.files import plain_dtype, refused_object, torch_load
 from source.training.checkpoint import SnapshotError, atomic_save, load_snapshot
 
 
@@ -60,7 +60,7 @@ def numpy_globals() -> list:
     reconstruct, scalar = np.ndarray(0).__reduce__()[0], np.float64(0).__reduce__()[0]
     numeric = [dtype for dtype in vars(np.dtypes).values() if isinstance(dtype, type) and issubclass(dtype, np.dtype)
                and isinstance(getattr(dtype, "type", None), type) and issubclass(dtype.type, (np.number, np.bool_))]
-    return [reconstruct, scalar, np.ndarray, np.dtype, *numeric,
+    return [reconstruct, scalar, np.ndarray, (plain_dtype, "numpy.dtype"), *numeric,
             (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
 
 
