@@ -136,7 +136,7 @@ def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer:
     try:
         args = parse_args(argv)
     except SystemExit:  # argparse said why above (in the run's log); the group's other runs go on
-        raise ConfigError(f"the run's arguments are not train.py's: {' '.join(argv)}") from None
+        raise ConfigError(f"the run's arguments are not train.py's: {argv!r}") from None
     if args.group or args.dry_run:
         raise ConfigError("a run of a group takes --config/--resume, --set and --out only")
     snapshot, config = read_settings(args)
@@ -157,7 +157,9 @@ def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer:
 
 def report(message: str, world: World | None = None) -> None:
     """One line on stderr. Before the process group exists every rank reads the same files, so rank 0
-    speaks for all; afterwards an error may be one rank's own (its data, its disk), so each rank speaks."""
+    speaks for all; afterwards an error may be one rank's own (its data, its disk), so each rank speaks. Line breaks
+    in what a message quotes (a file name, a group file's arguments) are shown escaped: one line whatever it holds."""
+    message = message.replace("\r", "\\r").replace("\n", "\\n")
     if world is None:
         if rank_from_env() == 0:
             print(message, file=sys.stderr)

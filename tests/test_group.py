@@ -98,6 +98,34 @@ def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp
         train.main(["--group", str(group), "--out", str(tmp_path / "x")])
 
 
+def test_a_group_file_writes_only_log_and_status_files_it_names(tmp_path, capsys):
+    """A group file may come from someone else: its logs are appended to (with the run's arguments in an error) and
+    its statuses replaced, so a shell's startup file or a link must not be a run's log or status."""
+    victim = tmp_path / "bashrc"
+    victim.write_text("export PS1=x\n")
+    (tmp_path / "link.log").symlink_to(victim)
+    (tmp_path / "folder.status").mkdir()
+    good = {"args": ["--config", "nonexistent\ntouch PWNED\n#"], "log": str(tmp_path / "a.log"),
+            "status": str(tmp_path / "a.status")}
+    for spec, message in [({"log": str(victim)}, "run 0's log '%s' is not a .log file" % victim),
+                          ({"status": str(tmp_path / "authorized_keys")}, "is not a .status file"),
+                          ({"status": ""}, "is not a .status file"), ({"log": str(tmp_path / ".log")}, "not a .log"),
+                          ({"log": str(tmp_path / "link.log")}, "is a link"),
+                          ({"status": str(tmp_path / "folder.status")}, "is not a regular file")]:
+        group = tmp_path / "group.json"
+        group.write_text(json.dumps([{**good, **spec}]))
+        assert train.main(["--group", str(group)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    assert victim.read_text() == "export PS1=x\n" and not (tmp_path / "authorized_keys").exists()
+    group.write_text(json.dumps([good] * 65))
+    assert train.main(["--group", str(group)]) == 2 and "at most 64 share a process" in capsys.readouterr().err
+    group.write_text(json.dumps([good]))  # a valid group: the arguments are quoted, one line in the log
+    assert train.main(["--group", str(group)]) == 2
+    errors = [line for line in (tmp_path / "a.log").read_text().splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and not any(line.startswith("touch") for line in (tmp_path / "a.log").read_text().splitlines())
+
+
 def test_an_error_while_a_run_closes_is_that_runs_status(tmp_path, monkeypatch):
     close = Trainer.close
 

@@ -41,6 +41,7 @@ from source.training.distributed import World, world_size_from_env
 from source.training.trainer import Trainer
 
 OpenRun = Callable[[list[str], ExitStack, dict], Trainer]
+MAX_RUNS = 64
 FailureStatus = Callable[[Exception, World], "int | None"]
 
 
@@ -116,7 +117,27 @@ def read_group(path: str) -> list[dict]:
             and all(isinstance(arg, str) for arg in spec["args"]) for spec in specs):
         raise ConfigError(f"--group {path}: expected a non-empty list of {{\"args\": [strings], \"log\": path, "
                           f"\"status\": path}}")
+    if len(specs) > MAX_RUNS:
+        raise ConfigError(f"--group {path}: {len(specs)} runs; at most {MAX_RUNS} share a process (each holds its "
+                          f"log open, and past 32 CUDA streams runs no longer go side by side)")
+    for index, spec in enumerate(specs):
+        for key in ("log", "status"):
+            if problem := _output_problem(Path(spec[key]), f".{key}"):
+                raise ConfigError(f"--group {path}: run {index}'s {key} {spec[key][:200]!r} {problem}")
     return specs
+
+
+def _output_problem(path: Path, suffix: str) -> str | None:
+    """What a group file may name for a run's output: a new or regular ``*.log``/``*.status`` file, not a link. A
+    group file may come from someone else: the logs are appended to and the statuses replaced, so anything else
+    (a shell's startup file, ``authorized_keys``) would be theirs to write."""
+    if path.suffix != suffix or path.name == suffix:
+        return f"is not a {suffix} file"
+    if path.is_symlink():
+        return "is a link; name the file itself"
+    if path.exists() and not path.is_file():
+        return "exists and is not a regular file"
+    return None
 
 
 def main(path: str, open_run: OpenRun, failure_status: FailureStatus) -> int:
