@@ -1,5 +1,6 @@
 """The committed Fashion-MNIST classifier and its measures of a generator (source/metrics/classifier.py)."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,24 @@ def test_damaged_or_replaced_weights_are_refused_in_one_line(tmp_path):
         with pytest.raises(ClassifierUnavailable, match=message) as refused:
             load_classifier(copy)
         assert "weights_only" not in str(refused.value)
+
+
+def test_weights_of_another_layout_are_named_and_huge_files_are_not_read(tmp_path):
+    state = torch.load(WEIGHTS, weights_only=True)
+    first = next(iter(state))
+    copy = tmp_path / "c.pt"
+    for changed, message in [({**state, first: state[first][:1]}, f"another shape (first: {first} is"),
+                             ({**state, "extra": torch.zeros(1)}, "1 unexpected (first: extra)"),
+                             ({**state, first: 3}, f"its entry '{first}' is a int, not a tensor"),
+                             ([1, 2], "it holds a list, not a state dict")]:
+        torch.save(changed, copy)
+        with pytest.raises(ClassifierUnavailable, match=re.escape(message)):
+            load_classifier(copy)
+    with open(copy, "wb") as file:  # sparse: a 20 GB file costs nothing on disk; read or hashed, it would
+        file.truncate(20 * 2**30)
+    record_path(copy).write_text(json.dumps({"sha256": "0" * 64}))
+    with pytest.raises(ClassifierUnavailable, match="more than a SmallClassifier's weights ever holds"):
+        load_classifier(copy)
 
 
 class Replay(nn.Module):

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from source.files import load_refusal, torch_load
-from source.training.checkpoint import non_finite
+from source.training.checkpoint import non_finite, state_mismatch
 from source.typed import first_line
 
 from .fid import feature_statistics, frechet_distance
@@ -43,6 +43,8 @@ IMAGE_SHAPE = (1, 32, 32)
 N_CLASSES = 10
 FEATURES = 128
 KID_SUBSETS, KID_SUBSET_SIZE = 100, 1000
+# the trained weights are 0.6 MB and their record a few hundred bytes: far larger files are not read (or hashed)
+MAX_WEIGHTS_BYTES, MAX_RECORD_BYTES = 64 * 2**20, 2**20
 DIVERSITY = ("mean pairwise L2 distance of the classifier's 128-d penultimate features within one class's samples, "
              "divided by the same for that class's real images (1 = as diverse as the data, 0 = collapsed)")
 
@@ -81,7 +83,21 @@ def to_input(images: torch.Tensor) -> torch.Tensor:
 
 
 def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_problem(state: object) -> str | None:
+    """Why a loaded file is not SmallClassifier's state dict, naming the first tensor that differs, or None."""
+    if not isinstance(state, dict):
+        return f"it holds a {type(state).__name__}, not a state dict"
+    other = next((key for key, value in state.items() if not isinstance(value, torch.Tensor)), None)
+    if other is not None:
+        return f"its entry {str(other)[:100]!r} is a {type(state[other]).__name__}, not a tensor"
+    return state_mismatch("its tensors", SmallClassifier().state_dict(), state)
 
 
 def record_path(weights: str | Path) -> Path:
@@ -95,21 +111,27 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
     if not path.is_file():
         raise ClassifierUnavailable(f"classifier weights {path} do not exist; train them with "
                                     f"`python -m source.metrics.classifier train --out {path}` or pass --classifier")
+    for file, limit in ((path, MAX_WEIGHTS_BYTES), (record_path(path), MAX_RECORD_BYTES)):
+        if file.is_file() and file.stat().st_size > limit:
+            raise ClassifierUnavailable(f"{file}: {file.stat().st_size:,} bytes, more than a SmallClassifier's "
+                                        f"{'weights' if file == path else 'record'} ever holds ({limit:,}); not read")
     try:
         record = json.loads(record_path(path).read_text()) if record_path(path).is_file() else {}
     except (OSError, ValueError, RecursionError) as error:
         raise ClassifierUnavailable(f"{record_path(path)} is not a readable record ({first_line(error)})") from None
     if not isinstance(record, dict):
         raise ClassifierUnavailable(f"{record_path(path)} is not a classifier's record (a JSON mapping)")
-    if record.get("sha256") not in (None, sha256(path)):
+    if "sha256" in record and record["sha256"] != sha256(path):
         raise ClassifierUnavailable(f"{path} does not match the sha256 recorded in {record_path(path)}; "
                                     "the weights were replaced or damaged")
     try:
         state = torch_load(path)
-        model = SmallClassifier()
-        model.load_state_dict(state)
-    except Exception as error:  # unpickling refusals, wrong shapes, not a state dict: all one message
+    except Exception as error:  # noqa: BLE001: unpickling refusals, not a torch file, damage: all one message
         raise ClassifierUnavailable(f"{path} is not a SmallClassifier state dict ({load_refusal(error)})") from None
+    if problem := weights_problem(state):
+        raise ClassifierUnavailable(f"{path} is not a SmallClassifier state dict: {problem}")
+    model = SmallClassifier()
+    model.load_state_dict(state)
     broken = non_finite(state)
     if broken:  # a NaN head bias read as 100 % accuracy for one class, a NaN BN statistic as FID nan
         raise ClassifierUnavailable(f"{path}: NaN or infinite values in {', '.join(broken[:3])}")
