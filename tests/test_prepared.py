@@ -4,6 +4,7 @@ import io
 import json
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -163,8 +164,22 @@ def test_truncated_or_mismatched_files_are_one_line_errors(jpeg_root, tmp_path):
     assert "may be truncated" in one_line_error(out)
     (out / "manifest.json").write_text("{")
     assert "cannot read" in one_line_error(out)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": "1\nall checksums match"}))
+    assert "has format version '1\\nall checksums" in one_line_error(out)  # quoted: one line
     (out / "manifest.json").unlink()
     assert "has no manifest.json" in one_line_error(out)
+    # a manifest that is no regular file: a link to /dev/zero filled the memory, a FIFO blocked for good
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the manifest blocked"))
+    for make in (lambda path: path.symlink_to("/dev/zero"), os.mkfifo):
+        make(out / "manifest.json")
+        signal.alarm(20)
+        try:
+            assert "manifest.json is not a regular file" in one_line_error(out)
+            with pytest.raises(DatasetError, match="not a prepared folder"):
+                prepare.check_output(str(out), force=True)
+        finally:
+            signal.alarm(0)
+        (out / "manifest.json").unlink()
     assert check_dataset_args("imagenet_prepared", PreparedImageNetArgs(path=str(tmp_path / "none"))) == [
         f"dataset.args.path: {tmp_path / 'none'} does not exist; it must be a folder made by {PREPARE_HINT}"]
 

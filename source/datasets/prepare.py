@@ -36,7 +36,7 @@ from source.datasets.imagenet import (
     UNREADABLE_ERRORS, FolderScan, ImageNetArgs, check_imagenet_args, index_images, load_square_rgb)
 from source.datasets.prepared import (
     FORMAT, FORMAT_VERSION, IMAGES_FILE, LABELS_FILE, MANIFEST_FILE, PreparedImageNet, PreparedImageNetArgs,
-    sha256_of)
+    load_manifest, sha256_of)
 from source.datasets.transforms import DatasetError, some
 from source.models.generator import CHANNEL_MULTIPLIERS
 
@@ -153,8 +153,7 @@ def check_output(out: str, force: bool) -> None:
         raise DatasetError(f"--out: {out} exists and is not empty; choose a new folder, or add --force to replace "
                            f"an earlier prepared one")
     try:  # any format version: an older prepared folder is what --force replaces
-        with open(os.path.join(out, MANIFEST_FILE), encoding="utf-8") as file:
-            prepared = json.load(file).get("format") == FORMAT
+        prepared = load_manifest(os.path.join(out, MANIFEST_FILE)).get("format") == FORMAT
     except (OSError, ValueError, AttributeError, RecursionError):
         prepared = False
     if not prepared:
@@ -204,7 +203,7 @@ def verify(folder: str) -> list[str]:
     """Checksum mismatches between folder's arrays and its manifest; empty when the copy is intact."""
     dataset = PreparedImageNet(PreparedImageNetArgs(path=folder))
     expected = dataset.manifest["sha256"]
-    return [f"{name}: sha256 {actual}, but the manifest records {expected.get(name)}"
+    return [f"{name}: sha256 {actual}, but the manifest records {str(expected.get(name))[:80]!r}"
             for name, actual in dataset.checksums(progress=True).items() if actual != expected.get(name)]
 
 

@@ -32,6 +32,7 @@ from source.typed import first_line
 FORMAT = "srgans-prepared-imagenet"
 FORMAT_VERSION = 1
 IMAGES_FILE, LABELS_FILE, MANIFEST_FILE = "images.npy", "labels.npy", "manifest.json"
+MAX_MANIFEST_BYTES = 2**30
 HASH_ROWS = 256  # images hashed per step: 12 MB at 128 px, so verify streams in constant memory
 PREPARE_HINT = "python -m source.datasets.prepare imagenet --root ROOT --size SIZE --out PATH"
 SPLITS = ("train", "val")
@@ -51,12 +52,22 @@ def split_folder(args: PreparedImageNetArgs) -> str:
     return args.val_path if args.split == "val" else args.path
 
 
+def load_manifest(path: str) -> object:
+    """The JSON of a manifest that is a regular file (a FIFO would block, a link to /dev/zero fill the memory) of
+    a manifest's size at most (one line per skipped image, even for all of ImageNet's)."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise OSError(f"{path} is not a regular file")
+    if os.path.isfile(path) and os.path.getsize(path) > MAX_MANIFEST_BYTES:
+        raise OSError(f"{path} holds {os.path.getsize(path):,} bytes, more than a manifest ({MAX_MANIFEST_BYTES:,})")
+    with open(path, encoding="utf-8") as file:
+        return json.load(file)
+
+
 def read_manifest(folder: str) -> dict:
     """The folder's manifest, checked for the format and the keys the reader needs; else a DatasetError."""
     path = os.path.join(folder, MANIFEST_FILE)
     try:
-        with open(path, encoding="utf-8") as file:
-            manifest = json.load(file)
+        manifest = load_manifest(path)
     except FileNotFoundError:
         raise DatasetError(f"dataset.args.path: {folder} has no {MANIFEST_FILE}, so it is not a prepared data set "
                            f"(or its preparation did not finish); make one with {PREPARE_HINT}") from None
@@ -65,8 +76,9 @@ def read_manifest(folder: str) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DatasetError(f"dataset.args.path: {path} is not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"dataset.args.path: {path} has format version {manifest.get('format_version')}, this "
-                           f"code reads version {FORMAT_VERSION}; prepare the data again with {PREPARE_HINT}")
+        version = str(manifest.get("format_version"))[:20]
+        raise DatasetError(f"dataset.args.path: {path} has format version {version!r}, this code reads version "
+                           f"{FORMAT_VERSION}; prepare the data again with {PREPARE_HINT}")
     required = {"size": int, "images": int, "n_classes": int, "classes": list, "sha256": dict}
     wrong = [key for key, kind in required.items() if not isinstance(manifest.get(key), kind)
              or kind is int and (type(manifest[key]) is bool or not 0 < manifest[key] < MOST[key])]
