@@ -53,13 +53,17 @@ def refuse_link(path: Path) -> Path:
     return Path(path)
 
 
-def first_link(root: Path) -> Path | None:
-    """A symbolic link anywhere under ``root`` (None: none): a run folder or study root from elsewhere could point
-    one of the writes that go there (logs, snapshots, markers) at any file of the user's."""
+def first_hazard(root: Path) -> str | None:
+    """The first symbolic link, FIFO, socket or device anywhere under ``root``, said (None: none): a run folder or
+    study root from elsewhere could point one of the writes that go there (logs, snapshots, markers) at any file of
+    the user's through a link, or block a read or an append for good with a FIFO."""
     for folder, names, files in os.walk(root):
         for name in names + files:
-            if os.path.islink(os.path.join(folder, name)):
-                return Path(folder) / name
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                return f"{path} is a symbolic link"
+            if not (os.path.isdir(path) or os.path.isfile(path)):
+                return f"{path} is neither a file nor a folder (a FIFO, socket or device)"
     return None
 
 

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -217,6 +218,19 @@ def test_a_received_run_folder_with_a_link_is_not_written_through(tmp_path, trai
     assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 2
     one_line_error(capsys, "is a symbolic link; a run writes only into files of its own folder")
     assert victim.read_text() == "keep me\n"
+
+
+def test_a_received_run_folder_with_a_fifo_is_refused_not_waited_on(tmp_path, trained, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    (run / "log.jsonl").unlink()
+    os.mkfifo(run / "log.jsonl")  # the resume in place appended to it and waited for a reader for good
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the resume blocked on the FIFO"))
+    signal.alarm(60)
+    try:
+        assert train.main(["--resume", str(run / "snapshots" / "snapshot_iter_4.pt")]) == 2
+    finally:
+        signal.alarm(0)
+    one_line_error(capsys, "log.jsonl is neither a file nor a folder (a FIFO, socket or device); a run writes only")
 
 
 def test_a_received_snapshot_that_links_to_another_runs_resumes_beside_the_received_run(tmp_path, trained, capsys):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from source.config import ConfigError
-from source.files import first_link
+from source.files import first_hazard
 from source.study.processes import own_process_group, record_pids
 from source.study.spec import Run, Study
 from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
@@ -93,10 +93,9 @@ def run_chunk(study: Study, root: Path, parallel: int, runs: list[Run] | None = 
     ``data_root``: the study's data folder on this machine, given to the runs that read it (``command``).
     """
     root = Path(root)
-    link = first_link(root)
-    if link is not None:
-        raise ConfigError(f"{link} is a symbolic link; a chunk writes only into the study root's own files "
-                          "(remove it)")
+    hazard = first_hazard(root)
+    if hazard is not None:
+        raise ConfigError(f"{hazard}; a chunk writes only into the study root's own files (remove it)")
     runs = list(study.runs if runs is None else runs)
     chunk = Chunk("budget", parallel, per_process, tuple(performance),
                   None if data_root is None else str(data_root))

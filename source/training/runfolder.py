@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
-from source.files import first_link, remove_stale_temp_files
+from source.files import first_hazard, remove_stale_temp_files
 from source.training import checkpoint
 
 LOCK_FILE = ".lock"
@@ -103,11 +103,11 @@ def claim(plan: Plan) -> RunFolder:
                 raise RunFolderError(f"{path} is in use by another run ({_holder(path)}); choose another --out")
             continue
         if plan.in_place or is_empty(path):
-            link = first_link(path)
-            if link is not None:
+            hazard = first_hazard(path)
+            if hazard is not None:
                 folder.release()
-                raise RunFolderError(f"{link} is a symbolic link; a run writes only into files of its own folder "
-                                     "(a folder from elsewhere could point a log or snapshot write at any file)")
+                raise RunFolderError(f"{hazard}; a run writes only into files of its own folder (a folder from "
+                                     "elsewhere could point a log or snapshot write at any file, or block it)")
             remove_stale_temp_files(path)  # of writes killed in an earlier run of this folder; we hold the lock
             return folder
         folder.release()
