@@ -191,6 +191,13 @@ def test_an_idx_file_is_read_no_further_than_its_header_says(tmp_path, header, b
         read_idx(str(path))
 
 
+def test_labels_of_another_shape_are_a_dataset_error(tmp_path):
+    images, labels = write_fashion_standin(tmp_path)
+    write_idx_gz(tmp_path / "train-labels-idx1-ubyte.gz", np.stack([labels, labels], axis=1))  # numpy failed later
+    with pytest.raises(DatasetError, match=re.escape("holds (5, 28, 28) images and (5, 2) labels; expected")):
+        build_dataset("fashion_mnist", FashionMNISTArgs(root=str(tmp_path)))
+
+
 def test_a_broken_deflate_stream_behind_a_good_gzip_header_is_a_dataset_error(tmp_path):
     from source.datasets.fashion_mnist import read_idx
 

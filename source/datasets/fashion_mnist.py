@@ -129,9 +129,9 @@ class FashionMNIST(Dataset):
             download_fashion_mnist(args.root, args.split)
         images = read_idx(find_idx_file(args.root, image_name))
         labels = read_idx(find_idx_file(args.root, label_name)).astype(np.int64)
-        if images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE) or len(images) != len(labels):
+        if images.shape[1:] != (SOURCE_SIZE, SOURCE_SIZE) or labels.shape != (len(images),):
             raise DatasetError(
-                f"dataset.args.root: {args.root} holds {images.shape} images and {len(labels)} labels; "
+                f"dataset.args.root: {args.root} holds {images.shape} images and {labels.shape} labels; "
                 f"expected N x {SOURCE_SIZE} x {SOURCE_SIZE} images and N labels")
         if len(labels) and labels.max() >= N_CLASSES:
             raise DatasetError(f"dataset.args.root: {args.root} has label {labels.max()}; Fashion-MNIST has 0..9")
