@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
@@ -114,6 +115,15 @@ def zip_expansion(path: str | Path, stored_only: bool) -> str | None:
     return None
 
 
+def _colliding_in_torch_file(path: str | Path) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [member for member in archive.infolist() if member.filename.endswith("/data.pkl")]
+            return next(filter(None, (colliding_numbers(archive.read(member)) for member in pickles)), None)
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
 def _npy_overstated(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> str | None:
     """Why an .npz member's header asks for more than the member holds (numpy allocates what it says first)."""
     import numpy as np
@@ -147,12 +157,34 @@ def plain_dtype(name: Any, align: Any = False, copy: Any = False) -> Any:
     return np.dtype(name)
 
 
+MOST_COLLIDING_NUMBERS = 64
+
+
+def colliding_numbers(data: bytes) -> str | None:
+    """Why a pickle's numbers would take quadratic time to load, else None (also when it is no pickle: the loader
+    then says what it is). Python hashes an int by its value modulo 2^61 - 1 (floats alike), so the keys k (2^61 - 1)
+    of a dict all share one hash, and each one added is compared with all before it: 1 MB of them in a CIFAR batch
+    took 46 s, 31 MB would take hours. No file of ours holds more than a few distinct numbers of one hash."""
+    seen, per_hash = set(), {}
+    try:
+        for _, arg, _ in pickletools.genops(data):
+            if type(arg) in (int, float) and repr(arg) not in seen:  # repr: strings' hashes are salted per process
+                seen.add(repr(arg))
+                per_hash[hash(arg)] = per_hash.get(hash(arg), 0) + 1
+                if per_hash[hash(arg)] > MOST_COLLIDING_NUMBERS:
+                    return f"more than {MOST_COLLIDING_NUMBERS} distinct numbers of one hash (a hash flood)"
+    except (ValueError, EOFError):  # not a pickle, or cut off
+        return None
+    return None
+
+
 def torch_load(path: str | Path, allowed: list = ()) -> Any:
     """``torch.load(weights_only=True)`` on the CPU, once the file is known to hold what it loads to (torch would
-    also inflate a crafted file's compressed members); a RuntimeError, as torch's for unreadable files, if not."""
+    also inflate a crafted file's compressed members) and its pickle to load in linear time; a RuntimeError, as
+    torch's for unreadable files, if not."""
     import torch
 
-    problem = zip_expansion(path, stored_only=True)
+    problem = zip_expansion(path, stored_only=True) or _colliding_in_torch_file(path)
     if problem:
         raise RuntimeError(f"{problem}; refused")
     try:

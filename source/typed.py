@@ -25,6 +25,7 @@ class ConfigError(Exception):
 # large or deep is refused before it is walked.
 MAX_CONFIG_VALUES = 10_000
 MAX_CONFIG_DEPTH = 32
+MAX_MAPPING_KEYS = 1000
 
 
 def check_expansion(raw: Any, source: str) -> None:
@@ -49,11 +50,16 @@ class StrictLoader(yaml.SafeLoader):
     """safe_load without merge keys (``<<``), which PyYAML expands while parsing, before any limit can count:
     some 850 bytes of merges of merges ask for tens of GB), at most MAX_CONFIG_DEPTH levels deep, and without two
     of YAML 1.1's silent readings: a key given twice (the last one won; also spelled otherwise, ``1`` and ``0x1``),
-    base-60 numbers (``10:00`` was 600, ``1:30.0`` 90.0) and octal ones (``020000`` was 8192)."""
+    base-60 numbers (``10:00`` was 600, ``1:30.0`` 90.0) and octal ones (``020000`` was 8192). A mapping holds at
+    most MAX_MAPPING_KEYS keys: integer keys equal modulo 2^61 - 1 share a hash, and n of them took quadratic time
+    to check and build (40k: 35 s)."""
 
     def flatten_mapping(self, node) -> None:
         if any(key.tag == "tag:yaml.org,2002:merge" for key, _ in node.value):
             raise yaml.constructor.ConstructorError(None, None, "merge keys (<<) are not supported", node.start_mark)
+        if len(node.value) > MAX_MAPPING_KEYS:  # a config's mappings hold tens
+            raise yaml.constructor.ConstructorError(None, None, f"a mapping of {len(node.value)} keys, more than "
+                                                    f"{MAX_MAPPING_KEYS}", node.start_mark)
         seen = set()
         for key, _ in node.value:
             value = self.construct_object(key) if isinstance(key, yaml.ScalarNode) else id(key)

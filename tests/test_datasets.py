@@ -379,6 +379,7 @@ def _shared_nest(depth: int) -> list:
     ({"data": np.zeros((4, 3072), np.uint8), "labels": _shared_nest(12)}, "'labels' (N ints)"),
     ({"data": np.zeros((4, 3071), np.uint8), "labels": [0] * 4}, "N x 3072 uint8"),
     (np.zeros(3, np.uint8), "not a CIFAR-10 batch"),
+    ({k * (2**61 - 1): 0 for k in range(1, 100)}, "a hash flood"),  # one hash: 1 MB of such keys took 46 s
 ])
 def test_a_cifar10_batch_that_would_allocate_without_bound_is_refused(tmp_path, batch, message):
     write_cifar_standin(tmp_path)

@@ -405,6 +405,15 @@ def test_a_snapshot_of_shared_or_deeply_nested_dicts_is_refused_or_walked_once(t
     one_line_error(capsys, "nested deeper than 32 levels")
 
 
+def test_a_snapshot_of_numbers_sharing_one_hash_is_refused_before_unpickling(tmp_path, trained, capsys):
+    """Integer keys k (2^61 - 1) share one hash: building the dict took quadratic time (40k keys: 12.5 s)."""
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    snapshot["opt_gen"]["flood"] = {k * (2**61 - 1): 0 for k in range(1, 100)}
+    torch.save(snapshot, tmp_path / "flood.pt")
+    assert train.main(["--resume", str(tmp_path / "flood.pt")]) == 2
+    one_line_error(capsys, "a hash flood")
+
+
 def test_the_converter_converts_each_shared_container_once_and_refuses_a_foreign_rng(tmp_path, trained, capsys,
                                                                                        monkeypatch):
     shared = [np.float64(1.0)]
@@ -540,8 +549,10 @@ def test_a_config_giving_a_key_twice_is_refused(tmp_path, capsys):
     config.write_text((CONFIGS / "demo.yaml").read_text() + "\nseed: 7\n")  # demo.yaml has a seed already
     assert train.main(["--config", str(config), "--dry-run"]) == 2
     one_line_error(capsys, "(the key 'seed' is given twice)")
+    colliding = "".join(f"  {k * (2**61 - 1)}: 0\n" for k in range(1, 1200))  # one hash: quadratic time to build
     for text, message in [("\n0x1: a\n1: b\n", "the key '1' is given twice"),  # both the key 1: the last won
-                          ("\nseed: 010\n", "010 reads as an octal number in YAML")]:  # seed 8
+                          ("\nseed: 010\n", "010 reads as an octal number in YAML"),  # seed 8
+                          ("\nextra:\n" + colliding, "a mapping of 1199 keys, more than 1000")]:
         config.write_text((CONFIGS / "demo.yaml").read_text().replace("\nseed:", "\nold_seed:") + text)
         assert train.main(["--config", str(config), "--dry-run"]) == 2
         one_line_error(capsys, message)

@@ -10,6 +10,7 @@ CIFAR-10-LT (gSR) is the train split with ``long_tail: {ratio: 100}``: 5000, 299
 (12,406), chosen as the release chose them (source/datasets/longtail.py); its balanced evaluation set
 is the test split (``reference_args``).
 """
+import io
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
-from source.files import plain_dtype
+from source.files import colliding_numbers, plain_dtype
 from source.datasets.transforms import DatasetError
 from source.typed import first_line
 
@@ -119,7 +120,10 @@ class _BatchUnpickler(pickle.Unpickler):
 def read_pickle(path: str) -> dict:
     try:
         with open(path, "rb") as file:
-            return _BatchUnpickler(file, encoding="latin1").load()  # latin1: the files were pickled by Python 2
+            data = file.read()
+        if problem := colliding_numbers(data):
+            raise pickle.UnpicklingError(problem)
+        return _BatchUnpickler(io.BytesIO(data), encoding="latin1").load()  # latin1: pickled by Python 2
     except Exception as error:  # noqa: BLE001: a damaged or hostile file can fail in any way; say which file
         raise DatasetError(f"{path}: not a readable CIFAR-10 pickle ({first_line(error)})") from None
 
