@@ -206,7 +206,7 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
     assert "not a prepared folder" in cli_error(  # a manifest.json of something else is not ours to delete
         ["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "other_project"), "--force"], capsys)
     assert (tmp_path / "other_project" / "manifest.json").is_file()
-    assert "OUT: " in cli_error(["verify", str(tmp_path)], capsys)
+    assert "FOLDER: " in cli_error(["verify", str(tmp_path)], capsys)
     prepared(jpeg_root, out, 8)
     assert "not empty" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out)], capsys)
     prepared(jpeg_root, out, 16, "--force")

@@ -207,9 +207,10 @@ def verify(folder: str) -> list[str]:
             for name, actual in dataset.checksums(progress=True).items() if actual != expected.get(name)]
 
 
-def cli_message(error: Exception) -> str:
+def cli_message(error: Exception, command: str) -> str:
     """The data set's one-line message, naming this command's arguments instead of config keys."""
-    return re.sub(r"dataset\.args\.(\w+)", lambda match: OPTION_NAMES.get(match[1], match[0]), str(error))
+    names = {**OPTION_NAMES, "path": "FOLDER"} if command == "verify" else OPTION_NAMES
+    return re.sub(r"dataset\.args\.(\w+)", lambda match: names.get(match[1], match[0]), str(error))
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -224,7 +225,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     imagenet.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     imagenet.add_argument("--force", action="store_true", help="replace OUT if it is an earlier prepared folder")
     check = commands.add_parser("verify", help="re-hash a prepared folder and compare with its manifest")
-    check.add_argument("folder")
+    check.add_argument("folder", metavar="FOLDER", help="a folder made by the imagenet command")
     return parser.parse_args(argv)
 
 
@@ -240,7 +241,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"generator trains on {args.size} px images", file=sys.stderr)
         manifest = prepare_imagenet(args.root, args.list_file, args.size, args.out, args.workers, args.force)
     except DatasetError as error:
-        print(f"prepare: error: {cli_message(error)}", file=sys.stderr)
+        print(f"prepare: error: {cli_message(error, args.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("prepare: interrupted; OUT was not written", file=sys.stderr)
