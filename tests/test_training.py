@@ -630,3 +630,26 @@ def test_apply_SR_auto_switches_on_at_a_detected_collapse(tmp_path, monkeypatch,
     assert final["updater"]["apply_SR"] is True and final["updater"]["sr"]["ratios"], "SR acted at iteration 8"
     assert sorted(p.name for p in (out / "spectra").iterdir()) == [
         f"spectra_iter_{i:08d}.npz" for i in (2, 4, 6, 8)]
+
+
+def test_a_run_with_loader_workers_ends_after_an_offline_evaluation(tmp_path):
+    """Offline, the Inception download's failure kept the loader's iterator referenced to the end (an exception's
+    frames); multiprocessing's exit handler then joined workers that ignore its SIGTERM: a finished run never
+    exited. The trainer now ends its workers when it closes."""
+    script = ("import sys, source.metrics.inception as inception\n"
+              "def offline(url, destination): raise OSError('Name or service not known (offline)')\n"
+              "inception._download_weights = offline\n"
+              "import train\n"
+              "sys.exit(train.main(sys.argv[1:]))\n")
+    argv = tiny_argv(tmp_path / "run", 2, "num_workers=2", "evaluation_interval=2", "evaluation.metrics=[fid]",
+                     "evaluation.n_samples=20", "evaluation.batch_size=10", "evaluation.reference_images=20",
+                     "evaluation.inception_weights=null", f"evaluation.cache_dir={tmp_path / 'stats'}")
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch_home"), "OMP_NUM_THREADS": "1"}
+    try:
+        result = subprocess.run([sys.executable, "-c", script, *argv], cwd=CONFIGS.parent, env=env,
+                                capture_output=True, text=True, timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the finished run did not exit")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "using the offline pool3-only copy 'fid-helper'" in result.stdout + result.stderr
+    assert "evaluation at iteration 2" in result.stdout + result.stderr

@@ -98,6 +98,15 @@ class InfiniteBatchIterator:
         self._batch_in_epoch += 1
         return batch
 
+    def close(self) -> None:
+        """Ends the loader workers now (a later ``next()`` starts new ones). Left to garbage collection, a loader
+        that something still references at exit (an exception's frames) was joined by multiprocessing's exit
+        handler after a SIGTERM that the workers ignore (``leave_stops_to_the_trainer``): the process never ended."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multiprocessing loader iterator
+        if shutdown is not None:
+            shutdown()
+
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch_in_epoch": self._batch_in_epoch,
                 "global_batch_size": self.global_batch_size}

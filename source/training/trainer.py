@@ -96,6 +96,8 @@ class Trainer:
                 extension.finalize(self)
         finally:
             self.log.close()
+            if close_batches := getattr(self.updater.batches, "close", None):  # the loader's worker processes
+                close_batches()
 
     def catch_up(self) -> None:
         """After a resume in place: the first ``advance`` (where a stop signal is handled as in training) first runs
