@@ -24,10 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-import torch
-
 from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, check_overwrite, draw_grids,
-                           generate_all, grid_targets, save_samples)
+                           generate_all, grid_targets, output_folder, save_samples)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
 from source.files import refuse_link, run_figures
@@ -42,7 +40,8 @@ from source.metrics.reference import (ReferenceUnavailable, check_reference_reso
                                       reference_data, resolve_reference)
 from source.metrics.scoring import available_metrics, load_backbone, protocol_record
 from source.training import checkpoint
-from source.training.evaluate import LoadedGenerator, check_reference_split, check_settings, load_generator
+from source.training.evaluate import (LoadedGenerator, check_reference_split, check_settings, load_generator,
+                                      resolve_device)
 from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
@@ -54,12 +53,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run_folder(snapshot: str) -> Path:
@@ -181,7 +174,7 @@ def grids(args: argparse.Namespace) -> None:
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
     batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size).for_images(count)
-    out = Path(args.out) if args.out else refuse_link(
+    out = output_folder(Path(args.out)) if args.out else refuse_link(
         run_figures(run_folder(args.snapshot)) / f"grids_iter_{loaded.iteration}")  # a received run may hold links
     targets = grid_targets(args.classes, gen.n_classes, out)
     check_overwrite([path for _, path in targets], args.force)
@@ -199,6 +192,12 @@ def samples(args: argparse.Namespace) -> None:
     seed = loaded.config.seed if args.seed is None else args.seed
     z, labels = sample_inputs(args.n, loaded.gen.dim_z, loaded.gen.n_classes, seed)
     out = Path(args.out)
+    if args.format == "npz":  # numpy adds the suffix: the name checked and printed is the file written
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a folder; name the .npz file to write")
+        out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
+    else:
+        output_folder(out)
     # before generating: an export of 50k images from another snapshot is easily replaced by mistake
     check_overwrite([out] if args.format == "npz" else sorted(out.glob("*.png"))[:1], args.force)
     with generation_mode(loaded.gen, batchnorm, device):

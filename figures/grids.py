@@ -66,6 +66,13 @@ def check_overwrite(paths: list[Path], force: bool) -> None:
         raise ValueError(f"{existing[0]}{more} already exists; pass --force to overwrite or --out for another folder")
 
 
+def output_folder(out: Path) -> Path:
+    """--out as a folder to write into (new or existing), never a file."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a folder (new, or one to write into)")
+    return out
+
+
 def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[tuple[int | None, Path]]:
     """(class or None for an unconditional G, PNG path) of every grid to draw."""
     if n_classes == 0 and not classes:

@@ -497,6 +497,10 @@ def test_samples_export_png_folder_and_npz(evaluated_run, tmp_path):
     assert npz.read_bytes() == kept
     assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--seed", "9", "--out", str(npz),
                             "--format", "npz", "--force"]) == 0 and npz.read_bytes() != kept
+    # without the suffix: numpy adds it, and the export kept is that file (it was replaced, and named without it)
+    kept = npz.read_bytes()
+    assert evaluation.main(["samples", "--snapshot", snapshot, "--n", "5", "--out", str(tmp_path / "samples"),
+                            "--format", "npz"]) == 2 and npz.read_bytes() == kept
 
 
 def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
@@ -515,7 +519,12 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
          "the snapshot's evaluation.metrics is []"),
         (["metrics", "--snapshot", snapshot, "--metrics", "is", "is", *elsewhere],
          "none of the requested metrics can be computed"),  # IS of the pool3-only weights
-    ]
+        (["grids", "--snapshot", snapshot, "--device", "cpu:0x"], "--device 'cpu:0x': not a device"),  # tracebacks
+        (["samples", "--snapshot", snapshot, "--n", "2", "--out", str(bad)], f"--out {bad} is a file; name a folder"),
+        (["grids", "--snapshot", snapshot, "--out", str(bad)], f"--out {bad} is a file; name a folder"),
+        (["samples", "--snapshot", snapshot, "--n", "2", "--format", "npz", "--out", str(tmp_path)], "is a folder"),
+    ] + ([] if torch.cuda.is_available() else [
+        (["metrics", "--snapshot", snapshot, "--device", "cuda"], "--device cuda: no CUDA GPU is visible here")])
     for argv, expected in cases:
         assert evaluation.main(argv) == 2
         err = capsys.readouterr().err

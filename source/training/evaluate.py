@@ -261,3 +261,20 @@ class Evaluate(Extension):
             tqdm.write(f"\n{'!' * 80}\nEVALUATION OFF from iteration {trainer.iteration}: {reason}\n"
                        f"Training goes on; score snapshots later with `python evaluation.py metrics --snapshot ...`."
                        f"\n{'!' * 80}")
+
+
+def resolve_device(name: str) -> torch.device:
+    """A device named on the command line (``auto``: cuda when there is one); a ValueError for one not here."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device; cpu, cuda, cuda:1, ... or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPUs")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda devices generate here")
+    return device
