@@ -77,7 +77,7 @@ def grid_targets(classes: list[int] | None, n_classes: int, out: Path) -> list[t
     """(class or None for an unconditional G, PNG path) of every grid to draw."""
     if n_classes == 0 and not classes:
         return [(None, out / "samples.png")]
-    classes = classes or default_grid_classes(n_classes)
+    classes = list(dict.fromkeys(classes)) if classes else default_grid_classes(n_classes)  # each grid once
     check_classes(classes, n_classes)
     return [(label, out / f"class_{label}.png") for label in classes]
 

@@ -219,6 +219,9 @@ def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     raw = read_yaml(path, str(path)) or {}
+    if isinstance(raw, dict) and {"base", "arms"} <= raw.keys():
+        raise ConfigError(f"{path} is a study file (its runs' configs are its base with its arms' changes): run it "
+                          f"with python -m source.study, or train its base config, {str(raw['base'])[:200]}")
     return config_from_dict(raw, overrides, source=str(path), world_size=world_size)
 
 

@@ -183,3 +183,9 @@ def test_broken_yaml_names_where_it_breaks(tmp_path, capsys):
     code, _, err = run_train(["--config", str(path), "--dry-run"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"{path}: not valid YAML at line 4, column " in err and "mapping values are not allowed here" in err
+
+
+def test_a_study_file_given_to_train_py_is_named_so(capsys):
+    code, _, err = run_train(["--config", str(CONFIGS / "collapse" / "gpu_study.yaml"), "--dry-run"], capsys)
+    assert code == 2 and "gpu_study.yaml is a study file" in err and "python -m source.study" in err
+    assert "fmnist_cifar_recipe_ch32.yaml" in err  # its base: the config to train instead

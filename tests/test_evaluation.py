@@ -458,10 +458,11 @@ def test_training_turns_evaluation_off_instead_of_crashing_on_a_mismatching_cach
     assert (out / "snapshots" / "snapshot_iter_2.pt").is_file()
 
 
-def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run):
+def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run, capsys):
     snapshot = evaluated_run / "snapshots" / "snapshot_iter_2.pt"
-    argv = ["grids", "--snapshot", str(snapshot), "--classes", "0", "2", "--rows", "2", "--columns", "3"]
+    argv = ["grids", "--snapshot", str(snapshot), "--classes", "0", "2", "0", "--rows", "2", "--columns", "3"]
     assert evaluation.main(argv) == 0
+    assert capsys.readouterr().out.count("class_0.png") == 1  # a class named twice: drawn once
     folder = evaluated_run / "figures" / "grids_iter_2"
     assert sorted(p.name for p in folder.iterdir()) == ["class_0.png", "class_2.png"]
     with Image.open(folder / "class_0.png") as first, Image.open(folder / "class_2.png") as second:
