@@ -38,6 +38,8 @@ from source.metrics import (
     trace_sqrt_product,
 )
 from source.metrics import inception
+from source.metrics.reference import Reference, ReferenceUnavailable
+from source.metrics.scoring import intra_fid_score
 from source.metrics.inception import WEIGHTS_FILE
 
 
@@ -157,8 +159,12 @@ def test_compute_reference_stats_overall_and_per_class():
     np.testing.assert_allclose(reference.per_class[2][1], np.cov(pixels[2::3], rowvar=False), rtol=1e-10)
     with pytest.raises(ValueError, match="labels"):
         compute_reference_stats([images], FlattenBackbone(), per_class=True)
-    with pytest.raises(ValueError, match=r"classes \[5\] have fewer than 2"):
-        compute_reference_stats([(images[:3], torch.tensor([0, 0, 5]))], FlattenBackbone(), per_class=True)
+    # a class of one image has no statistics (no covariance): left out, and an intra-FID asking for it says why,
+    # before generating anything; the other classes stay scorable (it failed for all, after the reference's minutes)
+    few = compute_reference_stats([(images[:3], torch.tensor([0, 0, 5]))], FlattenBackbone(), per_class=True)
+    assert sorted(few.per_class) == [0] and few.n_images == 3
+    with pytest.raises(ReferenceUnavailable, match=r"no statistics for classes \[5\] \(it holds fewer than 2"):
+        intra_fid_score(None, FlattenBackbone(), Reference("few", {}, few, None), [0, 5], 2, 2, "cpu", seed=0)
 
 
 def test_stats_round_trip_and_ttur_and_sngan_files(tmp_path):

@@ -112,7 +112,9 @@ def intra_fid_score(
     """sngan's intra-FID: mean over classes of FID(class samples, class reference), same latents for every class."""
     missing = sorted(set(classes) - set(reference.stats.per_class))
     if missing:
-        raise ReferenceUnavailable(f"the reference {reference.path} has no statistics for classes {missing[:10]}")
+        raise ReferenceUnavailable(f"the reference {reference.path} has no statistics for classes {missing[:10]} "
+                                   f"(it holds fewer than 2 of their images: more reference images, "
+                                   f"evaluation.reference_images, or other classes)")
     fake = {label: feature_statistics(class_features(gen, backbone, label, samples_per_class, batch_size, device, seed))
             for label in tqdm(classes, desc="intra-FID", unit="class")}
     return intra_fid(fake, reference.stats.per_class)
@@ -132,7 +134,8 @@ def group_fid_score(
             continue
         index = GROUPS.index(name)
         if index not in reference.stats.per_class:
-            raise ReferenceUnavailable(f"the reference {reference.path} has no statistics of group '{name}'")
+            raise ReferenceUnavailable(f"the reference {reference.path} has no statistics of group '{name}' (it "
+                                       f"holds fewer than 2 of its images: more reference images)")
         moments = FeatureMoments()
         for label in tqdm(groups[name], desc=f"group FID ({name})", unit="class"):
             moments.add(class_features(gen, backbone, label, samples_per_class, batch_size, device, seed))

@@ -104,11 +104,10 @@ def compute_reference_stats(
                 for label in np.unique(labels):
                     by_class.setdefault(int(label), FeatureMoments()).add(pool3[labels == label])
             progress.update(len(pool3))
-    too_small = [label for label, moments in by_class.items() if moments.n < 2]
-    if too_small:
-        raise ValueError(f"classes {sorted(too_small)[:10]} have fewer than 2 images; per-class statistics need 2")
     mu, sigma = overall.statistics()
-    return ReferenceStats(mu, sigma, overall.n, {label: m.statistics() for label, m in sorted(by_class.items())})
+    # a class of fewer than 2 images has no covariance: left out, and an intra-FID that asks for it says why
+    return ReferenceStats(mu, sigma, overall.n, {label: m.statistics() for label, m in sorted(by_class.items())
+                                                 if m.n >= 2})
 
 
 def save_stats(
