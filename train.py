@@ -189,7 +189,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     if args.dry_run:
         if config.evaluation.metrics:  # what the evaluation checks when the run starts
             check_evaluation(config, world.size)
-        dry_run(config, models, world, plan, args.config or args.resume)
+        dry_run(config, models, world, plan, args.config or args.resume, resumed_lines(args, snapshot, config, changes))
         return None
     out, folder = claim_run_folder(plan, world)
     if folder is not None:
@@ -224,6 +224,17 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
     if snapshot and not branch:
         trainer.catch_up()  # an evaluation that a stop or crash interrupted at the snapshot's iteration, first
     return trainer
+
+
+def resumed_lines(args: argparse.Namespace, snapshot: dict | None, config: Config, changes: list[str]) -> list[str]:
+    """What a resume would say first (a dry run's last lines): where it starts, whether anything is left to train,
+    and every setting that differs from the snapshot's."""
+    if snapshot is None:
+        return []
+    done = snapshot["iteration"] >= config.iteration  # in place: a branch with nothing to train was refused above
+    return [f"resumes {args.resume} at iteration {snapshot['iteration']}"
+            + (f": the run has trained its {config.iteration} iterations, nothing to do" if done else "")] + \
+        [f"  config change: {line}" for line in changes]
 
 
 def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bool) -> runfolder.Plan:

@@ -189,3 +189,16 @@ def test_a_study_file_given_to_train_py_is_named_so(capsys):
     code, _, err = run_train(["--config", str(CONFIGS / "collapse" / "gpu_study.yaml"), "--dry-run"], capsys)
     assert code == 2 and "gpu_study.yaml is a study file" in err and "python -m source.study" in err
     assert "fmnist_cifar_recipe_ch32.yaml" in err  # its base: the config to train instead
+
+
+def test_a_dry_run_of_a_resume_says_what_the_resume_would(tmp_path, capsys):
+    from test_training import tiny_argv
+
+    assert train.main(tiny_argv(tmp_path / "run", 2)) == 0
+    snapshot = str(tmp_path / "run" / "snapshots" / "snapshot_iter_2.pt")
+    code, out, _ = run_train(["--resume", snapshot, "--dry-run"], capsys)  # the run is done: it said "in place"
+    assert code == 0 and f"resumes {snapshot} at iteration 2: the run has trained its 2 iterations, nothing" in out
+    code, out, _ = run_train(["--resume", snapshot, "--set", "iteration=4", "--set", "updater.sr.interval=3",
+                              "--dry-run"], capsys)
+    assert code == 0 and f"resumes {snapshot} at iteration 2\n" in out
+    assert "  config change: iteration: 2 -> 4" in out and "  config change: updater.sr.interval: 2 -> 3" in out

@@ -73,8 +73,10 @@ def describe_terms(config: Config) -> str:
     return "; ".join(terms)
 
 
-def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str) -> None:
-    """What the run would be: models, optimizers, batch, terms, device, folder and data, one row each."""
+def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str,
+            resumed: list[str] = ()) -> None:
+    """What the run would be: models, optimizers, batch, terms, device, folder and data, one row each; then what a
+    resume would say (``resumed``)."""
     out = f"{plan.first} (continues the run in place)" if plan.in_place else \
         f"{plan.first}{'' if plan.only else ' (or the next free name, if taken)'}"
     rows = [("generator", f"{config.models.generator.name}: {build.count_parameters(models.gen):,} parameters"),
@@ -91,4 +93,4 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
     rows.append(("data", describe_data(config, source, world.size)))
     if world.is_main:
         width = max(len(name) for name, _ in rows)
-        print("\n".join(f"{name:>{width}}  {text}" for name, text in rows))
+        print("\n".join([f"{name:>{width}}  {text}" for name, text in rows] + list(resumed)))
