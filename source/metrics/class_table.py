@@ -60,7 +60,7 @@ def format_class_table(record: dict) -> str:
     protocol = record["protocol"]
     repeats = len(protocol["seeds"])
     spread = f"mean ± sample std over {repeats} repeats" if repeats > 1 else "one repeat"
-    weights = "the EMA of G" if protocol["generator"] == "ema" else "G (raw weights)"
+    weights = "the EMA of G" if protocol["generator"] == "ema" else "G's raw weights"
     weights = f"{weights} ({describe_batchnorm(protocol)})"
     lines.append(f"classifier FID {plus_minus(record, 'classifier_FID')}, "
                  f"KID {plus_minus(record, 'classifier_KID', 5)} vs {protocol['real_images']} real images "

@@ -29,8 +29,9 @@ def describe(record: dict) -> str:
     if "KID" in record:
         values.append(describe_kid(record, repeats))
     if "intra_FID" in record:
-        values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over {len(record['intra_FID_per_class'])} "
-                      f"classes of {protocol['samples_per_class']} samples")
+        count = len(record["intra_FID_per_class"])
+        values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over {count} class{'es' if count != 1 else ''} of "
+                      f"{protocol['samples_per_class']} samples")
     if "group_FID" in record:
         values.append(describe_groups(record))
     spread = f"mean ± sample std over {repeats} repeats (seeds {protocol['seeds'][0]}..{protocol['seeds'][-1]}) | " \
