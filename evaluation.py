@@ -24,8 +24,8 @@ import signal
 import sys
 from pathlib import Path
 
-from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, check_overwrite, draw_grids,
-                           generate_all, grid_targets, output_folder, save_samples)
+from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, MAX_GRID_IMAGES, check_overwrite,
+                           draw_grids, generate_all, grid_targets, output_folder, save_samples)
 from source.config import ConfigError, load_config
 from source.datasets import DatasetError
 from source.files import refuse_link, run_figures
@@ -173,6 +173,9 @@ def grids(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     loaded = load_generator(args.snapshot, device, raw=args.raw_generator)
     gen, count = loaded.gen, args.rows * args.columns
+    if count > MAX_GRID_IMAGES:  # all latents are drawn at once, and a grid of more is no figure
+        raise ValueError(f"--rows {args.rows} x --columns {args.columns}: {count:,} images in one grid; at most "
+                         f"{MAX_GRID_IMAGES:,} (100 x 100)")
     batchnorm = g_batchnorm(loaded.config.evaluation, args.g_batchnorm, args.batch_size).for_images(count)
     out = output_folder(Path(args.out)) if args.out else refuse_link(
         run_figures(run_folder(args.snapshot)) / f"grids_iter_{loaded.iteration}")  # a received run may hold links

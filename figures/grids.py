@@ -18,6 +18,7 @@ MIN_FONT_SIZE = 10
 IMAGENET_CLASSES = 1000
 IMAGENET_GRID_CLASSES = [204, 265, 323, 946]  # the SRGANs README's grids (Lhasa, toy poodle, monarch, cardoon)
 MAX_DEFAULT_GRID_CLASSES = 10
+MAX_GRID_IMAGES = 10_000
 
 
 def tile(images: torch.Tensor, rows: int, columns: int, padding: int = 0, fill: int = PADDING_VALUE) -> torch.Tensor:

@@ -521,6 +521,7 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
         (["metrics", "--snapshot", snapshot, "--metrics", "is", "is", *elsewhere],
          "none of the requested metrics can be computed"),  # IS of the pool3-only weights
         (["grids", "--snapshot", snapshot, "--device", "cpu:0x"], "--device 'cpu:0x': not a device"),  # tracebacks
+        (["grids", "--snapshot", snapshot, "--rows", "100000", "--columns", "100000"], "at most 10,000"),  # OOM
         (["samples", "--snapshot", snapshot, "--n", "2", "--out", str(bad)], f"--out {bad} is a file; name a folder"),
         (["grids", "--snapshot", snapshot, "--out", str(bad)], f"--out {bad} is a file; name a folder"),
         (["samples", "--snapshot", snapshot, "--n", "2", "--format", "npz", "--out", str(tmp_path)], "is a folder"),
