@@ -234,7 +234,7 @@ def resumed_lines(args: argparse.Namespace, snapshot: dict | None, config: Confi
     done = snapshot["iteration"] >= config.iteration  # in place: a branch with nothing to train was refused above
     return [f"resumes {args.resume} at iteration {snapshot['iteration']}"
             + (f": the run has trained its {config.iteration} iterations, nothing to do" if done else "")] + \
-        [f"  config change: {line}" for line in changes]
+        resume.change_lines(changes)
 
 
 def plan_run_folder(args: argparse.Namespace, snapshot: dict | None, changed: bool) -> runfolder.Plan:

@@ -168,11 +168,14 @@ def colliding_numbers(data: bytes) -> str | None:
     seen, per_hash = set(), {}
     try:
         for _, arg, _ in pickletools.genops(data):
-            if type(arg) in (int, float) and repr(arg) not in seen:  # repr: strings' hashes are salted per process
-                seen.add(repr(arg))
-                per_hash[hash(arg)] = per_hash.get(hash(arg), 0) + 1
-                if per_hash[hash(arg)] > MOST_COLLIDING_NUMBERS:
-                    return f"more than {MOST_COLLIDING_NUMBERS} distinct numbers of one hash (a hash flood)"
+            # distinct values kept by their spelling: a string's hash is salted per process, so no flood there
+            if type(arg) not in (int, float) or (spelled := repr(arg)) in seen:
+                continue
+            seen.add(spelled)
+            key = hash(arg)
+            per_hash[key] = per_hash.get(key, 0) + 1
+            if per_hash[key] > MOST_COLLIDING_NUMBERS:
+                return f"more than {MOST_COLLIDING_NUMBERS} distinct numbers of one hash (a hash flood)"
     except (ValueError, EOFError):  # not a pickle, or cut off
         return None
     return None

@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
-from source.files import colliding_numbers, plain_dtype
 from source.datasets.transforms import DatasetError
+from source.files import colliding_numbers, plain_dtype
 from source.typed import first_line
 
 BATCH_FOLDER = "cifar-10-batches-py"

@@ -113,8 +113,8 @@ def intra_fid_score(
     missing = sorted(set(classes) - set(reference.stats.per_class))
     if missing:
         raise ReferenceUnavailable(f"the reference {reference.path} has no statistics for classes {missing[:10]} "
-                                   f"(it holds fewer than 2 of their images: more reference images, "
-                                   f"evaluation.reference_images, or other classes)")
+                                   f"(it holds fewer than 2 of their images, or came from elsewhere without them: "
+                                   f"more reference images, evaluation.reference_images, or other classes)")
     fake = {label: feature_statistics(class_features(gen, backbone, label, samples_per_class, batch_size, device, seed))
             for label in tqdm(classes, desc="intra-FID", unit="class")}
     return intra_fid(fake, reference.stats.per_class)
@@ -135,7 +135,8 @@ def group_fid_score(
         index = GROUPS.index(name)
         if index not in reference.stats.per_class:
             raise ReferenceUnavailable(f"the reference {reference.path} has no statistics of group '{name}' (it "
-                                       f"holds fewer than 2 of its images: more reference images)")
+                                       f"holds fewer than 2 of its images, or came from elsewhere without them: "
+                                       f"more reference images)")
         moments = FeatureMoments()
         for label in tqdm(groups[name], desc=f"group FID ({name})", unit="class"):
             moments.add(class_features(gen, backbone, label, samples_per_class, batch_size, device, seed))

@@ -41,8 +41,8 @@ from source.training.distributed import World, world_size_from_env
 from source.training.trainer import Trainer
 
 OpenRun = Callable[[list[str], ExitStack, dict], Trainer]
-MAX_RUNS = 64
 FailureStatus = Callable[[Exception, World], "int | None"]
+MAX_RUNS = 64  # each holds its log open; past 32 CUDA streams runs no longer go side by side
 
 
 class Member:

@@ -86,6 +86,11 @@ def recipe_changes(changes: list[str], dataset: str) -> list[str]:
     return [line for line in changes if not line.startswith("performance.") and line.partition(":")[0] not in kept]
 
 
+def change_lines(changes: list[str]) -> list[str]:
+    """How a resume lists the settings that differ from its snapshot's (the run and its --dry-run)."""
+    return [f"  config change: {line}" for line in changes]
+
+
 def restore(trainer: Trainer, snapshot: dict, path: str, changes: list[str], world: World) -> None:
     """The snapshot's state into ``trainer``, and the run folder's logs cut back to its iteration: in place, what ran
     after the snapshot is trained again (its stop's elapsed time kept, generator exports of that timeline removed);
@@ -99,8 +104,8 @@ def restore(trainer: Trainer, snapshot: dict, path: str, changes: list[str], wor
         raise SnapshotError(f"{path}: {error}") from None
     if world.is_main:
         print(f"resumed from {path} at iteration {trainer.iteration}")
-        for line in changes:
-            print(f"  config change: {line}")
+        for line in change_lines(changes):
+            print(line)
         for name in ("log.jsonl", "metrics.jsonl", ClassSpectra.FILE, Modes.FILE):
             try:
                 truncate_after(trainer.out / name, trainer.iteration)
