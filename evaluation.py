@@ -27,6 +27,7 @@ from pathlib import Path
 from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, MAX_GRID_IMAGES, check_overwrite,
                            draw_grids, generate_all, grid_targets, output_folder, save_samples)
 from source.config import ConfigError, load_config
+from source.console import survive_readers_leaving
 from source.datasets import DatasetError
 from source.files import refuse_link, run_figures
 from source.metrics import StatsMismatch, WeightsUnavailable
@@ -328,4 +329,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    survive_readers_leaving()
     sys.exit(main())

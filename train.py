@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from source.config import Config, ConfigError, load_config, save_config
+from source.console import survive_readers_leaving
 from source.datasets import DatasetError
 from source.typed import out_of_memory
 from source.training import build, checkpoint, group, performance, resume, runfolder
@@ -278,4 +279,5 @@ def make_extensions(config: Config, world: World, class_counts: list[int]) -> li
 
 
 if __name__ == "__main__":
+    survive_readers_leaving()
     sys.exit(main())

@@ -34,11 +34,17 @@ def validate_model_args(spec: ModelSpec, key: str, source: str) -> dict:
 
 
 def validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) -> Any:
-    from source.datasets import DATASETS
+    """The data set's args dataclass, its values checked (whether its files exist is the run's or the dry run's
+    to say)."""
+    from source.datasets import DATASETS, value_problems
 
     if spec.name not in DATASETS:
         raise ConfigError(f"{source}: {key}.name: unknown dataset '{spec.name}'{suggest(spec.name, DATASETS)}")
-    return validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
+    args = validate_dataclass(args or {}, DATASETS[spec.name][0], f"{key}.args", source)
+    problems = value_problems(spec.name, args)
+    if problems:
+        raise ConfigError(f"{source}: " + "; ".join(problems))
+    return args
 
 
 def check_consistency(config: Config, source: str, world_size: int) -> None:

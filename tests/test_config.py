@@ -129,6 +129,18 @@ def test_dry_run_shows_the_fast_settings_and_ghost_batchnorm(capsys):
     assert "performance  amp bf16, channels_last True (note: bf16 autocast on a CPU" in out
 
 
+def test_bad_dataset_values_are_refused_by_the_config_whatever_the_files(capsys, tmp_path):
+    """A dry run said "data NOT AVAILABLE" and exit 0 for a value the run refuses (exit 2): values are the config's."""
+    for bad, message in [("long_tail.ratio=0.5", "dataset.args.long_tail.ratio: must be a finite number >= 1"),
+                         ("split=val", "dataset.args.val_root: split 'val' needs the folder of validation images")]:
+        for dry in (["--dry-run"], ["--out", str(tmp_path / "run")]):
+            argv = ["--config", str(CONFIGS / "sr_imagenet.yaml"), "--set", "dataset.args.root=/nonexistent", "--set",
+                    f"dataset.args.{bad}"] + dry
+            code, out, err = run_train(argv, capsys)
+            assert code == 2 and message in err and "NOT AVAILABLE" not in out and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dry_run_checks_what_the_run_would_refuse_at_once(capsys):
     """It passed data smaller than one micro-batch and evaluation settings the run refuses in its first second."""
     small = ["--config", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", "dataset.name=synthetic", "--set",

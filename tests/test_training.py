@@ -653,3 +653,18 @@ def test_a_run_with_loader_workers_ends_after_an_offline_evaluation(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "using the offline pool3-only copy 'fid-helper'" in result.stdout + result.stderr
     assert "evaluation at iteration 2" in result.stdout + result.stderr
+
+
+def test_a_run_outlives_the_reader_of_its_console(tmp_path):
+    """`train.py ... | head` killed the run at its next printed line (BrokenPipeError, no snapshot since the last
+    interval); now the console goes quiet and the run finishes: its files hold what it printed."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "train.py", *tiny_argv(out, 30)], cwd=CONFIGS.parent, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.readline()  # the run folder's line: the run has started
+    process.stdout.close()
+    process.stderr.close()
+    assert process.wait(timeout=240) == 0
+    assert (out / "snapshots" / "snapshot_iter_30.pt").is_file()
+    assert max(r["iteration"] for r in read_jsonl(out / "log.jsonl") if "loss_dis" in r) == 30

@@ -17,15 +17,17 @@ from typing import Any, Callable
 import numpy as np
 from torch.utils.data import Dataset
 
-from source.datasets.cifar10 import CIFAR10, CIFAR10Args, check_cifar10_args, cifar10_download_pending
+from source.datasets.cifar10 import (CIFAR10, CIFAR10Args, check_cifar10_args, cifar10_download_pending,
+                                    cifar10_value_problems)
 from source.datasets.fashion_mnist import (FashionMNIST, FashionMNISTArgs, check_fashion_mnist_args,
-                                          fashion_mnist_download_pending)
-from source.datasets.imagenet import ImageNet, ImageNetArgs, check_imagenet_args
-from source.datasets.inaturalist import INaturalist, INaturalistArgs, check_inaturalist_args
+                                          fashion_mnist_download_pending, fashion_mnist_value_problems)
+from source.datasets.imagenet import ImageNet, ImageNetArgs, check_imagenet_args, imagenet_value_problems
+from source.datasets.inaturalist import (INaturalist, INaturalistArgs, check_inaturalist_args,
+                                        inaturalist_value_problems)
 from source.datasets.iterator import InfiniteBatchIterator
 from source.datasets.longtail import LongTailArgs
-from source.datasets.lsun import LSUN, LSUNArgs, check_lsun_args
-from source.datasets.prepared import PreparedImageNet, PreparedImageNetArgs, check_prepared_args
+from source.datasets.lsun import LSUN, LSUNArgs, check_lsun_args, lsun_value_problems
+from source.datasets.prepared import PreparedImageNet, PreparedImageNetArgs, check_prepared_args, prepared_value_problems
 from source.datasets.synthetic import SyntheticArgs, SyntheticImages, check_synthetic_args
 from source.datasets.transforms import DatasetError
 
@@ -48,6 +50,17 @@ _CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "lsun": check_lsun_args,
     "inaturalist": check_inaturalist_args,
     "synthetic": check_synthetic_args,
+}
+
+# the args' own problems, found without touching a file: config validation refuses them (a run, a dry run)
+_VALUE_CHECKS: dict[str, Callable[[Any], list[str]]] = {
+    "imagenet": imagenet_value_problems,
+    "imagenet_prepared": prepared_value_problems,
+    "fashion_mnist": fashion_mnist_value_problems,
+    "cifar10": cifar10_value_problems,
+    "lsun": lsun_value_problems,
+    "inaturalist": inaturalist_value_problems,
+    "synthetic": check_synthetic_args,  # nothing to look for on disk
 }
 
 _DOWNLOADS: dict[str, Callable[[Any], bool]] = {
@@ -99,6 +112,12 @@ def check_dataset_args(name: str, args: Any) -> list[str]:
     return _CHECKS[name](args)
 
 
+def value_problems(name: str, args: Any) -> list[str]:
+    """Problems of the args themselves (bad values), whatever is on disk; empty when none."""
+    _require_known(name, args)
+    return _VALUE_CHECKS[name](args)
+
+
 def download_pending(name: str, args: Any) -> bool:
     """``build_dataset`` would download the data first (CIFAR-10, Fashion-MNIST: allowed and not yet done)."""
     _require_known(name, args)
@@ -147,6 +166,7 @@ def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
 
 __all__ = ["DATASETS", "SPLITS", "STANDARD_FILES", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
            "check_dataset_args", "class_counts", "describe_class_counts", "download_pending", "reference_args",
+           "value_problems",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
            "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",
            "SyntheticArgs", "SyntheticImages"]

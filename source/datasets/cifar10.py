@@ -46,11 +46,18 @@ def missing_files(root: str, split: str) -> list[str]:
     return [name for name in SPLIT_FILES[split] + [META_FILE] if not os.path.isfile(os.path.join(folder, name))]
 
 
-def check_cifar10_args(args: CIFAR10Args) -> list[str]:
-    """Problems that would stop ``CIFAR10(args)`` without a download attempt; reads no file."""
+def cifar10_value_problems(args: CIFAR10Args) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLIT_FILES:
         return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
-    problems = long_tail_problems(args.long_tail, N_CLASSES)
+    return long_tail_problems(args.long_tail, N_CLASSES)
+
+
+def check_cifar10_args(args: CIFAR10Args) -> list[str]:
+    """Problems that would stop ``CIFAR10(args)`` without a download attempt; reads no file."""
+    problems = cifar10_value_problems(args)
+    if problems:
+        return problems
     missing = missing_files(args.root, args.split)
     if missing and not args.download:
         problems.append(

@@ -59,11 +59,18 @@ def find_idx_file(root: str, name: str) -> Optional[str]:
     return None
 
 
-def check_fashion_mnist_args(args: FashionMNISTArgs) -> list[str]:
-    """Problems that would stop ``FashionMNIST(args)``; looks for the files, reads none."""
+def fashion_mnist_value_problems(args: FashionMNISTArgs) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLIT_PREFIXES:
         return [f"dataset.args.split: must be 'train' or 'test', got {args.split!r}"]
-    problems = size_problems(args.size) + long_tail_problems(args.long_tail, N_CLASSES)
+    return size_problems(args.size) + long_tail_problems(args.long_tail, N_CLASSES)
+
+
+def check_fashion_mnist_args(args: FashionMNISTArgs) -> list[str]:
+    """Problems that would stop ``FashionMNIST(args)``; looks for the files, reads none."""
+    problems = fashion_mnist_value_problems(args)
+    if problems:
+        return problems
     missing = [name + ".gz" for name in idx_file_names(args.split) if find_idx_file(args.root, name) is None]
     if missing and not args.download:
         problems.append(

@@ -71,15 +71,22 @@ def split_source(args: ImageNetArgs) -> tuple[str, Optional[str], str]:
     return args.root, args.list_file, ""
 
 
-def check_imagenet_args(args: ImageNetArgs) -> list[str]:
-    """Problems that would stop ``ImageNet(args)``, found without listing or decoding any image."""
+def imagenet_value_problems(args: ImageNetArgs) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLITS:
         return [f"dataset.args.split: must be 'train' or 'val', got {args.split!r}"]
     if args.split == "val" and args.val_root is None:
         return ["dataset.args.val_root: split 'val' needs the folder of validation images (class folders named "
                 "like root's, or paths relative to it in val_list_file)"]
+    return size_problems(args.size) + long_tail_problems(args.long_tail)
+
+
+def check_imagenet_args(args: ImageNetArgs) -> list[str]:
+    """Problems that would stop ``ImageNet(args)``, found without listing or decoding any image."""
+    problems = imagenet_value_problems(args)
+    if problems:
+        return problems
     root, list_file, prefix = split_source(args)
-    problems = []
     if not os.path.exists(root):
         problems.append(
             f"dataset.args.{prefix}root: {root} does not exist; download ImageNet ILSVRC2012 {args.split} and point "
@@ -91,7 +98,7 @@ def check_imagenet_args(args: ImageNetArgs) -> list[str]:
             f"dataset.args.{prefix}list_file: {list_file} does not exist; write one 'nXXXXXXXX/name.JPEG label' "
             f"line per image (paths relative to {prefix}root) or remove {prefix}list_file to use "
             f"{prefix}root's class folders")
-    return problems + size_problems(args.size) + long_tail_problems(args.long_tail)
+    return problems
 
 
 def entry_kind(entry: os.DirEntry) -> str:

@@ -41,13 +41,21 @@ def list_path(args: INaturalistArgs) -> tuple[str, str]:
     return os.path.join(args.root, getattr(args, key)), key  # join keeps an absolute list path as it is
 
 
-def check_inaturalist_args(args: INaturalistArgs) -> list[str]:
-    """Problems that would stop ``INaturalist(args)``, found without reading the list."""
+def inaturalist_value_problems(args: INaturalistArgs) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLITS:
         return [f"dataset.args.split: must be 'train' or 'val', got {args.split!r}"]
     problems = size_problems(args.size) + long_tail_problems(args.long_tail, args.n_classes)
     if args.n_classes is not None and args.n_classes < 1:
         problems.append(f"dataset.args.n_classes: must be >= 1 or null (the largest label + 1), got {args.n_classes}")
+    return problems
+
+
+def check_inaturalist_args(args: INaturalistArgs) -> list[str]:
+    """Problems that would stop ``INaturalist(args)``, found without reading the list."""
+    problems = inaturalist_value_problems(args)
+    if problems:
+        return problems
     if not os.path.isdir(args.root):
         return problems + [f"dataset.args.root: {args.root} is not a folder; point it at the iNaturalist 2019 "
                            f"folder the list paths are relative to"]

@@ -72,8 +72,8 @@ def import_lmdb() -> Any:
     return lmdb
 
 
-def check_lsun_args(args: LSUNArgs) -> list[str]:
-    """Problems that would stop ``LSUN(args)``, found without opening any LMDB."""
+def lsun_value_problems(args: LSUNArgs) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLITS:
         return [f"dataset.args.split: must be 'train' or 'eval', got {args.split!r}"]
     if not args.categories or len(set(args.categories)) != len(args.categories):
@@ -81,6 +81,14 @@ def check_lsun_args(args: LSUNArgs) -> list[str]:
     problems = size_problems(args.size) + long_tail_problems(args.long_tail, len(args.categories))
     if args.eval_images < 1:
         problems.append(f"dataset.args.eval_images: must be >= 1, got {args.eval_images}")
+    return problems
+
+
+def check_lsun_args(args: LSUNArgs) -> list[str]:
+    """Problems that would stop ``LSUN(args)``, found without opening any LMDB."""
+    problems = lsun_value_problems(args)
+    if problems:
+        return problems
     if importlib.util.find_spec("lmdb") is None:
         problems.append(MISSING_LMDB)
     if not os.path.isdir(args.root):

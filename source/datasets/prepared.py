@@ -102,12 +102,20 @@ def size_mismatch(size: Optional[int], manifest: dict, folder: str) -> list[str]
             f"or prepare a {size} px copy with {PREPARE_HINT}"]
 
 
-def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
-    """Problems that would stop ``PreparedImageNet(args)``, found from the manifest alone."""
+def prepared_value_problems(args: PreparedImageNetArgs) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLITS:
         return [f"dataset.args.split: must be 'train' or 'val', got {args.split!r}"]
     if args.split == "val" and args.val_path is None:
         return [f"dataset.args.val_path: split 'val' needs a folder of prepared validation images ({PREPARE_HINT})"]
+    return long_tail_problems(args.long_tail)
+
+
+def check_prepared_args(args: PreparedImageNetArgs) -> list[str]:
+    """Problems that would stop ``PreparedImageNet(args)``, found from the manifest alone."""
+    problems = prepared_value_problems(args)
+    if problems:
+        return problems
     folder, key = split_folder(args), "dataset.args.val_path" if args.split == "val" else "dataset.args.path"
     if not os.path.isdir(folder):
         state = "is a file" if os.path.exists(folder) else "does not exist"

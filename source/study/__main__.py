@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from source.config import ConfigError, load_config
+from source.console import survive_readers_leaving
 from source.study import continuation, processes, runner, saved, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
@@ -277,4 +278,5 @@ def take_back(args, study: Study, root: Path, runs: list[Run]) -> int:
 COMMANDS = {"run": run, "status": show_status, "carry": carry, "device": device, "take-back": take_back}
 
 if __name__ == "__main__":
+    survive_readers_leaving()
     sys.exit(main())
