@@ -8,7 +8,8 @@ from another run's snapshot (an SR run branched from the SN run's 40k snapshot) 
 the parent's value at the resume point, drawn as a diamond. SR starts ("sr_start" events) are
 dashed vertical lines in the run's colour, resumes dotted ones. Panel titles state the protocol
 (N, IS splits, reference) and say so when the runs were scored under different ones.
-Reads only RUN/metrics.jsonl and RUN/log.jsonl.
+Reads only RUN/metrics.jsonl and RUN/log.jsonl. A run without IS/FID/KID records yet (a branch just started) is
+left out with a note, when another run has some.
 """
 
 from __future__ import annotations
@@ -36,15 +37,18 @@ class RunCurves:
 
 
 def read_run(run_dir: Path, label: str) -> RunCurves:
+    """The run's curves; its records may be empty (``no_records`` says why)."""
     require_run_folder(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    records = {int(r["iteration"]): r for r in read_jsonl(metrics_path) if any(m in r for m in METRICS)}
-    if not records:
-        holds = "holds no IS/FID/KID records" if metrics_path.is_file() else "does not exist (no evaluation yet)"
-        raise ValueError(f"{metrics_path} {holds}; training writes them every "
-                         "evaluation_interval iterations (evaluation.metrics must not be empty)")
+    records = {int(r["iteration"]): r for r in read_jsonl(run_dir / "metrics.jsonl") if any(m in r for m in METRICS)}
     resumes = {int(e["iteration"]): parent_record(run_dir, e) for e in events(run_dir, "resumed")}
     return RunCurves(label, dict(sorted(records.items())), resumes, sr_start(run_dir))
+
+
+def no_records(run_dir: Path) -> str:
+    metrics_path = run_dir / "metrics.jsonl"
+    holds = "holds no IS/FID/KID records" if metrics_path.is_file() else "does not exist (no evaluation yet)"
+    return (f"{metrics_path} {holds}; training writes them every evaluation_interval iterations "
+            "(evaluation.metrics must not be empty)")
 
 
 def parent_record(run_dir: Path, event: dict) -> dict | None:
@@ -162,6 +166,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = parse_args(argv)
     labels = args.labels or [run.resolve().name for run in args.runs]
     runs = [read_run(run, label) for run, label in zip(args.runs, labels)]
+    if not any(run.records for run in runs):
+        raise ValueError(no_records(args.runs[0]))
+    for folder, run in zip(args.runs, runs):
+        if not run.records:
+            print(f"note: {no_records(folder)}; left out of the figure", file=sys.stderr)
+    runs = [run for run in runs if run.records]
     written = save_figure(curves_figure(runs), (args.out or run_figures(args.runs[0])) / "curves.png", args.pdf)
     for path in written:
         print(path)

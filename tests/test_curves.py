@@ -126,3 +126,14 @@ def test_half_written_last_line_is_skipped_and_missing_metrics_is_a_clear_error(
         curves.main([str(empty)])
     with pytest.raises(SystemExit):
         curves.main([str(run), "--labels", "a", "b"])
+
+
+def test_a_run_without_records_yet_is_left_out_with_a_note(tmp_path, capsys):
+    """A branch just started (no evaluation yet) made the whole figure fail."""
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    write_jsonl(run / "metrics.jsonl", [metric_record(5, 10.0), metric_record(10, 8.0)])
+    write_jsonl(fresh / "log.jsonl", [{"iteration": 1, "loss_dis": 1.0}])
+    written = curves.main([str(run), str(fresh), "--out", str(tmp_path / "figures")])
+    assert [path.name for path in written] == ["curves.png"]
+    note = capsys.readouterr().err
+    assert "fresh/metrics.jsonl does not exist (no evaluation yet)" in note and note.endswith("; left out of the figure\n")
