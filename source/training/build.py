@@ -1,6 +1,7 @@
 """config -> models, optimizers, data, updater: the one place that turns a Config into objects."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,9 +76,18 @@ def check_dataset_matches_models(config: Config, dataset, source: str) -> None:
                           f"{dataset.n_classes} classes; set the models' n_classes to {dataset.n_classes}")
 
 
+# channels_last gives a 1x1 kernel's weight (or one over a single input channel) strides that differ from its
+# gradient's in size-1 dimensions only: one memory order, two valid sets of strides. DDP's reducer, whose buckets take
+# the weight's, warned once per rank of a mismatch that costs nothing (its copy is linear either way). Only those
+# shapes are silenced: a real layout mismatch (a 3x3 kernel) still warns.
+SAME_MEMORY_STRIDES_WARNING = (r"(?s)Grad strides do not match bucket view strides.*"
+                               r"grad\.sizes\(\) = \[\d+, (\d+, 1, 1|1, \d+, \d+)\]")
+
+
 def wrap_distributed(model: nn.Module, world: World) -> nn.Module:
     if not world.distributed:
         return model
+    warnings.filterwarnings("ignore", message=SAME_MEMORY_STRIDES_WARNING, category=UserWarning)
     device_ids = [world.device.index] if world.device.type == "cuda" else None
     # DDP re-broadcasts rank 0's buffers only at the first forward after a synchronized backward; the
     # Updater makes every rank hold rank 0's buffers at the end of each iteration (broadcast_buffers).
