@@ -57,8 +57,8 @@ def check_inaturalist_args(args: INaturalistArgs) -> list[str]:
     if problems:
         return problems
     if not os.path.isdir(args.root):
-        return problems + [f"dataset.args.root: {args.root} is not a folder; point it at the iNaturalist 2019 "
-                           f"folder the list paths are relative to"]
+        return [f"dataset.args.root: {args.root} is not a folder; point it at the iNaturalist 2019 folder the list "
+                f"paths are relative to"]
     path, key = list_path(args)
     if not os.path.isfile(path):
         problems.append(f"dataset.args.{key}: {path} does not exist; write one 'relative/path.jpg label' line per "
