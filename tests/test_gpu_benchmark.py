@@ -246,7 +246,7 @@ def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):
     ("....\n", (None, None, False)),  # killed before it could say how it ended
 ])
 def test_the_gpu_only_tests_outcome_is_read_from_their_log(tmp_path, log, expected):
-    from benchmarks.gpu.bench import gpu_tests
+    from benchmarks.gpu.common import gpu_tests
 
     (tmp_path / "tests.log").write_text(log)
     outcome = gpu_tests(tmp_path / "tests.log")

@@ -100,8 +100,19 @@ def test_one_call_measures_then_runs_a_chunk_with_what_it_measured(tmp_path):
     assert (out / "progress.json").is_file()
 
 
-def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
-    """RESULTS= names them; no time is left for a chunk here (CALL_S: the chunk itself is the test above's)."""
+def gpu_tests_stand_in(tmp_path: Path, outcome: str) -> Path:
+    """gpu_tests.sh's stand-in: appends a log that ends as ``outcome`` to its first argument, and what it was given."""
+    stub = tmp_path / "gpu_tests.sh"
+    stub.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "given $*" "{outcome}" >> "$1"\n')
+    return stub
+
+
+@pytest.mark.parametrize("outcome, chosen", [("9 passed in 19.1s\npytest exit 0", True),
+                                             ("1 failed, 8 passed in 20.3s\npytest exit 1", False),
+                                             ("9 skipped in 3.0s\npytest exit 0", False)])
+def test_with_no_measuring_budget_the_committed_results_choose_if_the_gpu_tests_pass_here(tmp_path, outcome, chosen):
+    """RESULTS= names them; the GPU-only tests run first, on this code and machine, from the carry's wheels, and
+    their log begins the chunk's; no time is left for a chunk here (CALL_S: the chunk itself is the test above's)."""
     study_file = write_study(tmp_path, 2, a={})
     results = tmp_path / "gpu_committed.json"
     results.write_text(json.dumps({"sections": {"d_small_models": dict(section(), gpu_tests=PASSED)}}))
@@ -109,12 +120,16 @@ def test_with_no_measuring_budget_the_committed_results_choose(tmp_path):
     out.mkdir()
     carry.mkdir()
     env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "STUDY_CARRY": str(carry), "RESULTS": str(results),
-           "CALL_S": "100"}
+           "CALL_S": "100", "GPU_TESTS_SH": str(gpu_tests_stand_in(tmp_path, outcome))}
     completed = subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), "120", "--root",
                                 str(root)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
-    assert f"section (d) of {results}" in completed.stderr and "step graphs: 60.0 G-iterations/s" in completed.stderr
-    assert "none started" in completed.stdout and not list(out.iterdir()) and not root.exists()
+    assert f"section (d) of {results}" in completed.stderr
+    assert ("step graphs: 60.0 G-iterations/s" in completed.stderr) == chosen
+    assert chosen or f"did not pass ({outcome.splitlines()[0]}" in completed.stderr
+    assert (out / "chunk.log").read_text().startswith(f"given {out / 'chunk.log'} {carry / 'wheels'}\n")
+    assert "none started" in completed.stdout and [path.name for path in out.iterdir()] == ["chunk.log"]
+    assert not root.exists()
 
 
 
@@ -180,7 +195,8 @@ def test_a_warm_machines_own_measurements_come_first_and_the_chunk_budget_is_rea
     out = tmp_path / "out"
     out.mkdir()
     env = {**os.environ, "OUT": str(out), "RUN_SH": "/nonexistent", "MEASURED_HERE": str(measured),
-           "RESULTS_DIR": str(committed), "CALL_S": "100"}
+           "RESULTS_DIR": str(committed), "CALL_S": "100",
+           "GPU_TESTS_SH": str(gpu_tests_stand_in(tmp_path, "9 passed in 19.1s\npytest exit 0"))}
 
     def call(chunk: str) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", "benchmarks/gpu/measure_then_study.sh", "0", str(study_file), chunk],
@@ -192,6 +208,7 @@ def test_a_warm_machines_own_measurements_come_first_and_the_chunk_budget_is_rea
         assert f"section (d) of {measured}" in completed.stderr and "none started" in completed.stdout
     (measured / own.name).unlink()  # a fresh machine: nothing measured here yet
     assert f"section (d) of {committed}" in call("auto").stderr
+    (out / "chunk.log").unlink()  # the GPU-only tests' and the chunk's
     refused = call("soon")
     assert refused.returncode == 2 and "must be seconds or auto" in refused.stderr
-    assert not list(out.iterdir())
+    assert not list(out.iterdir())  # refused before the tests

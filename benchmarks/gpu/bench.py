@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,8 +26,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.gpu.common import (MINIMUM_S, ROOT, Partial, environment, pick_device, progress,  # noqa: E402
-                                   run_child, slug)
+from benchmarks.gpu.common import (MINIMUM_S, ROOT, Partial, environment, gpu_tests, pick_device,  # noqa: E402
+                                   progress, run_child, slug)
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, GLOBAL_BATCH  # noqa: E402
 from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 from source.files import atomic_write_text  # noqa: E402
@@ -173,20 +172,6 @@ def report(args, device, names, section_plans, section_budgets, results, wall, s
         "sections": results,
         "ratios": derived_ratios(results),
     }
-
-
-def gpu_tests(log: Path | None) -> dict | None:
-    """The GPU-only tests' outcome from run.sh's log of them: pytest's exit status and summary line; "passed" only
-    where pytest exited 0 having passed some and failed none (a crash leaves no summary; all skipped passes none)."""
-    if log is None:
-        return None
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    exits = re.findall(r"^pytest exit (-?\d+)$", text, re.MULTILINE)
-    summaries = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected)\b.*?)\s*=*$", text, re.MULTILINE)
-    summary = summaries[-1] if summaries else None
-    passed = bool(exits and exits[-1] == "0" and summary and re.search(r"\b[1-9]\d* passed", summary)
-                  and not re.search(r"\b(failed|error)", summary))
-    return {"exit": int(exits[-1]) if exits else None, "summary": summary, "passed": passed}
 
 
 def write(result: dict, out: Path, name: str) -> None:

@@ -178,3 +178,17 @@ def run_child(name: str, params: dict, result: Path, budget: float) -> dict:
     elif status == "error":
         data.setdefault("error", "child process failed without recording an error (see the log)")
     return data
+
+
+def gpu_tests(log: Path | None) -> dict | None:
+    """The GPU-only tests' outcome from their log (gpu_tests.sh's): pytest's exit status and summary line; "passed" only
+    where pytest exited 0 having passed some and failed none (a crash leaves no summary; all skipped passes none)."""
+    if log is None:
+        return None
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    exits = re.findall(r"^pytest exit (-?\d+)$", text, re.MULTILINE)
+    summaries = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected)\b.*?)\s*=*$", text, re.MULTILINE)
+    summary = summaries[-1] if summaries else None
+    passed = bool(exits and exits[-1] == "0" and summary and re.search(r"\b[1-9]\d* passed", summary)
+                  and not re.search(r"\b(failed|error)", summary))
+    return {"exit": int(exits[-1]) if exits else None, "summary": summary, "passed": passed}

@@ -6,13 +6,14 @@
 # e.g. 240 configs/collapse/gpu_study.yaml 150 --setting b64, with carry [".study_carry", "benchmarks/gpu/carry/wheels"]
 # D_BUDGET 0: nothing measured, the settings from results measured before (RESULTS=; else what an earlier call of
 # this session measured on this machine, while it is still warm (run.sh leaves its results in MEASURED_HERE); else
-# the file of this machine's GPU in RESULTS_DIR, default benchmarks/results, else the only one there), the whole call
-# for the chunk. Either way study_settings.py uses only what the same benchmark run recorded as measured better, with
-# the GPU-only tests passed. The chunk trains CHUNK_BUDGET seconds at most ("auto": as long as the call allows;
+# the file of this machine's GPU in RESULTS_DIR, default benchmarks/results, else the only one there), the call for
+# the GPU-only tests (some 25 s: they vouch for this code on this machine, the results' own for theirs) and the chunk.
+# Either way study_settings.py uses only what the same benchmark run recorded as measured better, with the GPU-only
+# tests passed there and here. The chunk trains CHUNK_BUDGET seconds at most ("auto": as long as the call allows;
 # fractions are dropped), less where the call (CALL_S, default 590 s: give the device tool's timeout_s) would
 # otherwise end before it has packed (90 s kept back). Its console goes to $OUT/chunk.log too (with D_BUDGET: to gpu_bench.log).
-# STUDY_CARRY: the folder `source.study carry` filled (default .study_carry); RUN_SH replaces benchmarks/gpu/run.sh
-# (a test's stand-in).
+# STUDY_CARRY: the folder `source.study carry` filled (default .study_carry; its wheels serve the GPU-only tests too);
+# RUN_SH and GPU_TESTS_SH replace benchmarks/gpu/run.sh and gpu_tests.sh (a test's stand-ins).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 3 ] || { echo "usage: $0 D_BUDGET STUDY CHUNK_BUDGET [source.study device options]" >&2; exit 2; }
@@ -31,7 +32,10 @@ if [ "$D_BUDGET" = 0 ]; then
     RESULT=(--dir "${RESULTS_DIR:-benchmarks/results}")  # study_settings.py picks the file of this machine's GPU
     ls "$MEASURED_HERE"/gpu_*.json >/dev/null 2>&1 && RESULT=(--dir "$MEASURED_HERE")
     [ -n "${RESULTS:-}" ] && RESULT=("$RESULTS")
-    echo "measure_then_study: the settings from ${RESULT[*]}"
+    echo "measure_then_study: the settings from ${RESULT[*]}, if the GPU-only tests pass here"
+    mkdir -p "$(dirname "$CHUNK_LOG")" && rm -f "$CHUNK_LOG"
+    bash "${GPU_TESTS_SH:-benchmarks/gpu/gpu_tests.sh}" "$CHUNK_LOG" "${STUDY_CARRY:-.study_carry}/wheels"
+    RESULT+=(--tests-log "$CHUNK_LOG")  # the chunk's console follows the tests' in its log
 else
     bash "${RUN_SH:-benchmarks/gpu/run.sh}" --gpu-tests --sections d_small_models --budget d_small_models="$D_BUDGET"
     MEASURED=$(ls "$OUT"/gpu_*.json 2>/dev/null | head -1)

@@ -20,26 +20,9 @@ if [ "${1:-}" = "--stash" ]; then
     exit
 fi
 
-# torch-fidelity and tensorboardX are not on the GPU image; pip installs the carried wheels without any registry.
-# (find_spec: importing them to find out would take seconds of the call)
-INSTALLED="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch_fidelity', 'tensorboardX'))))"
-if ! "$PYTHON" -c "$INSTALLED" 2>/dev/null && ls "$CARRY"/wheels/*.whl >/dev/null 2>&1; then
-    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/srgan-gpu-bench-site \
-        "$CARRY"/wheels/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
-fi
-
-# Every process left in session $1 (by /proc: the GPU image may lack pkill); twice, for any started meanwhile.
-kill_session() {
-    local stat line pass
-    for pass in 1 2; do
-        for stat in /proc/[0-9]*/stat; do
-            line=$(cat "$stat" 2>/dev/null) || continue
-            read -r _state _ppid _group session _ <<< "${line##*) }"
-            [ "$session" = "$1" ] && kill -KILL "${stat//[^0-9]/}" 2>/dev/null
-        done
-    done
-    return 0
-}
+# shellcheck source=benchmarks/gpu/wheels.sh
+source benchmarks/gpu/wheels.sh
+install_carried_wheels "$CARRY"/wheels  # torch-fidelity for section (c), tensorboardX for the GPU-only tests
 
 RESULTS=${OUT:-benchmarks/results}
 if [ -z "${OUT:-}" ] && [[ " $* " == *" --quick "* ]]; then
@@ -50,22 +33,8 @@ TESTS=()
 if [ "${1:-}" = "--gpu-tests" ]; then
     shift
     TESTS_LOG=${OUT:-$RESULTS}/gpu_tests.log  # beside the results it vouches for
-    mkdir -p "$(dirname "$TESTS_LOG")"
-    # bounded: a hang in a CUDA call would otherwise take the whole call (pytest-timeout cannot interrupt one); in a
-    # session of their own, so that what they started in process groups of its own (the study's train.py runs) ends
-    # with them instead of loading the GPU during the benchmark
-    # (killed before tee can end: what is left may hold the pipe; a call that the device tool ends meanwhile leaves
-    # them no longer than GPU_TESTS_S: timeout still ends pytest, and its runs are a few iterations long)
-    SESSION=/tmp/srgan-gpu-tests.sid
-    rm -f "$SESSION"
-    {
-        setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 5 "$1" "${@:2}"' "$SESSION" "${GPU_TESTS_S:-120}" \
-            "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=90 -k gpu \
-            tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py
-        STATUS=$?
-        [ -s "$SESSION" ] && kill_session "$(cat "$SESSION")"
-        echo "pytest exit $STATUS"  # bench.py records it; 124: the timeout ended them
-    } 2>&1 | tee "$TESTS_LOG"
+    rm -f "$TESTS_LOG"
+    bash benchmarks/gpu/gpu_tests.sh "$TESTS_LOG"
     TESTS=(--gpu-tests-log "$TESTS_LOG")
 fi
 

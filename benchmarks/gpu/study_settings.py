@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu.study_settings $OUT/gpu_<device>.json      # e.g. --set performance.step_graphs=true ...
     python -m benchmarks.gpu.study_settings --dir benchmarks/results    # the committed file of this machine's GPU
+    python -m benchmarks.gpu.study_settings --dir benchmarks/results --tests-log chunk.log   # and the tests here
 
 From section (d) (benchmarks/gpu/small.py), on the study's own base model and recipe:
 - step graphs (or fused Adam alone), where (d) chose them for its concurrent runs: the fastest fp32 variant
@@ -12,17 +13,19 @@ From section (d) (benchmarks/gpu/small.py), on the study's own base model and re
 - ``performance.sr_on_cpu``, where one static SR call on the study's D took less time on the CPU than on the GPU.
 Nothing is chosen that was not measured, nor where the run that measured (d) did not record the GPU-only tests
 (``run.sh --gpu-tests``: graph capture, runs on streams, SR on the CPU; ``gpu_tests`` in the section) as passed:
-then the chunk runs as the study's base sets (eager, one run per process). At most ``MOST_PER_PROCESS`` runs share
+then the chunk runs as the study's base sets (eager, one run per process); likewise where the GPU-only tests run
+just before on this machine and code (``--tests-log``, measure_then_study.sh 0) did not pass. At most ``MOST_PER_PROCESS`` runs share
 a process: a CUDA error in one ends them all.
 Each choice and its numbers go to stderr; stdout holds only the arguments, for a shell to splice in.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
 
-from benchmarks.gpu.common import device_name, pick_device, slug
+from benchmarks.gpu.common import device_name, gpu_tests, pick_device, slug
 from benchmarks.gpu.small import agrees_with_single
 
 FUSED_ADAM = ["--set", "performance.fused_adam=true"]
@@ -33,7 +36,7 @@ MOST_PER_PROCESS = 8
 def choose(small: dict, tests: dict | None) -> tuple[list[str], list[str]]:
     """(arguments, one reason per choice) from section (d)'s results and the GPU-only tests' outcome."""
     if not (tests or {}).get("passed"):
-        outcome = f"{tests.get('summary')}, pytest exit {tests.get('exit')}" if tests else "not recorded"
+        outcome = f"{tests.get('summary') or 'no summary'}, pytest exit {tests.get('exit')}" if tests else "not recorded"
         return [], [f"the GPU-only tests did not pass ({outcome}): the study's base settings"]
     arguments, reasons = [], []
     singles = small.get("single") or {}
@@ -101,23 +104,31 @@ def read_results(path: Path) -> dict:
     return results
 
 
-def tests_vouching(results: dict, small: dict) -> dict | None:
-    """The GPU-only tests' outcome that (d)'s numbers stand on: those of the run that measured (d), unless the file's
-    latest run (merged in later, ``protocol.gpu_tests``) recorded them failing: on that machine and code, the paths
-    (d) measured may no longer hold, whatever an earlier run found."""
+def tests_vouching(results: dict, small: dict, here: dict | None = None) -> dict | None:
+    """The GPU-only tests' outcome that (d)'s numbers stand on: those of the run that measured (d), unless a later
+    run failed them: the file's latest (merged in later, ``protocol.gpu_tests``) or the one just made ``here``. On
+    that machine and code, the paths (d) measured may no longer hold, whatever an earlier run found."""
     latest = (results.get("protocol") or {}).get("gpu_tests")
-    return latest if latest and not latest.get("passed") else small.get("gpu_tests")
+    failed = [tests for tests in (here, latest) if tests and not tests.get("passed")]
+    return failed[0] if failed else small.get("gpu_tests")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2) or (len(argv) == 2) != (argv[0] == "--dir"):
-        print("usage: python -m benchmarks.gpu.study_settings RESULTS.json | --dir FOLDER", file=sys.stderr)
-        return 2
-    path = results_of_this_gpu(Path(argv[1])) if argv[0] == "--dir" else Path(argv[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu.study_settings", description=__doc__.split("\n")[0])
+    chosen = parser.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("results", nargs="?", type=Path, help="a benchmark's gpu_<device>.json")
+    chosen.add_argument("--dir", type=Path, help="a folder of results: the file of this machine's GPU")
+    parser.add_argument("--tests-log", type=Path, help="the GPU-only tests' log of a run just made here "
+                                                       "(gpu_tests.sh); missing or not passed: the base settings")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # usage errors return 2 to a caller in Python as to a shell
+        return int(exit_.code or 0)
+    path = results_of_this_gpu(args.dir) if args.dir else args.results
     results = read_results(path) if path else {}
     small = (results.get("sections") or {}).get("d_small_models") or {}
-    arguments, reasons = choose(small, tests_vouching(results, small))
+    here = gpu_tests(args.tests_log) if args.tests_log else None
+    arguments, reasons = choose(small, tests_vouching(results, small, here))
     for reason in reasons:
         print(f"study_settings: {reason}", file=sys.stderr)
     print(" ".join(arguments))

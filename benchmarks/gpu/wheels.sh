@@ -1,0 +1,11 @@
+# Sourced by run.sh and gpu_tests.sh: install_carried_wheels DIR installs the carried wheels in DIR (torch-fidelity,
+# tensorboardX: the GPU image lacks both) without any registry, unless they are importable already, and exports the
+# PYTHONPATH that finds them. (find_spec: importing them to find out would take seconds of the call)
+install_carried_wheels() {
+    local installed="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch_fidelity', 'tensorboardX'))))"
+    if ! "$PYTHON" -c "$installed" 2>/dev/null && ls "$1"/*.whl >/dev/null 2>&1; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/srgan-gpu-bench-site "$1"/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+    fi
+    return 0
+}
