@@ -331,17 +331,29 @@ def test_the_kernel_alternatives_compute_what_the_models_kernels_compute(tmp_pat
 
 
 def test_a_kernel_case_that_fails_on_the_device_keeps_the_others_numbers(tmp_path, monkeypatch):
+    """A shape that fails records its error among the others' rows, a case that fails among the other cases, and
+    every finished case is on disk before the next starts (a device call cut short returns them)."""
     from benchmarks.gpu import kernels
 
     def refused(*_):
         raise RuntimeError("operation not permitted when stream is capturing\nmore")
 
+    path = tmp_path / f"kernels_{kernels.slug(kernels.device_name(kernels.pick_device()))}-quick.json"
+
+    def out_of_memory(*_):
+        assert set(json.loads(path.read_text())) >= {"avg_pool_2x2", "nearest_upsample_x2"}  # saved already
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
     monkeypatch.setattr(kernels, "stacked_conv", refused)
+    monkeypatch.setitem(kernels.CASES, "sn_power_steps_study_dis", out_of_memory)
+    pooling = kernels.POOL_SHAPES[True]
+    monkeypatch.setitem(kernels.POOL_SHAPES, True, [(4, 2, 8, 7), *pooling])  # an odd width: the view refuses it
     assert kernels.main(["--quick", "--out", str(tmp_path)]) == 0
-    (path,) = tmp_path.glob("kernels_*-quick.json")
     result = json.loads(path.read_text())
-    assert result["stacked_runs_conv3x3"] == {"error": "RuntimeError: operation not permitted when stream is capturing"}
-    assert result["sn_power_steps_study_dis"]["layers"] == 11
+    assert result["stacked_runs_conv3x3"] == [{"error": "RuntimeError: operation not permitted when stream is capturing"}]
+    assert result["sn_power_steps_study_dis"] == {"error": "OutOfMemoryError: CUDA out of memory"}
+    odd, *others = result["avg_pool_2x2"]
+    assert odd["error"].startswith("RuntimeError") and [row["shape"] for row in others] == [list(pooling[0])]
 
 
 def test_section_c_runs_with_the_weights_make_setup_installs(tmp_path):

@@ -16,11 +16,13 @@ spectral norm's power steps on tiny vectors. Before the models change, this meas
   training K seeds as one stacked model would launch (the same values to rounding): whether the convs of these
   small models get cheaper per run when K runs share each kernel (fp32 without TF32, the study's arithmetic).
 On a GPU each case is captured once as a CUDA graph and replayed (as step graphs run it), timed with CUDA events;
-on a CPU it runs eagerly. Writes ``kernels_<device>.json`` into --out (the committed copies: benchmarks/results/).
+on a CPU it runs eagerly. Writes ``kernels_<device>.json`` into --out after every case (the committed copies:
+benchmarks/results/): a call cut short keeps the cases it finished; a shape or case that fails records its error.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,9 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, slug
+from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, progress, slug
 from benchmarks.results_io import save_result
 from source.config import load_config
+from source.files import atomic_write_text
 from source.models import build_model
 from source.spectral.spectra import raw_weight, spectral_norm_layers, spectral_norm_of
 
@@ -105,18 +108,19 @@ def microseconds(step, device: torch.device, repeats: int) -> float:
 
 
 def compare(native, candidate, shapes: list[tuple], device: torch.device, repeats: int) -> list[dict]:
-    rows = []
-    for shape in shapes:
-        generator = torch.Generator(device).manual_seed(0)
-        x = torch.randn(shape, device=device, generator=generator)
-        grad = torch.randn(native(x).shape, device=device, generator=generator)
-        (y_native, g_native), (y_candidate, g_candidate) = (forward_backward(f, x, grad)() for f in (native, candidate))
-        times = [microseconds(forward_backward(f, x, grad), device, repeats) for f in (native, candidate)]
-        rows.append({"shape": list(shape), "native_us": round(times[0], 2), "candidate_us": round(times[1], 2),
-                     "candidate_over_native": round(times[1] / times[0], 3),
-                     "output_max_difference": float((y_native - y_candidate).detach().abs().max()),
-                     "gradient_max_difference": float((g_native - g_candidate).abs().max())})
-    return rows
+    return [guarded(compare_at, native, candidate, shape, device, repeats) for shape in shapes]
+
+
+def compare_at(native, candidate, shape: tuple, device: torch.device, repeats: int) -> dict:
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(shape, device=device, generator=generator)
+    grad = torch.randn(native(x).shape, device=device, generator=generator)
+    (y_native, g_native), (y_candidate, g_candidate) = (forward_backward(f, x, grad)() for f in (native, candidate))
+    times = [microseconds(forward_backward(f, x, grad), device, repeats) for f in (native, candidate)]
+    return {"shape": list(shape), "native_us": round(times[0], 2), "candidate_us": round(times[1], 2),
+            "candidate_over_native": round(times[1] / times[0], 3),
+            "output_max_difference": float((y_native - y_candidate).detach().abs().max()),
+            "gradient_max_difference": float((g_native - g_candidate).abs().max())}
 
 
 def study_discriminator(device: torch.device, quick: bool) -> tuple[list, list[torch.Tensor]]:
@@ -188,7 +192,7 @@ def stacked_convs(device: torch.device, quick: bool, repeats: int) -> list[dict]
     default = torch.backends.cudnn.conv.fp32_precision
     torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = "ieee", True
     try:
-        return [stacked_conv(shape, runs, device, repeats)
+        return [guarded(stacked_conv, shape, runs, device, repeats)
                 for shape in CONV_SHAPES[quick] for runs in STACKED_RUNS[quick]]
     finally:
         torch.backends.cudnn.conv.fp32_precision, torch.backends.cudnn.benchmark = default, False
@@ -233,23 +237,41 @@ def conv_step(inputs: list[torch.Tensor], weights: list[torch.Tensor], grads: li
     return step
 
 
-def run(quick: bool, device: torch.device) -> dict:
+def pooling(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    return compare(pool_native, pool_reshaped, POOL_SHAPES[quick], device, repeats)
+
+
+def upsampling(device: torch.device, quick: bool, repeats: int) -> list[dict]:
+    return compare(upsample_native, upsample_expanded, UPSAMPLE_SHAPES[quick], device, repeats)
+
+
+CASES = {"avg_pool_2x2": pooling, "nearest_upsample_x2": upsampling,  # name: case(device, quick, repeats)
+         "sn_power_steps_study_dis": sn_power_steps, "stacked_runs_conv3x3": stacked_convs}
+
+
+def run(quick: bool, device: torch.device, save) -> dict:
+    """Every case in turn; ``save(result so far)`` after each."""
     repeats = 3 if quick else 200 if device.type == "cuda" else 10
     torch.backends.cudnn.benchmark = False
-    return {"what": __doc__.splitlines()[0], "quick": quick, "environment": environment(device),
-            "repeats": repeats, "avg_pool_2x2": compare(pool_native, pool_reshaped, POOL_SHAPES[quick], device, repeats),
-            "nearest_upsample_x2": compare(upsample_native, upsample_expanded, UPSAMPLE_SHAPES[quick], device,
-                                           repeats),
-            "sn_power_steps_study_dis": sn_power_steps(device, quick, repeats),
-            "stacked_runs_conv3x3": guarded(stacked_convs, device, quick, repeats)}
+    result = {"what": __doc__.splitlines()[0], "quick": quick, "environment": environment(device), "repeats": repeats}
+    for name, case in CASES.items():
+        result[name] = guarded(case, device, quick, repeats)
+        save(result)
+        progress("kernels", f"{name} done")
+    return result
 
 
 def guarded(case, *args):
-    """A case not yet run on a GPU: its error is recorded instead of losing the other cases' numbers."""
+    """Cases not yet run on a GPU: an error is recorded instead of losing the other cases' and shapes' numbers."""
     try:
         return case(*args)
-    except RuntimeError as error:  # e.g. cuDNN refusing a grouped conv inside a graph capture
+    except Exception as error:  # e.g. cuDNN refusing a grouped conv inside a graph capture, or out of memory
         return {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+
+
+def ratios(rows, key: str):
+    """``key`` of each row (a case's error, or a row's, in its place), for the summary line."""
+    return rows.get("error") if isinstance(rows, dict) else [row.get(key, "error") for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,15 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args(argv)
     device = pick_device()
-    result = run(args.quick, device)
-    name = f"kernels_{slug(device_name(device))}{'-quick' if args.quick else ''}.json"
-    stacked = result["stacked_runs_conv3x3"]
-    save_result(result, args.out / name)
-    print(f"{args.out / name}: pooling {[row['candidate_over_native'] for row in result['avg_pool_2x2']]}, "
-          f"up-sampling {[row['candidate_over_native'] for row in result['nearest_upsample_x2']]}, SN power steps "
-          f"{result['sn_power_steps_study_dis']['stacked_over_layer_by_layer']}, K runs' convs grouped "
-          f"{[(r['runs'], r['grouped_over_separate']) for r in stacked] if isinstance(stacked, list) else stacked} "
-          "(candidate / native time)")
+    path = args.out / f"kernels_{slug(device_name(device))}{'-quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = run(args.quick, device, lambda so_far: atomic_write_text(path, json.dumps(so_far, indent=2) + "\n"))
+    save_result(result, path)
+    steps = result["sn_power_steps_study_dis"]
+    print(f"{path}: pooling {ratios(result['avg_pool_2x2'], 'candidate_over_native')}, up-sampling "
+          f"{ratios(result['nearest_upsample_x2'], 'candidate_over_native')}, SN power steps "
+          f"{steps.get('stacked_over_layer_by_layer', steps.get('error'))}, K runs' convs grouped "
+          f"{ratios(result['stacked_runs_conv3x3'], 'grouped_over_separate')} (candidate / native time)")
     return 0
 
 
