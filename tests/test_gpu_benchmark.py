@@ -380,3 +380,105 @@ def test_run_sh_quick_without_out_leaves_the_committed_results_alone():
     assert completed.returncode == 0, completed.stdout[-2000:]
     assert "the results go to /tmp/srgan-gpu-bench-quick" in completed.stdout
     assert sorted(path.name for path in (ROOT / "benchmarks" / "results").iterdir()) == before
+
+
+def test_a_stack_of_runs_computes_each_runs_function(one_thread):
+    """benchmarks/gpu/stacked.py: K models (3: an odd number, whose layout a transposition would break) as one
+    stack give each model's outputs, spectral norm vectors and gradients, and the stack's G-iterations each run's.
+    In float64: in float32 a ReLU input within rounding of 0 (1e-8, seen here) can flip and change a gradient
+    visibly, which says nothing of the stack."""
+    from benchmarks.gpu.stacked import RECIPE, Pair, g_iteration, study_models
+    from benchmarks.gpu.stacking import StackedConv2d, StackedLinear, stack
+    from source.links.conditional_batchnorm import BatchNorm2d
+    from source.spectral.spectra import raw_weight, spectral_norm_of
+
+    runs = 3
+    models = [(gen.double(), dis.double()) for gen, dis in study_models(runs, quick=True, device=torch.device("cpu"))]
+    gens, dises = [gen for gen, _ in models], [dis for _, dis in models]
+    with torch.no_grad():  # SN's vectors far from converged: a power step moves them visibly
+        for norm in (spectral_norm_of(layer) for dis in dises for layer in dis.modules()):
+            if norm is not None:
+                for vector in (norm._u, norm._v):
+                    vector.copy_(torch.nn.functional.normalize(torch.randn_like(vector), dim=0))
+    gen_stack, dis_stack = stack(gens), stack(dises)
+    z = torch.randn(8, runs, gens[0].dim_z, dtype=torch.float64)
+    images = torch.rand(8, runs, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    fakes = gen_stack(z.flatten(1, 2)).view(8, runs, 1, 32, 32)
+    scores = dis_stack(images.flatten(1, 2))
+    # train mode: BatchNorm's batch statistics, SN's power step; one forward each, as the stack's
+    expected_fakes, expected_scores = ([model(inputs[:, k]) for k, model in enumerate(models)]
+                                       for models, inputs in ((gens, z), (dises, images)))
+    for k in range(runs):
+        torch.testing.assert_close(fakes[:, k], expected_fakes[k], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(scores[:, k], expected_scores[k], atol=1e-10, rtol=1e-10)
+    (fakes.square().sum() + scores.sum()).backward()
+    sum(fake.square().sum() + score.sum() for fake, score in zip(expected_fakes, expected_scores)).backward()
+    compared = {StackedConv2d: 0, StackedLinear: 0, BatchNorm2d: 0}
+    for stacked, originals in ((gen_stack, gens), (dis_stack, dises)):
+        for name, layer in stacked.named_modules():
+            if type(layer) not in compared:
+                continue
+            compared[type(layer)] += 1
+            peers = [model.get_submodule(name) for model in originals]
+            norms = [spectral_norm_of(peer) for peer in peers]
+            weights = [raw_weight(peer) if norms[0] else peer.weight for peer in peers]
+            for mine, theirs in ((layer.weight, weights), (layer.bias, [peer.bias for peer in peers])):
+                if mine is not None:
+                    torch.testing.assert_close(mine.grad.view(runs, *theirs[0].shape),
+                                               torch.stack([t.grad for t in theirs]), atol=1e-10, rtol=1e-10)
+            if norms[0]:  # the power step advanced each run's vectors as the run's own did
+                torch.testing.assert_close(layer.sn.u, torch.stack([norm._u for norm in norms]), atol=1e-12, rtol=0)
+                torch.testing.assert_close(layer.sn.v, torch.stack([norm._v for norm in norms]), atol=1e-12, rtol=0)
+            if isinstance(layer, BatchNorm2d):  # running statistics per run
+                torch.testing.assert_close(layer.running_mean.view(runs, -1),
+                                           torch.stack([peer.running_mean for peer in peers]), atol=1e-12, rtol=1e-10)
+    assert all(compared.values()), compared
+
+    recipe = RECIPE[True]
+    real = torch.rand(8, runs, 1, 32, 32, dtype=torch.float64) * 2 - 1
+    separate = [Pair(gen, dis, lambda t, k=k: t[:, k], recipe) for k, (gen, dis) in enumerate(models)]
+    stacked = [Pair(gen_stack, dis_stack, lambda t: t.flatten(1, 2), recipe)]
+    for iteration in range(2):  # Adam's state per element: each run's update its own
+        torch.manual_seed(iteration)
+        expected = g_iteration(separate, real, gens[0].dim_z, runs)
+        torch.manual_seed(iteration)
+        torch.testing.assert_close(g_iteration(stacked, real, gens[0].dim_z, runs), expected, atol=1e-10, rtol=1e-10)
+
+
+def test_only_the_layers_with_a_stacked_form_are_stacked():
+    from benchmarks.gpu.stacking import stack
+    from source.models import build_model
+
+    conditional = [build_model("SNResNetProjectionDiscriminator", {"ch": 4, "n_classes": 3, "resolution": 32})
+                   for _ in range(2)]
+    with pytest.raises(ValueError, match=r"stack: l_y \(ParametrizedEmbedding\) has no stacked form"):
+        stack(conditional)
+
+
+def test_the_stacked_runs_benchmark_writes_both_rates(tmp_path, one_thread):
+    from benchmarks.gpu import stacked
+
+    assert stacked.main(["--quick", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("stacked_*-quick.json")
+    (row,) = json.loads(path.read_text())["by_runs"]
+    assert row["runs"] == 2 and row["separate_ms"] > 0 and row["stacked_ms"] > 0
+    assert row["stacked_speedup"] == pytest.approx(row["separate_ms"] / row["stacked_ms"], rel=1e-2)
+    assert len(row["warmup_losses_difference"]) == stacked.WARMUP and max(row["warmup_losses_difference"]) < 1e-4
+
+
+def test_where_a_capture_fails_the_stacked_runs_are_timed_eagerly(monkeypatch, one_thread):
+    from benchmarks.gpu import stacked
+
+    eager = stacked.prepared
+
+    def capture_refused(*args):
+        if args[-1]:
+            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+        return eager(*args)
+
+    monkeypatch.setattr(stacked, "prepared", capture_refused)
+    row = stacked.compare(2, quick=True, device=torch.device("cpu"), timing={"rounds": 2, "repeats": 1}, graph=True)
+    assert row["graph_error"] == "RuntimeError: operation not permitted when stream is capturing"
+    assert row["timing"] == "eager" and row["stacked_ms"] > 0 and max(row["warmup_losses_difference"]) < 1e-4
+    assert len(row["rounds_ms"]) == 2 and row["stacked_ms"] == pytest.approx(
+        statistics.median(stacked_ms for _, stacked_ms in row["rounds_ms"]), abs=1e-3)
