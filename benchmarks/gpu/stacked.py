@@ -28,17 +28,20 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.parametrizations import _SpectralNorm
 
 from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, progress, slug
-from benchmarks.gpu.stacking import power_steps_off, stack
+from benchmarks.gpu.stacking import StackedSpectralNorm, stack
 from source.config import load_config
 from source.files import atomic_write_text
+from source.links import no_power_iteration
 from source.models import build_model
 
 STUDY_CONFIG = ROOT / "configs/collapse/fmnist_cifar_recipe_ch32.yaml"
 RUNS = {False: (4, 12, 36), True: (2,)}  # K: 12 = the study's starting runs of one setting, 36 = all its runs
 RECIPE = {False: {"batch": 64, "gen_batch": 128, "micro": 64, "n_dis": 5},
           True: {"batch": 8, "gen_batch": 16, "micro": 8, "n_dis": 2}}
+SPECTRAL_NORMS = (_SpectralNorm, StackedSpectralNorm)  # the separate models' and the stack's
 WARMUP = 3  # eager G-iterations before a capture (and the agreement's), as PyTorch's recipe warms up
 
 
@@ -67,7 +70,7 @@ class Pair:
         self.opt_gen.zero_grad(set_to_none=False)
         self.dis.requires_grad_(False)
         for micro, z in enumerate(zs):
-            with power_steps_off(self.dis) if micro else nullcontext():
+            with no_power_iteration(self.dis, kinds=SPECTRAL_NORMS) if micro else nullcontext():
                 (-self.dis(self.gen(self.part(z))).mean(0).sum() / len(zs)).backward()
         self.dis.requires_grad_(True)
         self.opt_gen.step()

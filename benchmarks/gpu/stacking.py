@@ -9,7 +9,6 @@ it reshapes only batch and spatial dimensions. The unconditional ResNets only (n
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -120,17 +119,3 @@ def stack(models: list[nn.Module]) -> nn.Module:
         setattr(stacked.get_submodule(parent), attribute, make([model.get_submodule(name) for model in models]))
         done.append(name)
     return stacked.train(models[0].training)
-
-
-@contextmanager
-def power_steps_off(*models: nn.Module):
-    """Spectral norm (separate or stacked) without a power step while inside: the later micro-batches of a step."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, (_SpectralNorm, StackedSpectralNorm))]
-    modes = [layer.training for layer in layers]
-    for layer in layers:
-        layer.training = False
-    try:
-        yield
-    finally:
-        for layer, mode in zip(layers, modes):
-            layer.training = mode

@@ -98,10 +98,10 @@ def spectral_normed(module: nn.Module, eps: float = SN_EPS) -> nn.Module:
 
 
 @contextmanager
-def no_power_iteration(*models: nn.Module) -> Iterator[None]:
-    """Spectral norm of ``models`` uses its stored (u, v) without a power step while inside (as in eval mode),
-    still differentiable through sigma = u^T W v."""
-    layers = [m for model in models for m in model.modules() if isinstance(m, _SpectralNorm)]
+def no_power_iteration(*models: nn.Module, kinds: tuple[type, ...] = (_SpectralNorm,)) -> Iterator[None]:
+    """Spectral norm of ``models`` (its modules of ``kinds``) uses its stored (u, v) without a power step while
+    inside (as in eval mode), still differentiable through sigma = u^T W v."""
+    layers = [m for model in models for m in model.modules() if isinstance(m, kinds)]
     modes = [layer.training for layer in layers]
     for layer in layers:
         layer.training = False
