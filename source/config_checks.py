@@ -5,6 +5,7 @@ once, when a config is loaded."""
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import typing
 from typing import TYPE_CHECKING, Any
@@ -129,14 +130,15 @@ def check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:
 
     gsr, lecam, ema = updater.gsr, updater.lecam, updater.ema
     checks = [
-        (gsr.weight >= 0, "gsr.weight", "must be >= 0", gsr.weight),
+        (math.isfinite(gsr.weight) and gsr.weight >= 0, "gsr.weight", "must be a finite number >= 0", gsr.weight),
         (0 < gsr.effective_number_beta < 1, "gsr.effective_number_beta", "must be in (0, 1)", gsr.effective_number_beta),
         (gsr.power_iterations >= 1, "gsr.power_iterations", "must be >= 1", gsr.power_iterations),
         (not gsr.enabled or n_classes > 0, "gsr.enabled", "gSR regularizes class-conditional BN: needs a generator "
          f"with n_classes > 0 (models.generator.args.n_classes is {n_classes})", gsr.enabled),
         (not (updater.fake_labels == "data" and n_classes == 0), "fake_labels", "'data' needs a class-conditional "
                                                                               "generator", updater.fake_labels),
-        (lecam.weight >= 0, "lecam.weight", "must be >= 0 (0 is off)", lecam.weight),
+        (math.isfinite(lecam.weight) and lecam.weight >= 0, "lecam.weight", "must be a finite number >= 0 (0 is off)",
+         lecam.weight),
         (0 <= lecam.decay < 1, "lecam.decay", "must be in [0, 1)", lecam.decay),
         (lecam.start_iteration >= 0, "lecam.start_iteration", "must be >= 0", lecam.start_iteration),
         (0 <= ema.decay < 1, "ema.decay", "must be in [0, 1)", ema.decay),

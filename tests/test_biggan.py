@@ -236,11 +236,13 @@ def test_biggan_ddp_two_ranks_match_one_process(tmp_path, ranks_threads):
 
 @pytest.mark.parametrize("name, counts, terms", [
     ("cifar10_lt_biggan", ("9,416,196", "2,415,170"), "LeCam 0.1 (gsr form, decay 0.99); gSR (class-balanced w 0.5, "
-                                                      "beta 0.99, 4 power steps); EMA of G 0.9999 from 1000"),
+                                                      "beta 0.99, 4 power steps; 6 layers of 384 channels as 16 x 24); "
+                                                      "EMA of G 0.9999 from 1000"),
     ("lsun_lt_biggan", ("17,420,964", "30,547,122"), "gSR (class-balanced w 0.5, beta 0.99"),
     ("inat19_biggan", ("17,438,884", "31,833,522"), "LeCam 0.01 (gsr form, decay 0.99); gSR (class-balanced w 0.01, "
-                                                    "beta 0.999, 4 power steps); EMA of G 0.9999 from 20000"),
-    ("fmnist_lt_biggan", ("129,154", "67,810"), "terms  gSR (class-balanced w 0.5, beta 0.999, 4 power steps); fake"),
+                                                    "beta 0.999, 4 power steps; 1 layer of 1280 channels as 32 x 40, "),
+    ("fmnist_lt_biggan", ("129,154", "67,810"), "terms  gSR (class-balanced w 0.5, beta 0.999, 4 power steps; 6 layers "
+                                                "of 32 channels as 4 x 8); fake"),
 ])
 def test_biggan_configs_dry_run_with_the_release_counts(name, counts, terms, capsys, tmp_path):
     empty = ["--set", f"dataset.args.root={tmp_path}"] if name.startswith("cifar10") else []  # nothing downloads

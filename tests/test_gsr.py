@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from source.models.generator import ResNetGenerator
-from source.spectral.gsr import (GroupSpectralRegularizer, class_sigmas, class_weights, conditional_layers, group,
-                                 grouping)
+from source.spectral.gsr import (GroupSpectralRegularizer, class_sigmas, class_weights, conditional_layers,
+                                 describe_grouping, group, grouping)
 
 CIFAR10_LT = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 
@@ -30,6 +30,15 @@ def numpy_sigmas(vectors: torch.Tensor) -> np.ndarray:
                                              (1280, (32, 40)), (7, (1, 7))])
 def test_grouping_is_the_most_nearly_square_factorization(channels, shape):
     assert grouping(channels) == shape
+
+
+def test_the_grouping_is_described_and_a_width_without_groups_is_named():
+    """A G of prime width (31) is still regularized, but as 1 x 31 vectors: gSR then penalizes their norm, and the
+    run says so (a new user's ch 31 trained silently without group structure)."""
+    assert describe_grouping(conditional_generator(ch=32)) == "6 layers of 32 channels as 4 x 8"
+    described = describe_grouping(conditional_generator(ch=31))
+    assert described.startswith("6 layers of 31 channels as 1 x 31; 31 channels have no divisor above 1: no group "
+                                 "structure")
 
 
 def test_group_is_row_major_consecutive_channels():

@@ -170,9 +170,16 @@ def test_gsr_configs_dry_run(name, capsys, tmp_path, monkeypatch):
     empty = ["--set", f"dataset.args.root={tmp_path}"] if name.startswith("cifar10") else []
     assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run", *empty]) == 0
     out = capsys.readouterr().out
-    assert "gSR (class-balanced w 0.5, beta 0.999, 4 power steps)" in out
+    assert "gSR (class-balanced w 0.5, beta 0.999, 4 power steps; " in out
+    assert {"fmnist_lt": "6 layers of 32 channels as 4 x 8)", "cifar10_lt_sngan": "6 layers of 256 channels as 16 x 16)",
+            "lsun_lt_sngan": "1 layer of 1024 channels as 32 x 32, 2 layers of 512 channels as 16 x 32, "}[name] in out
     if name == "fmnist_lt":  # the data are installed by `make data`; the others report where they are missing
         assert "14,886 images, 10 classes, 32px; per class: 6000 3596 2156 1292 774 464 278 166 100 60" in out
+        settings = ["--set", "updater.gsr.weight=0"], ["--set", "updater.gsr.class_balanced=false"]
+        for setting, said in zip(settings, ["weight 0: gSR adds nothing", "lambda 1: gsr.weight counts only with "
+                                                                          "class_balanced"]):
+            assert train.main(["--config", str(CONFIGS / "gsr" / f"{name}.yaml"), "--dry-run", *setting]) == 0
+            assert said in capsys.readouterr().out
     else:
         assert "LeCam 0.3 (gsr form" in out and "DiffAugment color,translation,cutout" in out
     if empty:

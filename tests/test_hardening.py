@@ -535,6 +535,8 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("iteration=10:00", "iteration: expected int, got str '10:00'"),  # YAML 1.1's base 60 read it as 600
     ("iteration=020000", "iteration: expected int, got str '020000'"),  # YAML 1.1's octal read it as 8192
     ("updater.lecam.weight=1:30.0", "updater.lecam.weight: expected float, got str '1:30.0'"),  # base 60: 90.0
+    ("updater.lecam.weight=.inf", "updater.lecam.weight: must be a finite number >= 0"),
+    ("updater.gsr.weight=.inf", "updater.gsr.weight: must be a finite number >= 0"),  # trained into the NaN guard
     ("evaluation.n_samples=1000001", "evaluation.n_samples: 1000001 is over 1,000,000"),  # latents drawn at once
     ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
 ])

@@ -670,3 +670,13 @@ def test_a_run_outlives_the_reader_of_its_console(tmp_path):
     assert process.wait(timeout=240) == 0
     assert (out / "snapshots" / "snapshot_iter_30.pt").is_file()
     assert max(r["iteration"] for r in read_jsonl(out / "log.jsonl") if "loss_dis" in r) == 30
+
+
+def test_a_gsr_run_says_how_gsr_groups_its_generator(tmp_path, capsys):
+    """The grouping is automatic (the most nearly square shape): the run says it, and when it has no groups."""
+    argv = tiny_argv(tmp_path / "run", 1, "updater.gsr.enabled=true", "models.generator.args.ch=7",
+                     "models.discriminator.args.ch=7")
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "gSR: class-balanced w 0.5, beta 0.999, 4 power steps; 6 layers of 7 channels as 1 x 7; 7 channels have " \
+           "no divisor above 1" in out

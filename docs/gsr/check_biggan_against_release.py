@@ -113,8 +113,13 @@ def compare(big_resnet, name: str, resolution: int, dim_z: int, conv: int, n_cla
 
 
 def main() -> None:
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "src/models/big_resnet.py").is_file():
-        raise SystemExit("usage: check_biggan_against_release.py PATH_OF_A_gSRGAN_CHECKOUT")
+    if len(sys.argv) != 2:
+        print("usage: check_biggan_against_release.py PATH_OF_A_gSRGAN_CHECKOUT", file=sys.stderr)
+        raise SystemExit(2)
+    if not (Path(sys.argv[1]) / "src/models/big_resnet.py").is_file():
+        print(f"error: {Path(sys.argv[1]) / 'src/models/big_resnet.py'} not found: give a checkout of "
+              "github.com/val-iisc/gSRGAN", file=sys.stderr)
+        raise SystemExit(2)
     big_resnet = import_release(Path(sys.argv[1]))
     for name, arguments in CONFIGS.items():
         compare(big_resnet, name, *arguments)

@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> None:
             if (row := measure(run, it, classifier, test, real, args.samples_per_class)) is not None]
     if not rows:  # nothing written: an earlier summary at --out stays
         found = {run.name: sorted(r["iteration"] for r in read_jsonl(run / "class_spectra.jsonl")) for run in args.runs}
-        sys.exit(f"error: no run has a generator export and class spectra at iterations {args.iterations} (class "
-                 f"spectra at: {found}); give --iterations")
+        raise ValueError(f"no run has a generator export and class spectra at iterations {args.iterations} (class "
+                         f"spectra at: {found}); give --iterations")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(rows, indent=1) + "\n")
     print("| run | iteration | σγ head | σγ tail | σβ head | σβ tail | acc many/med/few | div many/med/few | "

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import Counter
 
 import numpy as np
 import torch
@@ -89,6 +90,18 @@ def exact_sigma(vectors: torch.Tensor) -> torch.Tensor:
 def conditional_layers(gen: nn.Module) -> list[tuple[str, nn.Module]]:
     """G's class-conditional normalization layers: modules offering ``class_gains_and_biases()``."""
     return [(name, module) for name, module in gen.named_modules() if hasattr(module, "class_gains_and_biases")]
+
+
+def describe_grouping(gen: nn.Module) -> str:
+    """How gSR groups G's class-conditional layers, e.g. "6 layers of 256 channels as 16 x 16"; a width without a
+    divisor above 1 is said to have no group structure (1 x C: the largest singular value is the vector's norm)."""
+    with torch.no_grad():
+        widths = Counter(layer.class_gains_and_biases()[0].shape[1] for _, layer in conditional_layers(gen))
+    shapes = [f"{count} layer{'s' * (count > 1)} of {width} channels as {' x '.join(map(str, grouping(width)))}"
+              for width, count in sorted(widths.items(), reverse=True)]
+    flat = [str(width) for width in sorted(widths) if grouping(width)[0] == 1]
+    return ", ".join(shapes) + (f"; {' and '.join(flat)} channels have no divisor above 1: no group structure (the "
+                                "largest singular value of 1 x C is the vector's norm)" if flat else "")
 
 
 class GroupSpectralRegularizer:

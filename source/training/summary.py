@@ -4,10 +4,12 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import torch
+from torch import nn
 
 from source.config import Config, PerformanceConfig
 from source.datasets import DatasetError, check_dataset_args, describe_class_counts, download_pending
 from source.datasets.iterator import require_one_global_batch
+from source.spectral.gsr import describe_grouping
 from source.training import build, runfolder
 from source.training.distributed import World
 
@@ -55,7 +57,7 @@ def describe_data(config: Config, source: str, world_size: int) -> str:
     return "NOT AVAILABLE: " + "; ".join(problems)
 
 
-def describe_terms(config: Config) -> str:
+def describe_terms(config: Config, gen: nn.Module) -> str:
     """The training terms besides the adversarial loss and SR that this run uses."""
     settings, terms = config.updater, []
     if settings.diffaugment:
@@ -63,14 +65,20 @@ def describe_terms(config: Config) -> str:
     if settings.lecam.weight > 0:
         terms.append(f"LeCam {settings.lecam.weight} ({settings.lecam.form} form, decay {settings.lecam.decay})")
     if settings.gsr.enabled:
-        gsr = settings.gsr
-        weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
-                   else "lambda 1")
-        terms.append(f"gSR ({weights}, {gsr.power_iterations} power steps)")
+        terms.append(f"gSR ({describe_gsr(config, gen)})")
     if settings.ema.enabled:
         terms.append(f"EMA of G {settings.ema.decay} from {settings.ema.start_iteration}")
     terms.append(f"fake labels {settings.fake_labels}")
     return "; ".join(terms)
+
+
+def describe_gsr(config: Config, gen: nn.Module) -> str:
+    """gSR's weights, power steps and grouping of G's layers, with what makes a setting do nothing."""
+    gsr = config.updater.gsr
+    weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
+               else "lambda 1: gsr.weight counts only with class_balanced")
+    nothing = "; weight 0: gSR adds nothing" if gsr.class_balanced and gsr.weight == 0 else ""
+    return f"{weights}, {gsr.power_iterations} power steps; {describe_grouping(gen)}{nothing}"
 
 
 def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str,
@@ -86,7 +94,7 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
             ("global batch", batch_summary(config, world)),
             ("updater", f"n_dis {config.updater.n_dis}, {config.updater.loss_type} loss, order {config.updater.order}, "
                         f"apply_SR {config.updater.apply_SR} ({config.updater.sr.mode}, every {config.updater.sr.interval})"),
-            ("terms", describe_terms(config)),
+            ("terms", describe_terms(config, models.gen)),
             ("performance", describe_performance(config, world.device)),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", out)]
