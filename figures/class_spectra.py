@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> tuple[list[Path], list[Summary]]:
             print(target)
         for summary in summaries:
             print(summary.line())
+        if len({summary.iteration for summary in summaries}) > 1:
+            print(f"note: the runs end at different iterations ({', '.join(str(s.iteration) for s in summaries)}): "
+                  "their last sigmas above are not of one time; the figure's x axes show each run's whole course")
     return written, summaries
 
 

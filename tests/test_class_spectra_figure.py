@@ -77,6 +77,9 @@ def test_two_runs_side_by_side_share_y_and_get_a_pair_name(tmp_path, capsys):
     written, summaries = fig.main([str(gsr), str(baseline), "--layer-reduce", "mean"])
     assert written == [gsr / "figures" / "class_spectra_mean_gsr_vs_baseline.png"] and written[0].stat().st_size > 20_000
     assert [s.run for s in summaries] == ["gsr", "baseline"] and [s.iteration for s in summaries] == [3000, 4000]
+    assert "note: the runs end at different iterations (3000, 4000)" in capsys.readouterr().out
+    fig.main([str(gsr), str(write_run(tmp_path, "other"))])
+    assert "note:" not in capsys.readouterr().out  # the same last iteration: nothing to say
 
     runs = [fig.read_run(gsr, "gsr"), fig.read_run(baseline, "baseline")]
     figure = fig.class_spectra_figure(runs, [0, 9], None, "mean")
