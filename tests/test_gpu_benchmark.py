@@ -477,7 +477,8 @@ def test_where_a_capture_fails_the_stacked_runs_are_timed_eagerly(monkeypatch, o
         return eager(*args)
 
     monkeypatch.setattr(stacked, "prepared", capture_refused)
-    row = stacked.compare(2, quick=True, device=torch.device("cpu"), timing={"rounds": 2, "repeats": 1}, graph=True)
+    row = stacked.compare(2, quick=True, device=torch.device("cpu"), timing={"rounds": 2, "run_iterations_per_round": 1},
+                          graph=True)
     assert row["graph_error"] == "RuntimeError: operation not permitted when stream is capturing"
     assert row["timing"] == "eager" and row["stacked_ms"] > 0 and max(row["warmup_losses_difference"]) < 1e-4
     assert len(row["rounds_ms"]) == 2 and row["stacked_ms"] == pytest.approx(

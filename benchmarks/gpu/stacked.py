@@ -146,11 +146,12 @@ def compare(runs: int, quick: bool, device: torch.device, timing: dict, graph: b
             raise
         graph, row["graph_error"] = False, f"{type(error).__name__}: {first(error)}"
         steps = prepare_both(runs, quick, device, graph)
-    rounds = [[seconds(step, timing["repeats"], device) for step, _ in steps] for _ in range(timing["rounds"])]
+    repeats = max(1, timing["run_iterations_per_round"] // runs)  # each round about as long whatever K
+    rounds = [[seconds(step, repeats, device) for step, _ in steps] for _ in range(timing["rounds"])]
     separate_s, stacked_s = (statistics.median(column) for column in zip(*rounds))
     (_, separate_losses), (_, stacked_losses) = steps
     strayed = (stacked_losses - separate_losses).abs().amax(dim=(1, 2)) / separate_losses.abs().amax().clamp_min(1)
-    return {**row, "timing": "CUDA graph replays" if graph else "eager",
+    return {**row, "timing": "CUDA graph replays" if graph else "eager", "repeats_per_round": repeats,
             "separate_ms": round(1e3 * separate_s, 3), "stacked_ms": round(1e3 * stacked_s, 3),
             "separate_g_iterations_per_s_per_run": round(1 / separate_s, 2),
             "stacked_g_iterations_per_s_per_run": round(1 / stacked_s, 2),
@@ -172,8 +173,10 @@ def prepare_both(runs: int, quick: bool, device: torch.device, graph: bool) -> l
 
 
 def run(quick: bool, device: torch.device, runs: tuple[int, ...], save) -> dict:
+    # per round and variant, G-iterations summed over the K runs: each round repeats 40 // K G-iterations of all K
+    # (about 0.6 s of a GPU at the H200's 16 ms per separate run's G-iteration), so K = 36 costs what K = 4 does
     timing = {"rounds": 1 if quick else 5 if device.type == "cuda" else 3,
-              "repeats": 1 if quick else 10 if device.type == "cuda" else 1}
+              "run_iterations_per_round": 40 if device.type == "cuda" and not quick else 1}
     torch.backends.cudnn.benchmark = True
     if device.type == "cuda":  # the study's arithmetic: fp32 without TF32
         torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
