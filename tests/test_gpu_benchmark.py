@@ -400,6 +400,12 @@ def test_a_stack_of_runs_computes_each_runs_function(one_thread):
             if norm is not None:
                 for vector in (norm._u, norm._v):
                     vector.copy_(torch.nn.functional.normalize(torch.randn_like(vector), dim=0))
+        for model in gens + dises:  # each run's biases and BatchNorm state its own (they start alike: 0 and 1)
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if name.endswith(("bias", "running_mean")):
+                    tensor.add_(0.1 * torch.randn_like(tensor))
+                elif name.endswith(("bn.weight", "b1.weight", "b2.weight", "b5.weight", "running_var")):
+                    tensor.mul_(1 + 0.1 * torch.rand_like(tensor))
     gen_stack, dis_stack = stack(gens), stack(dises)
     z = torch.randn(8, runs, gens[0].dim_z, dtype=torch.float64)
     images = torch.rand(8, runs, 1, 32, 32, dtype=torch.float64) * 2 - 1
@@ -430,8 +436,10 @@ def test_a_stack_of_runs_computes_each_runs_function(one_thread):
                 torch.testing.assert_close(layer.sn.u, torch.stack([norm._u for norm in norms]), atol=1e-12, rtol=0)
                 torch.testing.assert_close(layer.sn.v, torch.stack([norm._v for norm in norms]), atol=1e-12, rtol=0)
             if isinstance(layer, BatchNorm2d):  # running statistics per run
-                torch.testing.assert_close(layer.running_mean.view(runs, -1),
-                                           torch.stack([peer.running_mean for peer in peers]), atol=1e-12, rtol=1e-10)
+                for statistic in ("running_mean", "running_var"):
+                    torch.testing.assert_close(getattr(layer, statistic).view(runs, -1),
+                                               torch.stack([getattr(peer, statistic) for peer in peers]),
+                                               atol=1e-12, rtol=1e-10)
     assert all(compared.values()), compared
 
     recipe = RECIPE[True]
@@ -467,19 +475,27 @@ def test_the_stacked_runs_benchmark_writes_both_rates(tmp_path, one_thread):
 
 
 def test_where_a_capture_fails_the_stacked_runs_are_timed_eagerly(monkeypatch, one_thread):
+    """On a GPU each attempt runs in a process of its own (a failed capture leaves torch's CUDA state unusable):
+    here the same steps in this process, then the isolated call's round trip."""
     from benchmarks.gpu import stacked
 
-    eager = stacked.prepared
+    eager, timing = stacked.prepared, {"rounds": 2, "run_iterations_per_round": 1}
 
     def capture_refused(*args):
         if args[-1]:
-            raise RuntimeError("operation not permitted when stream is capturing\nmore")
+            try:
+                raise ValueError("the cause")
+            except ValueError:
+                raise RuntimeError("operation not permitted when stream is capturing\nmore")
         return eager(*args)
 
     monkeypatch.setattr(stacked, "prepared", capture_refused)
-    row = stacked.compare(2, quick=True, device=torch.device("cpu"), timing={"rounds": 2, "run_iterations_per_round": 1},
-                          graph=True)
-    assert row["graph_error"] == "RuntimeError: operation not permitted when stream is capturing"
+    row = stacked.measured(2, True, torch.device("cpu"), timing, graph=True, isolate=False)
+    assert row["graph_error"] == ("RuntimeError: operation not permitted when stream is capturing (after ValueError: "
+                                  "the cause)")
     assert row["timing"] == "eager" and row["stacked_ms"] > 0 and max(row["warmup_losses_difference"]) < 1e-4
     assert len(row["rounds_ms"]) == 2 and row["stacked_ms"] == pytest.approx(
         statistics.median(stacked_ms for _, stacked_ms in row["rounds_ms"]), abs=1e-3)
+    isolated = stacked.measured(2, True, torch.device("cpu"), timing, graph=False, isolate=True)
+    assert isolated["timing"] == "eager" and isolated["stacked_g_iterations_per_s_total"] > 0
+    assert isolated["warmup_losses_difference"] == row["warmup_losses_difference"]  # the same seeds and arithmetic

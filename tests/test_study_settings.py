@@ -212,3 +212,6 @@ def test_a_warm_machines_own_measurements_come_first_and_the_chunk_budget_is_rea
     refused = call("soon")
     assert refused.returncode == 2 and "must be seconds or auto" in refused.stderr
     assert not list(out.iterdir())  # refused before the tests
+    del env["OUT"]  # the tests' 2 minutes, then no folder to return the chunk in: refused first
+    refused = call("auto")
+    assert refused.returncode == 2 and "$OUT must name the folder the device call returns" in refused.stderr

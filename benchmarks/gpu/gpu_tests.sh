@@ -11,7 +11,6 @@ PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 # shellcheck source=benchmarks/gpu/wheels.sh
 source benchmarks/gpu/wheels.sh
-install_carried_wheels "${2:-benchmarks/gpu/carry/wheels}"  # the tests that train through train.py log with tensorboardX
 
 # Every process left in session $1 (by /proc: the GPU image may lack pkill); twice, for any started meanwhile.
 kill_session() {
@@ -35,6 +34,7 @@ SESSION=/tmp/srgan-gpu-tests.sid
 rm -f "$SESSION"
 mkdir -p "$(dirname "$LOG")"
 {
+    install_carried_wheels "${2:-benchmarks/gpu/carry/wheels}"  # the tests that train through train.py log with tensorboardX
     setsid -w bash -c 'echo $$ > "$0"; exec timeout -k 5 "$1" "${@:2}"' "$SESSION" "${GPU_TESTS_S:-120}" \
         "$PYTHON" -m pytest -q -p no:cacheprovider --timeout=90 -k gpu \
         tests/test_step_graphs.py tests/test_device_batches.py tests/test_spectral.py tests/test_group.py

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, progress, slug
-from benchmarks.results_io import save_result
 from source.config import load_config
 from source.files import atomic_write_text
 from source.models import build_model
@@ -283,7 +282,6 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / f"kernels_{slug(device_name(device))}{'-quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     result = run(args.quick, device, lambda so_far: atomic_write_text(path, json.dumps(so_far, indent=2) + "\n"))
-    save_result(result, path)
     steps = result["sn_power_steps_study_dis"]
     print(f"{path}: pooling {ratios(result['avg_pool_2x2'], 'candidate_over_native')}, up-sampling "
           f"{ratios(result['nearest_upsample_x2'], 'candidate_over_native')}, SN power steps "

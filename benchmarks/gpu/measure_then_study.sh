@@ -17,6 +17,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 3 ] || { echo "usage: $0 D_BUDGET STUDY CHUNK_BUDGET [source.study device options]" >&2; exit 2; }
+[ -n "${OUT:-}" ] || { echo "$0: \$OUT must name the folder the device call returns" >&2; exit 2; }
 D_BUDGET=$1 STUDY=$2 ASKED=$3 CHUNK_BUDGET=${3%.*}
 shift 3
 [ "$CHUNK_BUDGET" = auto ] && CHUNK_BUDGET=100000
@@ -27,7 +28,7 @@ STARTED=$(date +%s)
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 PARTS=4  # the chunk's share of the 8 files a call returns
-CHUNK_LOG=${OUT:-.}/chunk.log
+CHUNK_LOG=$OUT/chunk.log
 if [ "$D_BUDGET" = 0 ]; then
     RESULT=(--dir "${RESULTS_DIR:-benchmarks/results}")  # study_settings.py picks the file of this machine's GPU
     ls "$MEASURED_HERE"/gpu_*.json >/dev/null 2>&1 && RESULT=(--dir "$MEASURED_HERE")

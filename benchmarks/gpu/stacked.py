@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import time
 from contextlib import nullcontext
@@ -115,8 +116,11 @@ def prepared(pairs: list[Pair], real: torch.Tensor, dim_z: int, runs: int, graph
     recorded = torch.cuda.CUDAGraph()
     with torch.cuda.graph(recorded):
         g_iteration(pairs, real, dim_z, runs)
-    recorded.replay()
-    return recorded.replay, warmup
+
+    def replay(held=(pairs, real)):  # the graph reads and writes their memory: they live while it replays
+        recorded.replay()
+    replay()
+    return replay, warmup
 
 
 def seconds(step, repeats: int, device: torch.device) -> float:
@@ -134,27 +138,44 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compare(runs: int, quick: bool, device: torch.device, timing: dict, graph: bool | None = None) -> dict:
-    """The K models one after another against their stack, side by side: in CUDA graphs on a GPU (eager where a
-    capture fails, which the row says), eager on a CPU; ``timing``'s rounds of ``repeats`` G-iterations of each in
-    turn (a load that comes and goes then meets both), medians."""
-    graph, row = device.type == "cuda" if graph is None else graph, {"runs": runs}
+def measured(runs: int, quick: bool, device: torch.device, timing: dict, graph: bool, isolate: bool) -> dict:
+    """``compare``'s row for K runs, in CUDA graphs where ``graph``, eager where a capture fails (the row says
+    why); with ``isolate`` each attempt in a process of its own: a failed capture leaves torch's CUDA state unusable
+    (the generator still capturing, the capture stream current), for the eager attempt and every later K."""
+    def call(graphed: bool) -> dict:
+        if not isolate:
+            return compare(runs, quick, device, timing, graphed)
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(compare, (runs, quick, device, timing, graphed))
+    row = call(graph)
+    return {**call(False), "graph_error": row["graph_error"]} if "graph_error" in row else row
+
+
+def compare(runs: int, quick: bool, device: torch.device, timing: dict, graph: bool) -> dict:
+    """The K models one after another against their stack, side by side (in CUDA graphs where ``graph``):
+    ``timing``'s rounds of each in turn (a load that comes and goes then meets both), medians; a failed capture
+    is returned as ``graph_error``, with the error that caused it."""
+    torch.backends.cudnn.benchmark = True
+    if device.type == "cuda":  # the study's arithmetic: fp32 without TF32
+        torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
     try:
         steps = prepare_both(runs, quick, device, graph)
     except RuntimeError as error:
         if not graph:
             raise
-        graph, row["graph_error"] = False, f"{type(error).__name__}: {first(error)}"
-        steps = prepare_both(runs, quick, device, graph)
+        cause = f" (after {type(error.__context__).__name__}: {first(error.__context__)})" if error.__context__ else ""
+        return {"runs": runs, "graph_error": f"{type(error).__name__}: {first(error)}{cause}"}
     repeats = max(1, timing["run_iterations_per_round"] // runs)  # each round about as long whatever K
     rounds = [[seconds(step, repeats, device) for step, _ in steps] for _ in range(timing["rounds"])]
     separate_s, stacked_s = (statistics.median(column) for column in zip(*rounds))
     (_, separate_losses), (_, stacked_losses) = steps
     strayed = (stacked_losses - separate_losses).abs().amax(dim=(1, 2)) / separate_losses.abs().amax().clamp_min(1)
-    return {**row, "timing": "CUDA graph replays" if graph else "eager", "repeats_per_round": repeats,
+    return {"runs": runs, "timing": "CUDA graph replays" if graph else "eager", "repeats_per_round": repeats,
             "separate_ms": round(1e3 * separate_s, 3), "stacked_ms": round(1e3 * stacked_s, 3),
             "separate_g_iterations_per_s_per_run": round(1 / separate_s, 2),
             "stacked_g_iterations_per_s_per_run": round(1 / stacked_s, 2),
+            "separate_g_iterations_per_s_total": round(runs / separate_s, 1),
+            "stacked_g_iterations_per_s_total": round(runs / stacked_s, 1),
             "stacked_speedup": round(separate_s / stacked_s, 3),
             "rounds_ms": [[round(1e3 * value, 3) for value in pair] for pair in rounds],
             "warmup_losses_difference": [float(value) for value in strayed]}
@@ -177,16 +198,14 @@ def run(quick: bool, device: torch.device, runs: tuple[int, ...], save) -> dict:
     # (about 0.6 s of a GPU at the H200's 16 ms per separate run's G-iteration), so K = 36 costs what K = 4 does
     timing = {"rounds": 1 if quick else 5 if device.type == "cuda" else 3,
               "run_iterations_per_round": 40 if device.type == "cuda" and not quick else 1}
-    torch.backends.cudnn.benchmark = True
-    if device.type == "cuda":  # the study's arithmetic: fp32 without TF32
-        torch.backends.cudnn.conv.fp32_precision = torch.backends.cuda.matmul.fp32_precision = "ieee"
     result = {"what": __doc__.splitlines()[0], "quick": quick, "environment": environment(device),
               "recipe": RECIPE[quick], "timing": timing, "warmup_iterations": WARMUP,
               "difference": "warm-up D losses, stack against separate runs, per G-iteration: the largest difference "
                             "relative to max(|loss|, 1)", "by_runs": []}
+    cuda = device.type == "cuda"
     for count in runs:
         try:
-            result["by_runs"].append(compare(count, quick, device, timing))
+            result["by_runs"].append(measured(count, quick, device, timing, graph=cuda, isolate=cuda))
         except Exception as error:  # e.g. out of memory at K runs: the smaller Ks' numbers stay
             result["by_runs"].append({"runs": count, "error": f"{type(error).__name__}: {first(error)}"})
         save(result)

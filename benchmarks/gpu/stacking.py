@@ -52,11 +52,16 @@ def stacked_parameters(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Ten
 
 
 class StackedConv2d(nn.Module):
-    """K convs as one grouped conv: weight (K x out, in, k, k), input and output channels run by run."""
+    """K convs as one grouped conv: weight (K x out, in, k, k), input and output channels run by run. The ResNets'
+    convs only: stride 1, no dilation or groups, zero padding."""
 
     def __init__(self, convs: list[nn.Conv2d]):
         super().__init__()
-        self.runs, self.padding = len(convs), convs[0].padding
+        first = convs[0]
+        if (first.stride, first.dilation, first.groups, first.padding_mode) != ((1, 1), (1, 1), 1, "zeros"):
+            raise ValueError(f"stack: a conv of stride {first.stride}, dilation {first.dilation}, groups "
+                             f"{first.groups}, padding {first.padding_mode}: only the ResNets' plain convs stack")
+        self.runs, self.padding = len(convs), first.padding
         weight, bias, self.sn = stacked_parameters(convs)
         self.weight = nn.Parameter(weight.flatten(0, 1))
         self.bias = None if bias is None else nn.Parameter(bias.flatten())

@@ -3,9 +3,11 @@
 # PYTHONPATH that finds them. (find_spec: importing them to find out would take seconds of the call)
 install_carried_wheels() {
     local installed="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch_fidelity', 'tensorboardX'))))"
-    if ! "$PYTHON" -c "$installed" 2>/dev/null && ls "$1"/*.whl >/dev/null 2>&1; then
-        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/srgan-gpu-bench-site "$1"/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+    "$PYTHON" -c "$installed" 2>/dev/null && return 0
+    if ! ls "$1"/*.whl >/dev/null 2>&1; then  # said: what needs them then fails, and the reason should be in the log
+        echo "wheels.sh: torch-fidelity or tensorboardX missing and no wheels in $1 (bash benchmarks/gpu/prepare.sh)"
+        return 0
     fi
-    return 0
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/srgan-gpu-bench-site "$1"/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 }
