@@ -356,6 +356,23 @@ def test_a_kernel_case_that_fails_on_the_device_keeps_the_others_numbers(tmp_pat
     assert odd["error"].startswith("RuntimeError") and [row["shape"] for row in others] == [list(pooling[0])]
 
 
+def test_on_a_gpu_each_kernel_case_runs_in_a_process_of_its_own(monkeypatch):
+    """What a GPU does (isolate: a failed capture must not spoil the later cases), here on the CPU: one case's rows
+    come back from a spawned process as from this one."""
+    from benchmarks.gpu import kernels
+
+    monkeypatch.setattr(kernels, "CASES", {"avg_pool_2x2": kernels.pooling})
+    own = list(kernels.POOL_SHAPES[True][0])
+    monkeypatch.setitem(kernels.POOL_SHAPES, True, [(2, 2, 4, 4)])  # this process's only: the spawned one reads its own
+    saved = []
+    result = kernels.run(True, torch.device("cpu"), saved.append, isolate=True)
+    (row,) = result["avg_pool_2x2"]
+    assert row["shape"] == own and row["gradient_max_difference"] <= 1e-6
+    assert saved == [result]
+    (row,) = kernels.run(True, torch.device("cpu"), saved.append, isolate=False)["avg_pool_2x2"]
+    assert row["shape"] == [2, 2, 4, 4]
+
+
 def test_section_c_runs_with_the_weights_make_setup_installs(tmp_path):
     """The documented command, without --inception-weights: fid-helper's pool3 copy (its logits are NaN, which our
     loader refuses: section c failed on every machine `make setup` made), else random weights."""

@@ -7,6 +7,7 @@ and keeps whatever the child had recorded so far (``Partial`` rewrites its file 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import signal
@@ -192,3 +193,11 @@ def gpu_tests(log: Path | None) -> dict | None:
     passed = bool(exits and exits[-1] == "0" and summary and re.search(r"\b[1-9]\d* passed", summary)
                   and not re.search(r"\b(failed|error)", summary))
     return {"exit": int(exits[-1]) if exits else None, "summary": summary, "passed": passed}
+
+
+def in_own_process(function, *args):
+    """``function(*args)`` in a fresh (spawned) process, its result or exception returned here: a failed CUDA graph
+    capture leaves torch's CUDA state unusable in its process (torch < 2.13: the default generator still
+    capturing, the capture stream current), which must not spoil what runs after it."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, progress, slug
+from benchmarks.gpu.common import ROOT, device_name, environment, in_own_process, pick_device, progress, slug
 from source.config import load_config
 from source.files import atomic_write_text
 from source.models import build_model
@@ -248,13 +248,16 @@ CASES = {"avg_pool_2x2": pooling, "nearest_upsample_x2": upsampling,  # name: ca
          "sn_power_steps_study_dis": sn_power_steps, "stacked_runs_conv3x3": stacked_convs}
 
 
-def run(quick: bool, device: torch.device, save) -> dict:
-    """Every case in turn; ``save(result so far)`` after each."""
+def run(quick: bool, device: torch.device, save, isolate: bool | None = None) -> dict:
+    """Every case in turn, on a GPU (``isolate``) each in a process of its own (a failed capture would spoil the
+    cases after it); ``save(result so far)`` after each."""
     repeats = 3 if quick else 200 if device.type == "cuda" else 10
-    torch.backends.cudnn.benchmark = False
+    isolate = device.type == "cuda" if isolate is None else isolate
+    torch.backends.cudnn.benchmark = False  # also a spawned process's default
     result = {"what": __doc__.splitlines()[0], "quick": quick, "environment": environment(device), "repeats": repeats}
     for name, case in CASES.items():
-        result[name] = guarded(case, device, quick, repeats)
+        result[name] = guarded(in_own_process, case, device, quick, repeats) if isolate else \
+            guarded(case, device, quick, repeats)
         save(result)
         progress("kernels", f"{name} done")
     return result

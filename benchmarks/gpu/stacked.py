@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import time
 from contextlib import nullcontext
@@ -31,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import _SpectralNorm
 
-from benchmarks.gpu.common import ROOT, device_name, environment, pick_device, progress, slug
+from benchmarks.gpu.common import ROOT, device_name, environment, in_own_process, pick_device, progress, slug
 from benchmarks.gpu.stacking import StackedSpectralNorm, stack
 from source.config import load_config
 from source.files import atomic_write_text
@@ -143,10 +142,8 @@ def measured(runs: int, quick: bool, device: torch.device, timing: dict, graph: 
     why); with ``isolate`` each attempt in a process of its own: a failed capture leaves torch's CUDA state unusable
     (the generator still capturing, the capture stream current), for the eager attempt and every later K."""
     def call(graphed: bool) -> dict:
-        if not isolate:
-            return compare(runs, quick, device, timing, graphed)
-        with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(compare, (runs, quick, device, timing, graphed))
+        arguments = (runs, quick, device, timing, graphed)
+        return in_own_process(compare, *arguments) if isolate else compare(*arguments)
     row = call(graph)
     return {**call(False), "graph_error": row["graph_error"]} if "graph_error" in row else row
 
