@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.gpu.common import ROOT, device_name, environment, in_own_process, pick_device, progress, slug
+from benchmarks.gpu.stacking import batched_power_step
 from source.config import load_config
 from source.files import atomic_write_text
 from source.models import build_model
@@ -151,16 +152,8 @@ class StackedPowerSteps:
         self.v = [torch.stack([layers[i]._v for i in group]) for group in self.groups]
 
     def __call__(self, matrices: list[torch.Tensor]) -> list[torch.Tensor]:
-        sigmas = []
-        for group, u, v in zip(self.groups, self.u, self.v):
-            w = torch.stack([matrices[i] for i in group])
-            product = torch.bmm(w, v.unsqueeze(-1)).squeeze(-1)
-            torch.div(product, torch.linalg.vector_norm(product, dim=1, keepdim=True).clamp_min_(self.eps), out=u)
-            product = torch.bmm(w.mT, u.unsqueeze(-1)).squeeze(-1)
-            norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
-            torch.div(product, norm.clamp_min(self.eps), out=v)
-            sigmas.append(norm)
-        return sigmas
+        return [batched_power_step(torch.stack([matrices[i] for i in group]), u, v, self.eps)
+                for group, u, v in zip(self.groups, self.u, self.v)]
 
     def values(self, sigmas: list[torch.Tensor], count: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(u, v, sigma) of each layer, in the layers' order."""

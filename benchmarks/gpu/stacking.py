@@ -20,6 +20,17 @@ from source.links.conditional_batchnorm import BatchNorm2d
 from source.spectral.spectra import raw_weight, spectral_norm_of
 
 
+def batched_power_step(matrices: torch.Tensor, u: torch.Tensor, v: torch.Tensor, eps: float) -> torch.Tensor:
+    """torch's power step (u from v, then v from u) for matrices (K, out, n) at once, u (K, out) and v (K, n)
+    updated in place; returns ||W^T u|| (K, 1), the sigma the step gives."""
+    product = torch.bmm(matrices, v.unsqueeze(-1)).squeeze(-1)
+    torch.div(product, torch.linalg.vector_norm(product, dim=1, keepdim=True).clamp_min_(eps), out=u)
+    product = torch.bmm(matrices.mT, u.unsqueeze(-1)).squeeze(-1)
+    norm = torch.linalg.vector_norm(product, dim=1, keepdim=True)
+    torch.div(product, norm.clamp_min(eps), out=v)
+    return norm
+
+
 class StackedSpectralNorm(nn.Module):
     """Spectral norm of K weight matrices (K, out, n) at once: torch's power step (u from v, then v from u) batched,
     and W / sigma with sigma = u^T W v, u and v held constant: the value ||W^T u|| that the step gives and the
@@ -34,10 +45,7 @@ class StackedSpectralNorm(nn.Module):
     def forward(self, matrices: torch.Tensor) -> torch.Tensor:
         if self.training:
             with torch.no_grad():
-                u = torch.bmm(matrices, self.v.unsqueeze(-1)).squeeze(-1)
-                torch.div(u, torch.linalg.vector_norm(u, dim=1, keepdim=True).clamp_min_(self.eps), out=self.u)
-                v = torch.bmm(matrices.mT, self.u.unsqueeze(-1)).squeeze(-1)
-                torch.div(v, torch.linalg.vector_norm(v, dim=1, keepdim=True).clamp_min_(self.eps), out=self.v)
+                batched_power_step(matrices, self.u, self.v, self.eps)
         sigma = torch.einsum("ko,kon,kn->k", self.u, matrices, self.v)
         return matrices / sigma[:, None, None]
 
@@ -96,8 +104,7 @@ def stacked_batch_norm(norms: list[BatchNorm2d]) -> BatchNorm2d:
                           affine=first.affine).to(first.running_mean)  # its device and dtype
     stacked.ghost_batch = first.ghost_batch
     with torch.no_grad():
-        for name in ("weight", "bias", "running_mean", "running_var") if first.affine else ("running_mean",
-                                                                                               "running_var"):
+        for name in ("running_mean", "running_var") + (("weight", "bias") if first.affine else ()):
             getattr(stacked, name).copy_(torch.cat([getattr(norm, name) for norm in norms]))
         stacked.num_batches_tracked.copy_(first.num_batches_tracked)
     return stacked
