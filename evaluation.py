@@ -26,6 +26,7 @@ from pathlib import Path
 
 from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, MAX_GRID_IMAGES, check_overwrite,
                            draw_grids, generate_all, grid_targets, output_folder, save_samples)
+from source import provenance
 from source.config import ConfigError, load_config
 from source.console import survive_readers_leaving
 from source.datasets import DatasetError
@@ -70,8 +71,9 @@ def print_record(loaded: LoadedGenerator, record: dict, text: str, as_json: bool
     """A score's text under the snapshot it scores, and (--json) the whole record as one JSON line."""
     print(f"snapshot {loaded.path} (iteration {loaded.iteration})")
     print(text)
-    if as_json:
-        print(json.dumps(record))
+    if as_json:  # with the code and machine that computed it: the line, kept elsewhere, says so itself
+        device = next(loaded.gen.parameters()).device
+        print(json.dumps({**record, "code": provenance.code_version(), "machine": provenance.machine(device)}))
 
 
 # --- ref-stats ---------------------------------------------------------------------------------

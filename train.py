@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from source import provenance
 from source.config import Config, ConfigError, load_config, save_config
 from source.console import survive_readers_leaving
 from source.datasets import DatasetError
@@ -57,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                         "interleaved, each on its own CUDA stream "
                                                         "(source/training/group.py); nothing else with it")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: the run's log records it
     if args.group and (args.config or args.resume or args.overrides or args.out or args.dry_run):
         parser.error("--group FILE takes no other argument: each run's are in FILE")
     if not args.config and not args.resume and not args.group:
@@ -215,6 +217,8 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
         if trainer.updater.artefact is not None:
             trainer.log.event(trainer.iteration, "resume_artefact", devices=config.updater.resume_artefact_devices)
     if world.is_main:
+        command = ["train.py", *args.argv]  # a group's run: its own arguments, as its group file gives them
+        trainer.log.event(trainer.iteration, "started", **provenance.started(command, world.device, world.size))
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
         if config.updater.gsr.enabled:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from benchmarks.results_io import save_result
 from source.datasets import ImageNet, ImageNetArgs, InfiniteBatchIterator, PreparedImageNet, PreparedImageNetArgs
 from source.datasets.streams import dequantization_noise, to_signed_unit
 from source.datasets.prepare import prepare_imagenet
+from source.provenance import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SIZE, CLASSES = 32, 128, 4
@@ -80,12 +80,6 @@ def main_process_ms(repeats: int = 5) -> dict:
     return {"dequantization_noise": best_ms(lambda: dequantization_noise(images.shape[1:], 0, 0, range(BATCH))),
             "to_float_with_noise": best_ms(lambda: to_signed_unit(images, noise)),
             "to_float": best_ms(lambda: to_signed_unit(images))}
-
-
-def cpu_model() -> str:
-    with open("/proc/cpuinfo") as info:
-        return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
-                    platform.processor() or "unknown")
 
 
 def markdown(result: dict) -> str:

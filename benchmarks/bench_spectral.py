@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from source.spectral.spectra import (
     stack_by_shape,
     weight_matrix,
 )
+from source.provenance import cpu_model
 from source.spectral.sr import SpectralRegularizer, dynamic_compensation, thin_svd
 
 # (block, conv, C_in, C_out, kernel) of SNResNetProjectionDiscriminator(ch=64): reshaped W is C_out x C_in*k*k
@@ -99,13 +99,6 @@ def measure(device: torch.device, repeats: int) -> dict[str, list[float]]:
             lambda stack: torch.linalg.svdvals(stack if stack.shape[-2] >= stack.shape[-1] else stack.mT)),
     }
     return {name: seconds(action, device, repeats) for name, action in actions.items()}
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return f"{names[0]} x{len(names)}" if names else platform.machine()
 
 
 def main() -> None:

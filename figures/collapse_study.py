@@ -29,7 +29,8 @@ import numpy as np
 from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, save_figure
 from figures.spectra import choose_iterations, read_run, resolve_layer, spectra_figure
 from source.config import ConfigError
-from source.study.state import first_collapse, latest_iteration, logged_iteration, run_folder
+from source.study.state import (chunk_code, chunk_device, first_collapse, latest_iteration, logged_iteration,
+                                run_folder)
 from source.spectral.spectra import list_spectra
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import events, read_jsonl, sr_start
@@ -122,7 +123,8 @@ def chunk_paces(root: Path) -> list[dict]:
         iterations = sum(trained.values())
         paces.append({"started": chunk.get("started"), "wall_s": wall, "per_process": chunk.get("per_process"),
                       "performance": chunk.get("performance"), "runs": len(trained), "iterations": iterations,
-                      "iterations_per_s": round(iterations / wall, 1) if wall else None})
+                      "iterations_per_s": round(iterations / wall, 1) if wall else None,
+                      "device": chunk_device(chunk), "code": chunk_code(chunk)})
     return paces
 
 
@@ -151,8 +153,10 @@ def markdown(summary: dict) -> str:
                      f"{_cell(at['diversity'])} | {_cell(at['classifier_FID'], 1)} | {_cell(before['modes'], 1)} | "
                      f"{_cell(before['diversity'])} |")
     for chunk in (c for c in summary["chunks"] if c["iterations_per_s"] is not None):
-        lines.append(f"\nchunk of {chunk['started']}: {chunk['runs']} runs trained {chunk['iterations']} iterations in "
-                     f"{chunk['wall_s']} s ({chunk['iterations_per_s']} iterations/s in all)")
+        where = "".join(f" {label} {chunk[key]}" for label, key in (("on", "device"), ("with", "code"))
+                        if chunk.get(key))
+        lines.append(f"\nchunk of {chunk['started']}{where}: {chunk['runs']} runs trained {chunk['iterations']} "
+                     f"iterations in {chunk['wall_s']} s ({chunk['iterations_per_s']} iterations/s in all)")
     return "\n".join(lines)
 
 

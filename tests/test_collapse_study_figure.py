@@ -41,7 +41,8 @@ def study(tmp_path):
                                                 *scores([0.8, 0.8, 0.8, 0.8])[2:]])
     write(runs / "sr_resumed_s0", "classifier_modes.jsonl", [measures(30, 9, 0.8, 70), measures(40, 9, 0.85, 65)])
     write(tmp_path / "runs", "chunks.jsonl", [  # a chunk the two sn runs ran in; a later one whose runs did not start
-        {"started": "2026-11-28T05:59:38", "wall_s": 12.5, "per_process": 2,
+        {"started": "2026-11-28T05:59:38", "wall_s": 12.5, "per_process": 2, "machine": {"device": "NVIDIA H200"},
+         "code": {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": True, "from": "carry"},
          "runs": {"b64/sn_s0": {"from": 0, "to": 30, "seconds": 12.0}, "b64/sn_s1": {"from": 0, "to": 20}}},
         {"started": "2026-11-28T06:10:00", "wall_s": 3.0, "runs": {"b64/sr_resumed_s0": {"from": 20},
                                                                    "b64/sr_resumed_s1": {"from": 20, "to": 0}}}])
@@ -70,7 +71,10 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     assert json.loads((out / "data" / "study_summary.json").read_text())["arms"]["b64/sn"]["collapses"] == [30, None]
     assert [(c["runs"], c["iterations"], c["iterations_per_s"]) for c in summary["chunks"]] == [(2, 50, 4.0),
                                                                                             (0, 0, 0.0)]
-    assert "chunk of 2026-11-28T05:59:38: 2 runs trained 50 iterations in 12.5 s (4.0 iterations/s in all)" in table
+    assert [(c["device"], c["code"]) for c in summary["chunks"]] == [
+        ("NVIDIA H200", "commit 0123456 with local changes"), (None, None)]  # the second's record names neither
+    assert "chunk of 2026-11-28T05:59:38 on NVIDIA H200 with commit 0123456 with local changes: 2 runs trained 50 " \
+           "iterations in 12.5 s (4.0 iterations/s in all)" in table
 
 
 def test_the_spectra_figure_sets_the_baseline_beside_its_branch_once_started(study, tmp_path, monkeypatch):

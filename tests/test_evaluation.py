@@ -20,6 +20,7 @@ from PIL import Image
 
 import evaluation
 import train
+from source import provenance
 from source.config import ConfigError, EvaluationConfig, load_config
 from source.datasets import build_dataset
 from source.metrics import (
@@ -377,6 +378,7 @@ def test_metrics_cli_reproduces_the_training_evaluation_of_a_snapshot(evaluated_
     record = json.loads(out.strip().splitlines()[-1])
     (trained,) = read_metrics(evaluated_run)
     assert record["iteration"] == 2
+    assert record["code"] == provenance.code_version() and record["machine"]["device"] == provenance.cpu_model()
     assert record["FID"] == pytest.approx(trained["FID"], rel=1e-9)
     assert record["KID"] == pytest.approx(trained["KID"], rel=1e-9)
 

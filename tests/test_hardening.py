@@ -162,7 +162,7 @@ def test_default_folders_are_numbered_and_resume_branches_never_overwrite(tmp_pa
     branches = [Path("results/demo-resume1"), Path("results/demo-resume1-2")]
     assert all((b / "snapshots" / "snapshot_iter_3.pt").is_file() for b in branches)
     assert [json.loads(line)["event"] for line in (branches[0] / "log.jsonl").read_text().splitlines()
-            if "event" in json.loads(line)][:2] == ["resumed", "sr_start"]
+            if "event" in json.loads(line)][:3] == ["resumed", "started", "sr_start"]
     assert not (first / "snapshots" / "snapshot_iter_3.pt").exists()
 
 
@@ -184,6 +184,8 @@ def test_resume_from_the_latest_snapshot_continues_the_run_in_place(tmp_path, tr
     resumed = next(i for i, r in enumerate(records) if r.get("event") == "resumed")
     assert records[resumed]["iteration"] == 2 and [r.get("iteration") for r in records[resumed:] if "loss_dis" in r
                                                    ] == [3, 4], "appended after the torn line and 3, 4 were dropped"
+    assert [(r["iteration"], r["command"][1:]) for r in records if r.get("event") == "started"] == \
+        [(0, records[0]["command"][1:]), (2, ["--resume", str(run / "snapshots" / "snapshot_iter_2.pt")])]
     # TensorBoard hides what the interrupted session logged past the snapshot too: a purge marker at 2 + 1
     starts = [event.step for event in tensorboard_events(run / "tb") if event.HasField("session_log")
               and event.session_log.status == event_pb2.SessionLog.START]

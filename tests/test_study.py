@@ -14,6 +14,7 @@ import yaml
 
 from source.config import ConfigError, load_config
 from source.study import __main__ as study_cli
+from source import provenance
 from source.study import continuation, processes, runner, state, transfer
 from source.study.state import PIDS
 from source.study.spec import load_study
@@ -107,7 +108,8 @@ def test_status_says_how_much_of_the_study_is_trained_and_how_long_the_rest_take
     for iteration in (12000, 14000):
         (folder / "snapshots" / f"snapshot_iter_{iteration}.pt").write_bytes(b"")
     (folder / "log.jsonl").write_text(json.dumps({"iteration": 14000, "event": "collapse", "layers": ["x"]}) + "\n")
-    chunks = [{"runs": {"tiny/sn_s0": {"from": 0, "to": 14000}, "tiny/lr_s0": {"from": 0, "to": 0}}, "wall_s": 200},
+    chunks = [{"runs": {"tiny/sn_s0": {"from": 0, "to": 14000}, "tiny/lr_s0": {"from": 0, "to": 0}}, "wall_s": 200,
+               "machine": {"device": "NVIDIA H200"}},
               {"runs": {"tiny/lr_s0": {"from": 0}}, "wall_s": 5}, {"runs": "torn"}]  # the last two: no rate
     (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
     assert state.start_iteration(study, tmp_path, study.run("tiny/resumed_s0")) == 12000  # the last healthy check
@@ -119,8 +121,11 @@ def test_status_says_how_much_of_the_study_is_trained_and_how_long_the_rest_take
     assert outlook["counts"] == {"started": 1, "ready": 1, "fresh": 1}
     assert study_cli.main(["status", str(path), "--root", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == (
-        "14000 of 138000 iterations trained (10 %); at the last chunk's 70.0 iterations/s in all, the rest takes "
-        "about 30 min of chunks")
+        "14000 of 138000 iterations trained (10 %); at the last chunk's 70.0 iterations/s in all on NVIDIA H200, the "
+        "rest takes about 30 min of chunks")
+    chunks[0]["machine"] = "a chunk recorded before chunks named their machine"
+    (tmp_path / "chunks.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chunks))
+    assert state.outlook(study, tmp_path)["last_chunk_device"] is None
     assert study_cli.main(["status", str(path), "--root", str(tmp_path), "--arm", "sn"]) == 0  # the chosen runs only
     assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["tiny/sn_s0", "14000"]
     (folder / "log.jsonl").write_text("")  # no collapse: the branch waits and is not counted
@@ -323,7 +328,8 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
     assert "a chunk may change only performance.KEY=VALUE" in capsys.readouterr().err
 
 
-def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
+def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(provenance.CODE_ENV, "")  # the device command sets it: undone after the test
     study_file = write_study(tmp_path, 6)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600",
@@ -332,21 +338,25 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     assert {"performance.step_graphs=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
         set(chunk["performance"]) and chunk["lead"] is None
     assert chunk["stop"] == "every run done, or none could go"  # not "budget": it had 600 s
+    assert chunk["code"] == provenance.code_version() and chunk["machine"]["device"] == provenance.cpu_model()
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
     (tmp_path / "a_file").write_text("x")
     assert study_cli.main(["carry", str(study_file), "--root", str(here), "--to", str(tmp_path / "a_file")]) == 2
     assert "a_file is a file, not a carry folder" in capsys.readouterr().err  # was a FileExistsError traceback
     transfer.reset(carry)
-    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
+    carried = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False}
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study", "code": carried}))
     transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)
     names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
     assert {"tiny/sn_s0/snapshots/snapshot_iter_6.pt", "tiny/sn_s0/log.jsonl", "chunks.jsonl"} <= set(names)
     assert not [n for n in names if "/spectra/" in n or "/samples/" in n or "generator_iter" in n]
     # the device side: restore, one chunk (nothing left to do), pack what changed
     out.mkdir()
+    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # as on a lent machine: its copy of the code has none
     assert study_cli.main(["device", str(study_file), "--root", str(there), "--carry", str(carry), "--out", str(out),
                            "--budget", "60"]) == 0
+    assert json.loads((there / "chunks.jsonl").read_text().splitlines()[-1])["code"] == {**carried, "from": "carry"}
     progress = json.loads((out / "progress.json").read_text())
     assert [row["status"] for row in progress] == ["done", "done"]
     parts = sorted(out.glob(transfer.PARTS + "*"))

@@ -624,7 +624,7 @@ def test_apply_SR_auto_switches_on_at_a_detected_collapse(tmp_path, monkeypatch,
     assert train.main(tiny_argv(out, 8, "updater.apply_SR=auto", "spectra_interval=2", "snapshot_interval=100")) == 0
     assert "SPECTRAL COLLAPSE at iteration 6" in capsys.readouterr().out
     events = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [e["event"] for e in events if "event" in e] == ["collapse", "sr_start", "collapse"]
+    assert [e["event"] for e in events if "event" in e] == ["started", "collapse", "sr_start", "collapse"]
     assert next(e for e in events if e.get("event") == "sr_start")["iteration"] == 6
     before = load_snapshot(out / "snapshots" / "snapshot_iter_6.pt")
     final = load_snapshot(out / "snapshots" / "snapshot_iter_8.pt")

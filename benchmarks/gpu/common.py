@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from source.provenance import code_version, device_name
 from source.study.processes import own_process_group
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,14 +73,6 @@ def median(values: list[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    from benchmarks.bench_spectral import cpu_model
-
-    return cpu_model()
-
-
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
 
@@ -118,6 +111,7 @@ def peak_memory(device: torch.device) -> dict:
 def environment(device: torch.device) -> dict:
     return {
         "device": device_name(device),
+        "code": code_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": sys.version.split()[0],

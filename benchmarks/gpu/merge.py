@@ -23,7 +23,8 @@ COMPARABLE = ("device", "torch", "cuda")
 
 def run_summary(result: dict) -> dict:
     protocol = result["protocol"]
-    summary = {key: protocol.get(key) for key in ("date", "command", "sections_run", "total_wall_s", "budgets_s")}
+    summary = {key: protocol.get(key) for key in ("date", "command", "code", "sections_run", "total_wall_s",
+                                                  "budgets_s")}
     return dict(summary, complete=result.get("complete", True))
 
 

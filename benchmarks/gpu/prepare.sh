@@ -2,7 +2,8 @@
 # Collects into benchmarks/gpu/carry/ (git-ignored) what the GPU machine lacks, in pieces that the device
 # tool's `carry` can take (64 MiB per call, the working tree included): see README.md beside this file.
 #   carry/wheels/       torch-fidelity 0.4.0 and tensorboardX (pure Python, ~0.2 MB): section (c) needs the
-#                       first, ours and theirs; the GPU-only tests that train through train.py the second
+#                       first, ours and theirs; the GPU-only tests that train through train.py the second; and
+#                       code.json, the commit here, which the results there name (that copy has no .git)
 #   carry/inception-1/  first half of fid-helper's TorchScript Inception (87 MB in all: one call cannot carry it)
 #   carry/inception-2/  second half and its SHA-256; run.sh --stash keeps the first half between two calls
 set -euo pipefail
@@ -17,6 +18,9 @@ mkdir -p "$CARRY/wheels" "$CARRY/inception-1" "$CARRY/inception-2"
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux2014_x86_64 -d "$CARRY/wheels" torch-fidelity==0.4.0 \
     "tensorboardX==$("$PYTHON" -c 'from importlib.metadata import version; print(version("tensorboardX"))')"
+
+"$PYTHON" -c 'import json; from source.provenance import code_version; print(json.dumps(code_version()))' \
+    > "$CARRY/wheels/code.json"
 
 WEIGHTS=$("$PYTHON" - <<'PY'
 from source.metrics.inception import WeightsUnavailable, fid_helper_path

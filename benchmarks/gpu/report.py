@@ -5,6 +5,7 @@ from math import prod
 from pathlib import Path
 
 from source.files import atomic_write_text
+from source.provenance import describe
 
 # name -> (numerator path, denominator paths (multiplied), what it says); paths are dotted keys of "sections".
 A_FAITHFUL = "a_faithful.seconds_per_2048_iteration_extrapolated"
@@ -278,7 +279,9 @@ def write_markdown(result: dict, path: Path) -> None:
     protocol, sections = result["protocol"], result["sections"]
     lines = [f"# GPU benchmark: {protocol['device']}", "",
              f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
-             f"quick={result['quick']}, total wall {protocol['total_wall_s']} s. Timing: {protocol['timing']}.", ""]
+             f"quick={result['quick']}, total wall {protocol['total_wall_s']} s, "
+             f"{describe(protocol['code']) if protocol.get('code') else 'code version not recorded'}. "
+             f"Timing: {protocol['timing']}.", ""]
     if result.get("complete") is False:
         lines += [f"**Incomplete**: written after {', '.join(sections)}; the sections after it had not run.", ""]
     if protocol.get("gpu_tests"):

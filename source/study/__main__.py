@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from source import provenance
 from source.config import ConfigError, load_config
 from source.console import survive_readers_leaving
 from source.study import continuation, processes, runner, saved, state, transfer
@@ -199,7 +200,8 @@ def outlook_line(outlook: dict) -> str:
         line += " (a waiting branch's iterations count once it can start)" if counts.get("waiting") else ""
     rate = outlook["last_chunk_rate"]
     if rate and planned > trained:
-        line += (f"; at the last chunk's {rate:.1f} iterations/s in all, the rest takes about "
+        device = f" on {outlook['last_chunk_device']}" if outlook.get("last_chunk_device") else ""
+        line += (f"; at the last chunk's {rate:.1f} iterations/s in all{device}, the rest takes about "
                  f"{duration((planned - trained) / rate)} of chunks")
     return line
 
@@ -218,7 +220,8 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.reset(args.to)  # first: a --to that is no carry folder changes nothing
     state.prune(study, root)
     kept = study.saved_folder() if args.root is None else None
-    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name, "saved_state": kept is not None}))
+    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name, "saved_state": kept is not None,
+                                                            "code": provenance.code_version()}))
     if kept is not None:
         saved.save(study, root, kept)
     else:
@@ -242,7 +245,9 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
 def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     """On the lent machine: install wheels, restore data and state, run one chunk, pack what changed into --out."""
     started = time.time()
-    transfer.check_carry_study(args.carry, study.name)
+    code = provenance.checked_code(transfer.check_carry_study(args.carry, study.name).get("code"))
+    if code is not None:  # a checkout here has no .git: the chunk and its runs record the commit the carry names
+        os.environ[provenance.CODE_ENV] = json.dumps(code)
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:
         args.data_root = transfer.unpack_data(args.carry, study.data_root())

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
+from source import provenance
 from source.config import ConfigError
 from source.files import first_hazard
 from source.study.processes import own_process_group, record_pids
@@ -282,9 +285,12 @@ def _progress_line(chunk: Chunk, study: Study, root: Path, runs: list[Run]) -> s
 
 def _append_history(root: Path, chunk: Chunk) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    wall_s = round(time.time() - chunk.started, 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device the runs' "auto" gives
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
               "parallel": chunk.parallel, "per_process": chunk.per_process, "performance": list(chunk.performance),
               "lead": chunk.lead, **({"data_root": chunk.data_root} if chunk.data_root else {}),
-              "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs}
+              "wall_s": wall_s, "runs": chunk.runs, "code": provenance.code_version(),
+              "machine": provenance.machine(device)}
     with open(root / "chunks.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from source import provenance
 from source.study.spec import Run, Study
 from source.training.checkpoint import generator_path, snapshot_iteration, snapshots_of
 from source.training.runlog import DamagedLog, events, read_jsonl
@@ -180,12 +181,20 @@ def outlook(study: Study, root: Path, runs: list[Run] | None = None) -> dict:
             start = start_iteration(study, root, run)
             trained += max(0, min(latest_iteration(run_folder(root, run)), run.iteration) - start)
             planned += run.iteration - start
-    return {"counts": counts, "trained": trained, "planned": planned, "last_chunk_rate": last_chunk_rate(root)}
+    rate, device = last_chunk(root)
+    return {"counts": counts, "trained": trained, "planned": planned, "last_chunk_rate": rate,
+            "last_chunk_device": device}
 
 
 def last_chunk_rate(root: Path) -> float | None:
     """Iterations per second in all of the last chunk that trained any (its runs' advances over its wall time,
     starting and stopping included: what a chunk of that kind gets done)."""
+    return last_chunk(root)[0]
+
+
+def last_chunk(root: Path) -> tuple[float | None, str | None]:
+    """The last chunk that trained any: its rate (``last_chunk_rate``) and the device it ran on (None where its
+    record names none: chunks before records named their machine)."""
     for record in reversed(read_jsonl(Path(root) / "chunks.jsonl")):
         try:
             advanced = sum(max(0, int(r.get("to", r["from"])) - int(r["from"])) for r in record["runs"].values())
@@ -193,8 +202,24 @@ def last_chunk_rate(root: Path) -> float | None:
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # not the runner's: no rate
             continue
         if advanced and seconds > 0:
-            return advanced / seconds
-    return None
+            return advanced / seconds, chunk_device(record)
+    return None, None
+
+
+def chunk_device(record: dict) -> str | None:
+    """The device a chunk's record names (None for records from before chunks named their machine)."""
+    machine = record.get("machine")
+    device = machine.get("device") if isinstance(machine, dict) else None
+    return device if isinstance(device, str) else None
+
+
+def chunk_code(record: dict) -> str | None:
+    """The code version a chunk's record names, in a few words ('commit 787d26a'); None where it names none."""
+    code = record.get("code")
+    commit = code.get("commit") if isinstance(code, dict) else None
+    if not (isinstance(commit, str) and provenance.COMMIT.fullmatch(commit)):
+        return None
+    return provenance.describe({"commit": commit, "dirty": code.get("dirty") is True})
 
 
 def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
