@@ -10,7 +10,6 @@ iteration is 2048 / micro-batch accumulation steps, so its time is extrapolated 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from benchmarks.results_io import save_result
 from source.config import load_config
+from source.provenance import device_name
 from source.spectral.spectra import compute_spectra
 from source.training import build
 from source.training.distributed import World
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     spectra = seconds(lambda: (compute_spectra(models.gen), compute_spectra(models.dis)))
     accumulation = 2048 // args.micro_batch
     result = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "micro_batch": args.micro_batch,
         "seconds_per_micro_batch_iteration": step,

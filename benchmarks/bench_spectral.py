@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from source.provenance import cpu_model
 from source.spectral.spectra import (
     compute_spectra,
     singular_values,
@@ -27,7 +28,6 @@ from source.spectral.spectra import (
     stack_by_shape,
     weight_matrix,
 )
-from source.provenance import cpu_model
 from source.spectral.sr import SpectralRegularizer, dynamic_compensation, thin_svd
 
 # (block, conv, C_in, C_out, kernel) of SNResNetProjectionDiscriminator(ch=64): reshaped W is C_out x C_in*k*k

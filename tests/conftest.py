@@ -9,6 +9,14 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from source.provenance import CODE_ENV  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def no_carried_code(monkeypatch):
+    """No test sees a carried code version it did not set (the study's device command sets it in its process)."""
+    monkeypatch.setenv(CODE_ENV, "")
+
 
 @pytest.fixture(scope="session")
 def full_inception_weights(tmp_path_factory):

@@ -7,6 +7,7 @@ import yaml
 
 from figures import collapse_study
 from figures.common import command_line
+from source.study import state
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,9 +73,11 @@ def test_summary_per_arm_over_seeds_with_branches_joined_to_their_parents(study,
     assert [(c["runs"], c["iterations"], c["iterations_per_s"]) for c in summary["chunks"]] == [(2, 50, 4.0),
                                                                                             (0, 0, 0.0)]
     assert [(c["device"], c["code"]) for c in summary["chunks"]] == [
-        ("NVIDIA H200", "commit 0123456 with local changes"), (None, None)]  # the second's record names neither
-    assert "chunk of 2026-11-28T05:59:38 on NVIDIA H200 with commit 0123456 with local changes: 2 runs trained 50 " \
-           "iterations in 12.5 s (4.0 iterations/s in all)" in table
+        ("NVIDIA H200", "commit 0123456 with local changes (carried)"), (None, None)]  # the second names neither
+    assert state.chunk_code({"code": {"commit": "0123456 on a machine of mine", "dirty": False}}) is None
+    assert state.chunk_device({"machine": {"device": "NVIDIA H200\n" * 3}}) is None  # one-line messages stay so
+    assert "chunk of 2026-11-28T05:59:38 on NVIDIA H200 with commit 0123456 with local changes (carried): 2 runs " \
+           "trained 50 iterations in 12.5 s (4.0 iterations/s in all)" in table
 
 
 def test_the_spectra_figure_sets_the_baseline_beside_its_branch_once_started(study, tmp_path, monkeypatch):

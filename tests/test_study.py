@@ -12,9 +12,9 @@ import pytest
 import torch
 import yaml
 
+from source import provenance
 from source.config import ConfigError, load_config
 from source.study import __main__ as study_cli
-from source import provenance
 from source.study import continuation, processes, runner, state, transfer
 from source.study.state import PIDS
 from source.study.spec import load_study
@@ -328,8 +328,7 @@ def test_a_chunks_performance_settings_reach_every_run_which_continues_in_place_
     assert "a chunk may change only performance.KEY=VALUE" in capsys.readouterr().err
 
 
-def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(provenance.CODE_ENV, "")  # the device command sets it: undone after the test
+def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys):
     study_file = write_study(tmp_path, 6)
     here, there, carry, out = (tmp_path / name for name in ("here", "there", "carry", "out"))
     assert study_cli.main(["run", str(study_file), "--root", str(here), "--setting", "tiny", "--budget", "600",
@@ -338,25 +337,25 @@ def test_a_study_travels_to_a_device_chunk_and_back(tmp_path, capsys, monkeypatc
     assert {"performance.step_graphs=true", "performance.compile=false", 'performance.amp="fp32"'} <= \
         set(chunk["performance"]) and chunk["lead"] is None
     assert chunk["stop"] == "every run done, or none could go"  # not "budget": it had 600 s
-    assert chunk["code"] == provenance.code_version() and chunk["machine"]["device"] == provenance.cpu_model()
+    assert chunk["code"] == provenance.code_version() and chunk["machine"]["device"] == provenance.cpu_model()  # runs'
     with pytest.raises(transfer.TransferError, match="is not a carry folder"):
         transfer.reset(here)  # a mistyped --to deletes nothing
     (tmp_path / "a_file").write_text("x")
     assert study_cli.main(["carry", str(study_file), "--root", str(here), "--to", str(tmp_path / "a_file")]) == 2
     assert "a_file is a file, not a carry folder" in capsys.readouterr().err  # was a FileExistsError traceback
     transfer.reset(carry)
-    carried = {"commit": "0123456789abcdef0123456789abcdef01234567", "dirty": False}
-    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study", "code": carried}))
+    (carry / transfer.CARRY_STUDY).write_text(json.dumps({"study": "study"}))
+    (carry / study_cli.CARRY_CODE).write_text(json.dumps(provenance.carry_record()))
     transfer.write_archive(transfer.state_files(here, [here / "tiny"]), here, carry / transfer.STATE)
     names = transfer.extract(carry / transfer.STATE, tmp_path / "peek")
     assert {"tiny/sn_s0/snapshots/snapshot_iter_6.pt", "tiny/sn_s0/log.jsonl", "chunks.jsonl"} <= set(names)
     assert not [n for n in names if "/spectra/" in n or "/samples/" in n or "generator_iter" in n]
     # the device side: restore, one chunk (nothing left to do), pack what changed
     out.mkdir()
-    monkeypatch.setenv("GIT_DIR", str(tmp_path / "no-git"))  # as on a lent machine: its copy of the code has none
     assert study_cli.main(["device", str(study_file), "--root", str(there), "--carry", str(carry), "--out", str(out),
                            "--budget", "60"]) == 0
-    assert json.loads((there / "chunks.jsonl").read_text().splitlines()[-1])["code"] == {**carried, "from": "carry"}
+    # what its runs would name were the copy here without .git: the carry's commit, the copy checked against it
+    assert json.loads(os.environ[provenance.CODE_ENV]) == {**provenance.code_version(), "from": "carry"}
     progress = json.loads((out / "progress.json").read_text())
     assert [row["status"] for row in progress] == ["done", "done"]
     parts = sorted(out.glob(transfer.PARTS + "*"))
@@ -666,7 +665,7 @@ def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_p
     assert study_cli.main(["status", str(path), "--root", str(root)]) == 2
     assert "log.jsonl:1 is not a log record (a mapping with an integer iteration)" in capsys.readouterr().err
     (folder / "log.jsonl").write_text("")
-    assert state.last_chunk_rate(root) is None  # an infinite advance is no rate
+    assert state.last_chunk(root) == (None, None)  # an infinite advance is no rate
     # a new user's walk: a mistyped --root read as a study of fresh runs (take-back made the folder), a missing
     # carry blamed its study.json, and device without --budget ran until its call's limit killed the packing
     for argv, message in [(["status", str(path), "--root", str(tmp_path / "typo")], "--root"),

@@ -2,6 +2,7 @@
 checkout, never over a newer or different history, and checked as a received archive is."""
 import io
 import json
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from source import provenance
 from source.study import __main__ as study_cli
 from source.study import saved, state, transfer
 from source.files import torch_load
@@ -134,6 +136,8 @@ def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path
     assert study_cli.main(["carry", str(path), "--to", str(carry)]) == 0
     assert "the study's state in kept (in the working tree)" in capsys.readouterr().out
     assert not (carry / transfer.STATE).exists()
+    recorded = json.loads((carry / study_cli.CARRY_CODE).read_text())  # the commit here, and the tree's digest
+    assert recorded["commit"] == provenance.code_version()["commit"] and recorded["digest"]
 
     device = tmp_path / "device"  # the lent machine: a copy of the working tree, a root of its own
     shutil.copytree(tmp_path / "kept", device / "kept")
@@ -143,6 +147,7 @@ def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path
                            "--budget", "600"]) == 0
     progress = {row["run"]: row["status"] for row in json.loads((device / "out" / "progress.json").read_text())}
     assert progress == {"tiny/sn_s0": "done", "tiny/lr_s0": "done"}
+    assert json.loads(os.environ[provenance.CODE_ENV]) == {**provenance.code_version(), "from": "carry"}
     assert len((device / "kept" / "chunks.jsonl").read_text().splitlines()) == 1  # the device saves nothing
     parts = b"".join(part.read_bytes() for part in sorted((device / "out").glob(transfer.PARTS + "*")))
     returned = transfer.extract(parts, tmp_path / "peek")
@@ -151,7 +156,9 @@ def test_a_saved_state_travels_in_the_working_tree_and_comes_back_saved(tmp_path
 
     monkeypatch.chdir(tmp_path)
     assert study_cli.main(["take-back", str(path), str(device / "out")]) == 0
-    assert len((tmp_path / "kept" / "chunks.jsonl").read_text().splitlines()) == 2
+    history = [json.loads(line) for line in (tmp_path / "kept" / "chunks.jsonl").read_text().splitlines()]
+    assert len(history) == 2 and history[1]["machine"]["device"] == provenance.cpu_model()  # what lr_s0 recorded
+    assert history[1]["code"] == provenance.code_version()
     with tarfile.open(tmp_path / "kept" / "tiny.tar.xz") as archive:
         assert "tiny/lr_s0/done.json" in archive.getnames()  # trained there, done
 

@@ -31,6 +31,7 @@ from benchmarks.gpu.common import (MINIMUM_S, ROOT, Partial, environment, gpu_te
 from benchmarks.gpu.imagenet import FAITHFUL, FAST, GLOBAL_BATCH  # noqa: E402
 from benchmarks.gpu.report import derived_ratios, write_markdown  # noqa: E402
 from source.files import atomic_write_text  # noqa: E402
+from source.provenance import describe  # noqa: E402
 
 # Seconds per section, from the H200 runs (benchmarks/results/gpu_nvidia-h200.json) on a cold compile cache:
 # compiling the 128 px G and D took 136-193 s for accumulation 1 and 126 s again for accumulation 2 (SN's power
@@ -155,7 +156,8 @@ def run_sections(names: list[str], section_plans: dict, section_budgets: dict, t
     return results
 
 
-def report(args, device, names, section_plans, section_budgets, results, wall, started: str) -> dict:
+def report(args, here: dict, names, section_plans, section_budgets, results, wall, started: str) -> dict:
+    """The results file's content; ``here``: ``environment()``'s record of the machine and code."""
     tests = gpu_tests(args.gpu_tests_log)
     if tests and "d_small_models" in results:  # with the numbers they vouch for, which a merge keeps together
         results = dict(results, d_small_models=dict(results["d_small_models"], gpu_tests=tests))
@@ -163,7 +165,7 @@ def report(args, device, names, section_plans, section_budgets, results, wall, s
         "what": "GPU benchmark of the SRGANs toolkit (benchmarks/gpu/bench.py); README.md beside it explains it",
         "quick": args.quick,
         "complete": list(results) == names,  # false: written after a section, the ones after it not (yet) run
-        "protocol": dict(environment(device), command=" ".join(sys.argv), date=started,
+        "protocol": dict(here, command=" ".join(sys.argv), date=started,
                          sections_run=list(results), budgets_s=section_budgets, total_budget_s=args.total_budget,
                          total_wall_s=round(wall, 1), plans=section_plans, gpu_tests=tests,
                          timing="the device is synchronised before and after every timed region; medians of the "
@@ -253,12 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     section_plans, section_budgets = plans(args, device.type == "cuda"), budgets(args)
     if device.type == "cpu":  # several threads per process spin and crawl on a small shared CPU (SVDs: 100x)
         os.environ.update({name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
-    progress("bench", f"{environment(device)['device']}, torch {environment(device)['torch']}, sections {names}")
-    stem = f"gpu_{slug(environment(device)['device'])}{'-quick' if args.quick else ''}"
+    here = environment(device)
+    progress("bench", f"{here['device']}, torch {here['torch']}, {describe(here['code'])}, sections {names}")
+    stem = f"gpu_{slug(here['device'])}{'-quick' if args.quick else ''}"
     date = time.strftime("%Y-%m-%d %H:%M:%S")
 
     def save(results: dict) -> None:  # after every section: a call cut short keeps the sections it finished
-        write(report(args, device, names, section_plans, section_budgets, results, time.time() - started, date),
+        write(report(args, here, names, section_plans, section_budgets, results, time.time() - started, date),
               args.out, stem)
 
     if not run_sections(names, section_plans, section_budgets, args.total_budget, args.out / f"{stem}-running", save):

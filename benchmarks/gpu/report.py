@@ -275,12 +275,20 @@ SECTION_LINES = {"b_sr_spectra": spectral_lines, "c_fid": fid_lines, "d_small_mo
                  "e_biggan": biggan_lines, "f_loaders": loader_lines}
 
 
+def code_line(protocol: dict) -> str:
+    """The code version the results were measured with; a merge of runs at several names each (see its runs)."""
+    codes = sorted({describe(run["code"]) for run in protocol.get("runs") or [] if isinstance(run.get("code"), dict)})
+    if len(codes) > 1:
+        return f"measured at several code versions ({', '.join(codes)}: see the protocol's runs)"
+    return describe(protocol["code"]) if isinstance(protocol.get("code"), dict) else "code version not recorded"
+
+
 def write_markdown(result: dict, path: Path) -> None:
     protocol, sections = result["protocol"], result["sections"]
     lines = [f"# GPU benchmark: {protocol['device']}", "",
              f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
              f"quick={result['quick']}, total wall {protocol['total_wall_s']} s, "
-             f"{describe(protocol['code']) if protocol.get('code') else 'code version not recorded'}. "
+             f"{code_line(protocol)}. "
              f"Timing: {protocol['timing']}.", ""]
     if result.get("complete") is False:
         lines += [f"**Incomplete**: written after {', '.join(sections)}; the sections after it had not run.", ""]

@@ -1,11 +1,11 @@
 # Sourced by run.sh and gpu_tests.sh: install_carried_wheels DIR installs the carried wheels in DIR (torch-fidelity,
 # tensorboardX: the GPU image lacks both) without any registry, unless they are importable already, and exports the
 # PYTHONPATH that finds them. (find_spec: importing them to find out would take seconds of the call) It also exports
-# SRGAN_CODE, the code version prepare.sh recorded beside the wheels, for the results to name (the copy of the code
-# on a lent machine has no .git: source/provenance.py).
+# SRGAN_CODE: the code version prepare.sh recorded beside the wheels, checked against this copy of the code (which
+# has no .git on a lent machine), for the results to name (source/provenance.py).
 install_carried_wheels() {
     if [ -z "${SRGAN_CODE:-}" ] && [ -f "$1/code.json" ]; then
-        export SRGAN_CODE; SRGAN_CODE=$(cat "$1/code.json")
+        export SRGAN_CODE; SRGAN_CODE=$("$PYTHON" -m source.provenance verify "$1/code.json" || true)
     fi
     local installed="import importlib.util as u, sys; sys.exit(not all(map(u.find_spec, ('torch_fidelity', 'tensorboardX'))))"
     "$PYTHON" -c "$installed" 2>/dev/null && return 0

@@ -37,6 +37,8 @@ from source.study import continuation, processes, runner, saved, state, transfer
 from source.study.spec import Run, Study, load_study
 from source.training.runlog import DamagedLog
 
+CARRY_CODE = "code.json"  # in a carry: the code version here and the digest of the tree that travels with it
+
 
 def default_parallel() -> int:
     """A GPU overlaps many small runs; on a CPU, runs beyond the cores only contend for them (and their memory)."""
@@ -220,8 +222,7 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
     transfer.reset(args.to)  # first: a --to that is no carry folder changes nothing
     state.prune(study, root)
     kept = study.saved_folder() if args.root is None else None
-    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name, "saved_state": kept is not None,
-                                                            "code": provenance.code_version()}))
+    (args.to / transfer.CARRY_STUDY).write_text(json.dumps({"study": study.name, "saved_state": kept is not None}))
     if kept is not None:
         saved.save(study, root, kept)
     else:
@@ -232,6 +233,8 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
         transfer.pack_data(study.data_root(), args.to)
     print(f"{args.to}: downloading the wheels the GPU image lacks ({', '.join(transfer.WHEELS)})")
     transfer.download_wheels(args.to)
+    # last: the saved state above travels in the working tree, and the record's digest covers the tree as it goes
+    (args.to / CARRY_CODE).write_text(json.dumps(provenance.carry_record()))
     tree = subprocess.run("git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1", shell=True,
                           capture_output=True, text=True).stdout.split()
     advice = (f"the working tree holds the whole study's saved state ({saved.size(kept) / 2**20:.1f} MiB in {kept}): "
@@ -245,8 +248,9 @@ def carry(args, study: Study, root: Path, runs: list[Run]) -> int:
 def device(args, study: Study, root: Path, runs: list[Run]) -> int:
     """On the lent machine: install wheels, restore data and state, run one chunk, pack what changed into --out."""
     started = time.time()
-    code = provenance.checked_code(transfer.check_carry_study(args.carry, study.name).get("code"))
-    if code is not None:  # a checkout here has no .git: the chunk and its runs record the commit the carry names
+    transfer.check_carry_study(args.carry, study.name)
+    code = provenance.verify_carried(args.carry / CARRY_CODE)
+    if code is not None:  # a copy here has no .git: its runs record the commit the carry names, checked against it
         os.environ[provenance.CODE_ENV] = json.dumps(code)
     transfer.install_wheels(args.carry)
     if study.data_root() is not None:

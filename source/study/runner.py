@@ -25,9 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
-from source import provenance
 from source.config import ConfigError
 from source.files import first_hazard
 from source.study.processes import own_process_group, record_pids
@@ -35,6 +32,7 @@ from source.study.spec import Run, Study
 from source.study.state import (branch_snapshot, console_log, failure_marker, latest_iteration,
                                 logged_iteration, run_folder, start_iteration, status)
 from source.training.checkpoint import snapshots_of
+from source.training.runlog import DamagedLog, events
 
 TRAIN = Path(__file__).resolve().parents[2] / "train.py"
 POLL_SECONDS = 2.0
@@ -73,6 +71,8 @@ class Chunk:
     lead_offset: int = 0               # where the lead's output of this chunk starts in its console log
     started: float = field(default_factory=time.time)
     runs: dict[str, dict] = field(default_factory=dict)   # name -> {from, to, seconds, returncode}
+    code: dict | None = None     # what the chunk's first run to end recorded of itself at its start (provenance.py)
+    machine: dict | None = None
 
 
 def budget(seconds: float | None) -> Callable[[], bool] | None:
@@ -256,11 +256,24 @@ def _finish(chunk: Chunk, root: Path, run: Run, entry: tuple, echo) -> None:
     returncode = _own_returncode(exit_status(root, run), process)
     record.update(to=latest_iteration(run_folder(root, run)), seconds=round(time.time() - started, 1),
                   returncode=returncode)
+    ran_with = _ran_with(run_folder(root, run), started)
+    chunk.code, chunk.machine = chunk.code or ran_with.get("code"), chunk.machine or ran_with.get("machine")
     if returncode and returncode > 0 and returncode not in STOPPED_AT_ONCE:  # an error (a diverged run: 1)
         failure_marker(root, run).write_text(json.dumps({"returncode": returncode, "iteration": record["to"]}))
         echo(f"{run.name}: train.py exited with {returncode}; not relaunched until "
              f"{failure_marker(root, run)} is deleted (see {console_log(root, run)})")
     echo(f"{run.name}: iteration {record['from']} -> {record['to']} in {record['seconds']:.0f} s")
+
+
+def _ran_with(folder: Path, since: float) -> dict:
+    """The code and machine of the run's last ``started`` event, if it wrote one since ``since`` (its launch): the
+    runs' own records, so that this process needs neither git nor CUDA."""
+    since_text = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+    try:
+        found = [e for e in events(folder, "started") if isinstance(e.get("time"), str) and e["time"] >= since_text]
+    except (DamagedLog, OSError, ValueError):
+        return {}
+    return {key: found[-1][key] for key in ("code", "machine") if found and isinstance(found[-1].get(key), dict)}
 
 
 def _own_returncode(status: Path, process: subprocess.Popen) -> int | None:
@@ -285,12 +298,10 @@ def _progress_line(chunk: Chunk, study: Study, root: Path, runs: list[Run]) -> s
 
 def _append_history(root: Path, chunk: Chunk) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    wall_s = round(time.time() - chunk.started, 1)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the device the runs' "auto" gives
     record = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(chunk.started)), "stop": chunk.stop,
               "parallel": chunk.parallel, "per_process": chunk.per_process, "performance": list(chunk.performance),
               "lead": chunk.lead, **({"data_root": chunk.data_root} if chunk.data_root else {}),
-              "wall_s": wall_s, "runs": chunk.runs, "code": provenance.code_version(),
-              "machine": provenance.machine(device)}
+              "wall_s": round(time.time() - chunk.started, 1), "runs": chunk.runs,
+              **{key: value for key, value in (("code", chunk.code), ("machine", chunk.machine)) if value}}
     with open(root / "chunks.jsonl", "a") as handle:
         handle.write(json.dumps(record) + "\n")

@@ -186,15 +186,10 @@ def outlook(study: Study, root: Path, runs: list[Run] | None = None) -> dict:
             "last_chunk_device": device}
 
 
-def last_chunk_rate(root: Path) -> float | None:
-    """Iterations per second in all of the last chunk that trained any (its runs' advances over its wall time,
-    starting and stopping included: what a chunk of that kind gets done)."""
-    return last_chunk(root)[0]
-
-
 def last_chunk(root: Path) -> tuple[float | None, str | None]:
-    """The last chunk that trained any: its rate (``last_chunk_rate``) and the device it ran on (None where its
-    record names none: chunks before records named their machine)."""
+    """The last chunk that trained any: its iterations per second in all (its runs' advances over its wall time,
+    starting and stopping included: what a chunk of that kind gets done) and the device it ran on (None where its
+    record names none: chunks before records named their machine). (None, None) before any such chunk."""
     for record in reversed(read_jsonl(Path(root) / "chunks.jsonl")):
         try:
             advanced = sum(max(0, int(r.get("to", r["from"])) - int(r["from"])) for r in record["runs"].values())
@@ -207,19 +202,23 @@ def last_chunk(root: Path) -> tuple[float | None, str | None]:
 
 
 def chunk_device(record: dict) -> str | None:
-    """The device a chunk's record names (None for records from before chunks named their machine)."""
+    """The device a chunk's record names, in at most 60 printable characters (None for records from before chunks
+    named their machine); the record may come from another machine, and the name goes into one-line messages."""
     machine = record.get("machine")
     device = machine.get("device") if isinstance(machine, dict) else None
-    return device if isinstance(device, str) else None
+    return device[:60] if isinstance(device, str) and device.isprintable() and device else None
 
 
 def chunk_code(record: dict) -> str | None:
-    """The code version a chunk's record names, in a few words ('commit 787d26a'); None where it names none."""
+    """The code version a chunk's record names, in a few words ('commit 787d26a'); None where it names none (the
+    record may come from another machine: only a commit's hex digits and flags are shown)."""
     code = record.get("code")
     commit = code.get("commit") if isinstance(code, dict) else None
     if not (isinstance(commit, str) and provenance.COMMIT.fullmatch(commit)):
         return None
-    return provenance.describe({"commit": commit, "dirty": code.get("dirty") is True})
+    carried, differing = code.get("from") == "carry", code.get("tree") == "differs from the carry's"
+    return provenance.describe({"commit": commit, "dirty": code.get("dirty") is True, "from": carried,
+                                "tree": differing})
 
 
 def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:

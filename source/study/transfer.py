@@ -270,19 +270,17 @@ CARRY_MARK = ".study-carry"
 CARRY_STUDY = "study.json"  # the name of the study a carry was made for
 
 
-def check_carry_study(carry: Path, study: str) -> dict:
-    """What the carry says of itself (its study, the code version it was made from); a carry made for another study,
-    or for none it names, is refused (its runs would start or continue under this study's name)."""
+def check_carry_study(carry: Path, study: str) -> None:
+    """A carry made for another study, or for none it names, is refused (its runs would start or continue under this
+    study's name)."""
     path = Path(carry) / CARRY_STUDY
     try:
-        record = json.loads(path.read_text()) if path.is_file() else {"study": "unknown (it has no study.json)"}
-        made_for = record.get("study")
+        made_for = json.loads(path.read_text()).get("study") if path.is_file() else "unknown (it has no study.json)"
     except (OSError, ValueError, RecursionError, AttributeError):
         made_for = "unknown (its study.json is not readable)"
     if made_for != study:
         raise TransferError(f"{carry} was made for the study {made_for!r}, not {study!r}: make it with "
                             f"`python -m source.study carry` and this study's file")
-    return record
 
 
 def reset(carry: Path) -> None:
