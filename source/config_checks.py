@@ -98,6 +98,7 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
     check_terms(config.updater, gen_classes, source)
     check_step_graphs(config, source, world_size)
+    check_under_ddp(config, source, world_size)
     check_data_on_device(config, source)
 
 
@@ -122,6 +123,22 @@ def check_step_graphs(config: Config, source: str, world_size: int) -> None:
     found = [what for conflict, what in conflicts if conflict]
     if found:
         raise ConfigError(f"{source}: performance.step_graphs: not with {', '.join(found)}")
+
+
+def check_under_ddp(config: Config, source: str, world_size: int) -> None:
+    """What torchrun's ranks cannot share. One GPU named for all (every rank would use it: NCCL fails at the first
+    collective); compile's CUDA-graph modes, whose upstream hangs and slowdowns with DDP are open (pytorch#140395,
+    #139207) and which have not run here on GPUs."""
+    if world_size == 1:
+        return
+    if config.device.startswith("cuda:"):
+        raise ConfigError(f"{source}: device: {config.device} names one GPU, but torchrun started {world_size} ranks, "
+                          "each of which takes the GPU of its LOCAL_RANK: use device cuda or auto (on a resume: "
+                          "--set device=cuda)")
+    performance = config.performance
+    if performance.compile and performance.compile_mode != "default":
+        raise ConfigError(f"{source}: performance.compile_mode {performance.compile_mode}: its CUDA graphs are not "
+                          f"used with DDP (world size {world_size}) here; use compile_mode default under torchrun")
 
 
 def check_terms(updater: UpdaterConfig, n_classes: int, source: str) -> None:

@@ -157,6 +157,18 @@ def test_world_size_enters_divisibility_check():
         load_config(CONFIGS / "sr_imagenet.yaml", world_size=3)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["device=cuda:1"], "device: cuda:1 names one GPU, but torchrun started 4 ranks"),  # NCCL: all ranks on it
+    (["performance.compile=true", "performance.compile_mode=reduce-overhead"],
+     r"performance.compile_mode reduce-overhead: its CUDA graphs are not used with DDP \(world size 4\)"),
+])
+def test_what_torchrun_ranks_cannot_share_is_refused(overrides, message):
+    load_config(CONFIGS / "sr_imagenet.yaml", overrides, world_size=1)  # one process: fine
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIGS / "sr_imagenet.yaml", overrides, world_size=4)
+    load_config(CONFIGS / "sr_imagenet.yaml", ["device=cuda", "performance.compile=true"], world_size=4)
+
+
 def test_synthetic_override_adapts_to_the_models():
     config = load_config(CONFIGS / "sr_imagenet.yaml", ["dataset.name=synthetic"])
     args = config.dataset.args

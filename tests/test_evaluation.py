@@ -37,6 +37,7 @@ from source.metrics.generate import generated_features, sample_inputs, shard_bou
 from source.metrics.reference import (
     SUBSET_SEED,
     Reference,
+    ReferenceUnavailable,
     dataset_reference,
     features_path,
     reference_data,
@@ -192,8 +193,18 @@ def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path)
     require_reference_before_distributed_training(config, dataset, world_size=1)  # computed at the first evaluation
     with pytest.raises(ConfigError, match="python evaluation.py ref-stats --config CONFIG"):
         require_reference_before_distributed_training(config, dataset, world_size=2)
-    dataset_reference(config, reference_data(config, dataset), PixelBackbone(), config.evaluation.reference_images)
+    with pytest.raises(ReferenceUnavailable, match="is not cached at .*; compute it first"):  # what ranks meet
+        dataset_reference(config, reference_data(config, dataset), PixelBackbone(), config.evaluation.reference_images,
+                          compute=False)
+    reference = dataset_reference(config, reference_data(config, dataset), PixelBackbone(),
+                                  config.evaluation.reference_images)
     require_reference_before_distributed_training(config, dataset, world_size=2)
+    Path(features_path(reference.path)).unlink()  # rank 0 would compute the whole reference again for KID's features
+    with pytest.raises(ConfigError, match=f"the reference {features_path(reference.path)} do not exist yet"):
+        require_reference_before_distributed_training(config, dataset, world_size=2)
+    with pytest.raises(ReferenceUnavailable, match="again: its features file"):
+        dataset_reference(config, reference_data(config, dataset), PixelBackbone(), config.evaluation.reference_images,
+                          compute=False)
 
 
 def test_a_cached_reference_of_another_setup_is_refused_with_the_differing_fields(tmp_path):

@@ -634,6 +634,40 @@ def test_apply_SR_auto_switches_on_at_a_detected_collapse(tmp_path, monkeypatch,
         f"spectra_iter_{i:08d}.npz" for i in (2, 4, 6, 8)]
 
 
+def _ddp_worker_whose_rank_1_sees_a_collapse(rank: int, world_size: int, port: int, argv: list[str],
+                                              marker: str) -> None:
+    """A DDP rank whose D spectra, on rank 1 only, lose their lower singular values from the third snapshot on
+    (as GPU SVDs may differ in the last digits between ranks, near the detector's threshold)."""
+    from source.spectral.spectra import LayerSpectrum
+    from source.training import extensions
+
+    real, calls = extensions.compute_spectra, []
+
+    def spectra(module):
+        result = real(module)
+        calls.append(module)
+        if rank == 1 and len(calls) >= 6 and module is calls[1]:
+            Path(marker).touch()
+            result = {n: LayerSpectrum(s.kind, np.r_[s.singular_values[:1], s.singular_values[1:] * 0.1], s.sigma_hat)
+                      for n, s in result.items()}
+        return result
+
+    extensions.compute_spectra = spectra
+    _ddp_worker(rank, world_size, port, argv)
+
+
+def test_ddp_ranks_decide_on_a_collapse_together(tmp_path, ranks_threads):
+    """apply_SR: auto switches SR on and writes a snapshot (a collective) at a detected collapse: a collapse that one
+    rank alone detected would leave it alone in that collective (NCCL hangs). Rank 0's scores decide on every rank."""
+    out, marker = tmp_path / "ddp", tmp_path / "rank1_crushed"
+    argv = tiny_argv(out, 8, "updater.apply_SR=auto", "spectra_interval=2", "snapshot_interval=100")
+    mp.spawn(_ddp_worker_whose_rank_1_sees_a_collapse, args=(2, _free_port(), argv, str(marker)), nprocs=2, join=True)
+    assert marker.exists(), "rank 1 computed collapsed spectra"
+    events = [record.get("event") for record in read_jsonl(out / "log.jsonl")]
+    assert "collapse" not in events and "sr_start" not in events
+    assert load_snapshot(out / "snapshots" / "snapshot_iter_8.pt")["updater"]["apply_SR"] is False
+
+
 def test_a_run_with_loader_workers_ends_after_an_offline_evaluation(tmp_path):
     """Offline, the Inception download's failure kept the loader's iterator referenced to the end (an exception's
     frames); multiprocessing's exit handler then joined workers that ignore its SIGTERM: a finished run never

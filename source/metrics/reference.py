@@ -178,11 +178,13 @@ def dataset_reference(
     per_class: bool = False,
     path: str | None = None,
     groups: dict[str, list[int]] | None = None,
+    compute: bool = True,
 ) -> Reference:
     """The cached reference of `data` (refused if cached for another setup), computed and cached on first use.
 
     per_class: statistics of every class too (intra-FID); groups: of every class group instead (keyed
-    by the group's index in GROUPS).
+    by the group's index in GROUPS). compute=False: a missing one is ReferenceUnavailable (under torchrun: rank 0
+    computing it for an hour would leave the other ranks waiting past their collective timeout).
     """
     n_images = reference_size(data.dataset, n_images)
     if n_images < 2:
@@ -196,6 +198,10 @@ def dataset_reference(
         return Reference(path, key, cached, features)
     what = f"{data.name} {'training' if data.split is None else data.split}"
     again = f" again: its features file {features_path(path)} is missing (KID needs it)" if cached is not None else ""
+    if not compute:
+        raise ReferenceUnavailable(f"the reference of {n_images} {what} images is not cached at {path}{again}; "
+                                   "compute it first: `python evaluation.py ref-stats --config CONFIG` with the same "
+                                   "--set options")
     tqdm.write(f"computing reference statistics of {n_images} {what} images -> {path}{again}")
     dataset = data.dataset if groups is None else _Relabelled(data.dataset, label_to_group(groups))
     stats, features = compute_dataset_reference(dataset, backbone, n_images, per_class or groups is not None,
@@ -252,8 +258,10 @@ def check_reference_resolution(config: Config, real: int | None, what: str) -> N
 
 
 def resolve_reference(config: Config, backbone: InceptionBackbone, training: Dataset | None = None,
-                      per_class: bool = False, groups: dict[str, list[int]] | None = None) -> Reference:
-    """`evaluation.reference_stats`, else the cached reference of the configured reference data.
+                      per_class: bool = False, groups: dict[str, list[int]] | None = None,
+                      compute: bool = True) -> Reference:
+    """`evaluation.reference_stats`, else the cached reference of the configured reference data (computed if
+    missing, unless not ``compute``: ``dataset_reference``).
 
     `training` is the training data set when it is already built (used only without a reference_split).
     """
@@ -263,7 +271,7 @@ def resolve_reference(config: Config, backbone: InceptionBackbone, training: Dat
                                        "leave evaluation.reference_stats / --reference unset")
         return file_reference(config.evaluation.reference_stats, per_class)
     return dataset_reference(config, reference_data(config, training), backbone, config.evaluation.reference_images,
-                             per_class, groups=groups)
+                             per_class, groups=groups, compute=compute)
 
 
 def require_reference_before_distributed_training(config: Config, dataset: Dataset, world_size: int) -> None:
@@ -276,7 +284,8 @@ def require_reference_before_distributed_training(config: Config, dataset: Datas
     data = reference_data(config, dataset)
     key = dataset_reference_key(data, reference_size(data.dataset, settings.reference_images), per_class=False)
     path = reference_cache_path(settings.cache_dir, key)
-    if not os.path.isfile(path):
-        raise ConfigError(f"evaluation: the reference statistics {path} do not exist yet; with torchrun compute them "
-                          "first: `python evaluation.py ref-stats --config CONFIG` with the same --set options "
+    missing = [name for name in (path, features_path(path)) if not os.path.isfile(name)]  # KID reads the second
+    if missing:
+        raise ConfigError(f"evaluation: the reference {' and '.join(missing)} do not exist yet; with torchrun compute "
+                          "them first: `python evaluation.py ref-stats --config CONFIG` with the same --set options "
                           "(or train without evaluation: evaluation.metrics=[])")

@@ -239,7 +239,8 @@ class Evaluate(Extension):
             notes += [note] if note else []
             if world.is_main:
                 # the training data set is reused as the reference data unless evaluation.reference_split is set
-                self._reference = resolve_reference(self.config, self._backbone, trainer.updater.batches.dataset)
+                self._reference = resolve_reference(self.config, self._backbone, trainer.updater.batches.dataset,
+                                                    compute=not world.distributed)  # the others would wait an hour
                 self._metrics, skipped = available_metrics(self.settings.metrics, self._backbone, self._reference)
                 notes += skipped
                 if not self._metrics:

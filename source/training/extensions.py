@@ -16,7 +16,7 @@ from source.metrics.generate import eval_mode
 from source.spectral.collapse import CollapseDetector, effective_rank, layer_scores
 from source.spectral.gsr import class_sigmas
 from source.spectral.spectra import compute_spectra, save_spectra
-from source.training.distributed import sum_over_ranks
+from source.training.distributed import broadcast_object, sum_over_ranks
 from source.training.extension import Extension
 from source.training.trainer import Trainer
 
@@ -170,7 +170,10 @@ class Spectra(Extension):
         gen, dis = compute_spectra(trainer.updater.gen_module), compute_spectra(trainer.updater.dis_module)
         if trainer.world.is_main:
             save_spectra(trainer.out, trainer.iteration, gen, dis)
-        conv_scores = {name: score for name, score in layer_scores(dis).items() if dis[name].kind == "conv"}
+        # rank 0's scores on every rank: GPU SVDs may differ in the last digits between ranks, and a collapse that one
+        # rank alone detected would send it alone into apply_SR: auto's snapshot, a collective (NCCL hangs there)
+        conv_scores = broadcast_object({name: score for name, score in layer_scores(dis).items()
+                                        if dis[name].kind == "conv"}, trainer.world)
         record = {"iteration": trainer.iteration,
                   "collapse_score/dis/min": min(conv_scores.values()),
                   "collapse_score/dis/mean": sum(conv_scores.values()) / len(conv_scores)}
