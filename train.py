@@ -142,6 +142,7 @@ def open_run(argv: list[str], stack: ExitStack, shared: dict) -> Trainer:
         raise ConfigError(f"the run's arguments are not train.py's: {argv!r}") from None
     if args.group or args.dry_run:
         raise ConfigError("a run of a group takes --config/--resume, --set and --out only")
+    args.group = shared.get("group")  # for its log's started event: the arguments came from that file
     snapshot, config = read_settings(args)
     if config.performance.compile:  # D's SN parametrizations make each instance a class of its own: every run
         # would recompile D, and past dynamo's recompile limit run it eagerly without a word (reduce-overhead's
@@ -218,7 +219,8 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
             trainer.log.event(trainer.iteration, "resume_artefact", devices=config.updater.resume_artefact_devices)
     if world.is_main:
         command = ["train.py", *args.argv]  # a group's run: its own arguments, as its group file gives them
-        trainer.log.event(trainer.iteration, "started", **provenance.started(command, world.device, world.size))
+        trainer.log.event(trainer.iteration, "started", **provenance.started(command, world.device, world.size),
+                          **({"group": str(args.group)} if args.group else {}))
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
         if config.updater.gsr.enabled:

@@ -68,6 +68,9 @@ def test_runs_of_a_group_compute_what_each_computes_alone(tmp_path, device):
         log = (tmp_path / f"{name}.log").read_text()  # each run's output in its own log
         folders = [line.split()[2] for line in log.splitlines() if line.startswith("run folder:")]
         assert folders == [str(tmp_path / "grouped" / name)] and f"iteration={n} " in log
+        (started,) = [r for r in read_jsonl(tmp_path / "grouped" / name / "log.jsonl") if r.get("event") == "started"]
+        assert started["command"][1:] == tiny_argv(tmp_path / "grouped" / name, int(n), *extra)
+        assert started["group"] == str(group)  # the file those arguments came from
 
 
 def test_one_runs_failure_is_its_own_and_bad_group_files_are_one_line_errors(tmp_path, capsys):

@@ -150,7 +150,7 @@ def main(path: str, open_run: OpenRun, failure_status: FailureStatus) -> int:
     except (ConfigError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    stop, shared = _Stop(members), {}
+    stop, shared = _Stop(members), {"group": path}  # the group file: each run's log names it
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         for member in members:
