@@ -28,6 +28,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # SHA-1, or SHA-256 object 
 CODE_FILES = ("*.py", "*.sh")  # what "dirty" looks at (git pathspecs: any folder)
 MOST_CHANGED = 10  # changed code files named in a record
 MOST_RECORD = 4 * 2**20  # bytes of a carried record (its file list: some 300 paths)
+DIFFERS = "differs from the carry's"  # a record's "tree" where the copy's files are not those its carry recorded
 
 
 def code_version(root: Path = ROOT) -> dict:
@@ -85,7 +86,7 @@ def checked_code(value) -> dict | None:
     changed = value.get("changed")
     named = {"changed": changed} if isinstance(changed, list) and len(changed) <= MOST_CHANGED and all(
         isinstance(name, str) and len(name) <= 200 and name.isprintable() for name in changed) else {}
-    differs = {"tree": "differs from the carry's"} if value.get("tree") == "differs from the carry's" else {}
+    differs = {"tree": DIFFERS} if value.get("tree") == DIFFERS else {}
     return {"commit": value["commit"], "dirty": value["dirty"], **named, "from": "carry", **differs}
 
 
@@ -123,7 +124,7 @@ def verify_carried(path: Path, root: Path = ROOT) -> dict | None:
     code = checked_code(record)
     if code is None or same:
         return code
-    return {**code, "dirty": True, "tree": "differs from the carry's"}
+    return {**code, "dirty": True, "tree": DIFFERS}
 
 
 def _plain_name(name) -> bool:
@@ -172,6 +173,15 @@ def started(command: list[str], device, world_size: int) -> dict:
     """The fields of a run's ``started`` event: how it was started, by which code, where, when (UTC)."""
     return {"command": command, "code": code_version(), "machine": machine(device), "world_size": world_size,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def describe_recorded(code) -> str | None:
+    """``describe`` of a code version read from a record made elsewhere (a study chunk's), None where it names no
+    commit: only the commit's hex digits and the flags are shown, whatever else the record holds."""
+    if not (isinstance(code, dict) and isinstance(code.get("commit"), str) and COMMIT.fullmatch(code["commit"])):
+        return None
+    return describe({"commit": code["commit"], "dirty": code.get("dirty") is True, "from": code.get("from") == "carry",
+                      "tree": code.get("tree") == DIFFERS})
 
 
 def describe(code: dict) -> str:

@@ -212,13 +212,7 @@ def chunk_device(record: dict) -> str | None:
 def chunk_code(record: dict) -> str | None:
     """The code version a chunk's record names, in a few words ('commit 787d26a'); None where it names none (the
     record may come from another machine: only a commit's hex digits and flags are shown)."""
-    code = record.get("code")
-    commit = code.get("commit") if isinstance(code, dict) else None
-    if not (isinstance(commit, str) and provenance.COMMIT.fullmatch(commit)):
-        return None
-    carried, differing = code.get("from") == "carry", code.get("tree") == "differs from the carry's"
-    return provenance.describe({"commit": commit, "dirty": code.get("dirty") is True, "from": carried,
-                                "tree": differing})
+    return provenance.describe_recorded(record.get("code"))
 
 
 def progress_table(study: Study, root: Path, runs: list[Run] | None = None) -> list[dict]:
