@@ -471,6 +471,45 @@ def test_training_turns_evaluation_off_instead_of_crashing_on_a_mismatching_cach
     assert (out / "snapshots" / "snapshot_iter_2.pt").is_file()
 
 
+def _evaluating_ddp_worker(rank: int, world_size: int, port: int, argv: list[str], rank_1_weights: str | None) -> None:
+    """A torchrun rank of a tiny run evaluated at iteration 2; rank 1 loads ``rank_1_weights`` when given (as a node
+    whose file of the same name differs)."""
+    import os
+
+    from source.training import evaluate
+
+    if rank == 1 and rank_1_weights:
+        evaluate.load_backbone = lambda weights, device: load_backbone(rank_1_weights, device)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert train.main(argv) == 0
+
+
+def test_torchrun_evaluation_scores_the_single_process_set_and_refuses_ranks_with_other_weights(
+        evaluated_run, full_inception_weights, tmp_path, capsys):
+    """Two gloo ranks each score half the evaluation set; rank 0 gathers and scores what one process would. A rank
+    whose Inception weights differ (here: one conv perturbed) turns evaluation off on every rank, naming both."""
+    cache = f"evaluation.cache_dir={evaluated_run.parent / 'cache'}"  # the reference, computed before torchrun
+    other = torch.load(full_inception_weights)
+    other["Conv2d_1a_3x3.conv.weight"] = other["Conv2d_1a_3x3.conv.weight"] * 1.01
+    torch.save(other, tmp_path / "other.pth")
+    for name, rank_1_weights in (("same", None), ("other", str(tmp_path / "other.pth"))):
+        argv = tiny_argv(tmp_path / name, 2, *EVALUATION, cache)
+        mp.spawn(_evaluating_ddp_worker, args=(2, _free_port(), argv, rank_1_weights), nprocs=2, join=True)
+    (ddp,) = read_metrics(tmp_path / "same")
+    capsys.readouterr()
+    snapshot = tmp_path / "same" / "snapshots" / "generator_iter_2.pt"
+    assert evaluation.main(["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--json"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # that G, scored in one process
+    assert ddp["protocol"] == read_metrics(evaluated_run)[0]["protocol"]  # a single-process run's
+    assert ddp["FID"] == pytest.approx(single["FID"], rel=1e-6) and ddp["KID"] == pytest.approx(single["KID"], rel=1e-6)
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+    events = [json.loads(line) for line in (tmp_path / "other" / "log.jsonl").read_text().splitlines()]
+    (event,) = [e for e in events if e.get("event") == "evaluation_disabled"]
+    assert "different Inception weights" in event["reason"] and "rank 1: " in event["reason"]
+
+
 def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run, capsys):
     snapshot = evaluated_run / "snapshots" / "snapshot_iter_2.pt"
     argv = ["grids", "--snapshot", str(snapshot), "--classes", "0", "2", "0", "--rows", "2", "--columns", "3"]

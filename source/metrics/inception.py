@@ -10,6 +10,7 @@ one preprocessing path and one network definition.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import io
 import os
@@ -276,6 +277,15 @@ class InceptionBackbone:
             outputs = self.network(images.to(self.device))
         pool3, *logits = (output.double().cpu().numpy() for output in outputs)
         return InceptionFeatures(pool3, logits[0] if logits else None)
+
+    def fingerprint(self) -> str:
+        """A digest of the network's weights (names, shapes, values): the ranks of one evaluation compare it, since
+        a file of the same name may differ between machines."""
+        digest = hashlib.sha256()
+        for name, tensor in self.network.state_dict().items():
+            digest.update(f"{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,23 @@ def gather_features(local: InceptionFeatures, world: World) -> InceptionFeatures
     return concatenate_features(parts) if world.is_main else None
 
 
+def weights_identity(backbone: InceptionBackbone | None, world: World) -> tuple[str, str] | None:
+    """What a rank's Inception network is (its file and a digest of its weights), compared between ranks."""
+    if backbone is None or not world.distributed:  # one process: nothing to compare, no digest to compute
+        return None
+    return backbone.weights, backbone.fingerprint()
+
+
+def weights_disagreement(identities: list[tuple[str, str] | None]) -> list[str]:
+    """A failure when the ranks' Inception networks differ (a rank's own download or fallback, another machine's
+    file): features gathered from them would be scored as one set."""
+    if len(set(identities)) <= 1:
+        return []
+    listed = "; ".join(f"rank {rank}: {weights} (weights {digest})" for rank, (weights, digest) in enumerate(identities))
+    return [f"the ranks loaded different Inception weights ({listed}); give every rank the same file "
+            f"(evaluation.inception_weights)"]
+
+
 class Evaluate(Extension):
     """IS / FID / KID of `evaluation.n_samples` generated images -> metrics.jsonl, tensorboardX and the console.
 
@@ -247,7 +264,8 @@ class Evaluate(Extension):
                     failure = f"none of the requested metrics can be computed ({'; '.join(skipped)})"
         except EVALUATION_ERRORS as error:
             failure = str(error)
-        failures = [f for f in gather_objects(failure, world) if f]
+        reported = gather_objects((failure, weights_identity(self._backbone, world)), world)
+        failures = [f for f, _ in reported if f] or weights_disagreement([identity for _, identity in reported])
         if world.is_main:
             for note in notes:
                 tqdm.write(f"evaluation: {note}")
