@@ -57,6 +57,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def at_least_two(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 (a class's diversity is a mean distance between its "
+                                         f"samples), got {text}")
+    return value
+
+
 def run_folder(snapshot: str) -> Path:
     """RUN for RUN/snapshots/snapshot_iter_N.pt, else the snapshot's own folder."""
     return checkpoint.run_folder_of(snapshot) or Path(snapshot).resolve().parent
@@ -108,6 +116,8 @@ def metrics(args: argparse.Namespace) -> None:
         metrics=config.evaluation.metrics if args.metrics is None else args.metrics,
         inception_weights=args.inception_weights or config.evaluation.inception_weights,
         reference_stats=args.reference or config.evaluation.reference_stats,
+        # a statistics file given here replaces the snapshot's reference data, a balanced split included
+        reference_split=None if args.reference else config.evaluation.reference_split,
         g_batchnorm=args.g_batchnorm or config.evaluation.g_batchnorm,
     )
     check_settings(settings, world_size=1)
@@ -158,7 +168,8 @@ def classes(args: argparse.Namespace) -> None:
     print_notes(notes + count_notes)
     seed = config.seed if args.seed is None else args.seed
     settings = config.evaluation
-    batchnorm = g_batchnorm(settings, args.g_batchnorm, args.batch_size)
+    batchnorm = g_batchnorm(settings, args.g_batchnorm, args.batch_size).for_images(
+        loaded.gen.n_classes * args.samples_per_class)
     with generation_mode(loaded.gen, batchnorm, device):
         report = class_report(loaded.gen, classifier, real, args.samples_per_class, seed, args.repeats,
                               batchnorm.batch_size, device, counts, settings.many_above, settings.few_at_most)
@@ -280,7 +291,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     overrides_option(sub)
     sub.add_argument("--classifier", default=DEFAULT_WEIGHTS, metavar="PATH",
                      help=f"classifier weights (default {DEFAULT_WEIGHTS})")
-    sub.add_argument("--samples-per-class", type=positive_int, default=500)
+    sub.add_argument("--samples-per-class", type=at_least_two, default=500)
     sub.add_argument("--repeats", type=positive_int, default=1, help="seeds seed, seed+1, ...: mean ± sample std")
     sub.add_argument("--seed", type=int, help="default: the run's seed")
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")

@@ -404,6 +404,19 @@ def test_metrics_refuses_a_reference_of_another_resolution_than_the_generators(e
     assert "are of 16 px images and the generator makes 32 px ones" in err and err.count("\n") == 1
 
 
+def test_a_reference_file_on_the_command_line_replaces_the_snapshots_reference_split(evaluated_run, capsys):
+    """gSR's configs score against a balanced split (evaluation.reference_split): --reference replaces it, as it
+    replaces the training data (before, every gSR snapshot refused --reference with a message about config keys)."""
+    (stats,) = (evaluated_run.parent / "cache").glob("*.npz")
+    snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
+    argv = ["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--metrics", "fid", "--json",
+            "--set", "evaluation.reference_split=test", "--reference", str(stats)]
+    assert evaluation.main(argv) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["protocol"]["reference"] == str(stats) and record["protocol"]["reference_split"] is None
+    assert record["FID"] == pytest.approx(read_metrics(evaluated_run)[0]["FID"], rel=1e-9)
+
+
 def test_metrics_cli_computes_the_inception_score_with_full_weights(evaluated_run, full_inception_weights, capsys):
     snapshot = evaluated_run / "snapshots" / "generator_iter_2.pt"
     argv = ["metrics", "--snapshot", str(snapshot), "--device", "cpu", "--inception-weights",

@@ -234,6 +234,9 @@ def test_the_command_line_flag_overrides_the_config(tmp_path, monkeypatch, capsy
         record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert record["protocol"]["g_batchnorm"] == expected
     assert record["protocol"].keys().isdisjoint({"standing_steps", "g_batchnorm_batch_size"})
+    # 6 images in batch mode with a configured batch of 50: one batch of 6, as the record says
+    assert evaluation.main(base + ["--g-batchnorm", "batch", "--set", "evaluation.batch_size=50"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protocol"]["g_batchnorm_batch_size"] == 6
 
 
 def test_training_evaluates_with_the_configured_mode(tmp_path, monkeypatch):
@@ -245,3 +248,9 @@ def test_training_evaluates_with_the_configured_mode(tmp_path, monkeypatch):
     assert train.main(argv) == 0
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["protocol"]["g_batchnorm"] == "batch" and record["protocol"]["g_batchnorm_batch_size"] == 3
+    argv = tiny_argv(tmp_path / "few", 2, "evaluation_interval=2", "evaluation.n_samples=6", "evaluation.metrics=[fid]",
+                     "evaluation.reference_images=8", f"evaluation.cache_dir={tmp_path / 'cache'}",
+                     "evaluation.g_batchnorm=batch", "evaluation.batch_size=50")
+    assert train.main(argv) == 0
+    (record,) = [json.loads(line) for line in (tmp_path / "few" / "metrics.jsonl").read_text().splitlines()]
+    assert record["protocol"]["g_batchnorm_batch_size"] == 6, "6 samples are one batch of 6, not of 50"

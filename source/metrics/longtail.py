@@ -97,8 +97,9 @@ def score_request(config: Config, n_classes: int, intra_fid: str | None, classes
                   samples_per_class: int) -> ScoreRequest:
     """What each repeat computes under `config.evaluation`; intra-FID classes checked, groups from training counts."""
     settings = config.evaluation
+    batchnorm = g_batchnorm(settings).for_images(settings.n_samples if settings.metrics else samples_per_class)
     request = ScoreRequest(settings.metrics, settings.n_samples, settings.splits, settings.batch_size, intra_fid,
-                           samples_per_class=samples_per_class, batchnorm=g_batchnorm(settings))
+                           samples_per_class=samples_per_class, batchnorm=batchnorm)
     if classes and intra_fid != "classes":
         raise ValueError("--classes selects intra-FID classes; it needs --intra-fid classes")
     if intra_fid and n_classes == 0:

@@ -216,7 +216,7 @@ class Evaluate(Extension):
         self._metrics: list[str] = []
         self._disabled = False
         self._weights = "ema" if config.updater.ema.enabled else "raw"
-        self._batchnorm = g_batchnorm(self.settings)
+        self._batchnorm = g_batchnorm(self.settings).for_images(-(-self.settings.n_samples // world_size))  # a shard
 
     def __call__(self, trainer: Trainer) -> None:
         if self._disabled or (self._backbone is None and not self._prepare(trainer)):
