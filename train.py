@@ -25,7 +25,7 @@ from source.console import survive_readers_leaving
 from source.datasets import DatasetError
 from source.typed import out_of_memory
 from source.training import build, checkpoint, group, performance, resume, runfolder
-from source.training.summary import batch_summary, describe_gsr, dry_run
+from source.training.summary import batch_summary, describe_terms, dry_run
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
@@ -223,8 +223,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
                           **({"group": str(args.group)} if args.group else {}))
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
-        if config.updater.gsr.enabled:
-            print(f"gSR: {describe_gsr(config, models.gen)}", flush=True)
+        print(f"terms: {describe_terms(config, models.gen)}", flush=True)  # LeCam, DiffAugment, gSR, EMA, as set
         if config.performance.compile:  # dynamo compiles on the first steps, silently
             print(f"compiling G and D on their first steps (torch.compile, mode {config.performance.compile_mode}): "
                   "minutes on a CPU, a minute or more on a GPU, before the first iteration line", flush=True)

@@ -363,7 +363,7 @@ def test_training_evaluates_fid_and_kid_and_skips_is_without_logits(evaluated_ru
     assert list((evaluated_run / "tb").iterdir()), "tensorboardX scalars"
 
 
-def test_resume_across_an_evaluation_is_bit_exact(tmp_path):
+def test_resume_across_an_evaluation_is_bit_exact(tmp_path, capsys):
     """Evaluating (Inception load, reference, sampling) must not shift the training's random streams.
 
     Evaluations at 2, 4 and 6, a snapshot at 3: the resumed run's first evaluation (weights and
@@ -371,6 +371,10 @@ def test_resume_across_an_evaluation_is_bit_exact(tmp_path):
     cache = f"evaluation.cache_dir={tmp_path / 'cache'}"
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train.main(tiny_argv(straight, 6, *EVALUATION, cache)) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("evaluation at iteration")]
+    # the Inception network and the reference statistics (seconds) are counted in the first evaluation, and said
+    assert len(lines) == 3 and "s of it loading the network and reference statistics, once)" in lines[0]
+    assert not any("once" in line for line in lines[1:])
     argv = tiny_argv(resumed, 6, *EVALUATION, cache) + ["--resume", str(straight / "snapshots" / "snapshot_iter_3.pt")]
     assert train.main(argv) == 0
     a = load_snapshot(straight / "snapshots" / "snapshot_iter_6.pt")

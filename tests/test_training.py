@@ -712,5 +712,11 @@ def test_a_gsr_run_says_how_gsr_groups_its_generator(tmp_path, capsys):
                      "models.discriminator.args.ch=7")
     assert train.main(argv) == 0
     out = capsys.readouterr().out
-    assert "gSR: class-balanced w 0.5, beta 0.999, 4 power steps; 6 layers of 7 channels as 1 x 7; 7 channels have " \
+    assert "gSR (class-balanced w 0.5, beta 0.999, 4 power steps; 6 layers of 7 channels as 1 x 7; 7 channels have " \
            "no divisor above 1" in out
+    argv = tiny_argv(tmp_path / "released", 1, "updater.gsr.enabled=true", "updater.gsr.released_beta_estimate=true",
+                     "updater.lecam.weight=0.1", "updater.diffaugment=translation")
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "4 power steps, the release's beta estimate (a lower bound of sigma_beta);" in out
+    assert "terms: DiffAugment translation; LeCam 0.1 (" in out

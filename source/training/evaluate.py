@@ -219,9 +219,10 @@ class Evaluate(Extension):
         self._batchnorm = g_batchnorm(self.settings).for_images(-(-self.settings.n_samples // world_size))  # a shard
 
     def __call__(self, trainer: Trainer) -> None:
+        started = time.perf_counter()
         if self._disabled or (self._backbone is None and not self._prepare(trainer)):
             return
-        started = time.perf_counter()
+        prepared = time.perf_counter() - started  # the first call's network and reference statistics (minutes)
         world = trainer.world
         features = gather_features(self._local_features(self._generator(trainer), world), world)
         if not world.is_main:
@@ -232,7 +233,8 @@ class Evaluate(Extension):
                                               self._weights, self.settings.reference_split,
                                               batchnorm=self._batchnorm)}
         trainer.log.write(record, file=self.record_file)
-        tqdm.write(f"evaluation at iteration {trainer.iteration} ({time.perf_counter() - started:.0f} s): "
+        once = f", {prepared:.0f} s of it loading the network and reference statistics, once" if prepared >= 1 else ""
+        tqdm.write(f"evaluation at iteration {trainer.iteration} ({time.perf_counter() - started:.0f} s{once}): "
                    f"{describe(record)}")
 
     @staticmethod

@@ -78,7 +78,8 @@ def describe_gsr(config: Config, gen: nn.Module) -> str:
     weights = (f"class-balanced w {gsr.weight}, beta {gsr.effective_number_beta}" if gsr.class_balanced
                else "lambda 1: gsr.weight counts only with class_balanced")
     nothing = "; weight 0: gSR adds nothing" if gsr.class_balanced and gsr.weight == 0 else ""
-    return f"{weights}, {gsr.power_iterations} power steps; {describe_grouping(gen)}{nothing}"
+    released = ", the release's beta estimate (a lower bound of sigma_beta)" if gsr.released_beta_estimate else ""
+    return f"{weights}, {gsr.power_iterations} power steps{released}; {describe_grouping(gen)}{nothing}"
 
 
 def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.Plan, source: str,
