@@ -31,6 +31,7 @@ from source.config import ConfigError, load_config
 from source.console import survive_readers_leaving
 from source.datasets import DatasetError
 from source.files import refuse_link, run_figures
+from source.overrides import leftover_arguments
 from source.metrics import StatsMismatch, WeightsUnavailable
 from source.metrics.class_table import classifier_real_data, format_class_table, known_training_counts
 from source.metrics.classifier import DEFAULT_WEIGHTS, check_generator, class_report, load_classifier
@@ -320,7 +321,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--force", action="store_true", help="overwrite an existing export")
     sub.add_argument("--seed", type=int, help="default: the run's seed")
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(leftover_arguments(getattr(args, "overrides", []), extra))
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from source import provenance
 from source.config import Config, ConfigError, load_config, save_config
 from source.console import survive_readers_leaving
 from source.datasets import DatasetError
+from source.overrides import leftover_arguments
 from source.typed import out_of_memory
 from source.training import build, checkpoint, group, performance, resume, runfolder
 from source.training.summary import batch_summary, describe_terms, dry_run
@@ -57,7 +58,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--group", metavar="FILE", help="run the runs FILE lists (JSON) in this one process, "
                                                         "interleaved, each on its own CUDA stream "
                                                         "(source/training/group.py); nothing else with it")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.error(leftover_arguments(args.overrides, extra))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: the run's log records it
     if args.group and (args.config or args.resume or args.overrides or args.out or args.dry_run):
         parser.error("--group FILE takes no other argument: each run's are in FILE")

@@ -44,9 +44,18 @@ def _value_at(raw: Any, key: str) -> Any:
 _ABSENT = object()
 
 
+def leftover_arguments(overrides: list[str], extra: list[str]) -> str:
+    """argparse's complaint about arguments it could not place, with their likely cause: a --set split by spaces."""
+    split = [override for override in overrides if "=" not in override or override.endswith("=")]
+    if split:
+        return f"--set {split[0]} {extra[0]}: write KEY=VALUE as one argument, without spaces around '='"
+    return f"unrecognized arguments: {' '.join(extra)}"
+
+
 def apply_override(raw: dict, override: str, source: str = "--set") -> None:
     """Apply ``a.b.c=value`` to the nested dict; the value is parsed as YAML (``1e-4``, ``true``, ``[1, 2]``)."""
     key, sep, text = override.partition("=")
+    key = key.strip()  # a quoted 'KEY = VALUE'
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. updater.apply_SR=true")
     try:

@@ -76,6 +76,14 @@ def test_under_torchrun_only_rank_0_reports_a_config_error(tmp_path, capsys, mon
 def test_override_errors_and_yaml_typing(capsys):
     code, _, err = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis", "--dry-run"], capsys)
     assert code == 2 and "expected KEY=VALUE" in err
+    # a --set split by spaces: argparse alone said "unrecognized arguments: 3"
+    for split in (["updater.n_dis", "3"], ["updater.n_dis=", "3"], ["updater.n_dis", "=3"]):
+        with pytest.raises(SystemExit) as exit_code:  # argparse's exit
+            train.main(["--config", str(CONFIGS / "demo.yaml"), "--set", *split, "--dry-run"])
+        err = capsys.readouterr().err
+        assert exit_code.value.code == 2 and f"error: --set {' '.join(split)}: write KEY=VALUE as one argument" in err
+    code, out, _ = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis = 3", "--dry-run"], capsys)
+    assert code == 0 and "n_dis 3," in out
     # a bad value that --set gave is the command line's, not the file's
     for override, expected in (("iteration=abc", "error: --set iteration: expected int, got str 'abc'"),
                                ("models.generator.args={ch: x}", "error: --set models.generator.args.ch: expected int"),
