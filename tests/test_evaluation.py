@@ -580,6 +580,8 @@ def test_user_errors_are_one_line_messages(evaluated_run, tmp_path, capsys):
     elsewhere = ["--set", f"evaluation.cache_dir={tmp_path / 'refs'}"]
     cases = [
         (["metrics", "--snapshot", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+        (["metrics", "--snapshot", str(evaluated_run / "snapshots" / "snapshot_iter_4000.pt")],
+         "snapshot_iter_4000.pt does not exist; its folder's newest is snapshot_iter_2.pt"),  # a mistyped iteration
         (["grids", "--snapshot", str(bad)], "is not a readable snapshot"),
         (["metrics", "--snapshot", snapshot, "--inception-weights", "/nonexistent.pth"], "no file at /nonexistent"),
         (["metrics", "--snapshot", snapshot, "--reference", str(tmp_path / "none.npz")], "none.npz"),

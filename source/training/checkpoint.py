@@ -111,7 +111,9 @@ def load_snapshot(path: str | Path, training_state: bool = False) -> dict:
         raise SnapshotError(f"{path} is a directory; give a snapshot file such as {newest[0]}"
                             f"{' (its newest)' if newest[0].is_file() else ''}")
     if not path.is_file():
-        raise SnapshotError(f"snapshot {path} does not exist")
+        newest = snapshots_of(path.parent.parent)[-1:] if path.parent.name == SNAPSHOT_FOLDER else []
+        raise SnapshotError(f"snapshot {path} does not exist" + (f"; its folder's newest is {newest[0].name}"
+                                                                   if newest else ""))
     try:
         snapshot = torch_load(path)
     except pickle.UnpicklingError as error:
