@@ -203,7 +203,8 @@ def dataset_reference(
                                    "compute it first: `python evaluation.py ref-stats --config CONFIG` with the same "
                                    "--set options")
     tqdm.write(f"computing reference statistics of {n_images} {what} images -> {path}{again} (once, then cached; "
-               f"evaluation.reference_images, or ref-stats --n-images, sets how many: a CPU's Inception does a few images per second)")
+               f"evaluation.reference_images, or ref-stats --n-images, sets how many: a CPU's Inception does a few "
+               f"images per second)")
     dataset = data.dataset if groups is None else _Relabelled(data.dataset, label_to_group(groups))
     stats, features = compute_dataset_reference(dataset, backbone, n_images, per_class or groups is not None,
                                                 config.evaluation.batch_size, config.num_workers)
