@@ -186,7 +186,8 @@ def weights_disagreement(identities: list[tuple[str, str] | None]) -> list[str]:
     file): features gathered from them would be scored as one set."""
     if len(set(identities)) <= 1:
         return []
-    listed = "; ".join(f"rank {rank}: {weights} (weights {digest})" for rank, (weights, digest) in enumerate(identities))
+    listed = "; ".join(f"rank {rank}: {weights} (weights {digest})"
+                       for rank, (weights, digest) in enumerate(identities))
     return [f"the ranks loaded different Inception weights ({listed}); give every rank the same file "
             f"(evaluation.inception_weights)"]
 
