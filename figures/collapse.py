@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from figures.common import USER_ERRORS, command_line, finish_iteration_axes, plt, require_run_folder, save_figure
+from figures.common import (USER_ERRORS, command_line, finish_iteration_axes, is_number, not_written_here, plt,
+                            require_run_folder, save_figure)
 from source.config import ConfigError
 from source.datasets import DatasetError, build_dataset, check_dataset_args
 from source.files import refuse_link, run_figures
@@ -38,7 +39,18 @@ def generator_snapshots(run: Path) -> list[tuple[int, Path]]:
 
 
 def collapse_scores(run: Path) -> list[dict]:
-    return [r for r in read_jsonl(run / "log.jsonl") if SCORE in r]
+    scores = [r for r in read_jsonl(run / "log.jsonl") if SCORE in r]
+    odd = next((r for r in scores if not is_number(r[SCORE])), None)
+    if odd is not None:
+        raise not_written_here(run / "log.jsonl", odd["iteration"], f"its {SCORE} is not a number")
+    return scores
+
+
+def cached_measure(record: dict) -> bool:
+    """A mode-measure record as ``mode_history`` writes it; any other in the cache (one from elsewhere may hold
+    anything) is measured again."""
+    return (isinstance(record.get("per_class"), int) and isinstance(record.get("class_counts"), list)
+            and all(is_number(record.get(key)) for key in ("diversity", "modes", "label_agreement")))
 
 
 def check_run(run: Path) -> None:
@@ -80,7 +92,7 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
     """The mode measures of every generator export at ``per_class`` samples per class, cached per (iteration,
     samples per class): a call with another count measures again rather than plotting the other count's numbers
     (records of older versions, without the count or the class counts, are measured again too)."""
-    cached = {(r["iteration"], r.get("per_class")): r for r in read_jsonl(run / CACHE) if "class_counts" in r}
+    cached = {(r["iteration"], r["per_class"]): r for r in read_jsonl(run / CACHE) if cached_measure(r)}
     real = None
     for iteration, path in generator_snapshots(run):
         if (iteration, per_class) in cached:

@@ -39,6 +39,18 @@ def finish_iteration_axes(figure: Figure, axes, titles: list[str], fontsize: flo
     figure.tight_layout()
 
 
+def is_number(value) -> bool:
+    """An int or float as the logs hold them (not a bool): what a figure reads from a file that may come from
+    elsewhere is checked with it before it is plotted."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def not_written_here(path: Path, iteration, what: str) -> ValueError:
+    """The one-line error for a record that is not as this toolkit writes it."""
+    return ValueError(f"{path}: the record of iteration {iteration}: {what}; the file is damaged or was not written "
+                      f"by this toolkit")
+
+
 def require_run_folder(run: Path) -> None:
     """Checked first, so a typo in RUN is named as such and no RUN/figures folder is created for it."""
     if run.is_file():

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.common import command_line, plt, require_run_folder, save_figure
+from figures.common import command_line, is_number, not_written_here, plt, require_run_folder, save_figure
 from source.files import run_figures
 from source.training.runlog import events, read_jsonl, sr_start
 from matplotlib.axes import Axes
@@ -40,8 +40,22 @@ def read_run(run_dir: Path, label: str) -> RunCurves:
     """The run's curves; its records may be empty (``no_records`` says why)."""
     require_run_folder(run_dir)
     records = {int(r["iteration"]): r for r in read_jsonl(run_dir / "metrics.jsonl") if any(m in r for m in METRICS)}
+    for record in records.values():
+        check_record(record, run_dir / "metrics.jsonl")
     resumes = {int(e["iteration"]): parent_record(run_dir, e) for e in events(run_dir, "resumed")}
     return RunCurves(label, dict(sorted(records.items())), resumes, sr_start(run_dir))
+
+
+def check_record(record: dict, path: Path) -> None:
+    """A ValueError for a record whose scores are no numbers or whose protocol is not as evaluation writes it (a run
+    folder may come from elsewhere)."""
+    keys = [key for metric, std in METRICS.items() for key in (metric, std) if key in record]
+    odd = next((key for key in keys if not is_number(record[key])), None)
+    protocol = record.get("protocol", {"n_samples": 0})
+    if odd is None and isinstance(protocol, dict) and isinstance(protocol.get("n_samples"), int):
+        return
+    raise not_written_here(path, record["iteration"], f"its {odd} is not a number" if odd else
+                           "its protocol is not as evaluation writes it")
 
 
 def no_records(run_dir: Path) -> str:

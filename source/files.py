@@ -48,10 +48,14 @@ def run_figures(run: Path) -> Path:
 
 
 def refuse_link(path: Path) -> Path:
-    """``path``, unless it is a symbolic link (ValueError): writing would follow it to whatever file it names."""
-    if Path(path).is_symlink():
+    """``path``, unless it is a symbolic link (ValueError): writing would follow it to whatever file it names; or
+    a FIFO, socket or device, whose opening for a write or a read can block for good."""
+    path = Path(path)
+    if path.is_symlink():
         raise ValueError(f"{path} is a symbolic link; nothing is written through it (remove it, or give --out)")
-    return Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise ValueError(f"{path} is neither a file nor a folder (a FIFO, socket or device); remove it")
+    return path
 
 
 def first_hazard(root: Path) -> str | None:
@@ -101,13 +105,17 @@ def zip_expansion(path: str | Path, stored_only: bool) -> str | None:
     except (zipfile.BadZipFile, OSError, ValueError):
         return None
     with archive:
+        inflated = compressed = 0  # of the deflated members, together: 1000 members of 1 MiB each inflate too
         for member in archive.infolist():
             stored = member.compress_type == zipfile.ZIP_STORED and member.file_size == member.compress_size
             deflated = member.compress_type == zipfile.ZIP_DEFLATED and not stored_only
-            if not (stored or deflated and member.file_size <= MOST_INFLATION * member.compress_size + 2**20):
+            if deflated and not stored:
+                inflated, compressed = inflated + member.file_size, compressed + member.compress_size
+            if not (stored or deflated and inflated <= MOST_INFLATION * compressed + 2**20):
                 return (f"its member {member.filename} unpacks to {member.file_size:,} bytes from "
-                        f"{member.compress_size:,} (compression {member.compress_type}): not as "
-                        f"{'torch.save' if stored_only else 'numpy'} writes")
+                        f"{member.compress_size:,} (compression {member.compress_type}; deflated members so far: "
+                        f"{inflated:,} from {compressed:,}): not as {'torch.save' if stored_only else 'numpy'} "
+                        f"writes")
             if not stored_only:  # numpy serves a member named "sigma" as "sigma.npy": every member is checked
                 problem = _npy_overstated(archive, member)
                 if problem:
@@ -197,17 +205,21 @@ def torch_load(path: str | Path, allowed: list = ()) -> Any:
         raise
     except Exception as error:  # torch's unpickler meets bytes that are no pickle with whatever error they cause
         raise pickle.UnpicklingError(f"not a pickle ({type(error).__name__})") from None
-    problem = tensor_problem(loaded)
+    # torch's legacy (pre-zip) format reserves the storage sizes a file declares, unchecked: a 500-byte file could
+    # ask for gigabytes, allocated at the first read of its values; the tensors' bytes are in the file
+    legacy_size = None if zipfile.is_zipfile(path) else os.path.getsize(path)
+    problem = tensor_problem(loaded, legacy_size)
     if problem:
         raise RuntimeError(f"it holds {problem}, which torch.save never writes of a model; refused")
     return loaded
 
 
-def tensor_problem(loaded: Any) -> str | None:
+def tensor_problem(loaded: Any, most_stored: int | None = None) -> str | None:
     """Why the tensors in a loaded object are not what torch.save writes of models and optimizers, else None: a
     tensor must be dense, on the CPU, real, and not larger than its storage (torch rebuilds whatever view a file
     names, so a 2 KB file's tensor can repeat one stored number into gigabytes, which the first check of its values
-    would allocate). Walked once per object, without recursion."""
+    would allocate), and their storages together not over ``most_stored`` bytes when given (the file's size, for
+    the legacy format). Walked once per object, without recursion."""
     import torch
 
     pending, seen, stored, viewed = [loaded], set(), {}, 0
@@ -233,6 +245,8 @@ def tensor_problem(loaded: Any) -> str | None:
     # would have every check of the values read it again
     if viewed > 2 * sum(stored.values()) + 2**20:
         return f"tensors viewing {viewed:,} bytes of {sum(stored.values()):,} stored (the same storage over and over)"
+    if most_stored is not None and sum(stored.values()) > most_stored:
+        return f"tensors of {sum(stored.values()):,} bytes in a file of {most_stored:,} (legacy format)"
     return None
 
 
@@ -260,4 +274,7 @@ def open_npz(path: str | Path):
     problem = zip_expansion(path, stored_only=False)
     if problem:
         raise ValueError(f"{path}: {problem}; refused")
-    return np.load(path, allow_pickle=False)
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.load reads an .npy (or text) by its contents, not its name
+        raise ValueError(f"{path}: not an .npz archive (numpy reads it as a single {type(loaded).__name__})")
+    return loaded

@@ -28,6 +28,7 @@ COMMIT = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # SHA-1, or SHA-256 object 
 CODE_FILES = ("*.py", "*.sh")  # what "dirty" looks at (git pathspecs: any folder)
 MOST_CHANGED = 10  # changed code files named in a record
 MOST_RECORD = 4 * 2**20  # bytes of a carried record (its file list: some 300 paths)
+MOST_FILES, MOST_BYTES = 20_000, 2**30  # what a carry's digest reads at most (the code: some 300 files, 7 MB)
 DIFFERS = "differs from the carry's"  # a record's "tree" where the copy's files are not those its carry recorded
 
 
@@ -98,12 +99,23 @@ def carry_record(root: Path = ROOT) -> dict:
     return {**code_version(root), "files": files, "digest": tree_digest(root, files)}
 
 
-def tree_digest(root: Path, files: list[str]) -> str:
-    """SHA-256 over each file's name and content (a missing one counted as missing)."""
-    digest = hashlib.sha256()
+def tree_digest(root: Path, files: list[str]) -> str | None:
+    """SHA-256 over each file's name and content (a missing one, or one reached through a link out of ``root``,
+    counted as such); None past MOST_FILES or MOST_BYTES: a record from elsewhere must not make us hash gigabytes."""
+    root, digest, read = Path(root).resolve(), hashlib.sha256(), 0
+    if len(files) > MOST_FILES:
+        return None
     for name in files:
-        path = Path(root) / name
-        content = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
+        path = root / name
+        if not path.resolve().is_relative_to(root):
+            content = "outside"
+        elif not path.is_file():
+            content = "missing"
+        else:
+            read += path.stat().st_size
+            if read > MOST_BYTES:
+                return None
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
         digest.update(f"{name}\0{content}\n".encode())
     return digest.hexdigest()
 
@@ -116,9 +128,12 @@ def verify_carried(path: Path, root: Path = ROOT) -> dict | None:
             return None
         record = json.loads(Path(path).read_text())
         files = record["files"]
-        if not (isinstance(files, list) and all(_plain_name(name) for name in files)):
+        if not (isinstance(files, list) and all(_plain_name(name) for name in files) and len(set(files)) == len(files)):
             return None
-        same = tree_digest(root, files) == record["digest"]
+        digest = tree_digest(root, files)
+        if digest is None:
+            return None
+        same = digest == record["digest"]
     except (OSError, ValueError, RecursionError, KeyError, TypeError):
         return None
     code = checked_code(record)

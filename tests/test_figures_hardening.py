@@ -1,5 +1,6 @@
 """The figure command lines and `evaluation.py grids` against a hostile user (issue 8, item 11):
 one-line errors, no silent overwrites, labelled padded grids, no blank heatmap rows."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -64,6 +65,25 @@ def test_runs_without_data_are_one_line_errors(tmp_path, capsys):
     for main, args, expected in cases:
         assert command_line(main, [str(a) for a in args]) == 2
         assert expected in one_line_error(capsys.readouterr().err)
+
+
+def test_records_that_are_not_as_written_here_are_one_line_errors(tmp_path, capsys):
+    """A run folder from elsewhere: scores that are no numbers, a protocol without N (each was a TypeError or a
+    KeyError traceback)."""
+    from figures import collapse
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for record, message in (({"FID": {"a": 1}, "protocol": {"n_samples": 10, "reference": "r"}}, "its FID is not a number"),
+                            ({"FID": 3.0, "protocol": {"reference": "r"}}, "its protocol is not as evaluation writes it")):
+        (run / "metrics.jsonl").write_text(json.dumps({"iteration": 2, **record}) + "\n")
+        assert command_line(curves.main, [str(run)]) == 2
+        err = one_line_error(capsys.readouterr().err)
+        assert f"metrics.jsonl: the record of iteration 2: {message}" in err
+    (run / "log.jsonl").write_text(json.dumps({"iteration": 4, collapse.SCORE: {"a": 1}}) + "\n")
+    assert command_line(collapse.main, [str(run)]) == 2
+    assert f"log.jsonl: the record of iteration 4: its {collapse.SCORE} is not a number" in capsys.readouterr().err
+    assert not collapse.cached_measure({"iteration": 4, "per_class": {}, "class_counts": []})  # measured again
 
 
 def test_two_run_comparison_keeps_the_one_run_figures(tmp_path, capsys):

@@ -213,6 +213,10 @@ def test_a_later_run_of_some_sections_merges_into_the_earlier_results(bench, tmp
     assert merged["protocol"]["gpu_tests"] == tests  # a run without the tests keeps the last outcome
     later.write_text(json.dumps(dict(result, protocol=dict(protocol, device="another GPU", date="2099-01-03"))))
     assert merge_main([str(earlier), str(later)]) == 2  # numbers of another device are not merged
+    kept = earlier.read_bytes(), earlier.with_suffix(".md").read_bytes()
+    later.write_text(json.dumps(dict(result, protocol=dict(protocol, date="2099-01-04", code={"commit": 5}))))
+    assert merge_main([str(earlier), str(later)]) == 2  # a report it cannot render: neither file is rewritten
+    assert (earlier.read_bytes(), earlier.with_suffix(".md").read_bytes()) == kept
 
 
 def test_run_sh_runs_the_gpu_only_tests_then_the_benchmark(tmp_path):

@@ -503,6 +503,85 @@ def test_zip_files_that_would_load_to_more_than_they_hold_are_refused(tmp_path, 
             file_reference(str(ours))  # reports it in one line and goes on (EVALUATION_ERRORS)
 
 
+def legacy_torch_file(path: Path, obj, declared: int) -> Path:
+    """``obj`` in torch's legacy (pre-zip) format with every storage declared ``declared`` floats and no storage data
+    written: torch reserves what the file declares, unchecked (a crafted file's way to gigabytes)."""
+    import pickle
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, item):
+            if isinstance(item, torch.storage.TypedStorage):
+                return "storage", torch.FloatStorage, str(id(item)), "cpu", declared, None
+            return None
+
+    sys_info = {"protocol_version": torch.serialization.PROTOCOL_VERSION, "little_endian": sys.byteorder == "little",
+                "type_sizes": {"short": 2, "int": 4, "long": 4}}
+    with open(path, "wb") as handle:
+        for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION, sys_info):
+            pickle.dump(header, handle, protocol=2)
+        Pickler(handle, protocol=2).dump(obj)
+        pickle.dump([], handle, protocol=2)  # the storage keys whose data follow: none
+    return path
+
+
+def test_small_files_that_declare_gigabytes_are_refused_before_their_values_are_read(tmp_path, trained, capsys):
+    """torch's legacy format: a 1 KB snapshot declaring 2 GB of weights (its first read of the values would have
+    allocated them); an .npz of a thousand deflated 1 MiB members (each within the per-member allowance)."""
+    import zipfile
+
+    from source.files import torch_load
+    from source.spectral.spectra import load_spectra
+
+    snapshot = load_snapshot(trained / "snapshots" / "snapshot_iter_4.pt")
+    weights = {"w0": torch.empty(2**27), "w1": torch.empty(2**27)}  # never touched: pickled by a storage id alone
+    bomb = legacy_torch_file(tmp_path / "legacy.pt", {**snapshot, "dis": weights, "gen": {}}, declared=2**27)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(checkpoint.SnapshotError, match=r"tensors of [\d,]+ bytes in a file of [\d,]+ "
+                                                       r"\(legacy format\)"):
+        load_snapshot(bomb, training_state=True)
+    honest = tmp_path / "honest.pt"
+    torch.save({"w": torch.arange(4.0)}, honest, _use_new_zipfile_serialization=False)
+    assert torch.equal(torch_load(honest)["w"], torch.arange(4.0)), "a genuine legacy file still loads"
+
+    member = io.BytesIO()
+    np.lib.format.write_array(member, np.zeros(2**17))  # 1 MiB of zeros, some 1 KB deflated
+    with zipfile.ZipFile(tmp_path / "spectra_iter_1.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        for index in range(1000):
+            archive.writestr(f"m{index}.npy", member.getvalue())
+    with pytest.raises(ValueError, match="not as numpy writes"):
+        load_spectra(tmp_path / "spectra_iter_1.npz")
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    (tmp_path / "array.npy").rename(tmp_path / "plain.npz")  # numpy reads a file by its contents, not its name
+    with pytest.raises(ValueError, match="not an .npz archive"):
+        load_spectra(tmp_path / "plain.npz")
+
+
+def test_crafted_spectra_files_and_fifos_in_a_run_folder_are_one_line_errors(tmp_path, trained, capsys):
+    from figures import collapse, spectra
+    from figures.common import command_line
+
+    run = tmp_path / "run"
+    (run / "spectra").mkdir(parents=True)
+    np.savez(run / "spectra" / "spectra_iter_2.npz", iteration=np.array(2), **{
+        "dis/l0/s": np.ones(3), "dis/l0/kind": np.array("conv"), "dis/l0/sigma_hat": np.ones(2),
+        "dis/conv_index": np.array("l0"), "gen/conv_index": np.array(["x"])})
+    assert command_line(spectra.main, [str(run)]) == 2
+    one_line_error(capsys, "an entry of the wrong shape or type")
+    os.mkfifo(run / "spectra" / "spectra_iter_4.npz")  # listed by name only, it blocked the read for good
+    (run / "spectra" / "spectra_iter_2.npz").unlink()
+    assert command_line(spectra.main, [str(run)]) == 2
+    one_line_error(capsys, "holds no spectra_iter_*.npz files")
+    received = tmp_path / "received"
+    (received / "snapshots").mkdir(parents=True)
+    for name in ("config.yaml", "log.jsonl"):
+        (received / name).write_bytes((trained / name).read_bytes())
+    for name in ("generator_iter_4.pt",):
+        (received / "snapshots" / name).write_bytes((trained / "snapshots" / name).read_bytes())
+    os.mkfifo(received / collapse.CACHE)  # its append (the mode measures' cache) waited for a reader for good
+    assert command_line(collapse.main, [str(received), "--per-class", "2"]) == 2
+    one_line_error(capsys, "is neither a file nor a folder (a FIFO, socket or device)")
+
+
 def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_are_built(tmp_path, trained, capsys,
                                                                                           monkeypatch):
     from source.training import build
@@ -807,3 +886,8 @@ def test_a_log_line_that_is_not_a_record_stops_a_resume_in_one_line(tmp_path, tr
         log.write('{"iteration": "5", "loss_dis": 1.0}\n')
     assert train.main(["--resume", unfinished(run)]) == 2
     one_line_error(capsys, "log.jsonl:")
+    from source.training.runlog import DamagedLog, read_jsonl
+
+    (tmp_path / "digits.jsonl").write_text('{"iteration": ' + "9" * 5000 + '}\n{"iteration": 1}\n')
+    with pytest.raises(DamagedLog, match=r"digits.jsonl:1 is not a log record \(Exceeds the limit"):
+        read_jsonl(tmp_path / "digits.jsonl")  # the message named no file

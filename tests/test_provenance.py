@@ -76,6 +76,22 @@ def test_a_carry_names_the_commit_a_copy_was_made_from_and_whether_the_copy_stil
     (tmp_path / "code.json").write_text("[" * 100_000)
     assert provenance.verify_carried(tmp_path / "code.json", copy) is None
     assert provenance.verify_carried(tmp_path / "missing.json", copy) is None
+    # a record that would have us hash a file many times over, or a big file outside the copy through a link
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "big.bin").write_bytes(b"x" * 1000)
+    (copy / "venv").symlink_to(tmp_path / "outside")
+    (tmp_path / "code.json").write_text(json.dumps({**record, "files": ["model.py"] * 2}))
+    assert provenance.verify_carried(tmp_path / "code.json", copy) is None
+    assert provenance.tree_digest(copy, ["venv/big.bin"]) == provenance.tree_digest(copy, ["venv/big.bin"])
+    assert provenance.tree_digest(copy, ["venv/big.bin"]) != provenance.tree_digest(tmp_path, ["outside/big.bin"])
+    read = []
+    original = Path.read_bytes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or original(self))
+        patch.setattr(provenance, "MOST_BYTES", 100)
+        assert provenance.tree_digest(copy, ["venv/big.bin"]) is not None and read == []  # never read: outside
+        (copy / "big.bin").write_bytes(b"x" * 1000)
+        assert provenance.tree_digest(copy, ["big.bin"]) is None and read == []  # past MOST_BYTES: not read
 
 
 def test_outside_a_checkout_the_carried_code_version_is_used_if_well_formed(tmp_path, monkeypatch):

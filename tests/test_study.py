@@ -640,6 +640,30 @@ def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path):
+    """A carry's wheels are installed on the lent machine before train.py runs: a wheel put there by anyone else (here
+    one named as tensorboardX's, holding a sitecustomize.py that every Python start would run) is refused."""
+    import zipfile
+
+    pins = dict(line.split(" ")[0].split("==") for line in transfer.GPU_WHEELS.read_text().splitlines()
+                if line and not line.startswith("#"))
+    assert sorted(pins) == sorted(transfer.WHEELS)
+    constraints = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text().splitlines() if "==" in line)
+    assert all(constraints[name] == version for name, version in pins.items()), "the pins follow constraints.txt"
+    wheels = tmp_path / "carry" / "wheels"
+    wheels.mkdir(parents=True)
+    name = f"tensorboardX-{pins['tensorboardX']}"
+    with zipfile.ZipFile(wheels / f"{name}-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("sitecustomize.py", "open('PWNED', 'w')\n")
+        wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: tensorboardX\n"
+                                                      f"Version: {pins['tensorboardX']}\n")
+        wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        wheel.writestr(f"{name}.dist-info/RECORD", "")
+    with pytest.raises(transfer.TransferError, match="not those gpu_wheels.txt pins by hash"):
+        transfer.install_wheels(tmp_path / "carry", tmp_path / "site")
+    assert not (tmp_path / "site" / "sitecustomize.py").exists()
+
+
 def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_path, capsys):
     """Files a chunk returns, or a study root from elsewhere, may be damaged or crafted (a hostile-input review:
     each of these was a traceback)."""
@@ -648,7 +672,7 @@ def test_a_study_root_or_return_that_is_not_as_written_is_a_one_line_error(tmp_p
     parts.mkdir()
     (parts / f"{transfer.PARTS}00").write_bytes(b"not xz")
     for manifest in ("{not json", "[1, 2]", json.dumps({"parts": 1, "sha256": __import__("hashlib").sha256(
-            b"not xz").hexdigest()})):
+            b"not xz").hexdigest()}), " " * 2**17 + "{}"):  # the last: read whole before, however large
         (parts / transfer.MANIFEST).write_text(manifest)
         assert study_cli.main(["take-back", str(path), str(parts), "--root", str(tmp_path / "root")]) == 2
         err = capsys.readouterr().err

@@ -209,3 +209,6 @@ def test_a_log_or_a_carried_data_file_past_its_bound_is_refused_without_holding_
     with pytest.raises(transfer.TransferError, match="unpacks to over 2 MiB"):
         transfer.unpack_data(tmp_path / "carry", tmp_path / "data")
     assert not list((tmp_path / "data").iterdir())  # nothing half-written
+    (tmp_path / "carry" / "data" / "train-images-idx3-ubyte.xz").write_bytes(b"not xz")  # was an LZMAError traceback
+    with pytest.raises(transfer.TransferError, match="is not a whole xz file as carry writes it"):
+        transfer.unpack_data(tmp_path / "carry", tmp_path / "data")

@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from benchmarks.gpu.report import derived_ratios, write_markdown
+from benchmarks.gpu.report import derived_ratios, markdown
+from source.files import atomic_write_text
 
 COMPARABLE = ("device", "torch", "cuda")
 
@@ -68,14 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         merged = merge(*(read_results(path) for path in (args.earlier, args.later)))
         text = json.dumps(merged, indent=2, default=str) + "\n"  # NaN stays: a diverged run's difference
+        report = markdown(merged)  # before anything is written: results it cannot render change nothing
     except (OSError, ValueError) as error:
         print(f"merge: {error}", file=sys.stderr)
         return 2
     except (KeyError, TypeError, AttributeError, OverflowError) as error:  # a hand-edited or foreign file
         print(f"merge: not this benchmark's results ({type(error).__name__}: {error})", file=sys.stderr)
         return 2
-    args.earlier.write_text(text)
-    write_markdown(merged, args.earlier.with_suffix(".md"))
+    atomic_write_text(args.earlier, text)
+    atomic_write_text(args.earlier.with_suffix(".md"), report)
     print(f"merge: {args.earlier} now holds {', '.join(f'{s} ({d})' for s, d in merged['protocol']['section_dates'].items())}")
     return 0
 

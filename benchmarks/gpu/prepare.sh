@@ -17,8 +17,7 @@ mkdir -p "$CARRY/wheels" "$CARRY/inception-1" "$CARRY/inception-2"
 
 # The device machine runs Python 3.12 on x86-64 and can reach no registry: download for it, not for here.
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux2014_x86_64 -d "$CARRY/wheels" torch-fidelity==0.4.0 \
-    "tensorboardX==$("$PYTHON" -c 'from importlib.metadata import version; print(version("tensorboardX"))')"
+    --platform manylinux2014_x86_64 -d "$CARRY/wheels" -r source/study/gpu_wheels.txt  # pinned by hash
 
 "$PYTHON" -m source.provenance record > "$CARRY/wheels/code.json"
 

@@ -284,6 +284,11 @@ def code_line(protocol: dict) -> str:
 
 
 def write_markdown(result: dict, path: Path) -> None:
+    atomic_write_text(path, markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The results' report (a KeyError or TypeError for results not as bench.py writes them)."""
     protocol, sections = result["protocol"], result["sections"]
     lines = [f"# GPU benchmark: {protocol['device']}", "",
              f"torch {protocol['torch']} (CUDA {protocol['cuda']}), Python {protocol['python']}, {protocol['date']}, "
@@ -310,4 +315,4 @@ def write_markdown(result: dict, path: Path) -> None:
     lines += [""]
     problems = errors(sections)
     lines += ["## Sections that did not finish cleanly", "", *problems, ""] if problems else []
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"

@@ -13,6 +13,8 @@ install_carried_wheels() {
         echo "wheels.sh: torch-fidelity or tensorboardX missing and no wheels in $1 (bash benchmarks/gpu/prepare.sh)"
         return 0
     fi
+    # only the files source/study/gpu_wheels.txt pins by hash: a wheel's files could run code at every Python start
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/srgan-gpu-bench-site "$1"/*.whl && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+        --target /tmp/srgan-gpu-bench-site --find-links "$1" -r source/study/gpu_wheels.txt \
+        && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
 }

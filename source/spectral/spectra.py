@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import _SpectralNorm
 
 from source.files import open_npz
+from source.typed import first_line
 
 SPECTRA_DIR = "spectra"
 NETS = ("gen", "dis")
@@ -192,8 +193,16 @@ def save_spectra(
 
 
 def load_spectra(path: str | Path) -> SpectraRecord:
+    """A spectra file; a ValueError (or KeyError) for one whose entries are not what ``save_spectra`` writes."""
     with open_npz(path) as data:
         fields = {key: data[key] for key in data.files}
+    try:
+        return _spectra_record(fields)
+    except TypeError as error:  # e.g. a sigma_hat of two values, a conv index that is no list
+        raise ValueError(f"an entry of the wrong shape or type ({first_line(error)})") from None
+
+
+def _spectra_record(fields: dict[str, np.ndarray]) -> SpectraRecord:
     nets: dict[str, dict[str, LayerSpectrum]] = {net: {} for net in NETS}
     for key in fields:
         parts = key.split("/")
@@ -217,4 +226,4 @@ def list_spectra(run_dir: str | Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
     found = ((_FILE_NAME.match(path.name), path) for path in folder.iterdir())
-    return sorted((int(match.group(1)), path) for match, path in found if match)
+    return sorted((int(match.group(1)), path) for match, path in found if match and path.is_file())  # no FIFO

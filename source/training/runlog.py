@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from source.files import atomic_write_text
+from source.typed import first_line
 
 
 class RunLog:
@@ -86,6 +87,8 @@ def read_jsonl(path: Path, note_torn: bool = False) -> list[dict]:
             raise DamagedLog(f"{path}:{number} is not valid JSON ({error})") from None
         except RecursionError:
             raise DamagedLog(f"{path}:{number} is nested too deeply to be a log record") from None
+        except ValueError as error:  # an integer of more digits than Python converts
+            raise DamagedLog(f"{path}:{number} is not a log record ({first_line(error)})") from None
         if not isinstance(record, dict) or type(record.get("iteration", 0)) is not int:
             raise DamagedLog(f"{path}:{number} is not a log record (a mapping with an integer iteration)")
         records.append(record)
