@@ -206,9 +206,8 @@ def torch_load(path: str | Path, allowed: list = ()) -> Any:
     except Exception as error:  # torch's unpickler meets bytes that are no pickle with whatever error they cause
         raise pickle.UnpicklingError(f"not a pickle ({type(error).__name__})") from None
     # torch's legacy (pre-zip) format reserves the storage sizes a file declares, unchecked: a 500-byte file could
-    # ask for gigabytes, allocated at the first read of its values; the tensors' bytes are in the file
-    legacy_size = None if zipfile.is_zipfile(path) else os.path.getsize(path)
-    problem = tensor_problem(loaded, legacy_size)
+    # ask for gigabytes, allocated at the first read of its values. Either format holds its tensors' bytes uncompressed
+    problem = tensor_problem(loaded, os.path.getsize(path))
     if problem:
         raise RuntimeError(f"it holds {problem}, which torch.save never writes of a model; refused")
     return loaded
@@ -218,8 +217,8 @@ def tensor_problem(loaded: Any, most_stored: int | None = None) -> str | None:
     """Why the tensors in a loaded object are not what torch.save writes of models and optimizers, else None: a
     tensor must be dense, on the CPU, real, and not larger than its storage (torch rebuilds whatever view a file
     names, so a 2 KB file's tensor can repeat one stored number into gigabytes, which the first check of its values
-    would allocate), and their storages together not over ``most_stored`` bytes when given (the file's size, for
-    the legacy format). Walked once per object, without recursion."""
+    would allocate), and their storages together not over ``most_stored`` bytes when given (the file's size).
+    Walked once per object, without recursion."""
     import torch
 
     pending, seen, stored, viewed = [loaded], set(), {}, 0
@@ -246,7 +245,7 @@ def tensor_problem(loaded: Any, most_stored: int | None = None) -> str | None:
     if viewed > 2 * sum(stored.values()) + 2**20:
         return f"tensors viewing {viewed:,} bytes of {sum(stored.values()):,} stored (the same storage over and over)"
     if most_stored is not None and sum(stored.values()) > most_stored:
-        return f"tensors of {sum(stored.values()):,} bytes in a file of {most_stored:,} (legacy format)"
+        return f"tensors of {sum(stored.values()):,} bytes in a file of {most_stored:,} bytes"
     return None
 
 
@@ -271,10 +270,10 @@ def open_npz(path: str | Path):
     ValueError if they would."""
     import numpy as np
 
+    with open(path, "rb") as handle:  # np.load reads a file by its first bytes: an .npy's header allocates first
+        if handle.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+            raise ValueError(f"{path}: not an .npz archive (a zip file of arrays)")
     problem = zip_expansion(path, stored_only=False)
     if problem:
         raise ValueError(f"{path}: {problem}; refused")
-    loaded = np.load(path, allow_pickle=False)
-    if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.load reads an .npy (or text) by its contents, not its name
-        raise ValueError(f"{path}: not an .npz archive (numpy reads it as a single {type(loaded).__name__})")
-    return loaded
+    return np.load(path, allow_pickle=False)

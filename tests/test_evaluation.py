@@ -47,7 +47,7 @@ from source.metrics.scoring import intra_fid_score, load_backbone, protocol_reco
 from source.models import build_model
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
-from source.training.evaluate import check_settings, gather_features, load_generator
+from source.training.evaluate import check_settings, gather_features, load_generator, weights_disagreement
 from test_training import CONFIGS, tiny_argv
 
 CPU = torch.device("cpu")
@@ -461,6 +461,12 @@ def test_intra_fid_cli_scores_every_class_against_per_class_reference_statistics
     assert "FID" not in record and record["protocol"]["samples_per_class"] == 2
     assert Path(record["protocol"]["reference"]).name == "synthetic_train_32px_12_tfinception_perclass.npz"
     assert "intra-FID" in out and "over 3 classes of 2 samples" in out
+    # with FID too, in batch mode: the record's batch is FID's (6 images), each class's 2 images are a batch of 2
+    argv = ["metrics", "--snapshot", str(snapshot), "--metrics", "fid", "--intra-fid", "--samples-per-class", "2",
+            "--set", "evaluation.reference_images=12", "--g-batchnorm", "batch", "--json"]
+    assert evaluation.main(argv) == 0
+    protocol = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["protocol"]
+    assert protocol["g_batchnorm_batch_size"] == 6 and protocol["intra_fid_g_batchnorm_batch_size"] == 2
 
 
 def test_ref_stats_cli_reuses_its_cache_and_refuses_another_setups(evaluated_run, capsys):
@@ -525,6 +531,9 @@ def test_torchrun_evaluation_scores_the_single_process_set_and_refuses_ranks_wit
     events = [json.loads(line) for line in (tmp_path / "other" / "log.jsonl").read_text().splitlines()]
     (event,) = [e for e in events if e.get("event") == "evaluation_disabled"]
     assert "different Inception weights" in event["reason"] and "rank 1: " in event["reason"]
+    # one file under two paths (each node's own cache) is the same network
+    assert weights_disagreement([("/node0/w.pth", "ab12"), ("/node1/w.pth", "ab12")]) == []
+    assert weights_disagreement([("w.pth", "ab12"), ("w.pth", "cd34")])
 
 
 def test_grids_write_one_rows_by_columns_png_per_class(evaluated_run, capsys):

@@ -640,7 +640,7 @@ def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path):
+def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path, capfd):
     """A carry's wheels are installed on the lent machine before train.py runs: a wheel put there by anyone else (here
     one named as tensorboardX's, holding a sitecustomize.py that every Python start would run) is refused."""
     import zipfile
@@ -652,15 +652,16 @@ def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path):
     assert all(constraints[name] == version for name, version in pins.items()), "the pins follow constraints.txt"
     wheels = tmp_path / "carry" / "wheels"
     wheels.mkdir(parents=True)
-    name = f"tensorboardX-{pins['tensorboardX']}"
-    with zipfile.ZipFile(wheels / f"{name}-py3-none-any.whl", "w") as wheel:
-        wheel.writestr("sitecustomize.py", "open('PWNED', 'w')\n")
-        wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: tensorboardX\n"
-                                                      f"Version: {pins['tensorboardX']}\n")
-        wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
-        wheel.writestr(f"{name}.dist-info/RECORD", "")
+    for project, version in pins.items():  # both named and versioned as pinned: only their hashes differ
+        name = f"{project.replace('-', '_')}-{version}"
+        with zipfile.ZipFile(wheels / f"{name}-py3-none-any.whl", "w") as wheel:
+            wheel.writestr("sitecustomize.py", "open('PWNED', 'w')\n")
+            wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n")
+            wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            wheel.writestr(f"{name}.dist-info/RECORD", "")
     with pytest.raises(transfer.TransferError, match="not those gpu_wheels.txt pins by hash"):
         transfer.install_wheels(tmp_path / "carry", tmp_path / "site")
+    assert "DO NOT MATCH THE HASHES" in capfd.readouterr().err
     assert not (tmp_path / "site" / "sitecustomize.py").exists()
 
 

@@ -16,5 +16,6 @@ install_carried_wheels() {
     # only the files source/study/gpu_wheels.txt pins by hash: a wheel's files could run code at every Python start
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/srgan-gpu-bench-site --find-links "$1" -r source/study/gpu_wheels.txt \
-        && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site
+        && export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}/tmp/srgan-gpu-bench-site \
+        || echo "wheels.sh: the wheels in $1 are not those source/study/gpu_wheels.txt pins by hash (pip said why); run bash benchmarks/gpu/prepare.sh again"
 }

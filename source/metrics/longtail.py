@@ -123,4 +123,6 @@ def intra_fid_protocol(request: ScoreRequest, settings: EvaluationConfig, n_clas
     if not request.metrics:
         classes = request.classes if request.intra_fid == "classes" else range(n_classes)
         protocol["n_samples"] = len(classes) * request.samples_per_class
+    elif request.batchnorm.mode == "batch":  # the record's batch is the metrics'; each class's images are batched alone
+        protocol["intra_fid_g_batchnorm_batch_size"] = min(request.batch_size, request.samples_per_class)
     return protocol

@@ -183,8 +183,9 @@ def weights_identity(backbone: InceptionBackbone | None, world: World) -> tuple[
 
 def weights_disagreement(identities: list[tuple[str, str] | None]) -> list[str]:
     """A failure when the ranks' Inception networks differ (a rank's own download or fallback, another machine's
-    file): features gathered from them would be scored as one set."""
-    if len(set(identities)) <= 1:
+    file): features gathered from them would be scored as one set. Their digests decide: one file under two paths
+    (each node's own cache) is the same network. One process: [None]."""
+    if len({identity and identity[1] for identity in identities}) <= 1:
         return []
     listed = "; ".join(f"rank {rank}: {weights} (weights {digest})"
                        for rank, (weights, digest) in enumerate(identities))
@@ -217,7 +218,8 @@ class Evaluate(Extension):
         self._metrics: list[str] = []
         self._disabled = False
         self._weights = "ema" if config.updater.ema.enabled else "raw"
-        self._batchnorm = g_batchnorm(self.settings).for_images(-(-self.settings.n_samples // world_size))  # a shard
+        # a rank's shard (the smallest: shards differ by one image) is one batch when smaller than the batch size
+        self._batchnorm = g_batchnorm(self.settings).for_images(self.settings.n_samples // world_size)
 
     def __call__(self, trainer: Trainer) -> None:
         started = time.perf_counter()
