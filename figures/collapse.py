@@ -100,7 +100,10 @@ def mode_history(run: Path, per_class: int) -> list[dict]:
         loaded = load_generator(str(path), torch.device("cpu"))
         if real is None:
             real = real_images(loaded.config)
-        samples, labels = class_samples(loaded.gen, per_class, n_classes=int(real[1].max()) + 1)
+        n_classes = int(real[1].max()) + 1
+        print(f"mode measures of {path.name}: {per_class} x {n_classes} samples on the CPU (cached in {run / CACHE})",
+              flush=True)  # minutes for a 128 px G of 1000 classes: said, not silent
+        samples, labels = class_samples(loaded.gen, per_class, n_classes=n_classes)
         record = {"iteration": iteration, "per_class": per_class, **mode_report(samples, labels, *real).to_dict()}
         cached[iteration, per_class] = record
         with open(refuse_link(run / CACHE), "a") as handle:  # a run folder from elsewhere may hold a link

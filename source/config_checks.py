@@ -51,9 +51,11 @@ def validate_dataset_args(spec: DatasetSpec, args: Any, key: str, source: str) -
 def check_consistency(config: Config, source: str, world_size: int) -> None:
     positive = ["iteration", "batchsize", "gen_batchsize", "micro_batchsize", "bn_batchsize", "display_interval",
                 "snapshot_interval", "evaluation_interval", "spectra_interval", "preview_interval"]
+    instead = {"evaluation_interval": " (no evaluation: evaluation.metrics=[])",
+               "spectra_interval": " (spectra are what this toolkit watches; a large interval records few)"}
     for name in positive:
         if getattr(config, name) is not None and getattr(config, name) <= 0:
-            raise ConfigError(f"{source}: {name}: must be positive, got {getattr(config, name)}")
+            raise ConfigError(f"{source}: {name}: must be positive, got {getattr(config, name)}{instead.get(name, '')}")
     if config.micro_batchsize % config.bn_batch:
         raise ConfigError(f"{source}: bn_batchsize: micro_batchsize {config.micro_batchsize} is not a multiple of "
                           f"{config.bn_batch}")

@@ -40,6 +40,7 @@ def write_config(tmp_path, mutate) -> Path:
     (lambda c: c.update(gen_batchsize=48),
      "gen_batchsize: 48 is not divisible by micro_batchsize x world size = 32 x 1 = 32"),
     (lambda c: c.update(micro_batchsize=0), "micro_batchsize: must be positive, got 0"),
+    (lambda c: c.update(evaluation_interval=0), "must be positive, got 0 (no evaluation: evaluation.metrics=[])"),
     (lambda c: c["updater"].update(collapse={"threshold": 1.5}), "updater.collapse: threshold must be in (0, 1)"),
     (lambda c: c.update(num_workers=-1), "num_workers: must be >= 0, got -1"),
     (lambda c: c.update(seed=2**65), "seed: must be in [0, 2^32), got 36893488147419103232"),

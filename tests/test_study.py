@@ -640,6 +640,29 @@ def test_train_py_starts_with_the_gpu_images_packages_and_the_carried_wheels():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def test_a_study_folder_holds_one_studys_runs(tmp_path, capsys):
+    """A --root of another study's folder had a run train there and the other study's next status save that chunk
+    into its committed state; a train.py run folder was read as a study of fresh runs."""
+    path = write_study(tmp_path, 4)
+    root, parts = tmp_path / "root", tmp_path / "parts"
+    root.mkdir()
+    parts.mkdir()
+    assert study_cli.main(["take-back", str(path), str(parts), "--root", str(root)]) == 2  # no parts: refused, but
+    assert json.loads((root / processes.ROOT_STUDY).read_text()) == {"study": "study"}  # the folder is the study's
+    capsys.readouterr()
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text())
+    for argv in (["status", str(other), "--root", str(root)], ["run", str(other), "--root", str(root), "--budget", "9"]):
+        assert study_cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"--root {root} holds the study 'study', not 'other'" in err and err.count("\n") == 1
+    run_folder = tmp_path / "run"
+    run_folder.mkdir()
+    (run_folder / "log.jsonl").write_text("")
+    assert study_cli.main(["status", str(path), "--root", str(run_folder)]) == 2
+    assert "is a train.py run folder, not a study's folder" in capsys.readouterr().err
+
+
 def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path, capfd):
     """A carry's wheels are installed on the lent machine before train.py runs: a wheel put there by anyone else (here
     one named as tensorboardX's, holding a sitecustomize.py that every Python start would run) is refused."""

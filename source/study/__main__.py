@@ -106,11 +106,13 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--root {root}: no such study folder")  # a typo read as a study of fresh runs
         if args.command == "device" and not args.carry.is_dir():
             raise ConfigError(f"--carry {args.carry}: no such folder (make it with `python -m source.study carry`)")
+        processes.check_root(root, study.name, claim=False)
         kept = study.saved_folder() if args.root is None and args.command != "device" else None
         due = kept and (saved.newer(root, kept, study) or saved.behind(root, kept, study))
         if args.command == "status" and not due:
             return show_status(args, study, root, runs)  # no lock: status reads a chunk under way
         with processes.root_lock(root):
+            processes.check_root(root, study.name, claim=True)
             # train.py runs a killed command left writing here stop before anything here changes
             processes.stop_leftovers(root, getattr(args, "grace", 120.0), print)
             if kept:

@@ -95,3 +95,26 @@ def root_lock(root: Path) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
         yield
+
+
+ROOT_STUDY = "study.json"  # the name of the study whose runs a study folder holds
+
+
+def check_root(root: Path, study: str, claim: bool) -> None:
+    """A study folder holds one study's runs: another study's folder (its ``study.json``), or a train.py run folder,
+    is refused before anything is read as this study's state or written there; ``claim`` names an unnamed folder
+    (inside the lock) for ``study``."""
+    if (root / "log.jsonl").is_file() or (root / "config.yaml").is_file():
+        raise StudyFolderError(f"--root {root} is a train.py run folder, not a study's folder (default: "
+                               "results/<study name>)")
+    marker = root / ROOT_STUDY
+    try:
+        named = json.loads(marker.read_text()).get("study") if marker.is_file() else None
+    except (OSError, ValueError, RecursionError, AttributeError):
+        raise StudyFolderError(f"{marker} is not as a study writes it; delete it if {root} is the study "
+                               f"{study!r}'s folder") from None
+    if named is not None and named != study:
+        raise StudyFolderError(f"--root {root} holds the study {named!r}, not {study!r}: give that study's file, or "
+                               "another --root")
+    if claim and named is None:
+        marker.write_text(json.dumps({"study": study}) + "\n")
