@@ -7,6 +7,7 @@ single ``ConfigError`` line naming the file and the dotted key, before any work 
 from __future__ import annotations
 
 import copy
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -217,7 +218,10 @@ def load_config(path: str | Path, overrides: list[str] = (), world_size: int = 1
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; give a YAML file such as configs/demo.yaml")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        beside = [p.name for p in path.parent.glob("*.y*ml")] if path.parent.is_dir() else []
+        close = difflib.get_close_matches(path.name, beside, n=1, cutoff=0.6)
+        raise ConfigError(f"{path}: config file not found" + (f" (did you mean {path.parent / close[0]}?)" if close
+                                                               else ""))
     raw = read_yaml(path, str(path)) or {}
     if isinstance(raw, dict) and {"base", "arms"} <= raw.keys():
         raise ConfigError(f"{path} is a study file (its runs' configs are its base with its arms' changes): run it "

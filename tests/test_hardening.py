@@ -668,6 +668,7 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [(["--config", str(CONFIGS)], "is a directory"),
+             (["--config", str(CONFIGS / "demo.yml")], f"config file not found (did you mean {CONFIGS / 'demo.yaml'}?)"),
              (["--resume", str(tmp_path)], f"is a directory; give a snapshot file such as {tmp_path}/snapshots/"),
              (["--resume", str(trained)], f"such as {trained}/snapshots/snapshot_iter_4.pt (its newest)"),
              (tiny_argv(a_file, 2), "is a file, not a run folder"),
