@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from source.typed import first_line
+
 ROOT = Path(__file__).resolve().parent.parent
 CODE_ENV = "SRGAN_CODE"
 COMMIT = re.compile(r"[0-9a-f]{40}([0-9a-f]{24})?")  # SHA-1, or SHA-256 object names
@@ -166,8 +168,7 @@ def device_name(device) -> str:
         try:
             return torch.cuda.get_device_name(device)
         except (RuntimeError, AssertionError) as error:  # torch raises these for CUDA it cannot reach
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            return f"a CUDA device whose name could not be read ({reason})"
+            return f"a CUDA device whose name could not be read ({first_line(error)})"
     return cpu_model() if device.type == "cpu" else device.type
 
 

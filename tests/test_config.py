@@ -83,7 +83,8 @@ def test_override_errors_and_yaml_typing(capsys):
             train.main(["--config", str(CONFIGS / "demo.yaml"), "--set", *split, "--dry-run"])
         err = capsys.readouterr().err
         assert exit_code.value.code == 2 and f"error: --set {' '.join(split)}: write KEY=VALUE as one argument" in err
-    code, out, _ = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis = 3", "--dry-run"], capsys)
+    code, out, _ = run_train(["--config", str(CONFIGS / "demo.yaml"), "--set", "updater.n_dis = 3", "--dry-run"],
+                             capsys)
     assert code == 0 and "n_dis 3," in out
     # a bad value that --set gave is the command line's, not the file's
     for override, expected in (("iteration=abc", "error: --set iteration: expected int, got str 'abc'"),

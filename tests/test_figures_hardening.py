@@ -74,8 +74,9 @@ def test_records_that_are_not_as_written_here_are_one_line_errors(tmp_path, caps
 
     run = tmp_path / "run"
     run.mkdir()
-    for record, message in (({"FID": {"a": 1}, "protocol": {"n_samples": 10, "reference": "r"}}, "its FID is not a number"),
-                            ({"FID": 3.0, "protocol": {"reference": "r"}}, "its protocol is not as evaluation writes it")):
+    cases = (({"FID": {"a": 1}, "protocol": {"n_samples": 10, "reference": "r"}}, "its FID is not a number"),
+             ({"FID": 3.0, "protocol": {"reference": "r"}}, "its protocol is not as evaluation writes it"))
+    for record, message in cases:
         (run / "metrics.jsonl").write_text(json.dumps({"iteration": 2, **record}) + "\n")
         assert command_line(curves.main, [str(run)]) == 2
         err = one_line_error(capsys.readouterr().err)

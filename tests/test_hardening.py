@@ -525,8 +525,8 @@ def legacy_torch_file(path: Path, obj, declared: int) -> Path:
 
 
 def test_small_files_that_declare_gigabytes_are_refused_before_their_values_are_read(tmp_path, trained, capsys):
-    """torch's legacy format: a 1 KB snapshot declaring 2 GB of weights (its first read of the values would have
-    allocated them); an .npz of a thousand deflated 1 MiB members (each within the per-member allowance)."""
+    """torch's legacy format: a 25 KB snapshot declaring some 100 GB of tensors (its first read of the values would
+    have allocated them); an .npz of a thousand deflated 1 MiB members (each within the per-member allowance)."""
     import zipfile
 
     from source.files import torch_load
@@ -668,7 +668,8 @@ def test_bad_paths_are_one_line_errors(tmp_path, trained, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("x")
     cases = [(["--config", str(CONFIGS)], "is a directory"),
-             (["--config", str(CONFIGS / "demo.yml")], f"config file not found (did you mean {CONFIGS / 'demo.yaml'}?)"),
+             (["--config", str(CONFIGS / "demo.yml")],
+              f"config file not found (did you mean {CONFIGS / 'demo.yaml'}?)"),
              (["--resume", str(tmp_path)], f"is a directory; give a snapshot file such as {tmp_path}/snapshots/"),
              (["--resume", str(trained)], f"such as {trained}/snapshots/snapshot_iter_4.pt (its newest)"),
              (tiny_argv(a_file, 2), "is a file, not a run folder"),

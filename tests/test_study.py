@@ -652,7 +652,8 @@ def test_a_study_folder_holds_one_studys_runs(tmp_path, capsys):
     capsys.readouterr()
     other = tmp_path / "other.yaml"
     other.write_text(path.read_text())
-    for argv in (["status", str(other), "--root", str(root)], ["run", str(other), "--root", str(root), "--budget", "9"]):
+    for argv in (["status", str(other), "--root", str(root)],
+                 ["run", str(other), "--root", str(root), "--budget", "9"]):
         assert study_cli.main(argv) == 2
         err = capsys.readouterr().err
         assert f"--root {root} holds the study 'study', not 'other'" in err and err.count("\n") == 1
@@ -679,7 +680,8 @@ def test_only_the_wheels_pinned_by_hash_are_installed_from_a_carry(tmp_path, cap
         name = f"{project.replace('-', '_')}-{version}"
         with zipfile.ZipFile(wheels / f"{name}-py3-none-any.whl", "w") as wheel:
             wheel.writestr("sitecustomize.py", "open('PWNED', 'w')\n")
-            wheel.writestr(f"{name}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n")
+            wheel.writestr(f"{name}.dist-info/METADATA",
+                           f"Metadata-Version: 2.1\nName: {project}\nVersion: {version}\n")
             wheel.writestr(f"{name}.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
             wheel.writestr(f"{name}.dist-info/RECORD", "")
     with pytest.raises(transfer.TransferError, match="not those gpu_wheels.txt pins by hash"):
