@@ -158,7 +158,7 @@ class PerformanceConfig:
     step_graphs: bool = False
     # the whole data set held on the device and batches made there (source/datasets/device_batches.py), without the
     # loader's ~1 ms of CPU per batch (num_workers unused): the loader's batches, the dequantization noise aside
-    # (another stream of it); for the data sets held in memory (Fashion-MNIST, CIFAR-10, synthetic)
+    # (another stream of it); for the data sets held in memory (Fashion-MNIST, CIFAR-10, STL-10, synthetic)
     data_on_device: bool = False
     # SR's float64 SVDs on the CPU, the edit copied back: for the 32 px models' small matrices (32 x 288), where a
     # GPU's solver launches may cost more than the arithmetic; the same edit to float64 rounding

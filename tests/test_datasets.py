@@ -443,10 +443,10 @@ def test_synthetic_rejects_bad_args():
 
 
 def test_registry_names_and_unknown_dataset():
-    assert set(DATASETS) == {"imagenet", "imagenet_prepared", "fashion_mnist", "cifar10", "synthetic", "lsun",
+    assert set(DATASETS) == {"imagenet", "imagenet_prepared", "fashion_mnist", "cifar10", "stl10", "synthetic", "lsun",
                              "inaturalist"}
     with pytest.raises(DatasetError, match="unknown dataset 'imagenett'; known: cifar10, fashion_mnist, imagenet, "
-                                           "imagenet_prepared, inaturalist, lsun, synthetic"):
+                                           "imagenet_prepared, inaturalist, lsun, stl10, synthetic"):
         build_dataset("imagenett", SyntheticArgs())
     with pytest.raises(TypeError, match="needs a SyntheticArgs"):
         build_dataset("synthetic", ImageNetArgs(root="/"))

@@ -93,7 +93,7 @@ def test_hashed_noise_is_uniform_independent_and_a_function_of_the_key():
 
 def test_data_sets_read_from_disk_or_too_large_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="performance.data_on_device: dataset 'imagenet' is read from disk as it "
-                                          "goes; only the data sets held in memory .*cifar10, fashion_mnist, synth"):
+                                          "goes; only the data sets held in memory .*cifar10, fashion_mnist, stl10, synth"):
         load_config(CONFIGS / "demo.yaml", ["dataset.name=imagenet", "dataset.args.root=/x",
                                             "performance.data_on_device=true"])
     huge = build_dataset("synthetic", SyntheticArgs(count=10**6, size=128, channels=3))

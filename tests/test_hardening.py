@@ -613,7 +613,7 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("models=5", "models: expected a mapping, got int 5"),
     ("models.generator.args=[1,2]", "models.generator.args: expected dict"),
     ("models.generator.args.ch=0", "ch must be a positive integer, got 0"),
-    ("models.discriminator.args.resolution=48", "resolution must be one of [32, 64, 128], got 48"),
+    ("models.discriminator.args.resolution=96", "resolution must be one of [32, 48, 64, 128], got 96"),
     ("models.generator.args.n_classes=-3", "n_classes must be >= 0"),
     ("adam_G.alpha=-1", "adam_G: need 0 <= alpha <= 1"),
     ("adam_D.beta1=2", "adam_D: need 0 <= alpha <= 1, 0 <= beta1 < 1"),

@@ -52,12 +52,13 @@ def conv(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- shapes
 
-@pytest.mark.parametrize("resolution", [32, 64, 128])
+@pytest.mark.parametrize("resolution, bottom_width", [(32, 4), (48, 6), (64, 4), (128, 4)])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("n_classes", [0, 3])
-def test_output_shapes(resolution, channels, n_classes):
+def test_output_shapes(resolution, bottom_width, channels, n_classes):
     torch.manual_seed(0)
-    gen = ResNetGenerator(dim_z=8, ch=2, n_classes=n_classes, resolution=resolution, channels=channels)
+    gen = ResNetGenerator(dim_z=8, bottom_width=bottom_width, ch=2, n_classes=n_classes, resolution=resolution,
+                          channels=channels)
     dis = SNResNetProjectionDiscriminator(ch=2, n_classes=n_classes, resolution=resolution, channels=channels)
     z = gen.sample_z(3, "cpu")
     y = gen.sample_y(3, "cpu") if n_classes else None
@@ -69,15 +70,19 @@ def test_output_shapes(resolution, channels, n_classes):
 
 @pytest.mark.parametrize("resolution, names", [
     (32, ["l1", "block2", "block3", "block4", "b5", "l5"]),
+    (48, ["l1", "block2", "block3", "block4", "b5", "l5"]),
     (64, ["l1", "block2", "block3", "block4", "block5", "b6", "l6"]),
     (128, ["l1", "block2", "block3", "block4", "block5", "block6", "b7", "l7"]),
 ])
 def test_generator_module_names_follow_original(resolution, names):
-    assert [name for name, _ in ResNetGenerator(ch=2, resolution=resolution).named_children()] == names
+    bottom_width = 6 if resolution == 48 else 4
+    gen = ResNetGenerator(ch=2, resolution=resolution, bottom_width=bottom_width)
+    assert [name for name, _ in gen.named_children()] == names
 
 
 @pytest.mark.parametrize("resolution, names", [
     (32, ["block1", "block2", "block3", "block4", "l5", "l_y"]),
+    (48, ["block1", "block2", "block3", "block4", "l5", "l_y"]),
     (64, ["block1", "block2", "block3", "block4", "block5", "l6", "l_y"]),
     (128, ["block1", "block2", "block3", "block4", "block5", "block6", "l7", "l_y"]),
 ])
@@ -383,8 +388,9 @@ def test_sample_z_is_standard_normal_and_seedable():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"resolution": 48}, "resolution must be one of"),
+    ({"resolution": 96}, "resolution must be one of"),
     ({"bottom_width": 6}, "bottom_width must be 4"),
+    ({"resolution": 48}, "bottom_width must be 6, got 4"),
     ({"n_classes": -1}, "n_classes must be >= 0"),
     ({"ch": 0}, "ch must be a positive integer"),
 ])

@@ -191,7 +191,7 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
     assert "--workers" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out), "--size", "7",
                                      "--workers", "0"], capsys)
     assert prepare.main(["imagenet", "--root", str(jpeg_root), "--out", str(out), "--size", "7", "--workers", "0"]) == 2
-    assert "note: the models are built for 32, 64, 128 px; no generator trains on 7 px" in capsys.readouterr().err
+    assert "note: the models are built for 32, 48, 64, 128 px; no generator trains on 7 px" in capsys.readouterr().err
     assert "--workers: " in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out), "--workers", "0"],
                                       capsys)
     (tmp_path / "file").write_text("x")

@@ -28,6 +28,8 @@ from source.datasets.iterator import InfiniteBatchIterator
 from source.datasets.longtail import LongTailArgs
 from source.datasets.lsun import LSUN, LSUNArgs, check_lsun_args, lsun_value_problems
 from source.datasets.prepared import PreparedImageNet, PreparedImageNetArgs, check_prepared_args, prepared_value_problems
+from source.datasets.stl10 import (STL10, STL10Args, check_stl10_args, stl10_download_pending,
+                                   stl10_value_problems)
 from source.datasets.synthetic import SyntheticArgs, SyntheticImages, check_synthetic_args
 from source.datasets.transforms import DatasetError
 
@@ -37,6 +39,7 @@ DATASETS: dict[str, tuple[type, Callable[[Any], Dataset]]] = {
     "imagenet_prepared": (PreparedImageNetArgs, PreparedImageNet),  # made by python -m source.datasets.prepare
     "fashion_mnist": (FashionMNISTArgs, FashionMNIST),
     "cifar10": (CIFAR10Args, CIFAR10),
+    "stl10": (STL10Args, STL10),
     "lsun": (LSUNArgs, LSUN),
     "inaturalist": (INaturalistArgs, INaturalist),
     "synthetic": (SyntheticArgs, SyntheticImages),
@@ -47,6 +50,7 @@ _CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "imagenet_prepared": check_prepared_args,
     "fashion_mnist": check_fashion_mnist_args,
     "cifar10": check_cifar10_args,
+    "stl10": check_stl10_args,
     "lsun": check_lsun_args,
     "inaturalist": check_inaturalist_args,
     "synthetic": check_synthetic_args,
@@ -58,6 +62,7 @@ _VALUE_CHECKS: dict[str, Callable[[Any], list[str]]] = {
     "imagenet_prepared": prepared_value_problems,
     "fashion_mnist": fashion_mnist_value_problems,
     "cifar10": cifar10_value_problems,
+    "stl10": stl10_value_problems,
     "lsun": lsun_value_problems,
     "inaturalist": inaturalist_value_problems,
     "synthetic": check_synthetic_args,  # nothing to look for on disk
@@ -66,12 +71,13 @@ _VALUE_CHECKS: dict[str, Callable[[Any], list[str]]] = {
 _DOWNLOADS: dict[str, Callable[[Any], bool]] = {
     "fashion_mnist": fashion_mnist_download_pending,
     "cifar10": cifar10_download_pending,
+    "stl10": stl10_download_pending,
 }
 
 # data sets that a name and a split fix (the standard files, which their loaders check): ``root`` says only where
 # the files lie, so a run may move (source/training/resume.py: recipe_changes) and a reference keep its cache
 # (metrics/reference.py)
-STANDARD_FILES = ("fashion_mnist", "cifar10")
+STANDARD_FILES = ("fashion_mnist", "cifar10", "stl10")
 
 # the values of each data set's ``split`` arg; the first is the training split
 SPLITS: dict[str, tuple[str, ...]] = {
@@ -79,6 +85,7 @@ SPLITS: dict[str, tuple[str, ...]] = {
     "imagenet_prepared": ("train", "val"),
     "fashion_mnist": ("train", "test"),
     "cifar10": ("train", "test"),
+    "stl10": ("unlabeled", "train", "test"),
     "lsun": ("train", "eval"),
     "inaturalist": ("train", "val"),
     "synthetic": ("train", "test"),
@@ -107,7 +114,7 @@ def build_dataset(name: str, args: Any) -> Dataset:
 def check_dataset_args(name: str, args: Any) -> list[str]:
     """One-line problems that ``build_dataset`` would raise (missing files, bad values), found
     without listing folders or decoding anything, for ``--dry-run``; empty when all looks fine.
-    A CIFAR-10 or Fashion-MNIST download that is allowed but not yet done is not a problem here."""
+    A CIFAR-10, STL-10 or Fashion-MNIST download that is allowed but not yet done is not a problem here."""
     _require_known(name, args)
     return _CHECKS[name](args)
 
@@ -119,7 +126,7 @@ def value_problems(name: str, args: Any) -> list[str]:
 
 
 def download_pending(name: str, args: Any) -> bool:
-    """``build_dataset`` would download the data first (CIFAR-10, Fashion-MNIST: allowed and not yet done)."""
+    """``build_dataset`` would download the data first (CIFAR-10, STL-10, Fashion-MNIST: allowed, not yet done)."""
     _require_known(name, args)
     return name in _DOWNLOADS and _DOWNLOADS[name](args)
 
@@ -169,4 +176,5 @@ __all__ = ["DATASETS", "SPLITS", "STANDARD_FILES", "DatasetError", "InfiniteBatc
            "value_problems",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
            "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",
+           "STL10", "STL10Args",
            "SyntheticArgs", "SyntheticImages"]

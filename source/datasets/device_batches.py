@@ -37,7 +37,7 @@ class DeviceBatchIterator(InfiniteBatchIterator):
         super().__init__(dataset, batch_size, seed, rank, world_size)
         if not holds_images_in_memory(type(dataset)):
             raise DatasetError(f"performance.data_on_device: {type(dataset).__name__} does not hold its images in "
-                               f"memory; only the small data sets do (Fashion-MNIST, CIFAR-10, synthetic)")
+                               f"memory; only the small data sets do (Fashion-MNIST, CIFAR-10, STL-10, synthetic)")
         self.device = torch.device(device)
         self._images = dataset.in_memory_images().to(self.device)
         self._labels = torch.as_tensor(dataset.labels, dtype=torch.int64).to(self.device)

@@ -1,4 +1,5 @@
-"""SN ResNet projection discriminator of SNGAN-projection (snresnet_32 / snresnet_64 / snresnet)."""
+"""SN ResNet projection discriminator of SNGAN-projection (snresnet_32 / snresnet_64 / snresnet; snresnet_32 also
+at 48 px, for STL-10)."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from source.models.resblocks import DiscriminatorBlock, OptimizedBlock
 # Blocks after block1 (an OptimizedBlock channels -> ch): (output width in units of ch, downsample).
 BLOCK_LAYOUTS: dict[int, tuple[tuple[int, bool], ...]] = {
     32: ((1, True), (1, False), (1, False)),
+    48: ((1, True), (1, False), (1, False)),  # STL-10: SRGANs' STL-10 spectra show these 10 convs (layers 0-9)
     64: ((2, True), (4, True), (8, True), (16, True)),
     128: ((2, True), (4, True), (8, True), (16, True), (16, False)),
 }

@@ -1,4 +1,5 @@
-"""ResNet generator of SNGAN-projection (resnet_32 / resnet_64 / resnet), optionally with SN as in SRGANs."""
+"""ResNet generator of SNGAN-projection (resnet_32 / resnet_64 / resnet, and resnet_32 at 48 px for STL-10),
+optionally with SN as in SRGANs."""
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from source.models.resblocks import GeneratorBlock, class_norm, glorot_conv
 # The number of blocks (len - 1) fixes the upsampling factor 2**blocks.
 CHANNEL_MULTIPLIERS: dict[int, tuple[int, ...]] = {
     32: (1, 1, 1, 1),
+    48: (1, 1, 1, 1),  # STL-10: the 32 px layout from a 6 x 6 start (SRGANs' STL-10 D, too, is the CIFAR one)
     64: (16, 8, 4, 2, 1),
     128: (16, 16, 8, 4, 2, 1),
 }

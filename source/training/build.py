@@ -72,8 +72,10 @@ def check_dataset_matches_models(config: Config, dataset, source: str) -> None:
                               f"generator is built for {value}")
     n_classes = gen.get("n_classes", 0)
     if n_classes and dataset.n_classes != n_classes:  # more: G would draw labels no real image has
+        advice = (f"set the models' n_classes to {dataset.n_classes}" if dataset.n_classes > 1 else
+                  "it has no labels: set the models' n_classes to 0 (unconditional)")
         raise ConfigError(f"{source}: models.generator.args.n_classes: {n_classes} but the dataset has "
-                          f"{dataset.n_classes} classes; set the models' n_classes to {dataset.n_classes}")
+                          f"{dataset.n_classes} class{'es' if dataset.n_classes > 1 else ''}; {advice}")
 
 
 # channels_last gives a 1x1 kernel's weight (or one over a single input channel) strides that differ from its

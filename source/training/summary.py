@@ -50,8 +50,8 @@ def describe_data(config: Config, source: str, world_size: int) -> str:
             require_one_global_batch(len(dataset), config.micro_batchsize, world_size)
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
             held = ", held on the device" if config.performance.data_on_device else ""
-            return (f"{config.dataset.name}: {len(dataset):,} images, {dataset.n_classes} classes, "
-                    f"{dataset.size}px{held}{counts}")
+            classes = f"{dataset.n_classes} class{'es' if dataset.n_classes > 1 else ''}"
+            return f"{config.dataset.name}: {len(dataset):,} images, {classes}, {dataset.size}px{held}{counts}"
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
     return "NOT AVAILABLE: " + "; ".join(problems)

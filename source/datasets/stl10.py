@@ -1,0 +1,166 @@
+"""STL-10 from its binary release (``root/stl10_binary``), at 48 px, the size SNGAN and SRGANs train it at.
+
+The release's ``{split}_X.bin`` files hold N images of 3 x 96 x 96 bytes, each channel stored column by
+column (Matlab's order), and nothing else, so a file's size says how many images it holds; ``train_y.bin``
+and ``test_y.bin`` hold one label byte (1..10) per image. The unlabeled split (100,000 images, the data GANs
+train on) has no labels: it is one class here, every label 0.
+
+Images are shrunk with PIL's bilinear filter (widened when shrinking, so no aliasing): what
+torchvision's ``Resize((48, 48))`` does to an STL-10 image, as public SNGAN reproductions prepare the unlabeled
+split (our references do not say which split or filter the papers used).
+``size: 96`` keeps the release's pixels. All images are decoded and resized once, at construction, in threads
+(PIL releases the GIL): some 15 s of one core for the unlabeled split, 0.7 GB held at 48 px.
+"""
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
+from source.datasets.transforms import DatasetError, resize_square, size_problems
+from source.typed import first_line
+
+BASE_FOLDER = "stl10_binary"
+URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
+ARCHIVE, ARCHIVE_MD5 = "stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb"  # torchvision's STL10 checks the same
+SPLITS = ("unlabeled", "train", "test")
+LABELLED = ("train", "test")
+SOURCE_SIZE = 96
+IMAGE_BYTES = 3 * SOURCE_SIZE * SOURCE_SIZE
+N_CLASSES = 10
+CLASS_NAMES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
+RESIZE_CHUNK = 1000  # images per thread task
+
+
+@dataclass
+class STL10Args:
+    root: str = "data/stl10"
+    split: str = "unlabeled"
+    size: int = 48
+    download: bool = True  # the archive is 2.6 GB
+    dequantize: bool = True
+    long_tail: LongTailArgs = field(default_factory=LongTailArgs)
+
+
+def split_files(split: str) -> list[str]:
+    return [f"{split}_X.bin"] + ([f"{split}_y.bin"] if split in LABELLED else [])
+
+
+def missing_files(root: str, split: str) -> list[str]:
+    folder = os.path.join(root, BASE_FOLDER)
+    return [name for name in split_files(split) if not os.path.isfile(os.path.join(folder, name))]
+
+
+def stl10_value_problems(args: STL10Args) -> list[str]:
+    """The args' own problems, whatever the files (config validation)."""
+    if args.split not in SPLITS:
+        return [f"dataset.args.split: must be one of {', '.join(SPLITS)}, got {args.split!r}"]
+    if args.split not in LABELLED and is_active(args.long_tail):
+        return [f"dataset.args.long_tail: the {args.split} split has no labels; a long tail needs split train or test"]
+    return size_problems(args.size) + long_tail_problems(args.long_tail, N_CLASSES)
+
+
+def check_stl10_args(args: STL10Args) -> list[str]:
+    """Problems that would stop ``STL10(args)`` without a download attempt; reads no file."""
+    problems = stl10_value_problems(args)
+    if problems:
+        return problems
+    missing = missing_files(args.root, args.split)
+    if missing and not args.download:
+        problems.append(f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BASE_FOLDER)}; "
+                        f"set dataset.args.download: true, or extract {ARCHIVE} ({URL}) into {args.root}")
+    return problems
+
+
+def stl10_download_pending(args: STL10Args) -> bool:
+    """``STL10(args)`` would download first: files missing, download allowed."""
+    return args.download and bool(missing_files(args.root, args.split))
+
+
+def download_stl10(root: str) -> None:
+    from torchvision.datasets.utils import download_and_extract_archive
+
+    try:
+        download_and_extract_archive(URL, root, filename=ARCHIVE, md5=ARCHIVE_MD5)
+    except (OSError, RuntimeError) as error:
+        raise DatasetError(f"dataset.args.download: could not download STL-10 into {root} ({first_line(error)}); "
+                           f"without network, copy the extracted '{BASE_FOLDER}' folder of {ARCHIVE} into {root}"
+                           ) from None
+
+
+def read_images(path: str) -> np.ndarray:
+    """The images of one ``*_X.bin`` file as a read-only N x 3 x 96 x 96 (C, H, W) view of the file."""
+    size = os.path.getsize(path)
+    if size == 0 or size % IMAGE_BYTES:
+        raise DatasetError(f"{path}: {size} bytes is not a whole number of STL-10 images ({IMAGE_BYTES} bytes each)")
+    stored = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, SOURCE_SIZE, SOURCE_SIZE)
+    return stored.transpose(0, 1, 3, 2)  # each channel was stored column by column
+
+
+def read_labels(path: str, count: int) -> np.ndarray:
+    """0-based labels of a ``*_y.bin`` file (the release numbers classes 1..10)."""
+    labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
+    if len(labels) != count:
+        raise DatasetError(f"{path}: {len(labels)} labels for {count} images")
+    if len(labels) and not 1 <= labels.min() <= labels.max() <= N_CLASSES:
+        raise DatasetError(f"{path}: labels {labels.min()}..{labels.max()}; STL-10 numbers its classes 1..{N_CLASSES}")
+    return labels - 1
+
+
+def resized(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 N x 3 x size x size: each image through ``resize_square`` (PIL bilinear), in threads."""
+    if size == SOURCE_SIZE:
+        return np.ascontiguousarray(images)
+    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
+
+    def resize_chunk(start: int) -> None:
+        for index in range(start, min(start + RESIZE_CHUNK, len(images))):
+            image = Image.fromarray(np.ascontiguousarray(images[index].transpose(1, 2, 0)))
+            out[index] = np.asarray(resize_square(image, size)).transpose(2, 0, 1)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(resize_chunk, range(0, len(images), RESIZE_CHUNK)))  # list(): re-raises a thread's error
+    return out
+
+
+class STL10(Dataset):
+    """Items are (uint8 tensor 3 x size x size, label); labels 0..9 (``classes`` names them) in the train and
+    test splits, 0 for every image of the unlabeled split (``n_classes`` 1)."""
+
+    channels = 3
+    n_unreadable = 0  # all images are decoded at construction; the trainer logs it for every data set
+
+    def __init__(self, args: STL10Args):
+        problems = check_stl10_args(args)
+        if problems:
+            raise DatasetError(problems[0])
+        if stl10_download_pending(args):
+            download_stl10(args.root)
+        folder = os.path.join(args.root, BASE_FOLDER)
+        images = read_images(os.path.join(folder, f"{args.split}_X.bin"))
+        labelled = args.split in LABELLED
+        labels = (read_labels(os.path.join(folder, f"{args.split}_y.bin"), len(images)) if labelled
+                  else np.zeros(len(images), dtype=np.int64))
+        keep = long_tail_indices(labels, N_CLASSES, args.long_tail) if labelled else None
+        if keep is not None:
+            images, labels = images[keep], labels[keep]
+        self._images = torch.from_numpy(resized(images, args.size))
+        self.labels = labels
+        self.n_classes = N_CLASSES if labelled else 1
+        self.classes = list(CLASS_NAMES) if labelled else ["unlabeled"]
+        self.size = args.size
+        self.dequantize = args.dequantize
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def in_memory_images(self) -> torch.Tensor:
+        """Every item's image at once (uint8 N x 3 x size x size), for ``performance.data_on_device``."""
+        return self._images
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self._images[index].clone(), int(self.labels[index])
