@@ -62,14 +62,15 @@ def check_run(run: Path) -> None:
 
 
 def real_images(config) -> tuple[np.ndarray, np.ndarray]:
-    """The test split of the run's data set when it has one (Fashion-MNIST, CIFAR-10), as float [-1, 1]."""
+    """The test split of the run's data set when it has one (Fashion-MNIST, CIFAR-10, STL-10), as float [-1, 1]."""
     args = config.dataset.args
     if hasattr(args, "split"):
         args = dataclasses.replace(args, split="test")
         problems = check_dataset_args(config.dataset.name, args)
         if any("split" in problem for problem in problems):  # e.g. ImageNet's train and val
             raise ValueError(f"the mode panels compare samples with a data set's test split (Fashion-MNIST, "
-                             f"CIFAR-10); {config.dataset.name} has none, so this figure cannot be drawn for this run")
+                             f"CIFAR-10, STL-10); {config.dataset.name} has none, so this figure cannot be drawn "
+                             f"for this run")
     dataset = build_dataset(config.dataset.name, args)
     order = list(range(len(dataset)))
     if len(dataset) > MAX_REAL_IMAGES:  # a fixed random subset: the first images of class-sorted data are few classes

@@ -93,7 +93,8 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
     dropped unless ``--set`` gave them, except its long tail's ratio and seed (the recipe's class imbalance, which any
     data set that takes one keeps; its ``n_max`` counts the file's images). The file's
     ``evaluation.reference_split`` becomes the new data set's held-out split where that lacks it (CIFAR-10's test is
-    LSUN's eval). The synthetic data take resolution, channels and classes from the generator.
+    LSUN's eval). A data set that takes a ``size`` gets the generator's resolution unless ``--set`` gave one; the
+    synthetic data take channels and classes from the generator too.
     """
     from source.datasets import DATASETS
 
@@ -104,12 +105,14 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
     if not isinstance(args, dict):
         return
     dataset["args"] = args
+    gen_args = mapping(mapping(mapping(raw, "models"), "generator"), "args")
     if file_name is not None and dataset["name"] != file_name:
         _drop_the_files_args(args, DATASETS[dataset["name"]][0], overrides)
         if not overridden(overrides, "evaluation.reference_split"):
             _held_out_split(mapping(raw, "evaluation"), dataset["name"])
+        if "resolution" in gen_args and "size" in {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}:
+            args.setdefault("size", gen_args["resolution"])
     if dataset["name"] == "synthetic":
-        gen_args = mapping(mapping(mapping(raw, "models"), "generator"), "args")
         args.setdefault("size", gen_args.get("resolution", 32))
         args.setdefault("channels", gen_args.get("channels", 3))
         args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
@@ -126,11 +129,10 @@ def _drop_the_files_args(args: dict, args_type: type, overrides: list[str]) -> N
 
 
 def _held_out_split(evaluation: dict, name: str) -> None:
-    """The file's reference split where the data set has it, else the data set's one held-out split (none set:
-    the training data, whatever the data set)."""
+    """The file's reference split where the data set has it, else the data set's held-out split, its last (none
+    set: the training data, whatever the data set)."""
     from source.datasets import SPLITS
 
     splits = SPLITS.get(name, ())
-    held_out = [split for split in splits if split != "train"]
-    if evaluation.get("reference_split") not in (None, *splits) and len(held_out) == 1:
-        evaluation["reference_split"] = held_out[0]
+    if evaluation.get("reference_split") not in (None, *splits) and len(splits) > 1:
+        evaluation["reference_split"] = splits[-1]

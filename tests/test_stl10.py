@@ -1,5 +1,6 @@
 """STL-10 at 48 px (SRGANs' STL-10 setting): the binary release's reader, the 48 px models, the config's run."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ def test_48_px_images_are_torchvisions_resize_of_the_release_pixels(tmp_path):
     images, labels = write_standin(tmp_path)
     data = build_dataset("stl10", STL10Args(root=str(tmp_path), split="train", download=False))
     assert len(data) == 12 and data.size == 48 and data.channels == 3 and data.n_classes == 10
+    assert data.n_unreadable == 0
     for index in (0, 7, 11):
         expected = np.asarray(Resize((48, 48))(Image.fromarray(images[index]))).transpose(2, 0, 1)
         item, label = data[index]
@@ -180,3 +182,55 @@ def test_dry_runs_say_what_the_stl10_config_would_read(tmp_path, monkeypatch, ca
     assert train.main(conditional) == 2
     assert ("models.generator.args.n_classes: 10 but the dataset has 1 class; it has no labels: set the models' "
             "n_classes to 0 (unconditional)") in capsys.readouterr().err
+
+
+def test_files_larger_than_the_release_or_not_plain_are_refused_before_reading(tmp_path, monkeypatch):
+    """A sparse file of 100,001 images (2.8 GB, no block written) or a 300 GB labels file: one line, nothing
+    allocated; a FIFO or folder where a file belongs is no missing file (a download would extract into it)."""
+    monkeypatch.setattr("source.datasets.stl10.download_stl10", lambda root: pytest.fail("downloaded"))
+    folder = tmp_path / "stl10_binary"
+    write_split(tmp_path, "train", random_images(3), np.array([0, 1, 2]))
+    os.truncate(folder / "train_y.bin", 300 * 2**30)
+    with pytest.raises(DatasetError, match=r"train_y.bin: 322122547200 labels for 3 images"):
+        build_dataset("stl10", STL10Args(root=str(tmp_path), split="train"))
+    (folder / "unlabeled_X.bin").touch()
+    os.truncate(folder / "unlabeled_X.bin", 100_001 * 27648)
+    with pytest.raises(DatasetError, match="unlabeled_X.bin: 100001 images; the release's unlabeled split has 100000"):
+        build_dataset("stl10", STL10Args(root=str(tmp_path)))
+    os.remove(folder / "unlabeled_X.bin")
+    os.mkfifo(folder / "unlabeled_X.bin")
+    assert not download_pending("stl10", STL10Args(root=str(tmp_path)))
+    assert check_dataset_args("stl10", STL10Args(root=str(tmp_path))) == [
+        f"dataset.args.root: {folder / 'unlabeled_X.bin'} is there but is no regular file; STL-10's files are plain "
+        f"files"]
+    os.remove(folder / "test_X.bin") if (folder / "test_X.bin").exists() else (folder / "test_X.bin").mkdir()
+    with pytest.raises(DatasetError, match="test_X.bin is there but is no regular file"):
+        build_dataset("stl10", STL10Args(root=str(tmp_path), split="test"))
+
+
+def test_a_file_that_shrinks_while_it_is_read_is_a_one_line_error(tmp_path, monkeypatch):
+    write_standin(tmp_path, count=3)
+    monkeypatch.setattr("source.datasets.stl10.count_images", lambda path, split: 4)  # measured before it shrank
+    with pytest.raises(DatasetError, match="unlabeled_X.bin: ends within image 3; read it again"):
+        build_dataset("stl10", STL10Args(root=str(tmp_path), download=False))
+
+
+def test_a_size_that_is_not_the_models_is_refused_before_any_image_is_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("source.datasets.stl10.read_resized", lambda *args: pytest.fail("read the images"))
+    write_standin(tmp_path)
+    argv = ["--config", str(CONFIGS / "stl10" / "sr_stl10.yaml"), "--dry-run", "--set", f"dataset.args.root={tmp_path}",
+            "--set", "dataset.args.size=480"]
+    assert train.main(argv) == 2
+    assert ("dataset.args.size: 480 but the generator is built for 48 px; set dataset.args.size=48"
+            in capsys.readouterr().err)
+
+
+def test_another_configs_data_become_stl10_at_its_models_size_and_held_out_split():
+    from source.config import load_config
+
+    moved = load_config(CONFIGS / "gsr" / "lsun_lt_sngan.yaml", ["dataset.name=stl10", "dataset.args.split=train"])
+    assert moved.evaluation.reference_split == "test"  # LSUN's eval
+    assert moved.dataset.args.size == 64 and moved.dataset.args.long_tail.ratio == 100  # the models' 64 px
+    chosen = load_config(CONFIGS / "cifar" / "sr_cifar10.yaml", ["dataset.name=stl10", "dataset.args.size=32"])
+    assert (chosen.dataset.args.size, chosen.dataset.args.split, chosen.evaluation.reference_split) == (
+        32, "unlabeled", None)

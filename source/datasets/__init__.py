@@ -79,7 +79,7 @@ _DOWNLOADS: dict[str, Callable[[Any], bool]] = {
 # (metrics/reference.py)
 STANDARD_FILES = ("fashion_mnist", "cifar10", "stl10")
 
-# the values of each data set's ``split`` arg; the first is the training split
+# the values of each data set's ``split`` arg; the first is the training split, the last the held-out one
 SPLITS: dict[str, tuple[str, ...]] = {
     "imagenet": ("train", "val"),
     "imagenet_prepared": ("train", "val"),

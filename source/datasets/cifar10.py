@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
-from source.datasets.transforms import DatasetError
+from source.datasets.transforms import DatasetError, not_regular_files
 from source.files import colliding_numbers, plain_dtype
 from source.typed import first_line
 
@@ -58,6 +58,9 @@ def check_cifar10_args(args: CIFAR10Args) -> list[str]:
     problems = cifar10_value_problems(args)
     if problems:
         return problems
+    odd = not_regular_files(os.path.join(args.root, BATCH_FOLDER), SPLIT_FILES[args.split] + [META_FILE])
+    if odd:
+        return [f"dataset.args.root: {odd[0]} is there but is no regular file; CIFAR-10's files are plain files"]
     missing = missing_files(args.root, args.split)
     if missing and not args.download:
         problems.append(
@@ -69,7 +72,7 @@ def check_cifar10_args(args: CIFAR10Args) -> list[str]:
 
 def cifar10_download_pending(args: CIFAR10Args) -> bool:
     """``CIFAR10(args)`` would download first: files missing, download allowed."""
-    return args.download and bool(missing_files(args.root, args.split))
+    return args.download and not check_cifar10_args(args) and bool(missing_files(args.root, args.split))
 
 
 def download_cifar10(root: str) -> None:

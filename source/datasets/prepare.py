@@ -45,7 +45,7 @@ PREPROCESSING = ("source.datasets.imagenet.load_square_rgb: PIL decode; Image.co
                  "stretch (docs/reference/srgan.md section 7); uint8, channels first")
 CHUNK = 64  # images per pool task: amortises the inter-process traffic without starving cores at the end
 SYMLINK_REASON = "broken or looping symlink"
-MODEL_RESOLUTIONS = tuple(sorted(CHANNEL_MULTIPLIERS))  # ResNetGenerator's (BigGAN's are the same)
+MODEL_RESOLUTIONS = tuple(sorted(CHANNEL_MULTIPLIERS))  # ResNetGenerator's (BigGAN's: these but 48)
 OPTION_NAMES = {"root": "--root", "list_file": "--list-file", "size": "--size", "path": "OUT"}
 
 

@@ -7,9 +7,10 @@ train on) has no labels: it is one class here, every label 0.
 
 Images are shrunk with PIL's bilinear filter (widened when shrinking, so no aliasing): what
 torchvision's ``Resize((48, 48))`` does to an STL-10 image, as public SNGAN reproductions prepare the unlabeled
-split (our references do not say which split or filter the papers used).
-``size: 96`` keeps the release's pixels. All images are decoded and resized once, at construction, in threads
-(PIL releases the GIL): some 15 s of one core for the unlabeled split, 0.7 GB held at 48 px.
+split (our references do not say which split or filter the papers used). All images are read, a chunk at a time,
+and resized once, at construction, in threads (PIL releases the GIL): for the unlabeled split 20 s of CPU, 13 s on
+the 2-core development machine, 0.69 GB held at 48 px (1.25 GB at the peak). A file holding more images than the
+release's split is refused, so that is the most a file can make us hold.
 """
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -21,19 +22,20 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
-from source.datasets.transforms import DatasetError, resize_square, size_problems
+from source.datasets.transforms import DatasetError, not_regular_files, resize_square, size_problems
 from source.typed import first_line
 
 BASE_FOLDER = "stl10_binary"
 URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
 ARCHIVE, ARCHIVE_MD5 = "stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb"  # torchvision's STL10 checks the same
 SPLITS = ("unlabeled", "train", "test")
+RELEASE_IMAGES = {"unlabeled": 100_000, "train": 5_000, "test": 8_000}
 LABELLED = ("train", "test")
 SOURCE_SIZE = 96
 IMAGE_BYTES = 3 * SOURCE_SIZE * SOURCE_SIZE
 N_CLASSES = 10
 CLASS_NAMES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
-RESIZE_CHUNK = 1000  # images per thread task
+CHUNK = 1000  # images per thread task: read and resized together (28 MB)
 
 
 @dataclass
@@ -69,6 +71,9 @@ def check_stl10_args(args: STL10Args) -> list[str]:
     problems = stl10_value_problems(args)
     if problems:
         return problems
+    odd = not_regular_files(os.path.join(args.root, BASE_FOLDER), split_files(args.split))
+    if odd:
+        return [f"dataset.args.root: {odd[0]} is there but is no regular file; STL-10's files are plain files"]
     missing = missing_files(args.root, args.split)
     if missing and not args.download:
         problems.append(f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BASE_FOLDER)}; "
@@ -78,52 +83,60 @@ def check_stl10_args(args: STL10Args) -> list[str]:
 
 def stl10_download_pending(args: STL10Args) -> bool:
     """``STL10(args)`` would download first: files missing, download allowed."""
-    return args.download and bool(missing_files(args.root, args.split))
+    return args.download and not check_stl10_args(args) and bool(missing_files(args.root, args.split))
 
 
 def download_stl10(root: str) -> None:
     from torchvision.datasets.utils import download_and_extract_archive
 
     try:
-        download_and_extract_archive(URL, root, filename=ARCHIVE, md5=ARCHIVE_MD5)
+        download_and_extract_archive(URL, root, filename=ARCHIVE, md5=ARCHIVE_MD5, remove_finished=True)
     except (OSError, RuntimeError) as error:
         raise DatasetError(f"dataset.args.download: could not download STL-10 into {root} ({first_line(error)}); "
                            f"without network, copy the extracted '{BASE_FOLDER}' folder of {ARCHIVE} into {root}"
                            ) from None
 
 
-def read_images(path: str) -> np.ndarray:
-    """The images of one ``*_X.bin`` file as a read-only N x 3 x 96 x 96 (C, H, W) view of the file."""
+def count_images(path: str, split: str) -> int:
+    """How many images a ``*_X.bin`` file holds, from its size (at most the release's count for the split)."""
     size = os.path.getsize(path)
     if size == 0 or size % IMAGE_BYTES:
         raise DatasetError(f"{path}: {size} bytes is not a whole number of STL-10 images ({IMAGE_BYTES} bytes each)")
-    stored = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, 3, SOURCE_SIZE, SOURCE_SIZE)
-    return stored.transpose(0, 1, 3, 2)  # each channel was stored column by column
+    if size // IMAGE_BYTES > RELEASE_IMAGES[split]:
+        raise DatasetError(f"{path}: {size // IMAGE_BYTES} images; the release's {split} split has "
+                           f"{RELEASE_IMAGES[split]}")
+    return size // IMAGE_BYTES
+
+
+def read_images(path: str, start: int, count: int) -> np.ndarray:
+    """Images ``start`` .. ``start + count`` of a ``*_X.bin`` file as uint8 count x 3 x 96 x 96 (C, H, W)."""
+    stored = np.fromfile(path, dtype=np.uint8, count=count * IMAGE_BYTES, offset=start * IMAGE_BYTES)
+    if len(stored) != count * IMAGE_BYTES:  # the file shrank since it was measured
+        raise DatasetError(f"{path}: ends within image {start + len(stored) // IMAGE_BYTES}; read it again")
+    return stored.reshape(count, 3, SOURCE_SIZE, SOURCE_SIZE).transpose(0, 1, 3, 2)  # channels stored by column
 
 
 def read_labels(path: str, count: int) -> np.ndarray:
     """0-based labels of a ``*_y.bin`` file (the release numbers classes 1..10)."""
+    if os.path.getsize(path) != count:
+        raise DatasetError(f"{path}: {os.path.getsize(path)} labels for {count} images")
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
-    if len(labels) != count:
-        raise DatasetError(f"{path}: {len(labels)} labels for {count} images")
     if len(labels) and not 1 <= labels.min() <= labels.max() <= N_CLASSES:
         raise DatasetError(f"{path}: labels {labels.min()}..{labels.max()}; STL-10 numbers its classes 1..{N_CLASSES}")
     return labels - 1
 
 
-def resized(images: np.ndarray, size: int) -> np.ndarray:
-    """uint8 N x 3 x size x size: each image through ``resize_square`` (PIL bilinear), in threads."""
-    if size == SOURCE_SIZE:
-        return np.ascontiguousarray(images)
-    out = np.empty((len(images), 3, size, size), dtype=np.uint8)
+def read_resized(path: str, count: int, size: int) -> np.ndarray:
+    """uint8 count x 3 x size x size: the file's images through ``resize_square`` (PIL bilinear), in threads."""
+    out = np.empty((count, 3, size, size), dtype=np.uint8)
 
-    def resize_chunk(start: int) -> None:
-        for index in range(start, min(start + RESIZE_CHUNK, len(images))):
-            image = Image.fromarray(np.ascontiguousarray(images[index].transpose(1, 2, 0)))
-            out[index] = np.asarray(resize_square(image, size)).transpose(2, 0, 1)
+    def read_chunk(start: int) -> None:
+        for index, image in enumerate(read_images(path, start, min(CHUNK, count - start)), start):
+            shrunk = resize_square(Image.fromarray(np.ascontiguousarray(image.transpose(1, 2, 0))), size)
+            out[index] = np.asarray(shrunk).transpose(2, 0, 1)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        list(pool.map(resize_chunk, range(0, len(images), RESIZE_CHUNK)))  # list(): re-raises a thread's error
+        list(pool.map(read_chunk, range(0, count, CHUNK)))  # list(): re-raises a thread's error
     return out
 
 
@@ -141,14 +154,16 @@ class STL10(Dataset):
         if stl10_download_pending(args):
             download_stl10(args.root)
         folder = os.path.join(args.root, BASE_FOLDER)
-        images = read_images(os.path.join(folder, f"{args.split}_X.bin"))
+        image_path = os.path.join(folder, f"{args.split}_X.bin")
+        count = count_images(image_path, args.split)
         labelled = args.split in LABELLED
-        labels = (read_labels(os.path.join(folder, f"{args.split}_y.bin"), len(images)) if labelled
-                  else np.zeros(len(images), dtype=np.int64))
+        labels = (read_labels(os.path.join(folder, f"{args.split}_y.bin"), count) if labelled
+                  else np.zeros(count, dtype=np.int64))
+        images = read_resized(image_path, count, args.size)
         keep = long_tail_indices(labels, N_CLASSES, args.long_tail) if labelled else None
         if keep is not None:
             images, labels = images[keep], labels[keep]
-        self._images = torch.from_numpy(resized(images, args.size))
+        self._images = torch.from_numpy(images)
         self.labels = labels
         self.n_classes = N_CLASSES if labelled else 1
         self.classes = list(CLASS_NAMES) if labelled else ["unlabeled"]
