@@ -93,8 +93,8 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
     dropped unless ``--set`` gave them, except its long tail's ratio and seed (the recipe's class imbalance, which any
     data set that takes one keeps; its ``n_max`` counts the file's images). The file's
     ``evaluation.reference_split`` becomes the new data set's held-out split where that lacks it (CIFAR-10's test is
-    LSUN's eval). A data set that takes a ``size`` gets the generator's resolution unless ``--set`` gave one; the
-    synthetic data take channels and classes from the generator too.
+    LSUN's eval). A data set that resizes to a ``size`` gets the generator's resolution unless ``--set`` gave one;
+    the synthetic data take channels and classes from the generator too.
     """
     from source.datasets import DATASETS
 
@@ -110,7 +110,8 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
         _drop_the_files_args(args, DATASETS[dataset["name"]][0], overrides)
         if not overridden(overrides, "evaluation.reference_split"):
             _held_out_split(mapping(raw, "evaluation"), dataset["name"])
-        if "resolution" in gen_args and "size" in {f.name for f in dataclasses.fields(DATASETS[dataset["name"]][0])}:
+        sizes = [f for f in dataclasses.fields(DATASETS[dataset["name"]][0]) if f.name == "size"]
+        if "resolution" in gen_args and sizes and sizes[0].default is not None:  # None: the files' own (prepared)
             args.setdefault("size", gen_args["resolution"])
     if dataset["name"] == "synthetic":
         args.setdefault("size", gen_args.get("resolution", 32))

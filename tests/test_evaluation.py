@@ -405,7 +405,7 @@ def test_metrics_refuses_a_reference_of_another_resolution_than_the_generators(e
             "dataset.args.size=16"]
     assert evaluation.main(argv) == 2
     err = capsys.readouterr().err
-    assert "are of 16 px images and the generator makes 32 px ones" in err and err.count("\n") == 1
+    assert "dataset.args.size: 16 but the generator is built for 32 px" in err and err.count("\n") == 1
 
 
 def test_a_reference_file_on_the_command_line_replaces_the_snapshots_reference_split(evaluated_run, capsys):

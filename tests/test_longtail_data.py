@@ -150,8 +150,8 @@ def test_config_reads_long_tail_and_the_lsun_categories(tmp_path):
     raw = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
     config = config_from_dict(raw, ["dataset.name=lsun", "dataset.args.root=/data/lsun",
                                     "dataset.args.categories=[kitchen, bedroom]", "dataset.args.long_tail.ratio=1e2"])
-    assert config.dataset.args == LSUNArgs(root="/data/lsun", categories=["kitchen", "bedroom"],
-                                           long_tail=LongTailArgs(ratio=100.0))
+    assert config.dataset.args == LSUNArgs(root="/data/lsun", categories=["kitchen", "bedroom"], size=32,
+                                           long_tail=LongTailArgs(ratio=100.0))  # size: the demo's models'
     with pytest.raises(ConfigError, match=r"dataset.args.long_tail.rho: unknown key \(did you mean 'ratio'\?\)"):
         config_from_dict(yaml.safe_load((CONFIGS / "demo.yaml").read_text()), ["dataset.args.long_tail.rho=100"])
     with pytest.raises(ConfigError, match="dataset.args.long_tail.n_max: expected int or null, got str 'all'"):
