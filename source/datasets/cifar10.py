@@ -20,11 +20,14 @@ import torch
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
-from source.datasets.transforms import DatasetError, not_regular_files
+from source.datasets.archives import Archive
+from source.datasets.transforms import DatasetError
 from source.files import colliding_numbers, plain_dtype
 from source.typed import first_line
 
 BATCH_FOLDER = "cifar-10-batches-py"
+ARCHIVE = Archive("CIFAR-10", "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                  "c58f30108f718f92721af3b95e74349a", BATCH_FOLDER)  # as torchvision's CIFAR10
 SPLIT_FILES = {"train": [f"data_batch_{number}" for number in range(1, 6)], "test": ["test_batch"]}
 META_FILE = "batches.meta"
 SIZE = 32
@@ -41,9 +44,8 @@ class CIFAR10Args:
     random_flip: bool = False  # a random horizontal flip per sample (gSR's CIFAR configs: on)
 
 
-def missing_files(root: str, split: str) -> list[str]:
-    folder = os.path.join(root, BATCH_FOLDER)
-    return [name for name in SPLIT_FILES[split] + [META_FILE] if not os.path.isfile(os.path.join(folder, name))]
+def split_files(split: str) -> list[str]:
+    return SPLIT_FILES[split] + [META_FILE]
 
 
 def cifar10_value_problems(args: CIFAR10Args) -> list[str]:
@@ -55,39 +57,17 @@ def cifar10_value_problems(args: CIFAR10Args) -> list[str]:
 
 def check_cifar10_args(args: CIFAR10Args) -> list[str]:
     """Problems that would stop ``CIFAR10(args)`` without a download attempt; reads no file."""
-    problems = cifar10_value_problems(args)
-    if problems:
-        return problems
-    odd = not_regular_files(os.path.join(args.root, BATCH_FOLDER), SPLIT_FILES[args.split] + [META_FILE])
-    if odd:
-        return [f"dataset.args.root: {odd[0]} is there but is no regular file; CIFAR-10's files are plain files"]
-    missing = missing_files(args.root, args.split)
-    if missing and not args.download:
-        problems.append(
-            f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BATCH_FOLDER)}; "
-            f"set dataset.args.download: true, or extract cifar-10-python.tar.gz "
-            f"(https://www.cs.toronto.edu/~kriz/cifar.html) into {args.root}")
-    return problems
+    return cifar10_value_problems(args) or ARCHIVE.problems(args.root, split_files(args.split), args.download)
 
 
 def cifar10_download_pending(args: CIFAR10Args) -> bool:
     """``CIFAR10(args)`` would download first: files missing, download allowed."""
-    return args.download and not check_cifar10_args(args) and bool(missing_files(args.root, args.split))
+    return not cifar10_value_problems(args) and ARCHIVE.download_pending(args.root, split_files(args.split),
+                                                                         args.download)
 
 
 def download_cifar10(root: str) -> None:
-    from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    try:
-        download_and_extract_archive(TorchvisionCIFAR10.url, root, filename=TorchvisionCIFAR10.filename,
-                                     md5=TorchvisionCIFAR10.tgz_md5)
-    except (OSError, RuntimeError) as error:
-        reason = first_line(error)
-        raise DatasetError(
-            f"dataset.args.download: could not download CIFAR-10 into {root} ({reason}); without network, copy "
-            f"torchvision's extracted '{BATCH_FOLDER}' folder (data_batch_1..5, test_batch, batches.meta) into {root}"
-        ) from None
+    ARCHIVE.download(root, contents="data_batch_1..5, test_batch, batches.meta")
 
 
 def _latin1(text: str, encoding: str) -> bytes:

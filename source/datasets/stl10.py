@@ -22,12 +22,12 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
-from source.datasets.transforms import DatasetError, not_regular_files, resize_square, size_problems
-from source.typed import first_line
+from source.datasets.archives import Archive
+from source.datasets.transforms import DatasetError, resize_square, size_problems
 
 BASE_FOLDER = "stl10_binary"
-URL = "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz"
-ARCHIVE, ARCHIVE_MD5 = "stl10_binary.tar.gz", "91f7769df0f17e558f3565bffb0c7dfb"  # torchvision's STL10 checks the same
+ARCHIVE = Archive("STL-10", "http://ai.stanford.edu/~acoates/stl10/stl10_binary.tar.gz", "stl10_binary.tar.gz",
+                  "91f7769df0f17e558f3565bffb0c7dfb", BASE_FOLDER, remove_after_extracting=True)  # as torchvision's
 SPLITS = ("unlabeled", "train", "test")
 RELEASE_IMAGES = {"unlabeled": 100_000, "train": 5_000, "test": 8_000}
 LABELLED = ("train", "test")
@@ -52,11 +52,6 @@ def split_files(split: str) -> list[str]:
     return [f"{split}_X.bin"] + ([f"{split}_y.bin"] if split in LABELLED else [])
 
 
-def missing_files(root: str, split: str) -> list[str]:
-    folder = os.path.join(root, BASE_FOLDER)
-    return [name for name in split_files(split) if not os.path.isfile(os.path.join(folder, name))]
-
-
 def stl10_value_problems(args: STL10Args) -> list[str]:
     """The args' own problems, whatever the files (config validation)."""
     if args.split not in SPLITS:
@@ -68,33 +63,17 @@ def stl10_value_problems(args: STL10Args) -> list[str]:
 
 def check_stl10_args(args: STL10Args) -> list[str]:
     """Problems that would stop ``STL10(args)`` without a download attempt; reads no file."""
-    problems = stl10_value_problems(args)
-    if problems:
-        return problems
-    odd = not_regular_files(os.path.join(args.root, BASE_FOLDER), split_files(args.split))
-    if odd:
-        return [f"dataset.args.root: {odd[0]} is there but is no regular file; STL-10's files are plain files"]
-    missing = missing_files(args.root, args.split)
-    if missing and not args.download:
-        problems.append(f"dataset.args.root: {', '.join(missing)} not found in {os.path.join(args.root, BASE_FOLDER)}; "
-                        f"set dataset.args.download: true, or extract {ARCHIVE} ({URL}) into {args.root}")
-    return problems
+    return stl10_value_problems(args) or ARCHIVE.problems(args.root, split_files(args.split), args.download)
 
 
 def stl10_download_pending(args: STL10Args) -> bool:
     """``STL10(args)`` would download first: files missing, download allowed."""
-    return args.download and not check_stl10_args(args) and bool(missing_files(args.root, args.split))
+    return not stl10_value_problems(args) and ARCHIVE.download_pending(args.root, split_files(args.split),
+                                                                       args.download)
 
 
 def download_stl10(root: str) -> None:
-    from torchvision.datasets.utils import download_and_extract_archive
-
-    try:
-        download_and_extract_archive(URL, root, filename=ARCHIVE, md5=ARCHIVE_MD5, remove_finished=True)
-    except (OSError, RuntimeError) as error:
-        raise DatasetError(f"dataset.args.download: could not download STL-10 into {root} ({first_line(error)}); "
-                           f"without network, copy the extracted '{BASE_FOLDER}' folder of {ARCHIVE} into {root}"
-                           ) from None
+    ARCHIVE.download(root, contents="the *_X.bin and *_y.bin files")
 
 
 def count_images(path: str, split: str) -> int:

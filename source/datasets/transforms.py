@@ -3,7 +3,6 @@
 Every dataset ends in a uint8 CHW tensor: DataLoader workers then move 4x fewer bytes than
 float32, and a resumed run sees exactly the same pixels; the float conversion lives in the iterator.
 """
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
@@ -65,13 +64,6 @@ def to_chw_uint8(image: Image.Image | np.ndarray) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
-
-
-def not_regular_files(folder: str, names: list[str]) -> list[str]:
-    """Those of ``names`` in ``folder`` that are there but no regular file (a FIFO, a folder, a broken link): not
-    missing, so no download may write over them (extracting into a FIFO blocks for good)."""
-    paths = [os.path.join(folder, name) for name in names]
-    return [path for path in paths if os.path.lexists(path) and not os.path.isfile(path)]
 
 
 def size_problems(size: int) -> list[str]:
