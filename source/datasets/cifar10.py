@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.archives import Archive
+from source.datasets.longtail import LongTailArgs, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError
 from source.files import colliding_numbers, plain_dtype
 from source.typed import first_line

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
 from source.datasets.archives import Archive
+from source.datasets.longtail import LongTailArgs, is_active, long_tail_indices, long_tail_problems
 from source.datasets.transforms import DatasetError, resize_square, size_problems
 
 BASE_FOLDER = "stl10_binary"
