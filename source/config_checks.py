@@ -99,26 +99,19 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
     if gen_classes != dis_classes:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
     check_terms(config.updater, gen_classes, source)
-    check_image_shape(config, source)
+    check_image_size(config, source)
     check_step_graphs(config, source, world_size)
     check_under_ddp(config, source, world_size)
     check_data_on_device(config, source)
 
 
-def check_image_shape(config: Config, source: str) -> None:
-    """The data's size and channels against G's before any image is read (STL-10 shrinks all its images first;
+def check_image_size(config: Config, source: str) -> None:
+    """The data's size against G's resolution before any image is read (STL-10 shrinks all its images first;
     build.check_dataset_matches_models checks what the data turned out to be)."""
-    from source.datasets import DATASETS
-
-    gen, args = config.models.generator.args, config.dataset.args
-    size, resolution = getattr(args, "size", None), gen.get("resolution")
+    size, resolution = getattr(config.dataset.args, "size", None), config.models.generator.args.get("resolution")
     if None not in (size, resolution) and size != resolution:
         raise ConfigError(f"{source}: dataset.args.size: {size} but the generator is built for {resolution} px; "
                           f"set dataset.args.size={resolution}")
-    channels = getattr(args, "channels", getattr(DATASETS[config.dataset.name][1], "channels", None))
-    if isinstance(channels, int) and gen.get("channels", channels) != channels:
-        raise ConfigError(f"{source}: models.generator.args.channels: {gen['channels']} but the {config.dataset.name} "
-                          f"images have {channels}; set the models' channels to {channels}")
 
 
 def check_data_on_device(config: Config, source: str) -> None:

@@ -234,19 +234,3 @@ def test_another_configs_data_become_stl10_at_its_models_size_and_held_out_split
     chosen = load_config(CONFIGS / "cifar" / "sr_cifar10.yaml", ["dataset.name=stl10", "dataset.args.size=32"])
     assert (chosen.dataset.args.size, chosen.dataset.args.split, chosen.evaluation.reference_split) == (
         32, "unlabeled", None)
-
-
-def test_the_demos_one_channel_models_switched_to_stl10_are_refused_before_any_image_is_read(tmp_path, capsys,
-                                                                                              monkeypatch):
-    monkeypatch.setattr("source.datasets.stl10.read_resized", lambda *args: pytest.fail("read the images"))
-    write_standin(tmp_path, count=64)
-    argv = ["--config", str(CONFIGS / "demo.yaml"), "--dry-run", "--set", "dataset.name=stl10",
-            "--set", f"dataset.args.root={tmp_path}"]
-    assert train.main(argv) == 2
-    err = capsys.readouterr().err
-    assert "models.generator.args.channels: 1 but the stl10 images have 3; set the models' channels to 3" in err
-    monkeypatch.undo()
-    unconditional_rgb = [f"models.{m}.args.{k}={v}" for m in ("generator", "discriminator")
-                         for k, v in (("channels", 3), ("n_classes", 0))]
-    assert train.main(argv + [a for s in unconditional_rgb for a in ("--set", s)]) == 0
-    assert "stl10: 64 images, 1 class, 32px" in capsys.readouterr().out  # the demo's 32 px models
