@@ -110,8 +110,8 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
         _drop_the_files_args(args, DATASETS[dataset["name"]][0], overrides)
         if not overridden(overrides, "evaluation.reference_split"):
             _held_out_split(mapping(raw, "evaluation"), dataset["name"])
-        sizes = [f for f in dataclasses.fields(DATASETS[dataset["name"]][0]) if f.name == "size"]
-        if "resolution" in gen_args and sizes and sizes[0].default is not None:  # None: the files' own (prepared)
+        size = next((f for f in dataclasses.fields(DATASETS[dataset["name"]][0]) if f.name == "size"), None)
+        if "resolution" in gen_args and size is not None and size.default is not None:  # None: the files' (prepared)
             args.setdefault("size", gen_args["resolution"])
     if dataset["name"] == "synthetic":
         args.setdefault("size", gen_args.get("resolution", 32))

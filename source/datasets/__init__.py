@@ -158,6 +158,10 @@ def class_counts(dataset: Dataset) -> list[int]:
     return np.bincount(labels, minlength=dataset.n_classes).tolist()
 
 
+def classes_text(n_classes: int) -> str:
+    return f"{n_classes} class{'' if n_classes == 1 else 'es'}"
+
+
 def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
     """One line: every count for up to ``shown`` classes, else the first and last few and the median;
     rho = largest / smallest count, the imbalance ratio."""
@@ -172,8 +176,8 @@ def describe_class_counts(dataset: Dataset, shown: int = 10) -> str:
 
 
 __all__ = ["DATASETS", "SPLITS", "STANDARD_FILES", "DatasetError", "InfiniteBatchIterator", "LongTailArgs", "build_dataset",
-           "check_dataset_args", "class_counts", "describe_class_counts", "download_pending", "reference_args",
-           "value_problems",
+           "check_dataset_args", "class_counts", "classes_text", "describe_class_counts", "download_pending",
+           "reference_args", "value_problems",
            "CIFAR10", "CIFAR10Args", "FashionMNIST", "FashionMNISTArgs", "ImageNet", "ImageNetArgs",
            "INaturalist", "INaturalistArgs", "LSUN", "LSUNArgs", "PreparedImageNet", "PreparedImageNetArgs",
            "STL10", "STL10Args",

@@ -43,7 +43,7 @@ class STL10Args:
     root: str = "data/stl10"
     split: str = "unlabeled"
     size: int = 48
-    download: bool = True  # the archive is 2.6 GB
+    download: bool = True  # its 113,000 images alone are 3.1 GB
     dequantize: bool = True
     long_tail: LongTailArgs = field(default_factory=LongTailArgs)
 
@@ -97,8 +97,9 @@ def read_images(path: str, start: int, count: int) -> np.ndarray:
 
 def read_labels(path: str, count: int) -> np.ndarray:
     """0-based labels of a ``*_y.bin`` file (the release numbers classes 1..10)."""
-    if os.path.getsize(path) != count:
-        raise DatasetError(f"{path}: {os.path.getsize(path)} labels for {count} images")
+    size = os.path.getsize(path)  # a label per byte: counted before any is read
+    if size != count:
+        raise DatasetError(f"{path}: {size} labels for {count} images")
     labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
     if len(labels) and not 1 <= labels.min() <= labels.max() <= N_CLASSES:
         raise DatasetError(f"{path}: labels {labels.min()}..{labels.max()}; STL-10 numbers its classes 1..{N_CLASSES}")

@@ -2,6 +2,8 @@
 published numbers compare with them (docs/evaluation.md)."""
 from __future__ import annotations
 
+from source.datasets import classes_text
+
 from .groups import GROUPS
 from .repeats import plus_minus
 
@@ -29,9 +31,8 @@ def describe(record: dict) -> str:
     if "KID" in record:
         values.append(describe_kid(record, repeats))
     if "intra_FID" in record:
-        count = len(record["intra_FID_per_class"])
-        values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over {count} class{'es' if count != 1 else ''} of "
-                      f"{protocol['samples_per_class']} samples")
+        values.append(f"intra-FID {plus_minus(record, 'intra_FID')} over "
+                      f"{classes_text(len(record['intra_FID_per_class']))} of {protocol['samples_per_class']} samples")
     if "group_FID" in record:
         values.append(describe_groups(record))
     spread = f"mean ± sample std over {repeats} repeats (seeds {protocol['seeds'][0]}..{protocol['seeds'][-1]}) | " \

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from source.config import Config, ConfigError, PerformanceConfig
-from source.datasets import build_dataset, class_counts
+from source.datasets import build_dataset, class_counts, classes_text
 from source.datasets.device_batches import DeviceBatchIterator
 from source.datasets.iterator import InfiniteBatchIterator
 from source.links import set_ghost_batch
@@ -75,7 +75,7 @@ def check_dataset_matches_models(config: Config, dataset, source: str) -> None:
         advice = (f"set the models' n_classes to {dataset.n_classes}" if dataset.n_classes > 1 else
                   "it has no labels: set the models' n_classes to 0 (unconditional)")
         raise ConfigError(f"{source}: models.generator.args.n_classes: {n_classes} but the dataset has "
-                          f"{dataset.n_classes} class{'es' if dataset.n_classes > 1 else ''}; {advice}")
+                          f"{classes_text(dataset.n_classes)}; {advice}")
 
 
 # channels_last gives a 1x1 kernel's weight (or one over a single input channel) strides that differ from its

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from source.config import Config, PerformanceConfig
-from source.datasets import DatasetError, check_dataset_args, describe_class_counts, download_pending
+from source.datasets import DatasetError, check_dataset_args, classes_text, describe_class_counts, download_pending
 from source.datasets.iterator import require_one_global_batch
 from source.spectral.gsr import describe_grouping
 from source.training import build, runfolder
@@ -50,8 +50,8 @@ def describe_data(config: Config, source: str, world_size: int) -> str:
             require_one_global_batch(len(dataset), config.micro_batchsize, world_size)
             counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
             held = ", held on the device" if config.performance.data_on_device else ""
-            classes = f"{dataset.n_classes} class{'es' if dataset.n_classes > 1 else ''}"
-            return f"{config.dataset.name}: {len(dataset):,} images, {classes}, {dataset.size}px{held}{counts}"
+            return (f"{config.dataset.name}: {len(dataset):,} images, {classes_text(dataset.n_classes)}, "
+                    f"{dataset.size}px{held}{counts}")
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
     return "NOT AVAILABLE: " + "; ".join(problems)
