@@ -157,6 +157,11 @@ def require_images(paths: list[str], source: str) -> None:
 def index_class_folders(root: str) -> FolderScan:
     """The scan of root's class folders; no images, or a class folder without any, is a DatasetError."""
     scan = scan_class_folders(root)
+    if not scan.paths and (loose := [entry.name for entry in list_folder(root)
+                                     if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES]):
+        raise DatasetError(f"dataset.args.root: the images lie in {root} itself ({some(sorted(loose))}); labels come "
+                           f"from class folders: move them into one (a single class; unconditional models: n_classes "
+                           f"0) or list them in dataset.args.list_file")
     require_images(scan.paths, f"{root}/<class folder>/")
     empty = sorted(set(scan.classes) - {scan.classes[label] for label in set(scan.labels)})
     if empty:
