@@ -154,7 +154,7 @@ class PerformanceConfig:
     tf32: bool = False                           # TF32 fp32 matmuls and convs on NVIDIA GPUs (10-bit mantissa)
     fused_adam: bool = False                     # Adam's step in one fused kernel: the same update to float rounding
     # each D step and G step captured once as a CUDA graph and replayed (source/training/step_graphs.py): for the
-    # launch-bound 32 px models; one process, no fp16, LeCam, gSR or DiffAugment, compile_mode default
+    # launch-bound 32 px models; one process, not with fp16 or a compile_mode with CUDA graphs of its own
     step_graphs: bool = False
     # the whole data set held on the device and batches made there (source/datasets/device_batches.py), without the
     # loader's ~1 ms of CPU per batch (num_workers unused): the loader's batches, the dequantization noise aside
