@@ -26,7 +26,7 @@ from source.datasets import DatasetError
 from source.overrides import leftover_arguments
 from source.typed import out_of_memory
 from source.training import build, checkpoint, group, performance, resume, runfolder
-from source.training.summary import batch_summary, describe_terms, dry_run
+from source.training.summary import batch_summary, describe_dataset, describe_terms, dry_run
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
                                          shutdown_world, world_size_from_env)
@@ -206,6 +206,8 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
             print(f"{args.resume}: the run has trained its {config.iteration} iterations: nothing to do (to train "
                   "longer: --set iteration=N, which continues in a folder of its own)")
         return None
+    if world.is_main:  # a folder of a million images takes a while to list, STL-10 to shrink
+        print(f"reading the training data ({config.dataset.name})", flush=True)
     with main_first(world):  # a data set download happens once, on rank 0
         batches = build.build_batches(config, world, source=args.config or args.resume)
     require_reference_before_distributed_training(config, batches.dataset, world.size)
@@ -226,6 +228,7 @@ def start(args: argparse.Namespace, config: Config, snapshot: dict | None, world
                           **({"group": str(args.group)} if args.group else {}))
         save_config(config, out / "config.yaml")
         print(f"run folder: {out}  (global batch {batch_summary(config, world)})", flush=True)
+        print(f"data: {describe_dataset(config, batches.dataset)}", flush=True)
         print(f"terms: {describe_terms(config, models.gen)}", flush=True)  # LeCam, DiffAugment, gSR, EMA, as set
         if config.performance.compile:  # dynamo compiles on the first steps, silently
             print(f"compiling G and D on their first steps (torch.compile, mode {config.performance.compile_mode}): "

@@ -41,6 +41,9 @@ def test_the_readme_command_trains_on_three_class_folders(tmp_path, capsys):
     assert train.main(readme_command(out, root) + ["--dry-run"]) == 0
     assert "data  imagenet: 9 images, 3 classes, 32px; per class: 3 3 3" in capsys.readouterr().out
     assert train.main(readme_command(out, root)) == 0
+    printed = capsys.readouterr().out.splitlines()  # the run says what it read, as its dry run did
+    assert printed[0] == "reading the training data (imagenet)"
+    assert "data: imagenet: 9 images, 3 classes, 32px; per class: 3 3 3 (rho 1.0)" in printed
     snapshot = load_snapshot(out / "snapshots" / "snapshot_iter_2.pt")
     assert snapshot["config"]["dataset"]["args"]["size"] == 32  # the generator's resolution, not ImageNet's 128
     gen, dis = snapshot["gen"], snapshot["dis"]

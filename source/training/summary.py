@@ -48,13 +48,18 @@ def describe_data(config: Config, source: str, world_size: int) -> str:
         if not problems:
             dataset = build.build_training_data(config, source=source)
             require_one_global_batch(len(dataset), config.micro_batchsize, world_size)
-            counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
-            held = ", held on the device" if config.performance.data_on_device else ""
-            return (f"{config.dataset.name}: {len(dataset):,} images, {classes_text(dataset.n_classes)}, "
-                    f"{dataset.size}px{held}{counts}")
+            return describe_dataset(config, dataset)
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
     return "NOT AVAILABLE: " + "; ".join(problems)
+
+
+def describe_dataset(config: Config, dataset) -> str:
+    """'NAME: N images, K classes, Spx[, held on the device][; per class: ...]': the data line of a dry run and a run."""
+    counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
+    held = ", held on the device" if config.performance.data_on_device else ""
+    return (f"{config.dataset.name}: {len(dataset):,} images, {classes_text(dataset.n_classes)}, "
+            f"{dataset.size}px{held}{counts}")
 
 
 def describe_terms(config: Config, gen: nn.Module) -> str:
