@@ -4,9 +4,9 @@ Most tests use a pixel-pooling stand-in for Inception (cheap, and it shows exact
 arrived); the end-to-end tests run the real TF-Inception on a handful of images with the offline
 fid-helper weights.
 """
+import contextlib
 import json
 import math
-import socket
 import urllib.error
 from pathlib import Path
 
@@ -48,7 +48,7 @@ from source.models import build_model
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.evaluate import check_settings, gather_features, load_generator, weights_disagreement
-from test_training import CONFIGS, tiny_argv
+from test_training import CONFIGS, _ddp_worker, _free_port, tiny_argv
 
 CPU = torch.device("cpu")
 
@@ -125,12 +125,6 @@ def test_sample_inputs_are_seeded_uniform_labels_or_the_given_ones():
     assert sample_inputs(3, 4, 10, seed=1, labels=torch.tensor([7, 7, 7]))[1].tolist() == [7, 7, 7]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank: int, world_size: int, port: int, n: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
@@ -185,6 +179,35 @@ def test_dataset_reference_uses_uint8_images_without_noise_and_is_cached(tmp_pat
     again = dataset_reference(config, reference_data(config, dataset), PixelBackbone(), n_images=12)
     np.testing.assert_array_equal(again.features, reference.features)
     assert Path(features_path(reference.path)).is_file()
+
+
+def _dry_run_rank(rank: int, world_size: int, port: int, argv: list[str], printed: str) -> None:
+    with open(f"{printed}.{rank}", "w") as out, contextlib.redirect_stdout(out):
+        _ddp_worker(rank, world_size, port, argv)
+
+
+def test_a_torchrun_dry_run_says_the_reference_is_to_be_computed_first(tmp_path):
+    """The README's step 1 dry-ran under torchrun without a word of the reference that the run then asked for."""
+    settings = ["evaluation.reference_images=8", f"evaluation.cache_dir={tmp_path / 'cache'}",
+                "evaluation.metrics=[fid]",
+                "evaluation.inception_weights=fid-helper", "evaluation.n_samples=8", "evaluation.batch_size=8",
+                "evaluation_interval=1"]
+    argv = tiny_argv(tmp_path / "run", 2, *settings) + ["--dry-run"]
+    printed = tmp_path / "printed"
+
+    def dry_run_on_two_ranks() -> str:
+        mp.spawn(_dry_run_rank, args=(2, _free_port(), argv, str(printed)), nprocs=2, join=True)
+        assert printed.with_suffix(".1").read_text() == ""  # rank 0 alone speaks
+        return printed.with_suffix(".0").read_text()
+
+    summary = dry_run_on_two_ranks()
+    assert "reference  NOT AVAILABLE: evaluation: the reference " in summary
+    assert "with torchrun compute them first: `python evaluation.py ref-stats --config CONFIG`" in summary
+    assert "data  synthetic: 64 images" in summary
+    ref_stats = ["ref-stats", "--config", str(CONFIGS / "demo.yaml")] + [
+        a for item in [s for s in argv if "=" in s and not s.startswith("iteration=")] for a in ("--set", item)]
+    assert evaluation.main(ref_stats) == 0
+    assert not any(line.split()[0] == "reference" for line in dry_run_on_two_ranks().splitlines())  # computed now
 
 
 def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path):

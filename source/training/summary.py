@@ -6,9 +6,10 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from source.config import Config, PerformanceConfig
+from source.config import Config, ConfigError, PerformanceConfig
 from source.datasets import DatasetError, check_dataset_args, classes_text, describe_class_counts, download_pending
 from source.datasets.iterator import require_one_global_batch
+from source.metrics.reference import require_reference_before_distributed_training
 from source.spectral.gsr import describe_grouping
 from source.training import build, runfolder
 from source.training.distributed import World
@@ -37,25 +38,35 @@ def describe_performance(config: Config, device: torch.device) -> str:
     return text
 
 
-def describe_data(config: Config, source: str, world_size: int) -> str:
+def describe_data(config: Config, source: str, world_size: int) -> tuple[str, object | None]:
     """The data pipeline's summary, or why it is not available (a dry run reports, never fails on data, and never
-    downloads: a data set not yet downloaded is said to be so)."""
+    downloads: a data set not yet downloaded is said to be so); and the data set where it was built."""
     problems = check_dataset_args(config.dataset.name, config.dataset.args)
     if not problems and download_pending(config.dataset.name, config.dataset.args):
         return (f"{config.dataset.name}: not in {config.dataset.args.root} yet; the run downloads it there first "
-                f"(dataset.args.download: true)")
+                f"(dataset.args.download: true)"), None
     try:
         if not problems:
             dataset = build.build_training_data(config, source=source)
             require_one_global_batch(len(dataset), config.micro_batchsize, world_size)
-            return describe_dataset(config, dataset)
+            return describe_dataset(config, dataset), dataset
     except DatasetError as error:  # e.g. a download that cannot happen offline
         problems = [str(error)]
-    return "NOT AVAILABLE: " + "; ".join(problems)
+    return "NOT AVAILABLE: " + "; ".join(problems), None
+
+
+def missing_reference(config: Config, dataset, world_size: int) -> list[tuple[str, str]]:
+    """A row saying that the run would stop for want of its evaluation's reference, which under torchrun must be
+    computed before training; none where it exists or is not needed."""
+    try:
+        require_reference_before_distributed_training(config, dataset, world_size)
+    except ConfigError as error:
+        return [("reference", f"NOT AVAILABLE: {error}")]
+    return []
 
 
 def describe_dataset(config: Config, dataset) -> str:
-    """'NAME: N images, K classes, Spx[, held on the device][; per class: ...]': the data line of a dry run and a run."""
+    """'NAME: N images, K classes, Spx[, held on the device][; per class: ...]': a dry run's and a run's data line."""
     counts = f"; {describe_class_counts(dataset)}" if dataset.n_classes > 1 else ""
     held = ", held on the device" if config.performance.data_on_device else ""
     return (f"{config.dataset.name}: {len(dataset):,} images, {classes_text(dataset.n_classes)}, "
@@ -104,7 +115,10 @@ def dry_run(config: Config, models: build.Models, world: World, plan: runfolder.
             ("performance", describe_performance(config, world.device)),
             ("device", f"{world.device} (world size {world.size})"),
             ("run folder", out)]
-    rows.append(("data", describe_data(config, source, world.size)))
+    data, dataset = describe_data(config, source, world.size)
+    rows.append(("data", data))
+    if dataset is not None:
+        rows += missing_reference(config, dataset, world.size)
     if world.is_main:
         width = max(len(name) for name, _ in rows)
         print("\n".join([f"{name:>{width}}  {text}" for name, text in rows] + list(resumed)))
