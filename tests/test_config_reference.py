@@ -66,7 +66,8 @@ def assert_documented(rows: dict, expected: dict[str, tuple[str, object]], where
         page_type, page_default, meaning = rows[key]
         assert page_type == type_, f"{where} {key}: the page says type {page_type!r}, the code {type_!r}"
         said = page_default if page_default == REQUIRED else yaml.safe_load(page_default)
-        assert said == default, f"{where} {key}: the page says default {page_default!r}, the code {default!r}"
+        same_kind = type(said) is type(default) or (type(default) is float and type(said) is int)  # true is not 1
+        assert said == default and same_kind, f"{where} {key}: the page says {page_default!r}, the code {default!r}"
         assert meaning, f"{where} {key}: no meaning"
 
 

@@ -210,6 +210,26 @@ def test_a_torchrun_dry_run_says_the_reference_is_to_be_computed_first(tmp_path)
     assert not any(line.split()[0] == "reference" for line in dry_run_on_two_ranks().splitlines())  # computed now
 
 
+def test_a_torchrun_dry_run_reports_a_reference_split_it_cannot_read(tmp_path):
+    """The reference check read the split's images, and its DatasetError ended the dry run (exit 2) on 2 ranks."""
+    from test_own_images import write_images
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        write_images(tmp_path / "train" / name, 4, rng)
+    write_images(tmp_path / "val", 2, rng)  # loose images: not a readable split
+    settings = ["dataset.name=imagenet", f"dataset.args.root={tmp_path / 'train'}", f"dataset.args.val_root="
+                f"{tmp_path / 'val'}", "evaluation.reference_split=val", "dataset.args.long_tail.ratio=1",
+                "models.generator.args.n_classes=2", "models.discriminator.args.n_classes=2",
+                "models.generator.args.channels=3", "models.discriminator.args.channels=3", "evaluation_interval=1"]
+    argv = tiny_argv(tmp_path / "run", 2, *settings) + ["--dry-run"]
+    printed = tmp_path / "printed"
+    mp.spawn(_dry_run_rank, args=(2, _free_port(), argv, str(printed)), nprocs=2, join=True)  # both ranks exit 0
+    summary = printed.with_suffix(".0").read_text()
+    assert "data  imagenet: 8 images, 2 classes" in summary
+    assert f"reference  NOT AVAILABLE: dataset.args.val_root: the images lie in {tmp_path / 'val'} itself" in summary
+
+
 def test_torchrun_training_requires_the_reference_to_be_computed_first(tmp_path):
     config = tiny_config(tmp_path)
     dataset = build_dataset(config.dataset.name, config.dataset.args)

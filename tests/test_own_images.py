@@ -1,12 +1,16 @@
 """The README's "Your own images": its command trains on a folder of class folders that is not ImageNet."""
+import logging
 import re
 import shlex
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import train
+from source.datasets import DatasetError, build_dataset
+from source.datasets.imagenet import ImageNetArgs
 from source.training.checkpoint import load_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,3 +64,28 @@ def test_images_lying_in_the_root_are_refused_with_where_to_put_them(tmp_path, c
                      "labels come from class folders: move them into one (a single class; unconditional models: "
                      "n_classes 0) or list them in dataset.args.list_file"]
     assert not (tmp_path / "run").exists()
+
+
+def test_only_plain_image_files_in_the_root_count_as_loose_and_those_beside_class_folders_are_named(tmp_path, caplog):
+    root = tmp_path / "mine"
+    (root / "x.jpg").mkdir(parents=True)  # a folder with an image's name is a class folder, here an empty one
+    (root / ".hidden.png").write_bytes(b"")
+    (root / "notes.txt").write_text("not an image")
+    (root / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    with pytest.raises(DatasetError, match="^dataset.args.root: no .JPEG/.jpeg/.jpg/.png images listed in"):
+        build_dataset("imagenet", ImageNetArgs(root=str(root), size=8))
+    write_images(root / "x.jpg", 2, np.random.default_rng(2))
+    write_images(root, 3, np.random.default_rng(3))  # 0.jpg, 1.png, 2.jpg beside the class folder
+    with caplog.at_level(logging.WARNING):
+        dataset = build_dataset("imagenet", ImageNetArgs(root=str(root), size=8))
+    assert len(dataset) == 2 and dataset.n_classes == 1
+    assert f"3 images in {root} itself are not in a class folder, so not read: 0.jpg, 1.png, 2.jpg" in caplog.text
+
+
+def test_the_val_split_names_its_own_keys(tmp_path):
+    write_images(tmp_path / "val", 2, np.random.default_rng(4))
+    args = ImageNetArgs(root=str(tmp_path), split="val", val_root=str(tmp_path / "val"), size=8)
+    with pytest.raises(DatasetError) as error:
+        build_dataset("imagenet", args)
+    assert str(error.value).startswith(f"dataset.args.val_root: the images lie in {tmp_path / 'val'} itself")
+    assert str(error.value).endswith("or list them in dataset.args.val_list_file")

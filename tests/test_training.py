@@ -698,7 +698,8 @@ def test_a_run_outlives_the_reader_of_its_console(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "train.py", *tiny_argv(out, 30)], cwd=CONFIGS.parent, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    process.stdout.readline()  # the run folder's line: the run has started
+    assert process.stdout.readline().startswith(b"reading the training data")
+    assert process.stdout.readline().startswith(b"run folder: ")  # the run has started
     process.stdout.close()
     process.stderr.close()
     assert process.wait(timeout=240) == 0

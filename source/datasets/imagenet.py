@@ -127,6 +127,7 @@ class FolderScan:
     paths: list[str]  # relative to root
     labels: list[int]
     skipped: list[str]  # broken or looping symlinks that would have been a class folder or an image
+    loose: list[str] = field(default_factory=list)  # images in root itself, which no class folder labels
 
     @property
     def n_classes(self) -> int:
@@ -134,14 +135,19 @@ class FolderScan:
         return len(self.classes) if self.classes else max(self.labels) + 1
 
 
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
 def scan_class_folders(root: str) -> FolderScan:
     """Lists directory entries (not recursively, so a symlink to a parent cannot loop); decodes nothing."""
     top = [(entry.name, entry_kind(entry)) for entry in list_folder(root) if not entry.name.startswith(".")]
     scan = FolderScan(sorted(name for name, kind in top if kind == "dir"), [], [],
-                      sorted(name for name, kind in top if kind == "dangling"))
+                      sorted(name for name, kind in top if kind == "dangling"),
+                      sorted(name for name, kind in top if kind == "file" and is_image_name(name)))
     for label, name in enumerate(scan.classes):
         images = sorted((entry.name, entry_kind(entry)) for entry in list_folder(os.path.join(root, name))
-                        if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES)
+                        if is_image_name(entry.name))
         files = [f"{name}/{file}" for file, kind in images if kind == "file"]
         scan.paths.extend(files)
         scan.labels.extend([label] * len(files))
@@ -157,9 +163,8 @@ def require_images(paths: list[str], source: str) -> None:
 def index_class_folders(root: str) -> FolderScan:
     """The scan of root's class folders; no images, or a class folder without any, is a DatasetError."""
     scan = scan_class_folders(root)
-    if not scan.paths and (loose := [entry.name for entry in list_folder(root)
-                                     if os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES]):
-        raise DatasetError(f"dataset.args.root: the images lie in {root} itself ({some(sorted(loose))}); labels come "
+    if not scan.paths and scan.loose:
+        raise DatasetError(f"dataset.args.root: the images lie in {root} itself ({some(scan.loose)}); labels come "
                            f"from class folders: move them into one (a single class; unconditional models: n_classes "
                            f"0) or list them in dataset.args.list_file")
     require_images(scan.paths, f"{root}/<class folder>/")
@@ -170,6 +175,9 @@ def index_class_folders(root: str) -> FolderScan:
     if scan.skipped:
         logger.warning("dataset.args.root: skipped %d broken or looping symlinks under %s: %s",
                        len(scan.skipped), root, some(scan.skipped))
+    if scan.loose:
+        logger.warning("dataset.args.root: %d images in %s itself are not in a class folder, so not read: %s",
+                       len(scan.loose), root, some(scan.loose))
     return scan
 
 

@@ -3,6 +3,7 @@
 Every dataset ends in a uint8 CHW tensor: DataLoader workers then move 4x fewer bytes than
 float32, and a resumed run sees exactly the same pixels; the float conversion lives in the iterator.
 """
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
@@ -30,8 +31,8 @@ def keys_renamed(renames: dict[str, str]) -> Iterator[None]:
         yield
     except DatasetError as error:
         message = str(error)
-        for old, new in renames.items():
-            message = message.replace(f"dataset.args.{old}:", f"dataset.args.{new}:")
+        for old, new in renames.items():  # the key wherever the message names it ("list them in dataset.args.X")
+            message = re.sub(rf"dataset\.args\.{re.escape(old)}\b", f"dataset.args.{new}", message)
         raise DatasetError(message) from None
 
 

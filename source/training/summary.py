@@ -60,7 +60,7 @@ def missing_reference(config: Config, dataset, world_size: int) -> list[tuple[st
     computed before training; none where it exists or is not needed."""
     try:
         require_reference_before_distributed_training(config, dataset, world_size)
-    except ConfigError as error:
+    except (ConfigError, DatasetError) as error:  # the latter: a reference split that cannot be read
         return [("reference", f"NOT AVAILABLE: {error}")]
     return []
 
