@@ -332,6 +332,7 @@ def test_the_kernel_alternatives_compute_what_the_models_kernels_compute(tmp_pat
     assert steps["layers"] == 11 and 1 < steps["shapes"] < 11 and steps["max_difference"] <= 1e-5
     (stacked,) = result["stacked_runs_conv3x3"]  # one grouped conv computes the K runs' separate convs
     assert stacked["runs"] == 2 and stacked["max_relative_difference"] <= 1e-6 and stacked["grouped_us"] > 0
+    assert stacked["grouped_channels_last_us"] > 0  # its values are in max_relative_difference too
 
 
 def test_a_kernel_case_that_fails_on_the_device_keeps_the_others_numbers(tmp_path, monkeypatch):

@@ -13,8 +13,10 @@ spectral norm's power steps on tiny vectors. Before the models change, this meas
   the layers of one weight shape stacked into batched products (the same u, v and sigma to rounding).
 - the study's 3x3 convs of K runs (forward and both gradients): K separate convs, one after another as runs sharing
   a stream issue them, against one grouped conv (groups = K over the runs' channels side by side), which is what
-  training K seeds as one stacked model would launch (the same values to rounding): whether the convs of these
-  small models get cheaper per run when K runs share each kernel (fp32 without TF32, the study's arithmetic).
+  training K seeds as one stacked model would launch (the same values to rounding), in NCHW and in channels_last
+  (cuDNN picks other kernels by layout, and grouped convs have been reported slower than separate ones:
+  pytorch/pytorch#70954, #73764): whether the convs of these small models get cheaper per run when K runs share
+  each kernel (fp32 without TF32, the study's arithmetic).
 On a GPU each case is captured once as a CUDA graph and replayed (as step graphs run it), timed with CUDA events;
 on a CPU it runs eagerly. Writes ``kernels_<device>.json`` into --out after every case (the committed copies:
 benchmarks/results/): a call cut short keeps the cases it finished; a shape or case that fails records its error.
@@ -198,17 +200,20 @@ def stacked_conv(shape: tuple[int, int, int], runs: int, device: torch.device, r
     grad = torch.randn(x.shape, device=device, generator=generator)
 
     parts = [[part.contiguous() for part in whole.chunk(runs, dim)] for whole, dim in ((x, 1), (weight, 0), (grad, 1))]
+    nhwc = [[t.contiguous(memory_format=torch.channels_last)] for t in (x, weight, grad)]  # cuDNN's other kernels
 
     def steps():  # fresh leaves for each use (see forward_backward); each run's tensors its own, as separate runs'
-        return conv_step(*parts, 1), conv_step([x], [weight], [grad], runs)
+        return conv_step(*parts, 1), conv_step([x], [weight], [grad], runs), conv_step(*nhwc, runs)
 
-    separate, grouped = steps()
-    difference = max(relative_difference(torch.cat(a, dim=d), torch.cat(b, dim=d))
-                     for a, b, d in zip(grouped(), separate(), (1, 1, 0)))  # outputs, input and weight gradients
+    separate, *grouped = steps()
+    expected = separate()
+    difference = max(relative_difference(torch.cat(a, dim=d), torch.cat(b, dim=d))  # outputs, input and weight
+                     for step in grouped for a, b, d in zip(step(), expected, (1, 1, 0)))  # gradients
     times = [microseconds(step, device, repeats) for step in steps()]
     return {"batch": batch, "channels_per_run": channels, "side": side, "runs": runs,
             "separate_us": round(times[0], 2), "grouped_us": round(times[1], 2),
-            "grouped_over_separate": round(times[1] / times[0], 3), "max_relative_difference": difference}
+            "grouped_channels_last_us": round(times[2], 2), "grouped_over_separate": round(times[1] / times[0], 3),
+            "grouped_channels_last_over_separate": round(times[2] / times[0], 3), "max_relative_difference": difference}
 
 
 def relative_difference(found: torch.Tensor, expected: torch.Tensor) -> float:
@@ -282,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{path}: pooling {ratios(result['avg_pool_2x2'], 'candidate_over_native')}, up-sampling "
           f"{ratios(result['nearest_upsample_x2'], 'candidate_over_native')}, SN power steps "
           f"{steps.get('stacked_over_layer_by_layer', steps.get('error'))}, K runs' convs grouped "
-          f"{ratios(result['stacked_runs_conv3x3'], 'grouped_over_separate')} (candidate / native time)")
+          f"{ratios(result['stacked_runs_conv3x3'], 'grouped_over_separate')}, the same in channels_last "
+          f"{ratios(result['stacked_runs_conv3x3'], 'grouped_channels_last_over_separate')} (candidate / native time)")
     return 0
 
 
