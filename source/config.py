@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -25,6 +26,13 @@ from source.typed import ConfigError, check_expansion, first_line, read_yaml, to
 class ModelSpec:
     name: str
     args: dict = field(default_factory=dict)
+
+    def arg(self, key: str) -> Any:
+        """An argument as the model is built with it: the config's, else the constructor's default (which differs
+        between models: BigGAN's resolution is 32, SNGAN's 128)."""
+        from source.models import MODELS
+
+        return self.args[key] if key in self.args else inspect.signature(MODELS[self.name]).parameters[key].default
 
 
 @dataclass

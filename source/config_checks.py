@@ -94,8 +94,8 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
     if config.evaluation.standing_steps < 1:
         raise ConfigError(f"{source}: evaluation.standing_steps: must be >= 1 (forwards accumulating G's standing "
                           f"BatchNorm statistics), got {config.evaluation.standing_steps}")
-    gen_classes = config.models.generator.args.get("n_classes", 0)
-    dis_classes = config.models.discriminator.args.get("n_classes", 0)
+    gen_classes = config.models.generator.arg("n_classes")
+    dis_classes = config.models.discriminator.arg("n_classes")
     if gen_classes != dis_classes:
         raise ConfigError(f"{source}: models: generator n_classes={gen_classes} but discriminator n_classes={dis_classes}")
     check_terms(config.updater, gen_classes, source)
@@ -108,8 +108,8 @@ def check_consistency(config: Config, source: str, world_size: int) -> None:
 def check_image_size(config: Config, source: str) -> None:
     """The data's size against G's resolution before any image is read (STL-10 shrinks all its images first;
     build.check_dataset_matches_models checks what the data turned out to be)."""
-    size, resolution = getattr(config.dataset.args, "size", None), config.models.generator.args.get("resolution")
-    if None not in (size, resolution) and size != resolution:
+    size, resolution = getattr(config.dataset.args, "size", None), config.models.generator.arg("resolution")
+    if size is not None and size != resolution:
         raise ConfigError(f"{source}: dataset.args.size: {size} but the generator is built for {resolution} px; "
                           f"set dataset.args.size={resolution}")
 

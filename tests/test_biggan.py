@@ -250,3 +250,15 @@ def test_biggan_configs_dry_run_with_the_release_counts(name, counts, terms, cap
     out = capsys.readouterr().out
     assert f"BigGANGenerator: {counts[0]} parameters" in out and f"BigGANDiscriminator: {counts[1]} parameters" in out
     assert terms in out and ("DiffAugment color,translation,cutout" in out) == (name != "fmnist_lt_biggan")
+
+
+def test_biggan_left_at_its_default_resolution_and_classes_trains_on_data_of_that_size(tmp_path):
+    """Data size, channels and classes were checked against SNGAN's defaults (128 px, unconditional), so a BigGAN
+    config that left resolution or n_classes to BigGAN's own (32 px, 10 classes) was refused or mislabelled."""
+    defaults = ["models.generator={name: BigGANGenerator, args: {dim_z: 16, shared_dim: 8, ch: 2}}",
+                "models.discriminator={name: BigGANDiscriminator, args: {ch: 4}}", "dataset.args.n_classes=10",
+                "dataset.args.channels=3", "evaluation.metrics=[]"]
+    assert train.main(tiny_argv(tmp_path / "run", 1, *defaults)) == 0
+    snapshot = load_snapshot(tmp_path / "run" / "snapshots" / "snapshot_iter_1.pt")
+    assert snapshot["config"]["dataset"]["args"]["size"] == 32
+    assert snapshot["gen"]["shared.weight"].shape[0] == 10

@@ -253,7 +253,7 @@ def file_reference(path: str, per_class: bool = False) -> Reference:
 
 def check_reference_resolution(config: Config, real: int | None, what: str) -> None:
     """Inception resizes every image to 299 px, so fakes and reals of two sizes would give numbers without a word."""
-    made = config.models.generator.args.get("resolution", 128)
+    made = config.models.generator.arg("resolution")
     if real not in (None, made):
         raise ReferenceUnavailable(f"{what} are of {real} px images and the generator makes {made} px ones; give a "
                                    f"reference of {made} px images (dataset.args.size, --reference)")

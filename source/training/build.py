@@ -64,13 +64,13 @@ def build_batches(config: Config, world: World, source: str = "config") -> Infin
 
 
 def check_dataset_matches_models(config: Config, dataset, source: str) -> None:
-    gen = config.models.generator.args
-    expected = {"size": gen.get("resolution", 128), "channels": gen.get("channels", 3)}
+    gen = config.models.generator
+    expected = {"size": gen.arg("resolution"), "channels": gen.arg("channels")}
     for name, value in expected.items():
         if getattr(dataset, name) != value:
             raise ConfigError(f"{source}: dataset.args: the data have {name} {getattr(dataset, name)} but the "
                               f"generator is built for {value}")
-    n_classes = gen.get("n_classes", 0)
+    n_classes = gen.arg("n_classes")
     if n_classes and dataset.n_classes != n_classes:  # more: G would draw labels no real image has
         advice = (f"set the models' n_classes to {dataset.n_classes}" if dataset.n_classes > 1 else
                   "it has no labels: set the models' n_classes to 0 (unconditional)")
@@ -105,13 +105,13 @@ def build_regularizer(config: Config) -> SpectralRegularizer:
 
 def generator_class_counts(config: Config, dataset) -> list[int]:
     """Training images per class of G's classes (G may have more classes than the data: those count 0)."""
-    n_classes = config.models.generator.args.get("n_classes", 0)
+    n_classes = config.models.generator.arg("n_classes")
     counts = list(class_counts(dataset))
     return counts + [0] * (n_classes - len(counts))
 
 
 def gen_resolution(config: Config) -> int:
-    return config.models.generator.args.get("resolution", 128)
+    return config.models.generator.arg("resolution")
 
 
 def build_terms(config: Config, world: World, gen: nn.Module, dataset) -> Terms:
