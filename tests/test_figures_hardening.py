@@ -114,7 +114,9 @@ def test_heatmap_leaves_out_layers_with_one_singular_value_and_says_so(tmp_path)
     figure = fig.collapse_heatmap_figure([fig.read_run(run)], "dis")
     ax = figure.axes[0]
     assert [label.get_text() for label in ax.get_yticklabels()] == ["1 block1.c1", "2 block1.c2", "3 block1.c_sc"]
-    scores = ax.collections[0].get_array()
+    mesh = ax.collections[0]
+    rows, columns = mesh.get_coordinates().shape[:2]  # the cell edges; matplotlib < 3.8 keeps the values flattened
+    scores = mesh.get_array().reshape(rows - 1, columns - 1)
     assert scores.shape == (3, 2) and not np.ma.getmaskarray(scores).all(axis=1).any(), "no blank row"
     (note,) = figure.texts
     assert "one singular value" in note.get_text() and "0 block0.c_sc, l7" in note.get_text()

@@ -342,6 +342,24 @@ def test_converted_fid_helper_weights_give_the_torchscript_features(fid_helper_b
     assert np.abs(pool3 - expected[[1, 0, 2]]).max() > 1e-2  # the comparison can tell images apart
 
 
+def test_the_inception_network_scores_in_evaluation_mode_where_torch_fidelity_leaves_it_training(monkeypatch):
+    """torch-fidelity 0.3 built the network in training mode: BatchNorm then normalized each batch by its own
+    statistics, so an image's features depended on the rest of its batch (FIDs off by 15 %, found on 0.3)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as module
+
+    built = module.FeatureExtractorInceptionV3.__init__
+
+    def leaves_it_training(self, *args, **kwargs):
+        built(self, *args, **kwargs)
+        self.train()
+
+    monkeypatch.setattr(module.FeatureExtractorInceptionV3, "__init__", leaves_it_training)
+    backbone = InceptionBackbone(FID_HELPER)
+    assert not any(layer.training for layer in backbone.network.modules())
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_allclose(backbone.features(images[:1]).pool3, backbone.features(images).pool3[:1], atol=1e-4)
+
+
 def test_fid_helper_backbone_has_no_logits_and_replicates_gray_images(fid_helper_backbone):
     gray = torch.randint(0, 256, (1, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     features = fid_helper_backbone.features(gray)

@@ -212,3 +212,35 @@ def test_a_log_or_a_carried_data_file_past_its_bound_is_refused_without_holding_
     (tmp_path / "carry" / "data" / "train-images-idx3-ubyte.xz").write_bytes(b"not xz")  # was an LZMAError traceback
     with pytest.raises(transfer.TransferError, match="is not a whole xz file as carry writes it"):
         transfer.unpack_data(tmp_path / "carry", tmp_path / "data")
+
+
+@pytest.mark.parametrize("python_has_filters", [True, False])
+def test_unpacked_files_keep_no_special_mode_bits_with_or_without_tarfiles_filters(tmp_path, monkeypatch,
+                                                                                   python_has_filters):
+    """tarfile's "data" filter drops setuid and group/other write bits; Pythons before 3.10.12 and 3.11.4 have no
+    filters (extractall takes no filter argument): the study then drops them itself."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz", format=tarfile.PAX_FORMAT, preset=0) as tar:
+        for name, mode, content in (("b64", 0o7777, None), ("b64/log.jsonl", 0o6777, b"{}")):
+            info = tarfile.TarInfo(name)
+            info.mode = mode
+            if content is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+    if not python_has_filters:
+        extract_all = tarfile.TarFile.extractall
+
+        def without_filters(self, path=".", members=None, *, numeric_owner=False, **filter_given):
+            if filter_given:
+                raise TypeError(f"extractall() got an unexpected keyword argument {next(iter(filter_given))!r}")
+            return extract_all(self, path, members, numeric_owner=numeric_owner, filter="fully_trusted")
+
+        monkeypatch.delattr(tarfile, "data_filter")
+        monkeypatch.setattr(tarfile.TarFile, "extractall", without_filters)
+    assert transfer.extract(buffer.getvalue(), tmp_path) == ["b64", "b64/log.jsonl"]
+    assert (tmp_path / "b64/log.jsonl").read_bytes() == b"{}"
+    for path in (tmp_path / "b64", tmp_path / "b64/log.jsonl"):
+        assert path.stat().st_mode & 0o7022 == 0, oct(path.stat().st_mode)

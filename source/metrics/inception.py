@@ -259,7 +259,7 @@ class InceptionBackbone:
         try:
             self.network = FeatureExtractorInceptionV3(
                 "inception-v3-compat", feature_names, feature_extractor_weights_path=source
-            ).to(self.device)
+            ).to(self.device).eval()  # torch-fidelity < 0.4 leaves it training: BatchNorm on each batch's statistics
         except RuntimeError as error:  # tensors, but not the Inception network's (load_state_dict's long message)
             raise WeightsUnavailable(f"{self.weights} does not hold the Inception network's weights "
                                      f"({first_line(error)[:160]})") from None
