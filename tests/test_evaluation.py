@@ -48,7 +48,7 @@ from source.models import build_model
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
 from source.training.evaluate import check_settings, gather_features, load_generator, weights_disagreement
-from test_training import CONFIGS, _ddp_worker, _free_port, tiny_argv
+from test_training import CONFIGS, _ddp_worker, _free_port, end_finished_rank, tiny_argv
 
 CPU = torch.device("cpu")
 
@@ -550,6 +550,7 @@ def _evaluating_ddp_worker(rank: int, world_size: int, port: int, argv: list[str
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert train.main(argv) == 0
+    end_finished_rank()
 
 
 def test_torchrun_evaluation_scores_the_single_process_set_and_refuses_ranks_with_other_weights(

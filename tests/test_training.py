@@ -248,6 +248,16 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str]) -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     assert train.main(argv) == 0
+    end_finished_rank()
+
+
+def end_finished_rank() -> None:
+    """Leave a spawned rank whose run has finished (its files written, its process group destroyed) without the
+    interpreter's teardown: there a gloo rank aborted now and then under heavy load ("terminate called without an
+    active exception", twice in five suites run two at a time on 2026-11-29), after everything the tests check."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def test_ddp_two_processes_match_single_process(tmp_path, ranks_threads, capfd):
