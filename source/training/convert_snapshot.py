@@ -59,7 +59,7 @@ def numpy_globals() -> list:
     """What the old format pickled: numpy arrays and scalars of numeric dtypes, also under numpy 1's names."""
     reconstruct, scalar = np.ndarray(0).__reduce__()[0], np.float64(0).__reduce__()[0]
     # each numeric scalar type's dtype class (np.dtypes.Float64DType, ...; numpy < 1.25 has no np.dtypes module)
-    numeric = sorted({type(np.dtype(kind)) for kind in set(np.sctypeDict.values())
+    numeric = sorted({type(np.dtype(kind)) for kind in np.sctypeDict.values()
                       if issubclass(kind, (np.number, np.bool_))}, key=str)
     return [reconstruct, scalar, np.ndarray, (plain_dtype, "numpy.dtype"), *numeric,
             (reconstruct, "numpy.core.multiarray._reconstruct"), (scalar, "numpy.core.multiarray.scalar")]
