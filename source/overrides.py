@@ -99,7 +99,7 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
     from source.datasets import DATASETS
 
     dataset = raw.get("dataset")
-    if not isinstance(dataset, dict) or dataset.get("name") not in DATASETS:
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("name"), str) or dataset["name"] not in DATASETS:
         return
     args = dataset.setdefault("args", {}) or {}
     if not isinstance(args, dict):
@@ -114,9 +114,14 @@ def adapt_dataset_args(raw: dict, file_name: Any, overrides: list[str]) -> None:
         if "resolution" in gen_args and size is not None and size.default is not None:  # None: the files' (prepared)
             args.setdefault("size", gen_args["resolution"])
     if dataset["name"] == "synthetic":
-        args.setdefault("size", gen_args.get("resolution", 32))
-        args.setdefault("channels", gen_args.get("channels", 3))
-        args.setdefault("n_classes", max(1, gen_args.get("n_classes", 0)))
+        args.setdefault("size", _int_or(gen_args.get("resolution"), 32))
+        args.setdefault("channels", _int_or(gen_args.get("channels"), 3))
+        args.setdefault("n_classes", max(1, _int_or(gen_args.get("n_classes"), 0)))
+
+
+def _int_or(value: Any, default: int) -> int:
+    """``value`` where it is an integer, else ``default``: a generator's wrong value is validation's to report."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
 def _drop_the_files_args(args: dict, args_type: type, overrides: list[str]) -> None:

@@ -628,6 +628,9 @@ def test_a_snapshot_whose_config_asks_for_bigger_models_is_refused_before_they_a
     ("updater.gsr.weight=.inf", "updater.gsr.weight: must be a finite number >= 0"),  # trained into the NaN guard
     ("evaluation.n_samples=1000001", "evaluation.n_samples: 1000001 is over 1,000,000"),  # latents drawn at once
     ("evaluation.metrics=[[is]]", "evaluation.metrics[0]: expected 'is' or 'fid' or 'kid', got list"),
+    # the synthetic data's defaults are read from the generator before validation: these two were tracebacks
+    ("models.generator.args.n_classes=abc", "models.generator.args.n_classes: expected int, got str 'abc'"),
+    ("dataset.name=[1]", "dataset.name: expected str, got list [1]"),
 ])
 def test_bad_settings_are_one_line_errors(override, message, capsys):
     assert train.main(tiny_argv(Path("never-created"), 2, override)) == 2
