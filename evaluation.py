@@ -49,12 +49,27 @@ from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
                FileNotFoundError, ValueError)
+MAX_REPEATS = 100
 
 
 def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:  # as a config's seed: what numpy and every seeded stream here accept
+        raise argparse.ArgumentTypeError(f"must be in [0, 2^32), got {text}")
+    return value
+
+
+def repeat_count(text: str) -> int:
+    value = positive_int(text)
+    if value > MAX_REPEATS:  # each repeat generates and scores all its images again
+        raise argparse.ArgumentTypeError(f"at most {MAX_REPEATS} (each repeat scores every image again), got {text}")
     return value
 
 
@@ -281,8 +296,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--samples-per-class", type=positive_int, default=5000,
                      help="intra-FID samples per class (sngan: 5000)")
     sub.add_argument("--classes", type=int, nargs="+", help="intra-FID classes (default: all)")
-    sub.add_argument("--seed", type=int, help="latents and labels (default: the run's seed, as during training)")
-    sub.add_argument("--repeats", type=positive_int, default=1,
+    sub.add_argument("--seed", type=seed_value, help="latents and labels (default: the run's seed, as in training)")
+    sub.add_argument("--repeats", type=repeat_count, default=1,
                      help="evaluations with seeds seed, seed+1, ...: mean ± sample std of every number (gSR: 3)")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
 
@@ -293,8 +308,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--classifier", default=DEFAULT_WEIGHTS, metavar="PATH",
                      help=f"classifier weights (default {DEFAULT_WEIGHTS})")
     sub.add_argument("--samples-per-class", type=at_least_two, default=500)
-    sub.add_argument("--repeats", type=positive_int, default=1, help="seeds seed, seed+1, ...: mean ± sample std")
-    sub.add_argument("--seed", type=int, help="default: the run's seed")
+    sub.add_argument("--repeats", type=repeat_count, default=1, help="seeds seed, seed+1, ...: mean ± sample std")
+    sub.add_argument("--seed", type=seed_value, help="default: the run's seed")
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
 
@@ -307,7 +322,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--rows", type=positive_int, default=10)
     sub.add_argument("--columns", type=positive_int, default=10)
     sub.add_argument("--out", help="folder (default: RUN/figures/grids_iter_N)")
-    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--seed", type=seed_value, default=0)
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
     sub.add_argument("--force", action="store_true", help="overwrite grids that already exist")
 
@@ -319,7 +334,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--out", required=True, help="folder (png) or file (npz); an existing export is kept unless "
                                                   "--force")
     sub.add_argument("--force", action="store_true", help="overwrite an existing export")
-    sub.add_argument("--seed", type=int, help="default: the run's seed")
+    sub.add_argument("--seed", type=seed_value, help="default: the run's seed")
     sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
     args, extra = parser.parse_known_args(argv)
     if extra:

@@ -64,6 +64,8 @@ def test_damaged_or_replaced_weights_are_refused_in_one_line(tmp_path):
         load_classifier(copy)
     with pytest.raises(ClassifierUnavailable, match="do not exist"):
         load_classifier(tmp_path / "missing.pt")
+    with pytest.raises(ClassifierUnavailable, match=f"classifier weights {tmp_path}: a folder; name the weights file"):
+        load_classifier(tmp_path)  # it said "do not exist"
     for record, message in (("[]", "not a classifier's record"), ("[" * 100000, "not a readable record")):
         record_path(copy).write_text(record)
         with pytest.raises(ClassifierUnavailable, match=message):

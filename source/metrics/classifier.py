@@ -108,7 +108,10 @@ def load_classifier(path: str | Path = DEFAULT_WEIGHTS,
                     device: torch.device | str = "cpu") -> tuple[SmallClassifier, dict]:
     """The classifier in eval mode and its training record ({} when there is no JSON beside the weights)."""
     path = Path(path)
-    if not path.is_file():
+    if path.exists() and not path.is_file():
+        raise ClassifierUnavailable(f"classifier weights {path}: {'a folder' if path.is_dir() else 'not a file'}; "
+                                    f"name the weights file (such as {DEFAULT_WEIGHTS})")
+    if not path.exists():
         raise ClassifierUnavailable(f"classifier weights {path} do not exist; train them with "
                                     f"`python -m source.metrics.classifier train --out {path}` or pass --classifier")
     for file, limit in ((path, MAX_WEIGHTS_BYTES), (record_path(path), MAX_RECORD_BYTES)):
