@@ -26,7 +26,7 @@ from pathlib import Path
 
 from figures.grids import (IMAGENET_GRID_CLASSES, MAX_DEFAULT_GRID_CLASSES, MAX_GRID_IMAGES, check_overwrite,
                            draw_grids, generate_all, grid_targets, output_folder, save_samples)
-from source import provenance
+from source import arguments, provenance
 from source.config import ConfigError, load_config
 from source.console import survive_readers_leaving
 from source.datasets import DatasetError
@@ -49,36 +49,8 @@ from source.typed import out_of_memory
 
 USER_ERRORS = (ConfigError, DatasetError, WeightsUnavailable, StatsMismatch, ReferenceUnavailable,
                FileNotFoundError, ValueError)
-MAX_REPEATS = 100
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**32:  # as a config's seed: what numpy and every seeded stream here accept
-        raise argparse.ArgumentTypeError(f"must be in [0, 2^32), got {text}")
-    return value
-
-
-def repeat_count(text: str) -> int:
-    value = positive_int(text)
-    if value > MAX_REPEATS:  # each repeat generates and scores all its images again
-        raise argparse.ArgumentTypeError(f"at most {MAX_REPEATS} (each repeat scores every image again), got {text}")
-    return value
-
-
-def at_least_two(text: str) -> int:
-    value = int(text)
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"must be at least 2 (a class's diversity is a mean distance between its "
-                                         f"samples), got {text}")
-    return value
+repeat_count = arguments.integer(1, 100, "each repeat scores every image again")
+at_least_two = arguments.integer(2, why="a class's diversity is a mean distance between its samples")
 
 
 def run_folder(snapshot: str) -> Path:
@@ -276,7 +248,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--config", required=True, help="YAML experiment file whose dataset is the reference")
     overrides_option(sub)
     weights_option(sub)
-    sub.add_argument("--n-images", type=positive_int,
+    sub.add_argument("--n-images", type=arguments.positive_int,
                      help="images to use (default: evaluation.reference_images, else all)")
     sub.add_argument("--per-class", action="store_true", help="also per-class statistics, for intra-FID")
     sub.add_argument("--out", help="statistics file (default: the cache path derived from the key)")
@@ -285,18 +257,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     generator_option(sub)
     overrides_option(sub)
     weights_option(sub)
-    sub.add_argument("--n-samples", type=positive_int, help="generated images (default: evaluation.n_samples)")
-    sub.add_argument("--splits", type=positive_int, help="Inception Score splits (default: evaluation.splits)")
+    sub.add_argument("--n-samples", type=arguments.positive_int,
+                     help="generated images (default: evaluation.n_samples)")
+    sub.add_argument("--splits", type=arguments.positive_int,
+                     help="Inception Score splits (default: evaluation.splits)")
     sub.add_argument("--metrics", nargs="*", choices=("is", "fid", "kid"), help="default: evaluation.metrics")
     sub.add_argument("--reference", metavar="PATH",
                      help="reference statistics file (default: evaluation.reference_stats, else the dataset's cache)")
     sub.add_argument("--intra-fid", nargs="?", const="classes", choices=INTRA_FID_MODES,
                      help="also intra-FID: 'classes' (the default) per class against per-class reference statistics; "
                           "'groups' per many/medium/few group of the training counts (gSR)")
-    sub.add_argument("--samples-per-class", type=positive_int, default=5000,
+    sub.add_argument("--samples-per-class", type=arguments.positive_int, default=5000,
                      help="intra-FID samples per class (sngan: 5000)")
     sub.add_argument("--classes", type=int, nargs="+", help="intra-FID classes (default: all)")
-    sub.add_argument("--seed", type=seed_value, help="latents and labels (default: the run's seed, as in training)")
+    sub.add_argument("--seed", type=arguments.seed, help="latents and labels (default: the run's seed, as in training)")
     sub.add_argument("--repeats", type=repeat_count, default=1,
                      help="evaluations with seeds seed, seed+1, ...: mean ± sample std of every number (gSR: 3)")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
@@ -309,8 +283,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      help=f"classifier weights (default {DEFAULT_WEIGHTS})")
     sub.add_argument("--samples-per-class", type=at_least_two, default=500)
     sub.add_argument("--repeats", type=repeat_count, default=1, help="seeds seed, seed+1, ...: mean ± sample std")
-    sub.add_argument("--seed", type=seed_value, help="default: the run's seed")
-    sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
+    sub.add_argument("--seed", type=arguments.seed, help="default: the run's seed")
+    sub.add_argument("--batch-size", type=arguments.positive_int, help="default: evaluation.batch_size")
     sub.add_argument("--json", action="store_true", help="also print the record as one JSON line")
 
     sub = command("grids", grids, "one rows x columns grid per class, from the same latents, titled with "
@@ -319,23 +293,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     sub.add_argument("--classes", type=int, nargs="+",
                      help=f"default: {' '.join(map(str, IMAGENET_GRID_CLASSES))} for ImageNet, else the first "
                           f"{MAX_DEFAULT_GRID_CLASSES} classes")
-    sub.add_argument("--rows", type=positive_int, default=10)
-    sub.add_argument("--columns", type=positive_int, default=10)
+    sub.add_argument("--rows", type=arguments.positive_int, default=10)
+    sub.add_argument("--columns", type=arguments.positive_int, default=10)
     sub.add_argument("--out", help="folder (default: RUN/figures/grids_iter_N)")
-    sub.add_argument("--seed", type=seed_value, default=0)
-    sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
+    sub.add_argument("--seed", type=arguments.seed, default=0)
+    sub.add_argument("--batch-size", type=arguments.positive_int, help="default: evaluation.batch_size")
     sub.add_argument("--force", action="store_true", help="overwrite grids that already exist")
 
     sub = command("samples", samples, "export generated images for external tools")
     generator_option(sub)
-    sub.add_argument("--n", type=positive_int, required=True, help="number of images")
+    sub.add_argument("--n", type=arguments.positive_int, required=True, help="number of images")
     sub.add_argument("--format", choices=("png", "npz"), default="png",
                      help="png: a folder of NNNNNN_classC.png; npz: arr_0 (N x H x W x C uint8) and labels")
     sub.add_argument("--out", required=True, help="folder (png) or file (npz); an existing export is kept unless "
                                                   "--force")
     sub.add_argument("--force", action="store_true", help="overwrite an existing export")
-    sub.add_argument("--seed", type=seed_value, help="default: the run's seed")
-    sub.add_argument("--batch-size", type=positive_int, help="default: evaluation.batch_size")
+    sub.add_argument("--seed", type=arguments.seed, help="default: the run's seed")
+    sub.add_argument("--batch-size", type=arguments.positive_int, help="default: evaluation.batch_size")
     args, extra = parser.parse_known_args(argv)
     if extra:
         parser.error(leftover_arguments(getattr(args, "overrides", []), extra))

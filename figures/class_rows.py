@@ -19,6 +19,7 @@ from PIL import Image
 
 from figures.common import command_line
 from figures.grids import PADDING, tile, titled
+from source import arguments
 from source.metrics.generate import g_batchnorm, generate_uint8
 from source.training.evaluate import LoadedGenerator, load_generator
 
@@ -56,15 +57,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="snapshot_iter_N.pt or generator_iter_N.pt, one panel each")
     parser.add_argument("--out", type=Path, required=True, help="image file (.png)")
     parser.add_argument("--titles", nargs="+", help="one per snapshot (default: 'RUN, iteration N')")
-    parser.add_argument("--columns", type=int, default=10, help="samples per class")
-    parser.add_argument("--scale", type=int, default=2, help="nearest-neighbour magnification")
-    parser.add_argument("--seed", type=int, default=0, help="the latents")
+    # bounded: a figure of 10^20 columns was an allocation of petabytes, a seed of 10^20 torch's overflow
+    parser.add_argument("--columns", type=arguments.integer(1, 100), default=10, help="samples per class")
+    parser.add_argument("--scale", type=arguments.integer(1, 32), default=2, help="nearest-neighbour magnification")
+    parser.add_argument("--seed", type=arguments.seed, default=0, help="the latents")
     parser.add_argument("--raw-generator", action="store_true", help="the trained weights, not G's EMA")
     args = parser.parse_args(argv)
     if args.titles and len(args.titles) != len(args.snapshots):
         parser.error(f"--titles: {len(args.titles)} titles for {len(args.snapshots)} snapshots")
-    if args.columns < 1 or args.scale < 1:
-        parser.error("--columns and --scale must be positive")
     return args
 
 

@@ -20,6 +20,7 @@ import torch
 
 from figures.common import (USER_ERRORS, command_line, finish_iteration_axes, is_number, not_written_here, plt,
                             require_run_folder, save_figure)
+from source import arguments
 from source.config import ConfigError
 from source.datasets import DatasetError, build_dataset, check_dataset_args
 from source.files import refuse_link, run_figures
@@ -139,14 +140,13 @@ def main(argv: list[str] | None = None) -> Path:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--labels", nargs="+")
-    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--per-class", type=arguments.integer(2, 10000, "diversity compares pairs of samples of a "
+                                                             "class"), default=100)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     labels = args.labels or [run.name for run in args.runs]
     if len(labels) != len(args.runs):
         parser.error(f"{len(args.runs)} runs but {len(labels)} labels")
-    if args.per_class < 2:  # diversity compares pairs of samples of a class
-        parser.error(f"--per-class must be at least 2, got {args.per_class}")
     for run in args.runs:
         check_run(run)
     out = args.out or run_figures(args.runs[0]) / "collapse.png"

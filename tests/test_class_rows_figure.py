@@ -1,5 +1,6 @@
 """figures.class_rows on snapshots written by train.main: one row per class, the same latents in every panel."""
 import numpy as np
+import pytest
 from PIL import Image
 
 import train
@@ -38,3 +39,15 @@ def test_an_unconditional_generator_is_a_one_line_error(tmp_path, capsys):
     status = command_line(class_rows.main, [str(run / "snapshots" / "snapshot_iter_2.pt"),
                                             "--out", str(tmp_path / "x.png")])
     assert status == 2 and "unconditional" in capsys.readouterr().err
+
+
+def test_sizes_and_seeds_out_of_range_are_usage_errors(capsys):
+    """--columns 10^20 tried to allocate petabytes and --seed 10^20 was torch's overflow, after the snapshot was read."""
+    for option, value, message in (("--columns", "0", "must be in [1, 100], got 0"),
+                                   ("--columns", str(10**20), "must be in [1, 100]"),
+                                   ("--scale", "33", "must be in [1, 32], got 33"),
+                                   ("--seed", str(10**20), "must be in [0, 2^32)")):
+        with pytest.raises(SystemExit) as exit_:
+            command_line(class_rows.main, ["never-read.pt", "--out", "never-written.png", option, value])
+        assert exit_.value.code == 2
+        assert f"argument {option}: {message}" in capsys.readouterr().err

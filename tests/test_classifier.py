@@ -170,3 +170,33 @@ def test_classes_cli_refuses_data_the_classifier_cannot_read(tmp_path, capsys):
     assert evaluation.main(["classes", "--snapshot", str(snapshot), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "the classifier reads 10 classes of 1x32x32 images" in err and err.count("\n") == 1
+
+
+def test_training_cli_writes_loadable_recorded_weights_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    from source.metrics.classifier import main
+    from test_datasets import write_fashion_standin
+
+    root = tmp_path / "fashion"
+    write_fashion_standin(root, "train", count=40)
+    write_fashion_standin(root, "t10k", count=20)
+    out = tmp_path / "weights" / "small.pt"  # its folder made
+    argv = ["train", "--root", str(root), "--out", str(out), "--epochs", "2", "--batch-size", "8", "--shift", "2"]
+    assert main(argv) == 0
+    model, record = load_classifier(out)
+    assert record["sha256"] == sha256(out) and record["epochs"] == 2 and record["test_images"] == 20
+    assert 0 <= record["test_accuracy"] <= 1 and len(record["test_accuracy_per_class"]) == 10
+    features, predicted = classify(model, torch.zeros(3, 1, 32, 32, dtype=torch.uint8))
+    assert features.shape == (3, 128) and predicted.shape == (3,)
+    for bad, message in ((["--batch-size", "0"], "argument --batch-size: must be in [1, 10000]"),  # ZeroDivisionError
+                         (["--epochs", "-1"], "argument --epochs: must be in [1, 1000]"),  # a scheduler's ValueError
+                         (["--lr", "nan"], "argument --lr: must be a number in (0, 10.0]"),
+                         (["--shift", "-1"], "argument --shift: must be in [0, 16]"),  # torch's random_ error
+                         (["--seed", str(2**70)], "argument --seed: must be in [0, 2^32)")):  # torch's overflow
+        with pytest.raises(SystemExit):
+            main(argv + bad)
+        assert message in capsys.readouterr().err
+    for args, message in ((["--root", str(tmp_path / "none"), "--out", str(out)], "Fashion-MNIST files"),
+                          (["--root", str(root), "--out", str(tmp_path)], "is a folder; name the weights file")):
+        assert main(["train", *args]) == 2  # a traceback; the folder one after the whole training
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1

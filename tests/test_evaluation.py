@@ -709,8 +709,9 @@ def test_a_snapshots_config_never_makes_evaluation_download_a_data_set(evaluated
     ("metrics", "--seed", "99999999999999999999", "argument --seed: must be in [0, 2^32), got 99999999999999999999"),
     ("samples", "--seed", "-1", "argument --seed: must be in [0, 2^32), got -1"),  # torch: an overflow, or ran
     ("grids", "--seed", "4294967296", "argument --seed: must be in [0, 2^32)"),
-    ("metrics", "--repeats", "1000000000", "argument --repeats: at most 100"),  # its seed list alone: killed (memory)
-    ("classes", "--repeats", "101", "argument --repeats: at most 100"),
+    # a billion repeats: killed for memory while it built its list of seeds
+    ("metrics", "--repeats", "1000000000", "argument --repeats: must be in [1, 100] (each repeat"),
+    ("classes", "--repeats", "101", "argument --repeats: must be in [1, 100]"),
 ])
 def test_seeds_and_repeats_out_of_range_are_refused_before_anything_is_read(command, option, value, message, capsys):
     extra = ["--n", "4", "--out", "never-written"] if command == "samples" else []

@@ -1,5 +1,6 @@
 """Nearest-class mode measures on constructed data (source/metrics/modes.py)."""
 import numpy as np
+import pytest
 
 from source.metrics.modes import mean_pairwise_distance, mode_report, nearest_labels
 
@@ -73,3 +74,12 @@ def test_collapse_figure_cli_scores_every_generator_snapshot_once(tmp_path):
     history = collapse.mode_history(run, 2)  # another count: measured again, not the 3 per class read back
     assert [sum(r["class_counts"]) for r in history] == [3 * 2, 3 * 2] and len(read_jsonl(run / collapse.CACHE)) == 4
     assert [sum(r["class_counts"]) for r in collapse.mode_history(run, 3)] == [9, 9]
+
+
+def test_per_class_counts_out_of_range_are_usage_errors(capsys):
+    from figures import collapse
+
+    for value in ("1", str(10**20)):  # 10^20: torch's overflow, after the run's snapshots were read
+        with pytest.raises(SystemExit):
+            collapse.main(["never-read-run", "--per-class", value])
+        assert "argument --per-class: must be in [2, 10000] (diversity compares pairs" in capsys.readouterr().err

@@ -194,6 +194,11 @@ def test_cli_errors_are_one_line_and_leave_no_partial_output(jpeg_root, tmp_path
     assert "note: the models are built for 32, 48, 64, 128 px; no generator trains on 7 px" in capsys.readouterr().err
     assert "--workers: " in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out), "--workers", "0"],
                                       capsys)
+    # a pool of 10^20 processes kept starting them; 10^5 px images were 30 GB each, and 10^20 px an OverflowError
+    for option, value, message in (("--workers", "10" * 10, "--workers: must be in [1, 512]"),
+                                   ("--size", "100000", "--size: must be in [1, 4096] pixels"),
+                                   ("--size", "9" * 20, "--size: must be in [1, 4096] pixels")):
+        assert message in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(out), option, value], capsys)
     (tmp_path / "file").write_text("x")
     assert "is a file" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "file")], capsys)
     assert "cannot write" in cli_error(["imagenet", "--root", str(jpeg_root), "--out", str(tmp_path / "file" / "x")],

@@ -741,3 +741,17 @@ def test_a_study_root_with_a_planted_link_runs_no_chunk(tmp_path, capsys):
     assert "sn_s0.log is a symbolic link; a chunk writes only into the study root's own files" in \
         capsys.readouterr().err
     assert victim.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--budget", "0", "argument --budget: must be a finite number > 0, got 0"),  # printed the status, rc 0
+    ("--budget", "nan", "argument --budget: must be a finite number > 0, got nan"),  # ran
+    ("--grace", "-1", "argument --grace: must be a finite number > 0, got -1"),  # ran
+    ("--seed", str(10**20), "argument --seed: must be in [0, 2^32)"),
+    ("--parallel", "0", "argument --parallel: must be at least 1, got 0"),
+    ("--per-process", "-1", "argument --per-process: must be at least 1, got -1"),
+])
+def test_numbers_out_of_range_are_usage_errors_before_the_study_is_read(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        study_cli.main(["run", "no-such-study.yaml", option, value])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

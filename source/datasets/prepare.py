@@ -44,6 +44,7 @@ PREPROCESSING = ("source.datasets.imagenet.load_square_rgb: PIL decode; Image.co
                  "their high byte); centre crop to the short side; PIL bilinear resize to size x size; no min-max "
                  "stretch (docs/reference/srgan.md section 7); uint8, channels first")
 CHUNK = 64  # images per pool task: amortises the inter-process traffic without starving cores at the end
+MAX_WORKERS = 512  # decoding processes; a pool asked for 10^20 kept starting them until it was killed
 SYMLINK_REASON = "broken or looping symlink"
 MODEL_RESOLUTIONS = tuple(sorted(CHANNEL_MULTIPLIERS))  # ResNetGenerator's (BigGAN's: these but 48)
 OPTION_NAMES = {"root": "--root", "list_file": "--list-file", "size": "--size", "path": "OUT"}
@@ -175,8 +176,8 @@ def prepare_imagenet(root: str, list_file: Optional[str], size: int, out: str, w
                      force: bool = False) -> dict:
     """Writes the prepared folder OUT from an ImageNet folder; returns its manifest."""
     problems = check_imagenet_args(ImageNetArgs(root=root, list_file=list_file, size=size))
-    if workers < 1:
-        problems.append(f"--workers: must be at least 1, got {workers}")
+    if not 1 <= workers <= MAX_WORKERS:  # a pool is started with this many processes, however few the images
+        problems.append(f"--workers: must be in [1, {MAX_WORKERS}], got {workers}")
     if problems:
         raise DatasetError(problems[0])
     check_output(out, force)

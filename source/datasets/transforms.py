@@ -67,8 +67,11 @@ def to_chw_uint8(image: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+MAX_SIDE = 4096  # 32 times the largest model's 128 px; a side of 10^5 made every resized image 30 GB
+
+
 def size_problems(size: int) -> list[str]:
-    return [] if size >= 1 else [f"dataset.args.size: must be a positive number of pixels, got {size}"]
+    return [] if 1 <= size <= MAX_SIDE else [f"dataset.args.size: must be in [1, {MAX_SIDE}] pixels, got {size}"]
 
 
 def some(items: list, limit: int = 5, total: Optional[int] = None) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from source import provenance
+from source import arguments, provenance
 from source.config import ConfigError, load_config
 from source.console import survive_readers_leaving
 from source.study import continuation, processes, runner, saved, state, transfer
@@ -55,21 +55,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--root", help="the study's runs (default results/<study name>)")
         if name in ("run", "device", "carry", "status"):
             command.add_argument("--setting", action="append", help="only this setting's runs (repeatable)")
-            command.add_argument("--seed", action="append", type=int, help="only this seed's runs (repeatable)")
+            command.add_argument("--seed", action="append", type=arguments.seed, help="only this seed's runs (repeatable)")
             command.add_argument("--arm", action="append",
                                  help="only this arm's runs (repeatable); e.g. the baseline first, so that the "
                                       "branches waiting for its collapse can start sooner")
         if name in ("run", "device"):
-            command.add_argument("--budget", type=float, required=name == "device",  # a call's limit kills packing
+            command.add_argument("--budget", type=arguments.positive_float(), required=name == "device",  # a call's limit kills packing
                                  help="seconds before every run is stopped, counted from the "
                                  "chunk's start: the runs' start-up (seconds each) is in it")
-            command.add_argument("--parallel", type=int, default=default_parallel(),
+            command.add_argument("--parallel", type=arguments.positive_int, default=default_parallel(),
                                  help="runs at a time (default: 16 where CUDA is available, else one per CPU core)")
-            command.add_argument("--per-process", type=int, default=1,
+            command.add_argument("--per-process", type=arguments.positive_int, default=1,
                                  help="runs sharing one process at most, each on its own CUDA stream, the groups "
                                       "as equal as can be (default 1): on one GPU, separate processes' kernels "
                                       "never run at the same time")
-            command.add_argument("--grace", type=float, default=120.0,
+            command.add_argument("--grace", type=arguments.positive_float(), default=120.0,
                                  help="seconds a stopped run has to write its snapshot (default 120)")
             command.add_argument("--set", dest="performance", action="append", default=[],
                                  metavar="performance.KEY=VALUE",
@@ -94,9 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         study = load_study(args.study)
         root = Path(args.root or Path("results") / study.name)
         runs = study.select(getattr(args, "setting", None), getattr(args, "seed", None), getattr(args, "arm", None))
-        counts = (getattr(args, "parallel", 1), getattr(args, "per_process", 1), getattr(args, "budget", None) or 1)
-        if min(counts) <= 0:
-            raise ConfigError("--parallel, --per-process and --budget must be positive")
         if hasattr(args, "performance"):
             args.performance, args.compiled = chunk_performance(study, args.performance)
             if args.compiled and args.per_process > 1:
