@@ -271,4 +271,6 @@ def test_a_chunk_refuses_compile_with_runs_sharing_processes(tmp_path, capsys):
     study = str(write_study(tmp_path, 4, a={}))
     assert study_cli.main(["run", study, "--per-process", "2", "--set", "performance.compile=true"]) == 2
     assert "--per-process above 1 runs uncompiled" in capsys.readouterr().err
-    assert study_cli.main(["run", study, "--per-process", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's usage error, before the study is read
+        study_cli.main(["run", study, "--per-process", "0"])
+    assert exit_.value.code == 2
