@@ -664,6 +664,17 @@ def test_running_out_of_memory_is_one_line(tmp_path, trained, capsys):
     one_line_error(capsys, "error: out of memory (")
 
 
+@pytest.mark.parametrize("ch, message", [
+    (10**6, "models: G has 57,002,120,000,001 and D 4,289 parameters"),  # its Adam state: 0.9 PB
+    (10**12, "models.generator.args: a network too large to describe (Storage size calculation overflowed"),
+])
+def test_models_larger_than_the_machine_are_refused_before_allocating(tmp_path, capsys, ch, message):
+    """A typo in ch once reached the allocator, whose out-of-memory error advised smaller batches."""
+    assert train.main(tiny_argv(tmp_path / "run", 2, f"models.generator.args.ch={ch}")) == 2
+    err = one_line_error(capsys, message)
+    assert ch == 10**12 or "GiB: check models.*.args (ch, ...)" in err, err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_device_cuda_without_a_gpu_is_a_one_line_error(tmp_path, capsys):
     assert train.main(tiny_argv(tmp_path / "run", 2, "device=cuda")) == 2

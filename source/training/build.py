@@ -1,6 +1,7 @@
 """config -> models, optimizers, data, updater: the one place that turns a Config into objects."""
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from source.config import Config, ConfigError, PerformanceConfig
+from source.config import Config, ConfigError, PerformanceConfig, first_line
 from source.datasets import build_dataset, class_counts, classes_text
 from source.datasets.device_batches import DeviceBatchIterator
 from source.datasets.iterator import InfiniteBatchIterator
@@ -31,11 +32,43 @@ class Models:
 def build_models(config: Config, device: torch.device) -> Models:
     """G and D as initialised from ``config.seed`` (weights and SN's u alike): the same models in every process and
     on every rank, whatever ran before."""
+    check_models_fit(config, device)
     torch.manual_seed(config.seed)
     spec_g, spec_d = config.models.generator, config.models.discriminator
     gen = build_model(spec_g.name, spec_g.args).to(device)
     set_ghost_batch(gen, config.bn_batch)
     return Models(gen=gen, dis=build_model(spec_d.name, spec_d.args).to(device))
+
+
+# fp32 weights, their gradients and Adam's two moments: what training holds per parameter before any activation
+TRAINING_BYTES_PER_PARAMETER = 16
+
+
+def check_models_fit(config: Config, device: torch.device) -> None:
+    """Refuse models whose weights, gradients and Adam state alone exceed the device's memory (a typo such as
+    ``ch: 6400``) before allocating them: the allocator's out-of-memory error would blame the batch size."""
+    counts = {role: parameter_count(role, spec) for role, spec in
+              (("generator", config.models.generator), ("discriminator", config.models.discriminator))}
+    need, have = TRAINING_BYTES_PER_PARAMETER * sum(counts.values()), memory_of(device)
+    if need > have:
+        raise ConfigError(f"models: G has {counts['generator']:,} and D {counts['discriminator']:,} parameters; "
+                          f"their weights, gradients and Adam state need {need / 2**30:,.1f} GiB but {device} has "
+                          f"{have / 2**30:,.1f} GiB: check models.*.args (ch, ...)")
+
+
+def parameter_count(role: str, spec) -> int:
+    """The parameters of the model ``spec`` describes, counted on the meta device (nothing allocated)."""
+    try:
+        with torch.device("meta"):
+            return sum(p.numel() for p in build_model(spec.name, spec.args).parameters())
+    except RuntimeError as error:  # a size past int64
+        raise ConfigError(f"models.{role}.args: a network too large to describe ({first_line(error)[:200]})") from None
+
+
+def memory_of(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def build_optimizer(model: nn.Module, adam, settings: PerformanceConfig, device: torch.device) -> torch.optim.Adam:
