@@ -35,8 +35,9 @@ demo: setup data
 	$(PY) -m figures.spectra results/demo
 	$(PY) -m figures.curves results/demo
 
+# One worker per core (at most 4), a test file per worker: the tests are mostly single-threaded.
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadfile
 
 clean:
 	rm -rf $(VENV) results

@@ -4,6 +4,11 @@ import os
 # numpy's OpenBLAS with 2 threads on a shared 2-core machine makes the 2048-d eigensolvers of FID
 # erratic (seconds instead of a fraction); one thread is faster and stable.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Under pytest-xdist (make test) each worker takes its share of the cores, and so do the processes it starts:
+# two workers of two threads each on two cores oversubscribe them.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // workers)))
 
 
 import pytest  # noqa: E402

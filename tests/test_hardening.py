@@ -20,7 +20,7 @@ import evaluation
 import train
 import updater as updater_module
 from source.config import ConfigError, load_config
-from source.training import checkpoint, convert_snapshot, resume, runfolder
+from source.training import build, checkpoint, convert_snapshot, resume, runfolder
 from source.training.checkpoint import load_snapshot
 from test_training import CONFIGS, tiny_argv
 
@@ -665,14 +665,22 @@ def test_running_out_of_memory_is_one_line(tmp_path, trained, capsys):
 
 
 @pytest.mark.parametrize("ch, message", [
-    (10**6, "models: G has 57,002,120,000,001 and D 4,289 parameters"),  # its Adam state: 0.9 PB
-    (10**12, "models.generator.args: a network too large to describe (Storage size calculation overflowed"),
+    (10**8, "models.generator.args: the network cannot be built on cpu ([enforce fail at alloc_cpu.cpp"),  # 800 GB
+    (10**17, "models.generator.args: the network cannot be built on cpu (Storage size calculation overflowed"),
 ])
-def test_models_larger_than_the_machine_are_refused_before_allocating(tmp_path, capsys, ch, message):
+def test_models_too_large_to_build_are_a_config_error(tmp_path, capsys, ch, message):
     """A typo in ch once reached the allocator, whose out-of-memory error advised smaller batches."""
     assert train.main(tiny_argv(tmp_path / "run", 2, f"models.generator.args.ch={ch}")) == 2
     err = one_line_error(capsys, message)
-    assert ch == 10**12 or "GiB: check models.*.args (ch, ...)" in err, err
+    assert err.endswith("; check its sizes (ch, ...)\n"), err
+
+
+def test_models_whose_training_state_exceeds_the_memory_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(build, "memory_of", lambda device: 2**18)  # 256 KiB: the tiny models' Adam state is more
+    assert train.main(tiny_argv(tmp_path / "run", 2)) == 2
+    one_line_error(capsys, "models: G has 20,609 and D 4,289 parameters; their weights, gradients and Adam state "
+                           "need 0.000371 GiB but cpu has 0.000244 GiB: check models.*.args (ch, ...)")
+    assert not (tmp_path / "run" / "snapshots").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -20,6 +20,7 @@ from source.spectral.gsr import GroupSpectralRegularizer
 from source.spectral.sr import SpectralRegularizer
 from source.training import performance
 from source.training.distributed import World
+from source.typed import out_of_memory
 from updater import Terms, Updater
 
 
@@ -32,37 +33,39 @@ class Models:
 def build_models(config: Config, device: torch.device) -> Models:
     """G and D as initialised from ``config.seed`` (weights and SN's u alike): the same models in every process and
     on every rank, whatever ran before."""
-    check_models_fit(config, device)
     torch.manual_seed(config.seed)
-    spec_g, spec_d = config.models.generator, config.models.discriminator
-    gen = build_model(spec_g.name, spec_g.args).to(device)
+    gen = build_sized("generator", config.models.generator, device)
     set_ghost_batch(gen, config.bn_batch)
-    return Models(gen=gen, dis=build_model(spec_d.name, spec_d.args).to(device))
+    models = Models(gen=gen, dis=build_sized("discriminator", config.models.discriminator, device))
+    check_training_fits(models, device)
+    return models
+
+
+def build_sized(role: str, spec, device: torch.device) -> nn.Module:
+    """``build_model`` on ``device``, where sizes too large to allocate or to describe (a typo such as ``ch: 6400``)
+    are the config's error: the allocator's out-of-memory message would blame the batch size."""
+    try:
+        return build_model(spec.name, spec.args).to(device)
+    except RuntimeError as error:
+        if not (out_of_memory(error) or "overflow" in str(error)):
+            raise
+        raise ConfigError(f"models.{role}.args: the network cannot be built on {device} ({first_line(error)[:200]}); "
+                          f"check its sizes (ch, ...)") from None
 
 
 # fp32 weights, their gradients and Adam's two moments: what training holds per parameter before any activation
 TRAINING_BYTES_PER_PARAMETER = 16
 
 
-def check_models_fit(config: Config, device: torch.device) -> None:
-    """Refuse models whose weights, gradients and Adam state alone exceed the device's memory (a typo such as
-    ``ch: 6400``) before allocating them: the allocator's out-of-memory error would blame the batch size."""
-    counts = {role: parameter_count(role, spec) for role, spec in
-              (("generator", config.models.generator), ("discriminator", config.models.discriminator))}
-    need, have = TRAINING_BYTES_PER_PARAMETER * sum(counts.values()), memory_of(device)
+def check_training_fits(models: Models, device: torch.device) -> None:
+    """Refuse models whose weights, gradients and Adam state alone exceed the device's memory, before training
+    allocates them (and the first step runs out of memory, blaming the batch size)."""
+    g, d = (sum(p.numel() for p in net.parameters()) for net in (models.gen, models.dis))
+    need, have = TRAINING_BYTES_PER_PARAMETER * (g + d), memory_of(device)
     if need > have:
-        raise ConfigError(f"models: G has {counts['generator']:,} and D {counts['discriminator']:,} parameters; "
-                          f"their weights, gradients and Adam state need {need / 2**30:,.1f} GiB but {device} has "
-                          f"{have / 2**30:,.1f} GiB: check models.*.args (ch, ...)")
-
-
-def parameter_count(role: str, spec) -> int:
-    """The parameters of the model ``spec`` describes, counted on the meta device (nothing allocated)."""
-    try:
-        with torch.device("meta"):
-            return sum(p.numel() for p in build_model(spec.name, spec.args).parameters())
-    except RuntimeError as error:  # a size past int64
-        raise ConfigError(f"models.{role}.args: a network too large to describe ({first_line(error)[:200]})") from None
+        raise ConfigError(f"models: G has {g:,} and D {d:,} parameters; their weights, gradients and Adam state "
+                          f"need {need / 2**30:,.3g} GiB but {device} has {have / 2**30:,.3g} GiB: check "
+                          f"models.*.args (ch, ...)")
 
 
 def memory_of(device: torch.device) -> int:
