@@ -8,6 +8,7 @@ import pickle
 import pickletools
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -199,7 +200,9 @@ def torch_load(path: str | Path, allowed: list = ()) -> Any:
     if problem:
         raise RuntimeError(f"{problem}; refused")
     try:
-        with torch.serialization.safe_globals(list(allowed)):  # the converter's numpy types; nothing otherwise
+        with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():  # the converter's numpy
+            # types; nothing otherwise. A sparse tensor is refused below: torch's note that it checks one is no news
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
             loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
         raise
