@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from source.config import Config, ConfigError, PerformanceConfig, first_line
+from source.config import Config, ConfigError, PerformanceConfig
 from source.datasets import build_dataset, class_counts, classes_text
 from source.datasets.device_batches import DeviceBatchIterator
 from source.datasets.iterator import InfiniteBatchIterator
@@ -20,7 +20,7 @@ from source.spectral.gsr import GroupSpectralRegularizer
 from source.spectral.sr import SpectralRegularizer
 from source.training import performance
 from source.training.distributed import World
-from source.typed import out_of_memory
+from source.typed import first_line, out_of_memory
 from updater import Terms, Updater
 
 
