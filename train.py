@@ -29,7 +29,7 @@ from source.training import build, checkpoint, group, performance, resume, runfo
 from source.training.summary import batch_summary, describe_dataset, describe_terms, dry_run
 from source.training.checkpoint import SnapshotError
 from source.training.distributed import (World, broadcast_object, init_world, main_first, rank_from_env,
-                                         shutdown_world, world_size_from_env)
+                                         record_for_launcher, shutdown_world, world_size_from_env)
 from source.spectral.collapse import CollapseDetector
 from source.training.evaluate import Evaluate, check_evaluation, require_reference_before_distributed_training
 from source.training.extensions import (ClassSpectra, LogReport, Preview, ProgressBar, Snapshot, Spectra,
@@ -167,6 +167,7 @@ def report(message: str, world: World | None = None) -> None:
     speaks for all; afterwards an error may be one rank's own (its data, its disk), so each rank speaks. Line breaks
     in what a message quotes (a file name, a group file's arguments) are shown escaped: one line whatever it holds."""
     message = message.replace("\r", "\\r").replace("\n", "\\n")
+    record_for_launcher(message)
     if world is None:
         if rank_from_env() == 0:
             print(message, file=sys.stderr)

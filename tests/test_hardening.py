@@ -878,6 +878,34 @@ def test_a_workers_bad_input_under_the_launcher_is_its_line_and_status_without_a
     assert done.stderr.strip().splitlines()[-1].startswith("launch: worker ")
 
 
+def test_the_launcher_repeats_the_line_of_the_worker_that_failed_when_rank_0_was_stopped_before_saying_it(
+        tmp_path, monkeypatch, capsys):
+    """torchrun SIGTERMs the other workers as soon as one fails: rank 1 met the bad setting first and exited, rank 0
+    (which speaks for all before the process group exists) was stopped before printing it, with no error file."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from source.training import distributed, launch
+
+    error_file = tmp_path / "1" / "error.json"
+    error_file.parent.mkdir()
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    distributed.record_for_launcher("error: --set batchsize: 4 is not divisible")
+    assert json.loads(error_file.read_text())["message"]["message"] == "error: --set batchsize: 4 is not divisible"
+    stopped = ProcessFailure(local_rank=0, pid=10, exitcode=-signal.SIGTERM, error_file=str(tmp_path / "absent.json"))
+    failed = ProcessFailure(local_rank=1, pid=11, exitcode=2, error_file=str(error_file))
+    stopped.timestamp = failed.timestamp - 1  # the stop may be stamped first: seconds are coarse
+    raised = ChildFailedError("train.py", {0: stopped, 1: failed})
+
+    def run(_):
+        raise raised
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setattr(sys, "argv", ["launch", "train.py"])
+    assert launch.main() == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "launch: worker 1 failed with exit status 2: error: --set batchsize: 4 is not divisible"]
+
+
 def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_names(tmp_path, trained):
     import argparse
 

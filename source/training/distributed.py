@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
+import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -41,6 +43,22 @@ def world_size_from_env() -> int:
 def rank_from_env() -> int:
     """This process's rank as torchrun announces it (0 without torchrun)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def record_for_launcher(message: str) -> None:
+    """Leaves this worker's one-line message where torchrun's agent reads a failed worker's reason (the file
+    ``TORCHELASTIC_ERROR_FILE`` names, in the JSON torch's ErrorHandler writes). The agent stops the other workers
+    as soon as one fails, possibly before rank 0 has printed what every rank met; source.training.launch prints the
+    recorded line instead. Outside torchrun: nothing."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as file:
+            json.dump(record, file)
+    except OSError:
+        pass  # the line was printed (by rank 0 at least); the file only lets the launcher repeat it
 
 
 # How long a rank waits in a collective before the job is aborted. NCCL's default is 10 minutes (gloo's 30): rank 0
