@@ -1,4 +1,5 @@
 """Test-session settings shared by every test file."""
+import importlib
 import os
 
 # numpy's OpenBLAS with 2 threads on a shared 2-core machine makes the 2048-d eigensolvers of FID
@@ -15,6 +16,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from source.provenance import CODE_ENV  # noqa: E402
+
+
+def pytest_configure(config):
+    """matplotlib builds its font cache at its first use on a machine and says so on stderr when that takes over 5 s
+    (a fresh, loaded CI machine): built here once, before the xdist workers and the figure commands whose stderr the
+    tests read line by line."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        importlib.import_module("matplotlib.font_manager")
 
 
 @pytest.fixture(autouse=True)

@@ -138,7 +138,9 @@ def _gather_worker(rank: int, world_size: int, port: int, n: int, out: str) -> N
         np.save(out, gathered.pool3)
     else:
         assert gathered is None
+    dist.barrier()  # as train.py's ranks: none tears gloo down while another is still in a collective
     dist.destroy_process_group()
+    end_finished_rank()
 
 
 def test_features_gathered_over_two_gloo_ranks_equal_the_single_process_set(tmp_path):

@@ -151,8 +151,11 @@ def start_group(tmp_path: Path, folders: dict) -> tuple[subprocess.Popen, Path]:
                                                   for i, (name, folder) in enumerate(folders.items())})
     process = subprocess.Popen([sys.executable, "train.py", "--group", str(group)], cwd=ROOT, stderr=subprocess.PIPE,
                                text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and min(state.logged_iteration(f) for f in folders.values()) < 2:
+    deadline = time.time() + 240
+    while min(state.logged_iteration(f) for f in folders.values()) < 2:
+        if process.poll() is not None or time.time() > deadline:  # a signal now would meet a run still starting
+            process.kill()
+            pytest.fail(f"the group did not train two iterations of every run: {process.communicate()[1][-2000:]}")
         time.sleep(0.3)
     return process, group
 
@@ -237,16 +240,19 @@ def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_r
     runner.run_chunk(study, root, parallel=4, per_process=2, stop=lambda: reached() >= 2, echo=lines.append)
     assert sum(" in one process (" in line for line in lines) == 1  # a and b together, c alone
     stopped = {run.name: state.latest_iteration(state.run_folder(root, run)) for run in study.runs}
-    assert all(2 <= iteration < 40 for iteration in stopped.values()), stopped
+    # c, alone in its process, may end before a and b, which share a slower-starting one, reach their first snapshot
+    assert all(2 <= stopped[run.name] < 40 or run.arm == "c" and stopped[run.name] == 40 for run in study.runs), stopped
     chunk = runner.run_chunk(study, root, parallel=6, per_process=3, echo=lines.append)
-    assert {name: record["returncode"] for name, record in chunk.runs.items()} == {run.name: 0 for run in study.runs}
+    assert {name: record["returncode"] for name, record in chunk.runs.items()} == {
+        run.name: 0 for run in study.runs if stopped[run.name] < 40}
     alone = tmp_path / "alone"
     alone.mkdir()
     runner.run_chunk(load_study(write_study(alone, 40, **arms)), alone, parallel=2, echo=lambda _: 0)
     for run in study.runs:
         folder = state.run_folder(root, run)
         resumed = [r["iteration"] for r in read_jsonl(folder / "log.jsonl") if r.get("event") == "resumed"]
-        assert resumed == [stopped[run.name]]  # continued in place once, from where the group's stop left it
+        # continued in place once, from where the group's stop left it (a finished run is left as it is)
+        assert resumed == ([stopped[run.name]] if stopped[run.name] < 40 else [])
         grouped, straight = final_state(folder), final_state(state.run_folder(alone, run))
         assert grouped["iteration"] == 40 and all(torch.equal(grouped[k], straight[k]) for k in straight
                                                   if k != "iteration")
@@ -255,7 +261,7 @@ def test_a_study_chunk_with_runs_sharing_processes_stops_continues_and_matches_r
     assert [record["per_process"] for record in history] == [2, 3]
     groups = [sorted(Path(spec["log"]).name for spec in json.loads(path.read_text()))  # named after their first run
               for path in (root / "groups").glob("*.json")]
-    assert ["a_s0.log", "b_s0.log", "c_s0.log"] in groups  # the last chunk's
+    assert [f"{run.arm}_s0.log" for run in study.runs if stopped[run.name] < 40] in groups  # the last chunk's
 
 
 def test_runs_started_together_share_processes_in_groups_as_equal_as_can_be():

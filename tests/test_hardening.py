@@ -841,8 +841,10 @@ def test_ctrl_c_under_the_launcher_is_one_line_with_the_resume_command(tmp_path)
     from test_training import _free_port
 
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "source.training.launch", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "train.py", *tiny_argv(out, 1000, "evaluation.metrics=[]", "snapshot_interval=1000")]
+    # torchrun's default 30 s for the workers' last iteration, snapshot and barrier may not do on a loaded machine
+    command = [sys.executable, "-m", "source.training.launch", "--nproc_per_node", "2", "--shutdown-timeout", "120",
+               "--master_port", str(_free_port()), "train.py",
+               *tiny_argv(out, 1000, "evaluation.metrics=[]", "snapshot_interval=1000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LOGLEVEL": "ERROR"}
     process = subprocess.Popen(command, cwd=CONFIGS.parent, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -25,6 +25,7 @@ from source.spectral import (
 )
 from source.spectral.spectra import LayerSpectrum, spectral_norm_layers, weight_matrix
 from source.spectral.sr import Factors, dynamic_compensation, static_compensation
+from test_training import end_finished_rank
 
 CONVS = ["block1.c1", "block1.c2", "block1.c_sc", "block2.c1", "block2.c2", "block2.c_sc"]
 LINEARS = ["l7", "l_y"]
@@ -368,7 +369,9 @@ def _ddp_worker(rank: int, store: str, out_dir: str) -> None:
     perturb(dis, seed=200 + rank)
     sr(dis, 5)
     torch.save({"params": dict(dis.named_parameters()), "sr": sr.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # as train.py's ranks: none tears gloo down while another is still in a collective
     dist.destroy_process_group()
+    end_finished_rank()
 
 
 def test_ddp_ranks_end_with_rank0_weights(tmp_path):

@@ -185,8 +185,9 @@ def test_sigterm_to_the_runner_stops_its_runs_with_snapshots(tmp_path):
                                       text=True)
     folder = root / "tiny" / "sn_s0"
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and state.logged_iteration(folder) < 3:
+        deadline = time.time() + 240
+        while state.logged_iteration(folder) < 3:  # a signal before would meet a run still starting
+            assert runner_process.poll() is None and time.time() < deadline, "the run did not train 3 iterations"
             time.sleep(0.5)
         ((pid, _),) = json.loads((root / PIDS).read_text()).values()
         # train.py leads a process group of its own (a kill reaches what it started; Ctrl-C at a terminal does not
