@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from source.config import Config, ConfigError, PerformanceConfig
+from source.config import Config, ConfigError, ModelSpec, PerformanceConfig
 from source.datasets import build_dataset, class_counts, classes_text
 from source.datasets.device_batches import DeviceBatchIterator
 from source.datasets.iterator import InfiniteBatchIterator
@@ -41,7 +41,7 @@ def build_models(config: Config, device: torch.device) -> Models:
     return models
 
 
-def build_sized(role: str, spec, device: torch.device) -> nn.Module:
+def build_sized(role: str, spec: ModelSpec, device: torch.device) -> nn.Module:
     """``build_model`` on ``device``, where sizes too large to allocate or to describe (a typo such as ``ch: 6400``)
     are the config's error: the allocator's out-of-memory message would blame the batch size."""
     try:
