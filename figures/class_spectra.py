@@ -15,7 +15,8 @@ path): at the last iteration, the mean sigma_gamma of the head (the more frequen
 classes) and of the tail (the rarer half; the middle class is left out when their number is odd)
 and tail / head. Files: RUN/figures/class_spectra.png (class_spectra_mean.png, class_spectra_LAYER.png);
 two runs add _RUN1_vs_RUN2, so a comparison never overwrites the one-run figure. Existing figures are
-overwritten, as by the other figure commands. Reads only RUN/class_spectra.jsonl.
+overwritten, as by the other figure commands. Reads only RUN/class_spectra.jsonl, and for a branch (a run resumed
+from another run's snapshot) its parents' up to where it branched (found from the "resumed" events of RUN/log.jsonl).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from figures.common import command_line, plt, require_run_folder, run_names, save_figure
+from figures.common import ancestors, command_line, plt, require_run_folder, run_names, save_figure
 from source.files import run_figures
 from source.training.runlog import read_jsonl
 
@@ -64,13 +65,17 @@ def read_run(run_dir: Path, name: str) -> ClassSpectra:
         raise FileNotFoundError(f"{path} {what}: per-class spectra are written every spectra_interval iterations "
                                 "of a run with a class-conditional generator")
     by_iteration = {record["iteration"]: record for record in records}  # a rewritten iteration: the last record wins
+    source = dict.fromkeys(by_iteration, path)
+    for parent, until in ancestors(run_dir):  # a branch continues its parents' history up to where it branched
+        taken = {r["iteration"]: r for r in read_records(parent / FILE) if r["iteration"] <= until}
+        by_iteration, source = {**taken, **by_iteration}, {**dict.fromkeys(taken, parent / FILE), **source}
     iterations = sorted(by_iteration)
     last = by_iteration[iterations[-1]]
     layers, counts = last["layers"], last["class_counts"]
     for iteration in iterations:
         record = by_iteration[iteration]
         if record["layers"] != layers or len(record["class_counts"]) != len(counts):
-            raise ValueError(f"{path}: iteration {iteration} has layers {record['layers']} and "
+            raise ValueError(f"{source[iteration]}: iteration {iteration} has layers {record['layers']} and "
                              f"{len(record['class_counts'])} classes, iteration {iterations[-1]} has layers {layers} "
                              f"and {len(counts)} classes; one run folder per run")
     values = {key: np.array([by_iteration[it][key] for it in iterations], dtype=float) for key, _ in PARAMS}

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from source.files import refuse_link  # noqa: E402
+from source.training.runlog import events  # noqa: E402
 
 # OSError: a missing run folder or file, an --out that is a file, a read-only disk.
 USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
@@ -72,6 +73,47 @@ def command_line(main: Callable[[list[str] | None], object], argv: list[str] | N
         print("stopped (Ctrl-C)", file=sys.stderr)
         return 128 + signal.SIGINT
     return 0
+
+
+def resumed_run(run_dir: Path, snapshot: Path) -> Path | None:
+    """The run folder (one with a log) of a snapshot that ``run_dir`` resumed. train.py records the path as given,
+    absolute or relative to where it ran, and run folders move between machines: tried as given, then its last
+    parts (the most specific first) from here and from each folder above the resumed run (a branch lies beside its
+    parent)."""
+    bases = [Path.cwd()] + list(run_dir.resolve().parents)
+    parts = snapshot.parts[1:] if snapshot.is_absolute() else snapshot.parts
+    tails = [Path(*parts[start:]) for start in range(len(parts))]
+    candidates = [snapshot] * snapshot.is_absolute() + [base / tail for tail in tails for base in bases]
+    for candidate in candidates:
+        folder = candidate.resolve().parent.parent
+        if (folder / "log.jsonl").is_file():
+            return folder
+    return None
+
+
+def ancestors(run_dir: Path) -> list[tuple[Path, int]]:
+    """The runs a branch continues, nearest first, each with the last of its iterations that the branch took over:
+    a run resumed from another run's snapshot (SR switched on at the SN run's 40k, as in the SRGANs README) has that
+    run's history up to there. [] for a run that never branched, or whose parent is no longer found."""
+    lineage: list[tuple[Path, int]] = []
+    seen, current, until = {run_dir.resolve()}, run_dir, None
+    while (origin := _branch_origin(current)) is not None and origin[0] not in seen:  # a loop of logs ends it
+        parent, at = origin
+        until = at if until is None else min(until, at)
+        lineage.append((parent, until))
+        seen.add(parent)
+        current = parent
+    return lineage
+
+
+def _branch_origin(run_dir: Path) -> tuple[Path, int] | None:
+    """(parent folder, iteration) of the first "resumed" event that names another run's snapshot."""
+    for event in events(run_dir, "resumed"):
+        snapshot = event.get("snapshot")
+        parent = resumed_run(run_dir, Path(snapshot)) if isinstance(snapshot, str) and snapshot else None
+        if parent is not None and parent != run_dir.resolve() and isinstance(event.get("iteration"), int):
+            return parent, event["iteration"]
+    return None
 
 
 def run_names(runs: list[Path]) -> list[str]:

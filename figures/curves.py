@@ -19,7 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.common import command_line, is_number, not_written_here, plt, require_run_folder, save_figure
+from figures.common import (command_line, is_number, not_written_here, plt, require_run_folder, resumed_run,
+                            save_figure)
 from source.files import run_figures
 from source.training.runlog import events, read_jsonl, sr_start
 from matplotlib.axes import Axes
@@ -70,22 +71,11 @@ def parent_record(run_dir: Path, event: dict) -> dict | None:
     snapshot = event.get("snapshot")
     if not snapshot:
         return None
-    parent = snapshot_run(run_dir, Path(snapshot))
+    parent = resumed_run(run_dir, Path(snapshot))
     if parent is None or parent == run_dir.resolve():
         return None
     matches = [r for r in read_jsonl(parent / "metrics.jsonl") if r.get("iteration") == event["iteration"]]
     return matches[-1] if matches else None
-
-
-def snapshot_run(run_dir: Path, snapshot: Path) -> Path | None:
-    """The run folder of a resumed snapshot. train.py records the path as given, which may be relative to where
-    it ran: tried from here, then from each folder above the resumed run (a branch lies beside its parent)."""
-    bases = [Path.cwd()] + list(run_dir.resolve().parents) if not snapshot.is_absolute() else [Path("/")]
-    for base in bases:
-        folder = (base / snapshot).resolve().parent.parent
-        if (folder / "metrics.jsonl").is_file():
-            return folder
-    return None
 
 
 def protocol_label(runs: list[RunCurves], metric: str) -> str:

@@ -9,7 +9,10 @@ singular value have no score and are left out, which a footnote says). Files: sp
 collapse_heatmap.png for one run; two runs add _RUN1_vs_RUN2, so a comparison never overwrites the
 one-run figures in the same folder (gen_/_gen for --net gen). The start of SR,
 read from the "sr_start" events in RUN/log.jsonl, is drawn dashed (later curves; the curve at the
-start itself is bold) and as a vertical line on the heatmap. Reads only RUN/spectra/ and RUN/log.jsonl.
+start itself is bold) and as a vertical line on the heatmap. A branch (a run resumed from another run's
+snapshot, e.g. SR switched on at the SN run's 40k) is drawn with its parent's spectra up to the branch point,
+named in the titles and dotted on the heatmap. Reads only RUN/spectra/ and RUN/log.jsonl, and a branch's
+parents' (found from the "resumed" events in RUN/log.jsonl).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from figures.common import command_line, plt, require_run_folder, save_figure
+from figures.common import ancestors, command_line, plt, require_run_folder, save_figure
 from source.files import run_figures
 from source.training.runlog import sr_start
 import numpy as np
@@ -35,20 +38,30 @@ DEFAULT_MAX_CURVES = 10  # without --iterations, a spectrum plot with more curve
 @dataclass(frozen=True)
 class RunSpectra:
     name: str
-    records: dict[int, SpectraRecord]  # iteration -> spectra, ascending
+    records: dict[int, SpectraRecord]  # iteration -> spectra, ascending; a branch's parents' up to where it branched
     sr_start: int | None  # first iteration SR was switched on, if ever
+    inherited: list[tuple[str, int]]  # a branch's parents, nearest first, with the last iteration taken from each
 
 
 def read_run(run_dir: Path) -> RunSpectra:
+    """The run's spectra; a branch's (a run resumed from another run's snapshot) follow its parents' up to the
+    branch point, so that SR switched on at the SN run's 40k shows the collapse before it and the recovery after."""
     require_run_folder(run_dir)
-    files = list_spectra(run_dir)
+    files = dict(list_spectra(run_dir))
     if not files:
         raise FileNotFoundError(f"{run_dir / 'spectra'} holds no spectra_iter_*.npz files; is {run_dir} a run folder "
                                 "of a run with spectra logging on?")
+    starts, inherited = [sr_start(run_dir)], []
+    for parent, until in ancestors(run_dir):
+        taken = {iteration: path for iteration, path in list_spectra(parent) if iteration <= until}
+        files = {**taken, **files}  # an iteration in both: the branch's own
+        starts.append(start if (start := sr_start(parent)) is not None and start <= until else None)
+        inherited.append((parent.name, until))
     return RunSpectra(
         name=run_dir.resolve().name,
-        records={iteration: read_spectra(path) for iteration, path in files},
-        sr_start=sr_start(run_dir),
+        records={iteration: read_spectra(files[iteration]) for iteration in sorted(files)},
+        sr_start=min((start for start in starts if start is not None), default=None),
+        inherited=inherited,
     )
 
 
@@ -106,7 +119,7 @@ def spectra_figure(runs: list[RunSpectra], net: str, layer: str, index: int | No
                 normalized = layers[layer].normalized
                 ax.plot(np.arange(normalized.size), normalized, color=color, **_curve_style(iteration, run.sr_start))
         label = f"layer {index} ({layer})" if index is not None else layer
-        ax.set_title(f"{run.name}: {net} {label}")
+        ax.set_title(f"{run.name}: {net} {label}{lineage_note(run)}")
         ax.set_xlabel("singular value index i")
         ax.set_ylim(0, 1.05)
         ax.grid(alpha=0.3)
@@ -114,6 +127,13 @@ def spectra_figure(runs: list[RunSpectra], net: str, layer: str, index: int | No
     axes[0][0].set_ylabel(r"$\sigma_i / \sigma_1$ of the raw weight")
     figure.tight_layout()
     return figure
+
+
+def lineage_note(run: RunSpectra) -> str:
+    """A branch's title line naming where its earlier iterations come from."""
+    if not run.inherited:
+        return ""
+    return "\n" + "; ".join(f"to {until} from {name}" for name, until in reversed(run.inherited))
 
 
 def _curve_style(iteration: int, sr_start: int | None) -> dict:
@@ -135,12 +155,15 @@ def collapse_heatmap_figure(runs: list[RunSpectra], net: str) -> Figure:
         scores = np.array([[_score(run.records[it], net, name) for it in iterations] for _, name in rows])
         mesh = ax.pcolormesh(_edges(iterations), np.arange(len(rows) + 1) - 0.5, np.ma.masked_invalid(scores),
                              cmap="magma", vmin=0, vmax=1)
+        for name, until in run.inherited:
+            ax.axvline(until, color="limegreen", linestyle=":", linewidth=3, label=f"branched from {name} ({until})")
         if run.sr_start is not None:
             ax.axvline(run.sr_start, color="cyan", linestyle="--", linewidth=2, label=f"SR start ({run.sr_start})")
+        if run.inherited or run.sr_start is not None:
             ax.legend(loc="lower left", fontsize="small")
         ax.set_yticks(np.arange(len(rows)), [label for label, _ in rows], fontsize="small")
         ax.set_xlabel("iteration")
-        ax.set_title(f"{run.name}: {net} collapse score")
+        ax.set_title(f"{run.name}: {net} collapse score{lineage_note(run)}")
         figure.colorbar(mesh, ax=ax, label=r"mean $\sigma_i / \sigma_1$, $i \geq 2$")
     if left_out:  # say why these layers are missing rather than show blank rows
         figure.text(0.01, 0.01, f"not shown: {', '.join(left_out)} (one singular value, so no collapse score: "

@@ -71,6 +71,21 @@ def test_one_run_png_and_figure_content(tmp_path, capsys):
     assert "gsr" in figure._suptitle.get_text() and "max over 3 layers" in figure._suptitle.get_text()
 
 
+def test_a_branch_continues_its_parents_records_up_to_where_it_branched(tmp_path):
+    base = write_run(tmp_path, "base", iterations=(1000, 2000, 3000))
+    (base / "log.jsonl").write_text(json.dumps({"iteration": 0, "event": "start"}) + "\n")
+    gsr = write_run(tmp_path, "base-resume2000", iterations=(3000, 4000), growth=0.5)
+    (gsr / "log.jsonl").write_text(json.dumps({"iteration": 2000, "event": "resumed", "changes": ["updater.gsr"],
+                                               "snapshot": str(base / "snapshots/snapshot_iter_2000.pt")}) + "\n")
+    run = fig.read_run(gsr, "gsr")
+    np.testing.assert_array_equal(run.iterations, [1000, 2000, 3000, 4000])
+    # class 9's max over the layers: the parent's 30 * it / 1000 up to 2000, then the branch's own (growth 0.5)
+    np.testing.assert_allclose(fig.per_class(run, "gamma", None, "max")[:, 9], [30, 60, 45, 60])
+    (gsr / fig.FILE).write_text(json.dumps({**record(4000, LT_COUNTS[:5]), "class_counts": LT_COUNTS[:5]}) + "\n")
+    with pytest.raises(ValueError, match=r"base/class_spectra.jsonl: iteration 1000 has layers .* 10 classes"):
+        fig.read_run(gsr, "gsr")  # the mismatched record is named with its own file
+
+
 def test_two_runs_side_by_side_share_y_and_get_a_pair_name(tmp_path, capsys):
     gsr = write_run(tmp_path, "gsr")
     baseline = write_run(tmp_path, "baseline", iterations=(1000, 2000, 3000, 4000), growth=5.0)

@@ -71,6 +71,7 @@ def test_resumed_run_starts_at_the_parents_value_and_marks_resume_and_sr_start(s
 def test_a_snapshot_path_relative_to_where_training_ran_finds_its_parent_from_elsewhere(tmp_path, monkeypatch):
     sn, sr = tmp_path / "results" / "sn", tmp_path / "results" / "sn-resume40"
     write_jsonl(sn / "metrics.jsonl", [metric_record(i, 100.0 - i) for i in (20, 40)])
+    write_jsonl(sn / "log.jsonl", [{"iteration": 0, "event": "start"}])  # every run's folder has its log
     write_jsonl(sr / "metrics.jsonl", [metric_record(50, 45.0)])
     write_jsonl(sr / "log.jsonl", [{"iteration": 40, "event": "resumed", "snapshot": "results/sn/snapshots/"
                                     "snapshot_iter_40.pt", "changes": []}])  # as train.py got it, run from tmp_path

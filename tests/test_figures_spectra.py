@@ -23,12 +23,17 @@ def synthetic_spectra(iteration: int) -> dict[str, LayerSpectrum]:
     return spectra
 
 
-def make_run(root, name, iterations, sr_start=None):
+def make_run(root, name, iterations, sr_start=None, resumed=None, shift=0):
+    """A run folder with spectra at ``iterations`` (those of ``iteration + shift``: a branch's differ from its
+    parent's) and, with ``resumed=(snapshot, iteration)``, the event train.py logs for a resume."""
     run = root / name
     for iteration in iterations:
         save_spectra(run, iteration, {"l1": LayerSpectrum("linear", np.array([1.0, 0.5]), 1.0)},
-                     synthetic_spectra(iteration))
+                     synthetic_spectra(iteration + shift))
     lines = [json.dumps({"iteration": 0, "event": "start"})]
+    if resumed is not None:
+        snapshot, at = resumed
+        lines.append(json.dumps({"iteration": at, "event": "resumed", "snapshot": str(snapshot), "changes": []}))
     if sr_start is not None:
         lines.append(json.dumps({"iteration": sr_start, "event": "sr_start", "mode": "dynamic"}))
     (run / "log.jsonl").write_text("\n".join(lines) + "\n" + '{"iteration": 99')  # last line half written
@@ -89,6 +94,50 @@ def test_two_runs_side_by_side_share_y(tmp_path):
     # the same iteration has the same colour in both panels
     assert left.lines[1].get_color() == pytest.approx(right.lines[0].get_color())
     assert len(fig.collapse_heatmap_figure(runs, "dis").axes) == 4  # 2 panels + 2 colour bars
+
+
+def test_a_branch_is_drawn_with_its_parents_spectra_up_to_where_it_branched(tmp_path, monkeypatch):
+    """The SRGANs protocol: SR switched on at the SN run's snapshot 2000, in a new folder beside it."""
+    sn = make_run(tmp_path / "results", "sn", [1000, 2000, 3000, 4000])
+    monkeypatch.chdir(tmp_path)  # train.py logs the snapshot as given: relative to where it ran
+    sr = make_run(tmp_path / "results", "sn-resume2000", [3000, 4000], sr_start=2001,
+                  resumed=("results/sn/snapshots/snapshot_iter_2000.pt", 2000), shift=500)
+    monkeypatch.chdir(sr)  # drawn from elsewhere: found from the folder above the branch
+    run = fig.read_run(sr)
+    assert sorted(run.records) == [1000, 2000, 3000, 4000] and run.inherited == [("sn", 2000)]
+    assert run.sr_start == 2001
+    spectrum = {i: run.records[i].nets["dis"]["block1.c2"].normalized for i in run.records}
+    np.testing.assert_allclose(spectrum[2000], synthetic_spectra(2000)["block1.c2"].normalized)  # the parent's
+    np.testing.assert_allclose(spectrum[3000], synthetic_spectra(3500)["block1.c2"].normalized)  # its own
+
+    (ax,) = fig.spectra_figure([run], "dis", "block1.c2", 1, [1000, 2000, 3000]).axes
+    assert [line.get_linestyle() for line in ax.lines] == ["-", "-", "--"]  # SN's curves, then SR's
+    assert ax.get_title().endswith("\nto 2000 from sn")
+    heatmap = fig.collapse_heatmap_figure([run], "dis").axes[0]
+    assert heatmap.collections[0].get_array().size == len(CONVS) * 4  # the whole history: 4 columns
+    assert [(line.get_xdata()[0], line.get_label()) for line in heatmap.lines] == [
+        (2000, "branched from sn (2000)"), (2001, "SR start (2001)")]
+
+
+def test_a_branch_of_a_branch_and_logs_that_loop(tmp_path):
+    a = make_run(tmp_path, "a", [1000, 2000, 3000], sr_start=1500)
+    b = make_run(tmp_path, "b", [2000, 3000], resumed=(a / "snapshots/snapshot_iter_2000.pt", 2000), shift=100)
+    c = make_run(tmp_path, "c", [4000], resumed=(b / "snapshots/snapshot_iter_3000.pt", 3000), shift=200)
+    run = fig.read_run(c)
+    assert run.inherited == [("b", 3000), ("a", 2000)] and sorted(run.records) == [1000, 2000, 3000, 4000]
+    assert run.sr_start == 1500  # a's SR started before b took over
+    np.testing.assert_allclose(run.records[3000].nets["dis"]["block1.c1"].normalized,
+                               synthetic_spectra(3100)["block1.c1"].normalized)  # b's 3000, not a's
+    assert fig.lineage_note(run) == "\nto 2000 from a; to 3000 from b"
+    # trained elsewhere (an absolute path of another machine), the folders brought here side by side
+    moved = make_run(tmp_path, "moved", [5000], resumed=("/gpu/work/results/x/a/snapshots/snapshot_iter_3000.pt", 3000))
+    assert fig.read_run(moved).inherited == [("a", 3000)]
+    # a log naming a descendant's snapshot (copied folders, edited logs) ends the walk instead of looping
+    make_run(tmp_path, "a", [], resumed=(c / "snapshots/snapshot_iter_4000.pt", 4000))
+    assert [name for name, _ in fig.read_run(c).inherited] == ["b", "a"]
+    # a parent no longer there: the branch alone, as before
+    sr = make_run(tmp_path, "lone", [5000], resumed=(tmp_path / "gone/snapshots/snapshot_iter_10.pt", 10))
+    assert fig.read_run(sr).inherited == [] and sorted(fig.read_run(sr).records) == [5000]
 
 
 def test_default_iterations_are_capped_and_gen_net_named(tmp_path):
