@@ -98,7 +98,7 @@ def test_two_runs_side_by_side_share_y(tmp_path):
 
 def test_a_branch_is_drawn_with_its_parents_spectra_up_to_where_it_branched(tmp_path, monkeypatch):
     """The SRGANs protocol: SR switched on at the SN run's snapshot 2000, in a new folder beside it."""
-    sn = make_run(tmp_path / "results", "sn", [1000, 2000, 3000, 4000])
+    make_run(tmp_path / "results", "sn", [1000, 2000, 3000, 4000])
     monkeypatch.chdir(tmp_path)  # train.py logs the snapshot as given: relative to where it ran
     sr = make_run(tmp_path / "results", "sn-resume2000", [3000, 4000], sr_start=2001,
                   resumed=("results/sn/snapshots/snapshot_iter_2000.pt", 2000), shift=500)
