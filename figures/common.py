@@ -17,6 +17,7 @@ from source.training.runlog import events  # noqa: E402
 
 # OSError: a missing run folder or file, an --out that is a file, a read-only disk.
 USER_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError)
+MAX_PATH_PARTS = 32  # of a resumed snapshot's path, followed back from a log that may come from elsewhere
 
 
 def save_figure(figure: Figure, path: Path, pdf: bool = False) -> list[Path]:
@@ -81,13 +82,16 @@ def resumed_run(run_dir: Path, snapshot: Path) -> Path | None:
     parts (the most specific first) from here and from each folder above the resumed run (a branch lies beside its
     parent)."""
     bases = [Path.cwd()] + list(run_dir.resolve().parents)
-    parts = snapshot.parts[1:] if snapshot.is_absolute() else snapshot.parts
+    parts = (snapshot.parts[1:] if snapshot.is_absolute() else snapshot.parts)[-MAX_PATH_PARTS:]
     tails = [Path(*parts[start:]) for start in range(len(parts))]
     candidates = [snapshot] * snapshot.is_absolute() + [base / tail for tail in tails for base in bases]
     for candidate in candidates:
-        folder = candidate.resolve().parent.parent
-        if (folder / "log.jsonl").is_file():
-            return folder
+        try:
+            folder = candidate.resolve().parent.parent
+            if (folder / "log.jsonl").is_file():
+                return folder
+        except (OSError, ValueError):  # a log from elsewhere: a NUL in the path, a loop of links, no permission
+            continue
     return None
 
 

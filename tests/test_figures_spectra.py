@@ -135,6 +135,10 @@ def test_a_branch_of_a_branch_and_logs_that_loop(tmp_path):
     # a log naming a descendant's snapshot (copied folders, edited logs) ends the walk instead of looping
     make_run(tmp_path, "a", [], resumed=(c / "snapshots/snapshot_iter_4000.pt", 4000))
     assert [name for name, _ in fig.read_run(c).inherited] == ["b", "a"]
+    # paths no run has: a NUL, ten thousand folders deep (read from a log made elsewhere)
+    for odd in ("a\x00b/snapshots/snapshot_iter_3000.pt", "x/" * 10_000 + "a/snapshots/snapshot_iter_3000.pt"):
+        weird = make_run(tmp_path, "weird", [5000], resumed=(odd, 3000))
+        assert fig.read_run(weird).inherited[:1] == ([("a", 3000)] if odd.startswith("x/") else [])
     # a parent no longer there: the branch alone, as before
     sr = make_run(tmp_path, "lone", [5000], resumed=(tmp_path / "gone/snapshots/snapshot_iter_10.pt", 10))
     assert fig.read_run(sr).inherited == [] and sorted(fig.read_run(sr).records) == [5000]
