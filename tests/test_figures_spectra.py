@@ -1,6 +1,7 @@
 """figures.spectra on run folders written with save_spectra."""
 
 import json
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -117,6 +118,27 @@ def test_a_branch_is_drawn_with_its_parents_spectra_up_to_where_it_branched(tmp_
     assert heatmap.collections[0].get_array().size == len(CONVS) * 4  # the whole history: 4 columns
     assert [(line.get_xdata()[0], line.get_label()) for line in heatmap.lines] == [
         (2000, "branched from sn (2000)"), (2001, "SR start (2001)")]
+
+
+def test_train_py_branch_drawn_through_the_command_line(tmp_path, monkeypatch):
+    """The README's steps 1, 4 and 6 at toy size: SN, its snapshot 2 resumed with SR (a branch), the branch drawn."""
+    import train
+    from test_training import tiny_argv
+
+    monkeypatch.chdir(tmp_path)
+    assert train.main(tiny_argv(Path("sn"), 6, "updater.apply_SR=false", "spectra_interval=1")) == 0
+    assert train.main(["--resume", "sn/snapshots/snapshot_iter_3.pt", "--set", "updater.apply_SR=true",
+                       "--set", "updater.sr.mode=static"]) == 0  # static: edits from its first call
+    branch = tmp_path / "sn-resume3"
+    run = fig.read_run(branch)
+    assert sorted(run.records) == [1, 2, 3, 4, 5, 6] and run.inherited == [("sn", 3)] and run.sr_start is not None
+    layer = run.records[1].conv_index["dis"][-1]
+    sn = fig.read_run(tmp_path / "sn")
+    for iteration, same in ((1, True), (3, True), (6, False)):  # the SN run's to the branch point, then SR's own
+        assert np.array_equal(run.records[iteration].nets["dis"][layer].singular_values,
+                              sn.records[iteration].nets["dis"][layer].singular_values) == same
+    written = fig.main([str(branch)])
+    assert [p.name for p in written][1] == "collapse_heatmap.png" and all(p.parent == branch / "figures" for p in written)
 
 
 def test_a_branch_of_a_branch_and_logs_that_loop(tmp_path):
