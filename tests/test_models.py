@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from source.links import CategoricalConditionalBatchNorm2d, spectral_normed
+from source.links import CategoricalConditionalBatchNorm2d, no_power_iteration, spectral_normed
 from source.models import MODELS, ResNetGenerator, SNResNetProjectionDiscriminator, build_model
 from source.models.resblocks import DiscriminatorBlock, GeneratorBlock, OptimizedBlock, class_norm, glorot_conv
 
@@ -183,6 +183,19 @@ def test_sn_normalizes_largest_singular_value_to_one():
         # SN only rescales: the normalized weight is the raw weight over one positive scalar.
         ratio = normalized / raw
         assert np.allclose(ratio, ratio.flat[0], rtol=1e-4), name
+
+
+def test_no_power_iteration_restores_each_layers_own_mode_and_sn_keeps_chainers_eps():
+    """An eval-mode G left in training mode by it would take power steps in its next forward (gSR's and the class
+    spectra's per-class maps use it)."""
+    layer = spectral_normed(nn.Linear(4, 3)).eval()
+    sn = layer.parametrizations.weight[0]
+    assert sn.eps == 1e-12
+    with no_power_iteration(layer):
+        pass
+    u = sn._u.clone()
+    layer(torch.randn(2, 4))
+    assert not sn.training and torch.equal(sn._u, u)
 
 
 def test_sn_power_iteration_runs_only_in_train_mode():

@@ -158,6 +158,48 @@ def test_dynamic_sr_keeps_s1_and_lifts_spectrum_to_envelope():
             assert np.all(s_after / s_after[0] >= s_before / s_before[0] - 1e-6)  # only raised
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_sr_edits_of_a_rank_deficient_weight_keep_its_zeros_and_stay_finite(seed):
+    """Dead filters (zero rows) and a filter repeating another: the Gram matrix's eigh returns their directions as
+    rounding (up to 1e-15 of the largest eigenvalue, or negative); dividing the raise by that noise gave the dead
+    rows values of order 1 (seed 1) and, without the clamp or the zero guard, NaN for every weight."""
+    torch.manual_seed(seed)
+    w = torch.randn(2, 8, 27, dtype=torch.float64)
+    w[0, 3] = w[0, 5] = 0
+    w[1, 5] = 2 * w[1, 3]
+    assert torch.equal(Factors(w).s[0, -2:], torch.zeros(2, dtype=torch.float64)) and Factors(w).s[1, -1] == 0
+    rebuilt, envelope = dynamic_compensation(w, torch.full((2, 8), 0.5, dtype=torch.float64))
+    assert torch.isfinite(envelope).all() and torch.equal(envelope[:, -1], torch.full((2,), 0.5, dtype=torch.float64))
+    for edited in (rebuilt, static_compensation(w)):
+        assert torch.isfinite(edited).all()
+        assert edited[0, [3, 5]].abs().max() < 1e-12  # the dead filters stay dead
+        assert (edited[1, 5] - 2 * edited[1, 3]).abs().max() < 1e-12  # and the repeat a repeat
+        assert not torch.allclose(edited, w)  # while the rest is edited
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static", "rescale"])
+def test_an_all_zero_weight_is_left_as_it_is_and_poisons_nothing(mode):
+    """s_1 = 0 (a conv zero-initialised): its normalized spectrum 0/0 was NaN, which the dynamic envelope kept for
+    good (torch.maximum keeps NaN) and rescale wrote into the weight."""
+    dis, reference = tiny_dis(), tiny_dis()
+    with torch.no_grad():
+        sn_layer(dis, "block1.c2").parametrizations.weight.original.zero_()
+    sr, sr_reference = SpectralRegularizer(mode, interval=1), SpectralRegularizer(mode, interval=1)
+    for call in range(3):
+        sr(dis, call)
+        sr_reference(reference, call)
+        assert not sn_layer(dis, "block1.c2").parametrizations.weight.original.any()
+        assert all(torch.isfinite(p).all() for p in dis.parameters())
+        assert all(torch.isfinite(r).all() for r in sr.ratios.values())
+    for name in ("block2.c1", "block2.c2"):  # solved in one batch with the zero weight (the same shape): as without it
+        torch.testing.assert_close(sn_layer(dis, name).parametrizations.weight.original,
+                                   sn_layer(reference, name).parametrizations.weight.original, rtol=0, atol=1e-6)
+    with torch.no_grad():  # the layer comes alive: its envelope starts from its spectrum, the other layers' go on
+        sn_layer(dis, "block1.c2").parametrizations.weight.original.normal_()
+    sr(dis, 3)
+    assert all(torch.isfinite(p).all() for p in dis.parameters())
+
+
 def test_static_sr_matches_numpy_and_normalizes():
     dis = tiny_dis()
     sr = SpectralRegularizer("static", interval=5)
@@ -516,6 +558,19 @@ def test_detector_ignores_noisy_stable_scores_and_respects_filters():
     assert detector.update(100_000, {"block5.c1": 0.1, "block6.c2": 0.8, "block1.c1": 0.01}) == []  # 1 < min_layers
     assert sorted(detector.update(101_000, {"block5.c1": 0.1, "block6.c2": 0.1})) == ["block5.c1", "block6.c2"]
     assert "block1.c1" not in detector.peaks
+
+
+def test_detector_defaults_validation_filter_and_edges():
+    detector = CollapseDetector()  # the default threshold: half the running maximum, strictly below it
+    detector.update(0, {"a": 0.75, "b": 0.75, "c": 0.75})
+    assert detector.update(1, {"a": 0.36, "b": 0.375, "c": 0.39}) == ["a"]
+    for threshold in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="threshold"):
+            CollapseDetector(threshold=threshold)
+    searched = CollapseDetector(layers="c2")  # searched anywhere in the name, not matched from its start
+    searched.update(0, {"block6.c2": 0.8, "block6.c1": 0.8})
+    assert list(searched.peaks) == ["block6.c2"]
+    assert layer_scores({"c": LayerSpectrum("conv", np.array([2.0, 1.0]), 2.0)}) == {"c": 0.5}  # two values: a score
 
 
 def test_detector_state_round_trip():

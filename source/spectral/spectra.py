@@ -124,7 +124,17 @@ def singular_values(matrices: torch.Tensor) -> torch.Tensor:
     """
     m, n = matrices.shape[-2:]
     gram = matrices @ matrices.mT if m <= n else matrices.mT @ matrices
-    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
+    return from_gram_eigenvalues(torch.linalg.eigvalsh(gram).flip(-1))
+
+
+def from_gram_eigenvalues(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """Singular values from the Gram matrix's eigenvalues (descending). eigh finds each to about eps times the
+    largest, so one below m eps times the largest (a negative one too) is the rounding of a direction W does not have
+    (a dead filter, a filter repeating another, an all-zero W): 0, which SR's edits then keep at 0 instead of
+    raising that rounding along a direction made of noise. For a float32-stored W this floor (~1e-7 s_1 in float64)
+    is below what its storage resolves."""
+    floor = eigenvalues[..., :1] * (eigenvalues.shape[-1] * torch.finfo(eigenvalues.dtype).eps)
+    return torch.where(eigenvalues > floor, eigenvalues, 0).sqrt()
 
 
 def _sigma_hat(layer: nn.Module) -> torch.Tensor:

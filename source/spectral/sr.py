@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from source.spectral.spectra import (
+    from_gram_eigenvalues,
     raw_weight,
     singular_values,
     spectral_norm_layers,
@@ -60,7 +61,7 @@ class Factors:
         self.vh = None
         if solver == "gram":
             eigenvalues, u = torch.linalg.eigh(self.short @ self.short.mT)
-            self.s, self.u = eigenvalues.flip(-1).clamp_min(0).sqrt(), u.flip(-1)
+            self.s, self.u = from_gram_eigenvalues(eigenvalues.flip(-1)), u.flip(-1)
         else:
             self.u, self.s, self.vh = thin_svd(self.short)
 
@@ -91,8 +92,14 @@ def thin_svd(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 def normalized_spectrum(matrices: torch.Tensor) -> torch.Tensor:
     """s / s_1 for a batch of matrices (..., m, n), from the short side's Gram matrix as the edits' spectra are."""
-    s = singular_values(matrices)
-    return s / s[..., :1]
+    return _over_top(singular_values(matrices))
+
+
+def _over_top(s: torch.Tensor) -> torch.Tensor:
+    """s / s_1; 0 for an all-zero W (s_1 = 0), whose 0 / 0 would put NaN into the envelope for good (torch.maximum
+    keeps NaN) and into the weights. Such a W is left as it is by every mode: it has no spectrum to edit."""
+    top = s[..., :1]
+    return torch.where(top > 0, s / torch.where(top > 0, top, 1), 0)
 
 
 def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor,
@@ -103,21 +110,22 @@ def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor,
     """
     factors = Factors(matrices, solver)
     s = factors.s
-    envelope = torch.maximum(envelope, s / s[..., :1])
+    envelope = torch.maximum(envelope, _over_top(s))
     return factors.rebuild(s[..., :1] * envelope), envelope
 
 
 def static_compensation(matrices: torch.Tensor, solver: str = "gram") -> torch.Tensor:
     """One static SR step on a batch: normalized spectrum with its top half set to 1 (index 0 included)."""
     factors = Factors(matrices, solver)
-    compensated = factors.s / factors.s[..., :1]
+    compensated = _over_top(factors.s)
     compensated[..., : compensated.shape[-1] // 2] = 1
-    return factors.rebuild(compensated)
+    return factors.rebuild(torch.where(factors.s[..., :1] > 0, compensated, 0))
 
 
 def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
     """The rescale-only control on a batch: W / s_1, the normalized spectrum and singular vectors unchanged."""
-    return matrices / singular_values(matrices)[..., :1].unsqueeze(-1)  # s_1 from the Gram matrix, as the edits
+    top = singular_values(matrices)[..., :1].unsqueeze(-1)  # s_1 from the Gram matrix, as the edits'
+    return torch.where(top > 0, matrices / torch.where(top > 0, top, 1), matrices)
 
 
 def _distributed() -> bool:
