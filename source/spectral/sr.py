@@ -13,7 +13,9 @@ U diag(s'/s) U^T W from the eigendecomposition of a Gram matrix: ``Factors``):
                         (docs/reference/collapse_probe.md) found this alone reproduces part of static SR's
                         benefit; the collapse study runs it as an arm.
 The edit is written into the same Parameter in place, outside autograd; Adam's moments and SN's
-u/v are left alone, so SN keeps dividing by its own estimate of s_1.
+u/v are left alone, so SN keeps dividing by its own estimate of s_1. Degenerate weights, which training does not
+produce, are kept finite where the original's 0/0 was not: a direction W lacks (s_i = 0) stays at 0, and an all-zero
+W is left as it is.
 """
 
 from __future__ import annotations
