@@ -162,6 +162,18 @@ def test_fake_labels_follow_the_data_prior():
     _, labels = upd.draws.latents(upd.gen_module, 0, 0, 4000)
     frequencies = torch.bincount(labels, minlength=3).float() / 4000
     assert frequencies.tolist() == pytest.approx([22 / 33, 8 / 33, 3 / 33], abs=0.03)
+    torch.rand(100)  # the phase's own stream, not the global one: the same labels whatever ran between
+    assert torch.equal(upd.draws.latents(upd.gen_module, 0, 0, 4000)[1], labels)
+
+
+def test_g_ema_is_a_copy_of_g_until_its_start_iteration():
+    upd, models = build_tiny_updater("updater.ema.enabled=true", "updater.ema.start_iteration=2",
+                                     "updater.ema.decay=0.9", "updater.n_dis=1")
+    for _ in range(2):
+        upd.update()
+    assert tensors_equal(upd.eval_generator.state_dict(), models.gen.state_dict())
+    upd.update()
+    assert not tensors_equal(upd.eval_generator.state_dict(), models.gen.state_dict())
 
 
 @pytest.mark.parametrize("name", ["fmnist_lt", "cifar10_lt_sngan", "lsun_lt_sngan"])

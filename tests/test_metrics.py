@@ -66,6 +66,14 @@ def test_fid_of_diagonal_gaussians_matches_closed_form():
     assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
 
 
+def test_fid_of_an_ill_conditioned_covariance_keeps_its_small_eigenvalues():
+    """Inception features' spectra are long-tailed: a cut of eigenvalues at 1e-6 of the largest (not at rounding)
+    moved this FID by 323."""
+    a, b = np.ones(512), np.array([1e6] + [0.1] * 511)
+    expected = (1 - 1000) ** 2 + 511 * (1 - np.sqrt(0.1)) ** 2
+    assert frechet_distance(np.zeros(512), np.diag(a), np.zeros(512), np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
 @pytest.mark.parametrize("rank1, rank2", [(12, 12), (5, 12), (4, 7)])
 def test_trace_sqrt_product_matches_scipy_sqrtm(rank1, rank2):
     rng = np.random.default_rng(rank1 * 100 + rank2)

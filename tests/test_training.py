@@ -22,6 +22,7 @@ from source.models import build_model
 from source.training import build, resume
 from source.training.checkpoint import load_snapshot
 from source.training.distributed import World
+from source.training.phases import AUGMENT_STREAM, G_PHASE, mixed_seed
 from source.training.runlog import read_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -190,6 +191,26 @@ def build_tiny_updater(*overrides: str):
     world = World(rank=0, local_rank=0, size=1, device=torch.device("cpu"))
     models = build.build_models(config, world.device)
     return build.build_updater(config, world, models, build.build_batches(config, world)), models
+
+
+def test_the_logged_d_loss_is_the_mean_over_the_d_steps(monkeypatch):
+    upd, _ = build_tiny_updater("updater.n_dis=3")
+    d_losses = iter([torch.tensor([1.0, 0.0]), torch.tensor([2.0, 0.0]), torch.tensor([6.0, 0.0])])
+    monkeypatch.setattr(upd, "_dis_step", lambda step: next(d_losses))
+    monkeypatch.setattr(upd, "_regularize", lambda: None)
+    monkeypatch.setattr(upd, "_gen_step", lambda: torch.zeros(2))
+    assert upd.update()["loss_dis"].item() == 3.0
+
+
+def test_each_phase_of_each_iteration_and_seed_draws_its_own_latents():
+    """The seed of a phase's draws mixes (seed, iteration, phase) without collisions: a plain sum gave iteration 1's
+    first D step the latents of iteration 0's second, so D saw the same fakes twice."""
+    phases = (0, 1, 2, G_PHASE, G_PHASE + AUGMENT_STREAM)
+    assert len({mixed_seed(s, i, p) for s in range(3) for i in range(50) for p in phases}) == 3 * 50 * len(phases)
+    upd, models = build_tiny_updater()
+    draws = {(i, p): upd.draws.latents(models.gen, i, p, 8)[0] for i in (0, 1) for p in (0, 1)}
+    assert not torch.equal(draws[1, 0], draws[0, 1]) and not torch.equal(draws[0, 0], draws[0, 1])
+    assert torch.equal(draws[1, 0], upd.draws.latents(models.gen, 1, 0, 8)[0])
 
 
 def test_models_are_a_function_of_the_seed_whatever_ran_before():

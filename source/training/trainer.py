@@ -221,7 +221,9 @@ class Trainer:
 
     def save_snapshot(self) -> Path:
         """Write ``snapshot_iter_N.pt`` and the generator-only export (collective: call on every rank)."""
-        assert_replicas_identical([self.updater.gen_module, self.updater.dis_module], self.world)
+        # G's EMA too: updated after the ranks' buffers are made equal, it drifts per rank if ever updated before
+        replicas = dict.fromkeys([self.updater.gen_module, self.updater.dis_module, self.updater.eval_generator])
+        assert_replicas_identical(list(replicas), self.world)
         state = self.state_dict()
         bad = checkpoint.non_finite_weights(state)
         if bad:  # identical on every rank (the replicas were just checked), so all ranks stop here
