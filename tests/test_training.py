@@ -241,11 +241,13 @@ def test_step_order_within_an_iteration(monkeypatch, order, expected):
     assert calls == expected
 
 
-def test_accumulation_matches_one_big_batch_for_D(tmp_path):
-    """One D step on a batch of 64 equals two accumulated micro-batches of 32 (G in eval mode: no BN coupling)."""
+@pytest.mark.parametrize("augment", [[], ["updater.diffaugment=color,translation,cutout"]], ids=["plain", "diffaugment"])
+def test_accumulation_matches_one_big_batch_for_D(tmp_path, augment):
+    """One D step on a batch of 64 equals two accumulated micro-batches of 32 (G in eval mode: no BN coupling);
+    with DiffAugment each image keeps its draw (a fake's is at its position after the batch's reals)."""
     params = []
     for micro in (64, 32):
-        upd, models = build_tiny_updater("batchsize=64", f"micro_batchsize={micro}")
+        upd, models = build_tiny_updater("batchsize=64", f"micro_batchsize={micro}", *augment)
         models.gen.eval()
         assert upd.accumulation == 64 // micro
         upd._dis_step(0)
