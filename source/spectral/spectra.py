@@ -131,9 +131,10 @@ def from_gram_eigenvalues(eigenvalues: torch.Tensor) -> torch.Tensor:
     """Singular values from the Gram matrix's eigenvalues (descending). eigh finds each to about eps times the
     largest, so one below m eps times the largest (a negative one too) is the rounding of a direction W does not have
     (a dead filter, a filter repeating another, an all-zero W): 0, which SR's edits then keep at 0 instead of
-    raising that rounding along a direction made of noise. For a float32-stored W this floor (~1e-7 s_1 in float64)
-    is below what its storage resolves."""
-    floor = eigenvalues[..., :1] * (eigenvalues.shape[-1] * torch.finfo(eigenvalues.dtype).eps)
+    raising that rounding along a direction made of noise. The floor (~1e-7 s_1) is below what a float32-stored W
+    resolves. It is float64's whatever the dtype: every caller solves in float64, and a float32 floor (~1e-2 s_1 at
+    m = 1024) would erase the small singular values a collapse plot shows."""
+    floor = eigenvalues[..., :1] * (eigenvalues.shape[-1] * torch.finfo(torch.float64).eps)
     return torch.where(eigenvalues > floor, eigenvalues, 0).sqrt()
 
 
