@@ -84,7 +84,7 @@ def resumed_run(run_dir: Path, snapshot: Path) -> Path | None:
     bases = [Path.cwd()] + list(run_dir.resolve().parents)
     parts = (snapshot.parts[1:] if snapshot.is_absolute() else snapshot.parts)[-MAX_PATH_PARTS:]
     tails = [Path(*parts[start:]) for start in range(len(parts))]
-    candidates = [snapshot] * snapshot.is_absolute() + [base / tail for tail in tails for base in bases]
+    candidates = ([snapshot] if snapshot.is_absolute() else []) + [base / tail for tail in tails for base in bases]
     for candidate in candidates:
         try:
             folder = candidate.resolve().parent.parent

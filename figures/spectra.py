@@ -55,7 +55,8 @@ def read_run(run_dir: Path) -> RunSpectra:
     for parent, until in ancestors(run_dir):
         taken = {iteration: path for iteration, path in list_spectra(parent) if iteration <= until}
         files = {**taken, **files}  # an iteration in both: the branch's own
-        starts.append(start if (start := sr_start(parent)) is not None and start <= until else None)
+        start = sr_start(parent)
+        starts.append(start if start is not None and start <= until else None)  # counts where the branch took over
         inherited.append((parent.name, until))
     return RunSpectra(
         name=run_dir.resolve().name,

@@ -98,10 +98,15 @@ def normalized_spectrum(matrices: torch.Tensor) -> torch.Tensor:
 
 
 def _over_top(s: torch.Tensor) -> torch.Tensor:
-    """s / s_1; 0 for an all-zero W (s_1 = 0), whose 0 / 0 would put NaN into the envelope for good (torch.maximum
-    keeps NaN) and into the weights. Such a W is left as it is by every mode: it has no spectrum to edit."""
-    top = s[..., :1]
-    return torch.where(top > 0, s / torch.where(top > 0, top, 1), 0)
+    """s / s_1; 0 for an all-zero W (s_1 = 0)."""
+    return _divided(s, s[..., :1], 0)
+
+
+def _divided(values: torch.Tensor, top: torch.Tensor, otherwise) -> torch.Tensor:
+    """values / top where top > 0, else ``otherwise``: an all-zero W's 0 / 0 would put NaN into the envelope for
+    good (torch.maximum keeps NaN) and into the weights. Such a W is left as it is by every mode: it has no spectrum
+    to edit."""
+    return torch.where(top > 0, values / torch.where(top > 0, top, 1), otherwise)
 
 
 def dynamic_compensation(matrices: torch.Tensor, envelope: torch.Tensor,
@@ -127,7 +132,7 @@ def static_compensation(matrices: torch.Tensor, solver: str = "gram") -> torch.T
 def rescale_compensation(matrices: torch.Tensor) -> torch.Tensor:
     """The rescale-only control on a batch: W / s_1, the normalized spectrum and singular vectors unchanged."""
     top = singular_values(matrices)[..., :1].unsqueeze(-1)  # s_1 from the Gram matrix, as the edits'
-    return torch.where(top > 0, matrices / torch.where(top > 0, top, 1), matrices)
+    return _divided(matrices, top, matrices)
 
 
 def _distributed() -> bool:
