@@ -906,6 +906,12 @@ def test_the_launcher_repeats_the_line_of_the_worker_that_failed_when_rank_0_was
     assert launch.main() == 2
     assert capsys.readouterr().err.splitlines() == [
         "launch: worker 1 failed with exit status 2: error: --set batchsize: 4 is not divisible"]
+    # rank 0 recorded its line and was stopped before it exited (seen on a loaded machine: exit status 1, not 2)
+    stopped_after = ProcessFailure(local_rank=0, pid=10, exitcode=-signal.SIGTERM, error_file=str(error_file))
+    stopped_after.timestamp = failed.timestamp - 1
+    raised = ChildFailedError("train.py", {0: stopped_after, 1: failed})
+    assert launch.main() == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith("launch: worker 1 failed with exit status 2: ")
 
 
 def test_a_received_snapshot_does_not_make_a_resume_download_into_the_folder_it_names(tmp_path, trained):

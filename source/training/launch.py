@@ -36,11 +36,13 @@ def main() -> int:
 
 
 def first_failure(failed: ChildFailedError) -> tuple[int, ProcessFailure]:
-    """The earliest failure that recorded its line; else torchrun's first (whose traceback is above)."""
+    """Of the failures that recorded their line, one that exited with its own status (a worker the agent stopped
+    may have recorded its line just before: its status is the signal's), the earliest; else torchrun's first
+    (whose traceback is above)."""
     said = {rank: failure for rank, failure in failed.failures.items() if recorded_line(failure)}
     if not said:
         return failed.get_first_failure()
-    rank = min(said, key=lambda rank: (said[rank].timestamp, rank))
+    rank = min(said, key=lambda rank: (said[rank].exitcode <= 0, said[rank].timestamp, rank))
     return rank, said[rank]
 
 
